@@ -1,0 +1,177 @@
+# shellcheck shell=bash
+# Shared steps of the local stack: install what is missing, run the project's
+# PostgreSQL cluster, bootstrap it like Supabase, and apply migrations with the
+# real Supabase CLI. Sourced by start.sh, test.sh and bench.sh.
+
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+PG_MAJOR=15
+PG_BIN="/usr/lib/postgresql/$PG_MAJOR/bin"
+PG_PORT="${EASYMO_DB_PORT:-54322}"
+PG_PASSWORD=postgres
+LOCAL_DIR="$ROOT/.local"
+DENO="$ROOT/node_modules/.bin/deno"
+SUPABASE="$ROOT/node_modules/.bin/supabase"
+APT_PACKAGES=(
+  "postgresql-$PG_MAJOR"
+  "postgresql-client-$PG_MAJOR"
+  "postgresql-$PG_MAJOR-postgis-3"
+  "postgresql-$PG_MAJOR-cron"
+  "postgresql-$PG_MAJOR-pgtap"
+  libtap-parser-sourcehandler-pgtap-perl
+)
+
+log() { printf '\033[1;34m[easymo]\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31m[easymo]\033[0m %s\n' "$*" >&2; exit 1; }
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# --- installs ---------------------------------------------------------------
+
+system_packages_present() {
+  local ext="/usr/share/postgresql/$PG_MAJOR/extension"
+  [ -x "$PG_BIN/postgres" ] && [ -f "$ext/postgis.control" ] && [ -f "$ext/pg_cron.control" ] \
+    && [ -f "$ext/pgtap.control" ] && command -v pg_prove >/dev/null && command -v psql >/dev/null
+}
+
+ensure_system_packages() {
+  system_packages_present && return 0
+  if is_root && command -v apt-get >/dev/null; then
+    log "installing PostgreSQL $PG_MAJOR with PostGIS, pg_cron and pgTAP (apt)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${APT_PACKAGES[@]}" >/dev/null
+    system_packages_present || die "apt installed ${APT_PACKAGES[*]} but something is still missing"
+  else
+    die "missing PostgreSQL $PG_MAJOR packages. Install: ${APT_PACKAGES[*]}
+(Debian/Ubuntu names; run this as root to have it done for you), or point DATABASE_URL
+at a Postgres $PG_MAJOR with PostGIS, pg_cron and pgTAP."
+  fi
+}
+
+ensure_node_modules() {
+  local stamp="node_modules/.package-lock.json"
+  if [ ! -x "$DENO" ] || [ ! -x "$SUPABASE" ] || [ package.json -nt "$stamp" ] \
+    || { [ -f package-lock.json ] && [ package-lock.json -nt "$stamp" ]; }; then
+    log "installing npm packages"
+    if [ -f package-lock.json ]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi
+  fi
+}
+
+# --- the local cluster -------------------------------------------------------
+
+# Runs a command as the cluster owner: postgres when we are root (initdb and
+# postgres refuse root), ourselves otherwise.
+as_owner() {
+  if is_root; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# The data folder lives in the project (git-ignored) unless the postgres user
+# cannot reach it there (e.g. a checkout under /root), then under /var/tmp.
+pg_data_dir() {
+  local dir="$LOCAL_DIR/pg-$PG_PORT"
+  if is_root; then
+    mkdir -p "$dir"
+    chown postgres:postgres "$dir"
+    if ! runuser -u postgres -- test -w "$dir"; then
+      dir="/var/tmp/easymo-pg-$PG_PORT-$(printf '%s' "$ROOT" | sha1sum | cut -c1-12)"
+      mkdir -p "$dir"
+      chown postgres:postgres "$dir"
+      chmod 700 "$dir"
+    fi
+  else
+    mkdir -p "$dir"
+  fi
+  printf '%s\n' "$dir"
+}
+
+PG_DATA=""
+CLUSTER_STARTED_HERE=0
+
+cluster_running() { as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; }
+
+ensure_cluster() {
+  PG_DATA="$(pg_data_dir)/data"
+  if [ ! -f "$PG_DATA/PG_VERSION" ]; then
+    log "creating the local cluster in $PG_DATA"
+    local pwfile
+    pwfile="$(mktemp)"
+    printf '%s\n' "$PG_PASSWORD" >"$pwfile"
+    chmod 644 "$pwfile"
+    # Build in a sibling folder and move it into place, so an interrupted
+    # initdb never leaves a half-made cluster behind.
+    local tmp="$PG_DATA.initdb"
+    as_owner rm -rf "$tmp"
+    as_owner "$PG_BIN/initdb" -D "$tmp" -U postgres --pwfile="$pwfile" \
+      --auth-local=scram-sha-256 --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >/dev/null
+    rm -f "$pwfile"
+    as_owner tee -a "$tmp/postgresql.conf" >/dev/null <<CONF
+
+# --- easymo local stack ---
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = ''
+max_connections = 300
+shared_buffers = 512MB
+shared_preload_libraries = 'pg_cron'
+cron.database_name = 'postgres'
+cron.timezone = 'UTC'
+timezone = 'UTC'
+log_timezone = 'UTC'
+CONF
+    as_owner mv "$tmp" "$PG_DATA"
+  fi
+  if ! cluster_running; then
+    log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+    as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_DATA/../postgres.log" -w -t 60 start >/dev/null \
+      || die "PostgreSQL failed to start; see $(dirname "$PG_DATA")/postgres.log"
+    CLUSTER_STARTED_HERE=1
+  fi
+}
+
+stop_cluster_if_started() {
+  if [ "$CLUSTER_STARTED_HERE" = 1 ] && cluster_running; then
+    log "stopping PostgreSQL"
+    as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w stop >/dev/null || true
+  fi
+}
+
+# --- database ----------------------------------------------------------------
+
+# DATABASE_URL wins; otherwise the local cluster is started and used.
+ensure_database() {
+  if [ -n "${DATABASE_URL:-}" ]; then
+    log "using DATABASE_URL; no local cluster"
+  else
+    ensure_cluster
+    export DATABASE_URL="postgresql://postgres:$PG_PASSWORD@127.0.0.1:$PG_PORT/postgres"
+  fi
+}
+
+# Database URL with its database name replaced.
+db_url_for() {
+  local name="$1"
+  printf '%s\n' "${DATABASE_URL%/*}/$name"
+}
+
+psql_url() { PGOPTIONS="-c client_min_messages=warning" PGCONNECT_TIMEOUT=10 psql "$1" -v ON_ERROR_STOP=1 -q -X "${@:2}"; }
+
+bootstrap_db() {
+  psql_url "$1" -f "$ROOT/scripts/sql/supabase_bootstrap.sql" >/dev/null
+}
+
+migrate_db() {
+  local url="$1"
+  "$SUPABASE" db push --db-url "$url" --include-all --workdir "$ROOT" </dev/null 2>&1 \
+    | grep -v -E '^\s*$' | sed 's/^/  /' >&2
+  return "${PIPESTATUS[0]}"
+}
+
+prepare_database() {
+  log "bootstrapping and migrating $(printf '%s' "$DATABASE_URL" | sed 's#//[^@]*@#//#')"
+  bootstrap_db "$DATABASE_URL"
+  migrate_db "$DATABASE_URL"
+}

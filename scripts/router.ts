@@ -1,0 +1,38 @@
+// Routes /functions/v1/<name>/... to each function's Hono app the way
+// Supabase's edge runtime does: the app sees the path from /<name> on.
+import { errorBody, HttpError } from "../shared/errors.ts";
+
+type FetchApp = { fetch: (req: Request) => Response | Promise<Response> };
+
+const FUNCTIONS_DIR = new URL("../supabase/functions/", import.meta.url);
+
+/** Imports every supabase/functions/<name>/index.ts that exports `app`. */
+export async function loadFunctions(): Promise<Map<string, FetchApp>> {
+  const apps = new Map<string, FetchApp>();
+  const names: string[] = [];
+  for await (const entry of Deno.readDir(FUNCTIONS_DIR)) {
+    if (entry.isDirectory && !entry.name.startsWith("_")) names.push(entry.name);
+  }
+  for (const name of names.sort()) {
+    const mod = await import(new URL(`${name}/index.ts`, FUNCTIONS_DIR).href);
+    if (mod.app && typeof mod.app.fetch === "function") apps.set(name, mod.app);
+  }
+  return apps;
+}
+
+export function createRouter(apps: Map<string, FetchApp>): (req: Request) => Promise<Response> {
+  return async (req) => {
+    const url = new URL(req.url);
+    const match = /^\/functions\/v1\/([A-Za-z0-9_-]+)(\/.*)?$/.exec(url.pathname);
+    const app = match ? apps.get(match[1]) : undefined;
+    if (!match || !app) {
+      const id = crypto.randomUUID();
+      return Response.json(
+        errorBody(new HttpError(404, "function_not_found", `no function at ${url.pathname}`), id),
+        { status: 404, headers: { "x-correlation-id": id } },
+      );
+    }
+    url.pathname = `/${match[1]}${match[2] ?? ""}`;
+    return await app.fetch(new Request(url, req));
+  };
+}

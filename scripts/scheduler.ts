@@ -1,0 +1,40 @@
+// The local stand-in for pg_cron + pg_net: POSTs each scheduled endpoint with
+// the service_role key. One run of a schedule at a time; failures are logged
+// and the next tick tries again.
+import { log } from "../shared/log.ts";
+import { SCHEDULES, type Schedule } from "./schedules.ts";
+
+export function startScheduler(apiUrl: string, serviceKey: string, schedules = SCHEDULES): () => void {
+  const timers: ReturnType<typeof setTimeout>[] = [];
+  const running = new Set<string>();
+
+  async function tick(s: Schedule) {
+    if (running.has(s.name)) return;
+    running.add(s.name);
+    const started = performance.now();
+    try {
+      const res = await fetch(`${apiUrl}/functions/v1/${s.path}`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${serviceKey}`, "content-type": "application/json" },
+        body: "{}",
+        signal: AbortSignal.timeout(150_000),
+      });
+      await res.body?.cancel();
+      log(res.ok ? "info" : "warn", "schedule ran", {
+        schedule: s.name,
+        status: res.status,
+        duration_ms: Math.round(performance.now() - started),
+      });
+    } catch (err) {
+      log("warn", "schedule failed", { schedule: s.name, error: String(err) });
+    } finally {
+      running.delete(s.name);
+    }
+  }
+
+  for (const s of schedules) {
+    timers.push(setTimeout(() => tick(s), 1000));
+    timers.push(setInterval(() => tick(s), s.everyMs));
+  }
+  return () => timers.forEach((t) => clearTimeout(t));
+}

@@ -1,0 +1,21 @@
+// What cron triggers. On a hosted project pg_cron + pg_net call these
+// endpoints with the service_role key (see README, "Cron"); locally the
+// stack's scheduler calls them on the same cadence.
+export interface Schedule {
+  name: string;
+  /** cron expression used on the hosted project */
+  cron: string;
+  /** interval the local scheduler uses */
+  everyMs: number;
+  /** function path below /functions/v1 */
+  path: string;
+}
+
+export const SCHEDULES: Schedule[] = [
+  {
+    name: "maintain-partitions",
+    cron: "15 0 * * *",
+    everyMs: 24 * 3600_000,
+    path: "observability/maintenance",
+  },
+];

@@ -1,0 +1,139 @@
+// Bearer JWT verification with jose, the way Supabase's gateway does it:
+// HS256 with the project's JWT secret, or a JWKS for asymmetric signing keys.
+// The role comes from the token; handlers ask for the role they need.
+import {
+  createLocalJWKSet,
+  createRemoteJWKSet,
+  decodeProtectedHeader,
+  errors as joseErrors,
+  type JWTPayload,
+  jwtVerify,
+} from "jose";
+import type { MiddlewareHandler } from "hono";
+import { env } from "./env.ts";
+import { forbidden, unauthorized } from "./errors.ts";
+import type { AppEnv, Ctx } from "./http.ts";
+
+export type Role = "anon" | "authenticated" | "service_role";
+
+export interface Principal {
+  role: Role;
+  /** The user id (`sub`) for authenticated users. */
+  userId?: string;
+  claims: JWTPayload & Record<string, unknown>;
+}
+
+const ROLES = new Set<Role>(["anon", "authenticated", "service_role"]);
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+type KeySet = ReturnType<typeof createLocalJWKSet> | ReturnType<typeof createRemoteJWKSet>;
+interface Keys {
+  secret?: Uint8Array;
+  jwks?: KeySet;
+}
+let keyCache: Keys | undefined;
+
+function keys(): Keys {
+  if (keyCache) return keyCache;
+  const e = env();
+  keyCache = {
+    secret: e.JWT_SECRET ? new TextEncoder().encode(e.JWT_SECRET) : undefined,
+    jwks: e.SUPABASE_JWKS
+      ? createLocalJWKSet(JSON.parse(e.SUPABASE_JWKS))
+      : e.JWKS_URL
+      ? createRemoteJWKSet(new URL(e.JWKS_URL))
+      : undefined,
+  };
+  return keyCache;
+}
+
+/** Forget derived keys (tests rotate the secret). */
+export function resetAuth(): void {
+  keyCache = undefined;
+}
+
+/** Verifies a compact JWT and returns who it speaks for; throws 401 otherwise. */
+export async function verifyToken(token: string): Promise<Principal> {
+  let alg: string | undefined;
+  try {
+    alg = decodeProtectedHeader(token).alg;
+  } catch {
+    throw unauthorized("invalid_token", "the bearer token is not a JWT");
+  }
+  const { secret, jwks } = keys();
+  let payload: JWTPayload;
+  try {
+    if (alg === "HS256" && secret) {
+      ({ payload } = await jwtVerify(token, secret, { algorithms: ["HS256"] }));
+    } else if (jwks && (alg === "RS256" || alg === "ES256" || alg === "EdDSA")) {
+      ({ payload } = await jwtVerify(token, jwks, { algorithms: ["RS256", "ES256", "EdDSA"] }));
+    } else {
+      throw unauthorized("invalid_token", `tokens signed with ${alg ?? "no algorithm"} are not accepted`);
+    }
+  } catch (err) {
+    if (err instanceof joseErrors.JWTExpired) {
+      throw unauthorized("token_expired", "the bearer token has expired");
+    }
+    if (err instanceof Error && err.name === "HttpError") throw err;
+    throw unauthorized("invalid_token", "the bearer token could not be verified");
+  }
+  const role = payload.role;
+  if (typeof role !== "string" || !ROLES.has(role as Role)) {
+    throw unauthorized("invalid_token", "the bearer token carries no known role");
+  }
+  if (role === "authenticated" && (typeof payload.sub !== "string" || !UUID.test(payload.sub))) {
+    throw unauthorized("invalid_token", "a user token must carry a user id in sub");
+  }
+  return {
+    role: role as Role,
+    userId: role === "authenticated" ? payload.sub : undefined,
+    claims: payload as Principal["claims"],
+  };
+}
+
+function bearer(c: Ctx): string | undefined {
+  const header = c.req.header("authorization");
+  if (!header) return undefined;
+  const match = /^Bearer\s+(\S+)\s*$/i.exec(header);
+  if (!match) throw unauthorized("invalid_token", "Authorization must be 'Bearer <jwt>'");
+  return match[1];
+}
+
+/** Middleware: every request must carry a valid JWT; the principal is stored on the context. */
+export function authenticate(): MiddlewareHandler<AppEnv> {
+  return async (c, next) => {
+    const token = bearer(c);
+    if (!token) throw unauthorized("missing_token", "an Authorization bearer token is required");
+    c.set("principal", await verifyToken(token));
+    await next();
+  };
+}
+
+export function principal(c: Ctx): Principal {
+  const p = c.get("principal");
+  if (!p) throw unauthorized("missing_token", "an Authorization bearer token is required");
+  return p;
+}
+
+/** A signed-in user; anon is told to sign in (401), the service role is refused (403). */
+export function requireUser(c: Ctx): Principal & { userId: string } {
+  const p = principal(c);
+  if (p.role === "anon") throw unauthorized("login_required", "sign in to do this");
+  if (p.role !== "authenticated" || !p.userId) throw forbidden("only a signed-in user may do this");
+  return p as Principal & { userId: string };
+}
+
+/** The service role (backends, cron). */
+export function requireService(c: Ctx): Principal {
+  const p = principal(c);
+  if (p.role === "anon") throw unauthorized("login_required", "a service_role token is required");
+  if (p.role !== "service_role") throw forbidden("only the service role may do this");
+  return p;
+}
+
+/** A signed-in user or the service role; anon is refused. */
+export function requireUserOrService(c: Ctx): Principal {
+  const p = principal(c);
+  if (p.role === "anon") throw unauthorized("login_required", "sign in to do this");
+  return p;
+}

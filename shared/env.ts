@@ -1,0 +1,60 @@
+// Configuration, read and validated once per isolate. A missing or malformed
+// variable fails loudly, naming the variable, instead of failing later.
+import { z } from "zod";
+
+const optionalUrl = z.string().url().optional();
+
+const schema = z.object({
+  // Provided by Supabase to every function; the local stack sets it.
+  SUPABASE_DB_URL: z.string().regex(/^postgres(ql)?:\/\//, "must be a postgres:// URL"),
+  SUPABASE_URL: optionalUrl,
+  // HS256 projects: the JWT secret. Asymmetric projects: SUPABASE_JWKS (the
+  // JSON key set Supabase provides) or JWKS_URL.
+  JWT_SECRET: z.string().min(32, "must be at least 32 characters").optional(),
+  SUPABASE_JWKS: z.string().optional(),
+  JWKS_URL: optionalUrl,
+  DB_POOL_SIZE: z.coerce.number().int().min(1).max(100).default(4),
+  DB_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(100).max(150_000).default(10_000),
+  MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(50 * 1024 * 1024).default(1024 * 1024),
+  LOG_LEVEL: z.enum(["debug", "info", "warn", "error", "silent"]).default("info"),
+});
+
+export type Env = z.infer<typeof schema>;
+
+export class ConfigError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "ConfigError";
+  }
+}
+
+let cached: Env | undefined;
+
+export function env(): Env {
+  if (cached) return cached;
+  const raw: Record<string, string | undefined> = {};
+  for (const key of Object.keys(schema.shape)) {
+    const value = Deno.env.get(key);
+    raw[key] = value === "" ? undefined : value;
+  }
+  const parsed = schema.safeParse(raw);
+  if (!parsed.success) {
+    const problems = parsed.error.issues.map((i) =>
+      `${i.path.join(".")}: ${i.message === "Invalid input: expected string, received undefined" ? "is required" : i.message}`
+    );
+    throw new ConfigError(`invalid configuration: ${problems.join("; ")}`);
+  }
+  const value = parsed.data;
+  if (!value.JWT_SECRET && !value.SUPABASE_JWKS && !value.JWKS_URL) {
+    throw new ConfigError(
+      "invalid configuration: JWT_SECRET (HS256) or SUPABASE_JWKS / JWKS_URL (asymmetric keys) is required",
+    );
+  }
+  cached = value;
+  return value;
+}
+
+/** Forget the cached configuration (tests change variables between cases). */
+export function resetEnv(): void {
+  cached = undefined;
+}

@@ -1,0 +1,38 @@
+// The one error type of the HTTP layer. Everything that fails a request ends
+// up as an HttpError and is rendered in the project's single error shape.
+
+export class HttpError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+    readonly details?: unknown,
+    readonly headers?: Record<string, string>,
+  ) {
+    super(message);
+    this.name = "HttpError";
+  }
+}
+
+export const badRequest = (code: string, message: string, details?: unknown) =>
+  new HttpError(400, code, message, details);
+export const unauthorized = (code: string, message: string) =>
+  new HttpError(401, code, message, undefined, { "www-authenticate": 'Bearer realm="easymo"' });
+export const forbidden = (message = "this role may not do that") =>
+  new HttpError(403, "forbidden", message);
+export const notFound = (message = "not found") => new HttpError(404, "not_found", message);
+export const conflict = (code: string, message: string, details?: unknown) =>
+  new HttpError(409, code, message, details);
+export const payloadTooLarge = (limit: number) =>
+  new HttpError(413, "payload_too_large", `request body exceeds ${limit} bytes`, { limit });
+
+export interface ErrorBody {
+  error: { code: string; message: string; details?: unknown };
+  correlation_id: string;
+}
+
+export function errorBody(err: HttpError, correlationId: string): ErrorBody {
+  const error: ErrorBody["error"] = { code: err.code, message: err.message };
+  if (err.details !== undefined) error.details = err.details;
+  return { error, correlation_id: correlationId };
+}

@@ -1,0 +1,191 @@
+// The HTTP layer every function shares: an app factory with the one error
+// shape, correlation ids, CORS, request logging, body limits and validation.
+import { type Context, Hono } from "hono";
+import { cors } from "hono/cors";
+import type { z } from "zod";
+import type { Principal } from "./auth.ts";
+import { env } from "./env.ts";
+import { badRequest, errorBody, HttpError, payloadTooLarge } from "./errors.ts";
+import { toHttpError } from "./db.ts";
+import { log } from "./log.ts";
+
+export interface AppEnv {
+  Variables: { correlationId: string; principal?: Principal };
+}
+export type Ctx = Context<AppEnv>;
+
+const CORRELATION_ID = /^[A-Za-z0-9._:-]{1,128}$/;
+
+function compileRoute(path: string): RegExp {
+  const pattern = path
+    .replace(/[.+?^${}()|[\]\\]/g, "\\$&")
+    .replace(/\/\*$/, "(?:/.*)?")
+    .replace(/:[A-Za-z0-9_]+/g, "[^/]+")
+    .replace(/\*/g, ".*");
+  return new RegExp(`^${pattern}/?$`);
+}
+
+/** A Hono app for one function, mounted at /<name> as Supabase routes it. */
+export function createApp(name: string): Hono<AppEnv> {
+  const app = new Hono<AppEnv>().basePath(`/${name}`);
+
+  app.use("*", async (c, next) => {
+    const given = c.req.header("x-correlation-id");
+    const id = given && CORRELATION_ID.test(given) ? given : crypto.randomUUID();
+    c.set("correlationId", id);
+    const started = performance.now();
+    await next();
+    c.header("x-correlation-id", id);
+    log("info", "request", {
+      fn: name,
+      method: c.req.method,
+      path: new URL(c.req.url).pathname,
+      status: c.res.status,
+      duration_ms: Math.round((performance.now() - started) * 100) / 100,
+      correlation_id: id,
+      role: c.get("principal")?.role,
+    });
+  });
+
+  app.use(
+    "*",
+    cors({
+      origin: "*",
+      allowMethods: ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+      allowHeaders: [
+        "authorization",
+        "x-client-info",
+        "apikey",
+        "content-type",
+        "idempotency-key",
+        "x-correlation-id",
+      ],
+      exposeHeaders: ["x-correlation-id"],
+      maxAge: 86400,
+    }),
+  );
+
+  app.onError((err, c) => {
+    const httpError = err instanceof HttpError ? err : toHttpError(err, c.get("correlationId"));
+    const res = c.json(errorBody(httpError, c.get("correlationId") ?? crypto.randomUUID()), httpError.status as 400);
+    for (const [k, v] of Object.entries(httpError.headers ?? {})) res.headers.set(k, v);
+    return res;
+  });
+
+  app.notFound((c) => {
+    const path = new URL(c.req.url).pathname;
+    const allowed = new Set<string>();
+    for (const route of app.routes) {
+      if (route.method === "ALL") continue;
+      if (compileRoute(route.path).test(path)) allowed.add(route.method);
+    }
+    const correlationId = c.get("correlationId") ?? crypto.randomUUID();
+    if (allowed.size > 0) {
+      const allow = [...allowed, "OPTIONS"].join(", ");
+      c.header("allow", allow);
+      return c.json(
+        errorBody(new HttpError(405, "method_not_allowed", `${c.req.method} is not allowed here`, { allow }), correlationId),
+        405,
+      );
+    }
+    return c.json(errorBody(new HttpError(404, "not_found", `no route for ${c.req.method} ${path}`), correlationId), 404);
+  });
+
+  return app;
+}
+
+/**
+ * Reads the raw body, refusing more than `limit` bytes without buffering
+ * them (Content-Length is checked first, then the stream as it arrives).
+ */
+export async function readRawBody(c: Ctx, limit = env().MAX_BODY_BYTES): Promise<Uint8Array> {
+  const declared = Number(c.req.header("content-length") ?? "NaN");
+  if (Number.isFinite(declared) && declared > limit) throw payloadTooLarge(limit);
+  const body = c.req.raw.body;
+  if (!body) return new Uint8Array();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  const reader = body.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    size += value.byteLength;
+    if (size > limit) {
+      await reader.cancel().catch(() => {});
+      throw payloadTooLarge(limit);
+    }
+    chunks.push(value);
+  }
+  if (chunks.length === 1) return chunks[0];
+  const out = new Uint8Array(size);
+  let offset = 0;
+  for (const chunk of chunks) {
+    out.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  return out;
+}
+
+/** Parses JSON text; malformed JSON is a 400. */
+export function parseJsonText(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    throw badRequest("invalid_json", "the request body is not valid JSON");
+  }
+}
+
+function validate<S extends z.ZodType>(schema: S, value: unknown, what: string): z.infer<S> {
+  const parsed = schema.safeParse(value);
+  if (!parsed.success) {
+    throw badRequest(
+      "invalid_request",
+      `the ${what} is invalid`,
+      parsed.error.issues.map((i) => ({ path: i.path.join("."), code: i.code, message: i.message })),
+    );
+  }
+  return parsed.data;
+}
+
+/** Reads, size-checks, parses and validates a JSON body. */
+export async function jsonBody<S extends z.ZodType>(c: Ctx, schema: S): Promise<z.infer<S>> {
+  const raw = await readRawBody(c);
+  const text = new TextDecoder().decode(raw);
+  if (text.trim() === "") return validate(schema, undefined, "request body");
+  return validate(schema, parseJsonText(text), "request body");
+}
+
+/** Validates the query string (single values; repeated keys take the last). */
+export function queryParams<S extends z.ZodType>(c: Ctx, schema: S): z.infer<S> {
+  return validate(schema, c.req.query(), "query string");
+}
+
+/** Validates path parameters. */
+export function pathParams<S extends z.ZodType>(c: Ctx, schema: S): z.infer<S> {
+  return validate(schema, c.req.param(), "path");
+}
+
+/** Opaque keyset cursors: base64url JSON, validated on the way back in. */
+export function encodeCursor(value: unknown): string {
+  return btoa(JSON.stringify(value)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+export function decodeCursor<S extends z.ZodType>(cursor: string, schema: S): z.infer<S> {
+  try {
+    const json = atob(cursor.replace(/-/g, "+").replace(/_/g, "/"));
+    const parsed = schema.safeParse(JSON.parse(json));
+    if (parsed.success) return parsed.data;
+  } catch {
+    // fall through to the 400 below
+  }
+  throw badRequest("invalid_cursor", "the cursor is not one this API issued");
+}
+
+/** Lets slow work finish after the response (EdgeRuntime.waitUntil on Supabase). */
+export function runInBackground(work: Promise<unknown>, correlationId?: string): void {
+  const guarded = work.catch((err) =>
+    log("error", "background work failed", { correlation_id: correlationId, error: String(err) })
+  );
+  const runtime = (globalThis as { EdgeRuntime?: { waitUntil(p: Promise<unknown>): void } }).EdgeRuntime;
+  runtime?.waitUntil(guarded);
+}

@@ -1,0 +1,181 @@
+// observability: metrics and the audit trail over HTTP.
+//
+//   POST /observability/metrics       one metric or {"metrics": [...]} (service role)
+//   GET  /observability/metrics       per-bucket avg/min/max/p95 (service role)
+//   POST /observability/audit         write an audit event (user or service role)
+//   GET  /observability/audit         own events (users) or all (service role), paginated
+//   POST /observability/maintenance   run partition maintenance now (service role)
+import { z } from "zod";
+import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
+import { jsonb, withClaims } from "../../../shared/db.ts";
+import {
+  createApp,
+  decodeCursor,
+  encodeCursor,
+  jsonBody,
+  queryParams,
+} from "../../../shared/http.ts";
+
+const slug = (max: number) => z.string().min(1).max(max);
+const jsonObject = z.record(z.string(), z.unknown());
+
+const metric = z.object({
+  service_name: z.string().regex(/^[a-z0-9][a-z0-9_.-]{0,62}$/),
+  metric_type: z.string().regex(/^[a-z][a-z0-9_]{0,31}$/),
+  metric_name: z.string().regex(/^[a-zA-Z][a-zA-Z0-9_.:/-]{0,127}$/),
+  value: z.number().finite(),
+  unit: slug(32).optional(),
+  tags: jsonObject.optional(),
+  correlation_id: slug(128).optional(),
+  recorded_at: z.iso.datetime({ offset: true }).optional(),
+}).strict();
+
+const metricsBody = z.union([
+  metric,
+  z.object({ metrics: z.array(metric).min(1).max(1000) }).strict(),
+]);
+
+const statsQuery = z.object({
+  service_name: z.string().min(1).max(63),
+  metric_name: z.string().min(1).max(128),
+  from: z.iso.datetime({ offset: true }).optional(),
+  to: z.iso.datetime({ offset: true }).optional(),
+  bucket_seconds: z.coerce.number().int().min(1).max(2678400).default(60),
+}).strict();
+
+const auditBody = z.object({
+  actor_type: z.enum(["user", "service", "system", "admin"]),
+  actor_identifier: slug(256),
+  action: z.string().regex(/^[a-zA-Z][a-zA-Z0-9_.:-]{0,127}$/),
+  resource_type: slug(64).optional(),
+  resource_id: slug(256).optional(),
+  old_data: z.unknown().optional(),
+  new_data: z.unknown().optional(),
+  metadata: jsonObject.optional(),
+  status: z.enum(["success", "failure", "denied"]).optional(),
+  error_message: z.string().max(2000).optional(),
+  request_id: slug(128).optional(),
+  user_id: z.uuid().optional(),
+}).strict();
+
+const auditQuery = z.object({
+  resource_type: slug(64).optional(),
+  resource_id: slug(256).optional(),
+  correlation_id: slug(128).optional(),
+  limit: z.coerce.number().int().min(1).max(500).default(50),
+  cursor: z.string().max(200).optional(),
+}).strict();
+
+const auditCursor = z.object({
+  c: z.string().regex(/^\d{4}-\d{2}-\d{2}[ T][0-9:.+-]{8,32}$/),
+  i: z.number().int().nonnegative(),
+});
+
+export const app = createApp("observability");
+app.use("*", authenticate());
+
+app.post("/metrics", async (c) => {
+  const who = requireService(c);
+  const body = await jsonBody(c, metricsBody);
+  const correlationId = c.get("correlationId");
+  if ("metrics" in body) {
+    const recorded = await withClaims(who, correlationId, async (tx) => {
+      const [row] = await tx`select public.record_metrics(${jsonb(tx, body.metrics)}, ${correlationId}) as n`;
+      return row.n as number;
+    });
+    return c.json({ recorded }, 201);
+  }
+  const id = await withClaims(who, correlationId, async (tx) => {
+    const [row] = await tx`
+      select public.record_metric(
+        p_service_name := ${body.service_name},
+        p_metric_type := ${body.metric_type},
+        p_metric_name := ${body.metric_name},
+        p_value := ${body.value},
+        p_unit := ${body.unit ?? null},
+        p_tags := ${jsonb(tx, body.tags ?? {})},
+        p_correlation_id := ${body.correlation_id ?? correlationId},
+        p_recorded_at := ${body.recorded_at ?? null}
+      ) as id`;
+    return row.id as string;
+  });
+  return c.json({ id: String(id), recorded: 1 }, 201);
+});
+
+app.get("/metrics", async (c) => {
+  const who = requireService(c);
+  const q = queryParams(c, statsQuery);
+  const to = q.to ?? new Date().toISOString();
+  const from = q.from ?? new Date(Date.parse(to) - 3600_000).toISOString();
+  const buckets = await withClaims(who, c.get("correlationId"), (tx) =>
+    tx`select bucket, count, avg, min, max, p95
+       from public.get_metric_stats(${q.service_name}, ${q.metric_name}, ${from}, ${to}, ${q.bucket_seconds})`);
+  return c.json({
+    service_name: q.service_name,
+    metric_name: q.metric_name,
+    from,
+    to,
+    bucket_seconds: q.bucket_seconds,
+    buckets: buckets.map((b) => ({ ...b, count: Number(b.count) })),
+  });
+});
+
+app.post("/audit", async (c) => {
+  const who = requireUserOrService(c);
+  const body = await jsonBody(c, auditBody);
+  const correlationId = c.get("correlationId");
+  const ip = c.req.header("x-forwarded-for")?.split(",")[0]?.trim() || null;
+  const id = await withClaims(who, correlationId, async (tx) => {
+    const [row] = await tx`
+      select public.log_audit_event(
+        p_actor_type := ${body.actor_type},
+        p_actor_identifier := ${body.actor_identifier},
+        p_action := ${body.action},
+        p_resource_type := ${body.resource_type ?? null},
+        p_resource_id := ${body.resource_id ?? null},
+        p_old_data := ${jsonb(tx, body.old_data)},
+        p_new_data := ${jsonb(tx, body.new_data)},
+        p_metadata := ${jsonb(tx, body.metadata ?? {})},
+        p_ip_address := ${ip && /^[0-9a-fA-F:.]{2,45}$/.test(ip) ? ip : null}::inet,
+        p_user_agent := ${c.req.header("user-agent")?.slice(0, 512) ?? null},
+        p_correlation_id := ${correlationId},
+        p_request_id := ${body.request_id ?? null},
+        p_status := ${body.status ?? "success"},
+        p_error_message := ${body.error_message ?? null},
+        p_user_id := ${body.user_id ?? null}
+      ) as id`;
+    return row.id as string;
+  });
+  return c.json({ id: String(id) }, 201);
+});
+
+app.get("/audit", async (c) => {
+  const who = requireUserOrService(c);
+  const q = queryParams(c, auditQuery);
+  const after = q.cursor ? decodeCursor(q.cursor, auditCursor) : undefined;
+  const rows = await withClaims(who, c.get("correlationId"), (tx) =>
+    tx`select a.*, a.created_at::text as cursor_ts from public.list_audit_events(
+         p_resource_type := ${q.resource_type ?? null},
+         p_resource_id := ${q.resource_id ?? null},
+         p_correlation_id := ${q.correlation_id ?? null},
+         p_limit := ${q.limit + 1},
+         p_before_created_at := ${after?.c ?? null},
+         p_before_id := ${after?.i ?? null}) a`);
+  const page = rows.slice(0, q.limit).map(({ cursor_ts: _, ...r }) => ({ ...r, id: String(r.id) }));
+  const last = rows.length > q.limit ? rows[q.limit - 1] : undefined;
+  return c.json({
+    data: page,
+    next_cursor: last
+      ? encodeCursor({ c: last.cursor_ts, i: Number(last.id) })
+      : null,
+  });
+});
+
+app.post("/maintenance", async (c) => {
+  const who = requireService(c);
+  const actions = await withClaims(who, c.get("correlationId"), (tx) =>
+    tx`select * from public.maintain_partitions()`);
+  return c.json({ actions: actions.map((a) => ({ ...a, rows_moved: Number(a.rows_moved) })) });
+});
+
+if (import.meta.main) Deno.serve(app.fetch);

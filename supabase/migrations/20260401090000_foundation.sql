@@ -1,0 +1,309 @@
+-- =============================================================================
+-- Foundation: shared SQL helpers every domain migration builds on.
+--
+--   * schema private: internal helpers, never exposed through the API
+--   * private.raise_error: the one way SQL reports a domain error
+--   * private.set_updated_at: trigger keeping updated_at current
+--   * monthly range partitions: registry, creation (moving rows out of the
+--     DEFAULT partition), retention, and public.maintain_partitions()
+--   * pg_cron, where the database can run it
+-- =============================================================================
+
+-- -----------------------------------------------------------------------------
+-- Extensions
+-- -----------------------------------------------------------------------------
+create extension if not exists pgcrypto with schema extensions;
+
+-- pg_cron can only live in the database its background worker serves
+-- (cron.database_name); elsewhere (e.g. test databases) scheduling is skipped.
+do $$
+begin
+  if current_setting('cron.database_name', true) = current_database() then
+    create extension if not exists pg_cron with schema pg_catalog;
+  end if;
+end
+$$;
+
+-- -----------------------------------------------------------------------------
+-- Schema private
+-- -----------------------------------------------------------------------------
+create schema if not exists private;
+revoke all on schema private from public;
+-- API roles may run the few helpers granted below; nothing else in here.
+grant usage on schema private to authenticated, service_role;
+alter default privileges in schema private revoke execute on functions from public;
+
+-- -----------------------------------------------------------------------------
+-- Errors
+--
+-- Domain errors use PostgREST's convention: SQLSTATE 'PT' || http_status, so
+-- supabase.rpc() callers get the right HTTP status too. MESSAGE is the stable
+-- snake_case code, DETAIL the human text, HINT optional JSON details. Handlers
+-- map SQLSTATE and MESSAGE; they never parse prose.
+-- -----------------------------------------------------------------------------
+create or replace function private.raise_error(
+  p_status integer,
+  p_code text,
+  p_message text,
+  p_details jsonb default null
+) returns void
+language plpgsql
+set search_path = ''
+as $$
+begin
+  if p_status not between 400 and 599 then
+    raise exception 'raise_error: status % out of range', p_status;
+  end if;
+  raise exception using
+    errcode = 'PT' || p_status::text,
+    message = p_code,
+    detail = p_message,
+    hint = coalesce(p_details::text, '');
+end;
+$$;
+
+grant execute on function private.raise_error(integer, text, text, jsonb)
+  to authenticated, service_role;
+
+-- -----------------------------------------------------------------------------
+-- updated_at trigger
+-- -----------------------------------------------------------------------------
+create or replace function private.set_updated_at() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  new.updated_at := now();
+  return new;
+end;
+$$;
+
+-- -----------------------------------------------------------------------------
+-- Monthly partitions
+--
+-- Every partitioned table is range-partitioned on created_at by UTC month and
+-- has a DEFAULT partition, so an insert for any date succeeds. Maintenance
+-- creates partitions ahead and moves rows that landed in DEFAULT into their
+-- month's partition. Partition names follow <table>_YYYY_MM.
+-- -----------------------------------------------------------------------------
+create table if not exists private.partitioned_tables (
+  schema_name text not null,
+  table_name text not null,
+  months_ahead integer not null default 3 check (months_ahead between 0 and 24),
+  retention_months integer check (retention_months > 0),
+  registered_at timestamptz not null default now(),
+  primary key (schema_name, table_name)
+);
+alter table private.partitioned_tables enable row level security;
+
+-- Creates the partition of p_month if missing, moving that month's rows out of
+-- the DEFAULT partition first (Postgres refuses to attach over them).
+-- Returns the number of rows moved, or null when the partition already existed.
+create or replace function private.create_monthly_partition(
+  p_schema text,
+  p_table text,
+  p_month date
+) returns bigint
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_from timestamptz := (date_trunc('month', p_month)::timestamp) at time zone 'UTC';
+  v_to timestamptz := ((date_trunc('month', p_month) + interval '1 month')::timestamp)
+    at time zone 'UTC';
+  v_name text := format('%s_%s', p_table, to_char(p_month, 'YYYY_MM'));
+  v_default text := p_table || '_default';
+  v_moved bigint;
+begin
+  -- Serialises concurrent creators of partitions of the same table.
+  perform pg_advisory_xact_lock(hashtextextended(format('partition:%s.%s', p_schema, p_table), 0));
+
+  if to_regclass(format('%I.%I', p_schema, v_name)) is not null then
+    return null;
+  end if;
+
+  -- Writers into DEFAULT wait while its rows for this month move out.
+  execute format('lock table %I.%I in exclusive mode', p_schema, v_default);
+
+  if to_regclass('pg_temp.partition_move') is not null then
+    drop table pg_temp.partition_move;
+  end if;
+  execute format(
+    'create temp table partition_move (like %I.%I) on commit drop', p_schema, p_table
+  );
+  execute format(
+    'with moved as (delete from %I.%I where created_at >= %L and created_at < %L returning *)
+     insert into pg_temp.partition_move select * from moved',
+    p_schema, v_default, v_from, v_to
+  );
+  get diagnostics v_moved = row_count;
+
+  execute format(
+    'create table %I.%I partition of %I.%I for values from (%L) to (%L)',
+    p_schema, v_name, p_schema, p_table, v_from, v_to
+  );
+
+  if v_moved > 0 then
+    execute format(
+      'insert into %I.%I select * from pg_temp.partition_move', p_schema, p_table
+    );
+  end if;
+  drop table pg_temp.partition_move;
+
+  return v_moved;
+end;
+$$;
+
+-- Registers a partitioned table for maintenance, creates its DEFAULT partition
+-- and the partitions of the current month and the months ahead.
+create or replace function private.register_partitioned_table(
+  p_schema text,
+  p_table text,
+  p_months_ahead integer default 3,
+  p_retention_months integer default null
+) returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_month date;
+begin
+  insert into private.partitioned_tables (schema_name, table_name, months_ahead, retention_months)
+  values (p_schema, p_table, p_months_ahead, p_retention_months)
+  on conflict (schema_name, table_name) do update
+    set months_ahead = excluded.months_ahead,
+        retention_months = excluded.retention_months;
+
+  execute format(
+    'create table if not exists %I.%I partition of %I.%I default',
+    p_schema, p_table || '_default', p_schema, p_table
+  );
+
+  for v_month in
+    select generate_series(
+      date_trunc('month', now() at time zone 'UTC'),
+      date_trunc('month', now() at time zone 'UTC') + make_interval(months => p_months_ahead),
+      interval '1 month'
+    )::date
+  loop
+    perform private.create_monthly_partition(p_schema, p_table, v_month);
+  end loop;
+end;
+$$;
+
+-- One maintenance pass over every registered table:
+--   1. partitions for the current month and months_ahead months ahead;
+--   2. a partition for every month that has rows in DEFAULT (rows moved);
+--   3. partitions older than retention_months detached (kept as plain tables
+--      for archiving; never dropped here).
+-- Safe to run concurrently: runs serialise on an advisory lock.
+create or replace function public.maintain_partitions()
+returns table (table_name text, partition_name text, action text, rows_moved bigint)
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_table record;
+  v_month date;
+  v_moved bigint;
+  v_part record;
+  v_cutoff timestamptz;
+begin
+  perform pg_advisory_xact_lock(hashtextextended('partition:maintenance', 0));
+
+  for v_table in select * from private.partitioned_tables order by schema_name, table_name loop
+    for v_month in
+      select generate_series(
+        date_trunc('month', now() at time zone 'UTC'),
+        date_trunc('month', now() at time zone 'UTC')
+          + make_interval(months => v_table.months_ahead),
+        interval '1 month'
+      )::date
+      union
+      select distinct date_trunc('month', d.created_at at time zone 'UTC')::date
+      from private.default_partition_timestamps(v_table.schema_name, v_table.table_name) d
+      order by 1
+    loop
+      v_moved := private.create_monthly_partition(v_table.schema_name, v_table.table_name, v_month);
+      if v_moved is not null then
+        table_name := format('%I.%I', v_table.schema_name, v_table.table_name);
+        partition_name := format('%s_%s', v_table.table_name, to_char(v_month, 'YYYY_MM'));
+        action := 'created';
+        rows_moved := v_moved;
+        return next;
+      end if;
+    end loop;
+
+    if v_table.retention_months is not null then
+      v_cutoff := (date_trunc('month', now() at time zone 'UTC')
+        - make_interval(months => v_table.retention_months))::timestamp at time zone 'UTC';
+      for v_part in
+        select c.relname,
+               (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \(''([^'']+)''\)'))[1]
+                 ::timestamptz as upper_bound
+        from pg_inherits i
+        join pg_class c on c.oid = i.inhrelid
+        where i.inhparent = format('%I.%I', v_table.schema_name, v_table.table_name)::regclass
+          and c.relname <> v_table.table_name || '_default'
+      loop
+        if v_part.upper_bound <= v_cutoff then
+          execute format(
+            'alter table %I.%I detach partition %I.%I',
+            v_table.schema_name, v_table.table_name, v_table.schema_name, v_part.relname
+          );
+          table_name := format('%I.%I', v_table.schema_name, v_table.table_name);
+          partition_name := v_part.relname;
+          action := 'detached';
+          rows_moved := 0;
+          return next;
+        end if;
+      end loop;
+    end if;
+  end loop;
+end;
+$$;
+
+-- Timestamps present in a table's DEFAULT partition (a set-returning helper so
+-- maintain_partitions can union them with the months ahead).
+create or replace function private.default_partition_timestamps(p_schema text, p_table text)
+returns table (created_at timestamptz)
+language plpgsql
+stable
+set search_path = ''
+as $$
+begin
+  return query execute format(
+    'select distinct date_trunc(''month'', created_at at time zone ''UTC'') at time zone ''UTC''
+     from %I.%I',
+    p_schema, p_table || '_default'
+  );
+end;
+$$;
+
+revoke all on function public.maintain_partitions() from public, anon, authenticated;
+grant execute on function public.maintain_partitions() to service_role;
+
+-- -----------------------------------------------------------------------------
+-- Scheduling
+--
+-- Schedules a pg_cron job where pg_cron is installed; elsewhere it does
+-- nothing, so migrations stay runnable on any database.
+-- -----------------------------------------------------------------------------
+create or replace function private.schedule_cron(p_name text, p_schedule text, p_command text)
+returns void
+language plpgsql
+set search_path = ''
+as $$
+begin
+  if to_regnamespace('cron') is not null then
+    perform cron.schedule(p_name, p_schedule, p_command);
+  end if;
+end;
+$$;
+
+select private.schedule_cron(
+  'maintain-partitions',
+  '15 0 * * *',
+  'select public.maintain_partitions()'
+);

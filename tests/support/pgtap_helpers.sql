@@ -1,0 +1,58 @@
+-- =============================================================================
+-- pgTAP helpers, installed into the test template database only (never a
+-- migration). Users are created in auth.users and impersonated the way
+-- PostgREST does it: role and request.jwt.claims, transaction-local.
+-- =============================================================================
+create extension if not exists pgtap with schema extensions;
+
+create schema if not exists tests;
+grant usage on schema tests to anon, authenticated, service_role;
+
+create or replace function tests.create_user(p_email text default null, p_phone text default null)
+returns uuid
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_id uuid := gen_random_uuid();
+begin
+  insert into auth.users (id, email, phone, role, aud)
+  values (v_id, coalesce(p_email, v_id::text || '@test.local'), p_phone, 'authenticated', 'authenticated');
+  return v_id;
+end;
+$$;
+
+create or replace function tests.authenticate_as(p_user_id uuid, p_extra jsonb default '{}'::jsonb)
+returns void
+language sql
+as $$
+  select set_config('role', 'authenticated', true),
+         set_config('request.jwt.claims',
+           (jsonb_build_object('sub', p_user_id, 'role', 'authenticated') || p_extra)::text, true);
+$$;
+
+create or replace function tests.authenticate_as_service_role()
+returns void
+language sql
+as $$
+  select set_config('role', 'service_role', true),
+         set_config('request.jwt.claims', '{"role": "service_role"}', true);
+$$;
+
+create or replace function tests.authenticate_as_anon()
+returns void
+language sql
+as $$
+  select set_config('role', 'anon', true),
+         set_config('request.jwt.claims', '{"role": "anon"}', true);
+$$;
+
+create or replace function tests.clear_authentication()
+returns void
+language sql
+as $$
+  select set_config('role', 'none', true), set_config('request.jwt.claims', '', true);
+$$;
+
+grant execute on all functions in schema tests to anon, authenticated, service_role;
