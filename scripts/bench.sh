@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# npm run bench -- <bench/file.ts> [...]: runs benchmarks against a freshly
+# migrated database (easymo_bench) on the local cluster or DATABASE_URL.
+# Benchmarks print ours beside the peer and the ratio; nothing here is a test.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+ensure_node_modules
+ensure_system_packages
+ensure_database
+trap stop_cluster_if_started EXIT
+prepare_database
+
+BENCH_DB=easymo_bench
+psql_url "$DATABASE_URL" -c "drop database if exists $BENCH_DB with (force)" >/dev/null
+psql_url "$DATABASE_URL" -c "create database $BENCH_DB" >/dev/null
+bootstrap_db "$(db_url_for $BENCH_DB)"
+migrate_db "$(db_url_for $BENCH_DB)" 2>/dev/null
+
+files=("$@")
+[ ${#files[@]} -gt 0 ] || files=("$ROOT"/bench/*.ts)
+for file in "${files[@]}"; do
+  case "$file" in *_lib.ts | */lib/*) continue ;; esac
+  log "bench $(basename "$file")"
+  BENCH_DATABASE_URL="$(db_url_for $BENCH_DB)" PGBIN="$PG_BIN" \
+    "$DENO" run --allow-all "$file"
+done
