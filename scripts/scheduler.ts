@@ -2,9 +2,13 @@
 // the service_role key. One run of a schedule at a time; failures are logged
 // and the next tick tries again.
 import { log } from "../shared/log.ts";
-import { SCHEDULES, type Schedule } from "./schedules.ts";
+import { type Schedule, SCHEDULES } from "./schedules.ts";
 
-export function startScheduler(apiUrl: string, serviceKey: string, schedules = SCHEDULES): () => void {
+export function startScheduler(
+  apiUrl: string,
+  serviceKey: string,
+  schedules = SCHEDULES,
+): () => void {
   const timers: ReturnType<typeof setTimeout>[] = [];
   const running = new Set<string>();
 

@@ -80,6 +80,8 @@ passed=$((passed + dp))
 failed=$((failed + df))
 
 drop_test_databases
+stop_cluster_if_started
+trap - EXIT
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

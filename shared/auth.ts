@@ -68,7 +68,10 @@ export async function verifyToken(token: string): Promise<Principal> {
     } else if (jwks && (alg === "RS256" || alg === "ES256" || alg === "EdDSA")) {
       ({ payload } = await jwtVerify(token, jwks, { algorithms: ["RS256", "ES256", "EdDSA"] }));
     } else {
-      throw unauthorized("invalid_token", `tokens signed with ${alg ?? "no algorithm"} are not accepted`);
+      throw unauthorized(
+        "invalid_token",
+        `tokens signed with ${alg ?? "no algorithm"} are not accepted`,
+      );
     }
   } catch (err) {
     if (err instanceof joseErrors.JWTExpired) {

@@ -104,7 +104,12 @@ export function toHttpError(err: unknown, correlationId?: string): HttpError {
         details = undefined;
       }
     }
-    return new HttpError(Number(code.slice(2)), e.message ?? "error", e.detail ?? e.message ?? "", details);
+    return new HttpError(
+      Number(code.slice(2)),
+      e.message ?? "error",
+      e.detail ?? e.message ?? "",
+      details,
+    );
   }
   switch (code) {
     case "23505":

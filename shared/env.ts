@@ -40,7 +40,11 @@ export function env(): Env {
   const parsed = schema.safeParse(raw);
   if (!parsed.success) {
     const problems = parsed.error.issues.map((i) =>
-      `${i.path.join(".")}: ${i.message === "Invalid input: expected string, received undefined" ? "is required" : i.message}`
+      `${i.path.join(".")}: ${
+        i.message === "Invalid input: expected string, received undefined"
+          ? "is required"
+          : i.message
+      }`
     );
     throw new ConfigError(`invalid configuration: ${problems.join("; ")}`);
   }

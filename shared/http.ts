@@ -67,7 +67,10 @@ export function createApp(name: string): Hono<AppEnv> {
 
   app.onError((err, c) => {
     const httpError = err instanceof HttpError ? err : toHttpError(err, c.get("correlationId"));
-    const res = c.json(errorBody(httpError, c.get("correlationId") ?? crypto.randomUUID()), httpError.status as 400);
+    const res = c.json(
+      errorBody(httpError, c.get("correlationId") ?? crypto.randomUUID()),
+      httpError.status as 400,
+    );
     for (const [k, v] of Object.entries(httpError.headers ?? {})) res.headers.set(k, v);
     return res;
   });
@@ -84,11 +87,22 @@ export function createApp(name: string): Hono<AppEnv> {
       const allow = [...allowed, "OPTIONS"].join(", ");
       c.header("allow", allow);
       return c.json(
-        errorBody(new HttpError(405, "method_not_allowed", `${c.req.method} is not allowed here`, { allow }), correlationId),
+        errorBody(
+          new HttpError(405, "method_not_allowed", `${c.req.method} is not allowed here`, {
+            allow,
+          }),
+          correlationId,
+        ),
         405,
       );
     }
-    return c.json(errorBody(new HttpError(404, "not_found", `no route for ${c.req.method} ${path}`), correlationId), 404);
+    return c.json(
+      errorBody(
+        new HttpError(404, "not_found", `no route for ${c.req.method} ${path}`),
+        correlationId,
+      ),
+      404,
+    );
   });
 
   return app;
@@ -141,7 +155,11 @@ function validate<S extends z.ZodType>(schema: S, value: unknown, what: string):
     throw badRequest(
       "invalid_request",
       `the ${what} is invalid`,
-      parsed.error.issues.map((i) => ({ path: i.path.join("."), code: i.code, message: i.message })),
+      parsed.error.issues.map((i) => ({
+        path: i.path.join("."),
+        code: i.code,
+        message: i.message,
+      })),
     );
   }
   return parsed.data;
@@ -186,6 +204,7 @@ export function runInBackground(work: Promise<unknown>, correlationId?: string):
   const guarded = work.catch((err) =>
     log("error", "background work failed", { correlation_id: correlationId, error: String(err) })
   );
-  const runtime = (globalThis as { EdgeRuntime?: { waitUntil(p: Promise<unknown>): void } }).EdgeRuntime;
+  const runtime =
+    (globalThis as { EdgeRuntime?: { waitUntil(p: Promise<unknown>): void } }).EdgeRuntime;
   runtime?.waitUntil(guarded);
 }

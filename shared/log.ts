@@ -3,7 +3,13 @@
 import { env } from "./env.ts";
 
 type Level = "debug" | "info" | "warn" | "error";
-const rank: Record<Level | "silent", number> = { debug: 10, info: 20, warn: 30, error: 40, silent: 99 };
+const rank: Record<Level | "silent", number> = {
+  debug: 10,
+  info: 20,
+  warn: 30,
+  error: 40,
+  silent: 99,
+};
 
 function threshold(): number {
   try {

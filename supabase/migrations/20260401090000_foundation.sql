@@ -97,8 +97,15 @@ create table if not exists private.partitioned_tables (
 alter table private.partitioned_tables enable row level security;
 
 -- Creates the partition of p_month if missing, moving that month's rows out of
--- the DEFAULT partition first (Postgres refuses to attach over them).
--- Returns the number of rows moved, or null when the partition already existed.
+-- the DEFAULT partition (Postgres refuses to attach over them). Returns the
+-- number of rows moved, or null when the partition already existed.
+--
+-- Writers are held off for the moment of the move by a SHARE ROW EXCLUSIVE
+-- lock on the parent, taken before anything else (writers lock the parent
+-- before a partition, so this order cannot deadlock with them; a writer that
+-- routed a row to DEFAULT before the attach would otherwise fail). Readers are
+-- never blocked: the partition is built apart and ATTACHed, which needs only
+-- SHARE UPDATE EXCLUSIVE on the parent.
 create or replace function private.create_monthly_partition(
   p_schema text,
   p_table text,
@@ -122,35 +129,42 @@ begin
     return null;
   end if;
 
-  -- Writers into DEFAULT wait while its rows for this month move out.
+  execute format('lock table %I.%I in share row exclusive mode', p_schema, p_table);
   execute format('lock table %I.%I in exclusive mode', p_schema, v_default);
 
-  if to_regclass('pg_temp.partition_move') is not null then
-    drop table pg_temp.partition_move;
-  end if;
   execute format(
-    'create temp table partition_move (like %I.%I) on commit drop', p_schema, p_table
+    'create table %I.%I (like %I.%I including defaults including constraints including storage)',
+    p_schema, v_name, p_schema, p_table
   );
+  perform private.secure_partition(p_schema, v_name);
+
   execute format(
     'with moved as (delete from %I.%I where created_at >= %L and created_at < %L returning *)
-     insert into pg_temp.partition_move select * from moved',
-    p_schema, v_default, v_from, v_to
+     insert into %I.%I select * from moved',
+    p_schema, v_default, v_from, v_to, p_schema, v_name
   );
   get diagnostics v_moved = row_count;
 
   execute format(
-    'create table %I.%I partition of %I.%I for values from (%L) to (%L)',
-    p_schema, v_name, p_schema, p_table, v_from, v_to
+    'alter table %I.%I attach partition %I.%I for values from (%L) to (%L)',
+    p_schema, p_table, p_schema, v_name, v_from, v_to
   );
 
-  if v_moved > 0 then
-    execute format(
-      'insert into %I.%I select * from pg_temp.partition_move', p_schema, p_table
-    );
-  end if;
-  drop table pg_temp.partition_move;
-
   return v_moved;
+end;
+$$;
+
+-- Partitions are reached through their parent, where RLS applies. Supabase's
+-- default privileges would grant API roles direct access to each partition,
+-- bypassing the parent's policies, so partitions are closed to them.
+create or replace function private.secure_partition(p_schema text, p_name text)
+returns void
+language plpgsql
+set search_path = ''
+as $$
+begin
+  execute format('revoke all on table %I.%I from public, anon, authenticated', p_schema, p_name);
+  execute format('alter table %I.%I enable row level security', p_schema, p_name);
 end;
 $$;
 
@@ -174,10 +188,13 @@ begin
     set months_ahead = excluded.months_ahead,
         retention_months = excluded.retention_months;
 
-  execute format(
-    'create table if not exists %I.%I partition of %I.%I default',
-    p_schema, p_table || '_default', p_schema, p_table
-  );
+  if to_regclass(format('%I.%I', p_schema, p_table || '_default')) is null then
+    execute format(
+      'create table %I.%I partition of %I.%I default',
+      p_schema, p_table || '_default', p_schema, p_table
+    );
+    perform private.secure_partition(p_schema, p_table || '_default');
+  end if;
 
   for v_month in
     select generate_series(

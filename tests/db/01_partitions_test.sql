@@ -1,7 +1,7 @@
 -- Monthly partitions: any date inserts; maintenance creates partitions ahead
 -- and moves rows out of DEFAULT; only service_role may run it.
 begin;
-select plan(13);
+select plan(16);
 
 select has_function('public', 'maintain_partitions', array[]::text[]);
 select ok(
@@ -43,6 +43,17 @@ select is((select count(*)::int from public.maintain_partitions()), 0,
 select tests.authenticate_as(tests.create_user());
 select throws_ok('select * from public.maintain_partitions()', '42501', null,
   'users cannot run maintenance');
+
+-- partitions cannot be used to step around the parent's RLS
+select throws_ok(
+  format('select count(*) from public.%I', 'system_audit_logs_' || to_char(now() at time zone 'UTC', 'YYYY_MM')),
+  '42501', null, 'users cannot read a partition directly');
+select throws_ok('select count(*) from public.system_audit_logs_default', '42501', null,
+  'users cannot read the DEFAULT partition directly');
+select tests.authenticate_as_anon();
+select throws_ok(
+  format('select count(*) from public.%I', 'system_metrics_' || to_char(now() at time zone 'UTC', 'YYYY_MM')),
+  '42501', null, 'anon cannot read a partition directly');
 
 select * from finish();
 rollback;

@@ -1,25 +1,266 @@
+// The observability function: metrics (service role) and audit (users and
+// services), validation without partial writes, pagination, concurrency.
 import assert from "node:assert/strict";
 import { app } from "../../supabase/functions/observability/index.ts";
-import { call, createUser, dbTest, expectError, freshDatabase, serviceToken, userToken } from "../support/harness.ts";
+import {
+  anonToken,
+  call,
+  createUser,
+  dbTest,
+  expectError,
+  freshDatabase,
+  serviceToken,
+  userToken,
+} from "../support/harness.ts";
 
 const db = await freshDatabase();
+const metric = (over: Record<string, unknown> = {}) => ({
+  service_name: "api",
+  metric_type: "latency",
+  metric_name: "request_duration",
+  value: 150,
+  ...over,
+});
 
-dbTest("service role records one metric", async () => {
+dbTest("service role records one metric with the spec's fields", async () => {
   const res = await call(app, "POST", "/observability/metrics", {
     token: await serviceToken(),
-    body: { service_name: "api", metric_type: "latency", metric_name: "request_duration", value: 150, unit: "ms", tags: { endpoint: "/api/trips" } },
+    body: metric({ unit: "ms", tags: { endpoint: "/api/trips" } }),
   });
   assert.equal(res.status, 201, JSON.stringify(res.body));
   const [row] = await db.sql`select * from public.system_metrics where id = ${res.body.id}`;
   assert.equal(row.value, 150);
+  assert.equal(row.unit, "ms");
   assert.deepEqual(row.tags, { endpoint: "/api/trips" });
+  assert.equal(row.correlation_id, res.headers.get("x-correlation-id"));
 });
 
-dbTest("a user cannot record metrics", async () => {
-  const uid = await createUser(db);
-  const res = await call(app, "POST", "/observability/metrics", {
-    token: await userToken(uid),
-    body: { service_name: "api", metric_type: "latency", metric_name: "x", value: 1 },
+dbTest("a batch of metrics is written in one go; one bad element writes none", async () => {
+  const token = await serviceToken();
+  const metrics = Array.from({ length: 250 }, (_, i) => metric({ metric_name: "batch", value: i }));
+  const ok = await call(app, "POST", "/observability/metrics", { token, body: { metrics } });
+  assert.equal(ok.status, 201, JSON.stringify(ok.body));
+  assert.equal(ok.body.recorded, 250);
+
+  const bad = [...metrics.slice(0, 10), metric({ metric_name: "batch", value: Number.NaN })];
+  expectError(
+    await call(app, "POST", "/observability/metrics", { token, body: { metrics: bad } }),
+    400,
+  );
+  const tooMany = Array.from({ length: 1001 }, () => metric({ metric_name: "batch" }));
+  expectError(
+    await call(app, "POST", "/observability/metrics", { token, body: { metrics: tooMany } }),
+    400,
+  );
+  const [row] = await db
+    .sql`select count(*)::int as n from public.system_metrics where metric_name = 'batch'`;
+  assert.equal(row.n, 250);
+});
+
+dbTest("metric stats give avg/min/max/p95 per bucket", async () => {
+  const token = await serviceToken();
+  const at = "2026-03-10T10:00:30Z";
+  const metrics = Array.from(
+    { length: 100 },
+    (_, i) => metric({ service_name: "stats", metric_name: "lat", value: i + 1, recorded_at: at }),
+  );
+  assert.equal(
+    (await call(app, "POST", "/observability/metrics", { token, body: { metrics } })).status,
+    201,
+  );
+  const res = await call(
+    app,
+    "GET",
+    "/observability/metrics?service_name=stats&metric_name=lat&from=2026-03-10T10:00:00Z&to=2026-03-10T11:00:00Z&bucket_seconds=60",
+    { token },
+  );
+  assert.equal(res.status, 200, JSON.stringify(res.body));
+  assert.equal(res.body.buckets.length, 1);
+  const [b] = res.body.buckets;
+  assert.equal(b.count, 100);
+  assert.equal(b.avg, 50.5);
+  assert.equal(b.min, 1);
+  assert.equal(b.max, 100);
+  assert.ok(Math.abs(b.p95 - 95.05) < 1e-9, `p95 was ${b.p95}`);
+  assert.equal(new Date(b.bucket).toISOString(), "2026-03-10T10:00:00.000Z");
+
+  expectError(
+    await call(
+      app,
+      "GET",
+      "/observability/metrics?service_name=stats&metric_name=lat&bucket_seconds=0",
+      { token },
+    ),
+    400,
+  );
+  expectError(
+    await call(
+      app,
+      "GET",
+      "/observability/metrics?service_name=stats&metric_name=lat&from=2026-03-10T11:00:00Z&to=2026-03-10T10:00:00Z",
+      { token },
+    ),
+    400,
+    "invalid_window",
+  );
+  const user = await createUser(db);
+  expectError(
+    await call(app, "GET", "/observability/metrics?service_name=stats&metric_name=lat", {
+      token: await userToken(user),
+    }),
+    403,
+  );
+});
+
+dbTest("a user's audit event is recorded as themselves, whatever they claim", async () => {
+  const alice = await createUser(db);
+  const res = await call(app, "POST", "/observability/audit", {
+    token: await userToken(alice),
+    body: {
+      actor_type: "admin",
+      actor_identifier: "root",
+      action: "trip_created",
+      resource_type: "trip",
+      resource_id: "trip-1",
+      user_id: crypto.randomUUID(),
+    },
+    headers: { "user-agent": "easymo-app/1.0", "x-forwarded-for": "41.186.0.1, 10.0.0.1" },
   });
-  expectError(res, 403, "forbidden");
+  assert.equal(res.status, 201, JSON.stringify(res.body));
+  const [row] = await db.sql`select * from public.system_audit_logs where id = ${res.body.id}`;
+  assert.equal(row.actor_type, "user");
+  assert.equal(row.actor_identifier, alice);
+  assert.equal(row.user_id, alice);
+  assert.equal(row.user_agent, "easymo-app/1.0");
+  assert.equal(row.ip_address, "41.186.0.1");
+});
+
+dbTest(
+  "users list only their own audit events; service role lists all; pagination is stable",
+  async () => {
+    const alice = await createUser(db);
+    const bob = await createUser(db);
+    const aliceToken = await userToken(alice);
+    for (let i = 0; i < 5; i++) {
+      const r = await call(app, "POST", "/observability/audit", {
+        token: aliceToken,
+        body: {
+          actor_type: "user",
+          actor_identifier: alice,
+          action: "page_viewed",
+          resource_type: "page",
+          resource_id: `p-${i}`,
+        },
+      });
+      assert.equal(r.status, 201);
+    }
+    await call(app, "POST", "/observability/audit", {
+      token: await userToken(bob),
+      body: {
+        actor_type: "user",
+        actor_identifier: bob,
+        action: "page_viewed",
+        resource_type: "page",
+        resource_id: "bob-page",
+      },
+    });
+
+    const seen: string[] = [];
+    let cursor: string | null = null;
+    let pages = 0;
+    do {
+      const q: string = `/observability/audit?resource_type=page&limit=2${
+        cursor ? `&cursor=${cursor}` : ""
+      }`;
+      const page = await call(app, "GET", q, { token: aliceToken });
+      assert.equal(page.status, 200, JSON.stringify(page.body));
+      for (const e of page.body.data) {
+        assert.equal(e.user_id, alice);
+        seen.push(e.resource_id);
+      }
+      cursor = page.body.next_cursor;
+      pages++;
+    } while (cursor && pages < 10);
+    assert.deepEqual(seen, ["p-4", "p-3", "p-2", "p-1", "p-0"]);
+    assert.equal(pages, 3);
+
+    const bobView = await call(app, "GET", "/observability/audit?resource_id=p-1", {
+      token: await userToken(bob),
+    });
+    assert.deepEqual(bobView.body.data, []);
+
+    const all = await call(app, "GET", "/observability/audit?resource_type=page&limit=100", {
+      token: await serviceToken(),
+    });
+    assert.equal(all.body.data.length, 6);
+
+    expectError(
+      await call(app, "GET", "/observability/audit?cursor=garbage!", { token: aliceToken }),
+      400,
+      "invalid_cursor",
+    );
+    expectError(await call(app, "GET", "/observability/audit?limit=0", { token: aliceToken }), 400);
+  },
+);
+
+dbTest("audit events can be found by correlation id", async () => {
+  const token = await serviceToken();
+  await call(app, "POST", "/observability/audit", {
+    token,
+    body: { actor_type: "service", actor_identifier: "wallet-service", action: "transfer_checked" },
+    headers: { "x-correlation-id": "corr-audit-1" },
+  });
+  const res = await call(app, "GET", "/observability/audit?correlation_id=corr-audit-1", { token });
+  assert.equal(res.body.data.length, 1);
+  assert.equal(res.body.data[0].actor_identifier, "wallet-service");
+});
+
+dbTest("anon can neither write nor read audit events", async () => {
+  const token = await anonToken();
+  expectError(
+    await call(app, "POST", "/observability/audit", {
+      token,
+      body: { actor_type: "user", actor_identifier: "x", action: "y" },
+    }),
+    401,
+  );
+  expectError(await call(app, "GET", "/observability/audit", { token }), 401);
+});
+
+dbTest("50 concurrent requests all succeed and all land", async () => {
+  const token = await serviceToken();
+  const results = await Promise.all(
+    Array.from(
+      { length: 50 },
+      (_, i) =>
+        call(app, "POST", "/observability/metrics", {
+          token,
+          body: metric({ metric_name: "concurrent", value: i }),
+        }),
+    ),
+  );
+  assert.deepEqual(results.map((r) => r.status), Array(50).fill(201));
+  assert.equal(new Set(results.map((r) => r.body.id)).size, 50);
+  const [row] = await db.sql`select count(*)::int as n, sum(value)::int as s
+                             from public.system_metrics where metric_name = 'concurrent'`;
+  assert.equal(row.n, 50);
+  assert.equal(row.s, (49 * 50) / 2);
+});
+
+dbTest("the maintenance route moves DEFAULT rows into new partitions", async () => {
+  await db
+    .sql`insert into public.system_metrics (service_name, metric_type, metric_name, value, created_at)
+               values ('api', 'latency', 'far', 1, now() + interval '5 years')`;
+  const res = await call(app, "POST", "/observability/maintenance", {
+    token: await serviceToken(),
+  });
+  assert.equal(res.status, 200, JSON.stringify(res.body));
+  assert.ok(res.body.actions.some((a: { rows_moved: number }) => a.rows_moved === 1));
+  const [row] = await db.sql`select count(*)::int as n from public.system_metrics_default`;
+  assert.equal(row.n, 0);
+  const user = await createUser(db);
+  expectError(
+    await call(app, "POST", "/observability/maintenance", { token: await userToken(user) }),
+    403,
+  );
 });

@@ -80,7 +80,9 @@ export const userToken = (id: string, extra: Record<string, unknown> = {}) =>
 export async function createUser(db: TestDb, phone?: string): Promise<string> {
   const id = crypto.randomUUID();
   await db.sql`insert into auth.users (id, email, phone, role, aud)
-               values (${id}, ${id + "@test.local"}, ${phone ?? null}, 'authenticated', 'authenticated')`;
+               values (${id}, ${id + "@test.local"}, ${
+    phone ?? null
+  }, 'authenticated', 'authenticated')`;
   return id;
 }
 
@@ -92,6 +94,7 @@ export async function call(
   method: string,
   path: string,
   opts: { token?: string; body?: unknown; headers?: Record<string, string> } = {},
+  // deno-lint-ignore no-explicit-any
 ): Promise<{ status: number; body: any; headers: Headers }> {
   const headers: Record<string, string> = { ...opts.headers };
   if (opts.token) headers.authorization = `Bearer ${opts.token}`;
@@ -143,6 +146,7 @@ export function dbTest(name: string, fn: () => Promise<void>): void {
 
 /** Asserts the project's error shape and returns the error. */
 export function expectError(
+  // deno-lint-ignore no-explicit-any
   res: { status: number; body: any },
   status: number,
   code?: string,

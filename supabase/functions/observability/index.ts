@@ -80,7 +80,9 @@ app.post("/metrics", async (c) => {
   const correlationId = c.get("correlationId");
   if ("metrics" in body) {
     const recorded = await withClaims(who, correlationId, async (tx) => {
-      const [row] = await tx`select public.record_metrics(${jsonb(tx, body.metrics)}, ${correlationId}) as n`;
+      const [row] = await tx`select public.record_metrics(${
+        jsonb(tx, body.metrics)
+      }, ${correlationId}) as n`;
       return row.n as number;
     });
     return c.json({ recorded }, 201);
@@ -107,9 +109,13 @@ app.get("/metrics", async (c) => {
   const q = queryParams(c, statsQuery);
   const to = q.to ?? new Date().toISOString();
   const from = q.from ?? new Date(Date.parse(to) - 3600_000).toISOString();
-  const buckets = await withClaims(who, c.get("correlationId"), (tx) =>
-    tx`select bucket, count, avg, min, max, p95
-       from public.get_metric_stats(${q.service_name}, ${q.metric_name}, ${from}, ${to}, ${q.bucket_seconds})`);
+  const buckets = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select bucket, count, avg, min, max, p95
+       from public.get_metric_stats(${q.service_name}, ${q.metric_name}, ${from}, ${to}, ${q.bucket_seconds})`,
+  );
   return c.json({
     service_name: q.service_name,
     metric_name: q.metric_name,
@@ -153,28 +159,33 @@ app.get("/audit", async (c) => {
   const who = requireUserOrService(c);
   const q = queryParams(c, auditQuery);
   const after = q.cursor ? decodeCursor(q.cursor, auditCursor) : undefined;
-  const rows = await withClaims(who, c.get("correlationId"), (tx) =>
-    tx`select a.*, a.created_at::text as cursor_ts from public.list_audit_events(
+  const rows = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select a.*, a.created_at::text as cursor_ts from public.list_audit_events(
          p_resource_type := ${q.resource_type ?? null},
          p_resource_id := ${q.resource_id ?? null},
          p_correlation_id := ${q.correlation_id ?? null},
          p_limit := ${q.limit + 1},
          p_before_created_at := ${after?.c ?? null},
-         p_before_id := ${after?.i ?? null}) a`);
+         p_before_id := ${after?.i ?? null}) a`,
+  );
   const page = rows.slice(0, q.limit).map(({ cursor_ts: _, ...r }) => ({ ...r, id: String(r.id) }));
   const last = rows.length > q.limit ? rows[q.limit - 1] : undefined;
   return c.json({
     data: page,
-    next_cursor: last
-      ? encodeCursor({ c: last.cursor_ts, i: Number(last.id) })
-      : null,
+    next_cursor: last ? encodeCursor({ c: last.cursor_ts, i: Number(last.id) }) : null,
   });
 });
 
 app.post("/maintenance", async (c) => {
   const who = requireService(c);
-  const actions = await withClaims(who, c.get("correlationId"), (tx) =>
-    tx`select * from public.maintain_partitions()`);
+  const actions = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) => tx`select * from public.maintain_partitions()`,
+  );
   return c.json({ actions: actions.map((a) => ({ ...a, rows_moved: Number(a.rows_moved) })) });
 });
 

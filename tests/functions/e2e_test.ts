@@ -1,0 +1,76 @@
+// End to end over real HTTP, the way a front-end calls functions: the local
+// router on a real port and supabase-js functions.invoke.
+import assert from "node:assert/strict";
+import { createClient, FunctionsHttpError } from "@supabase/supabase-js";
+import {
+  anonToken,
+  createUser,
+  dbTest,
+  freshDatabase,
+  serviceToken,
+  startLocalApi,
+  userToken,
+} from "../support/harness.ts";
+
+const db = await freshDatabase();
+const api = await startLocalApi();
+
+dbTest("a signed-in user writes and reads audit events through functions.invoke", async () => {
+  const uid = await createUser(db);
+  const supabase = createClient(api.url, await anonToken(), {
+    global: { headers: { Authorization: `Bearer ${await userToken(uid)}` } },
+    auth: { persistSession: false, autoRefreshToken: false },
+  });
+  const written = await supabase.functions.invoke("observability/audit", {
+    body: {
+      actor_type: "user",
+      actor_identifier: uid,
+      action: "trip_requested",
+      resource_type: "trip",
+      resource_id: "trip-e2e",
+    },
+  });
+  assert.equal(written.error, null, String(written.error));
+  assert.match(String(written.data.id), /^\d+$/);
+
+  const read = await supabase.functions.invoke("observability/audit?resource_id=trip-e2e", {
+    method: "GET",
+  });
+  assert.equal(read.error, null);
+  assert.equal(read.data.data.length, 1);
+  assert.equal(read.data.data[0].user_id, uid);
+});
+
+dbTest("errors reach supabase-js as FunctionsHttpError with our error shape", async () => {
+  const supabase = createClient(api.url, await anonToken(), { auth: { persistSession: false } });
+  const res = await supabase.functions.invoke("observability/metrics", {
+    body: { service_name: "api", metric_type: "latency", metric_name: "x", value: 1 },
+  });
+  assert.ok(res.error instanceof FunctionsHttpError);
+  const response = res.error.context as Response;
+  assert.equal(response.status, 401);
+  const body = await response.json();
+  assert.equal(body.error.code, "login_required");
+  assert.equal(body.correlation_id, response.headers.get("x-correlation-id"));
+});
+
+dbTest("the service role records a metric over HTTP; unknown functions are 404", async () => {
+  const supabase = createClient(api.url, await serviceToken(), { auth: { persistSession: false } });
+  const res = await supabase.functions.invoke("observability/metrics", {
+    body: { service_name: "api", metric_type: "latency", metric_name: "e2e", value: 12.5 },
+    headers: { "x-correlation-id": "e2e-corr" },
+  });
+  assert.equal(res.error, null);
+  const [row] = await db
+    .sql`select value, correlation_id from public.system_metrics where metric_name = 'e2e'`;
+  assert.equal(row.value, 12.5);
+  assert.equal(row.correlation_id, "e2e-corr");
+
+  const missing = await fetch(`${api.url}/functions/v1/no-such-function`);
+  assert.equal(missing.status, 404);
+  assert.equal((await missing.json()).error.code, "function_not_found");
+});
+
+dbTest("stop the local API", async () => {
+  await api.close();
+});

@@ -1,0 +1,69 @@
+import assert from "node:assert/strict";
+import { ConfigError, env, resetEnv } from "../../shared/env.ts";
+
+function withEnv(vars: Record<string, string | undefined>, fn: () => void) {
+  const saved = Object.fromEntries(Object.keys(vars).map((k) => [k, Deno.env.get(k)]));
+  for (const [k, v] of Object.entries(vars)) {
+    v === undefined ? Deno.env.delete(k) : Deno.env.set(k, v);
+  }
+  resetEnv();
+  try {
+    fn();
+  } finally {
+    for (const [k, v] of Object.entries(saved)) {
+      v === undefined ? Deno.env.delete(k) : Deno.env.set(k, v);
+    }
+    resetEnv();
+  }
+}
+
+Deno.test("a missing SUPABASE_DB_URL is named in the error", () => {
+  withEnv({ SUPABASE_DB_URL: undefined, JWT_SECRET: "x".repeat(40) }, () => {
+    assert.throws(
+      () => env(),
+      (e: unknown) => e instanceof ConfigError && /SUPABASE_DB_URL/.test(e.message),
+    );
+  });
+});
+
+Deno.test("a short JWT_SECRET is refused, naming it", () => {
+  withEnv({ SUPABASE_DB_URL: "postgresql://u:p@localhost/db", JWT_SECRET: "short" }, () => {
+    assert.throws(
+      () => env(),
+      (e: unknown) => e instanceof ConfigError && /JWT_SECRET/.test(e.message),
+    );
+  });
+});
+
+Deno.test("no way to verify tokens is a configuration error", () => {
+  withEnv(
+    {
+      SUPABASE_DB_URL: "postgresql://u:p@localhost/db",
+      JWT_SECRET: undefined,
+      SUPABASE_JWKS: undefined,
+      JWKS_URL: undefined,
+    },
+    () => {
+      assert.throws(
+        () => env(),
+        (e: unknown) => e instanceof ConfigError && /JWT_SECRET/.test(e.message),
+      );
+    },
+  );
+});
+
+Deno.test("defaults apply and numbers are coerced", () => {
+  withEnv(
+    {
+      SUPABASE_DB_URL: "postgresql://u:p@localhost/db",
+      JWT_SECRET: "x".repeat(40),
+      DB_POOL_SIZE: "7",
+      MAX_BODY_BYTES: undefined,
+    },
+    () => {
+      const e = env();
+      assert.equal(e.DB_POOL_SIZE, 7);
+      assert.equal(e.MAX_BODY_BYTES, 1024 * 1024);
+    },
+  );
+});

@@ -1,0 +1,251 @@
+// The shared HTTP layer and JWT checks, exercised through the observability
+// app: every 400/401/403/404/405/413 path, correlation ids, CORS, logging.
+import assert from "node:assert/strict";
+import { exportJWK, generateKeyPair, SignJWT } from "jose";
+import { app } from "../../supabase/functions/observability/index.ts";
+import { resetAuth } from "../../shared/auth.ts";
+import { resetEnv } from "../../shared/env.ts";
+import {
+  anonToken,
+  call,
+  createUser,
+  dbTest,
+  expectError,
+  freshDatabase,
+  serviceToken,
+  signToken,
+  userToken,
+} from "../support/harness.ts";
+
+const db = await freshDatabase();
+const METRICS = "/observability/metrics";
+const metric = { service_name: "api", metric_type: "latency", metric_name: "rt", value: 1 };
+
+async function metricCount(): Promise<number> {
+  const [row] = await db.sql`select count(*)::int as n from public.system_metrics`;
+  return row.n;
+}
+
+dbTest("missing Authorization is 401 missing_token", async () => {
+  const res = await call(app, "POST", METRICS, { body: metric });
+  expectError(res, 401, "missing_token");
+  assert.match(res.headers.get("www-authenticate") ?? "", /^Bearer/);
+});
+
+dbTest("a non-Bearer Authorization is 401", async () => {
+  const res = await call(app, "POST", METRICS, {
+    body: metric,
+    headers: { authorization: "Basic abc" },
+  });
+  expectError(res, 401, "invalid_token");
+});
+
+dbTest("a malformed token is 401", async () => {
+  for (const token of ["not-a-jwt", "a.b.c", "eyJhbGciOiJIUzI1NiJ9.e30"]) {
+    expectError(await call(app, "POST", METRICS, { token, body: metric }), 401, "invalid_token");
+  }
+});
+
+dbTest("an expired token is 401 token_expired", async () => {
+  const token = await signToken("service_role", { expiresIn: -60 });
+  expectError(await call(app, "POST", METRICS, { token, body: metric }), 401, "token_expired");
+});
+
+dbTest("a token signed with another secret is 401", async () => {
+  const token = await signToken("service_role", {
+    secret: "another-secret-another-secret-another-secret",
+  });
+  expectError(await call(app, "POST", METRICS, { token, body: metric }), 401, "invalid_token");
+});
+
+dbTest("alg none is refused", async () => {
+  const b64 = (o: unknown) =>
+    btoa(JSON.stringify(o)).replace(/=+$/, "").replace(/\+/g, "-").replace(/\//g, "_");
+  const token = `${b64({ alg: "none", typ: "JWT" })}.${
+    b64({ role: "service_role", exp: 9999999999 })
+  }.`;
+  expectError(await call(app, "POST", METRICS, { token, body: metric }), 401, "invalid_token");
+  assert.equal(await metricCount(), 0);
+});
+
+dbTest("a token with an unknown role or a user token without a uuid sub is 401", async () => {
+  expectError(
+    await call(app, "POST", METRICS, { token: await signToken("postgres"), body: metric }),
+    401,
+  );
+  expectError(
+    await call(app, "POST", METRICS, {
+      token: await signToken("authenticated", { sub: "admin" }),
+      body: metric,
+    }),
+    401,
+  );
+});
+
+dbTest("anon on a service route is 401; a user is 403; nothing is written", async () => {
+  expectError(
+    await call(app, "POST", METRICS, { token: await anonToken(), body: metric }),
+    401,
+    "login_required",
+  );
+  const uid = await createUser(db);
+  expectError(
+    await call(app, "POST", METRICS, { token: await userToken(uid), body: metric }),
+    403,
+    "forbidden",
+  );
+  assert.equal(await metricCount(), 0);
+});
+
+dbTest("malformed JSON is 400 invalid_json", async () => {
+  const res = await call(app, "POST", METRICS, {
+    token: await serviceToken(),
+    body: '{"service_name":',
+  });
+  expectError(res, 400, "invalid_json");
+});
+
+dbTest("schema violations are 400 with zod issues in details, and nothing is written", async () => {
+  const res = await call(app, "POST", METRICS, {
+    token: await serviceToken(),
+    body: { ...metric, value: "fast", extra: 1 },
+  });
+  const err = expectError(res, 400, "invalid_request");
+  assert.ok(Array.isArray(err.details) && err.details.length > 0, JSON.stringify(err));
+  assert.equal(await metricCount(), 0);
+});
+
+dbTest("unknown routes are 404 in the error shape", async () => {
+  expectError(
+    await call(app, "GET", "/observability/nope", { token: await serviceToken() }),
+    404,
+    "not_found",
+  );
+});
+
+dbTest("a known route with the wrong method is 405 with Allow", async () => {
+  const res = await call(app, "DELETE", METRICS, { token: await serviceToken() });
+  expectError(res, 405, "method_not_allowed");
+  assert.match(res.headers.get("allow") ?? "", /GET/);
+  assert.match(res.headers.get("allow") ?? "", /POST/);
+});
+
+dbTest("a body over the limit is 413, by Content-Length and by streamed size", async () => {
+  const big = JSON.stringify({ ...metric, tags: { pad: "x".repeat(1024 * 1024 + 10) } });
+  const token = await serviceToken();
+  expectError(await call(app, "POST", METRICS, { token, body: big }), 413, "payload_too_large");
+
+  const chunk = new TextEncoder().encode("x".repeat(64 * 1024));
+  let sent = 0;
+  const stream = new ReadableStream<Uint8Array>({
+    pull(controller) {
+      if (sent++ > 40) controller.close();
+      else controller.enqueue(chunk);
+    },
+  });
+  const res = await app.request(METRICS, {
+    method: "POST",
+    headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
+    body: stream,
+  });
+  assert.equal(res.status, 413);
+  assert.equal((await res.json()).error.code, "payload_too_large");
+  assert.equal(await metricCount(), 0);
+});
+
+dbTest("x-correlation-id is echoed when valid and generated otherwise", async () => {
+  const token = await serviceToken();
+  const given = await call(app, "POST", METRICS, {
+    token,
+    body: metric,
+    headers: { "x-correlation-id": "req-42.a" },
+  });
+  assert.equal(given.headers.get("x-correlation-id"), "req-42.a");
+  const [row] = await db
+    .sql`select correlation_id from public.system_metrics where id = ${given.body.id}`;
+  assert.equal(row.correlation_id, "req-42.a");
+
+  const generated = await call(app, "GET", "/observability/nope", { token });
+  assert.match(generated.headers.get("x-correlation-id") ?? "", /^[0-9a-f-]{36}$/);
+  assert.equal(generated.body.correlation_id, generated.headers.get("x-correlation-id"));
+
+  const bad = await call(app, "GET", "/observability/nope", {
+    token,
+    headers: { "x-correlation-id": "a b<script>" },
+  });
+  assert.notEqual(bad.headers.get("x-correlation-id"), "a b<script>");
+});
+
+dbTest("CORS preflight is answered without credentials", async () => {
+  const res = await app.request(METRICS, {
+    method: "OPTIONS",
+    headers: {
+      origin: "https://app.easymo.rw",
+      "access-control-request-method": "POST",
+      "access-control-request-headers": "authorization, content-type, x-client-info, apikey",
+    },
+  });
+  assert.equal(res.status, 204);
+  assert.equal(res.headers.get("access-control-allow-origin"), "*");
+  assert.match(res.headers.get("access-control-allow-headers") ?? "", /authorization/);
+  assert.match(res.headers.get("access-control-allow-methods") ?? "", /POST/);
+});
+
+dbTest("one JSON log line per request, with no token in it", async () => {
+  Deno.env.set("LOG_LEVEL", "info");
+  resetEnv();
+  const lines: string[] = [];
+  const original = console.log;
+  console.log = (line: string) => lines.push(line);
+  const token = await serviceToken();
+  try {
+    await call(app, "POST", METRICS, {
+      token,
+      body: metric,
+      headers: { "x-correlation-id": "log-check" },
+    });
+  } finally {
+    console.log = original;
+    Deno.env.set("LOG_LEVEL", "silent");
+    resetEnv();
+  }
+  const entries = lines.map((l) => JSON.parse(l)).filter((e) => e.msg === "request");
+  assert.equal(entries.length, 1);
+  const [entry] = entries;
+  assert.equal(entry.method, "POST");
+  assert.equal(entry.path, METRICS);
+  assert.equal(entry.status, 201);
+  assert.equal(entry.correlation_id, "log-check");
+  assert.equal(typeof entry.duration_ms, "number");
+  assert.ok(!lines.join("\n").includes(token), "the token must not be logged");
+});
+
+dbTest(
+  "asymmetric keys: a token verified against SUPABASE_JWKS is accepted, a foreign key is not",
+  async () => {
+    const { publicKey, privateKey } = await generateKeyPair("ES256");
+    const other = await generateKeyPair("ES256");
+    const jwk = { ...(await exportJWK(publicKey)), kid: "k1", alg: "ES256", use: "sig" };
+    Deno.env.set("SUPABASE_JWKS", JSON.stringify({ keys: [jwk] }));
+    resetEnv();
+    resetAuth();
+    const sign = (key: Parameters<SignJWT["sign"]>[0]) =>
+      new SignJWT({ role: "service_role" })
+        .setProtectedHeader({ alg: "ES256", kid: "k1" })
+        .setExpirationTime("5m")
+        .sign(key);
+    try {
+      const ok = await call(app, "POST", METRICS, { token: await sign(privateKey), body: metric });
+      assert.equal(ok.status, 201, JSON.stringify(ok.body));
+      const forged = await call(app, "POST", METRICS, {
+        token: await sign(other.privateKey),
+        body: metric,
+      });
+      expectError(forged, 401, "invalid_token");
+    } finally {
+      Deno.env.delete("SUPABASE_JWKS");
+      resetEnv();
+      resetAuth();
+    }
+  },
+);

@@ -1,0 +1,37 @@
+// Partition maintenance under concurrency: several runs at once, while
+// writers keep inserting rows dated in months that have no partition yet.
+import assert from "node:assert/strict";
+import postgres from "postgres";
+import { dbTest, freshDatabase } from "../support/harness.ts";
+
+const db = await freshDatabase();
+
+dbTest("concurrent maintenance runs and writers lose nothing and fail nothing", async () => {
+  const clients = Array.from({ length: 6 }, () => postgres(db.url, { max: 1, onnotice: () => {} }));
+  try {
+    const writers = clients.slice(0, 3).map(async (sql, w) => {
+      for (let i = 0; i < 40; i++) {
+        await sql`insert into public.system_metrics (service_name, metric_type, metric_name, value, created_at)
+                  values ('api', 'gauge', 'spread', ${
+          w * 100 + i
+        }, now() + make_interval(months => ${12 + (i % 8)}))`;
+      }
+    });
+    const maintainers = clients.slice(3).map(async (sql) => {
+      for (let i = 0; i < 4; i++) await sql`select * from public.maintain_partitions()`;
+    });
+    await Promise.all([...writers, ...maintainers]);
+    await db.sql`select * from public.maintain_partitions()`;
+
+    const [counts] = await db.sql`
+      select (select count(*)::int from public.system_metrics where metric_name = 'spread') as total,
+             (select count(*)::int from public.system_metrics_default) as in_default`;
+    assert.equal(counts.total, 120);
+    assert.equal(counts.in_default, 0);
+    const parts = await db.sql`select count(*)::int as n from pg_inherits
+                               where inhparent = 'public.system_metrics'::regclass`;
+    assert.ok(parts[0].n >= 1 + 4 + 8, `only ${parts[0].n} partitions`);
+  } finally {
+    await Promise.all(clients.map((c) => c.end()));
+  }
+});
