@@ -28,45 +28,84 @@ const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 type KeySet = ReturnType<typeof createLocalJWKSet> | ReturnType<typeof createRemoteJWKSet>;
 interface Keys {
-  secret?: Uint8Array;
+  secret?: CryptoKey;
   jwks?: KeySet;
 }
-let keyCache: Keys | undefined;
+let keyCache: Promise<Keys> | undefined;
 
-function keys(): Keys {
-  if (keyCache) return keyCache;
+// The HMAC key is imported once per isolate, not on every verification.
+function keys(): Promise<Keys> {
+  keyCache ??= loadKeys();
+  return keyCache;
+}
+
+async function loadKeys(): Promise<Keys> {
   const e = env();
-  keyCache = {
-    secret: e.JWT_SECRET ? new TextEncoder().encode(e.JWT_SECRET) : undefined,
+  return {
+    secret: e.JWT_SECRET
+      ? await crypto.subtle.importKey(
+        "raw",
+        new TextEncoder().encode(e.JWT_SECRET),
+        { name: "HMAC", hash: "SHA-256" },
+        false,
+        ["verify"],
+      )
+      : undefined,
     jwks: e.SUPABASE_JWKS
       ? createLocalJWKSet(JSON.parse(e.SUPABASE_JWKS))
       : e.JWKS_URL
       ? createRemoteJWKSet(new URL(e.JWKS_URL))
       : undefined,
   };
-  return keyCache;
 }
 
 /** Forget derived keys (tests rotate the secret). */
 export function resetAuth(): void {
   keyCache = undefined;
+  verified.clear();
 }
+
+// Clients reuse one token for many calls; a verified token is remembered
+// (bounded, and never past its expiry) so the signature is checked once.
+const VERIFIED_MAX = 1000;
+const verified = new Map<string, { principal: Principal; expiresAt: number }>();
 
 /** Verifies a compact JWT and returns who it speaks for; throws 401 otherwise. */
 export async function verifyToken(token: string): Promise<Principal> {
+  const hit = verified.get(token);
+  if (hit) {
+    if (Date.now() < hit.expiresAt) return hit.principal;
+    verified.delete(token);
+  }
+  const principal = await verifyUncached(token);
+  const exp = typeof principal.claims.exp === "number"
+    ? principal.claims.exp * 1000
+    : Date.now() + 60_000;
+  if (verified.size >= VERIFIED_MAX) verified.delete(verified.keys().next().value!);
+  verified.set(token, { principal, expiresAt: exp });
+  return principal;
+}
+
+async function verifyUncached(token: string): Promise<Principal> {
   let alg: string | undefined;
   try {
     alg = decodeProtectedHeader(token).alg;
   } catch {
     throw unauthorized("invalid_token", "the bearer token is not a JWT");
   }
-  const { secret, jwks } = keys();
+  const { secret, jwks } = await keys();
   let payload: JWTPayload;
   try {
     if (alg === "HS256" && secret) {
-      ({ payload } = await jwtVerify(token, secret, { algorithms: ["HS256"] }));
+      ({ payload } = await jwtVerify(token, secret, {
+        algorithms: ["HS256"],
+        requiredClaims: ["exp"],
+      }));
     } else if (jwks && (alg === "RS256" || alg === "ES256" || alg === "EdDSA")) {
-      ({ payload } = await jwtVerify(token, jwks, { algorithms: ["RS256", "ES256", "EdDSA"] }));
+      ({ payload } = await jwtVerify(token, jwks, {
+        algorithms: ["RS256", "ES256", "EdDSA"],
+        requiredClaims: ["exp"],
+      }));
     } else {
       throw unauthorized(
         "invalid_token",

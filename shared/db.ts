@@ -44,36 +44,75 @@ export function jsonb(tx: Sql | Tx, value: unknown): postgres.Parameter | null {
 
 const RETRYABLE = new Set(["40001", "40P01"]);
 
+/** A dollar-quoted literal: no escape rules, whatever the server settings. */
+function literal(value: string): string {
+  let tag: string;
+  do tag = `$q${crypto.randomUUID().slice(0, 8)}$`; while (value.includes(tag));
+  return `${tag}${value}${tag}`;
+}
+
 /**
  * Runs `fn` in one transaction as `who`: role and claims set first, like
- * PostgREST. Serialization failures and deadlocks retry the whole transaction
- * a few times; they are never surfaced half-done.
+ * PostgREST. BEGIN and the settings go out as one simple-protocol message,
+ * pipelined with fn's first query. When fn just returns one query (the common
+ * case: one SQL function per operation), COMMIT is pipelined too, so the
+ * whole transaction costs one round trip. Serialization failures and
+ * deadlocks retry the whole transaction a few times; nothing is left half-done.
  */
 export async function withClaims<T>(
   who: Principal,
   correlationId: string,
   fn: (tx: Tx) => Promise<T>,
 ): Promise<T> {
-  const claims = JSON.stringify(who.claims);
-  const timeout = String(env().DB_STATEMENT_TIMEOUT_MS);
+  const setup = `begin; select set_config('role', ${literal(who.role)}, true), ` +
+    `set_config('request.jwt.claims', ${literal(JSON.stringify(who.claims))}, true), ` +
+    `set_config('request.correlation_id', ${literal(correlationId)}, true), ` +
+    `set_config('statement_timeout', '${env().DB_STATEMENT_TIMEOUT_MS}', true)`;
   for (let attempt = 1;; attempt++) {
+    const conn = await db().reserve();
+    let open = true;
+    const begun = conn.unsafe(setup).then(() => null, (err) => err);
     try {
-      return await db().begin(async (tx) => {
-        await tx`select set_config('role', ${who.role}, true),
-                        set_config('request.jwt.claims', ${claims}, true),
-                        set_config('request.correlation_id', ${correlationId}, true),
-                        set_config('statement_timeout', ${timeout}, true)`;
-        return await fn(tx);
-      }) as T;
-    } catch (err) {
+      const pending = fn(conn as unknown as Tx);
+      let result: T;
+      if (isQuery(pending)) {
+        pending.execute();
+        const commit = conn`commit`.execute();
+        const [outcome, committed] = await Promise.allSettled([pending, commit]);
+        open = false; // COMMIT ends the transaction, as ROLLBACK if anything failed
+        if (outcome.status === "rejected") throw outcome.reason;
+        if (committed.status === "rejected") throw committed.reason;
+        result = outcome.value;
+      } else {
+        result = await pending;
+      }
+      const setupError = await begun;
+      if (setupError) throw setupError;
+      if (open) {
+        await conn`commit`;
+        open = false;
+      }
+      return result;
+    } catch (caught) {
+      // A failed setup makes every later query fail with 25P02; report the cause.
+      const err = (await begun) ?? caught;
+      if (open) await conn`rollback`.catch(() => {});
       const code = (err as { code?: string }).code;
       if (code && RETRYABLE.has(code) && attempt < 4) {
         await new Promise((r) => setTimeout(r, 5 * attempt + Math.random() * 20));
         continue;
       }
       throw toHttpError(err, correlationId);
+    } finally {
+      conn.release();
     }
   }
+}
+
+/** A postgres.js query not yet sent (they are lazy promises with execute()). */
+function isQuery<T>(value: Promise<T>): value is Promise<T> & { execute(): unknown } {
+  return typeof (value as { execute?: unknown }).execute === "function" &&
+    typeof (value as { describe?: unknown }).describe === "function";
 }
 
 interface PgError {

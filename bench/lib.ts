@@ -1,0 +1,119 @@
+// Shared pieces of the benchmarks: a closed-loop load runner, the local API
+// as a subprocess (the shape it has in production: its own process and pool),
+// and result printing. Benchmarks print figures; they assert nothing.
+import { signKey } from "../scripts/keys.ts";
+
+export const BENCH_DB = Deno.env.get("BENCH_DATABASE_URL") ??
+  "postgresql://postgres:postgres@127.0.0.1:54322/easymo_bench";
+export const BENCH_SECONDS = Number(Deno.env.get("BENCH_SECONDS") ?? "8");
+const BENCH_SECRET = "bench-secret-bench-secret-bench-secret-0123";
+
+export interface Rate {
+  ops: number;
+  seconds: number;
+  perSecond: number;
+  p50Ms: number;
+  p99Ms: number;
+}
+
+/** Runs `op` in `clients` closed loops for `seconds` after a short warm-up. */
+export async function measure(
+  clients: number,
+  op: (client: number, i: number) => Promise<unknown>,
+  seconds = BENCH_SECONDS,
+): Promise<Rate> {
+  const warmupEnd = performance.now() + 1000;
+  await Promise.all(
+    Array.from({ length: clients }, async (_, c) => {
+      for (let i = 0; performance.now() < warmupEnd; i++) await op(c, -1 - i);
+    }),
+  );
+  const latencies: number[] = [];
+  const start = performance.now();
+  const end = start + seconds * 1000;
+  let ops = 0;
+  await Promise.all(
+    Array.from({ length: clients }, async (_, c) => {
+      for (let i = 0; performance.now() < end; i++) {
+        const t = performance.now();
+        await op(c, i);
+        latencies.push(performance.now() - t);
+        ops++;
+      }
+    }),
+  );
+  const elapsed = (performance.now() - start) / 1000;
+  latencies.sort((a, b) => a - b);
+  const at = (q: number) =>
+    latencies[Math.min(latencies.length - 1, Math.floor(q * latencies.length))];
+  return { ops, seconds: elapsed, perSecond: ops / elapsed, p50Ms: at(0.5), p99Ms: at(0.99) };
+}
+
+export function fmtRate(r: Rate): string {
+  return `${r.perSecond.toFixed(0).padStart(7)} ops/s  (p50 ${r.p50Ms.toFixed(2)} ms, p99 ${
+    r.p99Ms.toFixed(2)
+  } ms, ${r.ops} ops)`;
+}
+
+export function report(title: string, ours: [string, Rate], peer: [string, Rate], target?: number) {
+  const ratio = ours[1].perSecond / peer[1].perSecond;
+  console.log(`\n${title}`);
+  console.log(`  ${ours[0].padEnd(34)} ${fmtRate(ours[1])}`);
+  console.log(`  ${peer[0].padEnd(34)} ${fmtRate(peer[1])}`);
+  console.log(
+    `  ratio ours/peer = ${ratio.toFixed(2)}${
+      target === undefined ? "" : `  (target >= ${target}: ${ratio >= target ? "met" : "MISSED"})`
+    }`,
+  );
+}
+
+export interface LocalApi {
+  url: string;
+  serviceKey: string;
+  anonKey: string;
+  secret: string;
+  stop: () => Promise<void>;
+}
+
+/** Starts scripts/serve.ts as its own process against the bench database. */
+export async function startApi(env: Record<string, string> = {}): Promise<LocalApi> {
+  const port = 54390 + Math.floor(Math.random() * 8);
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-all",
+      "--quiet",
+      new URL("../scripts/serve.ts", import.meta.url).pathname,
+    ],
+    env: {
+      DATABASE_URL: BENCH_DB,
+      API_PORT: String(port),
+      SCHEDULER: "off",
+      LOG_LEVEL: "warn",
+      JWT_SECRET: BENCH_SECRET,
+      ...env,
+    },
+    stdout: "null",
+    stderr: "inherit",
+  }).spawn();
+  const url = `http://127.0.0.1:${port}`;
+  for (let i = 0; i < 100; i++) {
+    try {
+      const res = await fetch(`${url}/functions/v1/none`);
+      await res.body?.cancel();
+      break;
+    } catch {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  return {
+    url,
+    secret: BENCH_SECRET,
+    serviceKey: await signKey("service_role", BENCH_SECRET),
+    anonKey: await signKey("anon", BENCH_SECRET),
+    stop: async () => {
+      child.kill("SIGTERM");
+      await child.status;
+    },
+  };
+}
