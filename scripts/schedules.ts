@@ -9,6 +9,12 @@ export interface Schedule {
   everyMs: number;
   /** function path below /functions/v1 */
   path: string;
+  /**
+   * Already scheduled inside the database by a migration (pg_cron calling
+   * SQL directly). The local scheduler still calls it, for databases without
+   * pg_cron; the hosted cron SQL (scripts/cron_sql.ts) leaves it out.
+   */
+  inDatabase?: boolean;
 }
 
 export const SCHEDULES: Schedule[] = [
@@ -17,5 +23,6 @@ export const SCHEDULES: Schedule[] = [
     cron: "15 0 * * *",
     everyMs: 24 * 3600_000,
     path: "observability/maintenance",
+    inDatabase: true,
   },
 ];
