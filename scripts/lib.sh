@@ -127,7 +127,8 @@ CONF
   if ! cluster_running; then
     log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
     as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_DATA/../postgres.log" -w -t 60 start >/dev/null \
-      || die "PostgreSQL failed to start; see $(dirname "$PG_DATA")/postgres.log"
+      || die "PostgreSQL failed to start: $(tail -n 3 "$PG_DATA/../postgres.log" | tr '\n' ' ')
+(another server on port $PG_PORT? set EASYMO_DB_PORT, or DATABASE_URL to use it)"
     CLUSTER_STARTED_HERE=1
   fi
 }

@@ -1,5 +1,6 @@
 // Routes /functions/v1/<name>/... to each function's Hono app the way
-// Supabase's edge runtime does: the app sees the path from /<name> on.
+// Supabase's edge runtime does. The apps route on the path from /<name> on
+// (shared/http.ts strips the /functions/v1 prefix), so requests pass as they are.
 import { errorBody, HttpError } from "../shared/errors.ts";
 
 type FetchApp = { fetch: (req: Request) => Response | Promise<Response> };
@@ -32,7 +33,6 @@ export function createRouter(apps: Map<string, FetchApp>): (req: Request) => Pro
         { status: 404, headers: { "x-correlation-id": id } },
       );
     }
-    url.pathname = `/${match[1]}${match[2] ?? ""}`;
-    return await app.fetch(new Request(url, req));
+    return await app.fetch(req);
   };
 }
