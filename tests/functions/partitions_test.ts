@@ -35,3 +35,24 @@ dbTest("concurrent maintenance runs and writers lose nothing and fail nothing", 
     await Promise.all(clients.map((c) => c.end()));
   }
 });
+
+dbTest("the stack's database schedules maintenance daily with pg_cron", async () => {
+  // The template has no pg_cron (it lives only in cron.database_name); the
+  // stack's main database, migrated by the same CLI run, has the job.
+  const admin = postgres(
+    Deno.env.get("TEST_DATABASE_URL") ?? db.url.replace(/\/[^/]+$/, "/postgres"),
+    {
+      max: 1,
+      onnotice: () => {},
+    },
+  );
+  try {
+    const jobs =
+      await admin`select schedule, command from cron.job where jobname = 'maintain-partitions'`;
+    assert.equal(jobs.length, 1);
+    assert.equal(jobs[0].schedule, "15 0 * * *");
+    assert.match(jobs[0].command, /public\.maintain_partitions\(\)/);
+  } finally {
+    await admin.end();
+  }
+});
