@@ -117,3 +117,94 @@ export async function startApi(env: Record<string, string> = {}): Promise<LocalA
     },
   };
 }
+
+/** Runs pgbench with a custom script; returns transactions per second. */
+export async function pgbench(
+  script: string,
+  clients: number,
+  seconds = BENCH_SECONDS,
+  url = BENCH_DB,
+) {
+  const file = await Deno.makeTempFile({ suffix: ".sql" });
+  await Deno.writeTextFile(file, script);
+  const u = new URL(url);
+  const bin = `${Deno.env.get("PGBIN") ?? "/usr/lib/postgresql/15/bin"}/pgbench`;
+  const out = await new Deno.Command(bin, {
+    args: [
+      "-n",
+      "-c",
+      String(clients),
+      "-j",
+      "2",
+      "-T",
+      String(seconds),
+      "-f",
+      file,
+      "-h",
+      u.hostname,
+      "-p",
+      u.port || "5432",
+      "-U",
+      decodeURIComponent(u.username),
+      u.pathname.slice(1),
+    ],
+    env: { PGPASSWORD: decodeURIComponent(u.password) },
+  }).output();
+  await Deno.remove(file);
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  const tps = /tps = ([\d.]+) \(without initial connection time\)/.exec(text);
+  const failed = /number of failed transactions: (\d+)/.exec(text);
+  if (!out.success || !tps) throw new Error(`pgbench failed:\n${text}`);
+  if (failed && Number(failed[1]) > 0) throw new Error(`pgbench had failures:\n${text}`);
+  return Number(tps[1]);
+}
+
+/** Runs wrk (a C HTTP load generator) with one request shape; returns requests per second. */
+export async function wrk(
+  url: string,
+  req: { method: string; headers: Record<string, string>; body?: string },
+  connections: number,
+  seconds = BENCH_SECONDS,
+) {
+  const lua = await Deno.makeTempFile({ suffix: ".lua" });
+  const q = (s: string) => JSON.stringify(s);
+  await Deno.writeTextFile(
+    lua,
+    [
+      `wrk.method = ${q(req.method)}`,
+      req.body ? `wrk.body = ${q(req.body)}` : "",
+      ...Object.entries(req.headers).map(([k, v]) => `wrk.headers[${q(k)}] = ${q(v)}`),
+    ].join("\n"),
+  );
+  const out = await new Deno.Command("wrk", {
+    args: ["-t", "2", "-c", String(connections), "-d", `${seconds}s`, "-s", lua, url],
+  }).output();
+  await Deno.remove(lua);
+  const text = new TextDecoder().decode(out.stdout);
+  const rps = /Requests\/sec:\s+([\d.]+)/.exec(text);
+  if (!out.success || !rps) {
+    throw new Error(`wrk failed:\n${text}${new TextDecoder().decode(out.stderr)}`);
+  }
+  const bad = /Non-2xx or 3xx responses: (\d+)/.exec(text);
+  if (bad) throw new Error(`wrk saw ${bad[1]} error responses:\n${text}`);
+  return Number(rps[1]);
+}
+
+/** Prints two throughputs side by side with their ratio. */
+export function reportRates(
+  title: string,
+  ours: [string, number],
+  peer: [string, number],
+  target?: number,
+) {
+  const ratio = ours[1] / peer[1];
+  console.log(`\n${title}`);
+  console.log(`  ${ours[0].padEnd(44)} ${ours[1].toFixed(0).padStart(8)} /s`);
+  console.log(`  ${peer[0].padEnd(44)} ${peer[1].toFixed(0).padStart(8)} /s`);
+  console.log(
+    `  ratio ours/peer = ${ratio.toFixed(2)}${
+      target === undefined ? "" : `  (target >= ${target}: ${ratio >= target ? "met" : "MISSED"})`
+    }`,
+  );
+  return ratio;
+}
