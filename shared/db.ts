@@ -51,52 +51,29 @@ function literal(value: string): string {
   return `${tag}${value}${tag}`;
 }
 
-/**
- * Runs `fn` in one transaction as `who`: role and claims set first, like
- * PostgREST. BEGIN and the settings go out as one simple-protocol message,
- * pipelined with fn's first query. When fn just returns one query (the common
- * case: one SQL function per operation), COMMIT is pipelined too, so the
- * whole transaction costs one round trip. Serialization failures and
- * deadlocks retry the whole transaction a few times; nothing is left half-done.
- */
-export async function withClaims<T>(
-  who: Principal,
-  correlationId: string,
-  fn: (tx: Tx) => Promise<T>,
-): Promise<T> {
-  const setup = `begin; select set_config('role', ${literal(who.role)}, true), ` +
+/** BEGIN plus the PostgREST-style settings, as one simple-protocol text. */
+function beginAs(who: Principal, correlationId: string): string {
+  return `begin; select set_config('role', ${literal(who.role)}, true), ` +
     `set_config('request.jwt.claims', ${literal(JSON.stringify(who.claims))}, true), ` +
     `set_config('request.correlation_id', ${literal(correlationId)}, true), ` +
     `set_config('statement_timeout', '${env().DB_STATEMENT_TIMEOUT_MS}', true)`;
+}
+
+/**
+ * One transaction on a reserved connection, retried whole on serialization
+ * failures and deadlocks. `run` must leave the transaction closed when it
+ * returns; on a throw it is rolled back here. Errors come out as HttpError.
+ */
+async function transaction<T>(
+  correlationId: string,
+  run: (conn: postgres.ReservedSql) => Promise<T>,
+): Promise<T> {
   for (let attempt = 1;; attempt++) {
     const conn = await db().reserve();
-    let open = true;
-    const begun = conn.unsafe(setup).then(() => null, (err) => err);
     try {
-      const pending = fn(conn as unknown as Tx);
-      let result: T;
-      if (isQuery(pending)) {
-        pending.execute();
-        const commit = conn`commit`.execute();
-        const [outcome, committed] = await Promise.allSettled([pending, commit]);
-        open = false; // COMMIT ends the transaction, as ROLLBACK if anything failed
-        if (outcome.status === "rejected") throw outcome.reason;
-        if (committed.status === "rejected") throw committed.reason;
-        result = outcome.value;
-      } else {
-        result = await pending;
-      }
-      const setupError = await begun;
-      if (setupError) throw setupError;
-      if (open) {
-        await conn`commit`;
-        open = false;
-      }
-      return result;
-    } catch (caught) {
-      // A failed setup makes every later query fail with 25P02; report the cause.
-      const err = (await begun) ?? caught;
-      if (open) await conn`rollback`.catch(() => {});
+      return await run(conn);
+    } catch (err) {
+      await conn`rollback`.catch(() => {});
       const code = (err as { code?: string }).code;
       if (code && RETRYABLE.has(code) && attempt < 4) {
         await new Promise((r) => setTimeout(r, 5 * attempt + Math.random() * 20));
@@ -109,10 +86,97 @@ export async function withClaims<T>(
   }
 }
 
-/** A postgres.js query not yet sent (they are lazy promises with execute()). */
-function isQuery<T>(value: Promise<T>): value is Promise<T> & { execute(): unknown } {
-  return typeof (value as { execute?: unknown }).execute === "function" &&
-    typeof (value as { describe?: unknown }).describe === "function";
+/**
+ * Runs `fn` in one transaction as `who`: role and claims set first, like
+ * PostgREST, with BEGIN and the settings pipelined ahead of fn's first query.
+ * For the common one-call case prefer rpc(), which needs one round trip.
+ */
+export function withClaims<T>(
+  who: Principal,
+  correlationId: string,
+  fn: (tx: Tx) => Promise<T>,
+): Promise<T> {
+  const setup = beginAs(who, correlationId);
+  return transaction(correlationId, async (conn) => {
+    const begun = conn.unsafe(setup).then(() => null, (err) => err);
+    let result: T;
+    try {
+      result = await fn(conn as unknown as Tx);
+    } catch (err) {
+      // A failed setup makes every later query fail with 25P02; report the cause.
+      throw (await begun) ?? err;
+    }
+    const setupError = await begun;
+    if (setupError) throw setupError;
+    await conn`commit`;
+    return result;
+  });
+}
+
+export type Row = Record<string, unknown>;
+
+const IDENTIFIER = /^[a-z_][a-z0-9_]*$/;
+
+/**
+ * Calls one SQL function as `who`, PostgREST-rpc style: `args` are the
+ * function's parameters without the `p_` prefix (undefined ones are left to
+ * their defaults). BEGIN, the settings, the call and COMMIT travel as one
+ * simple-protocol message, so the whole transaction is one round trip.
+ *
+ * Values are sent as dollar-quoted literals of unknown type, which Postgres
+ * converts to each parameter's declared type exactly as it would a bound
+ * parameter; objects and arrays become JSON text for jsonb parameters.
+ */
+export async function rpc<T extends Row = Row>(
+  who: Principal,
+  correlationId: string,
+  fn: string,
+  args: Record<string, unknown> = {},
+): Promise<T[]> {
+  const [schema, name] = fn.split(".");
+  if (!IDENTIFIER.test(schema ?? "") || !IDENTIFIER.test(name ?? "")) {
+    throw new Error(`rpc: ${fn} is not a schema-qualified function name`);
+  }
+  const params: string[] = [];
+  for (const [key, value] of Object.entries(args)) {
+    if (value === undefined) continue;
+    if (!IDENTIFIER.test(key)) throw new Error(`rpc: ${key} is not a parameter name`);
+    params.push(`p_${key} := ${sqlValue(value)}`);
+  }
+  const text = `${beginAs(who, correlationId)}; ` +
+    `select * from ${schema}.${name}(${params.join(", ")}); commit`;
+  return await transaction(correlationId, async (conn) => {
+    // One result per statement: begin, set_config, the call, commit.
+    const results = await conn.unsafe(text) as unknown as Row[][];
+    return results[2] as T[];
+  });
+}
+
+/** Marks a value for a json/jsonb parameter, so strings and numbers go as JSON. */
+export class Json {
+  constructor(readonly value: unknown) {}
+}
+export const asJson = (value: unknown): Json | undefined =>
+  value === undefined ? undefined : new Json(value);
+
+function sqlValue(value: unknown): string {
+  if (typeof value === "string" && value.includes("\u0000")) {
+    // Postgres text cannot hold NUL, and in a simple-protocol message it
+    // would end the query text early.
+    throw new HttpError(400, "invalid_text", "text may not contain NUL characters");
+  }
+  if (value === null) return "null";
+  if (value instanceof Json) return literal(JSON.stringify(value.value));
+  if (typeof value === "string") return literal(value);
+  if (typeof value === "number") {
+    if (!Number.isFinite(value)) {
+      throw new HttpError(400, "invalid_number", "numbers must be finite");
+    }
+    return literal(String(value));
+  }
+  if (typeof value === "boolean" || typeof value === "bigint") return literal(String(value));
+  if (value instanceof Date) return literal(value.toISOString());
+  return literal(JSON.stringify(value));
 }
 
 interface PgError {
@@ -150,6 +214,11 @@ export function toHttpError(err: unknown, correlationId?: string): HttpError {
       details,
     );
   }
+  // Class 22, data exceptions: a value of the wrong shape (bad number, date,
+  // JSON, encoding) that validation let through; the caller's input is at fault.
+  if (code.startsWith("22")) {
+    return new HttpError(400, "invalid_input", "the database rejected a value", { sqlstate: code });
+  }
   switch (code) {
     case "23505":
       return new HttpError(409, "conflict", "a record with these values already exists", {
@@ -161,12 +230,6 @@ export function toHttpError(err: unknown, correlationId?: string): HttpError {
       });
     case "23514":
     case "23502":
-    case "22P02":
-    case "22003":
-    case "22007":
-    case "22008":
-    case "22023":
-    case "22001":
       return new HttpError(400, "invalid_input", "the database rejected a value", {
         constraint: e.constraint_name,
         column: e.column_name,

@@ -117,6 +117,8 @@ dbTest("a user's audit event is recorded as themselves, whatever they claim", as
   const res = await call(app, "POST", "/observability/audit", {
     token: await userToken(alice),
     body: {
+      old_data: "pending",
+      new_data: { status: "accepted", fare: 5000 },
       actor_type: "admin",
       actor_identifier: "root",
       action: "trip_created",
@@ -133,6 +135,8 @@ dbTest("a user's audit event is recorded as themselves, whatever they claim", as
   assert.equal(row.user_id, alice);
   assert.equal(row.user_agent, "easymo-app/1.0");
   assert.equal(row.ip_address, "41.186.0.1");
+  assert.equal(row.old_data, "pending");
+  assert.deepEqual(row.new_data, { status: "accepted", fare: 5000 });
 });
 
 dbTest(

@@ -7,7 +7,7 @@
 //   POST /observability/maintenance   run partition maintenance now (service role)
 import { z } from "zod";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
-import { jsonb, withClaims } from "../../../shared/db.ts";
+import { asJson, rpc, withClaims } from "../../../shared/db.ts";
 import {
   createApp,
   decodeCursor,
@@ -79,29 +79,17 @@ app.post("/metrics", async (c) => {
   const body = await jsonBody(c, metricsBody);
   const correlationId = c.get("correlationId");
   if ("metrics" in body) {
-    const recorded = await withClaims(who, correlationId, async (tx) => {
-      const [row] = await tx`select public.record_metrics(${
-        jsonb(tx, body.metrics)
-      }, ${correlationId}) as n`;
-      return row.n as number;
+    const [row] = await rpc(who, correlationId, "public.record_metrics", {
+      metrics: body.metrics,
+      correlation_id: correlationId,
     });
-    return c.json({ recorded }, 201);
+    return c.json({ recorded: row.record_metrics }, 201);
   }
-  const id = await withClaims(who, correlationId, async (tx) => {
-    const [row] = await tx`
-      select public.record_metric(
-        p_service_name := ${body.service_name},
-        p_metric_type := ${body.metric_type},
-        p_metric_name := ${body.metric_name},
-        p_value := ${body.value},
-        p_unit := ${body.unit ?? null},
-        p_tags := ${jsonb(tx, body.tags ?? {})},
-        p_correlation_id := ${body.correlation_id ?? correlationId},
-        p_recorded_at := ${body.recorded_at ?? null}
-      ) as id`;
-    return row.id as string;
+  const [row] = await rpc(who, correlationId, "public.record_metric", {
+    ...body,
+    correlation_id: body.correlation_id ?? correlationId,
   });
-  return c.json({ id: String(id), recorded: 1 }, 201);
+  return c.json({ id: String(row.record_metric), recorded: 1 }, 201);
 });
 
 app.get("/metrics", async (c) => {
@@ -109,13 +97,13 @@ app.get("/metrics", async (c) => {
   const q = queryParams(c, statsQuery);
   const to = q.to ?? new Date().toISOString();
   const from = q.from ?? new Date(Date.parse(to) - 3600_000).toISOString();
-  const buckets = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) =>
-      tx`select bucket, count, avg, min, max, p95
-       from public.get_metric_stats(${q.service_name}, ${q.metric_name}, ${from}, ${to}, ${q.bucket_seconds})`,
-  );
+  const buckets = await rpc(who, c.get("correlationId"), "public.get_metric_stats", {
+    service_name: q.service_name,
+    metric_name: q.metric_name,
+    from,
+    to,
+    bucket_seconds: q.bucket_seconds,
+  });
   return c.json({
     service_name: q.service_name,
     metric_name: q.metric_name,
@@ -130,29 +118,17 @@ app.post("/audit", async (c) => {
   const who = requireUserOrService(c);
   const body = await jsonBody(c, auditBody);
   const correlationId = c.get("correlationId");
-  const ip = c.req.header("x-forwarded-for")?.split(",")[0]?.trim() || null;
-  const id = await withClaims(who, correlationId, async (tx) => {
-    const [row] = await tx`
-      select public.log_audit_event(
-        p_actor_type := ${body.actor_type},
-        p_actor_identifier := ${body.actor_identifier},
-        p_action := ${body.action},
-        p_resource_type := ${body.resource_type ?? null},
-        p_resource_id := ${body.resource_id ?? null},
-        p_old_data := ${jsonb(tx, body.old_data)},
-        p_new_data := ${jsonb(tx, body.new_data)},
-        p_metadata := ${jsonb(tx, body.metadata ?? {})},
-        p_ip_address := ${ip && /^[0-9a-fA-F:.]{2,45}$/.test(ip) ? ip : null}::inet,
-        p_user_agent := ${c.req.header("user-agent")?.slice(0, 512) ?? null},
-        p_correlation_id := ${correlationId},
-        p_request_id := ${body.request_id ?? null},
-        p_status := ${body.status ?? "success"},
-        p_error_message := ${body.error_message ?? null},
-        p_user_id := ${body.user_id ?? null}
-      ) as id`;
-    return row.id as string;
+  const ip = c.req.header("x-forwarded-for")?.split(",")[0]?.trim();
+  const [row] = await rpc(who, correlationId, "public.log_audit_event", {
+    ...body,
+    old_data: asJson(body.old_data),
+    new_data: asJson(body.new_data),
+    metadata: body.metadata ?? {},
+    ip_address: ip && /^[0-9a-fA-F:.]{2,45}$/.test(ip) ? ip : undefined,
+    user_agent: c.req.header("user-agent")?.slice(0, 512),
+    correlation_id: correlationId,
   });
-  return c.json({ id: String(id) }, 201);
+  return c.json({ id: String(row.log_audit_event) }, 201);
 });
 
 app.get("/audit", async (c) => {
@@ -181,11 +157,7 @@ app.get("/audit", async (c) => {
 
 app.post("/maintenance", async (c) => {
   const who = requireService(c);
-  const actions = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) => tx`select * from public.maintain_partitions()`,
-  );
+  const actions = await rpc(who, c.get("correlationId"), "public.maintain_partitions");
   return c.json({ actions: actions.map((a) => ({ ...a, rows_moved: Number(a.rows_moved) })) });
 });
 

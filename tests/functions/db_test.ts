@@ -1,0 +1,127 @@
+// shared/db.ts: claims reach SQL exactly as PostgREST sets them, values in
+// rpc() cannot break out of their literals, and failures leave nothing behind.
+import assert from "node:assert/strict";
+import { rpc, withClaims } from "../../shared/db.ts";
+import type { Principal } from "../../shared/auth.ts";
+import { HttpError } from "../../shared/errors.ts";
+import { createUser, dbTest, freshDatabase } from "../support/harness.ts";
+
+const db = await freshDatabase();
+const service: Principal = { role: "service_role", claims: { role: "service_role" } };
+const nasty = [
+  "it's",
+  "$$ dollar $$",
+  "$q12345678$ tag-like $q12345678$",
+  "back\\slash \\' ",
+  "'); drop table public.system_audit_logs; --",
+  "Murakaza neza 🇷🇼 — ñ",
+];
+
+dbTest("withClaims runs as the token's role with its claims", async () => {
+  const uid = await createUser(db);
+  const who: Principal = {
+    role: "authenticated",
+    userId: uid,
+    claims: { role: "authenticated", sub: uid, user_metadata: { name: nasty[4] } },
+  };
+  const [row] = await withClaims(
+    who,
+    "corr-1",
+    (tx) =>
+      tx`select current_user as role, auth.uid() as uid, auth.jwt() -> 'user_metadata' ->> 'name' as name,
+              current_setting('request.correlation_id') as correlation_id`,
+  );
+  assert.equal(row.role, "authenticated");
+  assert.equal(row.uid, uid);
+  assert.equal(row.name, nasty[4]);
+  assert.equal(row.correlation_id, "corr-1");
+});
+
+dbTest("settings are transaction-local: the next use of the connection is clean", async () => {
+  const uid = await createUser(db);
+  const who: Principal = {
+    role: "authenticated",
+    userId: uid,
+    claims: { role: "authenticated", sub: uid },
+  };
+  await withClaims(who, "a", (tx) => tx`select 1`);
+  const rows = await Promise.all(
+    Array.from(
+      { length: 8 },
+      () => withClaims(service, "b", (tx) => tx`select current_user as role, auth.uid() as uid`),
+    ),
+  );
+  for (const row of rows) {
+    assert.equal(row[0].role, "service_role");
+    assert.equal(row[0].uid, null);
+  }
+});
+
+dbTest("rpc values cannot escape their literals", async () => {
+  for (const text of nasty) {
+    const [row] = await rpc(service, "c", "public.log_audit_event", {
+      actor_type: "service",
+      actor_identifier: "svc",
+      action: "quoted",
+      error_message: text,
+    });
+    const [stored] = await db.sql`select error_message from public.system_audit_logs
+                                  where id = ${row.log_audit_event as string}`;
+    assert.equal(stored.error_message, text);
+  }
+  const [{ n }] = await db.sql`select count(*)::int as n from public.system_audit_logs`;
+  assert.equal(n, nasty.length);
+});
+
+dbTest("a failing rpc writes nothing and the pool stays usable", async () => {
+  const bad = [{ service_name: "api", metric_type: "gauge", metric_name: "q", value: 1 }, {
+    service_name: "api",
+  }];
+  await assert.rejects(
+    rpc(service, "d", "public.record_metrics", { metrics: bad }),
+    (e: unknown) => e instanceof HttpError && e.status === 400,
+  );
+  const [{ n }] = await db.sql`select count(*)::int as n from public.system_metrics`;
+  assert.equal(n, 0);
+  const results = await Promise.all(
+    Array.from({ length: 10 }, (_, i) =>
+      rpc(service, "e", "public.record_metric", {
+        service_name: "api",
+        metric_type: "gauge",
+        metric_name: "after",
+        value: i,
+      })),
+  );
+  assert.equal(results.length, 10);
+});
+
+dbTest("domain errors keep their status and code; NUL bytes are a 400, not a 500", async () => {
+  await assert.rejects(
+    rpc(service, "f", "public.record_metric", {
+      service_name: "api",
+      metric_type: "gauge",
+      metric_name: "x",
+      value: 1,
+      tags: [1, 2],
+    }),
+    (e: unknown) => e instanceof HttpError && e.status === 400 && e.code === "invalid_tags",
+  );
+  await assert.rejects(
+    rpc(service, "g", "public.log_audit_event", {
+      actor_type: "service",
+      actor_identifier: "svc",
+      action: "nul",
+      error_message: "a\u0000b",
+    }),
+    (e: unknown) => e instanceof HttpError && e.status === 400,
+  );
+});
+
+dbTest("rpc refuses identifiers that are not plain names", async () => {
+  await assert.rejects(rpc(service, "h", "public.x; drop table y", {}), /not a schema-qualified/);
+  await assert.rejects(rpc(service, "h", "record_metric", {}), /not a schema-qualified/);
+  await assert.rejects(
+    rpc(service, "h", "public.record_metric", { "a) ; --": 1 }),
+    /not a parameter/,
+  );
+});
