@@ -51,37 +51,30 @@ function literal(value: string): string {
   return `${tag}${value}${tag}`;
 }
 
-/** BEGIN plus the PostgREST-style settings, as one simple-protocol text. */
-function beginAs(who: Principal, correlationId: string): string {
-  return `begin; select set_config('role', ${literal(who.role)}, true), ` +
+/** The PostgREST-style settings, transaction-local, as one statement. */
+function claimsStatement(who: Principal, correlationId: string): string {
+  return `select set_config('role', ${literal(who.role)}, true), ` +
     `set_config('request.jwt.claims', ${literal(JSON.stringify(who.claims))}, true), ` +
     `set_config('request.correlation_id', ${literal(correlationId)}, true), ` +
     `set_config('statement_timeout', '${env().DB_STATEMENT_TIMEOUT_MS}', true)`;
 }
 
 /**
- * One transaction on a reserved connection, retried whole on serialization
- * failures and deadlocks. `run` must leave the transaction closed when it
- * returns; on a throw it is rolled back here. Errors come out as HttpError.
+ * Runs `attempt` until it succeeds, retrying serialization failures and
+ * deadlocks (the whole transaction was rolled back, so a retry is safe).
+ * Errors come out as HttpError.
  */
-async function transaction<T>(
-  correlationId: string,
-  run: (conn: postgres.ReservedSql) => Promise<T>,
-): Promise<T> {
-  for (let attempt = 1;; attempt++) {
-    const conn = await db().reserve();
+async function retrying<T>(correlationId: string, attempt: () => Promise<T>): Promise<T> {
+  for (let n = 1;; n++) {
     try {
-      return await run(conn);
+      return await attempt();
     } catch (err) {
-      await conn`rollback`.catch(() => {});
       const code = (err as { code?: string }).code;
-      if (code && RETRYABLE.has(code) && attempt < 4) {
-        await new Promise((r) => setTimeout(r, 5 * attempt + Math.random() * 20));
+      if (code && RETRYABLE.has(code) && n < 4) {
+        await new Promise((r) => setTimeout(r, 5 * n + Math.random() * 20));
         continue;
       }
       throw toHttpError(err, correlationId);
-    } finally {
-      conn.release();
     }
   }
 }
@@ -96,20 +89,28 @@ export function withClaims<T>(
   correlationId: string,
   fn: (tx: Tx) => Promise<T>,
 ): Promise<T> {
-  const setup = beginAs(who, correlationId);
-  return transaction(correlationId, async (conn) => {
-    const begun = conn.unsafe(setup).then(() => null, (err) => err);
-    let result: T;
+  const setup = `begin; ${claimsStatement(who, correlationId)}`;
+  return retrying(correlationId, async () => {
+    const conn = await db().reserve();
     try {
-      result = await fn(conn as unknown as Tx);
+      const begun = conn.unsafe(setup).then(() => null, (err) => err);
+      let result: T;
+      try {
+        result = await fn(conn as unknown as Tx);
+      } catch (err) {
+        // A failed setup makes every later query fail with 25P02; report the cause.
+        throw (await begun) ?? err;
+      }
+      const setupError = await begun;
+      if (setupError) throw setupError;
+      await conn`commit`;
+      return result;
     } catch (err) {
-      // A failed setup makes every later query fail with 25P02; report the cause.
-      throw (await begun) ?? err;
+      await conn`rollback`.catch(() => {});
+      throw err;
+    } finally {
+      conn.release();
     }
-    const setupError = await begun;
-    if (setupError) throw setupError;
-    await conn`commit`;
-    return result;
   });
 }
 
@@ -120,8 +121,9 @@ const IDENTIFIER = /^[a-z_][a-z0-9_]*$/;
 /**
  * Calls one SQL function as `who`, PostgREST-rpc style: `args` are the
  * function's parameters without the `p_` prefix (undefined ones are left to
- * their defaults). BEGIN, the settings, the call and COMMIT travel as one
- * simple-protocol message, so the whole transaction is one round trip.
+ * their defaults). The settings and the call travel as one simple-protocol
+ * message, which Postgres runs as one implicit transaction: one round trip,
+ * no BEGIN/COMMIT, and an error rolls the whole message back.
  *
  * Values are sent as dollar-quoted literals of unknown type, which Postgres
  * converts to each parameter's declared type exactly as it would a bound
@@ -143,12 +145,12 @@ export async function rpc<T extends Row = Row>(
     if (!IDENTIFIER.test(key)) throw new Error(`rpc: ${key} is not a parameter name`);
     params.push(`p_${key} := ${sqlValue(value)}`);
   }
-  const text = `${beginAs(who, correlationId)}; ` +
-    `select * from ${schema}.${name}(${params.join(", ")}); commit`;
-  return await transaction(correlationId, async (conn) => {
-    // One result per statement: begin, set_config, the call, commit.
-    const results = await conn.unsafe(text) as unknown as Row[][];
-    return results[2] as T[];
+  const text = `${claimsStatement(who, correlationId)}; ` +
+    `select * from ${schema}.${name}(${params.join(", ")})`;
+  return await retrying(correlationId, async () => {
+    // One result per statement: the settings, then the call.
+    const results = await db().unsafe(text) as unknown as Row[][];
+    return results[1] as T[];
   });
 }
 

@@ -1,7 +1,7 @@
 // shared/db.ts: claims reach SQL exactly as PostgREST sets them, values in
 // rpc() cannot break out of their literals, and failures leave nothing behind.
 import assert from "node:assert/strict";
-import { rpc, withClaims } from "../../shared/db.ts";
+import { db as dbPool, rpc, withClaims } from "../../shared/db.ts";
 import type { Principal } from "../../shared/auth.ts";
 import { HttpError } from "../../shared/errors.ts";
 import { createUser, dbTest, freshDatabase } from "../support/harness.ts";
@@ -124,4 +124,35 @@ dbTest("rpc refuses identifiers that are not plain names", async () => {
     rpc(service, "h", "public.record_metric", { "a) ; --": 1 }),
     /not a parameter/,
   );
+});
+
+dbTest("rpc's settings end with its message: pooled connections come back clean", async () => {
+  const uid = await createUser(db);
+  const who: Principal = {
+    role: "authenticated",
+    userId: uid,
+    claims: { role: "authenticated", sub: uid },
+  };
+  await Promise.all(
+    Array.from(
+      { length: 8 },
+      () =>
+        rpc(who, "i", "public.log_audit_event", {
+          actor_type: "user",
+          actor_identifier: uid,
+          action: "clean",
+        }),
+    ),
+  );
+  const after = await Promise.all(
+    Array.from(
+      { length: 8 },
+      () =>
+        dbPool()`select current_user as role, coalesce(current_setting('request.jwt.claims', true), '') as claims`,
+    ),
+  );
+  for (const [row] of after) {
+    assert.equal(row.role, "postgres");
+    assert.equal(row.claims, "");
+  }
 });
