@@ -197,7 +197,10 @@ export function idempotencyKeyHeader(c: Ctx): string | undefined {
   const key = c.req.header("idempotency-key");
   if (key === undefined) return undefined;
   if (!IDEMPOTENCY_KEY.test(key)) {
-    throw badRequest("invalid_idempotency_key", "Idempotency-Key must be 1-256 visible ASCII characters");
+    throw badRequest(
+      "invalid_idempotency_key",
+      "Idempotency-Key must be 1-256 visible ASCII characters",
+    );
   }
   return key;
 }

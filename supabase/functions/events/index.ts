@@ -64,8 +64,11 @@ app.post("/", async (c) => {
   const who = requireUserOrService(c);
   const body = await jsonBody(c, appendBody);
   const events = "events" in body ? body.events : [body];
-  const rows = await withClaims(who, c.get("correlationId"), (tx) =>
-    tx`select * from public.append_events(${jsonb(tx, events)}, ${c.get("correlationId")})`);
+  const rows = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) => tx`select * from public.append_events(${jsonb(tx, events)}, ${c.get("correlationId")})`,
+  );
   const out = rows.map(toEvent);
   return c.json("events" in body ? { events: out } : { event: out[0] }, 201);
 });
@@ -74,10 +77,14 @@ app.get("/aggregates/:type/:id", async (c) => {
   const who = requireUserOrService(c);
   const { type, id } = pathParams(c, z.object({ type: aggregateType, id: aggregateId }));
   const q = queryParams(c, historyQuery);
-  const rows = await withClaims(who, c.get("correlationId"), (tx) =>
-    tx`select * from public.get_aggregate_events(
+  const rows = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select * from public.get_aggregate_events(
          p_aggregate_type := ${type}, p_aggregate_id := ${id},
-         p_from_version := ${q.from_version}, p_limit := ${q.limit + 1})`);
+         p_from_version := ${q.from_version}, p_limit := ${q.limit + 1})`,
+  );
   if (rows.length === 0 && q.from_version === 1) throw notFound("no such aggregate");
   const page = rows.slice(0, q.limit).map(toEvent);
   return c.json({
@@ -91,10 +98,14 @@ app.get("/aggregates/:type/:id", async (c) => {
 app.get("/stream", async (c) => {
   const who = requireService(c);
   const q = queryParams(c, streamQuery);
-  const rows = await withClaims(who, c.get("correlationId"), (tx) =>
-    tx`select * from public.read_event_stream(
+  const rows = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select * from public.read_event_stream(
          p_after_position := ${q.after_position}, p_limit := ${q.limit},
-         p_aggregate_type := ${q.aggregate_type ?? null}, p_event_type := ${q.event_type ?? null})`);
+         p_aggregate_type := ${q.aggregate_type ?? null}, p_event_type := ${q.event_type ?? null})`,
+  );
   const events = rows.map(toEvent);
   return c.json({
     events,

@@ -50,4 +50,3 @@ export function registeredJobTypes(): string[] {
 
 /** Does nothing; handy for checking the pipeline end to end. */
 registerJobHandler("noop", () => Promise.resolve({ ok: true }));
-

@@ -44,8 +44,11 @@ app.post("/", async (c) => {
   const body = await jsonBody(c, scheduleBody);
   const key = body.idempotency_key ?? idempotencyKeyHeader(c);
   const correlationId = c.get("correlationId");
-  const [row] = await withClaims(who, correlationId, (tx) =>
-    tx`select j.*, j.created_at = now() as created from public.schedule_job(
+  const [row] = await withClaims(
+    who,
+    correlationId,
+    (tx) =>
+      tx`select j.*, j.created_at = now() as created from public.schedule_job(
          p_job_type := ${body.job_type},
          p_job_name := ${body.job_name},
          p_payload := ${jsonb(tx, body.payload)},
@@ -54,7 +57,8 @@ app.post("/", async (c) => {
          p_max_attempts := ${body.max_attempts},
          p_timeout_seconds := ${body.timeout_seconds},
          p_idempotency_key := ${key ?? null},
-         p_correlation_id := ${correlationId}) j`);
+         p_correlation_id := ${correlationId}) j`,
+  );
   const { created, ...job } = row;
   return c.json({ job: toJob(job) }, created ? 201 : 200);
 });
@@ -74,24 +78,33 @@ app.post("/run", async (c) => {
 app.get("/:id", async (c) => {
   const who = requireUserOrService(c);
   const { id } = pathParams(c, jobId);
-  const [row] = await withClaims(who, c.get("correlationId"), (tx) =>
-    tx`select * from public.get_job(${id}::bigint)`);
+  const [row] = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) => tx`select * from public.get_job(${id}::bigint)`,
+  );
   return c.json({ job: toJob(row) });
 });
 
 app.post("/:id/cancel", async (c) => {
   const who = requireUserOrService(c);
   const { id } = pathParams(c, jobId);
-  const [row] = await withClaims(who, c.get("correlationId"), (tx) =>
-    tx`select * from public.cancel_job(${id}::bigint)`);
+  const [row] = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) => tx`select * from public.cancel_job(${id}::bigint)`,
+  );
   return c.json({ job: toJob(row) });
 });
 
 app.post("/:id/retry", async (c) => {
   const who = requireUserOrService(c);
   const { id } = pathParams(c, jobId);
-  const [row] = await withClaims(who, c.get("correlationId"), (tx) =>
-    tx`select * from public.retry_job(${id}::bigint)`);
+  const [row] = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) => tx`select * from public.retry_job(${id}::bigint)`,
+  );
   return c.json({ job: toJob(row) });
 });
 

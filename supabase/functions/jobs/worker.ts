@@ -45,7 +45,12 @@ function toJob(r: Record<string, unknown>): Job {
   };
 }
 
-async function runOne(who: Principal, correlationId: string, job: Job, lease: string): Promise<Outcome> {
+async function runOne(
+  who: Principal,
+  correlationId: string,
+  job: Job,
+  lease: string,
+): Promise<Outcome> {
   const handler = jobHandler(job.job_type);
   const controller = new AbortController();
   let timer: ReturnType<typeof setTimeout> | undefined;
@@ -64,16 +69,24 @@ async function runOne(who: Principal, correlationId: string, job: Job, lease: st
       settle = { result: outcome ?? null };
     }
   } catch (err) {
-    settle = { error: (err instanceof Error ? err.message : String(err)).slice(0, 4000) || "error" };
+    settle = {
+      error: (err instanceof Error ? err.message : String(err)).slice(0, 4000) || "error",
+    };
   } finally {
     clearTimeout(timer);
   }
   try {
-    await withClaims(who, correlationId, (tx) =>
-      settle.error === undefined
-        ? tx`select public.complete_job(${job.id}::bigint, ${lease}::uuid, ${jsonb(tx, settle.result)})`
-        : tx`select public.fail_job(${job.id}::bigint, ${lease}::uuid, ${settle.error},
-               ${settle.timedOut ?? false})`);
+    await withClaims(
+      who,
+      correlationId,
+      (tx) =>
+        settle.error === undefined
+          ? tx`select public.complete_job(${job.id}::bigint, ${lease}::uuid, ${
+            jsonb(tx, settle.result)
+          })`
+          : tx`select public.fail_job(${job.id}::bigint, ${lease}::uuid, ${settle.error},
+               ${settle.timedOut ?? false})`,
+    );
   } catch (err) {
     if (err instanceof HttpError && err.code === "lease_lost") return "lease_lost";
     throw err;
@@ -90,7 +103,11 @@ async function runOne(who: Principal, correlationId: string, job: Job, lease: st
 }
 
 /** Drains due jobs until none are left or the budget is spent. */
-export async function runJobs(who: Principal, correlationId: string, opts: RunOptions): Promise<RunSummary> {
+export async function runJobs(
+  who: Principal,
+  correlationId: string,
+  opts: RunOptions,
+): Promise<RunSummary> {
   const started = performance.now();
   const summary: RunSummary = {
     claimed: 0,
@@ -104,8 +121,10 @@ export async function runJobs(who: Principal, correlationId: string, opts: RunOp
   };
   const types = opts.jobTypes ?? registeredJobTypes();
   while (performance.now() - started < opts.budgetMs) {
-    const rows = types.length === 0 ? [] : await withClaims(who, correlationId, (tx) =>
-      tx`select * from public.claim_jobs(${types}::text[], ${opts.batchSize}, ${opts.workerId})`);
+    const rows = types.length === 0
+      ? []
+      : await withClaims(who, correlationId, (tx) =>
+        tx`select * from public.claim_jobs(${types}::text[], ${opts.batchSize}, ${opts.workerId})`);
     if (rows.length === 0) {
       summary.stopped = "drained";
       break;

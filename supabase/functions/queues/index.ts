@@ -62,9 +62,13 @@ app.post("/:queue/messages", async (c) => {
   const messages = "messages" in body
     ? body.messages
     : [{ ...body, idempotency_key: body.idempotency_key ?? header }];
-  const rows = await withClaims(who, c.get("correlationId"), (tx) =>
-    tx`select q.*, q.created_at = now() as created
-       from public.send_messages(${queue}, ${jsonb(tx, messages)}, ${c.get("correlationId")}) q`);
+  const rows = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select q.*, q.created_at = now() as created
+       from public.send_messages(${queue}, ${jsonb(tx, messages)}, ${c.get("correlationId")}) q`,
+  );
   const created = rows.some((r) => r.created);
   const out = rows.map(({ created: _, ...r }) => toMessage(r));
   return c.json("messages" in body ? { messages: out } : { message: out[0] }, created ? 201 : 200);
@@ -74,9 +78,13 @@ app.post("/:queue/claim", async (c) => {
   const who = requireService(c);
   const { queue } = pathParams(c, z.object({ queue: queueName }));
   const body = await jsonBody(c, claimBody.default({ limit: 10, visibility_timeout_seconds: 30 }));
-  const rows = await withClaims(who, c.get("correlationId"), (tx) =>
-    tx`select * from public.claim_messages(${queue}, ${body.limit},
-         ${body.visibility_timeout_seconds}, ${body.consumer ?? null})`);
+  const rows = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select * from public.claim_messages(${queue}, ${body.limit},
+         ${body.visibility_timeout_seconds}, ${body.consumer ?? null})`,
+  );
   return c.json({ messages: rows.map(toMessage) });
 });
 
@@ -84,8 +92,12 @@ app.post("/:queue/messages/:id/ack", async (c) => {
   const who = requireService(c);
   const { queue, id } = pathParams(c, z.object({ queue: queueName, id: messageId }));
   const body = await jsonBody(c, ackBody);
-  const [row] = await withClaims(who, c.get("correlationId"), (tx) =>
-    tx`select * from public.ack_message(${queue}, ${id}::bigint, ${body.lease_token}::uuid)`);
+  const [row] = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select * from public.ack_message(${queue}, ${id}::bigint, ${body.lease_token}::uuid)`,
+  );
   return c.json({ message: toMessage(row) });
 });
 
@@ -93,17 +105,24 @@ app.post("/:queue/messages/:id/nack", async (c) => {
   const who = requireService(c);
   const { queue, id } = pathParams(c, z.object({ queue: queueName, id: messageId }));
   const body = await jsonBody(c, nackBody);
-  const [row] = await withClaims(who, c.get("correlationId"), (tx) =>
-    tx`select * from public.nack_message(${queue}, ${id}::bigint, ${body.lease_token}::uuid,
-         ${body.error ?? null}, ${body.delay_seconds ?? null})`);
+  const [row] = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select * from public.nack_message(${queue}, ${id}::bigint, ${body.lease_token}::uuid,
+         ${body.error ?? null}, ${body.delay_seconds ?? null})`,
+  );
   return c.json({ message: toMessage(row) });
 });
 
 app.get("/:queue/metrics", async (c) => {
   const who = requireService(c);
   const { queue } = pathParams(c, z.object({ queue: queueName }));
-  const [m] = await withClaims(who, c.get("correlationId"), (tx) =>
-    tx`select * from public.queue_metrics(${queue})`);
+  const [m] = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) => tx`select * from public.queue_metrics(${queue})`,
+  );
   return c.json({
     ...m,
     depth: Number(m.depth),
