@@ -178,6 +178,8 @@ as $$
 declare
   v_user uuid := private.caller_user_id();
   v_versions jsonb;
+  v_single jsonb;
+  v_shape record;
   v_bad record;
 begin
   if jsonb_typeof(p_events) is distinct from 'array' or jsonb_array_length(p_events) = 0 then
@@ -186,53 +188,64 @@ begin
   if jsonb_array_length(p_events) > 1000 then
     perform private.raise_error(413, 'too_many_events', 'at most 1000 events per append');
   end if;
-  if exists (select from jsonb_array_elements(p_events) e where jsonb_typeof(e) <> 'object') then
+  -- One pass over the input for every shape check.
+  select bool_or(jsonb_typeof(e) <> 'object') as not_object,
+         bool_or(jsonb_typeof(e -> 'payload') is distinct from 'object') as bad_payload,
+         bool_or(jsonb_typeof(coalesce(e -> 'metadata', 'null')) not in ('object', 'null'))
+           as bad_metadata,
+         bool_or(jsonb_typeof(coalesce(e -> 'expected_version', 'null')) not in ('number', 'null')
+                 or (e ->> 'expected_version')::numeric < -1
+                 or (e ->> 'expected_version')::numeric
+                    <> trunc((e ->> 'expected_version')::numeric)) as bad_expected,
+         bool_or(jsonb_typeof(e -> 'expected_version') = 'number') as has_expected,
+         bool_or(jsonb_typeof(e -> 'user_id') = 'string') as has_user
+  into v_shape
+  from jsonb_array_elements(p_events) e;
+  if v_shape.not_object then
     perform private.raise_error(400, 'invalid_events', 'each event must be a JSON object');
-  end if;
-  if exists (
-    select from jsonb_array_elements(p_events) e
-    where jsonb_typeof(e -> 'payload') is distinct from 'object'
-  ) then
+  elsif v_shape.bad_payload then
     perform private.raise_error(400, 'invalid_payload', 'payload must be a JSON object');
-  end if;
-  if exists (
-    select from jsonb_array_elements(p_events) e
-    where jsonb_typeof(coalesce(e -> 'metadata', 'null')) not in ('object', 'null')
-  ) then
+  elsif v_shape.bad_metadata then
     perform private.raise_error(400, 'invalid_metadata', 'metadata must be a JSON object');
-  end if;
-  if exists (
-    select from jsonb_array_elements(p_events) e
-    where jsonb_typeof(coalesce(e -> 'expected_version', 'null')) not in ('number', 'null')
-       or (e ->> 'expected_version')::numeric < -1
-       or (e ->> 'expected_version')::numeric <> trunc((e ->> 'expected_version')::numeric)
-  ) then
+  elsif v_shape.bad_expected then
     perform private.raise_error(400, 'invalid_expected_version',
       'expected_version must be an integer of at least -1');
   end if;
 
   -- Reserve the versions: one upsert per aggregate, in key order so that two
-  -- batches touching the same aggregates lock them in the same order.
-  with input as (
-    select e.aggregate_type, e.aggregate_id
-    from jsonb_array_elements(p_events) a(elem),
-         jsonb_to_record(a.elem) as e(aggregate_type text, aggregate_id text)
-  ),
-  agg as (
-    select i.aggregate_type, i.aggregate_id, count(*) as n
-    from input i group by 1, 2 order by 1, 2
-  ),
-  up as (
+  -- batches touching the same aggregates lock them in the same order. (A
+  -- single event, the common case, takes the same steps without the set
+  -- machinery: it is half the work.)
+  v_single := case when jsonb_array_length(p_events) = 1 then p_events -> 0 end;
+  if v_single is not null then
     insert into public.event_streams as s (aggregate_type, aggregate_id, version)
-    select agg.aggregate_type, agg.aggregate_id, agg.n from agg
+    values (v_single ->> 'aggregate_type', v_single ->> 'aggregate_id', 1)
     on conflict (aggregate_type, aggregate_id) do update
-      set version = s.version + excluded.version, updated_at = now()
-    returning s.aggregate_type, s.aggregate_id, s.version
-  )
-  select jsonb_object_agg(up.aggregate_type || '/' || up.aggregate_id,
-                          up.version - agg.n)
-  into v_versions
-  from up join agg using (aggregate_type, aggregate_id);
+      set version = s.version + 1, updated_at = now()
+    returning jsonb_build_object(s.aggregate_type || '/' || s.aggregate_id, s.version - 1)
+    into v_versions;
+  else
+    with input as (
+      select e.aggregate_type, e.aggregate_id
+      from jsonb_array_elements(p_events) a(elem),
+           jsonb_to_record(a.elem) as e(aggregate_type text, aggregate_id text)
+    ),
+    agg as (
+      select i.aggregate_type, i.aggregate_id, count(*) as n
+      from input i group by 1, 2 order by 1, 2
+    ),
+    up as (
+      insert into public.event_streams as s (aggregate_type, aggregate_id, version)
+      select agg.aggregate_type, agg.aggregate_id, agg.n from agg
+      on conflict (aggregate_type, aggregate_id) do update
+        set version = s.version + excluded.version, updated_at = now()
+      returning s.aggregate_type, s.aggregate_id, s.version
+    )
+    select jsonb_object_agg(up.aggregate_type || '/' || up.aggregate_id,
+                            up.version - agg.n)
+    into v_versions
+    from up join agg using (aggregate_type, aggregate_id);
+  end if;
 
   -- A user may start an aggregate or write to one that already carries their
   -- events; someone else's aggregate is as good as absent.
@@ -247,34 +260,55 @@ begin
     perform private.raise_error(404, 'aggregate_not_found', 'no such aggregate');
   end if;
 
-  select i.aggregate_type, i.aggregate_id, i.expected_version, i.current_version
-  into v_bad
-  from (
-    select e.aggregate_type, e.aggregate_id, e.expected_version,
-           (v_versions ->> (e.aggregate_type || '/' || e.aggregate_id))::bigint
-             + row_number() over (partition by e.aggregate_type, e.aggregate_id order by a.ord)
-             - 1 as current_version
-    from jsonb_array_elements(p_events) with ordinality a(elem, ord),
-         jsonb_to_record(a.elem) as e(aggregate_type text, aggregate_id text, expected_version bigint)
-  ) i
-  where i.expected_version is not null and greatest(i.expected_version, 0) <> i.current_version
-  limit 1;
-  if found then
-    perform private.raise_error(409, 'version_conflict',
-      format('%s/%s is at version %s, not %s', v_bad.aggregate_type, v_bad.aggregate_id,
-             v_bad.current_version, v_bad.expected_version),
-      jsonb_build_object('aggregate_type', v_bad.aggregate_type,
-                         'aggregate_id', v_bad.aggregate_id,
-                         'expected_version', v_bad.expected_version,
-                         'current_version', v_bad.current_version));
+  if v_shape.has_expected then
+    select i.aggregate_type, i.aggregate_id, i.expected_version, i.current_version
+    into v_bad
+    from (
+      select e.aggregate_type, e.aggregate_id, e.expected_version,
+             (v_versions ->> (e.aggregate_type || '/' || e.aggregate_id))::bigint
+               + row_number() over (partition by e.aggregate_type, e.aggregate_id order by a.ord)
+               - 1 as current_version
+      from jsonb_array_elements(p_events) with ordinality a(elem, ord),
+           jsonb_to_record(a.elem) as e(aggregate_type text, aggregate_id text, expected_version bigint)
+    ) i
+    where i.expected_version is not null and greatest(i.expected_version, 0) <> i.current_version
+    limit 1;
+    if found then
+      perform private.raise_error(409, 'version_conflict',
+        format('%s/%s is at version %s, not %s', v_bad.aggregate_type, v_bad.aggregate_id,
+               v_bad.current_version, v_bad.expected_version),
+        jsonb_build_object('aggregate_type', v_bad.aggregate_type,
+                           'aggregate_id', v_bad.aggregate_id,
+                           'expected_version', v_bad.expected_version,
+                           'current_version', v_bad.current_version));
+    end if;
   end if;
 
-  insert into public.event_stream_members (aggregate_type, aggregate_id, user_id)
-  select distinct e.aggregate_type, e.aggregate_id, coalesce(v_user, e.user_id)
-  from jsonb_array_elements(p_events) a(elem),
-       jsonb_to_record(a.elem) as e(aggregate_type text, aggregate_id text, user_id uuid)
-  where coalesce(v_user, e.user_id) is not null
-  on conflict do nothing;
+  if v_user is not null or v_shape.has_user then
+    insert into public.event_stream_members (aggregate_type, aggregate_id, user_id)
+    select distinct e.aggregate_type, e.aggregate_id, coalesce(v_user, e.user_id)
+    from jsonb_array_elements(p_events) a(elem),
+         jsonb_to_record(a.elem) as e(aggregate_type text, aggregate_id text, user_id uuid)
+    where coalesce(v_user, e.user_id) is not null
+    on conflict do nothing;
+  end if;
+
+  if v_single is not null then
+    return query
+    insert into public.event_store (
+      aggregate_type, aggregate_id, event_type, version, payload, metadata,
+      correlation_id, causation_id, user_id
+    ) values (
+      v_single ->> 'aggregate_type', v_single ->> 'aggregate_id', v_single ->> 'event_type',
+      (v_versions ->> ((v_single ->> 'aggregate_type') || '/' || (v_single ->> 'aggregate_id')))::bigint
+        + 1,
+      v_single -> 'payload', coalesce(nullif(v_single -> 'metadata', 'null'::jsonb), '{}'::jsonb),
+      coalesce(v_single ->> 'correlation_id', p_correlation_id), v_single ->> 'causation_id',
+      coalesce(v_user, (v_single ->> 'user_id')::uuid)
+    )
+    returning *;
+    return;
+  end if;
 
   return query
   insert into public.event_store (
@@ -310,20 +344,25 @@ create or replace function public.append_event(
   p_causation_id text default null,
   p_user_id uuid default null
 ) returns public.event_store
-language sql
+language plpgsql
 set search_path = ''
 as $$
-  select * from private.append_events(
+declare
+  v_row public.event_store;
+begin
+  select * into v_row from private.append_events(
     jsonb_build_array(jsonb_build_object(
-      'aggregate_id', p_aggregate_id,
-      'aggregate_type', p_aggregate_type,
-      'event_type', p_event_type,
-      'payload', p_payload,
-      'expected_version', p_expected_version,
-      'metadata', p_metadata,
-      'causation_id', p_causation_id,
-      'user_id', p_user_id)),
-    p_correlation_id);
+        'aggregate_id', p_aggregate_id,
+        'aggregate_type', p_aggregate_type,
+        'event_type', p_event_type,
+        'payload', p_payload,
+        'expected_version', p_expected_version,
+        'metadata', p_metadata,
+        'causation_id', p_causation_id,
+        'user_id', p_user_id)),
+      p_correlation_id);
+  return v_row;
+end;
 $$;
 
 -- Several events (of one or more aggregates), atomically, in array order.
@@ -331,10 +370,13 @@ create or replace function public.append_events(
   p_events jsonb,
   p_correlation_id text default null
 ) returns setof public.event_store
-language sql
+language plpgsql
 set search_path = ''
 as $$
+begin
+  return query
   select * from private.append_events(p_events, p_correlation_id);
+end;
 $$;
 
 -- History of one aggregate in version order (never by time). security
@@ -810,19 +852,24 @@ create or replace function public.send_message(
   p_idempotency_key text default null,
   p_correlation_id text default null
 ) returns public.message_queue
-language sql
+language plpgsql
 set search_path = ''
 as $$
-  select * from public.send_messages(
-    p_queue_name,
-    jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
-      'payload', coalesce(p_payload, 'null'::jsonb),
-      'message_type', p_message_type,
-      'priority', p_priority,
-      'delay_seconds', p_delay_seconds,
-      'max_attempts', p_max_attempts,
-      'idempotency_key', p_idempotency_key))),
-    p_correlation_id);
+declare
+  v_row public.message_queue;
+begin
+  select * into v_row from public.send_messages(
+      p_queue_name,
+      jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
+        'payload', coalesce(p_payload, 'null'::jsonb),
+        'message_type', p_message_type,
+        'priority', p_priority,
+        'delay_seconds', p_delay_seconds,
+        'max_attempts', p_max_attempts,
+        'idempotency_key', p_idempotency_key))),
+      p_correlation_id);
+  return v_row;
+end;
 $$;
 
 -- Claims up to p_limit visible messages, highest priority first, then oldest,
@@ -927,11 +974,16 @@ create or replace function public.ack_message(
   p_message_id bigint,
   p_lease_token uuid
 ) returns public.message_queue
-language sql
+language plpgsql
 security definer
 set search_path = ''
 as $$
-  select * from private.settle_message(p_queue_name, p_message_id, p_lease_token, 'done');
+declare
+  v_row public.message_queue;
+begin
+  select * into v_row from private.settle_message(p_queue_name, p_message_id, p_lease_token, 'done');
+  return v_row;
+end;
 $$;
 
 -- Batch ack: returns the messages acked (a lost lease is left out, as pgmq's
@@ -941,11 +993,14 @@ create or replace function public.ack_messages(
   p_message_ids bigint[],
   p_lease_tokens uuid[]
 ) returns setof public.message_queue
-language sql
+language plpgsql
 security definer
 set search_path = ''
 as $$
+begin
+  return query
   select * from private.settle_messages(p_queue_name, p_message_ids, p_lease_tokens, 'done');
+end;
 $$;
 
 -- Gives a message back: visible again after p_delay_seconds, or after an
@@ -958,12 +1013,17 @@ create or replace function public.nack_message(
   p_error text default null,
   p_delay_seconds double precision default null
 ) returns public.message_queue
-language sql
+language plpgsql
 security definer
 set search_path = ''
 as $$
-  select * from private.settle_message(
-    p_queue_name, p_message_id, p_lease_token, 'retry', p_error, p_delay_seconds);
+declare
+  v_row public.message_queue;
+begin
+  select * into v_row from private.settle_message(
+      p_queue_name, p_message_id, p_lease_token, 'retry', p_error, p_delay_seconds);
+  return v_row;
+end;
 $$;
 
 -- Extends (or shortens) a held lease, as pgmq's set_vt.
@@ -1204,11 +1264,13 @@ $$;
 -- Running jobs past their timeout: retried with backoff, or status timeout
 -- after max_attempts. Returns how many it timed out.
 create or replace function public.timeout_jobs() returns integer
-language sql
+language plpgsql
 security definer
 set search_path = ''
 as $$
-  select private.background_jobs_lease_expire('timeout', 10, 'timed out');
+begin
+  return (select private.background_jobs_lease_expire('timeout', 10, 'timed out'));
+end;
 $$;
 
 -- Claims due jobs (of the given types, or any), highest priority first, then
@@ -1268,11 +1330,16 @@ create or replace function public.complete_job(
   p_lease_token uuid,
   p_result jsonb default null
 ) returns public.background_jobs
-language sql
+language plpgsql
 security definer
 set search_path = ''
 as $$
-  select * from private.settle_job(p_job_id, p_lease_token, 'done', 'failed', null, p_result);
+declare
+  v_row public.background_jobs;
+begin
+  select * into v_row from private.settle_job(p_job_id, p_lease_token, 'done', 'failed', null, p_result);
+  return v_row;
+end;
 $$;
 
 create or replace function public.fail_job(
@@ -1281,12 +1348,17 @@ create or replace function public.fail_job(
   p_error text,
   p_timed_out boolean default false
 ) returns public.background_jobs
-language sql
+language plpgsql
 security definer
 set search_path = ''
 as $$
-  select * from private.settle_job(p_job_id, p_lease_token, 'retry',
-    case when p_timed_out then 'timeout' else 'failed' end, p_error, null);
+declare
+  v_row public.background_jobs;
+begin
+  select * into v_row from private.settle_job(p_job_id, p_lease_token, 'retry',
+      case when p_timed_out then 'timeout' else 'failed' end, p_error, null);
+  return v_row;
+end;
 $$;
 
 -- A job the caller may act on (own job, or any for the service role), locked.
