@@ -1,6 +1,7 @@
 // Shared helpers of the benchmarks: the bench database, service-role
 // connections, parallel loops, and the one output format (ours, the peer,
 // the ratio). Benchmarks are not tests: they print, they do not assert.
+import PgBoss from "pg-boss";
 import postgres from "postgres";
 
 export type Sql = postgres.Sql;
@@ -71,4 +72,12 @@ export function report(
       (ours / peer).toFixed(2)
     }`,
   );
+}
+
+/** pg-boss on the bench database with a pool of `max`, without its cron and supervisor. */
+export async function startPgBoss(max: number): Promise<PgBoss> {
+  const boss = new PgBoss({ connectionString: benchUrl(), max, schedule: false, supervise: false });
+  boss.on("error", (err) => console.error("pg-boss:", err));
+  await boss.start();
+  return boss;
 }

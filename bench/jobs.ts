@@ -5,9 +5,8 @@
 //   graphile-worker  addJob, then its runner with the same concurrency (default settings:
 //                    no local queue and no batched completion, i.e. without its batching)
 // Figures: jobs per second over both phases, best of ROUNDS rounds.
-import PgBoss from "pg-boss";
 import { Logger, makeWorkerUtils, run } from "graphile-worker";
-import { benchUrl, closeAll, connections, drain, report, spread } from "./_lib.ts";
+import { benchUrl, closeAll, connections, drain, report, spread, startPgBoss } from "./_lib.ts";
 
 const JOBS = Number(Deno.env.get("BENCH_JOBS") ?? 2000);
 const WORKERS = Number(Deno.env.get("BENCH_CONCURRENCY") ?? 4);
@@ -33,14 +32,7 @@ async function ours(): Promise<number> {
 }
 
 async function pgBoss(): Promise<number> {
-  const boss = new PgBoss({
-    connectionString: benchUrl(),
-    max: WORKERS,
-    schedule: false,
-    supervise: false,
-  });
-  boss.on("error", (err) => console.error("pg-boss:", err));
-  await boss.start();
+  const boss = await startPgBoss(WORKERS);
   await boss.createQueue("bench_noop");
   try {
     const scheduled = await spread(WORKERS, JOBS, async (_, i) => {

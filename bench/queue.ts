@@ -2,8 +2,7 @@
 // same concurrency in the same database and run, ours against pg-boss used as
 // a queue (send / insert, fetch with batchSize + complete). Messages per
 // second, best of ROUNDS rounds.
-import PgBoss from "pg-boss";
-import { benchUrl, closeAll, connections, drain, report, spread } from "./_lib.ts";
+import { closeAll, connections, drain, report, spread, startPgBoss } from "./_lib.ts";
 
 const WORKERS = Number(Deno.env.get("BENCH_CONCURRENCY") ?? 4);
 const ROUNDS = Number(Deno.env.get("BENCH_ROUNDS") ?? 2);
@@ -48,14 +47,7 @@ async function ours(batch: number, round: number): Promise<Rates> {
 }
 
 async function pgBoss(batch: number, round: number): Promise<Rates> {
-  const boss = new PgBoss({
-    connectionString: benchUrl(),
-    max: WORKERS,
-    schedule: false,
-    supervise: false,
-  });
-  boss.on("error", (err) => console.error("pg-boss:", err));
-  await boss.start();
+  const boss = await startPgBoss(WORKERS);
   const queue = `bench_${batch}_${round}`;
   const total = messagesFor(batch);
   await boss.createQueue(queue);

@@ -767,6 +767,7 @@ as $$
 declare
   v_user uuid := private.caller_user_id();
   v_ids bigint[];
+  v_shape record;
 begin
   perform private.check_queue_name(p_queue_name);
   if jsonb_typeof(p_messages) is distinct from 'array' or jsonb_array_length(p_messages) = 0 then
@@ -775,22 +776,17 @@ begin
   if jsonb_array_length(p_messages) > 1000 then
     perform private.raise_error(413, 'too_many_messages', 'at most 1000 messages per send');
   end if;
-  if exists (
-    select from jsonb_array_elements(p_messages) m
-    where jsonb_typeof(m) <> 'object' or jsonb_typeof(m -> 'payload') is distinct from 'object'
-  ) then
+  select bool_or(jsonb_typeof(m) <> 'object' or jsonb_typeof(m -> 'payload') is distinct from 'object')
+           as bad_payload,
+         bool_or((m ->> 'priority')::integer not between 0 and 1000) as bad_priority,
+         bool_or((m ->> 'delay_seconds')::integer not between 0 and 31536000) as bad_delay
+  into v_shape
+  from jsonb_array_elements(p_messages) m;
+  if v_shape.bad_payload then
     perform private.raise_error(400, 'invalid_payload', 'each message needs a JSON object payload');
-  end if;
-  if exists (
-    select from jsonb_array_elements(p_messages) m
-    where (m ->> 'priority')::integer not between 0 and 1000
-  ) then
+  elsif v_shape.bad_priority then
     perform private.raise_error(400, 'invalid_priority', 'priority must be between 0 and 1000');
-  end if;
-  if exists (
-    select from jsonb_array_elements(p_messages) m
-    where (m ->> 'delay_seconds')::integer not between 0 and 31536000
-  ) then
+  elsif v_shape.bad_delay then
     perform private.raise_error(400, 'invalid_delay', 'delay_seconds must be between 0 and 31536000');
   end if;
 
@@ -1361,8 +1357,10 @@ begin
 end;
 $$;
 
--- A job the caller may act on (own job, or any for the service role), locked.
-create or replace function private.lock_job(p_job_id bigint) returns public.background_jobs
+-- Locks a job the caller may act on (own job, or any for the service role)
+-- and checks that it is in one of the states the action accepts.
+create or replace function private.lock_job(p_job_id bigint, p_states text[], p_action text)
+returns void
 language plpgsql
 set search_path = ''
 as $$
@@ -1374,7 +1372,11 @@ begin
   if v_row.id is null or (v_user is not null and v_row.user_id is distinct from v_user) then
     perform private.raise_error(404, 'job_not_found', 'no such job');
   end if;
-  return v_row;
+  if v_row.status <> all(p_states) then
+    perform private.raise_error(409, 'invalid_state',
+      format('a %s job cannot be %s', v_row.status, p_action),
+      jsonb_build_object('status', v_row.status));
+  end if;
 end;
 $$;
 
@@ -1386,12 +1388,9 @@ security definer
 set search_path = ''
 as $$
 declare
-  v_row public.background_jobs := private.lock_job(p_job_id);
+  v_row public.background_jobs;
 begin
-  if v_row.status not in ('pending', 'running') then
-    perform private.raise_error(409, 'invalid_state',
-      format('a %s job cannot be cancelled', v_row.status), jsonb_build_object('status', v_row.status));
-  end if;
+  perform private.lock_job(p_job_id, array['pending', 'running'], 'cancelled');
   update public.background_jobs j
      set status = 'cancelled', finished_at = now(), lease_token = null, locked_by = null,
          updated_at = now()
@@ -1409,12 +1408,9 @@ security definer
 set search_path = ''
 as $$
 declare
-  v_row public.background_jobs := private.lock_job(p_job_id);
+  v_row public.background_jobs;
 begin
-  if v_row.status not in ('pending', 'failed', 'timeout', 'cancelled') then
-    perform private.raise_error(409, 'invalid_state',
-      format('a %s job cannot be retried', v_row.status), jsonb_build_object('status', v_row.status));
-  end if;
+  perform private.lock_job(p_job_id, array['pending', 'failed', 'timeout', 'cancelled'], 'retried');
   update public.background_jobs j
      set status = 'pending', visible_at = now(), finished_at = null,
          attempts = case when j.status = 'pending' then j.attempts else 0 end,
@@ -1467,6 +1463,6 @@ revoke all on function private.settle_messages(text, bigint[], uuid[], text, tex
 revoke all on function private.settle_message(text, bigint, uuid, text, text, double precision)
   from public;
 revoke all on function private.settle_job(bigint, uuid, text, text, text, jsonb) from public;
-revoke all on function private.lock_job(bigint) from public;
+revoke all on function private.lock_job(bigint, text[], text) from public;
 revoke all on function private.check_queue_name(text) from public;
 revoke all on function private.caller_user_id() from public;
