@@ -8,9 +8,10 @@
 --   message_queue         named queues with leases, retries and dead letters
 --   background_jobs       scheduled jobs run by the `jobs` function's worker
 --
--- The queue and the jobs share one lease mechanism (private.lease_*), written
--- once against a column contract so the WhatsApp outbound queue and the
--- notifications can adopt it too (see "Leases" below).
+-- The queue and the jobs share one lease mechanism (private.install_leases and
+-- private.backoff_delay), written once against a column contract so the
+-- WhatsApp outbound queue and the notifications can adopt it too (see
+-- "Leases" below).
 -- =============================================================================
 
 -- -----------------------------------------------------------------------------
