@@ -25,4 +25,10 @@ export const SCHEDULES: Schedule[] = [
     path: "observability/maintenance",
     inDatabase: true,
   },
+  {
+    name: "run-jobs",
+    cron: "* * * * *",
+    everyMs: 60_000,
+    path: "jobs/run",
+  },
 ];
