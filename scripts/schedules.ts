@@ -18,4 +18,10 @@ export const SCHEDULES: Schedule[] = [
     everyMs: 24 * 3600_000,
     path: "observability/maintenance",
   },
+  {
+    name: "whatsapp-dispatch",
+    cron: "* * * * *",
+    everyMs: 60_000,
+    path: "whatsapp-webhook/dispatch",
+  },
 ];

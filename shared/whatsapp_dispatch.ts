@@ -194,6 +194,7 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
   let flushing = Promise.resolve();
   let timer: ReturnType<typeof setTimeout> | undefined;
   let stopSeen = false;
+  let unflushed = 0;
 
   const flush = () => {
     if (timer) clearTimeout(timer);
@@ -201,6 +202,7 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
     if (results.length === 0) return flushing;
     const batch = results;
     results = [];
+    unflushed++;
     flushing = flushing.then(async () => {
       try {
         const counts = await withClaims(SERVICE_PRINCIPAL, correlationId, async (tx) => {
@@ -226,6 +228,8 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
           count: batch.length,
           error: String(err),
         });
+      } finally {
+        unflushed--;
       }
     });
     return flushing;
@@ -279,6 +283,9 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
       await sleep(Math.min(claim.wait_ms, remaining));
     } else if (inflight.size > 0) {
       await Promise.race([Promise.race(inflight), sleep(pollMs)]);
+    } else if (results.length > 0 || unflushed > 0) {
+      // outcomes not yet recorded may make messages due again (retries)
+      await flush();
     } else if (claim.next_due_ms !== null && claim.next_due_ms < remaining) {
       await sleep(Math.max(pollMs, Math.min(claim.next_due_ms, remaining)));
     } else {

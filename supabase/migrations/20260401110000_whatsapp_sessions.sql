@@ -1085,7 +1085,7 @@ begin
   end if;
 
   return jsonb_build_object('messages', v_messages, 'paused', false, 'pause_reason', null,
-    'wait_ms', 0, 'next_due_ms', case when v_count = 0 then greatest(0, ceil(v_next_due)) end);
+    'wait_ms', 0, 'next_due_ms', case when v_count = 0 and v_next_due is not null then greatest(0, ceil(v_next_due)) end);
 end;
 $$;
 

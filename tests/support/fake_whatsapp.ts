@@ -220,7 +220,11 @@ export async function startFakeWhatsApp(opts: FakeOptions = {}): Promise<FakeWha
       requests.length = 0;
       fake.latencyMs = opts.latencyMs ?? 0;
     },
-    close: () => new Promise<void>((resolve) => server.close(() => resolve())),
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        server.closeAllConnections();
+      }),
   };
 
   const server = createServer(async (req, res) => {
