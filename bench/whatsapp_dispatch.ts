@@ -12,12 +12,46 @@ import { closeDb } from "../shared/db.ts";
 import { resetEnv } from "../shared/env.ts";
 import { dispatch, sendMessage } from "../shared/whatsapp_dispatch.ts";
 import { resetWhatsappConfig, whatsappConfig } from "../shared/whatsapp.ts";
-import { type FakeRequest, startFakeWhatsApp } from "../tests/support/fake_whatsapp.ts";
 
 const url = Deno.env.get("BENCH_DATABASE_URL");
 if (!url) throw new Error("BENCH_DATABASE_URL is required (npm run bench sets it)");
 const LATENCY_MS = 50;
-const fake = await startFakeWhatsApp({ latencyMs: LATENCY_MS });
+
+// The fake runs in its own process: its arrival clock is the measurement, and
+// it must not share an event loop with the dispatchers it measures.
+const fakeProcess = new Deno.Command(Deno.execPath(), {
+  args: [
+    "run",
+    "-A",
+    new URL("../tests/support/fake_whatsapp_server.ts", import.meta.url).pathname,
+  ],
+  env: { FAKE_LATENCY_MS: String(LATENCY_MS) },
+  stdout: "piped",
+  stderr: "inherit",
+}).spawn();
+const firstLine = await (async () => {
+  const reader = fakeProcess.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let text = "";
+  while (!text.includes("\n")) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    text += value;
+  }
+  reader.releaseLock();
+  return text.split("\n")[0];
+})();
+const fake: { url: string; token: string; phone_number_id: string } = JSON.parse(firstLine);
+const fakeControl = async (path: string, body?: unknown) => {
+  const res = await fetch(`${fake.url}/__fake/${path}`, {
+    method: body === undefined && path === "requests" ? "GET" : "POST",
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  return await res.json();
+};
+async function acceptedArrivals(): Promise<number[]> {
+  const requests: { at: number; outcome: string }[] = await fakeControl("requests");
+  return requests.filter((r) => r.outcome.startsWith("wamid.")).map((r) => r.at);
+}
 
 function configure(rate: number, concurrency: number) {
   const vars: Record<string, string> = {
@@ -26,7 +60,7 @@ function configure(rate: number, concurrency: number) {
     LOG_LEVEL: "silent",
     DB_POOL_SIZE: "8",
     WHATSAPP_ACCESS_TOKEN: fake.token,
-    WHATSAPP_PHONE_NUMBER_ID: fake.phoneNumberId,
+    WHATSAPP_PHONE_NUMBER_ID: fake.phone_number_id,
     WHATSAPP_API_BASE_URL: fake.url,
     WHATSAPP_RATE_LIMIT_PER_SECOND: String(rate),
     WHATSAPP_DISPATCH_CONCURRENCY: String(concurrency),
@@ -54,6 +88,8 @@ async function seed(n: number, tag: string) {
     )
     insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload)
     select phone, 'text', jsonb_build_object('body', ${tag} || ' #' || g, 'preview_url', false) from phones`;
+  // the steady state of a live queue: autovacuum has analysed it
+  await sql`analyze public.whatsapp_message_queue, public.whatsapp_sessions`;
 }
 
 function rates(arrivals: number[], rate: number) {
@@ -73,8 +109,8 @@ function rates(arrivals: number[], rate: number) {
 async function ours(rate: number, dispatchers: number, n: number, concurrency: number) {
   configure(rate, concurrency);
   await seed(n, `r${rate}`);
-  fake.reset();
-  fake.latencyMs = LATENCY_MS;
+  await fakeControl("reset");
+  await fakeControl("latency", { ms: LATENCY_MS });
   const started = performance.now();
   const reports = await Promise.all(
     Array.from({ length: dispatchers }, (_, i) => dispatch({ dispatcherId: `bench-${rate}-${i}` })),
@@ -84,15 +120,15 @@ async function ours(rate: number, dispatchers: number, n: number, concurrency: n
   const [{ left }] = await sql`select count(*)::int as left from public.whatsapp_message_queue
                                where status in ('pending', 'processing')`;
   if (sent !== n || left !== 0) throw new Error(`sent ${sent} of ${n}; ${left} left in the queue`);
-  return { ...rates(fake.accepted().map((r: FakeRequest) => r.at), rate), seconds };
+  return { ...rates(await acceptedArrivals(), rate), seconds };
 }
 
 /** The peer: paced in memory, same fake, same request bodies, no database. */
 async function peer(rate: number, n: number, concurrency: number) {
   configure(rate, concurrency);
   const cfg = whatsappConfig();
-  fake.reset();
-  fake.latencyMs = LATENCY_MS;
+  await fakeControl("reset");
+  await fakeControl("latency", { ms: LATENCY_MS });
   const interval = 1000 / rate;
   const start = performance.now() + 20;
   let next = 0;
@@ -117,12 +153,12 @@ async function peer(rate: number, n: number, concurrency: number) {
   };
   await Promise.all(Array.from({ length: concurrency }, worker));
   const seconds = (performance.now() - started) / 1000;
-  return { ...rates(fake.accepted().map((r) => r.at), rate), seconds };
+  return { ...rates(await acceptedArrivals(), rate), seconds };
 }
 
 const fmt = (x: number) => x.toFixed(1);
 const scenarios = [
-  { name: "limit 1000/s, 1 dispatcher", rate: 1000, dispatchers: 1, n: 15_000, concurrency: 400 },
+  { name: "limit 1000/s, 3 dispatchers", rate: 1000, dispatchers: 3, n: 15_000, concurrency: 1000 },
   { name: "limit 80/s, 3 dispatchers", rate: 80, dispatchers: 3, n: 1_200, concurrency: 100 },
 ];
 for (const s of scenarios) {
@@ -145,4 +181,5 @@ for (const s of scenarios) {
 
 await sql.end();
 await closeDb();
-await fake.close();
+fakeProcess.kill("SIGTERM");
+await fakeProcess.status;

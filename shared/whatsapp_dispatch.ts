@@ -16,10 +16,13 @@ export interface ClaimedMessage {
   max_attempts: number;
   correlation_id: string | null;
   delay_ms: number;
+  /** the send slot, epoch ms on the database clock */
+  slot_ms?: number;
 }
 
 interface Claim {
   messages: ClaimedMessage[];
+  now_ms?: number;
   paused: boolean;
   pause_reason: string | null;
   wait_ms: number;
@@ -191,19 +194,21 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
 
   const inflight = new Set<Promise<void>>();
   let results: SendResult[] = [];
-  let flushing = Promise.resolve();
+  // Outcomes are recorded in batches, at most MAX_FLUSHES at a time (each
+  // message is in exactly one batch, so their order does not matter).
+  const MAX_FLUSHES = 3;
+  const flushes = new Set<Promise<void>>();
   let timer: ReturnType<typeof setTimeout> | undefined;
   let stopSeen = false;
-  let unflushed = 0;
 
   const flush = () => {
     if (timer) clearTimeout(timer);
     timer = undefined;
-    if (results.length === 0) return flushing;
+    if (results.length === 0) return;
     const batch = results;
     results = [];
-    unflushed++;
-    flushing = flushing.then(async () => {
+    const prior = flushes.size >= MAX_FLUSHES ? Promise.race(flushes) : Promise.resolve();
+    const p: Promise<void> = prior.then(async () => {
       try {
         const counts = await withClaims(SERVICE_PRINCIPAL, correlationId, async (tx) => {
           const [row] = await tx`select public.complete_whatsapp_messages(
@@ -228,11 +233,14 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
           count: batch.length,
           error: String(err),
         });
-      } finally {
-        unflushed--;
       }
     });
-    return flushing;
+    flushes.add(p);
+    p.finally(() => flushes.delete(p));
+  };
+  const flushed = async () => {
+    flush();
+    while (flushes.size > 0) await Promise.all(flushes);
   };
 
   const record = (r: SendResult) => {
@@ -242,9 +250,11 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
     else timer ??= setTimeout(flush, 50);
   };
 
-  const start = (m: ClaimedMessage) => {
+  /** Sends m at `at` (performance.now() time). */
+  const start = (m: ClaimedMessage, at: number) => {
     const p = (async () => {
-      if (m.delay_ms > 0) await sleep(m.delay_ms);
+      const wait = at - performance.now();
+      if (wait > 0) await sleep(wait);
       record(await sendMessage(cfg, m));
     })();
     inflight.add(p);
@@ -261,7 +271,7 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
       await Promise.race(inflight);
       continue;
     }
-    const claim = await withClaims(SERVICE_PRINCIPAL, correlationId, async (tx) => {
+    const { claim, received } = await withClaims(SERVICE_PRINCIPAL, correlationId, async (tx) => {
       const [row] = await tx`select public.claim_whatsapp_messages(
         p_dispatcher_id := ${dispatcherId},
         p_business_number := ${business},
@@ -270,22 +280,28 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
         p_pair_interval_ms := ${cfg.WHATSAPP_PAIR_INTERVAL_MS},
         p_lease_seconds := ${cfg.WHATSAPP_LEASE_SECONDS},
         p_lookahead_ms := ${cfg.WHATSAPP_LOOKAHEAD_MS}) as c`;
-      return row.c as Claim;
+      // the slots count from the moment the answer arrives, not from commit
+      return { claim: row.c as Claim, received: performance.now() };
     });
     if (claim.paused) {
       report.paused = claim.pause_reason ?? "paused";
       break;
     }
     report.claimed += claim.messages.length;
-    for (const m of claim.messages) start(m);
+    for (const m of claim.messages) {
+      const offset = m.slot_ms !== undefined && claim.now_ms !== undefined
+        ? m.slot_ms - claim.now_ms
+        : m.delay_ms;
+      start(m, received + offset);
+    }
     if (claim.messages.length > 0) continue;
     if (claim.wait_ms > 0) {
       await sleep(Math.min(claim.wait_ms, remaining));
     } else if (inflight.size > 0) {
       await Promise.race([Promise.race(inflight), sleep(pollMs)]);
-    } else if (results.length > 0 || unflushed > 0) {
+    } else if (results.length > 0 || flushes.size > 0) {
       // outcomes not yet recorded may make messages due again (retries)
-      await flush();
+      await flushed();
     } else if (claim.next_due_ms !== null && claim.next_due_ms < remaining) {
       await sleep(Math.max(pollMs, Math.min(claim.next_due_ms, remaining)));
     } else {
@@ -294,7 +310,7 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
   }
 
   await Promise.all(inflight);
-  await flush();
+  await flushed();
   if (stopSeen && !report.paused) report.paused = "token_invalid";
   report.duration_ms = Math.round(performance.now() - started);
   log(report.paused ? "warn" : "info", "whatsapp dispatch", {

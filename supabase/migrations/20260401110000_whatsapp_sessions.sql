@@ -504,8 +504,6 @@ create index whatsapp_message_queue_lease_idx
   on public.whatsapp_message_queue (locked_until) where status = 'processing';
 create index whatsapp_message_queue_recipient_idx
   on public.whatsapp_message_queue (recipient_phone, created_at desc);
-create index whatsapp_message_queue_sent_at_idx
-  on public.whatsapp_message_queue (sent_at) where sent_at is not null;
 create index whatsapp_message_queue_correlation_idx
   on public.whatsapp_message_queue (correlation_id) where correlation_id is not null;
 
@@ -873,6 +871,7 @@ begin
       error_message = case when b.status = 'failed' then left(b.error_message, 2000) else q.error_message end
     from best b
     where q.wamid = b.wamid
+      and q.wamid = any(array(select x ->> 'wamid' from jsonb_array_elements(coalesce(p_statuses, '[]')) x))
       and ((b.status in ('sent', 'delivered', 'read') and q.status in ('processing', 'sent', 'delivered')
             and private.whatsapp_status_rank(q.status) < private.whatsapp_status_rank(b.status))
         or (b.status = 'failed' and q.status in ('processing', 'sent')))
@@ -916,8 +915,9 @@ $$;
 -- while a token problem is unresolved, fails free-form messages whose 24-hour
 -- window is closed, then claims due head-of-line messages (one per recipient,
 -- in priority and enqueue order, none whose recipient is paced) for the send
--- slots inside the lookahead. Each message comes with delay_ms: wait that
--- long, then send. Returns {messages, wait_ms, paused, next_due_ms}.
+-- slots inside the lookahead. Each message comes with its slot (slot_ms,
+-- epoch ms) and delay_ms from the claim's start. Returns {messages, now_ms,
+-- wait_ms, paused, pause_reason, next_due_ms}.
 -- -----------------------------------------------------------------------------
 create or replace function public.claim_whatsapp_messages(
   p_dispatcher_id text,
@@ -931,6 +931,11 @@ create or replace function public.claim_whatsapp_messages(
 language plpgsql
 security definer
 set search_path = ''
+-- The claim must walk the pending index in (priority, seq) order and stop at
+-- the limit; without these the planner may bitmap-scan and sort the whole
+-- backlog when the queue's statistics are young (a burst right after a quiet
+-- period), which turns a millisecond claim into hundreds.
+set enable_bitmapscan = off
 as $$
 declare
   v_window private.whatsapp_send_windows;
@@ -981,47 +986,28 @@ begin
       'wait_ms', ceil(extract(epoch from v_window.paused_until - v_now) * 1000), 'next_due_ms', null);
   end if;
 
-  -- Free-form messages to a user whose 24-hour window is closed are not sent.
-  with closed as (
-    select q.id from public.whatsapp_message_queue q
-    where q.status = 'pending' and q.available_at <= v_now and q.scheduled_at <= v_now
-      and q.message_type <> 'template'
-      and not exists (
-        select from public.whatsapp_sessions s
-        where s.phone_number = q.recipient_phone and s.last_inbound_at > v_now - interval '24 hours')
-    order by q.priority, q.seq
-    limit p_limit
-    for update skip locked
-  ), failed as (
-    update public.whatsapp_message_queue q set
-      status = 'failed', failed_at = v_now, error_code = 'outside_customer_service_window',
-      error_message = 'free-form messages need a message from the user in the last 24 hours; send a template'
-    from closed c where q.id = c.id
-    returning q.id, q.correlation_id, q.attempts
-  )
-  select v_metrics || coalesce(jsonb_agg(jsonb_build_object(
-    'service_name', 'whatsapp', 'metric_type', 'counter', 'metric_name', 'whatsapp.message.failed',
-    'value', 1, 'tags', jsonb_build_object('message_id', f.id, 'attempt', f.attempts,
-                                           'error_code', 'outside_customer_service_window'),
-    'correlation_id', f.correlation_id)), '[]'::jsonb)
-  into v_metrics from failed f;
-
-  if jsonb_array_length(v_metrics) > 0 then
-    perform public.record_metrics(v_metrics);
-  end if;
-
   v_base := greatest(v_window.next_slot_at, v_now);
   v_horizon := v_now + make_interval(secs => p_lookahead_ms / 1000.0);
   v_allowed := least(p_limit, floor(extract(epoch from v_horizon - v_base) * p_rate_per_second)::integer);
   if v_allowed < 1 then
+    if jsonb_array_length(v_metrics) > 0 then
+      perform public.record_metrics(v_metrics);
+    end if;
     return jsonb_build_object('messages', '[]'::jsonb, 'paused', false, 'pause_reason', null,
       -- come back when half the lookahead is free again, so claims stay batched
       'wait_ms', greatest(1, ceil(extract(epoch from v_base - v_horizon) * 1000 + p_lookahead_ms / 2.0)),
       'next_due_ms', 0);
   end if;
 
+  -- Heads of line: due, first of their recipient (priority, then enqueue
+  -- order), recipient not paced. Free-form heads whose recipient's 24-hour
+  -- window is closed fail here instead of being sent; the others get slots.
   with candidates as (
-    select q.id, q.priority, q.seq, q.recipient_phone
+    select q.id, q.priority, q.seq, q.recipient_phone,
+           q.message_type <> 'template' and not exists (
+             select from public.whatsapp_sessions s
+             where s.phone_number = q.recipient_phone and s.last_inbound_at > v_now - interval '24 hours'
+           ) as window_closed
     from public.whatsapp_message_queue q
     where q.status = 'pending' and q.available_at <= v_now and q.scheduled_at <= v_now
       and not exists (
@@ -1037,10 +1023,17 @@ begin
     order by q.priority, q.seq
     limit v_allowed
     for update of q skip locked
+  ), closed as (
+    update public.whatsapp_message_queue q set
+      status = 'failed', failed_at = v_now, error_code = 'outside_customer_service_window',
+      error_message = 'free-form messages need a message from the user in the last 24 hours; send a template'
+    from candidates c where q.id = c.id and c.window_closed
+    returning q.id, q.correlation_id, q.attempts
   ), slotted as (
     select c.id, c.recipient_phone,
            v_base + v_step * (row_number() over (order by c.priority, c.seq) - 1) as slot_at
     from candidates c
+    where not c.window_closed
   ), claimed as (
     update public.whatsapp_message_queue q set
       status = 'processing',
@@ -1058,14 +1051,25 @@ begin
     from claimed c order by c.recipient_phone
     on conflict (business_number, recipient_phone) do update set next_allowed_at = excluded.next_allowed_at
   )
-  select count(*), coalesce(jsonb_agg(jsonb_build_object(
-    'id', c.id, 'recipient_phone', c.recipient_phone, 'message_type', c.message_type,
-    'message_payload', c.message_payload, 'attempts', c.attempts, 'max_attempts', c.max_attempts,
-    'correlation_id', c.correlation_id,
-    'delay_ms', greatest(0, round(extract(epoch from c.slot_at - v_now) * 1000)))
-    order by c.priority, c.seq), '[]'::jsonb)
-  into v_count, v_messages
-  from claimed c;
+  select
+    (select count(*) from claimed),
+    (select coalesce(jsonb_agg(jsonb_build_object(
+       'id', c.id, 'recipient_phone', c.recipient_phone, 'message_type', c.message_type,
+       'message_payload', c.message_payload, 'attempts', c.attempts, 'max_attempts', c.max_attempts,
+       'correlation_id', c.correlation_id,
+       'delay_ms', greatest(0, round(extract(epoch from c.slot_at - v_now) * 1000)),
+       'slot_ms', round(extract(epoch from c.slot_at) * 1000, 3))
+       order by c.priority, c.seq), '[]'::jsonb) from claimed c),
+    v_metrics || (select coalesce(jsonb_agg(jsonb_build_object(
+       'service_name', 'whatsapp', 'metric_type', 'counter', 'metric_name', 'whatsapp.message.failed',
+       'value', 1, 'tags', jsonb_build_object('message_id', f.id, 'attempt', f.attempts,
+                                              'error_code', 'outside_customer_service_window'),
+       'correlation_id', f.correlation_id)), '[]'::jsonb) from closed f)
+  into v_count, v_messages, v_metrics;
+
+  if jsonb_array_length(v_metrics) > 0 then
+    perform public.record_metrics(v_metrics);
+  end if;
 
   update private.whatsapp_send_windows
   set next_slot_at = v_base + v_step * v_count, updated_at = now()
@@ -1084,8 +1088,11 @@ begin
     where business_number = p_business_number and next_allowed_at < v_now - interval '1 hour';
   end if;
 
+  -- now_ms: the database clock as the claim ends. A dispatcher sends each
+  -- message slot_ms - now_ms after it receives the answer, so the time the
+  -- claim spent waiting and working does not shift (and bunch) the sends.
   return jsonb_build_object('messages', v_messages, 'paused', false, 'pause_reason', null,
-    'wait_ms', 0, 'next_due_ms', case when v_count = 0 and v_next_due is not null then greatest(0, ceil(v_next_due)) end);
+    'now_ms', round(extract(epoch from clock_timestamp()) * 1000, 3), 'wait_ms', 0, 'next_due_ms', case when v_count = 0 and v_next_due is not null then greatest(0, ceil(v_next_due)) end);
 end;
 $$;
 
@@ -1138,6 +1145,7 @@ declare
   v_stopped integer;
   v_dead integer;
   v_stop_code text;
+  v_ids uuid[];
 begin
   if jsonb_typeof(p_results) is distinct from 'array' or jsonb_array_length(p_results) > 1000 then
     perform private.raise_error(400, 'invalid_results', 'results must be an array of at most 1000 objects');
@@ -1158,10 +1166,14 @@ begin
     perform private.raise_error(400, 'invalid_dispatch_settings',
       'retry_base_ms 1..3600000, retry_max_ms 1..86400000, pause_seconds 1..86400');
   end if;
+  -- Every update below is driven by this id list through the primary key, so
+  -- the plans stay index lookups even before the queue has statistics.
+  v_ids := array(select r.id from jsonb_to_recordset(p_results) as r(id uuid));
 
 
   -- sent: adopt any status event that beat us here (forward only)
-  with upd as (
+  with results as materialized (select * from private.whatsapp_results(p_results)),
+  upd as (
     update public.whatsapp_message_queue q set
       status = coalesce(ev.status, 'sent'),
       wamid = r.wamid,
@@ -1173,7 +1185,7 @@ begin
       error_message = case when ev.status = 'failed' then ev.error_message end,
       locked_by = null,
       locked_until = null
-    from private.whatsapp_results(p_results) r
+    from results r
     left join lateral (
       select s.status, s.occurred_at, s.error_code, s.error_message
       from public.whatsapp_message_statuses s
@@ -1181,7 +1193,7 @@ begin
       order by case s.status when 'read' then 4 when 'delivered' then 3 when 'failed' then 2.5 else 2 end desc
       limit 1
     ) ev on true
-    where r.outcome = 'sent' and q.id = r.id and q.wamid is null
+    where r.outcome = 'sent' and q.id = r.id and q.id = any(v_ids) and q.wamid is null
       and (q.status = 'pending' or (q.status = 'processing'))
     returning q.id, q.recipient_phone, q.correlation_id, q.attempts, r.duration_ms
   ), counted as (
@@ -1198,7 +1210,8 @@ begin
   v_metrics := v_metrics || v_part;
 
   -- retry: exponential backoff with jitter; out of attempts is a dead letter
-  with upd as (
+  with results as materialized (select * from private.whatsapp_results(p_results)),
+  upd as (
     update public.whatsapp_message_queue q set
       status = case when q.attempts >= q.max_attempts then 'failed' else 'pending' end,
       available_at = v_now + private.whatsapp_backoff(q.attempts, p_retry_base_ms, p_retry_max_ms),
@@ -1208,8 +1221,8 @@ begin
       dead_lettered_at = case when q.attempts >= q.max_attempts then v_now end,
       locked_by = null,
       locked_until = null
-    from private.whatsapp_results(p_results) r
-    where r.outcome = 'retry' and q.id = r.id and q.status = 'processing' and q.locked_by = p_dispatcher_id
+    from results r
+    where r.outcome = 'retry' and q.id = r.id and q.id = any(v_ids) and q.status = 'processing' and q.locked_by = p_dispatcher_id
     returning q.id, q.status, q.recipient_phone, q.correlation_id, q.attempts, q.error_code, r.duration_ms
   )
   select count(*) filter (where u.status = 'pending'), count(*) filter (where u.status = 'failed'),
@@ -1223,13 +1236,14 @@ begin
   v_metrics := v_metrics || v_part;
 
   -- failed: permanent, the code is kept
-  with upd as (
+  with results as materialized (select * from private.whatsapp_results(p_results)),
+  upd as (
     update public.whatsapp_message_queue q set
       status = 'failed', failed_at = v_now,
       error_code = coalesce(r.error_code, 'send_failed'), error_message = r.error_message,
       locked_by = null, locked_until = null
-    from private.whatsapp_results(p_results) r
-    where r.outcome = 'failed' and q.id = r.id and q.status = 'processing' and q.locked_by = p_dispatcher_id
+    from results r
+    where r.outcome = 'failed' and q.id = r.id and q.id = any(v_ids) and q.status = 'processing' and q.locked_by = p_dispatcher_id
     returning q.id, q.recipient_phone, q.correlation_id, q.attempts, q.error_code, q.error_message, r.duration_ms
   ), counted as (
     insert into public.whatsapp_sessions as s (phone_number, error_count, last_error, last_error_at)
@@ -1249,14 +1263,15 @@ begin
 
   -- stop: the token is expired or invalid. Put the message back without
   -- spending an attempt and pause the business number.
-  with upd as (
+  with results as materialized (select * from private.whatsapp_results(p_results)),
+  upd as (
     update public.whatsapp_message_queue q set
       status = 'pending', attempts = greatest(q.attempts - 1, 0),
       available_at = v_now + make_interval(secs => p_pause_seconds),
       error_code = coalesce(r.error_code, 'token_invalid'), error_message = r.error_message,
       locked_by = null, locked_until = null
-    from private.whatsapp_results(p_results) r
-    where r.outcome = 'stop' and q.id = r.id and q.status = 'processing' and q.locked_by = p_dispatcher_id
+    from results r
+    where r.outcome = 'stop' and q.id = r.id and q.id = any(v_ids) and q.status = 'processing' and q.locked_by = p_dispatcher_id
     returning q.id, q.correlation_id, q.error_code
   )
   select count(*), min(u.error_code), coalesce(jsonb_agg(jsonb_build_object(
@@ -1362,10 +1377,13 @@ as $$
     'in_flight', (select count(*) from public.whatsapp_message_queue where status = 'processing'),
     'failed', (select count(*) from public.whatsapp_message_queue where status = 'failed'),
     'dead_lettered', (select count(*) from public.whatsapp_message_queue where dead_lettered_at is not null),
-    'sent_last_minute', (select count(*) from public.whatsapp_message_queue
-                         where sent_at > now() - interval '1 minute'),
-    'send_rate_per_second', round((select count(*) from public.whatsapp_message_queue
-                                   where sent_at > now() - interval '1 minute') / 60.0, 3),
+    -- from the per-send metrics (indexed by name and time), not the queue
+    'sent_last_minute', (select count(*) from public.system_metrics
+                         where service_name = 'whatsapp' and metric_name = 'whatsapp.message.sent'
+                           and created_at > now() - interval '1 minute'),
+    'send_rate_per_second', round((select count(*) from public.system_metrics
+                                   where service_name = 'whatsapp' and metric_name = 'whatsapp.message.sent'
+                                     and created_at > now() - interval '1 minute') / 60.0, 3),
     'oldest_pending_seconds', (select round(extract(epoch from now() - min(created_at))::numeric, 3)
                                from public.whatsapp_message_queue where status = 'pending'),
     'paused', (select coalesce(jsonb_agg(jsonb_build_object(

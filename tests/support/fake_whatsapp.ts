@@ -227,10 +227,32 @@ export async function startFakeWhatsApp(opts: FakeOptions = {}): Promise<FakeWha
       }),
   };
 
+  // Control routes for a fake running in another process (benchmarks):
+  // GET /__fake/requests, POST /__fake/reset, POST /__fake/latency {"ms": n}.
+  const control = (path: string, raw: string, res: ServerResponse) => {
+    if (path === "/__fake/requests") {
+      return send(
+        res,
+        200,
+        requests.map(({ at, to, type, outcome }) => ({ at, to, type, outcome })),
+      );
+    }
+    if (path === "/__fake/reset") {
+      fake.reset();
+      return send(res, 200, { ok: true });
+    }
+    if (path === "/__fake/latency") {
+      fake.latencyMs = Number(JSON.parse(raw || "{}").ms ?? 0);
+      return send(res, 200, { ok: true, latency_ms: fake.latencyMs });
+    }
+    return send(res, 404, { error: { message: "unknown control route", code: 100 } });
+  };
+
   const server = createServer(async (req, res) => {
     const arrived = performance.now();
     const raw = await readBody(req).catch(() => "");
     const path = new URL(req.url ?? "/", "http://fake").pathname;
+    if (path.startsWith("/__fake/")) return control(path, raw, res);
     const match = /^\/(v\d+\.\d+)\/([^/]+)\/messages$/.exec(path);
     if (req.method !== "POST" || !match) {
       const e = graphError(100, "Unsupported request - method type: " + req.method);
