@@ -19,6 +19,12 @@ export const SCHEDULES: Schedule[] = [
     path: "observability/maintenance",
   },
   {
+    name: "run-jobs",
+    cron: "* * * * *",
+    everyMs: 60_000,
+    path: "jobs/run",
+  },
+  {
     name: "whatsapp-dispatch",
     cron: "* * * * *",
     everyMs: 60_000,

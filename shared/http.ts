@@ -189,3 +189,18 @@ export function runInBackground(work: Promise<unknown>, correlationId?: string):
   const runtime = (globalThis as { EdgeRuntime?: { waitUntil(p: Promise<unknown>): void } }).EdgeRuntime;
   runtime?.waitUntil(guarded);
 }
+
+const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,256}$/;
+
+/** The Idempotency-Key header, when sent (1-256 visible ASCII characters; else 400). */
+export function idempotencyKeyHeader(c: Ctx): string | undefined {
+  const key = c.req.header("idempotency-key");
+  if (key === undefined) return undefined;
+  if (!IDEMPOTENCY_KEY.test(key)) {
+    throw badRequest(
+      "invalid_idempotency_key",
+      "Idempotency-Key must be 1-256 visible ASCII characters",
+    );
+  }
+  return key;
+}

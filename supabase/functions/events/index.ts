@@ -1,0 +1,116 @@
+// events: the event store over HTTP.
+//
+//   POST /events                          append one event or {"events": [...]} atomically
+//                                         (user or service role)
+//   GET  /events/aggregates/:type/:id     an aggregate's history in version order, from a version
+//                                         (own aggregates for users, any for the service role)
+//   GET  /events/stream                   all events after a global position (service role)
+import { z } from "zod";
+import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
+import { jsonb, withClaims } from "../../../shared/db.ts";
+import { notFound } from "../../../shared/errors.ts";
+import { createApp, jsonBody, pathParams, queryParams } from "../../../shared/http.ts";
+
+const aggregateType = z.string().regex(/^[a-z][a-z0-9_]{0,62}$/);
+const aggregateId = z.string().min(1).max(256);
+const jsonObject = z.record(z.string(), z.unknown());
+const text128 = z.string().min(1).max(128);
+
+const event = z.object({
+  aggregate_type: aggregateType,
+  aggregate_id: aggregateId,
+  event_type: z.string().regex(/^[A-Za-z][A-Za-z0-9_.:-]{0,127}$/),
+  payload: jsonObject,
+  expected_version: z.number().int().min(-1).optional(),
+  metadata: jsonObject.optional(),
+  causation_id: text128.optional(),
+  correlation_id: text128.optional(),
+  user_id: z.uuid().optional(),
+}).strict();
+
+const appendBody = z.union([
+  event,
+  z.object({ events: z.array(event).min(1).max(1000) }).strict(),
+]);
+
+const historyQuery = z.object({
+  from_version: z.coerce.number().int().min(1).default(1),
+  limit: z.coerce.number().int().min(1).max(10000).default(1000),
+}).strict();
+
+const streamQuery = z.object({
+  after_position: z.coerce.number().int().min(0).default(0),
+  limit: z.coerce.number().int().min(1).max(10000).default(100),
+  aggregate_type: aggregateType.optional(),
+  event_type: z.string().min(1).max(128).optional(),
+}).strict();
+
+type Row = Record<string, unknown>;
+
+/** The API shape of an event row: numbers for versions and positions, no internals. */
+function toEvent({ tx_id: _, ...r }: Row) {
+  return {
+    ...r,
+    id: String(r.id),
+    version: Number(r.version),
+    position: r.position === null ? null : Number(r.position),
+  };
+}
+
+export const app = createApp("events");
+app.use("*", authenticate());
+
+app.post("/", async (c) => {
+  const who = requireUserOrService(c);
+  const body = await jsonBody(c, appendBody);
+  const events = "events" in body ? body.events : [body];
+  const rows = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) => tx`select * from public.append_events(${jsonb(tx, events)}, ${c.get("correlationId")})`,
+  );
+  const out = rows.map(toEvent);
+  return c.json("events" in body ? { events: out } : { event: out[0] }, 201);
+});
+
+app.get("/aggregates/:type/:id", async (c) => {
+  const who = requireUserOrService(c);
+  const { type, id } = pathParams(c, z.object({ type: aggregateType, id: aggregateId }));
+  const q = queryParams(c, historyQuery);
+  const rows = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select * from public.get_aggregate_events(
+         p_aggregate_type := ${type}, p_aggregate_id := ${id},
+         p_from_version := ${q.from_version}, p_limit := ${q.limit + 1})`,
+  );
+  if (rows.length === 0 && q.from_version === 1) throw notFound("no such aggregate");
+  const page = rows.slice(0, q.limit).map(toEvent);
+  return c.json({
+    aggregate_type: type,
+    aggregate_id: id,
+    events: page,
+    next_from_version: rows.length > q.limit ? page[page.length - 1].version + 1 : null,
+  });
+});
+
+app.get("/stream", async (c) => {
+  const who = requireService(c);
+  const q = queryParams(c, streamQuery);
+  const rows = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select * from public.read_event_stream(
+         p_after_position := ${q.after_position}, p_limit := ${q.limit},
+         p_aggregate_type := ${q.aggregate_type ?? null}, p_event_type := ${q.event_type ?? null})`,
+  );
+  const events = rows.map(toEvent);
+  return c.json({
+    events,
+    next_after_position: events.length > 0 ? events[events.length - 1].position : q.after_position,
+  });
+});
+
+if (import.meta.main) Deno.serve(app.fetch);

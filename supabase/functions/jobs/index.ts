@@ -1,0 +1,111 @@
+// jobs: background jobs over HTTP.
+//
+//   POST /jobs               schedule a job (user or service role; Idempotency-Key)
+//   GET  /jobs/:id           a job's status (own jobs for users, any for the service role)
+//   POST /jobs/:id/cancel    cancel a pending or running job (owner or service role)
+//   POST /jobs/:id/retry     run again now (owner or service role)
+//   POST /jobs/run           the worker: drains due jobs within a time budget
+//                            (service role; cron calls it every minute)
+import { z } from "zod";
+import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
+import { env } from "../../../shared/env.ts";
+import { jsonb, withClaims } from "../../../shared/db.ts";
+import { createApp, idempotencyKeyHeader, jsonBody, pathParams } from "../../../shared/http.ts";
+import { runJobs } from "./worker.ts";
+
+const jobType = z.string().regex(/^[a-z][a-z0-9_.-]{0,62}$/);
+const jobId = z.object({ id: z.string().regex(/^[1-9][0-9]{0,18}$/) });
+
+const scheduleBody = z.object({
+  job_type: jobType,
+  job_name: z.string().min(1).max(200),
+  payload: z.record(z.string(), z.unknown()).default({}),
+  run_at: z.iso.datetime({ offset: true }).optional(),
+  priority: z.number().int().min(0).max(1000).default(0),
+  max_attempts: z.number().int().min(1).max(25).default(3),
+  timeout_seconds: z.number().int().min(1).max(120).default(30),
+  idempotency_key: z.string().min(1).max(256).optional(),
+}).strict();
+
+const runBody = z.object({
+  budget_ms: z.number().int().min(100).max(25_000).optional(),
+  batch_size: z.number().int().min(1).max(100).default(10),
+  job_types: z.array(jobType).min(1).max(100).optional(),
+}).strict();
+
+type Row = Record<string, unknown>;
+const toJob = (r: Row) => ({ ...r, id: String(r.id) });
+
+export const app = createApp("jobs");
+app.use("*", authenticate());
+
+app.post("/", async (c) => {
+  const who = requireUserOrService(c);
+  const body = await jsonBody(c, scheduleBody);
+  const key = body.idempotency_key ?? idempotencyKeyHeader(c);
+  const correlationId = c.get("correlationId");
+  const [row] = await withClaims(
+    who,
+    correlationId,
+    (tx) =>
+      tx`select j.*, j.created_at = now() as created from public.schedule_job(
+         p_job_type := ${body.job_type},
+         p_job_name := ${body.job_name},
+         p_payload := ${jsonb(tx, body.payload)},
+         p_run_at := ${body.run_at ?? null},
+         p_priority := ${body.priority},
+         p_max_attempts := ${body.max_attempts},
+         p_timeout_seconds := ${body.timeout_seconds},
+         p_idempotency_key := ${key ?? null},
+         p_correlation_id := ${correlationId}) j`,
+  );
+  const { created, ...job } = row;
+  return c.json({ job: toJob(job) }, created ? 201 : 200);
+});
+
+app.post("/run", async (c) => {
+  const who = requireService(c);
+  const body = await jsonBody(c, runBody.default({ batch_size: 10 }));
+  const summary = await runJobs(who, c.get("correlationId"), {
+    budgetMs: body.budget_ms ?? env().JOBS_RUN_BUDGET_MS,
+    batchSize: body.batch_size,
+    jobTypes: body.job_types,
+    workerId: `jobs-run:${c.get("correlationId")}`.slice(0, 128),
+  });
+  return c.json(summary);
+});
+
+app.get("/:id", async (c) => {
+  const who = requireUserOrService(c);
+  const { id } = pathParams(c, jobId);
+  const [row] = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) => tx`select * from public.get_job(${id}::bigint)`,
+  );
+  return c.json({ job: toJob(row) });
+});
+
+app.post("/:id/cancel", async (c) => {
+  const who = requireUserOrService(c);
+  const { id } = pathParams(c, jobId);
+  const [row] = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) => tx`select * from public.cancel_job(${id}::bigint)`,
+  );
+  return c.json({ job: toJob(row) });
+});
+
+app.post("/:id/retry", async (c) => {
+  const who = requireUserOrService(c);
+  const { id } = pathParams(c, jobId);
+  const [row] = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) => tx`select * from public.retry_job(${id}::bigint)`,
+  );
+  return c.json({ job: toJob(row) });
+});
+
+if (import.meta.main) Deno.serve(app.fetch);

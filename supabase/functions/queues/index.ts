@@ -1,0 +1,137 @@
+// queues: the generic message queue over HTTP.
+//
+//   POST /queues/:queue/messages              send one message or {"messages": [...]}
+//                                             (user or service role; a user's messages carry
+//                                             their user id and their idempotency keys)
+//   POST /queues/:queue/claim                 claim a batch with a visibility timeout (service role)
+//   POST /queues/:queue/messages/:id/ack      done (service role, lease holder)
+//   POST /queues/:queue/messages/:id/nack     give back: retry with backoff or dead letter
+//                                             (service role, lease holder)
+//   GET  /queues/:queue/metrics               depth, in flight, dead, oldest age (service role)
+//
+// Consumers are backends: claiming, settling and metrics are for the service
+// role only. Users may only send, and never see other senders' messages.
+import { z } from "zod";
+import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
+import { jsonb, withClaims } from "../../../shared/db.ts";
+import { createApp, idempotencyKeyHeader, jsonBody, pathParams } from "../../../shared/http.ts";
+
+const queueName = z.string().regex(/^[a-z][a-z0-9_-]{0,62}$/);
+const messageId = z.string().regex(/^[1-9][0-9]{0,18}$/);
+const idempotencyKey = z.string().min(1).max(256);
+
+const message = z.object({
+  payload: z.record(z.string(), z.unknown()),
+  message_type: z.string().regex(/^[A-Za-z][A-Za-z0-9_.:-]{0,127}$/).optional(),
+  priority: z.number().int().min(0).max(1000).optional(),
+  delay_seconds: z.number().int().min(0).max(31536000).optional(),
+  max_attempts: z.number().int().min(1).max(100).optional(),
+  idempotency_key: idempotencyKey.optional(),
+  correlation_id: z.string().min(1).max(128).optional(),
+}).strict();
+
+const sendBody = z.union([
+  message,
+  z.object({ messages: z.array(message).min(1).max(1000) }).strict(),
+]);
+
+const claimBody = z.object({
+  limit: z.number().int().min(1).max(1000).default(10),
+  visibility_timeout_seconds: z.number().min(0.1).max(43200).default(30),
+  consumer: z.string().min(1).max(128).optional(),
+}).strict();
+
+const ackBody = z.object({ lease_token: z.uuid() }).strict();
+const nackBody = z.object({
+  lease_token: z.uuid(),
+  error: z.string().max(4000).optional(),
+  delay_seconds: z.number().min(0).max(31536000).optional(),
+}).strict();
+
+type Row = Record<string, unknown>;
+const toMessage = (r: Row) => ({ ...r, id: String(r.id) });
+
+export const app = createApp("queues");
+app.use("*", authenticate());
+
+app.post("/:queue/messages", async (c) => {
+  const who = requireUserOrService(c);
+  const { queue } = pathParams(c, z.object({ queue: queueName }));
+  const body = await jsonBody(c, sendBody);
+  const header = idempotencyKeyHeader(c);
+  const messages = "messages" in body
+    ? body.messages
+    : [{ ...body, idempotency_key: body.idempotency_key ?? header }];
+  const rows = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select q.*, q.created_at = now() as created
+       from public.send_messages(${queue}, ${jsonb(tx, messages)}, ${c.get("correlationId")}) q`,
+  );
+  const created = rows.some((r) => r.created);
+  const out = rows.map(({ created: _, ...r }) => toMessage(r));
+  return c.json("messages" in body ? { messages: out } : { message: out[0] }, created ? 201 : 200);
+});
+
+app.post("/:queue/claim", async (c) => {
+  const who = requireService(c);
+  const { queue } = pathParams(c, z.object({ queue: queueName }));
+  const body = await jsonBody(c, claimBody.default({ limit: 10, visibility_timeout_seconds: 30 }));
+  const rows = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select * from public.claim_messages(${queue}, ${body.limit},
+         ${body.visibility_timeout_seconds}, ${body.consumer ?? null})`,
+  );
+  return c.json({ messages: rows.map(toMessage) });
+});
+
+app.post("/:queue/messages/:id/ack", async (c) => {
+  const who = requireService(c);
+  const { queue, id } = pathParams(c, z.object({ queue: queueName, id: messageId }));
+  const body = await jsonBody(c, ackBody);
+  const [row] = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select * from public.ack_message(${queue}, ${id}::bigint, ${body.lease_token}::uuid)`,
+  );
+  return c.json({ message: toMessage(row) });
+});
+
+app.post("/:queue/messages/:id/nack", async (c) => {
+  const who = requireService(c);
+  const { queue, id } = pathParams(c, z.object({ queue: queueName, id: messageId }));
+  const body = await jsonBody(c, nackBody);
+  const [row] = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select * from public.nack_message(${queue}, ${id}::bigint, ${body.lease_token}::uuid,
+         ${body.error ?? null}, ${body.delay_seconds ?? null})`,
+  );
+  return c.json({ message: toMessage(row) });
+});
+
+app.get("/:queue/metrics", async (c) => {
+  const who = requireService(c);
+  const { queue } = pathParams(c, z.object({ queue: queueName }));
+  const [m] = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) => tx`select * from public.queue_metrics(${queue})`,
+  );
+  return c.json({
+    ...m,
+    depth: Number(m.depth),
+    delayed: Number(m.delayed),
+    in_flight: Number(m.in_flight),
+    dead: Number(m.dead),
+    completed: Number(m.completed),
+    total: Number(m.total),
+  });
+});
+
+if (import.meta.main) Deno.serve(app.fetch);

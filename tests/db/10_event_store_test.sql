@@ -1,0 +1,105 @@
+-- Event store: the spec's calls, versions, expected versions, batches,
+-- validation, the commit-safe global position, and the RLS matrix.
+begin;
+select plan(32);
+
+-- the spec's calls, verbatim
+select is((public.append_event(
+  p_aggregate_id := 'trip-123',
+  p_aggregate_type := 'trip',
+  p_event_type := 'trip_completed',
+  p_payload := '{"fare": 5000}'::jsonb
+)).version, 1::bigint, 'append_event works as the spec calls it and starts at version 1');
+select is((select count(*)::int from public.get_aggregate_events(
+  p_aggregate_type := 'trip',
+  p_aggregate_id := 'trip-123'
+)), 1, 'get_aggregate_events works as the spec calls it');
+
+select is((public.append_event('trip-123', 'trip', 'fare_adjusted', '{"fare": 4500}',
+  p_expected_version := 1, p_correlation_id := 'corr-1', p_causation_id := 'cmd-9',
+  p_metadata := '{"source": "test"}')).version, 2::bigint, 'an expected version that matches appends');
+select is((select correlation_id || '/' || causation_id || '/' || (metadata ->> 'source')
+           from public.event_store where version = 2 and aggregate_id = 'trip-123'),
+  'corr-1/cmd-9/test', 'correlation, causation and metadata are kept');
+select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_expected_version := 1)$$,
+  'PT409', 'version_conflict', 'a stale expected version is a conflict');
+select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_expected_version := -1)$$,
+  'PT409', 'version_conflict', 'expected version -1 means no events yet');
+select is((public.append_event('trip-new', 'trip', 'trip_created', '{}', p_expected_version := -1)).version,
+  1::bigint, 'expected version -1 starts a new aggregate');
+select is((select count(*)::int from public.event_store where aggregate_id = 'trip-123'), 2,
+  'a conflict writes nothing');
+
+-- bad input is refused and writes nothing
+select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '[1]')$$,
+  'PT400', 'invalid_payload', 'a payload must be an object');
+select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_expected_version := -2)$$,
+  'PT400', 'invalid_expected_version', 'expected versions below -1 are refused');
+select throws_ok($$select public.append_event('trip-123', 'Trip!', 'x', '{}')$$,
+  '23514', null, 'aggregate types are checked');
+select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_metadata := '"m"')$$,
+  'PT400', 'invalid_metadata', 'metadata must be an object');
+select is((select version from public.event_streams where aggregate_id = 'trip-123'), 2::bigint,
+  'refused appends leave the stream version alone');
+
+-- batches: atomic, in order, several aggregates
+select is((select array_agg(version order by id) from public.append_events(
+  '[{"aggregate_type":"trip","aggregate_id":"b1","event_type":"a","payload":{}},
+    {"aggregate_type":"trip","aggregate_id":"b1","event_type":"b","payload":{},"expected_version":1},
+    {"aggregate_type":"wallet","aggregate_id":"w1","event_type":"c","payload":{}}]')),
+  array[1, 2, 1]::bigint[], 'a batch appends to several aggregates in array order');
+select throws_ok($$select public.append_events(
+  '[{"aggregate_type":"trip","aggregate_id":"b1","event_type":"d","payload":{}},
+    {"aggregate_type":"trip","aggregate_id":"b2","event_type":"e","payload":{},"expected_version":7}]')$$,
+  'PT409', 'version_conflict', 'one conflict refuses the whole batch');
+select is((select count(*)::int from public.event_store where aggregate_id in ('b1', 'b2')), 2,
+  'nothing of a refused batch is kept');
+select is((select version from public.event_streams where aggregate_id = 'b1'), 2::bigint,
+  'the refused batch did not move versions');
+
+-- from a version, in version order
+select is((select array_agg(version) from public.get_aggregate_events('trip', 'b1', p_from_version := 2)),
+  array[2]::bigint[], 'history from a given version');
+
+-- the global position: sequenced in commit order, dense, after the fact
+select is((select count(*)::int from public.event_store where position is null), 6,
+  'events are written without a position');
+select is(public.sequence_events(), 0, 'events of a running transaction are not numbered yet');
+
+-- fixtures for the RLS matrix
+create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;
+grant select on ids to authenticated, anon, service_role;
+
+select tests.authenticate_as((select alice from ids));
+select is((public.append_event('ride-a', 'trip', 'trip_requested', '{}',
+  p_user_id := (select bob from ids))).user_id, (select alice from ids),
+  'a user appends as themselves, whatever user_id they pass');
+select is((select count(*)::int from public.event_store), 1, 'alice sees only her aggregates');
+select is((select count(*)::int from public.get_aggregate_events('trip', 'trip-123')), 0,
+  'alice cannot read an aggregate without her events');
+select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}')$$,
+  'PT404', 'aggregate_not_found', 'alice cannot append to an aggregate that is not hers');
+select throws_ok($$select * from public.read_event_stream()$$, '42501', null,
+  'users cannot read the global stream');
+select throws_ok($$insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
+                  values ('trip', 'forged', 'x', 1, '{}')$$, '42501', null, 'users cannot insert events directly');
+
+select tests.authenticate_as((select bob from ids));
+select is((select count(*)::int from public.get_aggregate_events('trip', 'ride-a')), 0,
+  'bob does not see alice''s aggregate');
+
+select tests.authenticate_as_anon();
+select throws_ok($$select count(*) from public.event_store$$, '42501', null, 'anon cannot read events');
+select throws_ok($$select public.append_event('t', 'trip', 'x', '{}')$$, '42501', null,
+  'anon cannot append');
+
+select tests.authenticate_as_service_role();
+select is((select count(*)::int from public.event_store), 7, 'service_role sees every event');
+select ok((select user_id from public.append_event('svc-1', 'trip', 'x', '{}',
+  p_user_id := (select bob from ids))) = (select bob from ids),
+  'service_role may append on a user''s behalf');
+select is((select count(*)::int from public.read_event_stream(0, 100)), 0,
+  'the stream holds nothing while the writing transaction is open');
+
+select * from finish();
+rollback;

@@ -1,0 +1,106 @@
+-- Message queue: send (one, batch, idempotent), claim order and leases, ack,
+-- nack with backoff, dead letters, lease expiry, purge, metrics, validation
+-- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
+begin;
+select plan(34);
+
+select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
+  'send_message queues a pending message');
+select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).id,
+  (select id from public.message_queue where idempotency_key = 'k1'), 'the same key returns the same message');
+select is((select count(*)::int from public.message_queue where idempotency_key = 'k1'), 1,
+  'an idempotency key sends once');
+select throws_ok($$select public.send_message('emails', '{"n": 2}', p_idempotency_key := 'k1')$$,
+  'PT409', 'idempotency_key_conflict', 'a key reused for another message is a conflict');
+
+-- bad input is refused and sends nothing
+select throws_ok($$select public.send_message('Bad Queue!', '{}')$$, 'PT400', 'invalid_queue_name',
+  'queue names are checked');
+select throws_ok($$select public.send_message('emails', '[1]')$$, 'PT400', 'invalid_payload',
+  'a payload must be an object');
+select throws_ok($$select public.send_message('emails', '{}', p_priority := -1)$$, 'PT400', 'invalid_priority',
+  'negative priorities are refused');
+select throws_ok($$select public.send_messages('emails', '[{"payload":{}}, {"payload":3}]')$$,
+  'PT400', 'invalid_payload', 'one bad message refuses the batch');
+select is((select count(*)::int from public.message_queue), 1, 'nothing of refused sends was kept');
+
+select is((select array_agg(priority order by id) from public.send_messages('emails',
+  '[{"payload":{"n":2}}, {"payload":{"n":3},"priority":5}, {"payload":{"n":4},"delay_seconds":3600}]')),
+  array[0, 5, 0], 'a batch sends in order');
+
+-- claim: priority first, then age; delayed messages wait
+create temp table c1 as select * from public.claim_messages('emails', 10, 30, 'consumer-1');
+select is((select array_agg(payload ->> 'n' order by priority desc, id) from c1), array['3', '1', '2'],
+  'claims take priority then age, and skip delayed messages');
+select ok((select bool_and(status = 'processing' and attempts = 1 and lease_token is not null
+                           and locked_by = 'consumer-1') from c1), 'claimed messages are leased');
+select is((select count(*)::int from public.claim_messages('emails', 10, 30)), 0,
+  'leased messages are invisible to other consumers');
+
+-- ack
+select is((public.ack_message('emails', (select id from c1 where payload ->> 'n' = '3'),
+  (select lease_token from c1 where payload ->> 'n' = '3'))).status, 'completed', 'ack completes');
+select throws_ok(format($$select public.ack_message('emails', %s, %L)$$,
+  (select id from c1 where payload ->> 'n' = '3'), (select lease_token from c1 where payload ->> 'n' = '3')),
+  'PT409', 'lease_lost', 'a message cannot be acked twice');
+select throws_ok(format($$select public.ack_message('emails', %s, %L)$$,
+  (select id from c1 where payload ->> 'n' = '1'), gen_random_uuid()),
+  'PT409', 'lease_lost', 'only the lease holder can ack');
+select throws_ok(format($$select public.ack_message('sms', %s, %L)$$,
+  (select id from c1 where payload ->> 'n' = '1'), (select lease_token from c1 where payload ->> 'n' = '1')),
+  'PT404', 'message_not_found', 'a message is acked in its own queue only');
+
+-- nack: backoff, then dead letter after max attempts
+create temp table m as select * from public.send_message('retries', '{"x": 1}', p_max_attempts := 2);
+create temp table a1 as select * from public.claim_messages('retries', 1, 30);
+create temp table n1 as select * from public.nack_message('retries', (select id from a1),
+  (select lease_token from a1), 'boom');
+select ok((select status = 'pending' and visible_at > now() + interval '1 second'
+                  and visible_at < now() + interval '3 seconds' and last_error = 'boom' from n1),
+  'a nack makes the message visible again after a backoff of about 2 s');
+update public.message_queue set visible_at = now() where queue_name = 'retries';
+create temp table a2 as select * from public.claim_messages('retries', 1, 30);
+select is((select attempts from a2), 2, 'the retry is a new attempt');
+select is((public.nack_message('retries', (select id from a2), (select lease_token from a2), 'boom again')).status,
+  'dead', 'after max attempts a nack dead-letters the message');
+select is((select count(*)::int from public.claim_messages('retries', 10, 30)), 0,
+  'dead letters are not delivered');
+
+-- lease expiry: a crashed consumer's message comes back
+select public.send_message('leases', '{"x": 1}');
+create temp table l1 as select * from public.claim_messages('leases', 1, 30);
+update public.message_queue set visible_at = now() - interval '1 second' where queue_name = 'leases';
+create temp table l2 as select * from public.claim_messages('leases', 1, 30);
+select is((select id from l2), (select id from l1), 'an expired lease makes the message visible again');
+select isnt((select lease_token from l2), (select lease_token from l1), 'with a new lease token');
+select throws_ok(format($$select public.ack_message('leases', %s, %L)$$, (select id from l1), (select lease_token from l1)),
+  'PT409', 'lease_lost', 'the first consumer can no longer ack');
+select is((public.extend_message_lease('leases', (select id from l2), (select lease_token from l2), 600)).visible_at
+  > now() + interval '599 seconds', true, 'the holder can extend its lease');
+
+-- metrics and purge
+select is((select row(depth, delayed, in_flight, dead, completed, total)::text from public.queue_metrics('emails')),
+  '(0,1,2,0,1,4)', 'metrics count depth, delayed, in flight, dead and completed');
+select ok((select oldest_age_seconds >= 0 from public.queue_metrics('emails')), 'metrics give the oldest age');
+select is(public.purge_queue('emails', 'completed'), 1::bigint, 'purge by status');
+select is(public.purge_queue('emails'), 3::bigint, 'purge everything left');
+
+-- RLS matrix
+create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;
+grant select on ids to authenticated, anon, service_role;
+
+select tests.authenticate_as((select alice from ids));
+select is((public.send_message('uploads', '{"f": 1}', p_idempotency_key := 'same')).user_id,
+  (select alice from ids), 'a user''s message carries their id');
+select is((select count(*)::int from public.message_queue), 1, 'alice sees only her own messages');
+select throws_ok($$select public.claim_messages('uploads')$$, '42501', null, 'users cannot claim');
+
+select tests.authenticate_as((select bob from ids));
+select isnt((public.send_message('uploads', '{"f": 2}', p_idempotency_key := 'same')).user_id,
+  (select alice from ids), 'idempotency keys are per sender: bob does not get alice''s message');
+
+select tests.authenticate_as_anon();
+select throws_ok($$select public.send_message('uploads', '{}')$$, '42501', null, 'anon cannot send');
+
+select * from finish();
+rollback;

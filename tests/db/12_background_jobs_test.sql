@@ -1,0 +1,102 @@
+-- Background jobs: the spec's call, idempotency, claim, complete, fail with
+-- growing backoff until failed, timeouts, cancel, retry-now, validation and
+-- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
+begin;
+select plan(28);
+
+create temp table j1 as select * from public.schedule_job(
+  p_job_type := 'payment_processing',
+  p_job_name := 'Process Payment',
+  p_payload := '{"amount": 5000}'::jsonb
+);
+select is((select status from j1), 'pending', 'schedule_job works as the spec calls it');
+select is((public.schedule_job('report', 'Daily report', '{}', p_idempotency_key := 'day-1')).id,
+  (public.schedule_job('report', 'Daily report', '{}', p_idempotency_key := 'day-1')).id,
+  'an idempotency key schedules once');
+select throws_ok($$select public.schedule_job('report', 'Daily report', '{"other": 1}', p_idempotency_key := 'day-1')$$,
+  'PT409', 'idempotency_key_conflict', 'a key reused for another job is a conflict');
+select throws_ok($$select public.schedule_job('report', 'x', '[]')$$, 'PT400', 'invalid_payload',
+  'a payload must be an object');
+select throws_ok($$select public.schedule_job('report', 'x', '{}', p_priority := -1)$$, 'PT400',
+  'invalid_priority', 'negative priorities are refused');
+select throws_ok($$select public.schedule_job('report', 'x', '{}', p_timeout_seconds := 600)$$, '23514', null,
+  'timeouts are capped so a worker run fits the edge limit');
+select is((select count(*)::int from public.background_jobs), 2, 'refused jobs are not kept');
+select public.schedule_job('later', 'Later', '{}', p_run_at := now() + interval '1 hour');
+
+-- claim and complete
+create temp table c1 as select * from public.claim_jobs(array['payment_processing'], 10, 'w1');
+select is((select count(*)::int from c1), 1, 'claim_jobs takes due jobs of the given types');
+select ok((select status = 'running' and attempts = 1 and visible_at > now() + interval '29 seconds'
+           from c1), 'a claimed job is running, leased for its timeout');
+select is((select count(*)::int from public.claim_jobs(null, 10)), 1,
+  'jobs not yet due stay pending (only the report was claimable)');
+select is((public.complete_job((select id from c1), (select lease_token from c1), '{"paid": true}')).result,
+  '{"paid": true}'::jsonb, 'complete_job stores the result');
+select throws_ok(format($$select public.complete_job(%s, %L)$$, (select id from c1), (select lease_token from c1)),
+  'PT409', 'lease_lost', 'a finished job cannot be completed again');
+
+-- fail: growing delays, then failed
+create temp table f as select * from public.schedule_job('flaky', 'Flaky', '{}', p_max_attempts := 3);
+create temp table delays (attempt int, delay interval);
+do $$
+declare
+  v_job public.background_jobs;
+  v_failed public.background_jobs;
+begin
+  for i in 1..3 loop
+    update public.background_jobs set visible_at = now() where job_type = 'flaky';
+    select * into v_job from public.claim_jobs(array['flaky'], 1);
+    select * into v_failed from public.fail_job(v_job.id, v_job.lease_token, 'boom ' || i);
+    insert into delays values (i, v_failed.visible_at - now());
+  end loop;
+end;
+$$;
+select ok((select delay from delays where attempt = 1) between interval '7 seconds' and interval '13 seconds',
+  'the first retry waits about 10 s');
+select ok((select delay from delays where attempt = 2) > (select delay from delays where attempt = 1) * 1.3,
+  'the second retry waits longer');
+select is((select status || ':' || attempts || ':' || last_error from public.background_jobs where job_type = 'flaky'),
+  'failed:3:boom 3', 'after max attempts the job ends failed');
+
+-- timeouts: a job running past its timeout
+create temp table h as select * from public.schedule_job('hangs', 'Hangs', '{}', p_max_attempts := 1,
+  p_timeout_seconds := 1);
+create temp table hc as select * from public.claim_jobs(array['hangs'], 1);
+update public.background_jobs set visible_at = now() - interval '1 second' where job_type = 'hangs';
+select is(public.timeout_jobs(), 1, 'timeout_jobs finds the job past its timeout');
+select is((select status from public.background_jobs where job_type = 'hangs'), 'timeout',
+  'with no attempts left it ends timed out');
+select throws_ok(format($$select public.fail_job(%s, %L, 'late', true)$$, (select id from hc), (select lease_token from hc)),
+  'PT409', 'lease_lost', 'a timed-out job cannot be settled by its old worker');
+
+-- retry now and cancel
+select is((public.retry_job((select id from h))).status, 'pending', 'retry-now requeues a timed-out job');
+select is((select attempts from public.background_jobs where job_type = 'hangs'), 0,
+  'with a fresh set of attempts');
+select is((public.cancel_job((select id from h))).status, 'cancelled', 'a pending job can be cancelled');
+select throws_ok(format($$select public.cancel_job(%s)$$, (select id from h)), 'PT409', 'invalid_state',
+  'a cancelled job cannot be cancelled again');
+
+-- RLS matrix
+create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;
+grant select on ids, f to authenticated, anon, service_role;
+
+select tests.authenticate_as((select alice from ids));
+create temp table aj as select * from public.schedule_job('export', 'My export', '{}');
+grant select on aj to authenticated, anon, service_role;
+select is((select user_id from aj), (select alice from ids), 'a user''s job is theirs');
+select is((select count(*)::int from public.background_jobs), 1, 'alice sees only her jobs');
+select throws_ok(format($$select public.cancel_job(%s)$$, (select id from f)), 'PT404', 'job_not_found',
+  'alice cannot cancel someone else''s job');
+select throws_ok($$select public.claim_jobs()$$, '42501', null, 'users cannot claim jobs');
+
+select tests.authenticate_as((select bob from ids));
+select throws_ok(format($$select public.get_job(%s)$$, (select id from aj)), 'PT404', 'job_not_found',
+  'bob cannot read alice''s job');
+
+select tests.authenticate_as_anon();
+select throws_ok($$select public.schedule_job('x', 'y', '{}')$$, '42501', null, 'anon cannot schedule');
+
+select * from finish();
+rollback;

@@ -1,0 +1,176 @@
+import assert from "node:assert/strict";
+import postgres from "postgres";
+import { app } from "../../supabase/functions/events/index.ts";
+import {
+  anonToken,
+  call,
+  createUser,
+  dbTest,
+  expectError,
+  freshDatabase,
+  serviceToken,
+  userToken,
+} from "../support/harness.ts";
+
+Deno.env.set("DB_POOL_SIZE", "16");
+const db = await freshDatabase();
+
+const event = (id: string, extra: Record<string, unknown> = {}) => ({
+  aggregate_type: "trip",
+  aggregate_id: id,
+  event_type: "trip_requested",
+  payload: { fare: 5000 },
+  ...extra,
+});
+
+dbTest("the service role appends one event and reads it back", async () => {
+  const token = await serviceToken();
+  const res = await call(app, "POST", "/events", { token, body: event("trip-1") });
+  assert.equal(res.status, 201, JSON.stringify(res.body));
+  assert.equal(res.body.event.version, 1);
+  assert.deepEqual(res.body.event.payload, { fare: 5000 });
+  const history = await call(app, "GET", "/events/aggregates/trip/trip-1", { token });
+  assert.equal(history.status, 200);
+  assert.deepEqual(history.body.events.map((e: { version: number }) => e.version), [1]);
+});
+
+dbTest("50 concurrent appends with the same expected version: one wins, 49 get 409", async () => {
+  const token = await serviceToken();
+  await call(app, "POST", "/events", { token, body: event("race") });
+  const results = await Promise.all(
+    Array.from({ length: 50 }, (_, i) =>
+      call(app, "POST", "/events", {
+        token,
+        body: event("race", { event_type: "fare_changed", payload: { i }, expected_version: 1 }),
+      })),
+  );
+  const statuses = results.map((r) => r.status).sort();
+  assert.equal(statuses.filter((s) => s === 201).length, 1);
+  assert.equal(statuses.filter((s) => s === 409).length, 49);
+  for (const r of results.filter((r) => r.status === 409)) expectError(r, 409, "version_conflict");
+  const [row] = await db.sql`select count(*)::int as n, max(version)::int as v
+                             from public.event_store where aggregate_id = 'race'`;
+  assert.deepEqual({ ...row }, { n: 2, v: 2 });
+});
+
+dbTest("concurrent appends without expected versions get unique gapless versions", async () => {
+  const clients = Array.from({ length: 8 }, () => postgres(db.url, { max: 1, onnotice: () => {} }));
+  try {
+    await Promise.all(clients.map((sql, c) =>
+      (async () => {
+        for (let i = 0; i < 25; i++) {
+          await sql`select public.append_event('gapless', 'trip', 'tick', ${sql.json({ c, i })})`;
+        }
+      })()
+    ));
+  } finally {
+    await Promise.all(clients.map((c) => c.end()));
+  }
+  const rows = await db.sql`select version::int from public.event_store
+                            where aggregate_id = 'gapless' order by version`;
+  assert.deepEqual(rows.map((r) => r.version), Array.from({ length: 200 }, (_, i) => i + 1));
+});
+
+dbTest("a batch is atomic and bad input writes nothing", async () => {
+  const token = await serviceToken();
+  const ok = await call(app, "POST", "/events", {
+    token,
+    body: {
+      events: [event("batch-1"), event("batch-1", { expected_version: 1 }), event("batch-2")],
+    },
+  });
+  assert.equal(ok.status, 201, JSON.stringify(ok.body));
+  assert.deepEqual(ok.body.events.map((e: { version: number }) => e.version), [1, 2, 1]);
+
+  const conflict = await call(app, "POST", "/events", {
+    token,
+    body: { events: [event("batch-2"), event("batch-1", { expected_version: 1 })] },
+  });
+  expectError(conflict, 409, "version_conflict");
+  expectError(
+    await call(app, "POST", "/events", { token, body: event("bad", { payload: [1] }) }),
+    400,
+  );
+  expectError(
+    await call(app, "POST", "/events", { token, body: event("bad", { expected_version: -2 }) }),
+    400,
+  );
+  expectError(
+    await call(app, "POST", "/events", {
+      token,
+      body: event("bad", { aggregate_type: "Bad Type" }),
+    }),
+    400,
+  );
+  const [row] = await db.sql`select count(*)::int as n from public.event_store
+                             where aggregate_id in ('batch-1', 'batch-2', 'bad')`;
+  assert.equal(row.n, 3);
+});
+
+dbTest("history is in version order from a version, with paging", async () => {
+  const token = await serviceToken();
+  const events = Array.from({ length: 5 }, (_, i) => event("paged", { payload: { i } }));
+  assert.equal((await call(app, "POST", "/events", { token, body: { events } })).status, 201);
+  const page = await call(app, "GET", "/events/aggregates/trip/paged?from_version=2&limit=2", {
+    token,
+  });
+  assert.deepEqual(page.body.events.map((e: { version: number }) => e.version), [2, 3]);
+  assert.equal(page.body.next_from_version, 4);
+  expectError(await call(app, "GET", "/events/aggregates/trip/nothing-here", { token }), 404);
+});
+
+dbTest("users read their own aggregates only; anon nothing", async () => {
+  const alice = await createUser(db);
+  const bob = await createUser(db);
+  const aliceToken = await userToken(alice);
+  const created = await call(app, "POST", "/events", {
+    token: aliceToken,
+    body: event("ride-alice"),
+  });
+  assert.equal(created.status, 201);
+  assert.equal(created.body.event.user_id, alice);
+  const mine = await call(app, "GET", "/events/aggregates/trip/ride-alice", { token: aliceToken });
+  assert.equal(mine.body.events.length, 1);
+  const bobToken = await userToken(bob);
+  expectError(
+    await call(app, "GET", "/events/aggregates/trip/ride-alice", { token: bobToken }),
+    404,
+  );
+  expectError(
+    await call(app, "POST", "/events", { token: bobToken, body: event("ride-alice") }),
+    404,
+    "aggregate_not_found",
+  );
+  expectError(await call(app, "GET", "/events/stream", { token: aliceToken }), 403);
+  const anon = await anonToken();
+  expectError(await call(app, "POST", "/events", { token: anon, body: event("x") }), 401);
+  expectError(await call(app, "GET", "/events/aggregates/trip/ride-alice", { token: anon }), 401);
+  expectError(await call(app, "GET", "/events/stream", { token: anon }), 401);
+});
+
+dbTest("the stream never skips an event whose transaction commits late", async () => {
+  const token = await serviceToken();
+  const head = await call(app, "GET", "/events/stream?limit=10000", { token });
+  const after = head.body.next_after_position as number;
+
+  const slow = await db.sql.reserve();
+  try {
+    await slow`begin`;
+    await slow`select public.append_event('late', 'trip', 'slow_one', '{}')`;
+    // a later transaction commits first
+    assert.equal((await call(app, "POST", "/events", { token, body: event("early") })).status, 201);
+    const meanwhile = await call(app, "GET", `/events/stream?after_position=${after}`, { token });
+    assert.deepEqual(meanwhile.body.events, [], "nothing is numbered past the open transaction");
+    await slow`commit`;
+  } finally {
+    slow.release();
+  }
+  const res = await call(app, "GET", `/events/stream?after_position=${after}`, { token });
+  assert.deepEqual(res.body.events.map((e: { aggregate_id: string }) => e.aggregate_id), [
+    "late",
+    "early",
+  ]);
+  const positions = res.body.events.map((e: { position: number }) => e.position);
+  assert.deepEqual(positions, [after + 1, after + 2]);
+  assert.equal(res.body.next_after_position, after + 2);
+});

@@ -1,0 +1,201 @@
+import assert from "node:assert/strict";
+import { app } from "../../supabase/functions/jobs/index.ts";
+import { registerJobHandler } from "../../supabase/functions/jobs/handlers.ts";
+import {
+  anonToken,
+  call,
+  createUser,
+  dbTest,
+  expectError,
+  freshDatabase,
+  serviceToken,
+  userToken,
+} from "../support/harness.ts";
+
+const db = await freshDatabase();
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+let throwsCalls = 0;
+registerJobHandler("test_ok", (job) => Promise.resolve({ doubled: Number(job.payload.n) * 2 }));
+registerJobHandler("test_throws", () => {
+  throwsCalls++;
+  return Promise.reject(new Error(`boom ${throwsCalls}`));
+});
+registerJobHandler("test_hangs", () => new Promise(() => {}));
+registerJobHandler("test_slow", () => sleep(200).then(() => ({ slept: 200 })));
+
+const schedule = async (
+  body: Record<string, unknown>,
+  token?: string,
+  headers?: Record<string, string>,
+) => await call(app, "POST", "/jobs", { token: token ?? await serviceToken(), body, headers });
+const run = async (body: Record<string, unknown>) =>
+  await call(app, "POST", "/jobs/run", { token: await serviceToken(), body });
+const job = async (id: string) =>
+  (await db.sql`select * from public.background_jobs where id = ${id}`)[0];
+
+dbTest("schedule, run and read a job; Idempotency-Key schedules once", async () => {
+  const headers = { "idempotency-key": "double-21" };
+  const created = await schedule(
+    { job_type: "test_ok", job_name: "Double", payload: { n: 21 } },
+    undefined,
+    headers,
+  );
+  assert.equal(created.status, 201, JSON.stringify(created.body));
+  const again = await schedule(
+    { job_type: "test_ok", job_name: "Double", payload: { n: 21 } },
+    undefined,
+    headers,
+  );
+  assert.equal(again.status, 200);
+  assert.equal(again.body.job.id, created.body.job.id);
+  expectError(
+    await schedule(
+      { job_type: "test_ok", job_name: "Double", payload: { n: 22 } },
+      undefined,
+      headers,
+    ),
+    409,
+    "idempotency_key_conflict",
+  );
+
+  const summary = await run({ job_types: ["test_ok"] });
+  assert.equal(summary.status, 200, JSON.stringify(summary.body));
+  assert.equal(summary.body.completed, 1);
+  assert.equal(summary.body.stopped, "drained");
+  const got = await call(app, "GET", `/jobs/${created.body.job.id}`, {
+    token: await serviceToken(),
+  });
+  assert.equal(got.body.job.status, "completed");
+  assert.deepEqual(got.body.job.result, { doubled: 42 });
+});
+
+dbTest("a job that throws is retried with growing delays and ends failed", async () => {
+  const res = await schedule({ job_type: "test_throws", job_name: "Flaky", max_attempts: 3 });
+  const id = res.body.job.id;
+  const delays: number[] = [];
+  for (let attempt = 1; attempt <= 3; attempt++) {
+    const summary = await run({ job_types: ["test_throws"] });
+    assert.equal(summary.body.failed, 1, JSON.stringify(summary.body));
+    const row = await job(id);
+    assert.equal(row.attempts, attempt);
+    assert.equal(row.last_error, `boom ${attempt}`);
+    if (attempt < 3) {
+      assert.equal(row.status, "pending");
+      delays.push(row.visible_at.getTime() - row.updated_at.getTime());
+      // nothing runs before the backoff is over
+      assert.equal((await run({ job_types: ["test_throws"] })).body.claimed, 0);
+      await db.sql`update public.background_jobs set visible_at = now() where id = ${id}`;
+    } else {
+      assert.equal(row.status, "failed");
+    }
+  }
+  assert.ok(delays[0] >= 7000 && delays[0] <= 13000, `first delay ${delays[0]}`);
+  assert.ok(delays[1] > delays[0] * 1.3, `delays grow: ${delays}`);
+  assert.equal(throwsCalls, 3);
+});
+
+dbTest("a job that hangs is timed out", async () => {
+  const res = await schedule({
+    job_type: "test_hangs",
+    job_name: "Hangs",
+    timeout_seconds: 1,
+    max_attempts: 1,
+  });
+  const started = performance.now();
+  const summary = await run({ job_types: ["test_hangs"] });
+  const elapsed = performance.now() - started;
+  assert.equal(summary.body.timed_out, 1, JSON.stringify(summary.body));
+  assert.ok(elapsed >= 1000 && elapsed < 3000, `took ${elapsed} ms`);
+  const row = await job(res.body.job.id);
+  assert.equal(row.status, "timeout");
+  assert.match(row.last_error, /timed out/);
+});
+
+dbTest("a crashed worker's running job is timed out by the next run", async () => {
+  const res = await schedule({
+    job_type: "test_ok",
+    job_name: "Orphan",
+    payload: { n: 1 },
+    max_attempts: 2,
+  });
+  await db.sql`select * from public.claim_jobs(array['test_ok'], 1, 'crashed')`;
+  await db
+    .sql`update public.background_jobs set visible_at = now() - interval '1 second' where id = ${res.body.job.id}`;
+  await run({ job_types: ["test_ok"] });
+  const row = await job(res.body.job.id);
+  assert.equal(row.status, "pending", "retried after its timeout, with backoff");
+  assert.equal(row.last_error, "timed out");
+  assert.ok(row.visible_at.getTime() > Date.now() + 5000);
+});
+
+dbTest("the worker stops claiming when its budget is spent", async () => {
+  for (let i = 0; i < 30; i++) await schedule({ job_type: "test_slow", job_name: `Slow ${i}` });
+  const started = performance.now();
+  const summary = await run({ job_types: ["test_slow"], budget_ms: 500, batch_size: 5 });
+  const elapsed = performance.now() - started;
+  assert.equal(summary.body.stopped, "budget");
+  assert.ok(
+    summary.body.completed >= 5 && summary.body.completed < 30,
+    JSON.stringify(summary.body),
+  );
+  assert.ok(elapsed < 1500, `took ${elapsed} ms`);
+  const [left] = await db.sql`select count(*)::int as n from public.background_jobs
+                              where job_type = 'test_slow' and status = 'pending'`;
+  assert.equal(left.n, 30 - summary.body.completed);
+});
+
+dbTest("cancel and retry-now", async () => {
+  const token = await serviceToken();
+  const res = await schedule({
+    job_type: "test_ok",
+    job_name: "Later",
+    run_at: new Date(Date.now() + 3600_000).toISOString(),
+  });
+  const id = res.body.job.id;
+  const cancelled = await call(app, "POST", `/jobs/${id}/cancel`, { token });
+  assert.equal(cancelled.body.job.status, "cancelled");
+  expectError(await call(app, "POST", `/jobs/${id}/cancel`, { token }), 409, "invalid_state");
+  const retried = await call(app, "POST", `/jobs/${id}/retry`, { token });
+  assert.equal(retried.body.job.status, "pending");
+  assert.ok(Date.parse(retried.body.job.visible_at) <= Date.now() + 1000, "due now");
+  expectError(await call(app, "POST", "/jobs/999999/cancel", { token }), 404, "job_not_found");
+});
+
+dbTest("users see and act on their own jobs only; anon nothing", async () => {
+  const alice = await createUser(db);
+  const bob = await createUser(db);
+  const aliceToken = await userToken(alice);
+  const bobToken = await userToken(bob);
+  const res = await schedule(
+    { job_type: "test_ok", job_name: "Mine", payload: { n: 1 } },
+    aliceToken,
+  );
+  assert.equal(res.status, 201);
+  assert.equal(res.body.job.user_id, alice);
+  const id = res.body.job.id;
+  assert.equal((await call(app, "GET", `/jobs/${id}`, { token: aliceToken })).status, 200);
+  expectError(await call(app, "GET", `/jobs/${id}`, { token: bobToken }), 404);
+  expectError(await call(app, "POST", `/jobs/${id}/cancel`, { token: bobToken }), 404);
+  expectError(await call(app, "POST", `/jobs/${id}/retry`, { token: bobToken }), 404);
+  expectError(await call(app, "POST", "/jobs/run", { token: aliceToken, body: {} }), 403);
+  assert.equal((await call(app, "POST", `/jobs/${id}/cancel`, { token: aliceToken })).status, 200);
+  const anon = await anonToken();
+  expectError(
+    await call(app, "POST", "/jobs", { token: anon, body: { job_type: "test_ok", job_name: "x" } }),
+    401,
+  );
+  expectError(await call(app, "GET", `/jobs/${id}`, { token: anon }), 401);
+  expectError(await call(app, "POST", "/jobs/run", { token: anon, body: {} }), 401);
+});
+
+dbTest("bad input gets 400 and schedules nothing", async () => {
+  const [before] = await db.sql`select count(*)::int as n from public.background_jobs`;
+  expectError(await schedule({ job_type: "test_ok", job_name: "x", payload: [1] }), 400);
+  expectError(await schedule({ job_type: "test_ok", job_name: "x", priority: -1 }), 400);
+  expectError(await schedule({ job_type: "Bad Type", job_name: "x" }), 400);
+  expectError(await schedule({ job_type: "test_ok", job_name: "x", timeout_seconds: 600 }), 400);
+  expectError(await call(app, "GET", "/jobs/abc", { token: await serviceToken() }), 400);
+  const [after] = await db.sql`select count(*)::int as n from public.background_jobs`;
+  assert.equal(after.n, before.n);
+});

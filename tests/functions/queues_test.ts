@@ -1,0 +1,305 @@
+import assert from "node:assert/strict";
+import postgres from "postgres";
+import { app } from "../../supabase/functions/queues/index.ts";
+import {
+  anonToken,
+  call,
+  createUser,
+  dbTest,
+  expectError,
+  freshDatabase,
+  serviceToken,
+  userToken,
+} from "../support/harness.ts";
+
+Deno.env.set("DB_POOL_SIZE", "16");
+const db = await freshDatabase();
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** A consumer with its own connection, acting as the service role. */
+async function consumer() {
+  const sql = postgres(db.url, { max: 1, onnotice: () => {}, prepare: false });
+  await sql`set role service_role`;
+  return sql;
+}
+
+const count = async (queue: string) =>
+  (await db.sql`select count(*)::int as n from public.message_queue where queue_name = ${queue}`)[0]
+    .n;
+
+dbTest("send one message; the same Idempotency-Key returns it", async () => {
+  const token = await serviceToken();
+  const headers = { "idempotency-key": "order-42" };
+  const first = await call(app, "POST", "/queues/orders/messages", {
+    token,
+    headers,
+    body: { payload: { order: 42 }, message_type: "order_placed", priority: 3 },
+  });
+  assert.equal(first.status, 201, JSON.stringify(first.body));
+  assert.equal(first.body.message.status, "pending");
+  const again = await call(app, "POST", "/queues/orders/messages", {
+    token,
+    headers,
+    body: { payload: { order: 42 }, message_type: "order_placed", priority: 3 },
+  });
+  assert.equal(again.status, 200);
+  assert.equal(again.body.message.id, first.body.message.id);
+  const other = await call(app, "POST", "/queues/orders/messages", {
+    token,
+    headers,
+    body: { payload: { order: 43 }, message_type: "order_placed" },
+  });
+  expectError(other, 409, "idempotency_key_conflict");
+});
+
+dbTest("100 concurrent sends with one idempotency key make one message", async () => {
+  const token = await serviceToken();
+  const viaHttp = await Promise.all(
+    Array.from({ length: 50 }, () =>
+      call(app, "POST", "/queues/race/messages", {
+        token,
+        body: { payload: { x: 1 }, idempotency_key: "same" },
+      })),
+  );
+  const clients = await Promise.all(Array.from({ length: 10 }, consumer));
+  try {
+    const viaSql = await Promise.all(
+      Array.from({ length: 50 }, (_, i) =>
+        clients[
+          i % 10
+        ]`select id from public.send_message('race', '{"x": 1}', p_idempotency_key := 'same')`),
+    );
+    const ids = new Set([
+      ...viaHttp.map((r) => r.body.message.id),
+      ...viaSql.map(([r]) => String(r.id)),
+    ]);
+    assert.equal(ids.size, 1);
+    assert.equal(viaHttp.filter((r) => r.status === 201).length <= 1, true);
+  } finally {
+    await Promise.all(clients.map((c) => c.end()));
+  }
+  assert.equal(await count("race"), 1);
+});
+
+dbTest(
+  "4 consumers drain 10,000 messages; a killed consumer's batch comes back after its lease",
+  async () => {
+    const total = 10_000;
+    const setup = await consumer();
+    try {
+      for (let i = 0; i < total; i += 1000) {
+        const batch = Array.from({ length: 1000 }, (_, j) => ({ payload: { n: i + j } }));
+        await setup`select count(*) from public.send_messages('bulk', ${setup.json(batch)})`;
+      }
+      // this consumer claims a batch with a 1 s lease and dies without acking
+      const doomed = await setup`select id from public.claim_messages('bulk', 100, 1, 'doomed')`;
+      assert.equal(doomed.length, 100);
+      const doomedIds = new Set(doomed.map((r) => String(r.id)));
+
+      const processedBy = new Map<string, string[]>();
+      const started = performance.now();
+      const workers = await Promise.all(Array.from({ length: 4 }, consumer));
+      try {
+        await Promise.all(workers.map((sql, w) =>
+          (async () => {
+            while (processedBy.size < total && performance.now() - started < 20_000) {
+              const rows =
+                await sql`select id, lease_token from public.claim_messages('bulk', 100, 30, ${`w${w}`})`;
+              if (rows.length === 0) {
+                await sleep(50);
+                continue;
+              }
+              for (const r of rows) {
+                const id = String(r.id);
+                processedBy.set(id, [...(processedBy.get(id) ?? []), `w${w}`]);
+              }
+              const acked = await sql`select id from public.ack_messages('bulk',
+              ${rows.map((r) => r.id)}::bigint[], ${rows.map((r) => r.lease_token)}::uuid[])`;
+              assert.equal(acked.length, rows.length);
+            }
+          })()
+        ));
+      } finally {
+        await Promise.all(workers.map((c) => c.end()));
+      }
+      const elapsed = performance.now() - started;
+      assert.equal(processedBy.size, total, "every message processed");
+      for (const [id, by] of processedBy) {
+        assert.equal(
+          by.length,
+          1,
+          `message ${id} claimed by ${by}`,
+        );
+      }
+      for (const id of doomedIds) assert.ok(processedBy.has(id), `doomed message ${id} came back`);
+      const [stats] = await db.sql`
+      select count(*) filter (where status = 'completed')::int as completed,
+             count(*) filter (where attempts = 2)::int as second_attempts
+      from public.message_queue where queue_name = 'bulk'`;
+      assert.deepEqual({ ...stats }, { completed: total, second_attempts: 100 });
+      assert.ok(elapsed < 15_000, `took ${Math.round(elapsed)} ms`);
+    } finally {
+      await setup.end();
+    }
+  },
+);
+
+dbTest("claim, ack and nack over HTTP: backoff, dead letters, lease expiry, metrics", async () => {
+  const token = await serviceToken();
+  const sent = await call(app, "POST", "/queues/work/messages", {
+    token,
+    body: { messages: [{ payload: { a: 1 }, max_attempts: 2 }, { payload: { b: 2 } }] },
+  });
+  assert.equal(sent.status, 201);
+  const claimed = await call(app, "POST", "/queues/work/claim", {
+    token,
+    body: { limit: 10, visibility_timeout_seconds: 1, consumer: "http" },
+  });
+  assert.equal(claimed.body.messages.length, 2);
+  const [a, b] = claimed.body.messages;
+
+  const acked = await call(app, "POST", `/queues/work/messages/${b.id}/ack`, {
+    token,
+    body: { lease_token: b.lease_token },
+  });
+  assert.equal(acked.body.message.status, "completed");
+  expectError(
+    await call(app, "POST", `/queues/work/messages/${b.id}/ack`, {
+      token,
+      body: { lease_token: b.lease_token },
+    }),
+    409,
+    "lease_lost",
+  );
+
+  const nacked = await call(app, "POST", `/queues/work/messages/${a.id}/nack`, {
+    token,
+    body: { lease_token: a.lease_token, error: "smtp down" },
+  });
+  assert.equal(nacked.body.message.status, "pending");
+  const wait = Date.parse(nacked.body.message.visible_at) - Date.now();
+  assert.ok(wait > 1000 && wait < 3000, `backoff ${wait} ms`);
+  await db.sql`update public.message_queue set visible_at = now() where id = ${a.id}`;
+
+  // second attempt: the consumer dies; after the 1 s lease it is the last attempt used up
+  const again = await call(app, "POST", "/queues/work/claim", {
+    token,
+    body: { visibility_timeout_seconds: 1 },
+  });
+  assert.equal(again.body.messages[0].attempts, 2);
+  assert.equal(
+    (await call(app, "POST", "/queues/work/claim", { token, body: {} })).body.messages.length,
+    0,
+  );
+  await sleep(1100);
+  const afterLease = await call(app, "POST", "/queues/work/claim", { token, body: {} });
+  assert.equal(
+    afterLease.body.messages.length,
+    0,
+    "no attempts left: dead-lettered, not redelivered",
+  );
+
+  const metrics = await call(app, "GET", "/queues/work/metrics", { token });
+  assert.equal(metrics.status, 200);
+  assert.equal(metrics.body.dead, 1);
+  assert.equal(metrics.body.completed, 1);
+  assert.equal(metrics.body.depth, 0);
+  assert.equal(metrics.body.in_flight, 0);
+});
+
+dbTest("an expired lease makes a message visible again", async () => {
+  const token = await serviceToken();
+  await call(app, "POST", "/queues/lease/messages", { token, body: { payload: { x: 1 } } });
+  const first = await call(app, "POST", "/queues/lease/claim", {
+    token,
+    body: { visibility_timeout_seconds: 1 },
+  });
+  assert.equal(first.body.messages.length, 1);
+  assert.equal(
+    (await call(app, "POST", "/queues/lease/claim", { token, body: {} })).body.messages.length,
+    0,
+  );
+  await sleep(1100);
+  const second = await call(app, "POST", "/queues/lease/claim", { token, body: {} });
+  assert.equal(second.body.messages[0].id, first.body.messages[0].id);
+  expectError(
+    await call(app, "POST", `/queues/lease/messages/${first.body.messages[0].id}/ack`, {
+      token,
+      body: { lease_token: first.body.messages[0].lease_token },
+    }),
+    409,
+    "lease_lost",
+  );
+});
+
+dbTest("bad input gets 400 and changes nothing", async () => {
+  const token = await serviceToken();
+  const before = await count("valid");
+  expectError(
+    await call(app, "POST", "/queues/Bad!Queue/messages", { token, body: { payload: {} } }),
+    400,
+  );
+  expectError(
+    await call(app, "POST", "/queues/valid/messages", { token, body: { payload: [1] } }),
+    400,
+  );
+  expectError(
+    await call(app, "POST", "/queues/valid/messages", {
+      token,
+      body: { payload: {}, priority: -1 },
+    }),
+    400,
+  );
+  expectError(
+    await call(app, "POST", "/queues/valid/messages", {
+      token,
+      body: { messages: [{ payload: {} }, { payload: 1 }] },
+    }),
+    400,
+  );
+  expectError(await call(app, "POST", "/queues/valid/claim", { token, body: { limit: 0 } }), 400);
+  expectError(await call(app, "GET", "/queues/UPPER/metrics", { token }), 400);
+  assert.equal(await count("valid"), before);
+  const [row] = await db
+    .sql`select count(*)::int as n from public.message_queue where queue_name !~ '^[a-z]'`;
+  assert.equal(row.n, 0);
+});
+
+dbTest("users send as themselves and cannot consume; anon can do nothing", async () => {
+  const alice = await createUser(db);
+  const bob = await createUser(db);
+  const aliceToken = await userToken(alice);
+  const sent = await call(app, "POST", "/queues/uploads/messages", {
+    token: aliceToken,
+    headers: { "idempotency-key": "upload-1" },
+    body: { payload: { file: "a.png" } },
+  });
+  assert.equal(sent.status, 201);
+  assert.equal(sent.body.message.user_id, alice);
+  const bobs = await call(app, "POST", "/queues/uploads/messages", {
+    token: await userToken(bob),
+    headers: { "idempotency-key": "upload-1" },
+    body: { payload: { file: "a.png" } },
+  });
+  assert.equal(bobs.status, 201, "another user's key does not return alice's message");
+  assert.notEqual(bobs.body.message.id, sent.body.message.id);
+  expectError(
+    await call(app, "POST", "/queues/uploads/claim", { token: aliceToken, body: {} }),
+    403,
+  );
+  expectError(await call(app, "GET", "/queues/uploads/metrics", { token: aliceToken }), 403);
+  expectError(
+    await call(app, "POST", `/queues/uploads/messages/${sent.body.message.id}/ack`, {
+      token: aliceToken,
+      body: { lease_token: crypto.randomUUID() },
+    }),
+    403,
+  );
+  const anon = await anonToken();
+  expectError(
+    await call(app, "POST", "/queues/uploads/messages", { token: anon, body: { payload: {} } }),
+    401,
+  );
+  expectError(await call(app, "POST", "/queues/uploads/claim", { token: anon, body: {} }), 401);
+  expectError(await call(app, "GET", "/queues/uploads/metrics", { token: anon }), 401);
+});
