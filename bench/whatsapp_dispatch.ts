@@ -139,7 +139,8 @@ async function peer(rate: number, n: number, concurrency: number) {
       const wait = start + i * interval - performance.now();
       if (wait > 0) await new Promise((r) => setTimeout(r, wait));
       const m = {
-        id: crypto.randomUUID(),
+        id: i + 1,
+        lease_token: crypto.randomUUID(),
         recipient_phone: `+2507${String(90_000_000 + i).padStart(8, "0")}`,
         message_type: "text" as const,
         message_payload: { body: `peer #${i}`, preview_url: false },

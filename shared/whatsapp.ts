@@ -4,7 +4,7 @@
 // the operations that need them.
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import { z } from "zod";
-import { ConfigError } from "./env.ts";
+import { readEnvSchema } from "./env.ts";
 import { HttpError } from "./errors.ts";
 import type { Principal } from "./auth.ts";
 
@@ -41,7 +41,6 @@ const schema = z.object({
   WHATSAPP_LEASE_SECONDS: int(1, 3600, 60),
   WHATSAPP_LOOKAHEAD_MS: int(10, 5000, 250),
   WHATSAPP_RETRY_BASE_MS: int(1, 3_600_000, 2000),
-  WHATSAPP_RETRY_MAX_MS: int(1, 86_400_000, 600_000),
   WHATSAPP_TOKEN_PAUSE_SECONDS: int(1, 86_400, 300),
   WHATSAPP_WEBHOOK_MAX_BYTES: int(1024, 10 * 1024 * 1024, 1024 * 1024),
 });
@@ -51,18 +50,7 @@ export type WhatsAppConfig = z.infer<typeof schema>;
 let cached: WhatsAppConfig | undefined;
 
 export function whatsappConfig(): WhatsAppConfig {
-  if (cached) return cached;
-  const raw: Record<string, string | undefined> = {};
-  for (const key of Object.keys(schema.shape)) {
-    const value = Deno.env.get(key);
-    raw[key] = value === "" ? undefined : value;
-  }
-  const parsed = schema.safeParse(raw);
-  if (!parsed.success) {
-    const problems = parsed.error.issues.map((i) => `${i.path.join(".")}: ${i.message}`);
-    throw new ConfigError(`invalid WhatsApp configuration: ${problems.join("; ")}`);
-  }
-  cached = parsed.data;
+  cached ??= readEnvSchema(schema, "WhatsApp configuration");
   return cached;
 }
 

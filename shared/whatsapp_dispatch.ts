@@ -8,7 +8,8 @@ import { log } from "./log.ts";
 import { canDispatch, SERVICE_PRINCIPAL, type WhatsAppConfig, whatsappConfig } from "./whatsapp.ts";
 
 export interface ClaimedMessage {
-  id: string;
+  id: number;
+  lease_token: string;
   recipient_phone: string;
   message_type: "text" | "template" | "media" | "interactive" | "location";
   message_payload: Record<string, unknown>;
@@ -32,7 +33,8 @@ interface Claim {
 export type Outcome = "sent" | "retry" | "failed" | "stop";
 
 export interface SendResult {
-  id: string;
+  id: number;
+  lease_token: string;
   outcome: Outcome;
   wamid?: string;
   error_code?: string;
@@ -94,8 +96,9 @@ export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promi
     cfg.WHATSAPP_API_BASE_URL.replace(/\/+$/, "")
   }/${cfg.WHATSAPP_API_VERSION}/${cfg.WHATSAPP_PHONE_NUMBER_ID}/messages`;
   const started = performance.now();
-  const done = (r: Omit<SendResult, "id" | "duration_ms">): SendResult => ({
+  const done = (r: Omit<SendResult, "id" | "lease_token" | "duration_ms">): SendResult => ({
     id: m.id,
+    lease_token: m.lease_token,
     duration_ms: Math.round((performance.now() - started) * 10) / 10,
     ...r,
   });
@@ -216,7 +219,6 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
             p_business_number := ${business},
             p_results := ${tx.json(batch as never)},
             p_retry_base_ms := ${cfg.WHATSAPP_RETRY_BASE_MS},
-            p_retry_max_ms := ${cfg.WHATSAPP_RETRY_MAX_MS},
             p_pause_seconds := ${cfg.WHATSAPP_TOKEN_PAUSE_SECONDS}) as r`;
           return row.r as Record<string, number>;
         });

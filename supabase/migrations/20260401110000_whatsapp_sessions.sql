@@ -14,8 +14,16 @@
 -- Users read only their own session and messages, matched by the phone claim
 -- of their JWT; service_role does everything; anon nothing.
 --
--- Priority: 1 is sent first, 10 last. Within a priority the messages to one
--- recipient leave in the order they were enqueued (seq), one at a time.
+-- Priority: 10 is sent first, 1 last (higher first, like message_queue).
+-- Within a priority the messages to one recipient leave in the order they were
+-- enqueued (id), one at a time.
+--
+-- The queue follows the lease contract of 20260401140000 (id bigint, status,
+-- priority higher first, visible_at, attempts / max_attempts, lease_token,
+-- locked_by / locked_at, finished_at, last_error, updated_at) and uses its
+-- private.lease_expire, private.lease_settle and private.backoff_delay. That
+-- migration sorts after this one, so only plpgsql bodies call them: plpgsql
+-- resolves names when a function runs, not when it is created.
 -- =============================================================================
 
 -- -----------------------------------------------------------------------------
@@ -454,29 +462,30 @@ create policy whatsapp_message_statuses_service_all on public.whatsapp_message_s
 -- whatsapp_message_queue
 -- -----------------------------------------------------------------------------
 create table public.whatsapp_message_queue (
-  id uuid primary key default gen_random_uuid(),
-  seq bigint generated always as identity,
+  id bigint generated always as identity primary key,
   recipient_phone text not null check (recipient_phone ~ '^\+[1-9][0-9]{6,14}$'),
   message_type text not null
     check (message_type in ('text', 'template', 'media', 'interactive', 'location')),
   message_payload jsonb not null check (jsonb_typeof(message_payload) = 'object'),
   priority smallint not null default 5 check (priority between 1 and 10),
   scheduled_at timestamptz not null default now(),
-  -- Earliest next attempt: scheduled_at at first, then moved by backoff.
-  available_at timestamptz not null default now(),
+  -- Pending: the earliest next attempt (scheduled_at, then moved by backoff).
+  -- Processing: when the lease ends.
+  visible_at timestamptz not null default now(),
   attempts integer not null default 0 check (attempts >= 0),
   max_attempts integer not null default 5 check (max_attempts between 1 and 50),
   status text not null default 'pending' check (status in
     ('pending', 'processing', 'sent', 'delivered', 'read', 'failed', 'cancelled')),
   wamid text check (char_length(wamid) between 1 and 256),
   error_code text check (char_length(error_code) <= 64),
-  error_message text check (char_length(error_message) <= 2000),
+  last_error text check (char_length(last_error) <= 4000),
   correlation_id text check (char_length(correlation_id) <= 128),
-  idempotency_key text check (char_length(idempotency_key) between 1 and 200),
+  idempotency_key text check (char_length(idempotency_key) between 1 and 256),
   metadata jsonb not null default '{}'::jsonb check (jsonb_typeof(metadata) = 'object'),
+  lease_token uuid,
   locked_by text check (char_length(locked_by) <= 128),
-  locked_until timestamptz,
-  last_attempt_at timestamptz,
+  locked_at timestamptz,
+  finished_at timestamptz,
   sent_at timestamptz,
   delivered_at timestamptz,
   read_at timestamptz,
@@ -485,7 +494,7 @@ create table public.whatsapp_message_queue (
   dead_lettered_at timestamptz,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
-  check (status <> 'processing' or (locked_by is not null and locked_until is not null))
+  check (status <> 'processing' or lease_token is not null)
 );
 
 create unique index whatsapp_message_queue_idempotency_key_idx
@@ -494,14 +503,14 @@ create unique index whatsapp_message_queue_wamid_idx
   on public.whatsapp_message_queue (wamid) where wamid is not null;
 -- claim order
 create index whatsapp_message_queue_pending_idx
-  on public.whatsapp_message_queue (priority, seq) where status = 'pending';
+  on public.whatsapp_message_queue (priority desc, id) where status = 'pending';
 -- head of line per recipient
 create index whatsapp_message_queue_recipient_active_idx
-  on public.whatsapp_message_queue (recipient_phone, priority, seq)
+  on public.whatsapp_message_queue (recipient_phone, priority desc, id)
   where status in ('pending', 'processing');
--- lease recovery
+-- lease expiry
 create index whatsapp_message_queue_lease_idx
-  on public.whatsapp_message_queue (locked_until) where status = 'processing';
+  on public.whatsapp_message_queue (visible_at) where status = 'processing';
 create index whatsapp_message_queue_recipient_idx
   on public.whatsapp_message_queue (recipient_phone, created_at desc);
 create index whatsapp_message_queue_correlation_idx
@@ -550,64 +559,54 @@ create table private.whatsapp_pair_pacing (
 alter table private.whatsapp_pair_pacing enable row level security;
 
 -- -----------------------------------------------------------------------------
--- Queue mechanics (lease, backoff with jitter, dead letters, lease recovery).
---
--- Kept in this one section so it can move onto the generic helpers of the
--- event store / message queue migration (20260401140000) without touching
--- anything else: that migration sorts after this one, so these functions would
--- call its helpers at run time (plpgsql resolves names lazily) rather than at
--- creation time.
+-- Lease expiry on the generic helper (private.lease_expire, 20260401140000):
+-- messages whose lease ended (their dispatcher died or hung) go back to
+-- pending, or to failed once their attempts are used up. The WhatsApp part:
+-- the error code, the dead-letter time and a metric per message with its
+-- correlation id. Returns the metrics to record.
 -- -----------------------------------------------------------------------------
-
--- Exponential backoff with jitter: half of base * 2^(attempt-1) (capped) fixed,
--- the other half random, so retries of a burst spread out but never come back
--- sooner than half the nominal delay.
-create or replace function private.whatsapp_backoff(p_attempt integer, p_base_ms integer, p_max_ms integer)
-returns interval
-language sql
-volatile
-set search_path = ''
-as $$
-  select make_interval(secs =>
-    (least(p_max_ms::double precision, p_base_ms * power(2::double precision, greatest(p_attempt, 1) - 1))
-      * (0.5 + random() * 0.5)) / 1000.0);
-$$;
-
--- Messages whose lease ran out (their dispatcher died or hung) go back to
--- pending, or to failed once their attempts are used up. Returns their metrics.
-create or replace function private.whatsapp_recover_leases(p_now timestamptz)
+create or replace function private.whatsapp_expire_leases()
 returns jsonb
-language sql
+language plpgsql
 set search_path = ''
 as $$
-  with expired as (
+declare
+  v_ids bigint[];
+  v_metrics jsonb;
+begin
+  -- the rows lease_expire will take (same predicate); locked here first so
+  -- the follow-up below sees exactly them
+  v_ids := array(
     select q.id from public.whatsapp_message_queue q
-    where q.status = 'processing' and q.locked_until < p_now
-    order by q.locked_until
+    where q.status = 'processing' and q.visible_at <= now()
+    order by q.visible_at
     limit 1000
-    for update skip locked
-  ), recovered as (
-    update public.whatsapp_message_queue q
-    set status = case when q.attempts >= q.max_attempts then 'failed' else 'pending' end,
-        available_at = p_now,
-        locked_by = null,
-        locked_until = null,
-        error_code = 'lease_expired',
-        error_message = 'the dispatcher holding this message stopped before finishing it',
-        failed_at = case when q.attempts >= q.max_attempts then p_now end,
-        dead_lettered_at = case when q.attempts >= q.max_attempts then p_now end
-    from expired e
-    where q.id = e.id
+    for update skip locked);
+  if cardinality(v_ids) = 0 then
+    return '[]'::jsonb;
+  end if;
+  perform private.lease_expire('public.whatsapp_message_queue'::regclass, 'recipient_phone', null,
+    'processing', 'failed', 0, 'the dispatcher holding this message stopped before finishing it');
+
+  with expired as (
+    update public.whatsapp_message_queue q set
+      error_code = 'lease_expired',
+      failed_at = case when q.status = 'failed' then now() end,
+      dead_lettered_at = case when q.status = 'failed' then now() end
+    where q.id = any(v_ids) and q.status in ('pending', 'failed')
     returning q.id, q.status, q.attempts, q.correlation_id
   )
   select coalesce(jsonb_agg(jsonb_build_object(
     'service_name', 'whatsapp', 'metric_type', 'counter',
-    'metric_name', case when r.status = 'failed' then 'whatsapp.message.dead_letter'
+    'metric_name', case when e.status = 'failed' then 'whatsapp.message.dead_letter'
                         else 'whatsapp.message.retry' end,
     'value', 1,
-    'tags', jsonb_build_object('message_id', r.id, 'attempt', r.attempts, 'error_code', 'lease_expired'),
-    'correlation_id', r.correlation_id)), '[]'::jsonb)
-  from recovered r;
+    'tags', jsonb_build_object('message_id', e.id, 'attempt', e.attempts, 'error_code', 'lease_expired'),
+    'correlation_id', e.correlation_id)), '[]'::jsonb)
+  into v_metrics
+  from expired e;
+  return v_metrics;
+end;
 $$;
 
 -- -----------------------------------------------------------------------------
@@ -627,13 +626,13 @@ create or replace function public.enqueue_whatsapp_message(
   p_correlation_id text default null,
   p_idempotency_key text default null,
   p_metadata jsonb default '{}'::jsonb
-) returns uuid
+) returns bigint
 language plpgsql
 set search_path = ''
 as $$
 declare
   v_payload jsonb;
-  v_id uuid;
+  v_id bigint;
   v_existing public.whatsapp_message_queue;
 begin
   perform private.whatsapp_check_phone(p_recipient_phone, 'recipient_phone');
@@ -646,8 +645,8 @@ begin
     perform private.raise_error(400, 'invalid_max_attempts', 'max_attempts must be between 1 and 50',
       jsonb_build_object('field', 'max_attempts'));
   end if;
-  if p_idempotency_key is not null and char_length(p_idempotency_key) not between 1 and 200 then
-    perform private.raise_error(400, 'invalid_idempotency_key', 'the idempotency key must have 1 to 200 characters',
+  if p_idempotency_key is not null and char_length(p_idempotency_key) not between 1 and 256 then
+    perform private.raise_error(400, 'invalid_idempotency_key', 'the idempotency key must have 1 to 256 characters',
       jsonb_build_object('field', 'idempotency_key'));
   end if;
   if p_metadata is not null and jsonb_typeof(p_metadata) <> 'object' then
@@ -660,7 +659,7 @@ begin
   end if;
 
   insert into public.whatsapp_message_queue (
-    recipient_phone, message_type, message_payload, priority, scheduled_at, available_at,
+    recipient_phone, message_type, message_payload, priority, scheduled_at, visible_at,
     max_attempts, correlation_id, idempotency_key, metadata
   ) values (
     p_recipient_phone, p_message_type, v_payload, p_priority, coalesce(p_scheduled_at, now()),
@@ -868,7 +867,7 @@ begin
       read_at = case when b.status = 'read' then coalesce(q.read_at, b.occurred_at) else q.read_at end,
       failed_at = case when b.status = 'failed' then coalesce(b.occurred_at, now()) else q.failed_at end,
       error_code = case when b.status = 'failed' then left(b.error_code, 64) else q.error_code end,
-      error_message = case when b.status = 'failed' then left(b.error_message, 2000) else q.error_message end
+      last_error = case when b.status = 'failed' then left(b.error_message, 2000) else q.last_error end
     from best b
     where q.wamid = b.wamid
       and q.wamid = any(array(select x ->> 'wamid' from jsonb_array_elements(coalesce(p_statuses, '[]')) x))
@@ -931,7 +930,7 @@ create or replace function public.claim_whatsapp_messages(
 language plpgsql
 security definer
 set search_path = ''
--- The claim must walk the pending index in (priority, seq) order and stop at
+-- The claim must walk the pending index in (priority, id) order and stop at
 -- the limit; without these the planner may bitmap-scan and sort the whole
 -- backlog when the queue's statistics are young (a burst right after a quiet
 -- period), which turns a millisecond claim into hundreds.
@@ -976,7 +975,7 @@ begin
   v_now := clock_timestamp();
   v_step := make_interval(secs => 1.0 / p_rate_per_second);
 
-  v_metrics := private.whatsapp_recover_leases(v_now);
+  v_metrics := private.whatsapp_expire_leases();
 
   if v_window.paused_until > v_now then
     if jsonb_array_length(v_metrics) > 0 then
@@ -1003,47 +1002,49 @@ begin
   -- order), recipient not paced. Free-form heads whose recipient's 24-hour
   -- window is closed fail here instead of being sent; the others get slots.
   with candidates as (
-    select q.id, q.priority, q.seq, q.recipient_phone,
+    select q.id, q.priority, q.recipient_phone,
            q.message_type <> 'template' and not exists (
              select from public.whatsapp_sessions s
              where s.phone_number = q.recipient_phone and s.last_inbound_at > v_now - interval '24 hours'
            ) as window_closed
     from public.whatsapp_message_queue q
-    where q.status = 'pending' and q.available_at <= v_now and q.scheduled_at <= v_now
+    where q.status = 'pending' and q.visible_at <= v_now and q.scheduled_at <= v_now
       and not exists (
         select from public.whatsapp_message_queue e
         where e.recipient_phone = q.recipient_phone
           and e.status in ('pending', 'processing')
           and e.scheduled_at <= v_now
-          and (e.priority < q.priority or (e.priority = q.priority and e.seq < q.seq)))
+          and (e.priority > q.priority or (e.priority = q.priority and e.id < q.id)))
       and not exists (
         select from private.whatsapp_pair_pacing p
         where p.business_number = p_business_number and p.recipient_phone = q.recipient_phone
           and p.next_allowed_at > v_now)
-    order by q.priority, q.seq
+    order by q.priority desc, q.id
     limit v_allowed
     for update of q skip locked
   ), closed as (
     update public.whatsapp_message_queue q set
       status = 'failed', failed_at = v_now, error_code = 'outside_customer_service_window',
-      error_message = 'free-form messages need a message from the user in the last 24 hours; send a template'
+      finished_at = v_now,
+      last_error = 'free-form messages need a message from the user in the last 24 hours; send a template'
     from candidates c where q.id = c.id and c.window_closed
     returning q.id, q.correlation_id, q.attempts
   ), slotted as (
     select c.id, c.recipient_phone,
-           v_base + v_step * (row_number() over (order by c.priority, c.seq) - 1) as slot_at
+           v_base + v_step * (row_number() over (order by c.priority desc, c.id) - 1) as slot_at
     from candidates c
     where not c.window_closed
   ), claimed as (
     update public.whatsapp_message_queue q set
       status = 'processing',
       attempts = q.attempts + 1,
+      lease_token = gen_random_uuid(),
       locked_by = p_dispatcher_id,
-      locked_until = s.slot_at + make_interval(secs => p_lease_seconds),
-      last_attempt_at = v_now
+      locked_at = v_now,
+      visible_at = s.slot_at + make_interval(secs => p_lease_seconds)
     from slotted s where q.id = s.id
-    returning q.id, q.recipient_phone, q.message_type, q.message_payload, q.attempts, q.max_attempts,
-              q.correlation_id, q.priority, q.seq, s.slot_at
+    returning q.id, q.lease_token, q.recipient_phone, q.message_type, q.message_payload, q.attempts,
+              q.max_attempts, q.correlation_id, q.priority, s.slot_at
   ), paced as (
     insert into private.whatsapp_pair_pacing (business_number, recipient_phone, next_allowed_at)
     select p_business_number, c.recipient_phone,
@@ -1054,12 +1055,13 @@ begin
   select
     (select count(*) from claimed),
     (select coalesce(jsonb_agg(jsonb_build_object(
-       'id', c.id, 'recipient_phone', c.recipient_phone, 'message_type', c.message_type,
+       'id', c.id, 'lease_token', c.lease_token, 'recipient_phone', c.recipient_phone,
+       'message_type', c.message_type,
        'message_payload', c.message_payload, 'attempts', c.attempts, 'max_attempts', c.max_attempts,
        'correlation_id', c.correlation_id,
        'delay_ms', greatest(0, round(extract(epoch from c.slot_at - v_now) * 1000)),
        'slot_ms', round(extract(epoch from c.slot_at) * 1000, 3))
-       order by c.priority, c.seq), '[]'::jsonb) from claimed c),
+       order by c.priority desc, c.id), '[]'::jsonb) from claimed c),
     v_metrics || (select coalesce(jsonb_agg(jsonb_build_object(
        'service_name', 'whatsapp', 'metric_type', 'counter', 'metric_name', 'whatsapp.message.failed',
        'value', 1, 'tags', jsonb_build_object('message_id', f.id, 'attempt', f.attempts,
@@ -1076,10 +1078,10 @@ begin
   where business_number = p_business_number;
 
   if v_count = 0 then
-    select extract(epoch from min(greatest(q.available_at, q.scheduled_at)) - v_now) * 1000
+    select extract(epoch from min(greatest(q.visible_at, q.scheduled_at)) - v_now) * 1000
     into v_next_due
-    from (select available_at, scheduled_at from public.whatsapp_message_queue
-          where status = 'pending' order by priority, seq limit 500) q;
+    from (select visible_at, scheduled_at from public.whatsapp_message_queue
+          where status = 'pending' order by priority desc, id limit 500) q;
   end if;
 
   -- Old pacing rows are pruned now and then.
@@ -1098,37 +1100,58 @@ $$;
 
 -- The results a dispatcher reports, one row per message id.
 create or replace function private.whatsapp_results(p_results jsonb)
-returns table (id uuid, outcome text, wamid text, error_code text, error_message text, duration_ms double precision)
+returns table (
+  id bigint, lease_token uuid, outcome text, wamid text, error_code text, error_message text,
+  duration_ms double precision
+)
 language sql
 immutable
 set search_path = ''
 as $$
-  select distinct on (r.id) r.id, r.outcome, left(r.wamid, 256), left(r.error_code, 64),
+  select distinct on (r.id) r.id, r.lease_token, r.outcome, left(r.wamid, 256), left(r.error_code, 64),
          left(r.error_message, 2000), r.duration_ms
   from jsonb_to_recordset(p_results) as r(
-    id uuid, outcome text, wamid text, error_code text, error_message text, duration_ms double precision)
+    id bigint, lease_token uuid, outcome text, wamid text, error_code text, error_message text,
+    duration_ms double precision)
   order by r.id;
+$$;
+
+-- One metric row (for public.record_metrics) about a queue message.
+create or replace function private.whatsapp_metric(
+  p_name text, p_message_id bigint, p_attempt integer, p_error_code text, p_duration_ms double precision,
+  p_correlation_id text, p_metric_type text default 'counter'
+) returns jsonb
+language sql
+immutable
+set search_path = ''
+as $$
+  select jsonb_build_object(
+    'service_name', 'whatsapp', 'metric_type', p_metric_type, 'metric_name', p_name, 'value', 1,
+    'tags', jsonb_strip_nulls(jsonb_build_object('message_id', p_message_id, 'attempt', p_attempt,
+                                                 'error_code', p_error_code, 'duration_ms', p_duration_ms)),
+    'correlation_id', p_correlation_id);
 $$;
 
 -- -----------------------------------------------------------------------------
 -- complete_whatsapp_messages: a dispatcher reports what happened to the
 -- messages it claimed, in one batch.
 --
---   p_results [{id, outcome, wamid, error_code, error_message, duration_ms}]
+--   p_results [{id, lease_token, outcome, wamid, error_code, error_message, duration_ms}]
 --   outcome: sent | retry (throttled, 5xx, timeout) | failed (permanent) |
 --            stop (token expired or invalid: the message goes back untouched
 --            and the business number pauses)
 --
--- Only the lease holder's reports count, except a send with its wamid, which
--- is recorded whenever the message has not been sent yet (never send twice
--- for want of a record). Every applied outcome records a metric.
+-- retry and failed settle through private.lease_settle (lease holders only;
+-- backoff with jitter; dead letter once max_attempts is used up). A send is
+-- recorded whenever the message has no wamid yet, even if its lease was lost
+-- meanwhile: it went out, and forgetting that would send it twice. Every
+-- applied outcome records a metric with the message's correlation id.
 -- -----------------------------------------------------------------------------
 create or replace function public.complete_whatsapp_messages(
   p_dispatcher_id text,
   p_business_number text,
   p_results jsonb,
   p_retry_base_ms integer default 2000,
-  p_retry_max_ms integer default 600000,
   p_pause_seconds integer default 300
 ) returns jsonb
 language plpgsql
@@ -1139,13 +1162,17 @@ declare
   v_now timestamptz := clock_timestamp();
   v_metrics jsonb := '[]'::jsonb;
   v_part jsonb;
-  v_sent integer;
-  v_retried integer;
-  v_failed integer;
-  v_stopped integer;
-  v_dead integer;
+  v_sent integer := 0;
+  v_retried integer := 0;
+  v_failed integer := 0;
+  v_stopped integer := 0;
+  v_dead integer := 0;
+  v_n integer;
+  v_n_dead integer;
   v_stop_code text;
-  v_ids uuid[];
+  v_ids bigint[];
+  v_group record;
+  v_settled bigint[];
 begin
   if jsonb_typeof(p_results) is distinct from 'array' or jsonb_array_length(p_results) > 1000 then
     perform private.raise_error(400, 'invalid_results', 'results must be an array of at most 1000 objects');
@@ -1154,22 +1181,21 @@ begin
     select from jsonb_array_elements(p_results) e
     where jsonb_typeof(e) <> 'object'
       or coalesce(e ->> 'outcome', '') not in ('sent', 'retry', 'failed', 'stop')
-      or coalesce(e ->> 'id', '') !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+      or coalesce(e ->> 'id', '') !~ '^[0-9]{1,18}$'
+      or coalesce(e ->> 'lease_token', '') !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
       or (e ->> 'outcome' = 'sent' and coalesce(e ->> 'wamid', '') = '')
   ) then
     perform private.raise_error(400, 'invalid_results',
-      'each result needs an id, an outcome (sent, retry, failed, stop) and, when sent, a wamid');
+      'each result needs an id, its lease_token, an outcome (sent, retry, failed, stop) and, when sent, a wamid');
   end if;
   if p_retry_base_ms is null or p_retry_base_ms not between 1 and 3600000
-     or p_retry_max_ms is null or p_retry_max_ms not between 1 and 86400000
      or p_pause_seconds is null or p_pause_seconds not between 1 and 86400 then
     perform private.raise_error(400, 'invalid_dispatch_settings',
-      'retry_base_ms 1..3600000, retry_max_ms 1..86400000, pause_seconds 1..86400');
+      'retry_base_ms 1..3600000, pause_seconds 1..86400');
   end if;
-  -- Every update below is driven by this id list through the primary key, so
-  -- the plans stay index lookups even before the queue has statistics.
-  v_ids := array(select r.id from jsonb_to_recordset(p_results) as r(id uuid));
-
+  -- The updates below are driven by this id list through the primary key, so
+  -- their plans stay index lookups even before the queue has statistics.
+  v_ids := array(select (e ->> 'id')::bigint from jsonb_array_elements(p_results) e);
 
   -- sent: adopt any status event that beat us here (forward only)
   with results as materialized (select * from private.whatsapp_results(p_results)),
@@ -1178,13 +1204,14 @@ begin
       status = coalesce(ev.status, 'sent'),
       wamid = r.wamid,
       sent_at = v_now,
+      finished_at = v_now,
       delivered_at = case when ev.status in ('delivered', 'read') then ev.occurred_at end,
       read_at = case when ev.status = 'read' then ev.occurred_at end,
       failed_at = case when ev.status = 'failed' then ev.occurred_at end,
       error_code = case when ev.status = 'failed' then ev.error_code end,
-      error_message = case when ev.status = 'failed' then ev.error_message end,
-      locked_by = null,
-      locked_until = null
+      last_error = case when ev.status = 'failed' then ev.error_message end,
+      lease_token = null,
+      locked_by = null
     from results r
     left join lateral (
       select s.status, s.occurred_at, s.error_code, s.error_message
@@ -1194,7 +1221,7 @@ begin
       limit 1
     ) ev on true
     where r.outcome = 'sent' and q.id = r.id and q.id = any(v_ids) and q.wamid is null
-      and (q.status = 'pending' or (q.status = 'processing'))
+      and q.status in ('pending', 'processing')
     returning q.id, q.recipient_phone, q.correlation_id, q.attempts, r.duration_ms
   ), counted as (
     insert into public.whatsapp_sessions as s (phone_number, message_count, last_activity_at)
@@ -1202,64 +1229,62 @@ begin
     on conflict (phone_number) do update set
       message_count = s.message_count + excluded.message_count, last_activity_at = now()
   )
-  select count(*), coalesce(jsonb_agg(jsonb_build_object(
-    'service_name', 'whatsapp', 'metric_type', 'counter', 'metric_name', 'whatsapp.message.sent',
-    'value', 1, 'tags', jsonb_build_object('message_id', u.id, 'attempt', u.attempts, 'duration_ms', u.duration_ms),
-    'correlation_id', u.correlation_id)), '[]'::jsonb)
+  select count(*), coalesce(jsonb_agg(private.whatsapp_metric('whatsapp.message.sent', u.id, u.attempts, null,
+                                                                u.duration_ms, u.correlation_id)), '[]'::jsonb)
   into v_sent, v_part from upd u;
   v_metrics := v_metrics || v_part;
 
-  -- retry: exponential backoff with jitter; out of attempts is a dead letter
-  with results as materialized (select * from private.whatsapp_results(p_results)),
-  upd as (
-    update public.whatsapp_message_queue q set
-      status = case when q.attempts >= q.max_attempts then 'failed' else 'pending' end,
-      available_at = v_now + private.whatsapp_backoff(q.attempts, p_retry_base_ms, p_retry_max_ms),
-      error_code = coalesce(r.error_code, 'send_error'),
-      error_message = r.error_message,
-      failed_at = case when q.attempts >= q.max_attempts then v_now end,
-      dead_lettered_at = case when q.attempts >= q.max_attempts then v_now end,
-      locked_by = null,
-      locked_until = null
-    from results r
-    where r.outcome = 'retry' and q.id = r.id and q.id = any(v_ids) and q.status = 'processing' and q.locked_by = p_dispatcher_id
-    returning q.id, q.status, q.recipient_phone, q.correlation_id, q.attempts, q.error_code, r.duration_ms
-  )
-  select count(*) filter (where u.status = 'pending'), count(*) filter (where u.status = 'failed'),
-    coalesce(jsonb_agg(jsonb_build_object(
-      'service_name', 'whatsapp', 'metric_type', 'counter',
-      'metric_name', case when u.status = 'failed' then 'whatsapp.message.dead_letter' else 'whatsapp.message.retry' end,
-      'value', 1, 'tags', jsonb_build_object('message_id', u.id, 'attempt', u.attempts,
-                                             'error_code', u.error_code, 'duration_ms', u.duration_ms),
-      'correlation_id', u.correlation_id)), '[]'::jsonb)
-  into v_retried, v_dead, v_part from upd u;
-  v_metrics := v_metrics || v_part;
-
-  -- failed: permanent, the code is kept
-  with results as materialized (select * from private.whatsapp_results(p_results)),
-  upd as (
-    update public.whatsapp_message_queue q set
-      status = 'failed', failed_at = v_now,
-      error_code = coalesce(r.error_code, 'send_failed'), error_message = r.error_message,
-      locked_by = null, locked_until = null
-    from results r
-    where r.outcome = 'failed' and q.id = r.id and q.id = any(v_ids) and q.status = 'processing' and q.locked_by = p_dispatcher_id
-    returning q.id, q.recipient_phone, q.correlation_id, q.attempts, q.error_code, q.error_message, r.duration_ms
-  ), counted as (
-    insert into public.whatsapp_sessions as s (phone_number, error_count, last_error, last_error_at)
-    select u.recipient_phone, count(*), max(u.error_code || ': ' || coalesce(u.error_message, '')), now()
-    from upd u group by u.recipient_phone order by u.recipient_phone
-    on conflict (phone_number) do update set
-      error_count = s.error_count + excluded.error_count, last_error = left(excluded.last_error, 2000),
-      last_error_at = now()
-  )
-  select count(*), coalesce(jsonb_agg(jsonb_build_object(
-    'service_name', 'whatsapp', 'metric_type', 'counter', 'metric_name', 'whatsapp.message.failed',
-    'value', 1, 'tags', jsonb_build_object('message_id', u.id, 'attempt', u.attempts,
-                                           'error_code', u.error_code, 'duration_ms', u.duration_ms),
-    'correlation_id', u.correlation_id)), '[]'::jsonb)
-  into v_failed, v_part from upd u;
-  v_metrics := v_metrics || v_part;
+  -- retry and failed: the generic lease settlement, one call per error
+  for v_group in
+    select r.outcome, r.error_code, r.error_message, array_agg(r.id) as ids, array_agg(r.lease_token) as tokens,
+           jsonb_object_agg(r.id::text, r.duration_ms) as durations
+    from private.whatsapp_results(p_results) r
+    where r.outcome in ('retry', 'failed')
+    group by r.outcome, r.error_code, r.error_message
+  loop
+    v_settled := array(
+      select (j ->> 'id')::bigint from private.lease_settle(
+        'public.whatsapp_message_queue'::regclass, v_group.ids, v_group.tokens, 'processing',
+        case when v_group.outcome = 'retry' then 'retry' else 'done' end, 'failed', 'failed',
+        p_retry_base_ms / 1000.0, null,
+        coalesce(v_group.error_message, v_group.error_code)) j);
+    if cardinality(v_settled) = 0 then
+      continue;
+    end if;
+    with upd as (
+      update public.whatsapp_message_queue q set
+        error_code = coalesce(v_group.error_code, case when v_group.outcome = 'retry' then 'send_error'
+                                                       else 'send_failed' end),
+        last_error = coalesce(v_group.error_message, q.last_error),
+        failed_at = case when q.status = 'failed' then v_now end,
+        dead_lettered_at = case when q.status = 'failed' and v_group.outcome = 'retry' then v_now end
+      where q.id = any(v_settled)
+      returning q.id, q.status, q.recipient_phone, q.correlation_id, q.attempts, q.error_code
+    ), counted as (
+      insert into public.whatsapp_sessions as s (phone_number, error_count, last_error, last_error_at)
+      select u.recipient_phone, count(*), max(u.error_code || ': ' || coalesce(v_group.error_message, '')), now()
+      from upd u where u.status = 'failed' group by u.recipient_phone order by u.recipient_phone
+      on conflict (phone_number) do update set
+        error_count = s.error_count + excluded.error_count, last_error = left(excluded.last_error, 2000),
+        last_error_at = now()
+    )
+    select count(*), coalesce(jsonb_agg(private.whatsapp_metric(
+             case when v_group.outcome = 'failed' then 'whatsapp.message.failed'
+                  when u.status = 'failed' then 'whatsapp.message.dead_letter'
+                  else 'whatsapp.message.retry' end,
+             u.id, u.attempts, u.error_code, (v_group.durations ->> u.id::text)::double precision,
+             u.correlation_id)), '[]'::jsonb),
+           count(*) filter (where v_group.outcome = 'retry' and u.status = 'failed')
+    into v_n, v_part, v_n_dead
+    from upd u;
+    v_metrics := v_metrics || v_part;
+    if v_group.outcome = 'failed' then
+      v_failed := v_failed + v_n;
+    else
+      v_dead := v_dead + v_n_dead;
+      v_retried := v_retried + v_n - v_n_dead;
+    end if;
+  end loop;
 
   -- stop: the token is expired or invalid. Put the message back without
   -- spending an attempt and pause the business number.
@@ -1267,17 +1292,16 @@ begin
   upd as (
     update public.whatsapp_message_queue q set
       status = 'pending', attempts = greatest(q.attempts - 1, 0),
-      available_at = v_now + make_interval(secs => p_pause_seconds),
-      error_code = coalesce(r.error_code, 'token_invalid'), error_message = r.error_message,
-      locked_by = null, locked_until = null
+      visible_at = v_now + make_interval(secs => p_pause_seconds),
+      error_code = coalesce(r.error_code, 'token_invalid'), last_error = r.error_message,
+      lease_token = null, locked_by = null
     from results r
-    where r.outcome = 'stop' and q.id = r.id and q.id = any(v_ids) and q.status = 'processing' and q.locked_by = p_dispatcher_id
-    returning q.id, q.correlation_id, q.error_code
+    where r.outcome = 'stop' and q.id = r.id and q.id = any(v_ids) and q.status = 'processing'
+      and q.lease_token = r.lease_token
+    returning q.id, q.correlation_id, q.error_code, q.attempts
   )
-  select count(*), min(u.error_code), coalesce(jsonb_agg(jsonb_build_object(
-    'service_name', 'whatsapp', 'metric_type', 'alert', 'metric_name', 'whatsapp.alert.token_invalid',
-    'value', 1, 'tags', jsonb_build_object('message_id', u.id, 'error_code', u.error_code),
-    'correlation_id', u.correlation_id)), '[]'::jsonb)
+  select count(*), min(u.error_code), coalesce(jsonb_agg(private.whatsapp_metric(
+    'whatsapp.alert.token_invalid', u.id, u.attempts, u.error_code, null, u.correlation_id, 'alert')), '[]'::jsonb)
   into v_stopped, v_stop_code, v_part from upd u;
   v_metrics := v_metrics || v_part;
 
@@ -1301,7 +1325,7 @@ $$;
 -- -----------------------------------------------------------------------------
 -- Reading and cancelling (security invoker: RLS decides who sees what)
 -- -----------------------------------------------------------------------------
-create or replace function public.get_whatsapp_message(p_message_id uuid)
+create or replace function public.get_whatsapp_message(p_message_id bigint)
 returns setof public.whatsapp_message_queue
 language sql
 stable
@@ -1310,7 +1334,7 @@ as $$
   select * from public.whatsapp_message_queue where id = p_message_id;
 $$;
 
-create or replace function public.cancel_whatsapp_message(p_message_id uuid)
+create or replace function public.cancel_whatsapp_message(p_message_id bigint)
 returns public.whatsapp_message_queue
 language plpgsql
 set search_path = ''
@@ -1330,7 +1354,7 @@ begin
       format('a %s message cannot be cancelled', v_row.status), jsonb_build_object('status', v_row.status));
   end if;
   update public.whatsapp_message_queue
-  set status = 'cancelled', cancelled_at = now()
+  set status = 'cancelled', cancelled_at = now(), finished_at = now()
   where id = p_message_id
   returning * into v_row;
   return v_row;
@@ -1373,7 +1397,7 @@ as $$
   select jsonb_build_object(
     'queue_depth', (select count(*) from public.whatsapp_message_queue where status = 'pending'),
     'due_now', (select count(*) from public.whatsapp_message_queue
-                where status = 'pending' and available_at <= now() and scheduled_at <= now()),
+                where status = 'pending' and visible_at <= now() and scheduled_at <= now()),
     'in_flight', (select count(*) from public.whatsapp_message_queue where status = 'processing'),
     'failed', (select count(*) from public.whatsapp_message_queue where status = 'failed'),
     'dead_lettered', (select count(*) from public.whatsapp_message_queue where dead_lettered_at is not null),
@@ -1403,11 +1427,11 @@ revoke all on function public.update_whatsapp_session_activity(text, boolean, ti
 revoke all on function public.ingest_whatsapp_events(jsonb, jsonb, jsonb, jsonb, text) from public, anon, authenticated;
 revoke all on function public.claim_whatsapp_messages(text, text, integer, integer, integer, integer, integer)
   from public, anon, authenticated;
-revoke all on function public.complete_whatsapp_messages(text, text, jsonb, integer, integer, integer)
+revoke all on function public.complete_whatsapp_messages(text, text, jsonb, integer, integer)
   from public, anon, authenticated;
-revoke all on function public.cancel_whatsapp_message(uuid) from public, anon, authenticated;
+revoke all on function public.cancel_whatsapp_message(bigint) from public, anon, authenticated;
 revoke all on function public.get_whatsapp_queue_metrics() from public, anon, authenticated;
-revoke all on function public.get_whatsapp_message(uuid) from public, anon;
+revoke all on function public.get_whatsapp_message(bigint) from public, anon;
 revoke all on function public.list_whatsapp_sessions(text, integer, text) from public, anon;
 
 grant execute on function public.enqueue_whatsapp_message(text, text, jsonb, integer, timestamptz, integer, text, text, jsonb)
@@ -1417,9 +1441,9 @@ grant execute on function public.update_whatsapp_session_activity(text, boolean,
 grant execute on function public.ingest_whatsapp_events(jsonb, jsonb, jsonb, jsonb, text) to service_role;
 grant execute on function public.claim_whatsapp_messages(text, text, integer, integer, integer, integer, integer)
   to service_role;
-grant execute on function public.complete_whatsapp_messages(text, text, jsonb, integer, integer, integer)
+grant execute on function public.complete_whatsapp_messages(text, text, jsonb, integer, integer)
   to service_role;
-grant execute on function public.cancel_whatsapp_message(uuid) to service_role;
+grant execute on function public.cancel_whatsapp_message(bigint) to service_role;
 grant execute on function public.get_whatsapp_queue_metrics() to service_role;
-grant execute on function public.get_whatsapp_message(uuid) to authenticated, service_role;
+grant execute on function public.get_whatsapp_message(bigint) to authenticated, service_role;
 grant execute on function public.list_whatsapp_sessions(text, integer, text) to authenticated, service_role;

@@ -118,9 +118,12 @@ select is((select count(*)::int from public.whatsapp_inbound_messages where wami
 select throws_ok($$select public.ingest_whatsapp_events('[{"wamid": "w", "from_phone": "250788000001", "message_type": "text", "payload": {}}]')$$,
   'PT400', 'invalid_events', 'a sender that is not E.164 refuses the delivery');
 
-insert into public.whatsapp_message_queue (id, recipient_phone, message_type, message_payload, status, wamid, sent_at)
-values ('00000000-0000-0000-0000-00000000000a', '+250788000001', 'text', '{"body": "x"}', 'sent', 'wamid.out-1', now()),
-       ('00000000-0000-0000-0000-00000000000b', '+250788000002', 'text', '{"body": "y"}', 'sent', 'wamid.out-2', now());
+insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload, status, wamid, sent_at)
+values ('+250788000001', 'text', '{"body": "x"}', 'sent', 'wamid.out-1', now()),
+       ('+250788000002', 'text', '{"body": "y"}', 'sent', 'wamid.out-2', now());
+create temp table out_ids as
+  select id, wamid from public.whatsapp_message_queue where wamid in ('wamid.out-1', 'wamid.out-2');
+grant select on out_ids to authenticated, anon, service_role;
 
 select public.ingest_whatsapp_events(p_statuses := '[{"wamid": "wamid.out-1", "status": "read", "occurred_at": "2026-01-01T00:00:05Z"}]');
 select public.ingest_whatsapp_events(p_statuses := '[{"wamid": "wamid.out-1", "status": "delivered", "occurred_at": "2026-01-01T00:00:03Z"}]');
@@ -134,7 +137,7 @@ select is((select status || ':' || error_code from public.whatsapp_message_queue
   'failed:131047', 'a sent message can fail with its code');
 select public.ingest_whatsapp_events(p_statuses := '[{"wamid": "wamid.out-2", "status": "delivered"}]');
 select is((select status from public.whatsapp_message_queue where wamid = 'wamid.out-2'), 'failed', 'failed is terminal');
-select throws_ok($$select public.cancel_whatsapp_message('00000000-0000-0000-0000-00000000000a')$$,
+select throws_ok($$select public.cancel_whatsapp_message((select id from out_ids where wamid = 'wamid.out-1'))$$,
   'PT409', 'message_not_cancellable', 'a read message cannot be cancelled');
 
 -- ---------------------------------------------------------------------------
@@ -150,10 +153,10 @@ select id, 'secret-token-of-session-' || phone_number from public.whatsapp_sessi
 select tests.authenticate_as((select alice from ids), '{"phone": "250788000001"}');
 select is((select array_agg(phone_number) from public.whatsapp_sessions), array['+250788000001'],
   'alice sees only her session');
-select is((select array_agg(id::text) from public.whatsapp_message_queue), array['00000000-0000-0000-0000-00000000000a'],
+select is((select array_agg(id::text) from public.whatsapp_message_queue), array[(select id from out_ids where wamid = 'wamid.out-1')::text],
   'alice sees only her messages');
 select is((select count(*)::int from public.whatsapp_inbound_messages), 1, 'alice sees her inbound message');
-select is((select count(*)::int from public.get_whatsapp_message('00000000-0000-0000-0000-00000000000b')), 0,
+select is((select count(*)::int from public.get_whatsapp_message((select id from out_ids where wamid = 'wamid.out-2'))), 0,
   'alice cannot read bob''s message by id');
 select is((select count(*)::int from public.list_whatsapp_sessions()), 1, 'list_whatsapp_sessions applies RLS');
 select throws_ok($$select * from public.whatsapp_session_secrets$$, '42501', null, 'users never read session secrets');
@@ -172,7 +175,7 @@ select throws_ok($$select public.update_whatsapp_session_activity('+250788000001
 select tests.authenticate_as((select bob from ids), '{"phone": "+250788000002"}');
 select is((select array_agg(phone_number) from public.whatsapp_sessions), array['+250788000002'],
   'bob sees only his session');
-select is((select array_agg(id::text) from public.whatsapp_message_queue), array['00000000-0000-0000-0000-00000000000b'],
+select is((select array_agg(id::text) from public.whatsapp_message_queue), array[(select id from out_ids where wamid = 'wamid.out-2')::text],
   'bob sees only his messages');
 select is((select count(*)::int from public.whatsapp_inbound_messages), 0, 'bob sees no inbound of alice');
 
@@ -186,7 +189,7 @@ select tests.authenticate_as_anon();
 select throws_ok($$select count(*) from public.whatsapp_sessions$$, '42501', null, 'anon cannot read sessions');
 select throws_ok($$select count(*) from public.whatsapp_message_queue$$, '42501', null, 'anon cannot read the queue');
 select throws_ok($$select count(*) from public.whatsapp_inbound_messages$$, '42501', null, 'anon cannot read inbound');
-select throws_ok($$select public.get_whatsapp_message('00000000-0000-0000-0000-00000000000a')$$, '42501', null,
+select throws_ok($$select public.get_whatsapp_message((select id from out_ids where wamid = 'wamid.out-1'))$$, '42501', null,
   'anon cannot call get_whatsapp_message');
 
 -- service_role: everything

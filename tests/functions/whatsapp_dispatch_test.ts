@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { app as webhookApp } from "../../supabase/functions/whatsapp-webhook/index.ts";
-import { dispatch } from "../../shared/whatsapp_dispatch.ts";
-import { signWebhook } from "../../shared/whatsapp.ts";
+import { classify, dispatch } from "../../shared/whatsapp_dispatch.ts";
+import { signWebhook, whatsappConfig } from "../../shared/whatsapp.ts";
+import { ConfigError } from "../../shared/env.ts";
 import { call, dbTest, freshDatabase, serviceToken, TEST_JWT_SECRET } from "../support/harness.ts";
 import {
   configureWhatsApp,
@@ -22,7 +23,6 @@ const BASE = {
   WHATSAPP_PAIR_INTERVAL_MS: 0,
   WHATSAPP_SEND_TIMEOUT_MS: 300,
   WHATSAPP_RETRY_BASE_MS: 10,
-  WHATSAPP_RETRY_MAX_MS: 40,
   WHATSAPP_LEASE_SECONDS: 5,
   WHATSAPP_LOOKAHEAD_MS: 50,
   WHATSAPP_DISPATCH_BUDGET_MS: 4000,
@@ -261,9 +261,25 @@ dbTest("an expired token stops sending, keeps the messages and raises an alert",
   fake.reset();
   await db.sql`update private.whatsapp_send_windows set paused_until = null`;
   await db
-    .sql`update public.whatsapp_message_queue set available_at = now() where id = any(${ids}::uuid[])`;
+    .sql`update public.whatsapp_message_queue set visible_at = now() where id = any(${ids}::bigint[])`;
   await dispatch();
   for (const id of ids) assert.equal((await row(id)).status, "sent");
+});
+
+dbTest("higher priority goes first; within a priority, enqueue order", async () => {
+  fake.reset();
+  const to = phone();
+  await openWindow(to);
+  await enqueue(to, "text", { text: "low-1" }, { priority: 1 });
+  await enqueue(to, "text", { text: "normal-1" });
+  await enqueue(to, "text", { text: "urgent" }, { priority: 10 });
+  await enqueue(to, "text", { text: "normal-2" });
+  await enqueue(to, "text", { text: "low-2" }, { priority: 1 });
+  await dispatch();
+  assert.deepEqual(
+    sentTo(to).map((r) => (r.body.text as { body: string }).body),
+    ["urgent", "normal-1", "normal-2", "low-1", "low-2"],
+  );
 });
 
 dbTest(
@@ -354,7 +370,7 @@ dbTest("a dispatcher killed mid-batch loses no message", async () => {
     await new Promise((r) => setTimeout(r, 25));
   }
   const held = await db.sql`select count(*)::int as n from public.whatsapp_message_queue
-                            where id = any(${ids}::uuid[]) and status = 'processing' and locked_by = 'doomed'`;
+                            where id = any(${ids}::bigint[]) and status = 'processing' and locked_by = 'doomed'`;
   assert.equal(held[0].n, 10, "the doomed dispatcher holds the whole batch");
   child.kill("SIGKILL");
   await child.status;
@@ -404,4 +420,44 @@ dbTest("an inbound webhook wakes the dispatcher after answering", async () => {
 
 dbTest("cleanup: stop the fake", async () => {
   await fake.close();
+});
+
+Deno.test("Cloud API answers are classified as the queue needs them", () => {
+  const cases: [number, number | undefined, string][] = [
+    [400, 130429, "retry"],
+    [400, 131056, "retry"],
+    [400, 131048, "retry"],
+    [500, 131000, "retry"],
+    [503, undefined, "retry"],
+    [502, 2, "retry"],
+    [400, 131026, "failed"],
+    [400, 131047, "failed"],
+    [400, 100, "failed"],
+    [400, 131009, "failed"],
+    [401, 190, "stop"],
+    [401, undefined, "stop"],
+    [400, 0, "stop"],
+  ];
+  for (const [status, code, outcome] of cases) {
+    assert.equal(classify(status, code), outcome, `${status}/${code}`);
+  }
+});
+
+Deno.test("WhatsApp configuration is validated on its own", async () => {
+  for (
+    const [key, value] of [
+      ["WHATSAPP_API_BASE_URL", "http://graph.example.com"],
+      ["WHATSAPP_RATE_LIMIT_PER_SECOND", "1001"],
+      ["WHATSAPP_API_VERSION", "21"],
+    ]
+  ) {
+    await configureWhatsApp({ ...BASE, [key]: value });
+    assert.throws(
+      () => whatsappConfig(),
+      (e: Error) => e instanceof ConfigError && e.message.includes(key),
+    );
+  }
+  await configureWhatsApp({ ...BASE, WHATSAPP_API_VERSION: undefined });
+  assert.equal(whatsappConfig().WHATSAPP_RATE_LIMIT_PER_SECOND, 1000);
+  assert.equal(whatsappConfig().WHATSAPP_API_VERSION, "v21.0");
 });

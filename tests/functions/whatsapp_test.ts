@@ -149,7 +149,7 @@ dbTest("a user reads their own message, never another's", async () => {
     "not_found",
   );
   expectError(
-    await call(app, "GET", `/whatsapp/messages/not-a-uuid`, { token: alice }),
+    await call(app, "GET", `/whatsapp/messages/not-a-number`, { token: alice }),
     400,
     "invalid_request",
   );
@@ -182,7 +182,7 @@ dbTest("cancel: pending messages only, service role only", async () => {
     token: await serviceToken(),
   });
   expectError(late, 409, "message_not_cancellable");
-  const missing = await call(app, "POST", `/whatsapp/messages/${crypto.randomUUID()}/cancel`, {
+  const missing = await call(app, "POST", `/whatsapp/messages/999999999/cancel`, {
     token: await serviceToken(),
   });
   expectError(missing, 404, "message_not_found");

@@ -270,7 +270,7 @@ dbTest("a failed status keeps Meta's error code; it cannot undo a delivery", asy
   const [row] = await db.sql`select * from public.whatsapp_message_queue where id = ${m.id}`;
   assert.equal(row.status, "failed");
   assert.equal(row.error_code, "131026");
-  assert.match(row.error_message, /undeliverable/);
+  assert.match(row.last_error, /undeliverable/);
   const [metric] = await db.sql`select * from public.system_metrics
     where metric_name = 'whatsapp.message.failed' and tags ->> 'message_id' = ${m.id}`;
   assert.equal(metric.tags.source, "webhook");

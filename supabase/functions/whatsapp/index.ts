@@ -8,11 +8,12 @@
 import { z } from "zod";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { jsonb, withClaims } from "../../../shared/db.ts";
-import { badRequest, notFound } from "../../../shared/errors.ts";
+import { notFound } from "../../../shared/errors.ts";
 import {
   createApp,
   decodeCursor,
   encodeCursor,
+  idempotencyKeyHeader,
   jsonBody,
   pathParams,
   queryParams,
@@ -30,7 +31,7 @@ const enqueueBody = z.object({
   metadata: z.record(z.string(), z.unknown()).optional(),
 }).strict();
 
-const idParam = z.object({ id: z.uuid() });
+const idParam = z.object({ id: z.string().regex(/^[1-9][0-9]{0,18}$/) });
 
 const sessionsQuery = z.object({
   status: z.enum(["active", "inactive", "suspended", "expired"]).optional(),
@@ -40,14 +41,17 @@ const sessionsQuery = z.object({
 
 const sessionCursor = z.object({ p: z.string().regex(/^\+[1-9][0-9]{6,14}$/) });
 
-const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,200}$/;
-
 type Row = Record<string, unknown>;
 
 /** A queue row as the API shows it (lease internals left out). */
 function message(row: Row) {
-  const { seq: _s, locked_by: _l, locked_until: _u, available_at, ...rest } = row;
-  return { ...rest, next_attempt_at: available_at };
+  const { lease_token: _t, locked_by: _b, locked_at: _a, visible_at, last_error, ...rest } = row;
+  return {
+    ...rest,
+    id: String(row.id),
+    error_message: last_error,
+    next_attempt_at: row.status === "pending" ? visible_at : null,
+  };
 }
 
 function session(row: Row) {
@@ -60,13 +64,7 @@ app.use("*", authenticate());
 
 app.post("/messages", async (c) => {
   const who = requireService(c);
-  const key = c.req.header("idempotency-key");
-  if (key !== undefined && !IDEMPOTENCY_KEY.test(key)) {
-    throw badRequest(
-      "invalid_idempotency_key",
-      "Idempotency-Key must be 1 to 200 printable characters",
-    );
-  }
+  const key = idempotencyKeyHeader(c);
   const body = await jsonBody(c, enqueueBody);
   const correlationId = c.get("correlationId");
   const { row, created } = await withClaims(who, correlationId, async (tx) => {
