@@ -44,6 +44,7 @@ as $$
   end;
 $$;
 
+revoke all on function private.whatsapp_jwt_phone() from public, anon;
 grant execute on function private.whatsapp_jwt_phone() to authenticated, service_role;
 
 -- Forward-only progression of an outbound message. failed and cancelled are
@@ -1447,3 +1448,23 @@ grant execute on function public.cancel_whatsapp_message(bigint) to service_role
 grant execute on function public.get_whatsapp_queue_metrics() to service_role;
 grant execute on function public.get_whatsapp_message(bigint) to authenticated, service_role;
 grant execute on function public.list_whatsapp_sessions(text, integer, text) to authenticated, service_role;
+
+-- Private helpers: per-schema default privileges cannot take EXECUTE away from
+-- PUBLIC, so it is revoked here function by function. service_role runs the
+-- validation helpers (enqueue and ingest are security invoker); the dispatch
+-- helpers run only inside the security definer claim / complete functions.
+revoke all on function private.whatsapp_status_rank(text) from public, anon, authenticated;
+revoke all on function private.whatsapp_check_phone(text, text) from public, anon, authenticated;
+revoke all on function private.whatsapp_payload_error(text, text) from public, anon, authenticated;
+revoke all on function private.whatsapp_text_field(jsonb, text, text, integer, integer, boolean)
+  from public, anon, authenticated;
+revoke all on function private.whatsapp_validate_payload(text, jsonb) from public, anon, authenticated;
+revoke all on function private.whatsapp_expire_leases() from public, anon, authenticated, service_role;
+revoke all on function private.whatsapp_results(jsonb) from public, anon, authenticated, service_role;
+revoke all on function private.whatsapp_metric(text, bigint, integer, text, double precision, text, text)
+  from public, anon, authenticated, service_role;
+grant execute on function private.whatsapp_status_rank(text) to service_role;
+grant execute on function private.whatsapp_check_phone(text, text) to service_role;
+grant execute on function private.whatsapp_payload_error(text, text) to service_role;
+grant execute on function private.whatsapp_text_field(jsonb, text, text, integer, integer, boolean) to service_role;
+grant execute on function private.whatsapp_validate_payload(text, jsonb) to service_role;

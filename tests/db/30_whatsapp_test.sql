@@ -3,7 +3,7 @@
 -- sessions, secrets, inbound messages, statuses and the queue
 -- (anon, two users matched by their phone claim, a user without one, service_role).
 begin;
-select plan(68);
+select plan(69);
 
 -- the spec's examples, verbatim
 select ok(public.enqueue_whatsapp_message(
@@ -168,6 +168,8 @@ select throws_ok($$insert into public.whatsapp_message_queue (recipient_phone, m
 select throws_ok($$update public.whatsapp_sessions set status = 'suspended'$$, '42501', null,
   'users cannot update sessions');
 select throws_ok($$select public.claim_whatsapp_messages('me', 'biz')$$, '42501', null, 'users cannot claim');
+select throws_ok($$select private.whatsapp_validate_payload('text', '{"text": "x"}')$$, '42501', null,
+  'users cannot call the private WhatsApp helpers');
 select throws_ok($$select public.update_whatsapp_session_activity('+250788000001', true)$$, '42501', null,
   'users cannot touch session activity');
 
