@@ -20,10 +20,12 @@
 --
 -- The queue follows the lease contract of 20260401140000 (id bigint, status,
 -- priority higher first, visible_at, attempts / max_attempts, lease_token,
--- locked_by / locked_at, finished_at, last_error, updated_at) and uses its
--- private.lease_expire, private.lease_settle and private.backoff_delay. That
--- migration sorts after this one, so only plpgsql bodies call them: plpgsql
--- resolves names when a function runs, not when it is created.
+-- locked_by / locked_at, finished_at, last_error, updated_at). Its lease
+-- functions, private.whatsapp_message_queue_lease_expire / _lease_settle, are
+-- written by private.install_leases in 20260401140500_whatsapp_leases.sql:
+-- that generator comes with 20260401140000, which sorts after this file, so
+-- only plpgsql bodies here call them (plpgsql resolves names when a function
+-- runs, not when it is created).
 -- =============================================================================
 
 -- -----------------------------------------------------------------------------
@@ -560,7 +562,8 @@ create table private.whatsapp_pair_pacing (
 alter table private.whatsapp_pair_pacing enable row level security;
 
 -- -----------------------------------------------------------------------------
--- Lease expiry on the generic helper (private.lease_expire, 20260401140000):
+-- Lease expiry on the generic lease functions (installed for this table by
+-- 20260401140500_whatsapp_leases.sql):
 -- messages whose lease ended (their dispatcher died or hung) go back to
 -- pending, or to failed once their attempts are used up. The WhatsApp part:
 -- the error code, the dead-letter time and a metric per message with its
@@ -586,8 +589,8 @@ begin
   if cardinality(v_ids) = 0 then
     return '[]'::jsonb;
   end if;
-  perform private.lease_expire('public.whatsapp_message_queue'::regclass, 'recipient_phone', null,
-    'processing', 'failed', 0, 'the dispatcher holding this message stopped before finishing it');
+  perform private.whatsapp_message_queue_lease_expire('failed', 0,
+    'the dispatcher holding this message stopped before finishing it');
 
   with expired as (
     update public.whatsapp_message_queue q set
@@ -1142,7 +1145,7 @@ $$;
 --            stop (token expired or invalid: the message goes back untouched
 --            and the business number pauses)
 --
--- retry and failed settle through private.lease_settle (lease holders only;
+-- retry and failed settle through the generic lease settlement (lease holders only;
 -- backoff with jitter; dead letter once max_attempts is used up). A send is
 -- recorded whenever the message has no wamid yet, even if its lease was lost
 -- meanwhile: it went out, and forgetting that would send it twice. Every
@@ -1244,11 +1247,10 @@ begin
     group by r.outcome, r.error_code, r.error_message
   loop
     v_settled := array(
-      select (j ->> 'id')::bigint from private.lease_settle(
-        'public.whatsapp_message_queue'::regclass, v_group.ids, v_group.tokens, 'processing',
-        case when v_group.outcome = 'retry' then 'retry' else 'done' end, 'failed', 'failed',
-        p_retry_base_ms / 1000.0, null,
-        coalesce(v_group.error_message, v_group.error_code)) j);
+      select t.id from private.whatsapp_message_queue_lease_settle(
+        v_group.ids, v_group.tokens, case when v_group.outcome = 'retry' then 'retry' else 'done' end,
+        'failed', 'failed', p_retry_base_ms / 1000.0, null,
+        coalesce(v_group.error_message, v_group.error_code), null) t);
     if cardinality(v_settled) = 0 then
       continue;
     end if;

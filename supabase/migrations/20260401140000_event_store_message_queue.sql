@@ -178,6 +178,8 @@ as $$
 declare
   v_user uuid := private.caller_user_id();
   v_versions jsonb;
+  v_single jsonb;
+  v_shape record;
   v_bad record;
 begin
   if jsonb_typeof(p_events) is distinct from 'array' or jsonb_array_length(p_events) = 0 then
@@ -186,53 +188,64 @@ begin
   if jsonb_array_length(p_events) > 1000 then
     perform private.raise_error(413, 'too_many_events', 'at most 1000 events per append');
   end if;
-  if exists (select from jsonb_array_elements(p_events) e where jsonb_typeof(e) <> 'object') then
+  -- One pass over the input for every shape check.
+  select bool_or(jsonb_typeof(e) <> 'object') as not_object,
+         bool_or(jsonb_typeof(e -> 'payload') is distinct from 'object') as bad_payload,
+         bool_or(jsonb_typeof(coalesce(e -> 'metadata', 'null')) not in ('object', 'null'))
+           as bad_metadata,
+         bool_or(jsonb_typeof(coalesce(e -> 'expected_version', 'null')) not in ('number', 'null')
+                 or (e ->> 'expected_version')::numeric < -1
+                 or (e ->> 'expected_version')::numeric
+                    <> trunc((e ->> 'expected_version')::numeric)) as bad_expected,
+         bool_or(jsonb_typeof(e -> 'expected_version') = 'number') as has_expected,
+         bool_or(jsonb_typeof(e -> 'user_id') = 'string') as has_user
+  into v_shape
+  from jsonb_array_elements(p_events) e;
+  if v_shape.not_object then
     perform private.raise_error(400, 'invalid_events', 'each event must be a JSON object');
-  end if;
-  if exists (
-    select from jsonb_array_elements(p_events) e
-    where jsonb_typeof(e -> 'payload') is distinct from 'object'
-  ) then
+  elsif v_shape.bad_payload then
     perform private.raise_error(400, 'invalid_payload', 'payload must be a JSON object');
-  end if;
-  if exists (
-    select from jsonb_array_elements(p_events) e
-    where jsonb_typeof(coalesce(e -> 'metadata', 'null')) not in ('object', 'null')
-  ) then
+  elsif v_shape.bad_metadata then
     perform private.raise_error(400, 'invalid_metadata', 'metadata must be a JSON object');
-  end if;
-  if exists (
-    select from jsonb_array_elements(p_events) e
-    where jsonb_typeof(coalesce(e -> 'expected_version', 'null')) not in ('number', 'null')
-       or (e ->> 'expected_version')::numeric < -1
-       or (e ->> 'expected_version')::numeric <> trunc((e ->> 'expected_version')::numeric)
-  ) then
+  elsif v_shape.bad_expected then
     perform private.raise_error(400, 'invalid_expected_version',
       'expected_version must be an integer of at least -1');
   end if;
 
   -- Reserve the versions: one upsert per aggregate, in key order so that two
-  -- batches touching the same aggregates lock them in the same order.
-  with input as (
-    select e.aggregate_type, e.aggregate_id
-    from jsonb_array_elements(p_events) a(elem),
-         jsonb_to_record(a.elem) as e(aggregate_type text, aggregate_id text)
-  ),
-  agg as (
-    select i.aggregate_type, i.aggregate_id, count(*) as n
-    from input i group by 1, 2 order by 1, 2
-  ),
-  up as (
+  -- batches touching the same aggregates lock them in the same order. (A
+  -- single event, the common case, takes the same steps without the set
+  -- machinery: it is half the work.)
+  v_single := case when jsonb_array_length(p_events) = 1 then p_events -> 0 end;
+  if v_single is not null then
     insert into public.event_streams as s (aggregate_type, aggregate_id, version)
-    select agg.aggregate_type, agg.aggregate_id, agg.n from agg
+    values (v_single ->> 'aggregate_type', v_single ->> 'aggregate_id', 1)
     on conflict (aggregate_type, aggregate_id) do update
-      set version = s.version + excluded.version, updated_at = now()
-    returning s.aggregate_type, s.aggregate_id, s.version
-  )
-  select jsonb_object_agg(up.aggregate_type || '/' || up.aggregate_id,
-                          up.version - agg.n)
-  into v_versions
-  from up join agg using (aggregate_type, aggregate_id);
+      set version = s.version + 1, updated_at = now()
+    returning jsonb_build_object(s.aggregate_type || '/' || s.aggregate_id, s.version - 1)
+    into v_versions;
+  else
+    with input as (
+      select e.aggregate_type, e.aggregate_id
+      from jsonb_array_elements(p_events) a(elem),
+           jsonb_to_record(a.elem) as e(aggregate_type text, aggregate_id text)
+    ),
+    agg as (
+      select i.aggregate_type, i.aggregate_id, count(*) as n
+      from input i group by 1, 2 order by 1, 2
+    ),
+    up as (
+      insert into public.event_streams as s (aggregate_type, aggregate_id, version)
+      select agg.aggregate_type, agg.aggregate_id, agg.n from agg
+      on conflict (aggregate_type, aggregate_id) do update
+        set version = s.version + excluded.version, updated_at = now()
+      returning s.aggregate_type, s.aggregate_id, s.version
+    )
+    select jsonb_object_agg(up.aggregate_type || '/' || up.aggregate_id,
+                            up.version - agg.n)
+    into v_versions
+    from up join agg using (aggregate_type, aggregate_id);
+  end if;
 
   -- A user may start an aggregate or write to one that already carries their
   -- events; someone else's aggregate is as good as absent.
@@ -247,34 +260,55 @@ begin
     perform private.raise_error(404, 'aggregate_not_found', 'no such aggregate');
   end if;
 
-  select i.aggregate_type, i.aggregate_id, i.expected_version, i.current_version
-  into v_bad
-  from (
-    select e.aggregate_type, e.aggregate_id, e.expected_version,
-           (v_versions ->> (e.aggregate_type || '/' || e.aggregate_id))::bigint
-             + row_number() over (partition by e.aggregate_type, e.aggregate_id order by a.ord)
-             - 1 as current_version
-    from jsonb_array_elements(p_events) with ordinality a(elem, ord),
-         jsonb_to_record(a.elem) as e(aggregate_type text, aggregate_id text, expected_version bigint)
-  ) i
-  where i.expected_version is not null and greatest(i.expected_version, 0) <> i.current_version
-  limit 1;
-  if found then
-    perform private.raise_error(409, 'version_conflict',
-      format('%s/%s is at version %s, not %s', v_bad.aggregate_type, v_bad.aggregate_id,
-             v_bad.current_version, v_bad.expected_version),
-      jsonb_build_object('aggregate_type', v_bad.aggregate_type,
-                         'aggregate_id', v_bad.aggregate_id,
-                         'expected_version', v_bad.expected_version,
-                         'current_version', v_bad.current_version));
+  if v_shape.has_expected then
+    select i.aggregate_type, i.aggregate_id, i.expected_version, i.current_version
+    into v_bad
+    from (
+      select e.aggregate_type, e.aggregate_id, e.expected_version,
+             (v_versions ->> (e.aggregate_type || '/' || e.aggregate_id))::bigint
+               + row_number() over (partition by e.aggregate_type, e.aggregate_id order by a.ord)
+               - 1 as current_version
+      from jsonb_array_elements(p_events) with ordinality a(elem, ord),
+           jsonb_to_record(a.elem) as e(aggregate_type text, aggregate_id text, expected_version bigint)
+    ) i
+    where i.expected_version is not null and greatest(i.expected_version, 0) <> i.current_version
+    limit 1;
+    if found then
+      perform private.raise_error(409, 'version_conflict',
+        format('%s/%s is at version %s, not %s', v_bad.aggregate_type, v_bad.aggregate_id,
+               v_bad.current_version, v_bad.expected_version),
+        jsonb_build_object('aggregate_type', v_bad.aggregate_type,
+                           'aggregate_id', v_bad.aggregate_id,
+                           'expected_version', v_bad.expected_version,
+                           'current_version', v_bad.current_version));
+    end if;
   end if;
 
-  insert into public.event_stream_members (aggregate_type, aggregate_id, user_id)
-  select distinct e.aggregate_type, e.aggregate_id, coalesce(v_user, e.user_id)
-  from jsonb_array_elements(p_events) a(elem),
-       jsonb_to_record(a.elem) as e(aggregate_type text, aggregate_id text, user_id uuid)
-  where coalesce(v_user, e.user_id) is not null
-  on conflict do nothing;
+  if v_user is not null or v_shape.has_user then
+    insert into public.event_stream_members (aggregate_type, aggregate_id, user_id)
+    select distinct e.aggregate_type, e.aggregate_id, coalesce(v_user, e.user_id)
+    from jsonb_array_elements(p_events) a(elem),
+         jsonb_to_record(a.elem) as e(aggregate_type text, aggregate_id text, user_id uuid)
+    where coalesce(v_user, e.user_id) is not null
+    on conflict do nothing;
+  end if;
+
+  if v_single is not null then
+    return query
+    insert into public.event_store (
+      aggregate_type, aggregate_id, event_type, version, payload, metadata,
+      correlation_id, causation_id, user_id
+    ) values (
+      v_single ->> 'aggregate_type', v_single ->> 'aggregate_id', v_single ->> 'event_type',
+      (v_versions ->> ((v_single ->> 'aggregate_type') || '/' || (v_single ->> 'aggregate_id')))::bigint
+        + 1,
+      v_single -> 'payload', coalesce(nullif(v_single -> 'metadata', 'null'::jsonb), '{}'::jsonb),
+      coalesce(v_single ->> 'correlation_id', p_correlation_id), v_single ->> 'causation_id',
+      coalesce(v_user, (v_single ->> 'user_id')::uuid)
+    )
+    returning *;
+    return;
+  end if;
 
   return query
   insert into public.event_store (
@@ -310,20 +344,25 @@ create or replace function public.append_event(
   p_causation_id text default null,
   p_user_id uuid default null
 ) returns public.event_store
-language sql
+language plpgsql
 set search_path = ''
 as $$
-  select * from private.append_events(
+declare
+  v_row public.event_store;
+begin
+  select * into v_row from private.append_events(
     jsonb_build_array(jsonb_build_object(
-      'aggregate_id', p_aggregate_id,
-      'aggregate_type', p_aggregate_type,
-      'event_type', p_event_type,
-      'payload', p_payload,
-      'expected_version', p_expected_version,
-      'metadata', p_metadata,
-      'causation_id', p_causation_id,
-      'user_id', p_user_id)),
-    p_correlation_id);
+        'aggregate_id', p_aggregate_id,
+        'aggregate_type', p_aggregate_type,
+        'event_type', p_event_type,
+        'payload', p_payload,
+        'expected_version', p_expected_version,
+        'metadata', p_metadata,
+        'causation_id', p_causation_id,
+        'user_id', p_user_id)),
+      p_correlation_id);
+  return v_row;
+end;
 $$;
 
 -- Several events (of one or more aggregates), atomically, in array order.
@@ -331,10 +370,13 @@ create or replace function public.append_events(
   p_events jsonb,
   p_correlation_id text default null
 ) returns setof public.event_store
-language sql
+language plpgsql
 set search_path = ''
 as $$
+begin
+  return query
   select * from private.append_events(p_events, p_correlation_id);
+end;
 $$;
 
 -- History of one aggregate in version order (never by time). security
@@ -452,24 +494,38 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- Leases: the one claim / retry / dead-letter mechanism.
 --
 -- Any work table that follows this column contract gets it:
---   id bigint primary key, a lane column (message_queue.queue_name,
---   background_jobs.job_type), status text ('pending' waits; one in-flight
---   status; terminal statuses), priority integer (higher first), visible_at
+--   id bigint primary key; status text ('pending' waits, one in-flight status,
+--   terminal statuses); priority integer (higher first); visible_at
 --   timestamptz (when a pending row may be claimed; while in flight, when its
---   lease ends), attempts / max_attempts integer, lease_token uuid,
---   locked_by text, locked_at / finished_at / updated_at timestamptz,
---   last_error text; optionally timeout_seconds (per-row lease) and result.
--- message_queue and background_jobs use it below; the WhatsApp outbound queue
--- and notifications adopt it by giving their tables these columns and calling
--- the same four functions with their table, lane column and status names.
+--   lease ends); attempts / max_attempts integer; lease_token uuid;
+--   locked_by text; locked_at / finished_at / updated_at timestamptz;
+--   last_error text; optionally timeout_seconds (a per-row lease) and result
+--   jsonb; and a lane (which rows a consumer asks for: message_queue's
+--   queue_name, background_jobs' job types).
 --
---   private.backoff_delay   exponential backoff with bounded jitter
---   private.lease_claim     pending rows -> in flight, priority then age,
---                           `for update skip locked`, fresh lease token
---   private.lease_expire    in-flight rows whose lease ended -> pending again
---                           (or the exhausted status after max attempts)
---   private.lease_settle    done, or retry with backoff / exhausted, for the
---                           holders of the given lease tokens only
+-- private.install_leases(table, prefix, lane type, lane filter, in-flight
+-- status) writes three functions for such a table from the one template below,
+-- as static SQL (a generic function running dynamic SQL parses and plans
+-- every call, which cost more than the work itself). Claim turns sorting off:
+-- its cached generic plan guesses a limit of 10% of the table, and with stale
+-- statistics (a queue that just filled up) the planner likes to fetch every
+-- pending row and sort them on each claim; walking the claim index in order
+-- stops after p_limit rows.
+--
+--   private.<prefix>_lease_claim    pending rows of a lane -> in flight,
+--                                   priority then age, `for update skip
+--                                   locked`, attempts + 1, fresh lease token
+--   private.<prefix>_lease_expire   in-flight rows whose lease ended -> pending
+--                                   again (after a backoff when asked), or the
+--                                   exhausted status after max_attempts
+--   private.<prefix>_lease_settle   for the holders of the given tokens only:
+--                                   done, or retry after a delay / backoff, or
+--                                   exhausted after max_attempts
+--
+-- and private.backoff_delay is the one backoff formula. message_queue and
+-- background_jobs install it below; the WhatsApp outbound queue and the
+-- notifications adopt it the same way: give the table these columns, call
+-- install_leases once in their migration, and wrap the three functions.
 --
 -- Compared with pgmq (send, send_batch, read with vt and qty, set_vt, delete,
 -- archive, purge_queue, metrics): claim = read (plus priority, per-message
@@ -496,146 +552,133 @@ as $$
   ));
 $$;
 
-create or replace function private.lease_claim(
+create or replace function private.install_leases(
   p_table regclass,
-  p_lane_column name,
-  p_lanes text[],
-  p_limit integer,
-  p_lease interval,
-  p_worker text,
+  p_prefix text,
+  p_lane_type text,
+  p_lane_filter text,
   p_in_flight text
-) returns setof bigint
+) returns void
 language plpgsql
 set search_path = ''
-as $$
-begin
-  return query execute format(
-    $sql$
-    with picked as (
-      select t.id from %1$s t
-      where t.status = 'pending' and t.visible_at <= now() and %2$s
-      order by t.priority desc, t.id
-      limit $2
-      for update skip locked
-    )
-    update %1$s t
-       set status = $3,
-           attempts = t.attempts + 1,
-           lease_token = pg_catalog.gen_random_uuid(),
-           locked_by = $4,
-           locked_at = now(),
-           visible_at = now() + %3$s,
-           updated_at = now()
-      from picked
-     where t.id = picked.id
-    returning t.id
-    $sql$,
-    p_table,
-    case when p_lanes is null then 'true' else format('t.%I = any($1)', p_lane_column) end,
-    case when p_lease is null then 'make_interval(secs => t.timeout_seconds)' else '$5' end
-  ) using p_lanes, p_limit, p_in_flight, p_worker, p_lease;
-end;
-$$;
-
-create or replace function private.lease_expire(
-  p_table regclass,
-  p_lane_column name,
-  p_lanes text[],
-  p_in_flight text,
-  p_exhausted text,
-  p_retry_base_seconds double precision,
-  p_error text
-) returns integer
-language plpgsql
-set search_path = ''
-as $$
+as $gen$
 declare
-  v_count integer;
+  v_lease text := 'p_lease';
+  v_result text := '';
 begin
-  execute format(
-    $sql$
-    with expired as (
-      select t.id from %1$s t
-      where t.status = $1 and t.visible_at <= now() and %2$s
-      order by t.visible_at
-      limit 1000
-      for update skip locked
-    )
-    update %1$s t
-       set status = case when t.attempts >= t.max_attempts then $2 else 'pending' end,
-           visible_at = case when t.attempts >= t.max_attempts then t.visible_at
-                             when $3 > 0 then now() + private.backoff_delay(t.attempts, $3, 3600)
-                             else now() end,
-           finished_at = case when t.attempts >= t.max_attempts then now() end,
-           last_error = $4,
-           lease_token = null,
-           locked_by = null,
-           updated_at = now()
-      from expired
-     where t.id = expired.id
-    $sql$,
-    p_table,
-    case when p_lanes is null then 'true' else format('t.%I = any($5)', p_lane_column) end
-  ) using p_in_flight, p_exhausted, p_retry_base_seconds, p_error, p_lanes;
-  get diagnostics v_count = row_count;
-  return v_count;
-end;
-$$;
-
--- Settles leases held by the given tokens. p_outcome 'done' moves them to
--- p_done (with p_result where the table has a result column); 'retry' makes
--- them pending again after p_delay (null: backoff from p_retry_base_seconds),
--- or p_exhausted once max_attempts is used up. Returns the settled rows as
--- JSON; a token that no longer holds its row (lease lost) settles nothing.
-create or replace function private.lease_settle(
-  p_table regclass,
-  p_ids bigint[],
-  p_lease_tokens uuid[],
-  p_in_flight text,
-  p_outcome text,
-  p_done text,
-  p_exhausted text,
-  p_retry_base_seconds double precision default 1,
-  p_delay interval default null,
-  p_error text default null,
-  p_result jsonb default null
-) returns setof jsonb
-language plpgsql
-set search_path = ''
-as $$
-declare
-  v_has_result boolean := exists (
-    select from pg_attribute
-    where attrelid = p_table and attname = 'result' and not attisdropped
-  );
-begin
-  if p_outcome not in ('done', 'retry') then
-    raise exception 'lease_settle: unknown outcome %', p_outcome;
+  if exists (select from pg_attribute where attrelid = p_table and attname = 'timeout_seconds'
+             and not attisdropped) then
+    v_lease := 'coalesce(p_lease, make_interval(secs => t.timeout_seconds))';
   end if;
-  return query execute format(
-    $sql$
-    update %1$s t
-       set status = case when $4 = 'done' then $5
-                         when t.attempts >= t.max_attempts then $6
-                         else 'pending' end,
-           visible_at = case when $4 = 'done' or t.attempts >= t.max_attempts then t.visible_at
-                             else now() + coalesce($8, private.backoff_delay(t.attempts, $7, 3600)) end,
-           finished_at = case when $4 = 'done' or t.attempts >= t.max_attempts then now() end,
-           last_error = case when $4 = 'done' then t.last_error else $9 end,
-           lease_token = null,
-           locked_by = null,
-           updated_at = now()%2$s
-      from unnest($1::bigint[], $2::uuid[]) as l(id, token)
-     where t.id = l.id and t.lease_token = l.token and t.status = $3
-    returning to_jsonb(t.*)
-    $sql$,
-    p_table,
-    case when v_has_result then ', result = case when $4 = ''done'' then $10 else t.result end'
-         else '' end
-  ) using p_ids, p_lease_tokens, p_in_flight, p_outcome, p_done, p_exhausted,
-          p_retry_base_seconds, p_delay, p_error, p_result;
+  if exists (select from pg_attribute where attrelid = p_table and attname = 'result'
+             and not attisdropped) then
+    v_result := ', result = case when p_outcome = ''done'' then p_result else t.result end';
+  end if;
+
+  execute format($tpl$
+    create or replace function private.%2$I(
+      p_lane %3$s, p_limit integer, p_lease interval, p_worker text
+    ) returns setof %1$s
+    language plpgsql
+    set search_path = ''
+    set enable_sort = off
+    as $fn$
+    begin
+      return query
+      with picked as (
+        select t.id from %1$s t
+        where t.status = 'pending' and t.visible_at <= now() and (%4$s)
+        order by t.priority desc, t.id
+        limit p_limit
+        for update skip locked
+      )
+      update %1$s t
+         set status = %5$L,
+             attempts = t.attempts + 1,
+             lease_token = pg_catalog.gen_random_uuid(),
+             locked_by = p_worker,
+             locked_at = now(),
+             visible_at = now() + %6$s,
+             updated_at = now()
+        from picked
+       where t.id = picked.id
+      returning t.*;
+    end;
+    $fn$
+  $tpl$, p_table, p_prefix || '_lease_claim', p_lane_type, p_lane_filter, p_in_flight, v_lease);
+
+  execute format($tpl$
+    create or replace function private.%2$I(
+      p_exhausted text, p_retry_base_seconds double precision, p_error text
+    ) returns integer
+    language plpgsql
+    set search_path = ''
+    as $fn$
+    declare
+      v_count integer;
+    begin
+      with expired as (
+        select t.id from %1$s t
+        where t.status = %3$L and t.visible_at <= now()
+        order by t.visible_at
+        limit 1000
+        for update skip locked
+      )
+      update %1$s t
+         set status = case when t.attempts >= t.max_attempts then p_exhausted else 'pending' end,
+             visible_at = case
+               when t.attempts >= t.max_attempts then t.visible_at
+               when p_retry_base_seconds > 0
+                 then now() + private.backoff_delay(t.attempts, p_retry_base_seconds, 3600)
+               else now() end,
+             finished_at = case when t.attempts >= t.max_attempts then now() end,
+             last_error = p_error,
+             lease_token = null,
+             locked_by = null,
+             updated_at = now()
+        from expired
+       where t.id = expired.id;
+      get diagnostics v_count = row_count;
+      return v_count;
+    end;
+    $fn$
+  $tpl$, p_table, p_prefix || '_lease_expire', p_in_flight);
+
+  execute format($tpl$
+    create or replace function private.%2$I(
+      p_ids bigint[], p_lease_tokens uuid[], p_outcome text, p_done text, p_exhausted text,
+      p_retry_base_seconds double precision, p_delay interval, p_error text, p_result jsonb
+    ) returns setof %1$s
+    language plpgsql
+    set search_path = ''
+    as $fn$
+    begin
+      if p_outcome not in ('done', 'retry') then
+        raise exception 'lease settle: unknown outcome %%', p_outcome;
+      end if;
+      return query
+      update %1$s t
+         set status = case when p_outcome = 'done' then p_done
+                           when t.attempts >= t.max_attempts then p_exhausted
+                           else 'pending' end,
+             visible_at = case
+               when p_outcome = 'done' or t.attempts >= t.max_attempts then t.visible_at
+               else now() + coalesce(p_delay,
+                 private.backoff_delay(t.attempts, p_retry_base_seconds, 3600)) end,
+             finished_at = case when p_outcome = 'done' or t.attempts >= t.max_attempts
+                                then now() end,
+             last_error = case when p_outcome = 'done' then t.last_error else p_error end,
+             lease_token = null,
+             locked_by = null,
+             updated_at = now()%4$s
+        from unnest(p_ids, p_lease_tokens) as l(id, token)
+       where t.id = l.id and t.lease_token = l.token and t.status = %3$L
+      returning t.*;
+    end;
+    $fn$
+  $tpl$, p_table, p_prefix || '_lease_settle', p_in_flight, v_result);
 end;
-$$;
+$gen$;
 
 -- -----------------------------------------------------------------------------
 -- message_queue
@@ -670,8 +713,12 @@ create unique index message_queue_idempotency_idx
 create index message_queue_claim_idx
   on public.message_queue (queue_name, priority desc, id) where status = 'pending';
 create index message_queue_lease_idx
-  on public.message_queue (queue_name, visible_at) where status = 'processing';
-create index message_queue_status_idx on public.message_queue (queue_name, status, created_at);
+  on public.message_queue (visible_at) where status = 'processing';
+-- Finished messages by queue (metrics, purge). Deliberately no index on
+-- (queue_name, status) covering pending rows: the planner could prefer it to
+-- the claim index and sort the whole queue on every claim.
+create index message_queue_finished_idx
+  on public.message_queue (queue_name, status) where status in ('completed', 'dead');
 create index message_queue_user_idx on public.message_queue (user_id) where user_id is not null;
 
 alter table public.message_queue enable row level security;
@@ -683,6 +730,9 @@ create policy message_queue_user_select on public.message_queue
   for select to authenticated using (user_id = (select auth.uid()));
 create policy message_queue_service_select on public.message_queue
   for select to service_role using (true);
+
+select private.install_leases('public.message_queue', 'message_queue', 'text',
+  't.queue_name = p_lane', 'processing');
 
 create or replace function private.check_queue_name(p_queue_name text) returns void
 language plpgsql
@@ -717,6 +767,7 @@ as $$
 declare
   v_user uuid := private.caller_user_id();
   v_ids bigint[];
+  v_shape record;
 begin
   perform private.check_queue_name(p_queue_name);
   if jsonb_typeof(p_messages) is distinct from 'array' or jsonb_array_length(p_messages) = 0 then
@@ -725,22 +776,17 @@ begin
   if jsonb_array_length(p_messages) > 1000 then
     perform private.raise_error(413, 'too_many_messages', 'at most 1000 messages per send');
   end if;
-  if exists (
-    select from jsonb_array_elements(p_messages) m
-    where jsonb_typeof(m) <> 'object' or jsonb_typeof(m -> 'payload') is distinct from 'object'
-  ) then
+  select bool_or(jsonb_typeof(m) <> 'object' or jsonb_typeof(m -> 'payload') is distinct from 'object')
+           as bad_payload,
+         bool_or((m ->> 'priority')::integer not between 0 and 1000) as bad_priority,
+         bool_or((m ->> 'delay_seconds')::integer not between 0 and 31536000) as bad_delay
+  into v_shape
+  from jsonb_array_elements(p_messages) m;
+  if v_shape.bad_payload then
     perform private.raise_error(400, 'invalid_payload', 'each message needs a JSON object payload');
-  end if;
-  if exists (
-    select from jsonb_array_elements(p_messages) m
-    where (m ->> 'priority')::integer not between 0 and 1000
-  ) then
+  elsif v_shape.bad_priority then
     perform private.raise_error(400, 'invalid_priority', 'priority must be between 0 and 1000');
-  end if;
-  if exists (
-    select from jsonb_array_elements(p_messages) m
-    where (m ->> 'delay_seconds')::integer not between 0 and 31536000
-  ) then
+  elsif v_shape.bad_delay then
     perform private.raise_error(400, 'invalid_delay', 'delay_seconds must be between 0 and 31536000');
   end if;
 
@@ -802,19 +848,24 @@ create or replace function public.send_message(
   p_idempotency_key text default null,
   p_correlation_id text default null
 ) returns public.message_queue
-language sql
+language plpgsql
 set search_path = ''
 as $$
-  select * from public.send_messages(
-    p_queue_name,
-    jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
-      'payload', coalesce(p_payload, 'null'::jsonb),
-      'message_type', p_message_type,
-      'priority', p_priority,
-      'delay_seconds', p_delay_seconds,
-      'max_attempts', p_max_attempts,
-      'idempotency_key', p_idempotency_key))),
-    p_correlation_id);
+declare
+  v_row public.message_queue;
+begin
+  select * into v_row from public.send_messages(
+      p_queue_name,
+      jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
+        'payload', coalesce(p_payload, 'null'::jsonb),
+        'message_type', p_message_type,
+        'priority', p_priority,
+        'delay_seconds', p_delay_seconds,
+        'max_attempts', p_max_attempts,
+        'idempotency_key', p_idempotency_key))),
+      p_correlation_id);
+  return v_row;
+end;
 $$;
 
 -- Claims up to p_limit visible messages, highest priority first, then oldest,
@@ -831,8 +882,6 @@ language plpgsql
 security definer
 set search_path = ''
 as $$
-declare
-  v_ids bigint[];
 begin
   perform private.check_queue_name(p_queue_name);
   if p_limit is null or p_limit < 1 or p_limit > 1000 then
@@ -843,13 +892,11 @@ begin
     perform private.raise_error(400, 'invalid_visibility_timeout',
       'visibility_timeout_seconds must be between 0.1 and 43200');
   end if;
-  perform private.lease_expire('public.message_queue', 'queue_name', array[p_queue_name],
-    'processing', 'dead', 0, 'lease expired before ack');
-  v_ids := array(
-    select private.lease_claim('public.message_queue', 'queue_name', array[p_queue_name], p_limit,
-      make_interval(secs => p_visibility_timeout_seconds), p_consumer, 'processing'));
+  perform private.message_queue_lease_expire('dead', 0, 'lease expired before ack');
   return query
-  select q.* from public.message_queue q where q.id = any(v_ids) order by q.priority desc, q.id;
+  select c.* from private.message_queue_lease_claim(p_queue_name, p_limit,
+    make_interval(secs => p_visibility_timeout_seconds), p_consumer) c
+  order by c.priority desc, c.id;
 end;
 $$;
 
@@ -880,11 +927,9 @@ begin
   from unnest(p_message_ids, p_lease_tokens) l(id, token)
   join public.message_queue q on q.id = l.id and q.queue_name = p_queue_name;
   return query
-  select r.*
-  from private.lease_settle('public.message_queue', coalesce(v_ids, '{}'), coalesce(v_tokens, '{}'),
-         'processing', p_outcome, 'completed', 'dead', 2,
-         make_interval(secs => p_delay_seconds), left(p_error, 4000)) s(row),
-       jsonb_populate_record(null::public.message_queue, s.row) r;
+  select * from private.message_queue_lease_settle(coalesce(v_ids, '{}'), coalesce(v_tokens, '{}'),
+    p_outcome, 'completed', 'dead', 2, make_interval(secs => p_delay_seconds), left(p_error, 4000),
+    null);
 end;
 $$;
 
@@ -925,11 +970,16 @@ create or replace function public.ack_message(
   p_message_id bigint,
   p_lease_token uuid
 ) returns public.message_queue
-language sql
+language plpgsql
 security definer
 set search_path = ''
 as $$
-  select * from private.settle_message(p_queue_name, p_message_id, p_lease_token, 'done');
+declare
+  v_row public.message_queue;
+begin
+  select * into v_row from private.settle_message(p_queue_name, p_message_id, p_lease_token, 'done');
+  return v_row;
+end;
 $$;
 
 -- Batch ack: returns the messages acked (a lost lease is left out, as pgmq's
@@ -939,11 +989,14 @@ create or replace function public.ack_messages(
   p_message_ids bigint[],
   p_lease_tokens uuid[]
 ) returns setof public.message_queue
-language sql
+language plpgsql
 security definer
 set search_path = ''
 as $$
+begin
+  return query
   select * from private.settle_messages(p_queue_name, p_message_ids, p_lease_tokens, 'done');
+end;
 $$;
 
 -- Gives a message back: visible again after p_delay_seconds, or after an
@@ -956,12 +1009,17 @@ create or replace function public.nack_message(
   p_error text default null,
   p_delay_seconds double precision default null
 ) returns public.message_queue
-language sql
+language plpgsql
 security definer
 set search_path = ''
 as $$
-  select * from private.settle_message(
-    p_queue_name, p_message_id, p_lease_token, 'retry', p_error, p_delay_seconds);
+declare
+  v_row public.message_queue;
+begin
+  select * into v_row from private.settle_message(
+      p_queue_name, p_message_id, p_lease_token, 'retry', p_error, p_delay_seconds);
+  return v_row;
+end;
 $$;
 
 -- Extends (or shortens) a held lease, as pgmq's set_vt.
@@ -1062,16 +1120,6 @@ begin
 end;
 $$;
 
-revoke all on function private.lease_claim(regclass, name, text[], integer, interval, text, text)
-  from public;
-revoke all on function private.lease_expire(regclass, name, text[], text, text, double precision, text)
-  from public;
-revoke all on function private.lease_settle(
-  regclass, bigint[], uuid[], text, text, text, text, double precision, interval, text, jsonb
-) from public;
-revoke all on function private.backoff_delay(integer, double precision, double precision, double precision)
-  from public;
-
 revoke all on function public.send_messages(text, jsonb, text) from public, anon;
 revoke all on function public.send_message(text, jsonb, text, integer, integer, integer, text, text)
   from public, anon;
@@ -1144,7 +1192,6 @@ create index background_jobs_running_idx
   on public.background_jobs (visible_at) where status = 'running';
 create index background_jobs_user_idx
   on public.background_jobs (user_id, created_at desc) where user_id is not null;
-create index background_jobs_type_status_idx on public.background_jobs (job_type, status);
 
 alter table public.background_jobs enable row level security;
 revoke all on public.background_jobs from anon, authenticated;
@@ -1155,6 +1202,10 @@ create policy background_jobs_user_select on public.background_jobs
   for select to authenticated using (user_id = (select auth.uid()));
 create policy background_jobs_service_select on public.background_jobs
   for select to service_role using (true);
+
+-- A null lane claims jobs of any type.
+select private.install_leases('public.background_jobs', 'background_jobs', 'text[]',
+  'p_lane is null or t.job_type = any(p_lane)', 'running');
 
 -- The spec's call. Users schedule jobs as themselves (user_id forced); an
 -- idempotency key already used by the same scheduler returns that job, and
@@ -1209,12 +1260,13 @@ $$;
 -- Running jobs past their timeout: retried with backoff, or status timeout
 -- after max_attempts. Returns how many it timed out.
 create or replace function public.timeout_jobs() returns integer
-language sql
+language plpgsql
 security definer
 set search_path = ''
 as $$
-  select private.lease_expire('public.background_jobs', 'job_type', null,
-    'running', 'timeout', 10, 'timed out');
+begin
+  return (select private.background_jobs_lease_expire('timeout', 10, 'timed out'));
+end;
 $$;
 
 -- Claims due jobs (of the given types, or any), highest priority first, then
@@ -1229,18 +1281,14 @@ language plpgsql
 security definer
 set search_path = ''
 as $$
-declare
-  v_ids bigint[];
 begin
   if p_limit is null or p_limit < 1 or p_limit > 1000 then
     perform private.raise_error(400, 'invalid_limit', 'limit must be between 1 and 1000');
   end if;
   perform public.timeout_jobs();
-  v_ids := array(
-    select private.lease_claim('public.background_jobs', 'job_type', p_job_types, p_limit,
-      null, p_worker, 'running'));
   return query
-  select j.* from public.background_jobs j where j.id = any(v_ids) order by j.priority desc, j.id;
+  select c.* from private.background_jobs_lease_claim(p_job_types, p_limit, null, p_worker) c
+  order by c.priority desc, c.id;
 end;
 $$;
 
@@ -1259,10 +1307,9 @@ as $$
 declare
   v_row public.background_jobs;
 begin
-  select r.* into v_row
-  from private.lease_settle('public.background_jobs', array[p_job_id], array[p_lease_token],
-         'running', p_outcome, 'completed', p_exhausted, 10, null, left(p_error, 4000), p_result) s(row),
-       jsonb_populate_record(null::public.background_jobs, s.row) r;
+  select * into v_row
+  from private.background_jobs_lease_settle(array[p_job_id], array[p_lease_token], p_outcome,
+    'completed', p_exhausted, 10, null, left(p_error, 4000), p_result);
   if v_row.id is null then
     if not exists (select from public.background_jobs j where j.id = p_job_id) then
       perform private.raise_error(404, 'job_not_found', 'no such job');
@@ -1279,11 +1326,16 @@ create or replace function public.complete_job(
   p_lease_token uuid,
   p_result jsonb default null
 ) returns public.background_jobs
-language sql
+language plpgsql
 security definer
 set search_path = ''
 as $$
-  select * from private.settle_job(p_job_id, p_lease_token, 'done', 'failed', null, p_result);
+declare
+  v_row public.background_jobs;
+begin
+  select * into v_row from private.settle_job(p_job_id, p_lease_token, 'done', 'failed', null, p_result);
+  return v_row;
+end;
 $$;
 
 create or replace function public.fail_job(
@@ -1292,16 +1344,23 @@ create or replace function public.fail_job(
   p_error text,
   p_timed_out boolean default false
 ) returns public.background_jobs
-language sql
+language plpgsql
 security definer
 set search_path = ''
 as $$
-  select * from private.settle_job(p_job_id, p_lease_token, 'retry',
-    case when p_timed_out then 'timeout' else 'failed' end, p_error, null);
+declare
+  v_row public.background_jobs;
+begin
+  select * into v_row from private.settle_job(p_job_id, p_lease_token, 'retry',
+      case when p_timed_out then 'timeout' else 'failed' end, p_error, null);
+  return v_row;
+end;
 $$;
 
--- A job the caller may act on (own job, or any for the service role), locked.
-create or replace function private.lock_job(p_job_id bigint) returns public.background_jobs
+-- Locks a job the caller may act on (own job, or any for the service role)
+-- and checks that it is in one of the states the action accepts.
+create or replace function private.lock_job(p_job_id bigint, p_states text[], p_action text)
+returns void
 language plpgsql
 set search_path = ''
 as $$
@@ -1313,7 +1372,11 @@ begin
   if v_row.id is null or (v_user is not null and v_row.user_id is distinct from v_user) then
     perform private.raise_error(404, 'job_not_found', 'no such job');
   end if;
-  return v_row;
+  if v_row.status <> all(p_states) then
+    perform private.raise_error(409, 'invalid_state',
+      format('a %s job cannot be %s', v_row.status, p_action),
+      jsonb_build_object('status', v_row.status));
+  end if;
 end;
 $$;
 
@@ -1325,12 +1388,9 @@ security definer
 set search_path = ''
 as $$
 declare
-  v_row public.background_jobs := private.lock_job(p_job_id);
+  v_row public.background_jobs;
 begin
-  if v_row.status not in ('pending', 'running') then
-    perform private.raise_error(409, 'invalid_state',
-      format('a %s job cannot be cancelled', v_row.status), jsonb_build_object('status', v_row.status));
-  end if;
+  perform private.lock_job(p_job_id, array['pending', 'running'], 'cancelled');
   update public.background_jobs j
      set status = 'cancelled', finished_at = now(), lease_token = null, locked_by = null,
          updated_at = now()
@@ -1348,12 +1408,9 @@ security definer
 set search_path = ''
 as $$
 declare
-  v_row public.background_jobs := private.lock_job(p_job_id);
+  v_row public.background_jobs;
 begin
-  if v_row.status not in ('pending', 'failed', 'timeout', 'cancelled') then
-    perform private.raise_error(409, 'invalid_state',
-      format('a %s job cannot be retried', v_row.status), jsonb_build_object('status', v_row.status));
-  end if;
+  perform private.lock_job(p_job_id, array['pending', 'failed', 'timeout', 'cancelled'], 'retried');
   update public.background_jobs j
      set status = 'pending', visible_at = now(), finished_at = null,
          attempts = case when j.status = 'pending' then j.attempts else 0 end,
@@ -1406,6 +1463,6 @@ revoke all on function private.settle_messages(text, bigint[], uuid[], text, tex
 revoke all on function private.settle_message(text, bigint, uuid, text, text, double precision)
   from public;
 revoke all on function private.settle_job(bigint, uuid, text, text, text, jsonb) from public;
-revoke all on function private.lock_job(bigint) from public;
+revoke all on function private.lock_job(bigint, text[], text) from public;
 revoke all on function private.check_queue_name(text) from public;
 revoke all on function private.caller_user_id() from public;

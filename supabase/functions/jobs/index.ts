@@ -9,8 +9,14 @@
 import { z } from "zod";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { env } from "../../../shared/env.ts";
-import { jsonb, withClaims } from "../../../shared/db.ts";
-import { createApp, idempotencyKeyHeader, jsonBody, pathParams } from "../../../shared/http.ts";
+import { jsonb, type Tx, withClaims } from "../../../shared/db.ts";
+import {
+  createApp,
+  type Ctx,
+  idempotencyKeyHeader,
+  jsonBody,
+  pathParams,
+} from "../../../shared/http.ts";
 import { runJobs } from "./worker.ts";
 
 const jobType = z.string().regex(/^[a-z][a-z0-9_.-]{0,62}$/);
@@ -75,37 +81,18 @@ app.post("/run", async (c) => {
   return c.json(summary);
 });
 
-app.get("/:id", async (c) => {
-  const who = requireUserOrService(c);
-  const { id } = pathParams(c, jobId);
-  const [row] = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) => tx`select * from public.get_job(${id}::bigint)`,
-  );
-  return c.json({ job: toJob(row) });
-});
+/** A route acting on one job through one SQL function (ownership is decided in SQL). */
+function jobAction(run: (tx: Tx, id: string) => Promise<Row[]>) {
+  return async (c: Ctx) => {
+    const who = requireUserOrService(c);
+    const { id } = pathParams(c, jobId);
+    const [row] = await withClaims(who, c.get("correlationId"), (tx) => run(tx, id));
+    return c.json({ job: toJob(row) });
+  };
+}
 
-app.post("/:id/cancel", async (c) => {
-  const who = requireUserOrService(c);
-  const { id } = pathParams(c, jobId);
-  const [row] = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) => tx`select * from public.cancel_job(${id}::bigint)`,
-  );
-  return c.json({ job: toJob(row) });
-});
-
-app.post("/:id/retry", async (c) => {
-  const who = requireUserOrService(c);
-  const { id } = pathParams(c, jobId);
-  const [row] = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) => tx`select * from public.retry_job(${id}::bigint)`,
-  );
-  return c.json({ job: toJob(row) });
-});
+app.get("/:id", jobAction((tx, id) => tx`select * from public.get_job(${id}::bigint)`));
+app.post("/:id/cancel", jobAction((tx, id) => tx`select * from public.cancel_job(${id}::bigint)`));
+app.post("/:id/retry", jobAction((tx, id) => tx`select * from public.retry_job(${id}::bigint)`));
 
 if (import.meta.main) Deno.serve(app.fetch);

@@ -41,8 +41,8 @@ const claimBody = z.object({
   consumer: z.string().min(1).max(128).optional(),
 }).strict();
 
-const ackBody = z.object({ lease_token: z.uuid() }).strict();
-const nackBody = z.object({
+// ack takes the lease token only; nack may add an error and a delay.
+const settleBody = z.object({
   lease_token: z.uuid(),
   error: z.string().max(4000).optional(),
   delay_seconds: z.number().min(0).max(31536000).optional(),
@@ -88,29 +88,24 @@ app.post("/:queue/claim", async (c) => {
   return c.json({ messages: rows.map(toMessage) });
 });
 
-app.post("/:queue/messages/:id/ack", async (c) => {
+app.post("/:queue/messages/:id/:action{ack|nack}", async (c) => {
   const who = requireService(c);
-  const { queue, id } = pathParams(c, z.object({ queue: queueName, id: messageId }));
-  const body = await jsonBody(c, ackBody);
-  const [row] = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) =>
-      tx`select * from public.ack_message(${queue}, ${id}::bigint, ${body.lease_token}::uuid)`,
+  const { queue, id, action } = pathParams(
+    c,
+    z.object({ queue: queueName, id: messageId, action: z.enum(["ack", "nack"]) }),
   );
-  return c.json({ message: toMessage(row) });
-});
-
-app.post("/:queue/messages/:id/nack", async (c) => {
-  const who = requireService(c);
-  const { queue, id } = pathParams(c, z.object({ queue: queueName, id: messageId }));
-  const body = await jsonBody(c, nackBody);
+  const body: z.infer<typeof settleBody> = await jsonBody(
+    c,
+    action === "ack" ? settleBody.pick({ lease_token: true }) : settleBody,
+  );
   const [row] = await withClaims(
     who,
     c.get("correlationId"),
     (tx) =>
-      tx`select * from public.nack_message(${queue}, ${id}::bigint, ${body.lease_token}::uuid,
-         ${body.error ?? null}, ${body.delay_seconds ?? null})`,
+      action === "ack"
+        ? tx`select * from public.ack_message(${queue}, ${id}::bigint, ${body.lease_token}::uuid)`
+        : tx`select * from public.nack_message(${queue}, ${id}::bigint, ${body.lease_token}::uuid,
+             ${body.error ?? null}, ${body.delay_seconds ?? null})`,
   );
   return c.json({ message: toMessage(row) });
 });

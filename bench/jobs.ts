@@ -1,0 +1,97 @@
+// Jobs: schedule + claim + complete throughput with a trivial handler, at the
+// same concurrency, in the same database and run:
+//   ours             public.schedule_job, then workers loop claim_jobs(limit 1) + complete_job
+//   pg-boss          send, then workers loop fetch(batchSize 1) + complete
+//   graphile-worker  addJob, then its runner with the same concurrency (default settings:
+//                    no local queue and no batched completion, i.e. without its batching)
+// Figures: jobs per second over both phases, best of ROUNDS rounds.
+import { Logger, makeWorkerUtils, run } from "graphile-worker";
+import { benchUrl, closeAll, connections, drain, report, spread, startPgBoss } from "./_lib.ts";
+
+const JOBS = Number(Deno.env.get("BENCH_JOBS") ?? 2000);
+const WORKERS = Number(Deno.env.get("BENCH_CONCURRENCY") ?? 4);
+const ROUNDS = Number(Deno.env.get("BENCH_ROUNDS") ?? 2);
+
+async function ours(): Promise<number> {
+  const sqls = await connections(WORKERS);
+  try {
+    const scheduled = await spread(WORKERS, JOBS, async (w, i) => {
+      await sqls[w]`select public.schedule_job('bench_noop', 'bench', ${sqls[w].json({ i })})`;
+    });
+    const processed = await drain(WORKERS, async (w) => {
+      const [job] = await sqls[w]`select id, lease_token from public.claim_jobs(
+                                    array['bench_noop'], 1, ${`bench-${w}`})`;
+      if (!job) return 0;
+      await sqls[w]`select public.complete_job(${job.id}::bigint, ${job.lease_token}::uuid, null)`;
+      return 1;
+    });
+    return JOBS / (scheduled + processed);
+  } finally {
+    await closeAll(sqls);
+  }
+}
+
+async function pgBoss(): Promise<number> {
+  const boss = await startPgBoss(WORKERS);
+  await boss.createQueue("bench_noop");
+  try {
+    const scheduled = await spread(WORKERS, JOBS, async (_, i) => {
+      await boss.send("bench_noop", { i });
+    });
+    const processed = await drain(WORKERS, async () => {
+      const [job] = await boss.fetch("bench_noop", { batchSize: 1 });
+      if (!job) return 0;
+      await boss.complete("bench_noop", job.id);
+      return 1;
+    });
+    return JOBS / (scheduled + processed);
+  } finally {
+    await boss.stop({ graceful: false, wait: true });
+  }
+}
+
+async function graphileWorker(): Promise<number> {
+  const logger = new Logger(() => () => {});
+  const utils = await makeWorkerUtils({ connectionString: benchUrl(), logger });
+  await utils.migrate();
+  let scheduled: number;
+  try {
+    scheduled = await spread(WORKERS, JOBS, async (_, i) => {
+      await utils.addJob("bench_noop", { i });
+    });
+  } finally {
+    await utils.release();
+  }
+  let done = 0;
+  let finished: () => void = () => {};
+  const allDone = new Promise<void>((resolve) => (finished = resolve));
+  const started = performance.now();
+  const runner = await run({
+    connectionString: benchUrl(),
+    concurrency: WORKERS,
+    maxPoolSize: WORKERS + 1,
+    noHandleSignals: true,
+    pollInterval: 100,
+    logger,
+    taskList: {
+      bench_noop: () => {
+        if (++done === JOBS) finished();
+        return Promise.resolve();
+      },
+    },
+  });
+  await allDone;
+  const processed = (performance.now() - started) / 1000;
+  await runner.stop();
+  return JOBS / (scheduled + processed);
+}
+
+console.log(`jobs: ${JOBS} jobs, ${WORKERS} workers, best of ${ROUNDS} rounds`);
+const best = { ours: 0, pgBoss: 0, graphile: 0 };
+for (let r = 0; r < ROUNDS; r++) {
+  best.ours = Math.max(best.ours, await ours());
+  best.pgBoss = Math.max(best.pgBoss, await pgBoss());
+  best.graphile = Math.max(best.graphile, await graphileWorker());
+}
+report("schedule+claim+complete", "jobs/s", best.ours, "pg-boss", best.pgBoss);
+report("schedule+claim+complete", "jobs/s", best.ours, "graphile-worker", best.graphile);
