@@ -951,6 +951,9 @@ declare
   v_messages jsonb;
   v_metrics jsonb;
   v_next_due double precision;
+  v_ids bigint[];
+  v_closed boolean[];
+  v_send_ids bigint[];
 begin
   if coalesce(p_dispatcher_id, '') = '' or char_length(p_dispatcher_id) > 128 then
     perform private.raise_error(400, 'invalid_dispatcher_id', 'dispatcher_id must have 1 to 128 characters');
@@ -1003,14 +1006,19 @@ begin
   end if;
 
   -- Heads of line: due, first of their recipient (priority, then enqueue
-  -- order), recipient not paced. Free-form heads whose recipient's 24-hour
-  -- window is closed fail here instead of being sent; the others get slots.
-  with candidates as (
-    select q.id, q.priority, q.recipient_phone,
-           q.message_type <> 'template' and not exists (
-             select from public.whatsapp_sessions s
-             where s.phone_number = q.recipient_phone and s.last_inbound_at > v_now - interval '24 hours'
-           ) as window_closed
+  -- order), recipient not paced; locked, in claim order. Free-form heads
+  -- whose recipient's 24-hour window is closed fail instead of being sent.
+  -- (Each step below is its own statement driven by these ids through the
+  -- primary key: a join here could turn into a scan of the whole table.)
+  select coalesce(array_agg(c.id order by c.priority desc, c.id), '{}'),
+         coalesce(array_agg(c.window_closed order by c.priority desc, c.id), '{}')
+  into v_ids, v_closed
+  from (
+    select q.id, q.priority,
+           q.message_type <> 'template' and not coalesce((
+             select s.last_inbound_at > v_now - interval '24 hours'
+             from public.whatsapp_sessions s where s.phone_number = q.recipient_phone), false)
+             as window_closed
     from public.whatsapp_message_queue q
     where q.status = 'pending' and q.visible_at <= v_now and q.scheduled_at <= v_now
       and not exists (
@@ -1026,18 +1034,27 @@ begin
     order by q.priority desc, q.id
     limit v_allowed
     for update of q skip locked
-  ), closed as (
+  ) c;
+
+  v_send_ids := array(select x.id from unnest(v_ids, v_closed) with ordinality as x(id, closed, n)
+                      where not x.closed order by x.n);
+
+  with closed as (
     update public.whatsapp_message_queue q set
       status = 'failed', failed_at = v_now, error_code = 'outside_customer_service_window',
       finished_at = v_now,
       last_error = 'free-form messages need a message from the user in the last 24 hours; send a template'
-    from candidates c where q.id = c.id and c.window_closed
+    where q.id = any(array(select x.id from unnest(v_ids, v_closed) as x(id, closed) where x.closed))
     returning q.id, q.correlation_id, q.attempts
-  ), slotted as (
-    select c.id, c.recipient_phone,
-           v_base + v_step * (row_number() over (order by c.priority desc, c.id) - 1) as slot_at
-    from candidates c
-    where not c.window_closed
+  )
+  select v_metrics || coalesce(jsonb_agg(private.whatsapp_metric('whatsapp.message.failed', f.id, f.attempts,
+           'outside_customer_service_window', null, f.correlation_id)), '[]'::jsonb)
+  into v_metrics
+  from closed f;
+
+  with slotted as (
+    select x.id, v_base + v_step * (x.n - 1) as slot_at
+    from unnest(v_send_ids) with ordinality as x(id, n)
   ), claimed as (
     update public.whatsapp_message_queue q set
       status = 'processing',
@@ -1046,9 +1063,9 @@ begin
       locked_by = p_dispatcher_id,
       locked_at = v_now,
       visible_at = s.slot_at + make_interval(secs => p_lease_seconds)
-    from slotted s where q.id = s.id
+    from slotted s where q.id = s.id and q.id = any(v_send_ids)
     returning q.id, q.lease_token, q.recipient_phone, q.message_type, q.message_payload, q.attempts,
-              q.max_attempts, q.correlation_id, q.priority, s.slot_at
+              q.max_attempts, q.correlation_id, s.slot_at
   ), paced as (
     insert into private.whatsapp_pair_pacing (business_number, recipient_phone, next_allowed_at)
     select p_business_number, c.recipient_phone,
@@ -1056,22 +1073,17 @@ begin
     from claimed c order by c.recipient_phone
     on conflict (business_number, recipient_phone) do update set next_allowed_at = excluded.next_allowed_at
   )
-  select
-    (select count(*) from claimed),
-    (select coalesce(jsonb_agg(jsonb_build_object(
-       'id', c.id, 'lease_token', c.lease_token, 'recipient_phone', c.recipient_phone,
-       'message_type', c.message_type,
-       'message_payload', c.message_payload, 'attempts', c.attempts, 'max_attempts', c.max_attempts,
-       'correlation_id', c.correlation_id,
-       'delay_ms', greatest(0, round(extract(epoch from c.slot_at - v_now) * 1000)),
-       'slot_ms', round(extract(epoch from c.slot_at) * 1000, 3))
-       order by c.priority desc, c.id), '[]'::jsonb) from claimed c),
-    v_metrics || (select coalesce(jsonb_agg(jsonb_build_object(
-       'service_name', 'whatsapp', 'metric_type', 'counter', 'metric_name', 'whatsapp.message.failed',
-       'value', 1, 'tags', jsonb_build_object('message_id', f.id, 'attempt', f.attempts,
-                                              'error_code', 'outside_customer_service_window'),
-       'correlation_id', f.correlation_id)), '[]'::jsonb) from closed f)
-  into v_count, v_messages, v_metrics;
+  select count(*),
+    coalesce(jsonb_agg(jsonb_build_object(
+      'id', c.id, 'lease_token', c.lease_token, 'recipient_phone', c.recipient_phone,
+      'message_type', c.message_type,
+      'message_payload', c.message_payload, 'attempts', c.attempts, 'max_attempts', c.max_attempts,
+      'correlation_id', c.correlation_id,
+      'delay_ms', greatest(0, round(extract(epoch from c.slot_at - v_now) * 1000)),
+      'slot_ms', round(extract(epoch from c.slot_at) * 1000, 3))
+      order by c.slot_at), '[]'::jsonb)
+  into v_count, v_messages
+  from claimed c;
 
   if jsonb_array_length(v_metrics) > 0 then
     perform public.record_metrics(v_metrics);
