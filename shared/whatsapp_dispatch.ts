@@ -200,6 +200,9 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
   // Outcomes are recorded in batches, at most MAX_FLUSHES at a time (each
   // message is in exactly one batch, so their order does not matter).
   const MAX_FLUSHES = 3;
+  // Outcomes wait at most this long (or for 200 of them): fewer, larger
+  // batches cost the database much less than one transaction per send.
+  const FLUSH_MS = 200;
   const flushes = new Set<Promise<void>>();
   let timer: ReturnType<typeof setTimeout> | undefined;
   let stopSeen = false;
@@ -249,7 +252,7 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
     results.push(r);
     if (r.outcome === "stop") stopSeen = true;
     if (results.length >= 200) flush();
-    else timer ??= setTimeout(flush, 50);
+    else timer ??= setTimeout(flush, FLUSH_MS);
   };
 
   /** Sends m at `at` (performance.now() time). */
