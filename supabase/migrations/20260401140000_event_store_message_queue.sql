@@ -8,9 +8,10 @@
 --   message_queue         named queues with leases, retries and dead letters
 --   background_jobs       scheduled jobs run by the `jobs` function's worker
 --
--- The queue and the jobs share one lease mechanism (private.lease_*), written
--- once against a column contract so the WhatsApp outbound queue and the
--- notifications can adopt it too (see "Leases" below).
+-- The queue and the jobs share one lease mechanism (private.install_leases and
+-- private.backoff_delay), written once against a column contract so the
+-- WhatsApp outbound queue and the notifications can adopt it too (see
+-- "Leases" below).
 -- =============================================================================
 
 -- -----------------------------------------------------------------------------
@@ -161,176 +162,88 @@ create policy event_store_service_select on public.event_store
   for select to service_role using (true);
 
 -- -----------------------------------------------------------------------------
--- private.append_events: the one append path (single and batch).
---
--- p_events is a JSON array of objects with the fields of append_event without
--- p_. All or nothing: any invalid event, any version conflict, any aggregate
--- the caller may not write refuses the whole batch before anything is kept.
--- expected_version is the aggregate's version just before that event
--- (-1 or 0: the aggregate has no events yet).
+-- private.append_one: the one append step, used by the single and the batch
+-- form. Upserting the stream row takes the aggregate's row lock (held to
+-- commit) and the next version; the checks that follow raise, which undoes
+-- the upsert, so a refused append leaves nothing behind.
+--   * a user appends as themselves (user_id forced), may start an aggregate
+--     or write to one that carries their events; another's is "not found";
+--   * expected_version is the aggregate's version just before this event
+--     (-1 or 0: no events yet); a mismatch is 409 version_conflict.
 -- -----------------------------------------------------------------------------
-create or replace function private.append_events(p_events jsonb, p_correlation_id text)
-returns setof public.event_store
+create or replace function private.append_one(
+  p_aggregate_id text,
+  p_aggregate_type text,
+  p_event_type text,
+  p_payload jsonb,
+  p_expected_version bigint,
+  p_metadata jsonb,
+  p_correlation_id text,
+  p_causation_id text,
+  p_user_id uuid
+) returns public.event_store
 language plpgsql
 security definer
 set search_path = ''
 as $$
 declare
   v_user uuid := private.caller_user_id();
-  v_versions jsonb;
-  v_single jsonb;
-  v_shape record;
-  v_bad record;
+  v_before bigint;
+  v_row public.event_store;
 begin
-  if jsonb_typeof(p_events) is distinct from 'array' or jsonb_array_length(p_events) = 0 then
-    perform private.raise_error(400, 'invalid_events', 'events must be a non-empty JSON array');
-  end if;
-  if jsonb_array_length(p_events) > 1000 then
-    perform private.raise_error(413, 'too_many_events', 'at most 1000 events per append');
-  end if;
-  -- One pass over the input for every shape check.
-  select bool_or(jsonb_typeof(e) <> 'object') as not_object,
-         bool_or(jsonb_typeof(e -> 'payload') is distinct from 'object') as bad_payload,
-         bool_or(jsonb_typeof(coalesce(e -> 'metadata', 'null')) not in ('object', 'null'))
-           as bad_metadata,
-         bool_or(jsonb_typeof(coalesce(e -> 'expected_version', 'null')) not in ('number', 'null')
-                 or (e ->> 'expected_version')::numeric < -1
-                 or (e ->> 'expected_version')::numeric
-                    <> trunc((e ->> 'expected_version')::numeric)) as bad_expected,
-         bool_or(jsonb_typeof(e -> 'expected_version') = 'number') as has_expected,
-         bool_or(jsonb_typeof(e -> 'user_id') = 'string') as has_user
-  into v_shape
-  from jsonb_array_elements(p_events) e;
-  if v_shape.not_object then
-    perform private.raise_error(400, 'invalid_events', 'each event must be a JSON object');
-  elsif v_shape.bad_payload then
+  if jsonb_typeof(p_payload) is distinct from 'object' then
     perform private.raise_error(400, 'invalid_payload', 'payload must be a JSON object');
-  elsif v_shape.bad_metadata then
+  end if;
+  if p_metadata is not null and jsonb_typeof(p_metadata) not in ('object', 'null') then
     perform private.raise_error(400, 'invalid_metadata', 'metadata must be a JSON object');
-  elsif v_shape.bad_expected then
+  end if;
+  if p_expected_version < -1 then
     perform private.raise_error(400, 'invalid_expected_version',
       'expected_version must be an integer of at least -1');
   end if;
 
-  -- Reserve the versions: one upsert per aggregate, in key order so that two
-  -- batches touching the same aggregates lock them in the same order. (A
-  -- single event, the common case, takes the same steps without the set
-  -- machinery: it is half the work.)
-  v_single := case when jsonb_array_length(p_events) = 1 then p_events -> 0 end;
-  if v_single is not null then
-    insert into public.event_streams as s (aggregate_type, aggregate_id, version)
-    values (v_single ->> 'aggregate_type', v_single ->> 'aggregate_id', 1)
-    on conflict (aggregate_type, aggregate_id) do update
-      set version = s.version + 1, updated_at = now()
-    returning jsonb_build_object(s.aggregate_type || '/' || s.aggregate_id, s.version - 1)
-    into v_versions;
-  else
-    with input as (
-      select e.aggregate_type, e.aggregate_id
-      from jsonb_array_elements(p_events) a(elem),
-           jsonb_to_record(a.elem) as e(aggregate_type text, aggregate_id text)
-    ),
-    agg as (
-      select i.aggregate_type, i.aggregate_id, count(*) as n
-      from input i group by 1, 2 order by 1, 2
-    ),
-    up as (
-      insert into public.event_streams as s (aggregate_type, aggregate_id, version)
-      select agg.aggregate_type, agg.aggregate_id, agg.n from agg
-      on conflict (aggregate_type, aggregate_id) do update
-        set version = s.version + excluded.version, updated_at = now()
-      returning s.aggregate_type, s.aggregate_id, s.version
-    )
-    select jsonb_object_agg(up.aggregate_type || '/' || up.aggregate_id,
-                            up.version - agg.n)
-    into v_versions
-    from up join agg using (aggregate_type, aggregate_id);
-  end if;
+  insert into public.event_streams as s (aggregate_type, aggregate_id, version)
+  values (p_aggregate_type, p_aggregate_id, 1)
+  on conflict (aggregate_type, aggregate_id) do update
+    set version = s.version + 1, updated_at = now()
+  returning s.version - 1 into v_before;
 
-  -- A user may start an aggregate or write to one that already carries their
-  -- events; someone else's aggregate is as good as absent.
-  if v_user is not null and exists (
-    select from jsonb_each(v_versions) v(k, before)
-    where (v.before)::bigint > 0
-      and not exists (
-        select from public.event_stream_members m
-        where m.aggregate_type || '/' || m.aggregate_id = v.k and m.user_id = v_user
-      )
+  if v_user is not null and v_before > 0 and not exists (
+    select from public.event_stream_members m
+    where m.aggregate_type = p_aggregate_type and m.aggregate_id = p_aggregate_id
+      and m.user_id = v_user
   ) then
     perform private.raise_error(404, 'aggregate_not_found', 'no such aggregate');
   end if;
-
-  if v_shape.has_expected then
-    select i.aggregate_type, i.aggregate_id, i.expected_version, i.current_version
-    into v_bad
-    from (
-      select e.aggregate_type, e.aggregate_id, e.expected_version,
-             (v_versions ->> (e.aggregate_type || '/' || e.aggregate_id))::bigint
-               + row_number() over (partition by e.aggregate_type, e.aggregate_id order by a.ord)
-               - 1 as current_version
-      from jsonb_array_elements(p_events) with ordinality a(elem, ord),
-           jsonb_to_record(a.elem) as e(aggregate_type text, aggregate_id text, expected_version bigint)
-    ) i
-    where i.expected_version is not null and greatest(i.expected_version, 0) <> i.current_version
-    limit 1;
-    if found then
-      perform private.raise_error(409, 'version_conflict',
-        format('%s/%s is at version %s, not %s', v_bad.aggregate_type, v_bad.aggregate_id,
-               v_bad.current_version, v_bad.expected_version),
-        jsonb_build_object('aggregate_type', v_bad.aggregate_type,
-                           'aggregate_id', v_bad.aggregate_id,
-                           'expected_version', v_bad.expected_version,
-                           'current_version', v_bad.current_version));
-    end if;
+  if p_expected_version is not null and greatest(p_expected_version, 0) <> v_before then
+    perform private.raise_error(409, 'version_conflict',
+      format('%s/%s is at version %s, not %s', p_aggregate_type, p_aggregate_id, v_before,
+             p_expected_version),
+      jsonb_build_object('aggregate_type', p_aggregate_type, 'aggregate_id', p_aggregate_id,
+                         'expected_version', p_expected_version, 'current_version', v_before));
   end if;
 
-  if v_user is not null or v_shape.has_user then
+  if coalesce(v_user, p_user_id) is not null then
     insert into public.event_stream_members (aggregate_type, aggregate_id, user_id)
-    select distinct e.aggregate_type, e.aggregate_id, coalesce(v_user, e.user_id)
-    from jsonb_array_elements(p_events) a(elem),
-         jsonb_to_record(a.elem) as e(aggregate_type text, aggregate_id text, user_id uuid)
-    where coalesce(v_user, e.user_id) is not null
+    values (p_aggregate_type, p_aggregate_id, coalesce(v_user, p_user_id))
     on conflict do nothing;
   end if;
 
-  if v_single is not null then
-    return query
-    insert into public.event_store (
-      aggregate_type, aggregate_id, event_type, version, payload, metadata,
-      correlation_id, causation_id, user_id
-    ) values (
-      v_single ->> 'aggregate_type', v_single ->> 'aggregate_id', v_single ->> 'event_type',
-      (v_versions ->> ((v_single ->> 'aggregate_type') || '/' || (v_single ->> 'aggregate_id')))::bigint
-        + 1,
-      v_single -> 'payload', coalesce(nullif(v_single -> 'metadata', 'null'::jsonb), '{}'::jsonb),
-      coalesce(v_single ->> 'correlation_id', p_correlation_id), v_single ->> 'causation_id',
-      coalesce(v_user, (v_single ->> 'user_id')::uuid)
-    )
-    returning *;
-    return;
-  end if;
-
-  return query
   insert into public.event_store (
     aggregate_type, aggregate_id, event_type, version, payload, metadata,
     correlation_id, causation_id, user_id
+  ) values (
+    p_aggregate_type, p_aggregate_id, p_event_type, v_before + 1, p_payload,
+    coalesce(nullif(p_metadata, 'null'::jsonb), '{}'::jsonb), p_correlation_id, p_causation_id,
+    coalesce(v_user, p_user_id)
   )
-  select e.aggregate_type, e.aggregate_id, e.event_type,
-         (v_versions ->> (e.aggregate_type || '/' || e.aggregate_id))::bigint
-           + row_number() over (partition by e.aggregate_type, e.aggregate_id order by a.ord),
-         e.payload, coalesce(e.metadata, '{}'::jsonb),
-         coalesce(e.correlation_id, p_correlation_id), e.causation_id,
-         coalesce(v_user, e.user_id)
-  from jsonb_array_elements(p_events) with ordinality a(elem, ord),
-       jsonb_to_record(a.elem) as e(
-         aggregate_type text, aggregate_id text, event_type text, payload jsonb,
-         metadata jsonb, correlation_id text, causation_id text, user_id uuid)
-  order by a.ord
-  returning *;
+  returning * into v_row;
+  return v_row;
 end;
 $$;
 
-grant execute on function private.append_events(jsonb, text) to authenticated, service_role;
+grant execute on function private.append_one(text, text, text, jsonb, bigint, jsonb, text, text, uuid)
+  to authenticated, service_role;
 
 -- The spec's call: one event, optionally guarded by the expected version.
 create or replace function public.append_event(
@@ -347,25 +260,17 @@ create or replace function public.append_event(
 language plpgsql
 set search_path = ''
 as $$
-declare
-  v_row public.event_store;
 begin
-  select * into v_row from private.append_events(
-    jsonb_build_array(jsonb_build_object(
-        'aggregate_id', p_aggregate_id,
-        'aggregate_type', p_aggregate_type,
-        'event_type', p_event_type,
-        'payload', p_payload,
-        'expected_version', p_expected_version,
-        'metadata', p_metadata,
-        'causation_id', p_causation_id,
-        'user_id', p_user_id)),
-      p_correlation_id);
-  return v_row;
+  return private.append_one(p_aggregate_id, p_aggregate_type, p_event_type, p_payload,
+    p_expected_version, p_metadata, p_correlation_id, p_causation_id, p_user_id);
 end;
 $$;
 
 -- Several events (of one or more aggregates), atomically, in array order.
+-- p_events is a JSON array of objects with append_event's parameters without
+-- p_. All or nothing: one refused event refuses the batch. The aggregates are
+-- locked in key order first, so two batches over the same aggregates cannot
+-- deadlock.
 create or replace function public.append_events(
   p_events jsonb,
   p_correlation_id text default null
@@ -373,11 +278,58 @@ create or replace function public.append_events(
 language plpgsql
 set search_path = ''
 as $$
+declare
+  v_event record;
 begin
-  return query
-  select * from private.append_events(p_events, p_correlation_id);
+  if jsonb_typeof(p_events) is distinct from 'array' or jsonb_array_length(p_events) = 0 then
+    perform private.raise_error(400, 'invalid_events', 'events must be a non-empty JSON array');
+  end if;
+  if jsonb_array_length(p_events) > 1000 then
+    perform private.raise_error(413, 'too_many_events', 'at most 1000 events per append');
+  end if;
+  if exists (select from jsonb_array_elements(p_events) e where jsonb_typeof(e) <> 'object') then
+    perform private.raise_error(400, 'invalid_events', 'each event must be a JSON object');
+  end if;
+  perform private.lock_streams(p_events);
+  for v_event in
+    select e.*
+    from jsonb_array_elements(p_events) with ordinality a(elem, ord),
+         jsonb_to_record(a.elem) as e(
+           aggregate_id text, aggregate_type text, event_type text, payload jsonb,
+           expected_version bigint, metadata jsonb, correlation_id text, causation_id text,
+           user_id uuid)
+    order by a.ord
+  loop
+    return next private.append_one(v_event.aggregate_id, v_event.aggregate_type,
+      v_event.event_type, v_event.payload, v_event.expected_version, v_event.metadata,
+      coalesce(v_event.correlation_id, p_correlation_id), v_event.causation_id, v_event.user_id);
+  end loop;
 end;
 $$;
+
+-- Creates the batch's missing streams (version 0, undone if the batch fails)
+-- and locks all of them in key order.
+create or replace function private.lock_streams(p_events jsonb) returns void
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  insert into public.event_streams (aggregate_type, aggregate_id, version)
+  select distinct e ->> 'aggregate_type', e ->> 'aggregate_id', 0
+  from jsonb_array_elements(p_events) e
+  order by 1, 2
+  on conflict do nothing;
+  perform from public.event_streams s
+  where (s.aggregate_type, s.aggregate_id) in (
+    select e ->> 'aggregate_type', e ->> 'aggregate_id' from jsonb_array_elements(p_events) e
+  )
+  order by s.aggregate_type, s.aggregate_id
+  for update;
+end;
+$$;
+
+grant execute on function private.lock_streams(jsonb) to authenticated, service_role;
 
 -- History of one aggregate in version order (never by time). security
 -- invoker: RLS decides whether the caller may see it.

@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(32);
+select plan(33);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -27,6 +27,8 @@ select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_e
   'PT409', 'version_conflict', 'expected version -1 means no events yet');
 select is((public.append_event('trip-new', 'trip', 'trip_created', '{}', p_expected_version := -1)).version,
   1::bigint, 'expected version -1 starts a new aggregate');
+select is((public.append_event('trip-new', 'trip', 'trip_started', '{}')).version, 2::bigint,
+  'without an expected version an append simply takes the next version');
 select is((select count(*)::int from public.event_store where aggregate_id = 'trip-123'), 2,
   'a conflict writes nothing');
 
@@ -62,7 +64,7 @@ select is((select array_agg(version) from public.get_aggregate_events('trip', 'b
   array[2]::bigint[], 'history from a given version');
 
 -- the global position: sequenced in commit order, dense, after the fact
-select is((select count(*)::int from public.event_store where position is null), 6,
+select is((select count(*)::int from public.event_store where position is null), 7,
   'events are written without a position');
 select is(public.sequence_events(), 0, 'events of a running transaction are not numbered yet');
 
@@ -94,7 +96,7 @@ select throws_ok($$select public.append_event('t', 'trip', 'x', '{}')$$, '42501'
   'anon cannot append');
 
 select tests.authenticate_as_service_role();
-select is((select count(*)::int from public.event_store), 7, 'service_role sees every event');
+select is((select count(*)::int from public.event_store), 8, 'service_role sees every event');
 select ok((select user_id from public.append_event('svc-1', 'trip', 'x', '{}',
   p_user_id := (select bob from ids))) = (select bob from ids),
   'service_role may append on a user''s behalf');
