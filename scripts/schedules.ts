@@ -31,4 +31,10 @@ export const SCHEDULES: Schedule[] = [
     everyMs: 60_000,
     path: "jobs/run",
   },
+  {
+    name: "whatsapp-dispatch",
+    cron: "* * * * *",
+    everyMs: 60_000,
+    path: "whatsapp-webhook/dispatch",
+  },
 ];

@@ -4,6 +4,7 @@ import { closeDb } from "../shared/db.ts";
 import { LOCAL_JWT_SECRET, signKey } from "./keys.ts";
 import { createRouter, loadFunctions } from "./router.ts";
 import { startScheduler } from "./scheduler.ts";
+import { startWhatsAppSandbox } from "./whatsapp_sandbox.ts";
 
 const port = Number(Deno.env.get("API_PORT") ?? "54321");
 const dbUrl = Deno.env.get("DATABASE_URL");
@@ -25,6 +26,7 @@ const serviceKey = Deno.env.get("SUPABASE_SERVICE_ROLE_KEY") ??
 Deno.env.set("SUPABASE_ANON_KEY", anonKey);
 Deno.env.set("SUPABASE_SERVICE_ROLE_KEY", serviceKey);
 
+const whatsappSandbox = await startWhatsAppSandbox();
 const apps = await loadFunctions();
 const controller = new AbortController();
 const server = Deno.serve(
@@ -42,7 +44,7 @@ EasyMO local stack is running.
       JWT secret: ${secret === LOCAL_JWT_SECRET ? LOCAL_JWT_SECRET : "(from JWT_SECRET)"}
         anon key: ${anonKey}
 service_role key: ${serviceKey}
-
+${whatsappSandbox ? "\n" + whatsappSandbox.banner + "\n" : ""}
 Press Ctrl-C to stop.
 `);
 
@@ -56,6 +58,7 @@ async function shutdown(signal: string) {
   stopping = true;
   console.log(`\n${signal}: stopping the API`);
   stopScheduler();
+  await whatsappSandbox?.close();
   controller.abort();
   await server.finished.catch(() => {});
   await closeDb();

@@ -33,8 +33,12 @@ export class ConfigError extends Error {
 
 let cached: Env | undefined;
 
-export function env(): Env {
-  if (cached) return cached;
+/**
+ * Reads the variables a zod object schema names (empty counts as unset) and
+ * validates them, or throws a ConfigError naming each bad variable. Modules
+ * with their own settings (e.g. shared/whatsapp.ts) use it for their schema.
+ */
+export function readEnvSchema<S extends z.ZodObject>(schema: S, label = "configuration"): z.infer<S> {
   const raw: Record<string, string | undefined> = {};
   for (const key of Object.keys(schema.shape)) {
     const value = Deno.env.get(key);
@@ -49,9 +53,14 @@ export function env(): Env {
           : i.message
       }`
     );
-    throw new ConfigError(`invalid configuration: ${problems.join("; ")}`);
+    throw new ConfigError(`invalid ${label}: ${problems.join("; ")}`);
   }
-  const value = parsed.data;
+  return parsed.data;
+}
+
+export function env(): Env {
+  if (cached) return cached;
+  const value = readEnvSchema(schema);
   if (!value.JWT_SECRET && !value.SUPABASE_JWKS && !value.JWKS_URL) {
     throw new ConfigError(
       "invalid configuration: JWT_SECRET (HS256) or SUPABASE_JWKS / JWKS_URL (asymmetric keys) is required",

@@ -1,0 +1,346 @@
+// The WhatsApp dispatcher: drains the outbound queue through the Cloud API
+// within a time budget. SQL owns the invariants (claim with lease, the shared
+// rate limiter, pair pacing, per-recipient order, backoff, dead letters);
+// this module sends at the slot each claim hands out, classifies what the
+// Cloud API answered and reports outcomes back in batches.
+import { withClaims } from "./db.ts";
+import { log } from "./log.ts";
+import { canDispatch, SERVICE_PRINCIPAL, type WhatsAppConfig, whatsappConfig } from "./whatsapp.ts";
+
+export interface ClaimedMessage {
+  id: number;
+  lease_token: string;
+  recipient_phone: string;
+  message_type: "text" | "template" | "media" | "interactive" | "location";
+  message_payload: Record<string, unknown>;
+  attempts: number;
+  max_attempts: number;
+  correlation_id: string | null;
+  delay_ms: number;
+  /** the send slot, epoch ms on the database clock */
+  slot_ms?: number;
+}
+
+interface Claim {
+  messages: ClaimedMessage[];
+  now_ms?: number;
+  paused: boolean;
+  pause_reason: string | null;
+  wait_ms: number;
+  next_due_ms: number | null;
+}
+
+export type Outcome = "sent" | "retry" | "failed" | "stop";
+
+export interface SendResult {
+  id: number;
+  lease_token: string;
+  outcome: Outcome;
+  wamid?: string;
+  error_code?: string;
+  error_message?: string;
+  duration_ms: number;
+}
+
+export interface DispatchReport {
+  dispatcher_id: string;
+  claimed: number;
+  sent: number;
+  retried: number;
+  dead_lettered: number;
+  failed: number;
+  stopped: number;
+  ignored: number;
+  paused: string | null;
+  duration_ms: number;
+}
+
+/** Throttling: wait and try again (never burn the message). */
+const THROTTLED = new Set([4, 80007, 130429, 131048, 131056]);
+/** Meta-side trouble that is worth another try. */
+const TRANSIENT = new Set([1, 2, 131000, 131016]);
+/** The token is expired or invalid: stop sending, alert, keep the messages. */
+const TOKEN = new Set([0, 190]);
+
+/** Maps a Cloud API answer to what the queue should do with the message. */
+export function classify(httpStatus: number, code: number | undefined): Outcome {
+  if (code !== undefined && TOKEN.has(code)) return "stop";
+  if (code === undefined && httpStatus === 401) return "stop";
+  if (code !== undefined && (THROTTLED.has(code) || TRANSIENT.has(code))) return "retry";
+  if (httpStatus >= 500 || httpStatus === 408 || httpStatus === 429) return "retry";
+  return "failed";
+}
+
+/** The Cloud API request body for a queued message. */
+export function cloudApiRequest(m: ClaimedMessage): Record<string, unknown> {
+  const body: Record<string, unknown> = {
+    messaging_product: "whatsapp",
+    recipient_type: "individual",
+    to: m.recipient_phone.replace(/^\+/, ""),
+  };
+  if (m.correlation_id) body.biz_opaque_callback_data = m.correlation_id;
+  if (m.message_type === "media") {
+    const { media_type, ...media } = m.message_payload;
+    body.type = media_type;
+    body[String(media_type)] = media;
+  } else {
+    body.type = m.message_type;
+    body[m.message_type] = m.message_payload;
+  }
+  return body;
+}
+
+/** One send: POST {base}/{version}/{phone_number_id}/messages with the bearer token. */
+export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promise<SendResult> {
+  const url = `${
+    cfg.WHATSAPP_API_BASE_URL.replace(/\/+$/, "")
+  }/${cfg.WHATSAPP_API_VERSION}/${cfg.WHATSAPP_PHONE_NUMBER_ID}/messages`;
+  const started = performance.now();
+  const done = (r: Omit<SendResult, "id" | "lease_token" | "duration_ms">): SendResult => ({
+    id: m.id,
+    lease_token: m.lease_token,
+    duration_ms: Math.round((performance.now() - started) * 10) / 10,
+    ...r,
+  });
+  let status: number;
+  let text: string;
+  try {
+    const res = await fetch(url, {
+      method: "POST",
+      headers: {
+        authorization: `Bearer ${cfg.WHATSAPP_ACCESS_TOKEN}`,
+        "content-type": "application/json",
+      },
+      body: JSON.stringify(cloudApiRequest(m)),
+      signal: AbortSignal.timeout(cfg.WHATSAPP_SEND_TIMEOUT_MS),
+    });
+    status = res.status;
+    text = await res.text();
+  } catch (err) {
+    const timeout = err instanceof DOMException &&
+      (err.name === "TimeoutError" || err.name === "AbortError");
+    return done({
+      outcome: "retry",
+      error_code: timeout ? "timeout" : "network_error",
+      error_message: String(err).slice(0, 500),
+    });
+  }
+  let json: {
+    messages?: { id?: unknown }[];
+    error?: { code?: unknown; message?: unknown; error_data?: { details?: unknown } };
+  } = {};
+  try {
+    json = JSON.parse(text);
+  } catch {
+    // a non-JSON answer is classified by its status below
+  }
+  const wamid = json?.messages?.[0]?.id;
+  if (status >= 200 && status < 300 && typeof wamid === "string" && wamid.length > 0) {
+    return done({ outcome: "sent", wamid });
+  }
+  if (status >= 200 && status < 300) {
+    return done({
+      outcome: "retry",
+      error_code: "invalid_response",
+      error_message: text.slice(0, 500),
+    });
+  }
+  const rawCode = json?.error?.code;
+  const code = typeof rawCode === "number"
+    ? rawCode
+    : typeof rawCode === "string" && /^\d+$/.test(rawCode)
+    ? Number(rawCode)
+    : undefined;
+  const details = json?.error?.error_data?.details;
+  const message = [json?.error?.message, details].filter((s) => typeof s === "string").join(": ");
+  return done({
+    outcome: classify(status, code),
+    error_code: code !== undefined ? String(code) : `http_${status}`,
+    error_message: (message || text).slice(0, 2000),
+  });
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, Math.max(0, ms)));
+
+export interface DispatchOptions {
+  /** stop claiming after this long (ms); in-flight sends then finish */
+  budgetMs?: number;
+  dispatcherId?: string;
+  correlationId?: string;
+  config?: WhatsAppConfig;
+}
+
+/**
+ * Drains due messages until the queue is empty, the budget is spent or the
+ * business number is paused. Safe to run many at once, in one isolate or
+ * many: all coordination is in SQL.
+ */
+export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchReport> {
+  const cfg = opts.config ?? whatsappConfig();
+  const dispatcherId = opts.dispatcherId ?? `dispatcher-${crypto.randomUUID()}`;
+  const correlationId = opts.correlationId ?? dispatcherId;
+  const business = cfg.WHATSAPP_PHONE_NUMBER_ID!;
+  const started = performance.now();
+  const deadline = started + (opts.budgetMs ?? cfg.WHATSAPP_DISPATCH_BUDGET_MS);
+  const report: DispatchReport = {
+    dispatcher_id: dispatcherId,
+    claimed: 0,
+    sent: 0,
+    retried: 0,
+    dead_lettered: 0,
+    failed: 0,
+    stopped: 0,
+    ignored: 0,
+    paused: null,
+    duration_ms: 0,
+  };
+
+  const inflight = new Set<Promise<void>>();
+  let results: SendResult[] = [];
+  // Outcomes are recorded in batches, at most MAX_FLUSHES at a time (each
+  // message is in exactly one batch, so their order does not matter).
+  const MAX_FLUSHES = 3;
+  // Outcomes wait at most this long (or for 200 of them): fewer, larger
+  // batches cost the database much less than one transaction per send.
+  const FLUSH_MS = 200;
+  const flushes = new Set<Promise<void>>();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let stopSeen = false;
+
+  const flush = () => {
+    if (timer) clearTimeout(timer);
+    timer = undefined;
+    if (results.length === 0) return;
+    const batch = results;
+    results = [];
+    const prior = flushes.size >= MAX_FLUSHES ? Promise.race(flushes) : Promise.resolve();
+    const p: Promise<void> = prior.then(async () => {
+      try {
+        const counts = await withClaims(SERVICE_PRINCIPAL, correlationId, async (tx) => {
+          const [row] = await tx`select public.complete_whatsapp_messages(
+            p_dispatcher_id := ${dispatcherId},
+            p_business_number := ${business},
+            p_results := ${tx.json(batch as never)},
+            p_retry_base_ms := ${cfg.WHATSAPP_RETRY_BASE_MS},
+            p_pause_seconds := ${cfg.WHATSAPP_TOKEN_PAUSE_SECONDS}) as r`;
+          return row.r as Record<string, number>;
+        });
+        for (
+          const k of ["sent", "retried", "dead_lettered", "failed", "stopped", "ignored"] as const
+        ) {
+          report[k] += counts[k] ?? 0;
+        }
+      } catch (err) {
+        // The leases expire and the messages are claimed again: late, never lost.
+        log("error", "whatsapp dispatch: recording outcomes failed", {
+          correlation_id: correlationId,
+          dispatcher_id: dispatcherId,
+          count: batch.length,
+          error: String(err),
+        });
+      }
+    });
+    flushes.add(p);
+    p.finally(() => flushes.delete(p));
+  };
+  const flushed = async () => {
+    flush();
+    while (flushes.size > 0) await Promise.all(flushes);
+  };
+
+  const record = (r: SendResult) => {
+    results.push(r);
+    if (r.outcome === "stop") stopSeen = true;
+    if (results.length >= 200) flush();
+    else timer ??= setTimeout(flush, FLUSH_MS);
+  };
+
+  /** Sends m at `at` (performance.now() time). */
+  const start = (m: ClaimedMessage, at: number) => {
+    const p = (async () => {
+      const wait = at - performance.now();
+      if (wait > 0) await sleep(wait);
+      record(await sendMessage(cfg, m));
+    })();
+    inflight.add(p);
+    p.finally(() => inflight.delete(p));
+  };
+
+  const pollMs = Math.min(200, Math.max(20, cfg.WHATSAPP_PAIR_INTERVAL_MS / 10));
+
+  while (!stopSeen) {
+    const remaining = deadline - performance.now();
+    if (remaining <= 0) break;
+    const capacity = cfg.WHATSAPP_DISPATCH_CONCURRENCY - inflight.size;
+    if (capacity <= 0) {
+      await Promise.race(inflight);
+      continue;
+    }
+    const { claim, received } = await withClaims(SERVICE_PRINCIPAL, correlationId, async (tx) => {
+      const [row] = await tx`select public.claim_whatsapp_messages(
+        p_dispatcher_id := ${dispatcherId},
+        p_business_number := ${business},
+        p_limit := ${Math.min(capacity, 1000)},
+        p_rate_per_second := ${cfg.WHATSAPP_RATE_LIMIT_PER_SECOND},
+        p_pair_interval_ms := ${cfg.WHATSAPP_PAIR_INTERVAL_MS},
+        p_lease_seconds := ${cfg.WHATSAPP_LEASE_SECONDS},
+        p_lookahead_ms := ${cfg.WHATSAPP_LOOKAHEAD_MS}) as c`;
+      // the slots count from the moment the answer arrives, not from commit
+      return { claim: row.c as Claim, received: performance.now() };
+    });
+    if (claim.paused) {
+      report.paused = claim.pause_reason ?? "paused";
+      break;
+    }
+    report.claimed += claim.messages.length;
+    for (const m of claim.messages) {
+      const offset = m.slot_ms !== undefined && claim.now_ms !== undefined
+        ? m.slot_ms - claim.now_ms
+        : m.delay_ms;
+      start(m, received + offset);
+    }
+    if (claim.messages.length > 0) continue;
+    if (claim.wait_ms > 0) {
+      await sleep(Math.min(claim.wait_ms, remaining));
+    } else if (inflight.size > 0) {
+      await Promise.race([Promise.race(inflight), sleep(pollMs)]);
+    } else if (results.length > 0 || flushes.size > 0) {
+      // outcomes not yet recorded may make messages due again (retries)
+      await flushed();
+    } else if (claim.next_due_ms !== null && claim.next_due_ms < remaining) {
+      await sleep(Math.max(pollMs, Math.min(claim.next_due_ms, remaining)));
+    } else {
+      break;
+    }
+  }
+
+  await Promise.all(inflight);
+  await flushed();
+  if (stopSeen && !report.paused) report.paused = "token_invalid";
+  report.duration_ms = Math.round(performance.now() - started);
+  log(report.paused ? "warn" : "info", "whatsapp dispatch", {
+    correlation_id: correlationId,
+    ...report,
+  });
+  return report;
+}
+
+let background: Promise<unknown> | undefined;
+
+/**
+ * Starts a short drain after a webhook or an enqueue unless one is already
+ * running in this isolate. Returns the promise to hand to runInBackground,
+ * or undefined when there is nothing to start.
+ */
+export function dispatchSoon(correlationId: string): Promise<unknown> | undefined {
+  let cfg: WhatsAppConfig;
+  try {
+    cfg = whatsappConfig();
+  } catch {
+    return undefined;
+  }
+  if (!canDispatch(cfg) || background) return undefined;
+  background = dispatch({ budgetMs: cfg.WHATSAPP_BACKGROUND_BUDGET_MS, correlationId, config: cfg })
+    .finally(() => background = undefined);
+  return background;
+}

@@ -1,0 +1,178 @@
+// Flattens a Cloud API webhook (`entry[].changes[].value`) into the rows
+// public.ingest_whatsapp_events takes. Meta's payloads are treated as
+// untrusted even after the signature check: every field is type-checked and
+// anything unrecognised is counted as ignored, never trusted.
+
+export interface InboundMessage {
+  wamid: string;
+  from_phone: string;
+  message_type: string;
+  sent_at: string;
+  phone_number_id: string | null;
+  text_body: string | null;
+  context_wamid: string | null;
+  payload: Record<string, unknown>;
+}
+
+export interface StatusEvent {
+  wamid: string;
+  status: string;
+  occurred_at: string;
+  recipient_phone: string | null;
+  error_code: string | null;
+  error_message: string | null;
+}
+
+export interface Contact {
+  phone: string;
+  display_name: string;
+}
+
+export interface WebhookError {
+  code: string;
+  title: string | null;
+  details: string | null;
+}
+
+export interface Events {
+  messages: InboundMessage[];
+  statuses: StatusEvent[];
+  contacts: Contact[];
+  errors: WebhookError[];
+  ignored: number;
+}
+
+type Obj = Record<string, unknown>;
+
+const isObj = (v: unknown): v is Obj => typeof v === "object" && v !== null && !Array.isArray(v);
+const arr = (v: unknown): unknown[] => (Array.isArray(v) ? v : []);
+const str = (v: unknown): string | null => (typeof v === "string" && v.length > 0 ? v : null);
+
+/** Meta sends wa_ids as digits without '+'; the schema stores E.164. */
+export function toE164(waId: unknown): string | null {
+  const s = str(waId)?.replace(/^\+/, "");
+  return s && /^[1-9][0-9]{6,14}$/.test(s) ? `+${s}` : null;
+}
+
+/** Unix seconds (Meta's timestamps are strings) to ISO 8601. */
+function isoTime(ts: unknown): string {
+  const n = typeof ts === "string" && /^\d{1,12}$/.test(ts)
+    ? Number(ts)
+    : typeof ts === "number"
+    ? ts
+    : NaN;
+  return Number.isFinite(n) && n > 0 ? new Date(n * 1000).toISOString() : new Date().toISOString();
+}
+
+function errorOf(e: unknown): WebhookError | null {
+  if (!isObj(e) || (typeof e.code !== "number" && typeof e.code !== "string")) return null;
+  const data = isObj(e.error_data) ? e.error_data : {};
+  return {
+    code: String(e.code),
+    title: str(e.title) ?? str(e.message),
+    details: str(data.details),
+  };
+}
+
+/** The human-readable part of an inbound message, by its type. */
+function textOf(type: string, m: Obj): string | null {
+  const part = isObj(m[type]) ? (m[type] as Obj) : {};
+  switch (type) {
+    case "text":
+      return str(part.body);
+    case "interactive": {
+      const reply = isObj(part.button_reply)
+        ? part.button_reply
+        : isObj(part.list_reply)
+        ? part.list_reply
+        : {};
+      return str((reply as Obj).title);
+    }
+    case "button":
+      return str(part.text);
+    case "location":
+      return str(part.name) ?? str(part.address);
+    case "image":
+    case "video":
+    case "document":
+      return str(part.caption);
+    case "reaction":
+      return str(part.emoji);
+    default:
+      return null;
+  }
+}
+
+function message(m: unknown, phoneNumberId: string | null): InboundMessage | null {
+  if (!isObj(m)) return null;
+  const wamid = str(m.id);
+  const from = toE164(m.from);
+  const type = str(m.type);
+  if (!wamid || !from || !type || !/^[a-z_]{1,32}$/.test(type) || wamid.length > 256) return null;
+  return {
+    wamid,
+    from_phone: from,
+    message_type: type,
+    sent_at: isoTime(m.timestamp),
+    phone_number_id: phoneNumberId,
+    text_body: textOf(type, m),
+    context_wamid: isObj(m.context) ? str(m.context.id) : null,
+    payload: m,
+  };
+}
+
+function status(s: unknown): StatusEvent | null {
+  if (!isObj(s)) return null;
+  const wamid = str(s.id);
+  const value = str(s.status);
+  if (!wamid || !value) return null;
+  const err = arr(s.errors).map(errorOf).find((e) => e !== null) ?? null;
+  return {
+    wamid,
+    status: value,
+    occurred_at: isoTime(s.timestamp),
+    recipient_phone: toE164(s.recipient_id),
+    error_code: err?.code ?? null,
+    error_message: err ? [err.title, err.details].filter(Boolean).join(": ") : null,
+  };
+}
+
+/** Walks every entry and change; unknown objects and fields are ignored. */
+export function parseWebhook(body: unknown): Events {
+  const out: Events = { messages: [], statuses: [], contacts: [], errors: [], ignored: 0 };
+  if (!isObj(body) || body.object !== "whatsapp_business_account") {
+    out.ignored++;
+    return out;
+  }
+  for (const entry of arr(body.entry)) {
+    for (const change of arr(isObj(entry) ? entry.changes : undefined)) {
+      if (!isObj(change) || change.field !== "messages" || !isObj(change.value)) {
+        out.ignored++;
+        continue;
+      }
+      const value = change.value;
+      const phoneNumberId = isObj(value.metadata) ? str(value.metadata.phone_number_id) : null;
+      for (const c of arr(value.contacts)) {
+        const phone = isObj(c) ? toE164(c.wa_id) : null;
+        const name = isObj(c) && isObj(c.profile) ? str(c.profile.name) : null;
+        if (phone && name) out.contacts.push({ phone, display_name: name });
+      }
+      for (const m of arr(value.messages)) {
+        const parsed = message(m, phoneNumberId);
+        if (parsed) out.messages.push(parsed);
+        else out.ignored++;
+        if (isObj(m)) { for (const e of arr(m.errors)) errorOf(e) && out.errors.push(errorOf(e)!); }
+      }
+      for (const s of arr(value.statuses)) {
+        const parsed = status(s);
+        if (parsed) out.statuses.push(parsed);
+        else out.ignored++;
+      }
+      for (const e of arr(value.errors)) {
+        const parsed = errorOf(e);
+        if (parsed) out.errors.push(parsed);
+      }
+    }
+  }
+  return out;
+}

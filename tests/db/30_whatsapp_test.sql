@@ -1,0 +1,207 @@
+-- WhatsApp: the spec's calls, payload validation (bad input writes nothing),
+-- idempotency, forward-only statuses, inbound dedup, and the RLS matrix for
+-- sessions, secrets, inbound messages, statuses and the queue
+-- (anon, two users matched by their phone claim, a user without one, service_role).
+begin;
+select plan(69);
+
+-- the spec's examples, verbatim
+select ok(public.enqueue_whatsapp_message(
+  p_recipient_phone := '+250788123456',
+  p_message_type := 'text',
+  p_message_payload := '{"text": "Hello!"}'::jsonb,
+  p_priority := 5
+) is not null, 'enqueue_whatsapp_message works as the spec calls it');
+select ok(public.update_whatsapp_session_activity(
+  p_phone_number := '+250788123456',
+  p_increment_message_count := true
+) is not null, 'update_whatsapp_session_activity works as the spec calls it');
+select is((select message_count::int from public.whatsapp_sessions where phone_number = '+250788123456'), 1,
+  'the session was created and counted');
+select is((select last_inbound_at from public.whatsapp_sessions where phone_number = '+250788123456'), null,
+  'activity alone does not open the 24-hour window');
+select is((select message_payload from public.whatsapp_message_queue where recipient_phone = '+250788123456'),
+  '{"body": "Hello!", "preview_url": false}'::jsonb, 'a text payload is stored in the Cloud API form');
+
+-- ---------------------------------------------------------------------------
+-- validation: stable codes, nothing written
+-- ---------------------------------------------------------------------------
+create temp table before as select count(*) as n from public.whatsapp_message_queue;
+
+select throws_ok($$select public.enqueue_whatsapp_message('0788123456', 'text', '{"text": "x"}')$$,
+  'PT400', 'invalid_phone_number', 'a number without + is not E.164');
+select throws_ok($$select public.enqueue_whatsapp_message('+0788123456', 'text', '{"text": "x"}')$$,
+  'PT400', 'invalid_phone_number', 'E.164 does not start with 0');
+select throws_ok($$select public.enqueue_whatsapp_message('+2507881234567890', 'text', '{"text": "x"}')$$,
+  'PT400', 'invalid_phone_number', 'E.164 has at most 15 digits');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'sms', '{"text": "x"}')$$,
+  'PT400', 'invalid_message_type', 'unknown message types are refused');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'text', '"x"')$$,
+  'PT400', 'invalid_payload', 'a payload must be an object');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'text', '{"text": ""}')$$,
+  'PT400', 'invalid_payload', 'empty text');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'text', '{"text": "   "}')$$,
+  'PT400', 'invalid_payload', 'blank text');
+select throws_ok(format($$select public.enqueue_whatsapp_message('+250788123456', 'text', '{"text": "%s"}')$$,
+  repeat('a', 4097)), 'PT400', 'invalid_payload', 'text over 4096 characters');
+select lives_ok(format($$select public.enqueue_whatsapp_message('+250788123456', 'text', '{"text": "%s"}')$$,
+  repeat('a', 4096)), 'text of exactly 4096 characters');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'text', '{"text": 5}')$$,
+  'PT400', 'invalid_payload', 'text must be a string');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'template', '{"language": "en"}')$$,
+  'PT400', 'invalid_payload', 'a template needs a name');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'template', '{"name": "Hello World", "language": "en"}')$$,
+  'PT400', 'invalid_payload', 'template names are lower-case identifiers');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'template', '{"name": "hello"}')$$,
+  'PT400', 'invalid_payload', 'a template needs a language');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'media', '{"media_type": "image"}')$$,
+  'PT400', 'invalid_payload', 'media needs an id or a link');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'media', '{"media_type": "image", "id": "1", "link": "https://x.io/a.jpg"}')$$,
+  'PT400', 'invalid_payload', 'media takes an id or a link, not both');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'media', '{"media_type": "image", "link": "ftp://x.io/a.jpg"}')$$,
+  'PT400', 'invalid_payload', 'media links are http(s)');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'media', '{"media_type": "gif", "id": "1"}')$$,
+  'PT400', 'invalid_payload', 'unknown media types');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'interactive',
+  '{"type": "button", "body": {"text": "Pick"}, "action": {"buttons": []}}')$$,
+  'PT400', 'invalid_payload', 'buttons need at least one button');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'interactive',
+  '{"type": "button", "body": {"text": "Pick"}, "action": {"buttons": [
+    {"type": "reply", "reply": {"id": "a", "title": "A"}}, {"type": "reply", "reply": {"id": "b", "title": "B"}},
+    {"type": "reply", "reply": {"id": "c", "title": "C"}}, {"type": "reply", "reply": {"id": "d", "title": "D"}}]}}')$$,
+  'PT400', 'invalid_payload', 'at most 3 buttons');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'interactive',
+  '{"type": "button", "body": {"text": "Pick"}, "action": {"buttons": [{"type": "reply", "reply": {"id": "a", "title": "A title that is far too long"}}]}}')$$,
+  'PT400', 'invalid_payload', 'button titles have at most 20 characters');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'interactive',
+  '{"type": "list", "body": {"text": "Pick"}, "action": {"button": "Options", "sections": [{"rows": []}]}}')$$,
+  'PT400', 'invalid_payload', 'list sections need rows');
+select lives_ok($$select public.enqueue_whatsapp_message('+250788123456', 'interactive',
+  '{"type": "list", "body": {"text": "Pick a ride"}, "action": {"button": "Options", "sections": [
+    {"title": "Rides", "rows": [{"id": "moto", "title": "Moto"}, {"id": "cab", "title": "Cab", "description": "4 seats"}]}]}}')$$,
+  'a valid list');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'location', '{"latitude": 91, "longitude": 30}')$$,
+  'PT400', 'invalid_payload', 'latitude within -90..90');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'location', '{"latitude": -1.95, "longitude": -180.5}')$$,
+  'PT400', 'invalid_payload', 'longitude within -180..180');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'location', '{"latitude": "-1.95", "longitude": 30}')$$,
+  'PT400', 'invalid_payload', 'coordinates are numbers');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'text', '{"text": "x"}', p_priority := 11)$$,
+  'PT400', 'invalid_priority', 'priority 1..10');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123456', 'text', '{"text": "x"}', p_priority := 0)$$,
+  'PT400', 'invalid_priority', 'priority 1..10 (low end)');
+select is((select count(*) from public.whatsapp_message_queue), (select n + 2 from before),
+  'only the two valid messages were written');
+
+-- ---------------------------------------------------------------------------
+-- idempotency
+-- ---------------------------------------------------------------------------
+select is(
+  public.enqueue_whatsapp_message('+250788123457', 'text', '{"text": "once"}', p_idempotency_key := 'order-42'),
+  public.enqueue_whatsapp_message('+250788123457', 'text', '{"text": "once"}', p_idempotency_key := 'order-42'),
+  'the same idempotency key and request return the same message');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123457', 'text', '{"text": "twice"}', p_idempotency_key := 'order-42')$$,
+  'PT409', 'idempotency_key_conflict', 'the key with another payload is a conflict');
+select is((select count(*)::int from public.whatsapp_message_queue where idempotency_key = 'order-42'), 1,
+  'one message per key');
+
+-- ---------------------------------------------------------------------------
+-- inbound dedup and forward-only statuses
+-- ---------------------------------------------------------------------------
+select is((public.ingest_whatsapp_events(
+  '[{"wamid": "wamid.in-1", "from_phone": "+250788000001", "message_type": "text", "sent_at": "2026-01-01T00:00:00Z",
+     "text_body": "hi", "payload": {"type": "text"}}]'::jsonb) ->> 'messages_stored')::int, 1, 'an inbound message is stored');
+select is((public.ingest_whatsapp_events(
+  '[{"wamid": "wamid.in-1", "from_phone": "+250788000001", "message_type": "text", "sent_at": "2026-01-01T00:00:00Z",
+     "text_body": "hi", "payload": {"type": "text"}}]'::jsonb) ->> 'duplicates')::int, 1, 'the same wamid again is a duplicate');
+select is((select count(*)::int from public.whatsapp_inbound_messages where wamid = 'wamid.in-1'), 1, 'stored once');
+select throws_ok($$select public.ingest_whatsapp_events('[{"wamid": "w", "from_phone": "250788000001", "message_type": "text", "payload": {}}]')$$,
+  'PT400', 'invalid_events', 'a sender that is not E.164 refuses the delivery');
+
+insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload, status, wamid, sent_at)
+values ('+250788000001', 'text', '{"body": "x"}', 'sent', 'wamid.out-1', now()),
+       ('+250788000002', 'text', '{"body": "y"}', 'sent', 'wamid.out-2', now());
+create temp table out_ids as
+  select id, wamid from public.whatsapp_message_queue where wamid in ('wamid.out-1', 'wamid.out-2');
+grant select on out_ids to authenticated, anon, service_role;
+
+select public.ingest_whatsapp_events(p_statuses := '[{"wamid": "wamid.out-1", "status": "read", "occurred_at": "2026-01-01T00:00:05Z"}]');
+select public.ingest_whatsapp_events(p_statuses := '[{"wamid": "wamid.out-1", "status": "delivered", "occurred_at": "2026-01-01T00:00:03Z"}]');
+select is((select status from public.whatsapp_message_queue where wamid = 'wamid.out-1'), 'read',
+  'a late delivered never overwrites read');
+select public.ingest_whatsapp_events(p_statuses := '[{"wamid": "wamid.out-1", "status": "failed", "error_code": "131026"}]');
+select is((select status from public.whatsapp_message_queue where wamid = 'wamid.out-1'), 'read',
+  'failed cannot undo a read');
+select public.ingest_whatsapp_events(p_statuses := '[{"wamid": "wamid.out-2", "status": "failed", "error_code": "131047", "error_message": "Re-engagement message"}]');
+select is((select status || ':' || error_code from public.whatsapp_message_queue where wamid = 'wamid.out-2'),
+  'failed:131047', 'a sent message can fail with its code');
+select public.ingest_whatsapp_events(p_statuses := '[{"wamid": "wamid.out-2", "status": "delivered"}]');
+select is((select status from public.whatsapp_message_queue where wamid = 'wamid.out-2'), 'failed', 'failed is terminal');
+select throws_ok($$select public.cancel_whatsapp_message((select id from out_ids where wamid = 'wamid.out-1'))$$,
+  'PT409', 'message_not_cancellable', 'a read message cannot be cancelled');
+
+-- ---------------------------------------------------------------------------
+-- RLS matrix
+-- ---------------------------------------------------------------------------
+create temp table ids as select tests.create_user() as alice, tests.create_user() as bob, tests.create_user() as nophone;
+grant select on ids to authenticated, anon, service_role;
+select public.update_whatsapp_session_activity('+250788000002', true);
+insert into public.whatsapp_session_secrets (session_id, session_token)
+select id, 'secret-token-of-session-' || phone_number from public.whatsapp_sessions;
+
+-- alice: phone claim 250788000001 (Supabase puts digits without +)
+select tests.authenticate_as((select alice from ids), '{"phone": "250788000001"}');
+select is((select array_agg(phone_number) from public.whatsapp_sessions), array['+250788000001'],
+  'alice sees only her session');
+select is((select array_agg(id::text) from public.whatsapp_message_queue), array[(select id from out_ids where wamid = 'wamid.out-1')::text],
+  'alice sees only her messages');
+select is((select count(*)::int from public.whatsapp_inbound_messages), 1, 'alice sees her inbound message');
+select is((select count(*)::int from public.get_whatsapp_message((select id from out_ids where wamid = 'wamid.out-2'))), 0,
+  'alice cannot read bob''s message by id');
+select is((select count(*)::int from public.list_whatsapp_sessions()), 1, 'list_whatsapp_sessions applies RLS');
+select throws_ok($$select * from public.whatsapp_session_secrets$$, '42501', null, 'users never read session secrets');
+select throws_ok($$select * from public.whatsapp_message_statuses$$, '42501', null, 'users cannot read raw status events');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788000001', 'text', '{"text": "x"}')$$, '42501', null,
+  'users cannot enqueue');
+select throws_ok($$insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload)
+                  values ('+250788000002', 'text', '{"body": "x"}')$$, '42501', null, 'users cannot insert queue rows');
+select throws_ok($$update public.whatsapp_sessions set status = 'suspended'$$, '42501', null,
+  'users cannot update sessions');
+select throws_ok($$select public.claim_whatsapp_messages('me', 'biz')$$, '42501', null, 'users cannot claim');
+select throws_ok($$select private.whatsapp_validate_payload('text', '{"text": "x"}')$$, '42501', null,
+  'users cannot call the private WhatsApp helpers');
+select throws_ok($$select public.update_whatsapp_session_activity('+250788000001', true)$$, '42501', null,
+  'users cannot touch session activity');
+
+-- bob sees bob's, never alice's
+select tests.authenticate_as((select bob from ids), '{"phone": "+250788000002"}');
+select is((select array_agg(phone_number) from public.whatsapp_sessions), array['+250788000002'],
+  'bob sees only his session');
+select is((select array_agg(id::text) from public.whatsapp_message_queue), array[(select id from out_ids where wamid = 'wamid.out-2')::text],
+  'bob sees only his messages');
+select is((select count(*)::int from public.whatsapp_inbound_messages), 0, 'bob sees no inbound of alice');
+
+-- a user without a phone claim sees nothing
+select tests.authenticate_as((select nophone from ids));
+select is((select count(*)::int from public.whatsapp_sessions) + (select count(*)::int from public.whatsapp_message_queue),
+  0, 'a user without a phone sees no session or message');
+
+-- anon: nothing at all
+select tests.authenticate_as_anon();
+select throws_ok($$select count(*) from public.whatsapp_sessions$$, '42501', null, 'anon cannot read sessions');
+select throws_ok($$select count(*) from public.whatsapp_message_queue$$, '42501', null, 'anon cannot read the queue');
+select throws_ok($$select count(*) from public.whatsapp_inbound_messages$$, '42501', null, 'anon cannot read inbound');
+select throws_ok($$select public.get_whatsapp_message((select id from out_ids where wamid = 'wamid.out-1'))$$, '42501', null,
+  'anon cannot call get_whatsapp_message');
+
+-- service_role: everything
+select tests.authenticate_as_service_role();
+select ok((select count(*) from public.whatsapp_sessions) >= 3, 'service_role sees every session');
+select is((select count(*)::int from public.whatsapp_session_secrets), (select count(*)::int from public.whatsapp_sessions),
+  'service_role reads session secrets');
+select ok(public.enqueue_whatsapp_message('+250788000002', 'template', '{"name": "hello_world", "language": "en"}') is not null,
+  'service_role enqueues');
+
+select tests.clear_authentication();
+select * from finish();
+rollback;

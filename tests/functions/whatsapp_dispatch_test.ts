@@ -1,0 +1,463 @@
+import assert from "node:assert/strict";
+import { app as webhookApp } from "../../supabase/functions/whatsapp-webhook/index.ts";
+import { classify, dispatch } from "../../shared/whatsapp_dispatch.ts";
+import { signWebhook, whatsappConfig } from "../../shared/whatsapp.ts";
+import { ConfigError } from "../../shared/env.ts";
+import { call, dbTest, freshDatabase, serviceToken, TEST_JWT_SECRET } from "../support/harness.ts";
+import {
+  configureWhatsApp,
+  type FakeRequest,
+  startFakeWhatsApp,
+} from "../support/fake_whatsapp.ts";
+import { inbound, textMessage } from "../support/whatsapp_payloads.ts";
+
+const db = await freshDatabase();
+const fake = await startFakeWhatsApp();
+const SECRET = "dispatch-test-secret-0123456789";
+const BASE = {
+  WHATSAPP_APP_SECRET: SECRET,
+  WHATSAPP_ACCESS_TOKEN: fake.token,
+  WHATSAPP_PHONE_NUMBER_ID: fake.phoneNumberId,
+  WHATSAPP_API_BASE_URL: fake.url,
+  WHATSAPP_RATE_LIMIT_PER_SECOND: 1000,
+  WHATSAPP_PAIR_INTERVAL_MS: 0,
+  WHATSAPP_SEND_TIMEOUT_MS: 300,
+  WHATSAPP_RETRY_BASE_MS: 10,
+  WHATSAPP_LEASE_SECONDS: 5,
+  WHATSAPP_LOOKAHEAD_MS: 50,
+  WHATSAPP_DISPATCH_BUDGET_MS: 4000,
+  WHATSAPP_BACKGROUND_BUDGET_MS: 2000,
+  WHATSAPP_TOKEN_PAUSE_SECONDS: 60,
+};
+await configureWhatsApp(BASE);
+
+let counter = 0;
+function phone(): string {
+  counter++;
+  return "25079" + String(Date.now() % 1e4).padStart(4, "0") + String(counter).padStart(3, "0");
+}
+
+async function openWindow(digits: string) {
+  await db.sql`select public.update_whatsapp_session_activity(p_phone_number := ${"+" + digits},
+                 p_inbound_at := now())`;
+}
+
+async function enqueue(
+  digits: string,
+  type: string,
+  payload: unknown,
+  opts: { priority?: number; maxAttempts?: number; correlationId?: string } = {},
+): Promise<string> {
+  const [row] = await db.sql`select public.enqueue_whatsapp_message(
+    p_recipient_phone := ${"+" + digits}, p_message_type := ${type},
+    p_message_payload := ${db.sql.json(payload as never)}, p_priority := ${opts.priority ?? 5},
+    p_max_attempts := ${opts.maxAttempts ?? 5}, p_correlation_id := ${
+    opts.correlationId ?? null
+  }) as id`;
+  return row.id;
+}
+
+const row = async (id: string) =>
+  (await db.sql`select * from public.whatsapp_message_queue where id = ${id}`)[0];
+const sentTo = (digits: string): FakeRequest[] => fake.requests.filter((r) => r.to === digits);
+
+async function metrics(name: string, messageId: string) {
+  return await db.sql`select * from public.system_metrics
+                      where metric_name = ${name} and tags ->> 'message_id' = ${messageId}`;
+}
+
+dbTest("a text goes out in the Cloud API's format and is marked sent", async () => {
+  fake.reset();
+  const to = phone();
+  await openWindow(to);
+  const id = await enqueue(to, "text", { text: "Hello!" }, { correlationId: "corr-text-1" });
+  const report = await dispatch();
+  assert.ok(report.sent >= 1);
+  const [req] = sentTo(to);
+  assert.deepEqual(req.body, {
+    messaging_product: "whatsapp",
+    recipient_type: "individual",
+    to,
+    type: "text",
+    text: { body: "Hello!", preview_url: false },
+    biz_opaque_callback_data: "corr-text-1",
+  });
+  const r = await row(id);
+  assert.equal(r.status, "sent");
+  assert.equal(r.wamid, req.outcome);
+  assert.equal(r.attempts, 1);
+  assert.equal(r.locked_by, null);
+  const [m] = await metrics("whatsapp.message.sent", id);
+  assert.equal(m.correlation_id, "corr-text-1");
+  const [s] = await db
+    .sql`select message_count from public.whatsapp_sessions where phone_number = ${"+" + to}`;
+  assert.equal(Number(s.message_count), 1);
+});
+
+dbTest("every message type is sent in its Cloud API shape", async () => {
+  fake.reset();
+  const cases: [string, unknown, string, unknown][] = [
+    ["template", { name: "ride_confirmed", language: "en_US" }, "template", {
+      name: "ride_confirmed",
+      language: { code: "en_US" },
+    }],
+    [
+      "media",
+      { media_type: "image", link: "https://example.com/r.jpg", caption: "receipt" },
+      "image",
+      {
+        link: "https://example.com/r.jpg",
+        caption: "receipt",
+      },
+    ],
+    [
+      "media",
+      { media_type: "document", id: "1479537139650973", filename: "trip.pdf" },
+      "document",
+      {
+        id: "1479537139650973",
+        filename: "trip.pdf",
+      },
+    ],
+    [
+      "interactive",
+      {
+        type: "button",
+        body: { text: "Confirm your ride?" },
+        action: { buttons: [{ type: "reply", reply: { id: "yes", title: "Yes" } }] },
+      },
+      "interactive",
+      undefined,
+    ],
+    ["location", { latitude: -1.9536, longitude: 30.0606, name: "KCC" }, "location", {
+      latitude: -1.9536,
+      longitude: 30.0606,
+      name: "KCC",
+    }],
+  ];
+  const recipients = cases.map(() => phone());
+  for (const [i, [type, payload]] of cases.entries()) {
+    await openWindow(recipients[i]);
+    await enqueue(recipients[i], type, payload);
+  }
+  await dispatch();
+  for (const [i, [, payload, wireType, wire]] of cases.entries()) {
+    const [req] = sentTo(recipients[i]);
+    assert.equal(req.type, wireType);
+    assert.deepEqual(req.body[wireType], wire ?? payload);
+    assert.match(req.outcome, /^wamid\./);
+  }
+});
+
+dbTest(
+  "free-form messages outside the 24-hour window fail without a send; templates go",
+  async () => {
+    fake.reset();
+    const to = phone();
+    const text = await enqueue(to, "text", { text: "are you there?" });
+    const template = await enqueue(to, "template", { name: "ride_reminder", language: "en" });
+    await dispatch();
+    const t = await row(text);
+    assert.equal(t.status, "failed");
+    assert.equal(t.error_code, "outside_customer_service_window");
+    assert.equal((await row(template)).status, "sent");
+    assert.deepEqual(sentTo(to).map((r) => r.type), ["template"]);
+    assert.equal((await metrics("whatsapp.message.failed", text)).length, 1);
+  },
+);
+
+dbTest("throttling, 5xx, dropped connections and timeouts are retried with backoff", async () => {
+  fake.reset();
+  const plan: [string, (to: string) => void][] = [
+    ["130429", (to) => fake.failNext(130429, { to })],
+    ["131056", (to) => fake.failNext(131056, { to })],
+    ["131048", (to) => fake.failNext(131048, { to })],
+    ["131000", (to) => fake.failNext(131000, { to })],
+    ["2", (to) => fake.failNext(2, { to })],
+    ["network_error", (to) => fake.dropNext({ to })],
+    ["timeout", (to) => fake.slowNext(1000, { to })],
+  ];
+  const ids: string[] = [];
+  for (const [, arrange] of plan) {
+    const to = phone();
+    await openWindow(to);
+    arrange(to);
+    ids.push(await enqueue(to, "text", { text: "retry me" }));
+  }
+  await dispatch();
+  for (const [i, [code]] of plan.entries()) {
+    const r = await row(ids[i]);
+    assert.equal(r.status, "sent", `${code}: ${r.status} ${r.error_code}`);
+    assert.equal(r.attempts, 2, code);
+    const [m] = await metrics("whatsapp.message.retry", ids[i]);
+    assert.equal(m?.tags.error_code, code);
+  }
+});
+
+dbTest("permanent errors fail at once and keep the code", async () => {
+  fake.reset();
+  for (const code of [131026, 131047, 100]) {
+    const to = phone();
+    await openWindow(to);
+    fake.failNext(code, { to });
+    const id = await enqueue(to, "text", { text: "permanent" });
+    await dispatch();
+    const r = await row(id);
+    assert.equal(r.status, "failed");
+    assert.equal(r.error_code, String(code));
+    assert.equal(r.attempts, 1);
+    assert.equal(sentTo(to).length, 1);
+    const [s] = await db.sql`select * from public.whatsapp_sessions where phone_number = ${
+      "+" + to
+    }`;
+    assert.equal(Number(s.error_count), 1);
+    assert.match(s.last_error, new RegExp(`^${code}: `));
+  }
+});
+
+dbTest("a message out of attempts becomes a dead letter", async () => {
+  fake.reset();
+  const to = phone();
+  await openWindow(to);
+  fake.failNext(131000, { to, times: 5 });
+  const id = await enqueue(to, "text", { text: "doomed" }, { maxAttempts: 3 });
+  await dispatch();
+  const r = await row(id);
+  assert.equal(r.status, "failed");
+  assert.equal(r.attempts, 3);
+  assert.equal(r.error_code, "131000");
+  assert.ok(r.dead_lettered_at);
+  assert.equal(sentTo(to).length, 3);
+  assert.equal((await metrics("whatsapp.message.dead_letter", id)).length, 1);
+});
+
+dbTest("an expired token stops sending, keeps the messages and raises an alert", async () => {
+  fake.reset();
+  const recipients = [phone(), phone(), phone()];
+  const ids: string[] = [];
+  for (const to of recipients) {
+    await openWindow(to);
+    ids.push(await enqueue(to, "text", { text: "token" }));
+  }
+  fake.failNext(190, { times: 100 });
+  const first = await dispatch();
+  assert.match(first.paused ?? "", /token_invalid/);
+  for (const id of ids) {
+    const r = await row(id);
+    assert.equal(r.status, "pending");
+    assert.equal(r.attempts, 0, "no attempt is burnt");
+  }
+  const alerts = await db
+    .sql`select * from public.system_metrics where metric_name = 'whatsapp.alert.token_invalid'`;
+  assert.ok(alerts.length >= 1);
+  assert.equal(alerts[0].metric_type, "alert");
+
+  const seen = fake.requests.length;
+  const second = await dispatch();
+  assert.match(second.paused ?? "", /token_invalid/);
+  assert.equal(fake.requests.length, seen, "nothing is sent while paused");
+
+  // a new token: lift the pause and everything goes out
+  fake.reset();
+  await db.sql`update private.whatsapp_send_windows set paused_until = null`;
+  await db
+    .sql`update public.whatsapp_message_queue set visible_at = now() where id = any(${ids}::bigint[])`;
+  await dispatch();
+  for (const id of ids) assert.equal((await row(id)).status, "sent");
+});
+
+dbTest("higher priority goes first; within a priority, enqueue order", async () => {
+  fake.reset();
+  const to = phone();
+  await openWindow(to);
+  await enqueue(to, "text", { text: "low-1" }, { priority: 1 });
+  await enqueue(to, "text", { text: "normal-1" });
+  await enqueue(to, "text", { text: "urgent" }, { priority: 10 });
+  await enqueue(to, "text", { text: "normal-2" });
+  await enqueue(to, "text", { text: "low-2" }, { priority: 1 });
+  await dispatch();
+  assert.deepEqual(
+    sentTo(to).map((r) => (r.body.text as { body: string }).body),
+    ["urgent", "normal-1", "normal-2", "low-1", "low-2"],
+  );
+});
+
+dbTest(
+  "3 concurrent dispatchers hold the rate limit, pair pacing and per-recipient order",
+  async () => {
+    fake.reset();
+    const RATE = 40;
+    const PAIR_MS = 150;
+    await configureWhatsApp({
+      ...BASE,
+      WHATSAPP_RATE_LIMIT_PER_SECOND: RATE,
+      WHATSAPP_PAIR_INTERVAL_MS: PAIR_MS,
+    });
+    try {
+      const recipients = Array.from({ length: 6 }, () => phone());
+      for (const to of recipients) await openWindow(to);
+      for (let k = 0; k < 8; k++) {
+        for (const to of recipients) await enqueue(to, "text", { text: `${to}#${k}` });
+      }
+      const reports = await Promise.all([1, 2, 3].map((n) => dispatch({ dispatcherId: `d${n}` })));
+      assert.equal(reports.reduce((n, r) => n + r.sent, 0), 48);
+      assert.ok(reports.filter((r) => r.sent > 0).length >= 2, "the work is shared");
+
+      const accepted = fake.accepted().filter((r) => recipients.includes(r.to));
+      assert.equal(accepted.length, 48, "each message is sent exactly once");
+      for (const to of recipients) {
+        const mine = accepted.filter((r) => r.to === to);
+        assert.deepEqual(
+          mine.map((r) => (r.body.text as { body: string }).body),
+          Array.from({ length: 8 }, (_, k) => `${to}#${k}`),
+          "enqueue order per recipient",
+        );
+        for (let i = 1; i < mine.length; i++) {
+          // slots are PAIR_MS apart; the earlier send may arrive a little late (timers, event loop)
+          assert.ok(
+            mine[i].at - mine[i - 1].at >= PAIR_MS - 20,
+            `pair pacing: ${mine[i].at - mine[i - 1].at} ms`,
+          );
+        }
+      }
+      const times = accepted.map((r) => r.at).sort((a, b) => a - b);
+      let worst = 0;
+      for (let i = 0, j = 0; i < times.length; i++) {
+        while (times[i] - times[j] >= 1000) j++;
+        worst = Math.max(worst, i - j + 1);
+      }
+      // slots are 1/RATE apart; one slot of timer jitter at a window edge is all we allow
+      assert.ok(worst <= RATE + 1, `at most ${RATE} per second, saw ${worst}`);
+      const span = (times[times.length - 1] - times[0]) / 1000;
+      assert.ok((times.length - 1) / span <= RATE * 1.02, `average ${(times.length - 1) / span}/s`);
+    } finally {
+      await configureWhatsApp(BASE);
+    }
+  },
+);
+
+dbTest("a dispatcher killed mid-batch loses no message", async () => {
+  fake.reset();
+  fake.latencyMs = 3000;
+  const recipients = Array.from({ length: 10 }, () => phone());
+  const ids: string[] = [];
+  for (const to of recipients) {
+    await openWindow(to);
+    ids.push(await enqueue(to, "text", { text: "survive" }));
+  }
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      new URL("../support/run_dispatcher.ts", import.meta.url).pathname,
+      "doomed",
+    ],
+    env: {
+      ...Object.fromEntries(Object.entries(BASE).map(([k, v]) => [k, String(v)])),
+      SUPABASE_DB_URL: db.url,
+      JWT_SECRET: TEST_JWT_SECRET,
+      LOG_LEVEL: "silent",
+      WHATSAPP_LEASE_SECONDS: "1",
+      WHATSAPP_SEND_TIMEOUT_MS: "10000",
+    },
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  const deadline = Date.now() + 20_000;
+  while (
+    fake.requests.filter((r) => recipients.includes(r.to)).length < 10 && Date.now() < deadline
+  ) {
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  const held = await db.sql`select count(*)::int as n from public.whatsapp_message_queue
+                            where id = any(${ids}::bigint[]) and status = 'processing' and locked_by = 'doomed'`;
+  assert.equal(held[0].n, 10, "the doomed dispatcher holds the whole batch");
+  child.kill("SIGKILL");
+  await child.status;
+
+  fake.latencyMs = 0;
+  await new Promise((r) => setTimeout(r, 1200)); // its leases run out
+  const report = await dispatch({ dispatcherId: "survivor" });
+  assert.ok(report.sent >= 10);
+  for (const id of ids) {
+    const r = await row(id);
+    assert.equal(r.status, "sent");
+    assert.equal(r.attempts, 2);
+    assert.equal((await metrics("whatsapp.message.retry", id))[0].tags.error_code, "lease_expired");
+  }
+});
+
+dbTest("POST /whatsapp-webhook/dispatch drains the queue for the service role", async () => {
+  fake.reset();
+  const to = phone();
+  await openWindow(to);
+  const id = await enqueue(to, "text", { text: "cron" });
+  const res = await call(webhookApp, "POST", "/whatsapp-webhook/dispatch", {
+    token: await serviceToken(),
+    body: { budget_ms: 2000 },
+  });
+  assert.equal(res.status, 200, JSON.stringify(res.body));
+  assert.ok(res.body.sent >= 1);
+  assert.equal((await row(id)).status, "sent");
+});
+
+dbTest("an inbound webhook wakes the dispatcher after answering", async () => {
+  fake.reset();
+  const to = phone();
+  const id = await enqueue(to, "template", { name: "welcome", language: "en" });
+  const body = JSON.stringify(inbound(to, textMessage("hi")));
+  const res = await call(webhookApp, "POST", "/whatsapp-webhook", {
+    body,
+    headers: { "x-hub-signature-256": signWebhook(body, SECRET) },
+  });
+  assert.equal(res.status, 200);
+  const deadline = Date.now() + 5000;
+  while ((await row(id)).status !== "sent" && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  assert.equal((await row(id)).status, "sent");
+});
+
+dbTest("cleanup: stop the fake", async () => {
+  await fake.close();
+});
+
+Deno.test("Cloud API answers are classified as the queue needs them", () => {
+  const cases: [number, number | undefined, string][] = [
+    [400, 130429, "retry"],
+    [400, 131056, "retry"],
+    [400, 131048, "retry"],
+    [500, 131000, "retry"],
+    [503, undefined, "retry"],
+    [502, 2, "retry"],
+    [400, 131026, "failed"],
+    [400, 131047, "failed"],
+    [400, 100, "failed"],
+    [400, 131009, "failed"],
+    [401, 190, "stop"],
+    [401, undefined, "stop"],
+    [400, 0, "stop"],
+  ];
+  for (const [status, code, outcome] of cases) {
+    assert.equal(classify(status, code), outcome, `${status}/${code}`);
+  }
+});
+
+Deno.test("WhatsApp configuration is validated on its own", async () => {
+  for (
+    const [key, value] of [
+      ["WHATSAPP_API_BASE_URL", "http://graph.example.com"],
+      ["WHATSAPP_RATE_LIMIT_PER_SECOND", "1001"],
+      ["WHATSAPP_API_VERSION", "21"],
+    ]
+  ) {
+    await configureWhatsApp({ ...BASE, [key]: value });
+    assert.throws(
+      () => whatsappConfig(),
+      (e: Error) => e instanceof ConfigError && e.message.includes(key),
+    );
+  }
+  await configureWhatsApp({ ...BASE, WHATSAPP_API_VERSION: undefined });
+  assert.equal(whatsappConfig().WHATSAPP_RATE_LIMIT_PER_SECOND, 1000);
+  assert.equal(whatsappConfig().WHATSAPP_API_VERSION, "v21.0");
+});

@@ -1,0 +1,316 @@
+import assert from "node:assert/strict";
+import { app } from "../../supabase/functions/whatsapp-webhook/index.ts";
+import { signWebhook } from "../../shared/whatsapp.ts";
+import {
+  call,
+  createUser,
+  dbTest,
+  expectError,
+  freshDatabase,
+  userToken,
+} from "../support/harness.ts";
+import { configureWhatsApp } from "../support/fake_whatsapp.ts";
+import {
+  buttonReply,
+  errorsWebhook,
+  firstWamid,
+  imageMessage,
+  inbound,
+  listReply,
+  locationMessage,
+  statusUpdate,
+  textMessage,
+  wamid,
+  webhook,
+} from "../support/whatsapp_payloads.ts";
+
+const db = await freshDatabase();
+const SECRET = "test-app-secret-0123456789abcdef";
+const VERIFY = "verify-token-for-tests";
+// No access token: the webhook stores events but starts no dispatcher here.
+await configureWhatsApp({
+  WHATSAPP_APP_SECRET: SECRET,
+  WHATSAPP_VERIFY_TOKEN: VERIFY,
+  WHATSAPP_ACCESS_TOKEN: undefined,
+  WHATSAPP_PHONE_NUMBER_ID: undefined,
+});
+
+async function post(payload: unknown, signature?: string | null) {
+  const body = typeof payload === "string" ? payload : JSON.stringify(payload);
+  const headers: Record<string, string> = { "content-type": "application/json" };
+  const sig = signature === undefined ? signWebhook(body, SECRET) : signature;
+  if (sig !== null) headers["x-hub-signature-256"] = sig;
+  return await call(app, "POST", "/whatsapp-webhook", { body, headers });
+}
+
+const count = async (table: string) =>
+  Number((await db.sql`select count(*)::int as n from ${db.sql(table)}`)[0].n);
+
+const stored = (id: string) =>
+  db.sql`select * from public.whatsapp_inbound_messages where wamid = ${id}`;
+
+function phone(): string {
+  return "25078" + String(Math.floor(Math.random() * 1e7)).padStart(7, "0");
+}
+
+async function enqueueSent(to: string): Promise<{ id: string; wamid: string }> {
+  const w = wamid();
+  const [row] = await db.sql`
+    insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload, status, wamid, sent_at)
+    values (${"+" + to}, 'text', '{"body": "hi", "preview_url": false}', 'sent', ${w}, now())
+    returning id`;
+  return { id: row.id, wamid: w };
+}
+
+// --- handshake ---------------------------------------------------------------
+
+dbTest("GET handshake echoes the challenge for the right token", async () => {
+  const res = await app.request(
+    `/whatsapp-webhook?hub.mode=subscribe&hub.verify_token=${VERIFY}&hub.challenge=1158201444`,
+  );
+  assert.equal(res.status, 200);
+  assert.equal(await res.text(), "1158201444");
+});
+
+dbTest("GET handshake refuses a wrong token, a wrong mode or no challenge", async () => {
+  for (
+    const q of [
+      `hub.mode=subscribe&hub.verify_token=wrong-token&hub.challenge=1`,
+      `hub.mode=subscribe&hub.verify_token=${VERIFY}x&hub.challenge=1`,
+      `hub.mode=unsubscribe&hub.verify_token=${VERIFY}&hub.challenge=1`,
+      `hub.mode=subscribe&hub.verify_token=${VERIFY}`,
+      ``,
+    ]
+  ) {
+    const res = await call(app, "GET", `/whatsapp-webhook?${q}`);
+    expectError(res, 403, "verification_failed");
+  }
+});
+
+// --- inbound messages of every kind --------------------------------------------
+
+dbTest("an inbound text is stored and opens the sender's session window", async () => {
+  const from = phone();
+  const payload = inbound(from, textMessage("Muraho! I need a ride"), "Aline");
+  const res = await post(payload);
+  assert.equal(res.status, 200, JSON.stringify(res.body));
+  assert.equal(res.body.messages_stored, 1);
+  const id = firstWamid(payload);
+  const [row] = await stored(id);
+  assert.equal(row.from_phone, "+" + from);
+  assert.equal(row.message_type, "text");
+  assert.equal(row.text_body, "Muraho! I need a ride");
+  assert.equal(row.phone_number_id, "106540352242922");
+  const [s] = await db.sql`select * from public.whatsapp_sessions where phone_number = ${
+    "+" + from
+  }`;
+  assert.equal(s.display_name, "Aline");
+  assert.equal(Number(s.message_count), 1);
+  assert.ok(Date.now() - s.last_inbound_at.getTime() < 60_000);
+  assert.ok(s.expires_at.getTime() - s.last_inbound_at.getTime() === 24 * 3600_000);
+});
+
+dbTest("interactive replies, location and media are stored with their text", async () => {
+  const from = phone();
+  const cases: [Record<string, unknown>, string, string | null][] = [
+    [buttonReply("confirm_ride", "Confirm"), "interactive", "Confirm"],
+    [listReply("moto", "Moto taxi"), "interactive", "Moto taxi"],
+    [locationMessage(-1.9536, 30.0606), "location", "Kigali Convention Centre"],
+    [imageMessage("my receipt"), "image", "my receipt"],
+    [{ type: "sticker", sticker: { id: "2222", mime_type: "image/webp" } }, "sticker", null],
+  ];
+  for (const [message, type, text] of cases) {
+    const payload = inbound(from, message);
+    const res = await post(payload);
+    assert.equal(res.status, 200);
+    const [row] = await stored(firstWamid(payload));
+    assert.equal(row.message_type, type);
+    assert.equal(row.text_body, text);
+    assert.deepEqual(row.payload[type], message[type]);
+  }
+  const [s] = await db
+    .sql`select message_count from public.whatsapp_sessions where phone_number = ${"+" + from}`;
+  assert.equal(Number(s.message_count), cases.length);
+});
+
+dbTest("a reply keeps the wamid it answers (context)", async () => {
+  const from = phone();
+  const payload = inbound(from, {
+    ...textMessage("yes"),
+    context: { from: "15550783881", id: "wamid.original" },
+  });
+  await post(payload);
+  const [row] = await stored(firstWamid(payload));
+  assert.equal(row.context_wamid, "wamid.original");
+});
+
+// --- delivery and replays ------------------------------------------------------
+
+dbTest("the same webhook delivered 10 times, in parallel, stores one message", async () => {
+  const from = phone();
+  const payload = inbound(from, textMessage("only once"));
+  const body = JSON.stringify(payload);
+  const results = await Promise.all(Array.from({ length: 10 }, () => post(body)));
+  assert.deepEqual(results.map((r) => r.status), Array(10).fill(200));
+  assert.equal(results.reduce((n, r) => n + r.body.messages_stored, 0), 1);
+  const id = firstWamid(payload);
+  assert.equal((await stored(id)).length, 1);
+  const [s] = await db
+    .sql`select message_count from public.whatsapp_sessions where phone_number = ${"+" + from}`;
+  assert.equal(Number(s.message_count), 1, "the session counts the message once");
+});
+
+dbTest("a replayed signature over another body is refused and stores nothing", async () => {
+  const original = JSON.stringify(inbound(phone(), textMessage("original")));
+  const tampered = inbound(phone(), textMessage("tampered"));
+  const before = await count("whatsapp_inbound_wamids");
+  const res = await post(tampered, signWebhook(original, SECRET));
+  expectError(res, 401, "invalid_signature");
+  assert.equal(await count("whatsapp_inbound_wamids"), before);
+});
+
+dbTest("forged, missing and malformed signatures get 401 and store nothing", async () => {
+  const payload = inbound(phone(), textMessage("forged"));
+  const body = JSON.stringify(payload);
+  const before = await count("whatsapp_inbound_wamids");
+  const good = signWebhook(body, SECRET);
+  const cases: [string | null, string][] = [
+    [null, "missing_signature"],
+    [signWebhook(body, "another-secret-0123456789abcdef"), "invalid_signature"],
+    ["sha256=" + "0".repeat(64), "invalid_signature"],
+    ["sha256=xyz", "invalid_signature"],
+    [good.replace("sha256=", "sha1="), "invalid_signature"],
+    [good.slice(0, -2), "invalid_signature"],
+    [good + "00", "invalid_signature"],
+    ["", "missing_signature"],
+  ];
+  for (const [sig, code] of cases) {
+    const res = await post(body, sig === "" ? null : sig);
+    expectError(res, 401, code);
+  }
+  // a body changed by one byte after signing
+  const res = await post(body.replace("forged", "forgeD"), good);
+  expectError(res, 401, "invalid_signature");
+  assert.equal(await count("whatsapp_inbound_wamids"), before);
+});
+
+dbTest("a valid signature over malformed JSON is a 400", async () => {
+  const res = await post('{"object": "whatsapp_business_account", "entry": [');
+  expectError(res, 400, "invalid_json");
+});
+
+dbTest("a body over the size limit is a 413", async () => {
+  await configureWhatsApp({ WHATSAPP_WEBHOOK_MAX_BYTES: 2048 });
+  try {
+    const res = await post(inbound(phone(), textMessage("x".repeat(4000))));
+    expectError(res, 413, "payload_too_large");
+  } finally {
+    await configureWhatsApp({ WHATSAPP_WEBHOOK_MAX_BYTES: undefined });
+  }
+});
+
+dbTest("without an app secret the webhook refuses everything", async () => {
+  await configureWhatsApp({ WHATSAPP_APP_SECRET: undefined });
+  try {
+    const res = await post(inbound(phone(), textMessage("no secret")), "sha256=" + "0".repeat(64));
+    expectError(res, 503, "whatsapp_not_configured");
+  } finally {
+    await configureWhatsApp({ WHATSAPP_APP_SECRET: SECRET });
+  }
+});
+
+dbTest("unknown event kinds are acknowledged and ignored", async () => {
+  const before = await count("whatsapp_inbound_wamids");
+  for (
+    const payload of [
+      { object: "page", entry: [] },
+      webhook({ phone_number: "15550783881", event: "VERIFIED_ACCOUNT" }, "account_update"),
+      webhook({ something_new: [{ id: "x" }] }),
+      { object: "whatsapp_business_account", entry: "not-a-list" },
+      [1, 2, 3],
+    ]
+  ) {
+    const res = await post(payload);
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    assert.equal(res.body.received, true);
+  }
+  assert.equal(await count("whatsapp_inbound_wamids"), before);
+});
+
+dbTest("errors Meta reports are recorded as metrics", async () => {
+  const res = await post(errorsWebhook(130429, "Rate limit hit"));
+  assert.equal(res.status, 200);
+  const [m] = await db.sql`select * from public.system_metrics
+                           where metric_name = 'whatsapp.webhook.error' and tags ->> 'error_code' = '130429'`;
+  assert.equal(m.tags.title, "Rate limit hit");
+  assert.equal(m.correlation_id, res.headers.get("x-correlation-id"));
+});
+
+// --- statuses -----------------------------------------------------------------
+
+dbTest("statuses move a message forward only: a late delivered never overwrites read", async () => {
+  const to = phone();
+  const m = await enqueueSent(to);
+  for (const s of ["delivered", "read", "delivered", "sent"] as const) {
+    const res = await post(statusUpdate(m.wamid, s, to));
+    assert.equal(res.status, 200);
+  }
+  const [row] = await db.sql`select * from public.whatsapp_message_queue where id = ${m.id}`;
+  assert.equal(row.status, "read");
+  assert.ok(row.delivered_at && row.read_at);
+  const events = await db
+    .sql`select status from public.whatsapp_message_statuses where wamid = ${m.wamid} order by 1`;
+  assert.deepEqual(events.map((e) => e.status), ["delivered", "read", "sent"]);
+});
+
+dbTest("a failed status keeps Meta's error code; it cannot undo a delivery", async () => {
+  const to = phone();
+  const m = await enqueueSent(to);
+  await post(statusUpdate(m.wamid, "failed", to, { code: 131026, title: "Message undeliverable" }));
+  const [row] = await db.sql`select * from public.whatsapp_message_queue where id = ${m.id}`;
+  assert.equal(row.status, "failed");
+  assert.equal(row.error_code, "131026");
+  assert.match(row.last_error, /undeliverable/);
+  const [metric] = await db.sql`select * from public.system_metrics
+    where metric_name = 'whatsapp.message.failed' and tags ->> 'message_id' = ${m.id}`;
+  assert.equal(metric.tags.source, "webhook");
+
+  const d = await enqueueSent(to);
+  await post(statusUpdate(d.wamid, "delivered", to));
+  await post(statusUpdate(d.wamid, "failed", to, { code: 131000, title: "Something went wrong" }));
+  const [after] = await db.sql`select status from public.whatsapp_message_queue where id = ${d.id}`;
+  assert.equal(after.status, "delivered");
+});
+
+dbTest("several statuses in one delivery apply the furthest one", async () => {
+  const to = phone();
+  const m = await enqueueSent(to);
+  const payload = webhook({
+    statuses: ["read", "sent", "delivered"].map((status) => ({
+      id: m.wamid,
+      status,
+      timestamp: String(Math.floor(Date.now() / 1000)),
+      recipient_id: to,
+    })),
+  });
+  const res = await post(payload);
+  assert.equal(res.body.statuses_applied, 1);
+  const [row] = await db.sql`select status from public.whatsapp_message_queue where id = ${m.id}`;
+  assert.equal(row.status, "read");
+});
+
+// --- dispatch endpoint auth ----------------------------------------------------
+
+dbTest("POST /dispatch needs the service role", async () => {
+  expectError(
+    await call(app, "POST", "/whatsapp-webhook/dispatch", { body: {} }),
+    401,
+    "missing_token",
+  );
+  const uid = await createUser(db);
+  const res = await call(app, "POST", "/whatsapp-webhook/dispatch", {
+    token: await userToken(uid),
+    body: {},
+  });
+  expectError(res, 403, "forbidden");
+});
