@@ -38,7 +38,10 @@ let cached: Env | undefined;
  * validates them, or throws a ConfigError naming each bad variable. Modules
  * with their own settings (e.g. shared/whatsapp.ts) use it for their schema.
  */
-export function readEnvSchema<S extends z.ZodObject>(schema: S, label = "configuration"): z.infer<S> {
+export function readEnvSchema<S extends z.ZodObject>(
+  schema: S,
+  label = "configuration",
+): z.infer<S> {
   const raw: Record<string, string | undefined> = {};
   for (const key of Object.keys(schema.shape)) {
     const value = Deno.env.get(key);

@@ -4,4 +4,6 @@
 import { startFakeWhatsApp } from "./fake_whatsapp.ts";
 
 const fake = await startFakeWhatsApp({ latencyMs: Number(Deno.env.get("FAKE_LATENCY_MS") ?? "0") });
-console.log(JSON.stringify({ url: fake.url, token: fake.token, phone_number_id: fake.phoneNumberId }));
+console.log(
+  JSON.stringify({ url: fake.url, token: fake.token, phone_number_id: fake.phoneNumberId }),
+);
