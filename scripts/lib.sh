@@ -165,6 +165,12 @@ bootstrap_db() {
 
 migrate_db() {
   local url="$1"
+  # The CLI treats any database but the one on config.toml's [db] port as
+  # remote and insists on TLS; the local cluster has none.
+  case "$url" in
+    *sslmode=*) ;;
+    *127.0.0.1* | *localhost*) url="$url$([[ "$url" == *\?* ]] && echo '&' || echo '?')sslmode=disable" ;;
+  esac
   "$SUPABASE" db push --db-url "$url" --include-all --workdir "$ROOT" </dev/null 2>&1 \
     | grep -v -E '^\s*$' | sed 's/^/  /' >&2
   return "${PIPESTATUS[0]}"
