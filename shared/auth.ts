@@ -50,10 +50,28 @@ function keys(): Keys {
 /** Forget derived keys (tests rotate the secret). */
 export function resetAuth(): void {
   keyCache = undefined;
+  verified.clear();
 }
+
+// Tokens already verified, until they expire: backends reuse one key for
+// every request, and verifying HS256 costs a key import each time.
+const verified = new Map<string, { principal: Principal; exp: number }>();
+const VERIFIED_MAX = 1000;
 
 /** Verifies a compact JWT and returns who it speaks for; throws 401 otherwise. */
 export async function verifyToken(token: string): Promise<Principal> {
+  const hit = verified.get(token);
+  if (hit && hit.exp > Date.now() / 1000) return hit.principal;
+  const principal = await verifyTokenUncached(token);
+  const exp = principal.claims.exp;
+  if (typeof exp === "number") {
+    if (verified.size >= VERIFIED_MAX) verified.delete(verified.keys().next().value as string);
+    verified.set(token, { principal, exp });
+  }
+  return principal;
+}
+
+async function verifyTokenUncached(token: string): Promise<Principal> {
   let alg: string | undefined;
   try {
     alg = decodeProtectedHeader(token).alg;

@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(157);
+select plan(158);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -63,7 +63,7 @@ create temp table spec_tx as
 select * from public.transactions where idempotency_key = 'unique-key-123';
 grant select on spec_tx to authenticated, service_role;
 
-select ok((select reference ~ '^TX-[0-9]{6}-[0-9A-F]{12}$' from spec_tx), 'references are human-readable');
+select ok((select reference ~ '^TX-[0-9]{6}-[0-9A-F]{16}$' from spec_tx), 'references are human-readable');
 select is((select count(*)::int from public.transaction_references r join spec_tx s on s.id = r.transaction_id
            and s.reference = r.reference and s.created_at = r.created_at), 1,
   'the reference is registered in the non-partitioned table');
@@ -109,6 +109,8 @@ select throws_ok($$select public.create_transaction((select alice from ids), 'cr
   p_metadata := '[1]'::jsonb)$$, 'PT400', 'invalid_metadata', 'metadata must be an object');
 select throws_ok($$select public.create_transaction(gen_random_uuid(), 'credit', 1, 'RWF')$$,
   'PT404', 'user_not_found', 'credits go to existing users only');
+select throws_ok($$select public.create_transaction((select alice from ids), 'credit', 1, 'RWF',
+  p_category := repeat('c', 65))$$, 'PT400', 'invalid_input', 'text lengths are checked');
 select is((select count(*) from public.transactions), (select txs + 1 from counts),
   'only the valid USD credit was written');
 

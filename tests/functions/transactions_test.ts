@@ -359,7 +359,7 @@ dbTest("the state machine over HTTP, with events and balances", async () => {
   });
   assert.equal(created.status, 201);
   const id = created.body.id;
-  assert.match(created.body.reference, /^TX-\d{6}-[0-9A-F]{12}$/);
+  assert.match(created.body.reference, /^TX-\d{6}-[0-9A-F]{16}$/);
   expectError(
     await post(`/transactions/${id}/status`, service, { new_status: "completed" }, null),
     409,
