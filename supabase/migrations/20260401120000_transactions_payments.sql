@@ -648,9 +648,6 @@ declare
   v_payee uuid;
   v_from_hold boolean := p_phase = 'settle' and p_tx.type in ('debit', 'payment', 'fee', 'transfer');
   v_rows integer;
-  v_lo uuid;
-  v_hi uuid;
-  v_busy uuid;
 begin
   if p_phase = 'hold' then
     update public.wallets
@@ -685,30 +682,14 @@ begin
     (p_tx.id, v_payee, p_tx.currency, p_tx.amount,
      case when p_phase = 'reverse' then 'reversal' else 'settlement' end);
 
-  -- Both wallets or neither: each is tried without waiting, in id order;
-  -- if one is busy, the subtransaction rolls back (releasing the other) and
-  -- we wait for the busy one holding no wallet, then try again. A movement
-  -- never holds one wallet while waiting for another, so there are no
-  -- deadlocks and no convoys behind a half-locked pair on hot wallets.
-  v_lo := least(v_payer, v_payee);
-  v_hi := greatest(v_payer, v_payee);
-  loop
-    v_busy := v_lo;
-    begin
-      perform from public.wallets w where w.id = v_lo for no key update nowait;
-      v_busy := v_hi;
-      perform from public.wallets w where w.id = v_hi for no key update nowait;
-      exit;
-    exception when lock_not_available then
-      null;
-    end;
-    begin
-      perform from public.wallets w where w.id = v_busy for no key update;
-      raise exception using errcode = 'TX001';
-    exception when sqlstate 'TX001' then
-      null;
-    end;
-  end loop;
+  -- Both wallets are locked in id order (LockRows runs above the sort)
+  -- before either changes: movements over the same wallets queue up instead
+  -- of deadlocking. This comes last, so the locks are held only for the
+  -- update below and the commit.
+  perform from public.wallets w
+  where w.id in (v_payer, v_payee)
+  order by w.id
+  for no key update;
 
   update public.wallets w
   set balance = w.balance + case when w.id = v_payee then p_tx.amount else -p_tx.amount end,
