@@ -475,6 +475,8 @@ create table public.transactions (
   metadata jsonb not null default '{}'::jsonb,
   correlation_id text,
   idempotency_key text,
+  -- who created it: the user's id, or 'service_role'
+  created_by text not null,
   error_code text,
   error_message text,
   initiated_at timestamptz not null default now(),
@@ -604,25 +606,6 @@ create policy transaction_events_user_select on public.transaction_events
   for select to authenticated using (user_id = (select auth.uid()));
 create policy transaction_events_service_select on public.transaction_events
   for select to service_role using (true);
-
-create or replace function private.append_transaction_event(
-  p_tx public.transactions,
-  p_previous_status text,
-  p_reason text,
-  p_correlation_id text,
-  p_metadata jsonb default '{}'::jsonb
-) returns void
-language plpgsql
-as $$
-begin
-  insert into public.transaction_events
-    (transaction_id, user_id, previous_status, new_status, actor_role, actor_id, reason,
-     correlation_id, metadata)
-  values
-    (p_tx.id, p_tx.user_id, p_previous_status, p_tx.status, private.caller_role(),
-     auth.uid()::text, p_reason, p_correlation_id, coalesce(p_metadata, '{}'::jsonb));
-end;
-$$;
 
 -- -----------------------------------------------------------------------------
 -- Money movement
@@ -849,20 +832,20 @@ begin
   insert into public.transactions (
     id, reference, user_id, type, category, amount, currency, status, payment_method_id,
     source_wallet_id, destination_wallet_id, destination_user_id, description, metadata,
-    correlation_id, idempotency_key, initiated_at, completed_at, created_at, updated_at
+    correlation_id, idempotency_key, created_by, initiated_at, completed_at, created_at, updated_at
   ) values (
     v_id, v_reference, p_user_id, p_type, p_category, v_amount, p_currency,
     case when p_settle then 'completed' else 'pending' end, p_payment_method_id,
     case when v_outgoing then v_user_wallet else v_other_wallet end,
     case when v_outgoing then v_other_wallet else v_user_wallet end,
     p_destination_user_id, p_description, coalesce(p_metadata, '{}'::jsonb),
-    p_correlation_id, p_idempotency_key, now(), case when p_settle then now() end,
-    v_created_at, now()
+    p_correlation_id, p_idempotency_key,
+    case when private.caller_role() = 'authenticated' then auth.uid()::text else 'service_role' end,
+    now(), case when p_settle then now() end, v_created_at, now()
   )
   returning * into v_tx;
-
-  perform private.append_transaction_event(v_tx, null,
-    case when p_settle then 'settled on creation' else 'created' end, p_correlation_id);
+  -- No event: creation is not a transition (created_by, initiated_at and the
+  -- status say who created it, when, and how it started).
 
   -- Wallet locks come last: they are held until commit.
   if p_settle then
@@ -1063,9 +1046,14 @@ begin
   where t.id = v_tx.id and t.created_at = v_tx.created_at
   returning t.* into v_tx;
 
-  perform private.append_transaction_event(v_tx, v_previous, p_reason, p_correlation_id,
-    case when p_error_code is null then '{}'::jsonb
-         else jsonb_build_object('error_code', p_error_code) end);
+  insert into public.transaction_events
+    (transaction_id, user_id, previous_status, new_status, actor_role, actor_id, reason,
+     correlation_id, metadata)
+  values
+    (v_tx.id, v_tx.user_id, v_previous, v_tx.status, private.caller_role(), auth.uid()::text,
+     p_reason, p_correlation_id,
+     case when p_error_code is null then '{}'::jsonb
+          else jsonb_build_object('error_code', p_error_code) end);
   return v_tx;
 end;
 $$;

@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(158);
+select plan(159);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -67,9 +67,9 @@ select ok((select reference ~ '^TX-[0-9]{6}-[0-9A-F]{16}$' from spec_tx), 'refer
 select is((select count(*)::int from public.transaction_references r join spec_tx s on s.id = r.transaction_id
            and s.reference = r.reference and s.created_at = r.created_at), 1,
   'the reference is registered in the non-partitioned table');
-select is((select count(*)::int from public.transaction_events e join spec_tx s on s.id = e.transaction_id
-           where e.previous_status is null and e.new_status = 'pending'), 1,
-  'creation appends an event');
+select is((select created_by from spec_tx), 'service_role', 'the row records who created it');
+select is((select count(*)::int from public.transaction_events e join spec_tx s on s.id = e.transaction_id), 0,
+  'creation is not a transition: no event yet');
 select is((select status from public.update_transaction_status(
   p_transaction_id := (select id from spec_tx), p_new_status := 'processing')), 'processing',
   'update_transaction_status works as the spec calls it');
@@ -383,9 +383,8 @@ select is((public.transfer_funds(p_amount := 10, p_currency := 'RWF', p_to_user_
   (select alice from ids), 'alice can transfer her own money');
 select throws_ok($$select public.transfer_funds(p_amount := 100000, p_currency := 'RWF',
   p_to_user_id := (select bob from ids))$$, 'PT409', 'insufficient_funds', 'alice cannot overdraw');
-select is((select actor_role || ':' || actor_id from public.transaction_events e
-           join public.transactions t on t.id = e.transaction_id where t.idempotency_key = 'alice-pay'),
-  'authenticated:' || (select alice from ids)::text, 'events record the acting user');
+select is((select created_by from public.transactions where idempotency_key = 'alice-pay'),
+  (select alice from ids)::text, 'transactions record the creating user');
 
 -- bob sees the transfer he received, not alice's other rows
 select tests.authenticate_as((select bob from ids));
