@@ -1,0 +1,335 @@
+// transactions: money movement, wallets and payment methods over HTTP.
+// Every rule (idempotency, state machine, holds, balances, who may do what)
+// is enforced in SQL; handlers validate, call one SQL function, map the row.
+//
+//   POST   /transactions                           create (Idempotency-Key header)
+//   GET    /transactions                           list, newest first (cursor; filters)
+//   POST   /transactions/transfers                 immediate transfer to a user (id or phone)
+//   GET    /transactions/balances                  wallets of the caller (or user_id, service)
+//   GET    /transactions/payment-methods           list payment methods
+//   POST   /transactions/payment-methods           add a payment method
+//   POST   /transactions/payment-methods/:id/default  make it the default
+//   DELETE /transactions/payment-methods/:id       remove it
+//   GET    /transactions/:id                       one transaction
+//   POST   /transactions/:id/status                state transition (service role)
+//   GET    /transactions/:id/events                its status history
+import { z } from "zod";
+import {
+  authenticate,
+  type Principal,
+  requireService,
+  requireUserOrService,
+} from "../../../shared/auth.ts";
+import { jsonb, withClaims } from "../../../shared/db.ts";
+import { badRequest, notFound } from "../../../shared/errors.ts";
+import {
+  createApp,
+  type Ctx,
+  decodeCursor,
+  encodeCursor,
+  jsonBody,
+  pathParams,
+  queryParams,
+} from "../../../shared/http.ts";
+
+const TYPES = ["debit", "credit", "transfer", "payment", "refund", "fee", "commission"] as const;
+const STATUSES = ["pending", "processing", "completed", "failed", "cancelled", "reversed"] as const;
+
+/** Amounts travel as decimal strings (or JSON numbers) and reach SQL as numeric text. */
+const amount = z.union([
+  z.string().regex(/^\d{1,15}(\.\d{1,4})?$/),
+  z.number().positive().max(1e15).transform((n) => String(n)),
+]).refine((v) => Number(v) > 0, "amount must be positive");
+const currency = z.string().regex(/^[A-Z]{3}$/);
+const jsonObject = z.record(z.string(), z.unknown());
+const text = (max: number) => z.string().min(1).max(max);
+const idParam = z.object({ id: z.uuid() }).strict();
+
+const createBody = z.object({
+  user_id: z.uuid().optional(),
+  type: z.enum(TYPES),
+  amount,
+  currency,
+  category: text(64).optional(),
+  description: z.string().max(1000).optional(),
+  metadata: jsonObject.optional(),
+  destination_user_id: z.uuid().optional(),
+  payment_method_id: z.uuid().optional(),
+  created_at: z.iso.datetime({ offset: true }).optional(),
+}).strict();
+
+const transferBody = z.object({
+  from_user_id: z.uuid().optional(),
+  to_user_id: z.uuid().optional(),
+  to_phone: z.string().regex(/^\+?[1-9]\d{6,14}$/).optional(),
+  amount,
+  currency,
+  description: z.string().max(1000).optional(),
+  metadata: jsonObject.optional(),
+}).strict().refine((b) => (b.to_user_id === undefined) !== (b.to_phone === undefined), {
+  message: "give exactly one of to_user_id and to_phone",
+  path: ["to_user_id"],
+});
+
+const statusBody = z.object({
+  new_status: z.enum(STATUSES),
+  reason: z.string().max(1000).optional(),
+  error_code: text(64).optional(),
+  error_message: z.string().max(2000).optional(),
+  metadata: jsonObject.optional(),
+}).strict();
+
+const listQuery = z.object({
+  status: z.enum(STATUSES).optional(),
+  type: z.enum(TYPES).optional(),
+  currency: currency.optional(),
+  from: z.iso.datetime({ offset: true }).optional(),
+  to: z.iso.datetime({ offset: true }).optional(),
+  user_id: z.uuid().optional(),
+  limit: z.coerce.number().int().min(1).max(500).default(50),
+  cursor: z.string().max(200).optional(),
+}).strict();
+
+const listCursor = z.object({
+  c: z.string().regex(/^\d{4}-\d{2}-\d{2}[ T][0-9:.+-]{8,32}$/),
+  i: z.uuid(),
+});
+
+const userQuery = z.object({ user_id: z.uuid().optional() }).strict();
+
+const paymentMethodBody = z.object({
+  user_id: z.uuid().optional(),
+  type: z.enum(["card", "mobile_money", "bank_account", "wallet", "cash"]),
+  account_number: z.string().min(4).max(64).optional(),
+  provider: text(64).optional(),
+  details: jsonObject.optional(),
+  is_default: z.boolean().optional(),
+  metadata: jsonObject.optional(),
+}).strict();
+
+const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/;
+
+/** The Idempotency-Key header: required, 1-255 visible ASCII characters. */
+function idempotencyKey(c: Ctx): string {
+  const key = c.req.header("idempotency-key");
+  if (key === undefined) {
+    throw badRequest("idempotency_key_required", "send an Idempotency-Key header");
+  }
+  if (!IDEMPOTENCY_KEY.test(key)) {
+    throw badRequest(
+      "invalid_idempotency_key",
+      "Idempotency-Key must be 1-255 visible ASCII characters",
+    );
+  }
+  return key;
+}
+
+/** The user a request acts for: a user acts for themselves; the service role names one. */
+function actingUser(who: Principal, given: string | undefined): string | null {
+  return who.role === "authenticated" ? (given ?? who.userId ?? null) : (given ?? null);
+}
+
+type Row = Record<string, unknown>;
+
+/** JSON of a transaction row; amounts stay decimal strings. */
+function transaction(row: Row): Row {
+  return { ...row, amount: String(row.amount) };
+}
+
+function one<T>(rows: readonly T[]): T {
+  if (rows.length === 0) throw notFound();
+  return rows[0];
+}
+
+export const app = createApp("transactions");
+app.use("*", authenticate());
+
+app.post("/", async (c) => {
+  const who = requireUserOrService(c);
+  const key = idempotencyKey(c);
+  const body = await jsonBody(c, createBody);
+  const correlationId = c.get("correlationId");
+  const row = await withClaims(who, correlationId, async (tx) =>
+    one(
+      await tx`
+      select * from public.create_transaction(
+        p_user_id := ${actingUser(who, body.user_id)},
+        p_type := ${body.type},
+        p_amount := ${body.amount}::numeric,
+        p_currency := ${body.currency},
+        p_idempotency_key := ${key},
+        p_category := ${body.category ?? null},
+        p_description := ${body.description ?? null},
+        p_metadata := ${jsonb(tx, body.metadata ?? {})},
+        p_correlation_id := ${correlationId},
+        p_destination_user_id := ${body.destination_user_id ?? null},
+        p_payment_method_id := ${body.payment_method_id ?? null},
+        p_created_at := ${body.created_at ?? null}
+      )`,
+    ));
+  return c.json(transaction(row), 201);
+});
+
+app.get("/", async (c) => {
+  const who = requireUserOrService(c);
+  const q = queryParams(c, listQuery);
+  const after = q.cursor ? decodeCursor(q.cursor, listCursor) : undefined;
+  const rows = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select t.*, t.created_at::text as cursor_ts from public.list_transactions(
+         p_status := ${q.status ?? null},
+         p_type := ${q.type ?? null},
+         p_currency := ${q.currency ?? null},
+         p_from := ${q.from ?? null},
+         p_to := ${q.to ?? null},
+         p_user_id := ${q.user_id ?? null},
+         p_limit := ${q.limit + 1},
+         p_before_created_at := ${after?.c ?? null},
+         p_before_id := ${after?.i ?? null}) t`,
+  );
+  const page = rows.slice(0, q.limit).map(({ cursor_ts: _, ...r }) => transaction(r));
+  const last = rows.length > q.limit ? rows[q.limit - 1] : undefined;
+  return c.json({
+    data: page,
+    next_cursor: last ? encodeCursor({ c: last.cursor_ts, i: last.id }) : null,
+  });
+});
+
+app.post("/transfers", async (c) => {
+  const who = requireUserOrService(c);
+  const key = idempotencyKey(c);
+  const body = await jsonBody(c, transferBody);
+  const correlationId = c.get("correlationId");
+  const row = await withClaims(who, correlationId, async (tx) =>
+    one(
+      await tx`
+      select * from public.transfer_funds(
+        p_amount := ${body.amount}::numeric,
+        p_currency := ${body.currency},
+        p_to_user_id := ${body.to_user_id ?? null},
+        p_to_phone := ${body.to_phone ?? null},
+        p_from_user_id := ${body.from_user_id ?? null},
+        p_idempotency_key := ${key},
+        p_description := ${body.description ?? null},
+        p_metadata := ${jsonb(tx, body.metadata ?? {})},
+        p_correlation_id := ${correlationId}
+      )`,
+    ));
+  return c.json(transaction(row), 201);
+});
+
+app.get("/balances", async (c) => {
+  const who = requireUserOrService(c);
+  const q = queryParams(c, userQuery);
+  const rows = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) => tx`select * from public.get_balances(${actingUser(who, q.user_id)})`,
+  );
+  return c.json({
+    data: rows.map((r) => ({
+      ...r,
+      balance: String(r.balance),
+      held: String(r.held),
+      available: String(r.available),
+    })),
+  });
+});
+
+app.get("/payment-methods", async (c) => {
+  const who = requireUserOrService(c);
+  const q = queryParams(c, userQuery);
+  const rows = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) => tx`select * from public.list_payment_methods(${actingUser(who, q.user_id)})`,
+  );
+  return c.json({ data: rows });
+});
+
+app.post("/payment-methods", async (c) => {
+  const who = requireUserOrService(c);
+  const body = await jsonBody(c, paymentMethodBody);
+  const row = await withClaims(who, c.get("correlationId"), async (tx) =>
+    one(
+      await tx`
+      select * from public.add_payment_method(
+        p_type := ${body.type},
+        p_account_number := ${body.account_number ?? null},
+        p_provider := ${body.provider ?? null},
+        p_details := ${jsonb(tx, body.details)},
+        p_is_default := ${body.is_default ?? false},
+        p_metadata := ${jsonb(tx, body.metadata ?? {})},
+        p_user_id := ${actingUser(who, body.user_id)}
+      )`,
+    ));
+  return c.json(row, 201);
+});
+
+app.post("/payment-methods/:id/default", async (c) => {
+  const who = requireUserOrService(c);
+  const { id } = pathParams(c, idParam);
+  const row = await withClaims(
+    who,
+    c.get("correlationId"),
+    async (tx) => one(await tx`select * from public.set_default_payment_method(${id})`),
+  );
+  return c.json(row);
+});
+
+app.delete("/payment-methods/:id", async (c) => {
+  const who = requireUserOrService(c);
+  const { id } = pathParams(c, idParam);
+  await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) => tx`select public.remove_payment_method(${id})`,
+  );
+  return c.body(null, 204);
+});
+
+app.get("/:id", async (c) => {
+  const who = requireUserOrService(c);
+  const { id } = pathParams(c, idParam);
+  const row = await withClaims(
+    who,
+    c.get("correlationId"),
+    async (tx) => one(await tx`select * from public.get_transaction(${id})`),
+  );
+  return c.json(transaction(row));
+});
+
+app.post("/:id/status", async (c) => {
+  const who = requireService(c);
+  const { id } = pathParams(c, idParam);
+  const body = await jsonBody(c, statusBody);
+  const correlationId = c.get("correlationId");
+  const row = await withClaims(who, correlationId, async (tx) =>
+    one(
+      await tx`
+      select * from public.update_transaction_status(
+        p_transaction_id := ${id},
+        p_new_status := ${body.new_status},
+        p_reason := ${body.reason ?? null},
+        p_error_code := ${body.error_code ?? null},
+        p_error_message := ${body.error_message ?? null},
+        p_correlation_id := ${correlationId},
+        p_metadata := ${jsonb(tx, body.metadata)}
+      )`,
+    ));
+  return c.json(transaction(row));
+});
+
+app.get("/:id/events", async (c) => {
+  const who = requireUserOrService(c);
+  const { id } = pathParams(c, idParam);
+  const rows = await withClaims(who, c.get("correlationId"), async (tx) => {
+    one(await tx`select id from public.get_transaction(${id})`);
+    return await tx`select * from public.list_transaction_events(${id})`;
+  });
+  return c.json({ data: rows.map((r) => ({ ...r, id: String(r.id) })) });
+});
+
+if (import.meta.main) Deno.serve(app.fetch);
