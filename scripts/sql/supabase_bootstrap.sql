@@ -37,6 +37,8 @@ grant anon, authenticated, service_role to current_user;
 -- -----------------------------------------------------------------------------
 create schema if not exists extensions;
 grant usage on schema extensions to public;
+-- Preinstalled on Supabase.
+create extension if not exists pgcrypto with schema extensions;
 
 create schema if not exists auth;
 grant usage on schema auth to anon, authenticated, service_role;

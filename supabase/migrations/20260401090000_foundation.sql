@@ -10,6 +10,18 @@
 -- =============================================================================
 
 -- -----------------------------------------------------------------------------
+-- Function privileges
+--
+-- Postgres lets PUBLIC execute every new function. Per-schema default
+-- privileges can only add grants, never take this one away, so the migrating
+-- role's global default drops it: every function from here on is callable
+-- only by the roles a migration grants it to (Supabase's per-schema defaults
+-- still grant public.* functions to the API roles; migrations revoke those
+-- they must not have).
+-- -----------------------------------------------------------------------------
+alter default privileges revoke execute on functions from public;
+
+-- -----------------------------------------------------------------------------
 -- Extensions
 -- -----------------------------------------------------------------------------
 create extension if not exists pgcrypto with schema extensions;
@@ -31,7 +43,6 @@ create schema if not exists private;
 revoke all on schema private from public;
 -- API roles may run the few helpers granted below; nothing else in here.
 grant usage on schema private to authenticated, service_role;
-alter default privileges in schema private revoke execute on functions from public;
 
 -- -----------------------------------------------------------------------------
 -- Errors

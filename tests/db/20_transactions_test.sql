@@ -11,6 +11,10 @@ select tests.create_user() as alice,
        tests.create_user() as carol;
 grant select on ids to authenticated, anon, service_role;
 
+-- This file's helpers are called while impersonating API roles (rolled back
+-- with everything else at the end).
+alter default privileges grant execute on functions to public;
+
 -- A credit of p_amount to p_user, completed (money in, through the state machine).
 create function pg_temp.fund(p_user uuid, p_amount numeric, p_currency text default 'RWF')
 returns uuid language plpgsql as $$

@@ -4,6 +4,9 @@
 -- PostgREST does it: role and request.jwt.claims, transaction-local.
 -- =============================================================================
 create extension if not exists pgtap with schema extensions;
+-- The migrations drop PUBLIC's default EXECUTE on new functions; pgTAP's
+-- assertions must stay callable while a test impersonates an API role.
+grant execute on all functions in schema extensions to public;
 
 create schema if not exists tests;
 grant usage on schema tests to anon, authenticated, service_role;
