@@ -313,9 +313,11 @@ dbTest(
           "enqueue order per recipient",
         );
         for (let i = 1; i < mine.length; i++) {
-          // slots are PAIR_MS apart; the earlier send may arrive a little late (timers, event loop)
+          // Slots are PAIR_MS apart; arrival at the fake adds timer and event-loop
+          // jitter (tens of ms on a busy 2-core machine), so allow 40% of it. Without
+          // pacing the gap would be one global slot (1000 / RATE = 25 ms).
           assert.ok(
-            mine[i].at - mine[i - 1].at >= PAIR_MS - 20,
+            mine[i].at - mine[i - 1].at >= PAIR_MS * 0.6,
             `pair pacing: ${mine[i].at - mine[i - 1].at} ms`,
           );
         }
@@ -326,8 +328,10 @@ dbTest(
         while (times[i] - times[j] >= 1000) j++;
         worst = Math.max(worst, i - j + 1);
       }
-      // slots are 1/RATE apart; one slot of timer jitter at a window edge is all we allow
-      assert.ok(worst <= RATE + 1, `at most ${RATE} per second, saw ${worst}`);
+      // Slots are 1/RATE apart; timer jitter can pull a send from each edge of a
+      // window into it, so two extra is all we allow (unlimited, all 48 would
+      // go out within a second).
+      assert.ok(worst <= RATE + 2, `at most ${RATE} per second, saw ${worst}`);
       const span = (times[times.length - 1] - times[0]) / 1000;
       assert.ok((times.length - 1) / span <= RATE * 1.02, `average ${(times.length - 1) / span}/s`);
     } finally {

@@ -20,7 +20,7 @@ import {
   requireService,
   requireUserOrService,
 } from "../../../shared/auth.ts";
-import { jsonb, withClaims } from "../../../shared/db.ts";
+import { jsonb, rpc, withClaims } from "../../../shared/db.ts";
 import { badRequest, notFound } from "../../../shared/errors.ts";
 import {
   createApp,
@@ -149,24 +149,22 @@ app.post("/", async (c) => {
   const key = idempotencyKey(c);
   const body = await jsonBody(c, createBody);
   const correlationId = c.get("correlationId");
-  const row = await withClaims(who, correlationId, async (tx) =>
-    one(
-      await tx`
-      select * from public.create_transaction(
-        p_user_id := ${actingUser(who, body.user_id)},
-        p_type := ${body.type},
-        p_amount := ${body.amount}::numeric,
-        p_currency := ${body.currency},
-        p_idempotency_key := ${key},
-        p_category := ${body.category ?? null},
-        p_description := ${body.description ?? null},
-        p_metadata := ${jsonb(tx, body.metadata ?? {})},
-        p_correlation_id := ${correlationId},
-        p_destination_user_id := ${body.destination_user_id ?? null},
-        p_payment_method_id := ${body.payment_method_id ?? null},
-        p_created_at := ${body.created_at ?? null}
-      )`,
-    ));
+  const row = one(
+    await rpc(who, correlationId, "public.create_transaction", {
+      user_id: actingUser(who, body.user_id),
+      type: body.type,
+      amount: body.amount,
+      currency: body.currency,
+      idempotency_key: key,
+      category: body.category,
+      description: body.description,
+      metadata: body.metadata ?? {},
+      correlation_id: correlationId,
+      destination_user_id: body.destination_user_id,
+      payment_method_id: body.payment_method_id,
+      created_at: body.created_at,
+    }),
+  );
   return c.json(transaction(row), 201);
 });
 
