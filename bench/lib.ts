@@ -77,7 +77,9 @@ export interface LocalApi {
 
 /** Starts scripts/serve.ts as its own process against the bench database. */
 export async function startApi(env: Record<string, string> = {}): Promise<LocalApi> {
-  const port = 54390 + Math.floor(Math.random() * 8);
+  const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (probe.addr as Deno.NetAddr).port;
+  probe.close();
   const child = new Deno.Command(Deno.execPath(), {
     args: [
       "run",
@@ -112,7 +114,11 @@ export async function startApi(env: Record<string, string> = {}): Promise<LocalA
     serviceKey: await signKey("service_role", BENCH_SECRET),
     anonKey: await signKey("anon", BENCH_SECRET),
     stop: async () => {
-      child.kill("SIGTERM");
+      try {
+        child.kill("SIGTERM");
+      } catch {
+        // already gone
+      }
       await child.status;
     },
   };

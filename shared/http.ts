@@ -219,16 +219,29 @@ export function runInBackground(work: Promise<unknown>, correlationId?: string):
   runtime?.waitUntil(guarded);
 }
 
-const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,256}$/;
+const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/;
 
-/** The Idempotency-Key header, when sent (1-256 visible ASCII characters; else 400). */
-export function idempotencyKeyHeader(c: Ctx): string | undefined {
+/**
+ * The Idempotency-Key header (1-255 visible ASCII characters; anything else is
+ * a 400). With `required`, a missing header is a 400 too.
+ */
+export function idempotencyKeyHeader(c: Ctx, opts: { required: true }): string;
+export function idempotencyKeyHeader(c: Ctx, opts?: { required?: boolean }): string | undefined;
+export function idempotencyKeyHeader(
+  c: Ctx,
+  opts: { required?: boolean } = {},
+): string | undefined {
   const key = c.req.header("idempotency-key");
-  if (key === undefined) return undefined;
+  if (key === undefined) {
+    if (opts.required) {
+      throw badRequest("idempotency_key_required", "send an Idempotency-Key header");
+    }
+    return undefined;
+  }
   if (!IDEMPOTENCY_KEY.test(key)) {
     throw badRequest(
       "invalid_idempotency_key",
-      "Idempotency-Key must be 1-256 visible ASCII characters",
+      "Idempotency-Key must be 1-255 visible ASCII characters",
     );
   }
   return key;

@@ -21,12 +21,12 @@ import {
   requireUserOrService,
 } from "../../../shared/auth.ts";
 import { jsonb, rpc, withClaims } from "../../../shared/db.ts";
-import { badRequest, notFound } from "../../../shared/errors.ts";
+import { notFound } from "../../../shared/errors.ts";
 import {
   createApp,
-  type Ctx,
   decodeCursor,
   encodeCursor,
+  idempotencyKeyHeader,
   jsonBody,
   pathParams,
   queryParams,
@@ -107,23 +107,6 @@ const paymentMethodBody = z.object({
   metadata: jsonObject.optional(),
 }).strict();
 
-const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/;
-
-/** The Idempotency-Key header: required, 1-255 visible ASCII characters. */
-function idempotencyKey(c: Ctx): string {
-  const key = c.req.header("idempotency-key");
-  if (key === undefined) {
-    throw badRequest("idempotency_key_required", "send an Idempotency-Key header");
-  }
-  if (!IDEMPOTENCY_KEY.test(key)) {
-    throw badRequest(
-      "invalid_idempotency_key",
-      "Idempotency-Key must be 1-255 visible ASCII characters",
-    );
-  }
-  return key;
-}
-
 /** The user a request acts for: a user acts for themselves; the service role names one. */
 function actingUser(who: Principal, given: string | undefined): string | null {
   return who.role === "authenticated" ? (given ?? who.userId ?? null) : (given ?? null);
@@ -146,7 +129,7 @@ app.use("*", authenticate());
 
 app.post("/", async (c) => {
   const who = requireUserOrService(c);
-  const key = idempotencyKey(c);
+  const key = idempotencyKeyHeader(c, { required: true });
   const body = await jsonBody(c, createBody);
   const correlationId = c.get("correlationId");
   const row = one(
@@ -197,7 +180,7 @@ app.get("/", async (c) => {
 
 app.post("/transfers", async (c) => {
   const who = requireUserOrService(c);
-  const key = idempotencyKey(c);
+  const key = idempotencyKeyHeader(c, { required: true });
   const body = await jsonBody(c, transferBody);
   const correlationId = c.get("correlationId");
   const row = await withClaims(who, correlationId, async (tx) =>
