@@ -27,7 +27,7 @@ migrate_db "$(db_url_for $BENCH_DB)" 2>/dev/null
 files=("$@")
 [ ${#files[@]} -gt 0 ] || files=("$ROOT"/bench/*.ts)
 for file in "${files[@]}"; do
-  case "$file" in *_lib.ts | */lib/*) continue ;; esac
+  case "$file" in */lib.ts | *_lib.ts) continue ;; esac
   log "bench $(basename "$file")"
   BENCH_DATABASE_URL="$(db_url_for $BENCH_DB)" PGBIN="$PG_BIN" \
     "$DENO" run --allow-all "$file"
