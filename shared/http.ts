@@ -198,6 +198,24 @@ export function encodeCursor(value: unknown): string {
   return btoa(JSON.stringify(value)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
 }
 
+/**
+ * One page of a keyset listing. Callers fetch `limit + 1` rows: the extra row
+ * only tells that there is more, and the cursor is taken from the last row
+ * kept.
+ */
+export function keysetPage<R, T>(
+  rows: readonly R[],
+  limit: number,
+  cursorOf: (last: R) => unknown,
+  toJson: (row: R) => T,
+): { data: T[]; next_cursor: string | null } {
+  const kept = rows.slice(0, limit);
+  return {
+    data: kept.map(toJson),
+    next_cursor: rows.length > limit ? encodeCursor(cursorOf(kept[kept.length - 1])) : null,
+  };
+}
+
 export function decodeCursor<S extends z.ZodType>(cursor: string, schema: S): z.infer<S> {
   try {
     const json = atob(cursor.replace(/-/g, "+").replace(/_/g, "/"));

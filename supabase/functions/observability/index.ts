@@ -11,8 +11,8 @@ import { asJson, rpc, withClaims } from "../../../shared/db.ts";
 import {
   createApp,
   decodeCursor,
-  encodeCursor,
   jsonBody,
+  keysetPage,
   queryParams,
 } from "../../../shared/http.ts";
 
@@ -147,12 +147,12 @@ app.get("/audit", async (c) => {
          p_before_created_at := ${after?.c ?? null},
          p_before_id := ${after?.i ?? null}) a`,
   );
-  const page = rows.slice(0, q.limit).map(({ cursor_ts: _, ...r }) => ({ ...r, id: String(r.id) }));
-  const last = rows.length > q.limit ? rows[q.limit - 1] : undefined;
-  return c.json({
-    data: page,
-    next_cursor: last ? encodeCursor({ c: last.cursor_ts, i: Number(last.id) }) : null,
-  });
+  return c.json(keysetPage(
+    rows,
+    q.limit,
+    (last) => ({ c: last.cursor_ts, i: Number(last.id) }),
+    ({ cursor_ts: _, ...r }) => ({ ...r, id: String(r.id) }),
+  ));
 });
 
 app.post("/maintenance", async (c) => {

@@ -25,9 +25,9 @@ import { notFound } from "../../../shared/errors.ts";
 import {
   createApp,
   decodeCursor,
-  encodeCursor,
   idempotencyKeyHeader,
   jsonBody,
+  keysetPage,
   pathParams,
   queryParams,
 } from "../../../shared/http.ts";
@@ -170,12 +170,12 @@ app.get("/", async (c) => {
          p_before_created_at := ${after?.c ?? null},
          p_before_id := ${after?.i ?? null}) t`,
   );
-  const page = rows.slice(0, q.limit).map(({ cursor_ts: _, ...r }) => transaction(r));
-  const last = rows.length > q.limit ? rows[q.limit - 1] : undefined;
-  return c.json({
-    data: page,
-    next_cursor: last ? encodeCursor({ c: last.cursor_ts, i: last.id }) : null,
-  });
+  return c.json(keysetPage(
+    rows,
+    q.limit,
+    (last) => ({ c: last.cursor_ts, i: last.id }),
+    ({ cursor_ts: _, ...r }) => transaction(r),
+  ));
 });
 
 app.post("/transfers", async (c) => {

@@ -12,9 +12,9 @@ import { notFound } from "../../../shared/errors.ts";
 import {
   createApp,
   decodeCursor,
-  encodeCursor,
   idempotencyKeyHeader,
   jsonBody,
+  keysetPage,
   pathParams,
   queryParams,
   runInBackground,
@@ -129,13 +129,7 @@ app.get("/sessions", async (c) => {
         after?.p ?? null
       })`,
   );
-  const page = rows.slice(0, q.limit);
-  return c.json({
-    data: page.map(session),
-    next_cursor: rows.length > q.limit
-      ? encodeCursor({ p: page[page.length - 1].phone_number })
-      : null,
-  });
+  return c.json(keysetPage(rows, q.limit, (last) => ({ p: last.phone_number }), session));
 });
 
 app.get("/metrics", async (c) => {
