@@ -77,6 +77,58 @@ grant execute on function private.raise_error(integer, text, text, jsonb)
   to authenticated, service_role;
 
 -- -----------------------------------------------------------------------------
+-- Who is calling
+--
+-- Security definer functions see their owner in current_user, so the caller
+-- is read from the role the request switched to and from its JWT claims;
+-- either one naming a weaker role wins. Database owners and backends without
+-- claims (pg_cron, migrations) count as the service role. Every domain asks
+-- these, so the rule lives in one place. No SET search_path: they are small,
+-- hot, fully qualified and security invoker.
+-- -----------------------------------------------------------------------------
+create or replace function private.caller_role() returns text
+language sql
+stable
+as $$
+  select case
+    when current_setting('role', true) = 'anon' or auth.role() = 'anon' then 'anon'
+    when current_setting('role', true) = 'authenticated' or auth.role() = 'authenticated'
+      then 'authenticated'
+    else 'service_role'
+  end
+$$;
+
+-- The caller's role; anon, and user tokens without a subject, are 401.
+create or replace function private.require_caller() returns text
+language plpgsql
+stable
+as $$
+declare
+  v_role text := private.caller_role();
+begin
+  if v_role = 'anon' then
+    perform private.raise_error(401, 'login_required', 'sign in to do this');
+  elsif v_role = 'authenticated' and auth.uid() is null then
+    perform private.raise_error(401, 'login_required', 'a user token without a subject');
+  end if;
+  return v_role;
+end;
+$$;
+
+-- The signed-in user's id, or null for the service role; anon is 401.
+create or replace function private.caller_user_id() returns uuid
+language plpgsql
+stable
+as $$
+begin
+  if private.require_caller() = 'authenticated' then
+    return auth.uid();
+  end if;
+  return null;
+end;
+$$;
+
+-- -----------------------------------------------------------------------------
 -- updated_at trigger
 -- -----------------------------------------------------------------------------
 create or replace function private.set_updated_at() returns trigger

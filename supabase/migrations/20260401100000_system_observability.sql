@@ -255,23 +255,13 @@ security definer
 set search_path = ''
 as $$
 declare
-  -- The role the caller switched to (security definer hides it from
-  -- current_user) and the role its JWT claims; either one being a user's
-  -- makes this a user's event.
-  v_db_role text := current_setting('role', true);
-  v_claim_role text := auth.role();
-  v_uid uuid := auth.uid();
+  v_uid uuid := private.caller_user_id();
   v_actor_type text := p_actor_type;
   v_actor text := p_actor_identifier;
   v_user uuid := p_user_id;
   v_id bigint;
 begin
-  if v_db_role = 'anon' or v_claim_role = 'anon' then
-    perform private.raise_error(401, 'login_required', 'anonymous callers cannot write audit events');
-  elsif v_db_role = 'authenticated' or v_claim_role = 'authenticated' then
-    if v_uid is null then
-      perform private.raise_error(401, 'login_required', 'a user token without a subject');
-    end if;
+  if v_uid is not null then
     v_actor_type := 'user';
     v_actor := v_uid::text;
     v_user := v_uid;

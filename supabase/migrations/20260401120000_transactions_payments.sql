@@ -86,20 +86,7 @@ $$;
 -- pin search_path to '') or its triggers, are executable by no API role, and
 -- qualify every name.
 
--- The caller as the API sees it: the role switched to (security definer
--- functions do not change it) or the role its JWT claims. Database owners
--- and backends connected without claims count as the service role.
-create or replace function private.caller_role() returns text
-language sql
-stable
-as $$
-  select case
-    when current_setting('role', true) = 'anon' or auth.role() = 'anon' then 'anon'
-    when current_setting('role', true) = 'authenticated' or auth.role() = 'authenticated'
-      then 'authenticated'
-    else 'service_role'
-  end
-$$;
+-- The caller: private.caller_role() / private.require_caller() (foundation).
 
 -- Time-ordered UUIDs (version 7: 48-bit Unix milliseconds, then random).
 -- Ids and references of new transactions land at the right edge of their
@@ -118,22 +105,6 @@ as $$
     'hex')::uuid
 $$;
 
--- The id of the signed-in user; anon and user tokens without a subject are 401.
-create or replace function private.require_caller() returns text
-language plpgsql
-stable
-as $$
-declare
-  v_role text := private.caller_role();
-begin
-  if v_role = 'anon' then
-    perform private.raise_error(401, 'login_required', 'sign in to do this');
-  elsif v_role = 'authenticated' and auth.uid() is null then
-    perform private.raise_error(401, 'login_required', 'a user token without a subject');
-  end if;
-  return v_role;
-end;
-$$;
 
 -- -----------------------------------------------------------------------------
 -- wallets: a user's balance per currency, and the system accounts money comes

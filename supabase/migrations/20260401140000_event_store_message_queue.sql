@@ -15,36 +15,6 @@
 -- =============================================================================
 
 -- -----------------------------------------------------------------------------
--- Who is calling
---
--- Security definer functions see the owner in current_user, so the caller is
--- read from the role the request switched to and from its JWT claims (either
--- one naming a weaker role wins). Returns the user id for a signed-in user,
--- null for the service role (and for superuser sessions such as pg_cron);
--- anonymous callers are refused.
--- -----------------------------------------------------------------------------
-create or replace function private.caller_user_id() returns uuid
-language plpgsql
-stable
-set search_path = ''
-as $$
-declare
-  v_db_role text := current_setting('role', true);
-  v_claim_role text := auth.role();
-begin
-  if v_db_role = 'anon' or v_claim_role = 'anon' then
-    perform private.raise_error(401, 'login_required', 'anonymous callers cannot do this');
-  elsif v_db_role = 'authenticated' or v_claim_role = 'authenticated' then
-    if auth.uid() is null then
-      perform private.raise_error(401, 'login_required', 'a user token without a subject');
-    end if;
-    return auth.uid();
-  end if;
-  return null;
-end;
-$$;
-
--- -----------------------------------------------------------------------------
 -- Event store
 --
 -- Versions. event_streams holds each aggregate's current version. An append
@@ -1417,4 +1387,3 @@ revoke all on function private.settle_message(text, bigint, uuid, text, text, do
 revoke all on function private.settle_job(bigint, uuid, text, text, text, jsonb) from public;
 revoke all on function private.lock_job(bigint, text[], text) from public;
 revoke all on function private.check_queue_name(text) from public;
-revoke all on function private.caller_user_id() from public;
