@@ -6,7 +6,7 @@
 //   Reading a 1,000-event aggregate (public.get_aggregate_events) as the
 //   service role and as its owner through RLS: p50 / p99 latency in ms,
 //   against a plain indexed select from the unpartitioned table.
-import { closeAll, connections, percentile, report, spread } from "./_lib.ts";
+import { closeAll, connections, percentile, report, spread } from "./lib.ts";
 
 const APPENDS = Number(Deno.env.get("BENCH_APPENDS") ?? 4000);
 const WORKERS = Number(Deno.env.get("BENCH_CONCURRENCY") ?? 4);

@@ -6,7 +6,7 @@
 //                    no local queue and no batched completion, i.e. without its batching)
 // Figures: jobs per second over both phases, best of ROUNDS rounds.
 import { Logger, makeWorkerUtils, run } from "graphile-worker";
-import { benchUrl, closeAll, connections, drain, report, spread, startPgBoss } from "./_lib.ts";
+import { BENCH_DB, closeAll, connections, drain, report, spread, startPgBoss } from "./lib.ts";
 
 const JOBS = Number(Deno.env.get("BENCH_JOBS") ?? 2000);
 const WORKERS = Number(Deno.env.get("BENCH_CONCURRENCY") ?? 4);
@@ -66,7 +66,7 @@ async function pgBoss(): Promise<Rate> {
 
 async function graphileWorker(): Promise<Rate> {
   const logger = new Logger(() => () => {});
-  const utils = await makeWorkerUtils({ connectionString: benchUrl(), logger });
+  const utils = await makeWorkerUtils({ connectionString: BENCH_DB, logger });
   await utils.migrate();
   let scheduled: number;
   try {
@@ -81,7 +81,7 @@ async function graphileWorker(): Promise<Rate> {
   const allDone = new Promise<void>((resolve) => (finished = resolve));
   const started = performance.now();
   const runner = await run({
-    connectionString: benchUrl(),
+    connectionString: BENCH_DB,
     concurrency: WORKERS,
     maxPoolSize: WORKERS + 1,
     noHandleSignals: true,

@@ -1,167 +1,148 @@
-// Shared pieces of the benchmarks: a closed-loop load runner, the local API
-// as a subprocess (the shape it has in production: its own process and pool),
-// and result printing. Benchmarks print figures; they assert nothing.
+// The benchmarks' shared pieces: the bench database, connections as an API
+// role, parallel loops, the local API as its own process (its production
+// shape), the C load generators (pgbench, wrk), pg-boss, and the one output
+// format: ours, the peer, the ratio. Benchmarks print; they assert nothing.
+import PgBoss from "pg-boss";
+import postgres from "postgres";
 import { signKey } from "../scripts/keys.ts";
+
+export type Sql = postgres.Sql;
 
 export const BENCH_DB = Deno.env.get("BENCH_DATABASE_URL") ??
   "postgresql://postgres:postgres@127.0.0.1:54322/easymo_bench";
 export const BENCH_SECONDS = Number(Deno.env.get("BENCH_SECONDS") ?? "8");
+const PGBIN = Deno.env.get("PGBIN") ?? "/usr/lib/postgresql/15/bin";
 const BENCH_SECRET = "bench-secret-bench-secret-bench-secret-0123";
 
-export interface Rate {
-  ops: number;
-  seconds: number;
-  perSecond: number;
-  p50Ms: number;
-  p99Ms: number;
+// --- output --------------------------------------------------------------------
+
+const fmt = (n: number) => n >= 100 ? n.toFixed(0) : n.toFixed(2);
+
+/** Prints one comparison line: ours, the peer, ours / peer, and the target if there is one. */
+export function report(
+  what: string,
+  unit: string,
+  ours: number,
+  peerName: string,
+  peer: number,
+  target?: number,
+): number {
+  const ratio = ours / peer;
+  const verdict = target === undefined
+    ? ""
+    : ` (target >= ${target}: ${ratio >= target ? "met" : "MISSED"})`;
+  console.log(
+    `${what}: ours ${fmt(ours)} ${unit} | ${peerName} ${fmt(peer)} ${unit} | ratio ${
+      ratio.toFixed(2)
+    }${verdict}`,
+  );
+  return ratio;
 }
 
-/** Runs `op` in `clients` closed loops for `seconds` after a short warm-up. */
+export function percentile(samples: number[], p: number): number {
+  const sorted = [...samples].sort((a, b) => a - b);
+  return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)];
+}
+
+// --- database clients and loops -----------------------------------------------
+
+/** One connection per worker, as the given role (PostgREST-style). */
+export async function connections(n: number, role = "service_role"): Promise<Sql[]> {
+  return await Promise.all(Array.from({ length: n }, async () => {
+    const sql = postgres(BENCH_DB, { max: 1, prepare: false, onnotice: () => {} });
+    await sql`select set_config('role', ${role}, false),
+                     set_config('request.jwt.claims', ${JSON.stringify({ role })}, false)`;
+    return sql;
+  }));
+}
+
+export async function closeAll(sqls: Sql[]): Promise<void> {
+  await Promise.all(sqls.map((s) => s.end()));
+}
+
+/** Runs `body(worker, i)` for i in 0..total-1, shared by the workers; returns seconds. */
+export async function spread(
+  workers: number,
+  total: number,
+  body: (worker: number, i: number) => Promise<void>,
+): Promise<number> {
+  let next = 0;
+  const started = performance.now();
+  await Promise.all(Array.from({ length: workers }, async (_, w) => {
+    for (let i = next++; i < total; i = next++) await body(w, i);
+  }));
+  return (performance.now() - started) / 1000;
+}
+
+/** Runs `body(worker)` on every worker until it returns 0 items; returns seconds. */
+export async function drain(
+  workers: number,
+  body: (worker: number) => Promise<number>,
+): Promise<number> {
+  const started = performance.now();
+  await Promise.all(Array.from({ length: workers }, async (_, w) => {
+    while ((await body(w)) > 0) { /* keep going */ }
+  }));
+  return (performance.now() - started) / 1000;
+}
+
+/** `clients` closed loops of `op` for `seconds` after a one-second warm-up; ops per second. */
 export async function measure(
   clients: number,
   op: (client: number, i: number) => Promise<unknown>,
   seconds = BENCH_SECONDS,
-): Promise<Rate> {
-  const warmupEnd = performance.now() + 1000;
-  await Promise.all(
-    Array.from({ length: clients }, async (_, c) => {
-      for (let i = 0; performance.now() < warmupEnd; i++) await op(c, -1 - i);
-    }),
-  );
-  const latencies: number[] = [];
-  const start = performance.now();
-  const end = start + seconds * 1000;
-  let ops = 0;
-  await Promise.all(
-    Array.from({ length: clients }, async (_, c) => {
-      for (let i = 0; performance.now() < end; i++) {
-        const t = performance.now();
+): Promise<number> {
+  const loop = async (until: number, count: boolean) => {
+    let ops = 0;
+    await Promise.all(Array.from({ length: clients }, async (_, c) => {
+      for (let i = 0; performance.now() < until; i++) {
         await op(c, i);
-        latencies.push(performance.now() - t);
-        ops++;
+        if (count) ops++;
       }
-    }),
-  );
-  const elapsed = (performance.now() - start) / 1000;
-  latencies.sort((a, b) => a - b);
-  const at = (q: number) =>
-    latencies[Math.min(latencies.length - 1, Math.floor(q * latencies.length))];
-  return { ops, seconds: elapsed, perSecond: ops / elapsed, p50Ms: at(0.5), p99Ms: at(0.99) };
-}
-
-export function fmtRate(r: Rate): string {
-  return `${r.perSecond.toFixed(0).padStart(7)} ops/s  (p50 ${r.p50Ms.toFixed(2)} ms, p99 ${
-    r.p99Ms.toFixed(2)
-  } ms, ${r.ops} ops)`;
-}
-
-export function report(title: string, ours: [string, Rate], peer: [string, Rate], target?: number) {
-  const ratio = ours[1].perSecond / peer[1].perSecond;
-  console.log(`\n${title}`);
-  console.log(`  ${ours[0].padEnd(34)} ${fmtRate(ours[1])}`);
-  console.log(`  ${peer[0].padEnd(34)} ${fmtRate(peer[1])}`);
-  console.log(
-    `  ratio ours/peer = ${ratio.toFixed(2)}${
-      target === undefined ? "" : `  (target >= ${target}: ${ratio >= target ? "met" : "MISSED"})`
-    }`,
-  );
-}
-
-export interface LocalApi {
-  url: string;
-  serviceKey: string;
-  anonKey: string;
-  secret: string;
-  stop: () => Promise<void>;
-}
-
-/** Starts scripts/serve.ts as its own process against the bench database. */
-export async function startApi(env: Record<string, string> = {}): Promise<LocalApi> {
-  const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (probe.addr as Deno.NetAddr).port;
-  probe.close();
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "--allow-all",
-      "--quiet",
-      new URL("../scripts/serve.ts", import.meta.url).pathname,
-    ],
-    env: {
-      DATABASE_URL: BENCH_DB,
-      API_PORT: String(port),
-      SCHEDULER: "off",
-      LOG_LEVEL: "warn",
-      JWT_SECRET: BENCH_SECRET,
-      ...env,
-    },
-    stdout: "null",
-    stderr: "inherit",
-  }).spawn();
-  const url = `http://127.0.0.1:${port}`;
-  for (let i = 0; i < 100; i++) {
-    try {
-      const res = await fetch(`${url}/functions/v1/none`);
-      await res.body?.cancel();
-      break;
-    } catch {
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
-  return {
-    url,
-    secret: BENCH_SECRET,
-    serviceKey: await signKey("service_role", BENCH_SECRET),
-    anonKey: await signKey("anon", BENCH_SECRET),
-    stop: async () => {
-      try {
-        child.kill("SIGTERM");
-      } catch {
-        // already gone
-      }
-      await child.status;
-    },
+    }));
+    return ops;
   };
+  await loop(performance.now() + 1000, false);
+  const started = performance.now();
+  const ops = await loop(started + seconds * 1000, true);
+  return ops / ((performance.now() - started) / 1000);
 }
 
-/** Runs pgbench with a custom script; returns transactions per second. */
-export async function pgbench(
-  script: string,
-  clients: number,
-  seconds = BENCH_SECONDS,
-  url = BENCH_DB,
-) {
-  const file = await Deno.makeTempFile({ suffix: ".sql" });
-  await Deno.writeTextFile(file, script);
-  const u = new URL(url);
-  const bin = `${Deno.env.get("PGBIN") ?? "/usr/lib/postgresql/15/bin"}/pgbench`;
-  const out = await new Deno.Command(bin, {
-    args: [
-      "-n",
-      "-c",
-      String(clients),
-      "-j",
-      "2",
-      "-T",
-      String(seconds),
-      "-f",
-      file,
-      "-h",
-      u.hostname,
-      "-p",
-      u.port || "5432",
-      "-U",
-      decodeURIComponent(u.username),
-      u.pathname.slice(1),
-    ],
-    env: { PGPASSWORD: decodeURIComponent(u.password) },
+/** pg-boss on the bench database with a pool of `max`, without its cron and supervisor. */
+export async function startPgBoss(max: number): Promise<PgBoss> {
+  const boss = new PgBoss({ connectionString: BENCH_DB, max, schedule: false, supervise: false });
+  boss.on("error", (err) => console.error("pg-boss:", err));
+  await boss.start();
+  return boss;
+}
+
+// --- load generators -----------------------------------------------------------
+
+/** pgbench's arguments for a timed run: no vacuum, `clients` clients, `seconds` seconds. */
+export const timed = (clients: number, seconds = BENCH_SECONDS, extra: string[] = []) => [
+  "-n",
+  "-c",
+  String(clients),
+  "-j",
+  "2",
+  "-T",
+  String(seconds),
+  ...extra,
+];
+
+/** One pgbench run, with a custom script or a built-in one; transactions per second. */
+export async function pgbench(args: string[], script?: string, url = BENCH_DB): Promise<number> {
+  const file = script ? await Deno.makeTempFile({ suffix: ".sql" }) : undefined;
+  if (file) await Deno.writeTextFile(file, script!);
+  const out = await new Deno.Command(`${PGBIN}/pgbench`, {
+    args: [...args, ...(file ? ["-f", file] : []), url],
   }).output();
-  await Deno.remove(file);
+  if (file) await Deno.remove(file);
   const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
   const tps = /tps = ([\d.]+) \(without initial connection time\)/.exec(text);
+  if (!out.success || !tps) throw new Error(`pgbench ${args.join(" ")} failed:\n${text}`);
   const failed = /number of failed transactions: (\d+)/.exec(text);
-  if (!out.success || !tps) throw new Error(`pgbench failed:\n${text}`);
-  if (failed && Number(failed[1]) > 0) throw new Error(`pgbench had failures:\n${text}`);
+  if (failed && failed[1] !== "0") throw new Error(`pgbench had failures:\n${text}`);
   return Number(tps[1]);
 }
 
@@ -196,21 +177,57 @@ export async function wrk(
   return Number(rps[1]);
 }
 
-/** Prints two throughputs side by side with their ratio. */
-export function reportRates(
-  title: string,
-  ours: [string, number],
-  peer: [string, number],
-  target?: number,
-) {
-  const ratio = ours[1] / peer[1];
-  console.log(`\n${title}`);
-  console.log(`  ${ours[0].padEnd(44)} ${ours[1].toFixed(0).padStart(8)} /s`);
-  console.log(`  ${peer[0].padEnd(44)} ${peer[1].toFixed(0).padStart(8)} /s`);
-  console.log(
-    `  ratio ours/peer = ${ratio.toFixed(2)}${
-      target === undefined ? "" : `  (target >= ${target}: ${ratio >= target ? "met" : "MISSED"})`
-    }`,
-  );
-  return ratio;
+// --- the local API ---------------------------------------------------------------
+
+export interface LocalApi {
+  url: string;
+  serviceKey: string;
+  stop: () => Promise<void>;
+}
+
+/** Starts scripts/serve.ts as its own process against the bench database. */
+export async function startApi(env: Record<string, string> = {}): Promise<LocalApi> {
+  const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (probe.addr as Deno.NetAddr).port;
+  probe.close();
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-all",
+      "--quiet",
+      new URL("../scripts/serve.ts", import.meta.url).pathname,
+    ],
+    env: {
+      DATABASE_URL: BENCH_DB,
+      API_PORT: String(port),
+      SCHEDULER: "off",
+      LOG_LEVEL: "warn",
+      JWT_SECRET: BENCH_SECRET,
+      ...env,
+    },
+    stdout: "null",
+    stderr: "inherit",
+  }).spawn();
+  const url = `http://127.0.0.1:${port}`;
+  for (let i = 0;; i++) {
+    try {
+      await (await fetch(`${url}/functions/v1/none`)).body?.cancel();
+      break;
+    } catch {
+      if (i > 100) throw new Error("the local API did not start");
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  return {
+    url,
+    serviceKey: await signKey("service_role", BENCH_SECRET),
+    stop: async () => {
+      try {
+        child.kill("SIGTERM");
+      } catch {
+        // already gone
+      }
+      await child.status;
+    },
+  };
 }

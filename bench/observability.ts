@@ -7,7 +7,7 @@
 // HTTP is driven by wrk. Rounds interleave so noise on the shared machine hits
 // every side.
 import postgres from "postgres";
-import { BENCH_DB, measure, pgbench, reportRates, startApi, wrk } from "./lib.ts";
+import { BENCH_DB, measure, pgbench, report, startApi, timed, wrk } from "./lib.ts";
 
 const CLIENTS = 16;
 const ROUNDS = Number(Deno.env.get("BENCH_ROUNDS") ?? "2");
@@ -31,7 +31,7 @@ const request = {
 };
 
 try {
-  console.log(`database: ${BENCH_DB.replace(/\/\/[^@]*@/, "//")}`);
+  console.log(`record_metric, ${CLIENTS} concurrent clients, ${ROUNDS} rounds`);
   const vsDriver: number[] = [];
   const vsPgbench: number[] = [];
   for (let round = 1; round <= ROUNDS; round++) {
@@ -40,22 +40,15 @@ try {
       sql`select public.record_metric(
             p_service_name := 'api', p_metric_type := 'latency', p_metric_name := 'request_duration',
             p_value := ${i}, p_unit := 'ms', p_tags := ${sql.json({ endpoint: "/api/trips" })})`);
-    const bench = await pgbench(sqlScript, CLIENTS);
-    const title = `record_metric, ${CLIENTS} concurrent clients, round ${round}`;
-    vsDriver.push(reportRates(
-      title,
-      ["HTTP POST /observability/metrics (wrk)", http],
-      ["direct SQL, postgres.js", driver.perSecond],
-      0.6,
-    ));
-    vsPgbench.push(http / bench);
-    console.log(
-      `  (direct SQL, pgbench: ${bench.toFixed(0)} /s; HTTP/pgbench ${(http / bench).toFixed(2)})`,
+    const bench = await pgbench(timed(CLIENTS), sqlScript);
+    vsDriver.push(
+      report(`round ${round}, HTTP (wrk)`, "/s", http, "direct SQL, postgres.js", driver, 0.6),
     );
+    vsPgbench.push(report(`round ${round}, HTTP (wrk)`, "/s", http, "direct SQL, pgbench", bench));
   }
   const mean = (xs: number[]) => (xs.reduce((a, b) => a + b) / xs.length).toFixed(2);
   console.log(
-    `\nmean ratio HTTP / direct postgres.js: ${mean(vsDriver)}; HTTP / pgbench: ${mean(vsPgbench)}`,
+    `mean ratio HTTP / direct postgres.js: ${mean(vsDriver)}; HTTP / pgbench: ${mean(vsPgbench)}`,
   );
 } finally {
   await sql.end();

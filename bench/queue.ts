@@ -2,7 +2,7 @@
 // same concurrency in the same database and run, ours against pg-boss used as
 // a queue (send / insert, fetch with batchSize + complete). Messages per
 // second, best of ROUNDS rounds.
-import { closeAll, connections, drain, report, spread, startPgBoss } from "./_lib.ts";
+import { closeAll, connections, drain, report, spread, startPgBoss } from "./lib.ts";
 
 const WORKERS = Number(Deno.env.get("BENCH_CONCURRENCY") ?? 4);
 const ROUNDS = Number(Deno.env.get("BENCH_ROUNDS") ?? 2);

@@ -13,12 +13,9 @@
 // in ROUNDS slices of SLICE seconds (BENCH_ROUNDS, BENCH_SLICE) and compares
 // the totals: both sides see the same background load.
 import postgres from "postgres";
-import { LOCAL_JWT_SECRET, signKey } from "../scripts/keys.ts";
+import { BENCH_DB as DB_URL, pgbench, report, startApi, timed } from "./lib.ts";
 
-const URL_ = Deno.env.get("BENCH_DATABASE_URL");
 const PGBIN = Deno.env.get("PGBIN") ?? "/usr/lib/postgresql/15/bin";
-if (!URL_) throw new Error("BENCH_DATABASE_URL is required (run through npm run bench)");
-const DB_URL: string = URL_;
 const CLIENTS = 16;
 const ROUNDS = Number(Deno.env.get("BENCH_ROUNDS") ?? "4");
 const SLICE = Number(Deno.env.get("BENCH_SLICE") ?? "5");
@@ -31,50 +28,6 @@ const uuidSql = (n: string) => `('00000000-0000-4000-8000-' || lpad((${n})::text
 const uuidOf = (n: number) => `00000000-0000-4000-8000-${String(n).padStart(12, "0")}`;
 
 const sql = postgres(DB_URL, { max: 4, onnotice: () => {} });
-
-function report(name: string, ours: number, peerName: string, peer: number, target: number) {
-  const ratio = ours / peer;
-  console.log(
-    `${name}: ours ${ours.toFixed(0)}/s, ${peerName} ${peer.toFixed(0)}/s, ratio ${
-      ratio.toFixed(2)
-    } ` +
-      `(target >= ${target}) ${ratio >= target ? "MET" : "MISSED"}`,
-  );
-}
-
-/** One pgbench run; returns transactions per second. */
-async function pgbench(args: string[], script?: string): Promise<number> {
-  let file: string | undefined;
-  if (script) {
-    file = await Deno.makeTempFile({ suffix: ".sql" });
-    await Deno.writeTextFile(file, script);
-  }
-  const out = await new Deno.Command(`${PGBIN}/pgbench`, {
-    args: [...args, ...(file ? ["-f", file] : []), DB_URL],
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  if (file) await Deno.remove(file);
-  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
-  const tps = /tps = ([\d.]+) \(without initial connection time\)/.exec(text);
-  if (!out.success || !tps) throw new Error(`pgbench ${args.join(" ")} failed:\n${text}`);
-  if (/aborted/.test(text) && !/number of failed transactions: 0/.test(text)) {
-    const failed = /number of failed transactions: (\d+)/.exec(text);
-    if (failed && failed[1] !== "0") throw new Error(`pgbench saw failures:\n${text}`);
-  }
-  return Number(tps[1]);
-}
-
-const timed = (clients = CLIENTS, seconds = SLICE, extra: string[] = []) => [
-  "-n",
-  "-c",
-  String(clients),
-  "-j",
-  "2",
-  "-T",
-  String(seconds),
-  ...extra,
-];
 
 /** Alternates two measurements ROUNDS times; returns their mean rates. */
 async function interleaved(
@@ -129,50 +82,19 @@ select id from public.create_transaction(p_user_id := ${uuidSql(":u")}, p_type :
 `;
 await pgbench(timed(CLIENTS, 3), createScript); // warm-up
 const [createSql, pgbenchN] = await interleaved(
-  () => pgbench(timed(), createScript),
+  () => pgbench(timed(CLIENTS, SLICE), createScript),
   () => pgbench(timed(CLIENTS, SLICE, ["-N"])),
 );
-report(`create_transaction, SQL, ${CLIENTS} clients`, createSql, "pgbench -N", pgbenchN, 0.8);
+report(`create_transaction, SQL, ${CLIENTS} clients`, "/s", createSql, "pgbench -N", pgbenchN, 0.8);
 
 // --- 2. over HTTP vs direct SQL ------------------------------------------------
-function freePort(): number {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (listener.addr as Deno.NetAddr).port;
-  listener.close();
-  return port;
-}
-
-const port = freePort();
-const server = new Deno.Command("node_modules/.bin/deno", {
-  args: ["run", "-A", "scripts/serve.ts"],
-  env: {
-    DATABASE_URL: DB_URL,
-    API_PORT: String(port),
-    SCHEDULER: "off",
-    LOG_LEVEL: "warn",
-    DB_POOL_SIZE: String(CLIENTS),
-    JWT_SECRET: LOCAL_JWT_SECRET,
-  },
-  stdout: "null",
-  stderr: "inherit",
-}).spawn();
-const base = `http://127.0.0.1:${port}/functions/v1/transactions`;
-const token = await signKey("service_role", LOCAL_JWT_SECRET);
+const api = await startApi({ DB_POOL_SIZE: String(CLIENTS) });
+const base = `${api.url}/functions/v1/transactions`;
+const token = api.serviceKey;
 
 let httpRate = 0;
 let directRate = 0;
 try {
-  for (let i = 0;; i++) {
-    try {
-      await (await fetch(`${base}/balances`, { headers: { authorization: `Bearer ${token}` } }))
-        .body?.cancel();
-      break;
-    } catch {
-      if (i > 100) throw new Error("the local API did not start");
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
-
   let seq = 0;
   const errors = new Map<string, number>();
   const body = () => ({ n: 1 + (seq % CREATE_USERS), key: `b-${seq++}-${crypto.randomUUID()}` });
@@ -238,11 +160,11 @@ try {
   }
   if (errors.size > 0) console.log(`errors: ${JSON.stringify([...errors])}`);
 } finally {
-  server.kill("SIGTERM");
-  await server.status;
+  await api.stop();
 }
 report(
   `create_transaction, HTTP vs SQL, ${CLIENTS} clients`,
+  "/s",
   httpRate,
   "direct SQL (postgres.js)",
   directRate,
@@ -269,7 +191,7 @@ for (const clients of [8, 16]) {
     () => pgbench(timed(clients), hotScript),
     () => pgbench(timed(clients), spreadScript),
   );
-  report(`transfers, 10 hot wallets, ${clients} clients`, hot, "10,000 wallets", spread, 0.7);
+  report(`transfers, 10 hot wallets, ${clients} clients`, "/s", hot, "10,000 wallets", spread, 0.7);
 }
 
 const [check] = await sql`
