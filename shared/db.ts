@@ -135,6 +135,30 @@ export async function rpc<T extends Row = Row>(
   fn: string,
   args: Record<string, unknown> = {},
 ): Promise<T[]> {
+  const [rows] = await rpcBatch<T>(who, correlationId, fn, [args]);
+  return rows;
+}
+
+/**
+ * rpc() for several calls of one function in one message, hence one
+ * transaction: all succeed or none does. Returns each call's rows, in order.
+ */
+export async function rpcBatch<T extends Row = Row>(
+  who: Principal,
+  correlationId: string,
+  fn: string,
+  calls: Record<string, unknown>[],
+): Promise<T[][]> {
+  const text = [claimsStatement(who, correlationId), ...calls.map((a) => callStatement(fn, a))]
+    .join("; ");
+  return await retrying(correlationId, async () => {
+    // One result per statement: the settings, then each call.
+    const results = await db().unsafe(text) as unknown as Row[][];
+    return results.slice(1) as T[][];
+  });
+}
+
+function callStatement(fn: string, args: Record<string, unknown>): string {
   const [schema, name] = fn.split(".");
   if (!IDENTIFIER.test(schema ?? "") || !IDENTIFIER.test(name ?? "")) {
     throw new Error(`rpc: ${fn} is not a schema-qualified function name`);
@@ -145,13 +169,7 @@ export async function rpc<T extends Row = Row>(
     if (!IDENTIFIER.test(key)) throw new Error(`rpc: ${key} is not a parameter name`);
     params.push(`p_${key} := ${sqlValue(value)}`);
   }
-  const text = `${claimsStatement(who, correlationId)}; ` +
-    `select * from ${schema}.${name}(${params.join(", ")})`;
-  return await retrying(correlationId, async () => {
-    // One result per statement: the settings, then the call.
-    const results = await db().unsafe(text) as unknown as Row[][];
-    return results[1] as T[];
-  });
+  return `select * from ${schema}.${name}(${params.join(", ")})`;
 }
 
 /** Marks a value for a json/jsonb parameter, so strings and numbers go as JSON. */
