@@ -94,10 +94,22 @@ async function seed(n: number, tag: string) {
 
 function rates(arrivals: number[], rate: number) {
   const t = [...arrivals].sort((a, b) => a - b);
-  // sustained: the middle 80% of the run, away from ramp-up and drain
+  // sustained: the middle 80% of the run, away from ramp-up and drain, as the
+  // least-squares slope of arrivals over time (two end points alone would let
+  // a few ms of jitter at either end move the figure)
   const lo = Math.floor(t.length * 0.1);
   const hi = Math.ceil(t.length * 0.9) - 1;
-  const sustained = (hi - lo) / ((t[hi] - t[lo]) / 1000);
+  const n = hi - lo + 1;
+  let meanT = 0;
+  for (let i = lo; i <= hi; i++) meanT += t[i] / n;
+  const meanI = (lo + hi) / 2;
+  let cov = 0;
+  let varT = 0;
+  for (let i = lo; i <= hi; i++) {
+    cov += (t[i] - meanT) * (i - meanI);
+    varT += (t[i] - meanT) ** 2;
+  }
+  const sustained = (cov / varT) * 1000;
   let busiest = 0;
   for (let i = 0, j = 0; i < t.length; i++) {
     while (t[i] - t[j] >= 1000) j++;

@@ -266,6 +266,14 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
     p.finally(() => inflight.delete(p));
   };
 
+  // Slots are on the database clock. The local time of a database instant is
+  // that instant plus `skew`; each claim's answer gives an upper bound on it
+  // (received - now_ms, larger by however long the answer took to arrive), so
+  // the smallest one seen is the best estimate. Anchoring every claim on the
+  // same estimate keeps consecutive claims' slots from overlapping or leaving
+  // gaps when one answer is slower than another.
+  let skew = Infinity;
+
   const pollMs = Math.min(200, Math.max(20, cfg.WHATSAPP_PAIR_INTERVAL_MS / 10));
 
   while (!stopSeen) {
@@ -293,13 +301,24 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
       break;
     }
     report.claimed += claim.messages.length;
+    if (claim.now_ms !== undefined) skew = Math.min(skew, received - claim.now_ms);
     for (const m of claim.messages) {
-      const offset = m.slot_ms !== undefined && claim.now_ms !== undefined
-        ? m.slot_ms - claim.now_ms
-        : m.delay_ms;
-      start(m, received + offset);
+      start(
+        m,
+        m.slot_ms !== undefined && Number.isFinite(skew) ? m.slot_ms + skew : received + m.delay_ms,
+      );
     }
-    if (claim.messages.length > 0) continue;
+    if (claim.messages.length > 0) {
+      // Come back when half the lookahead's slots are handed out: claims stay
+      // batched instead of each taking the few milliseconds freed since the
+      // last one (another dispatcher may still claim in between).
+      const last = claim.messages[claim.messages.length - 1];
+      if (last.slot_ms !== undefined && claim.now_ms !== undefined) {
+        const ahead = last.slot_ms - claim.now_ms - cfg.WHATSAPP_LOOKAHEAD_MS / 2;
+        if (ahead > 0) await sleep(Math.min(ahead, deadline - performance.now()));
+      }
+      continue;
+    }
     if (claim.wait_ms > 0) {
       await sleep(Math.min(claim.wait_ms, remaining));
     } else if (inflight.size > 0) {
