@@ -5,13 +5,17 @@
 //   concurrency, same run; appends per second, best of ROUNDS rounds.
 //   Reading a 1,000-event aggregate (public.get_aggregate_events) as the
 //   service role and as its owner through RLS: p50 / p99 latency in ms,
-//   against a plain indexed select from the unpartitioned table.
-import { closeAll, connections, percentile, report, spread } from "./lib.ts";
+//   against a plain indexed select from the unpartitioned table, and the whole
+//   HTTP request through the events function.
+import { closeAll, connections, percentile, report, spread, startApi } from "./lib.ts";
 
 const APPENDS = Number(Deno.env.get("BENCH_APPENDS") ?? 4000);
 const WORKERS = Number(Deno.env.get("BENCH_CONCURRENCY") ?? 4);
 const ROUNDS = Number(Deno.env.get("BENCH_ROUNDS") ?? 5);
 const READS = Number(Deno.env.get("BENCH_READS") ?? 500);
+// Aggregate ids unique to this run, so a rerun against the same database starts fresh streams.
+const RUN = Date.now().toString(36);
+const BIG = `big-${RUN}`;
 
 const [admin] = await connections(1, "postgres");
 await admin`create table if not exists public.bench_plain_events (
@@ -32,7 +36,7 @@ async function appendRate(round: number, plain: boolean): Promise<number> {
   try {
     const seconds = await spread(WORKERS, APPENDS, async (w) => {
       const sql = sqls[w];
-      const id = `bench-${round}-${w}`;
+      const id = `bench-${RUN}-${round}-${w}`;
       const payload = sql.json({ fare: 5000, w });
       if (plain) {
         await sql`insert into public.bench_plain_events (aggregate_type, aggregate_id, event_type, version, payload)
@@ -77,7 +81,7 @@ await admin`insert into auth.users (id, email, role, aud)
             values (${owner}, ${owner + "@bench.local"}, 'authenticated', 'authenticated')`;
 const events = Array.from({ length: 1000 }, (_, i) => ({
   aggregate_type: "trip",
-  aggregate_id: "big",
+  aggregate_id: BIG,
   event_type: "tick",
   payload: { i },
   user_id: owner,
@@ -85,34 +89,50 @@ const events = Array.from({ length: 1000 }, (_, i) => ({
 const [service] = await connections(1);
 await service`select count(*) from public.append_events(${service.json(events)})`;
 await admin`insert into public.bench_plain_events (aggregate_type, aggregate_id, event_type, version, payload)
-            select 'trip', 'big', 'tick', g, jsonb_build_object('i', g) from generate_series(1, 1000) g`;
+            select 'trip', ${BIG}, 'tick', g, jsonb_build_object('i', g) from generate_series(1, 1000) g`;
 await admin`analyze`;
 const [userSql] = await connections(1, "authenticated");
 await userSql`select set_config('request.jwt.claims',
                 ${JSON.stringify({ role: "authenticated", sub: owner })}, false)`;
 
 const readOurs = await latencies(async () => {
-  const rows = await service`select * from public.get_aggregate_events('trip', 'big')`;
+  const rows = await service`select * from public.get_aggregate_events('trip', ${BIG})`;
   if (rows.length !== 1000) throw new Error(`read ${rows.length} events`);
 });
 const readUser = await latencies(async () => {
-  const rows = await userSql`select * from public.get_aggregate_events('trip', 'big')`;
+  const rows = await userSql`select * from public.get_aggregate_events('trip', ${BIG})`;
   if (rows.length !== 1000) throw new Error(`read ${rows.length} events as the owner`);
 });
 const readPlain = await latencies(async () => {
   await admin`select * from public.bench_plain_events
-              where aggregate_type = 'trip' and aggregate_id = 'big' order by version`;
+              where aggregate_type = 'trip' and aggregate_id = ${BIG} order by version`;
 });
 // the same reads without shipping 1,000 rows to the client: the database's share
 const serverOurs = await latencies(async () => {
-  await service`select count(*) from public.get_aggregate_events('trip', 'big')`;
+  await service`select count(*) from public.get_aggregate_events('trip', ${BIG})`;
 });
 const serverPlain = await latencies(async () => {
   await admin`select count(*) from (select * from public.bench_plain_events
-              where aggregate_type = 'trip' and aggregate_id = 'big' order by version) e`;
+              where aggregate_type = 'trip' and aggregate_id = ${BIG} order by version) e`;
 });
+// the whole request: GET /events/aggregates/trip/<id> through the events function
+const api = await startApi();
+const historyUrl = `${api.url}/functions/v1/events/aggregates/trip/${BIG}`;
+const readHttp = await latencies(async () => {
+  const res = await fetch(historyUrl, { headers: { authorization: `Bearer ${api.serviceKey}` } });
+  const body = await res.json();
+  if (body.events?.length !== 1000) throw new Error(`HTTP read ${res.status}`);
+});
+await api.stop();
 for (const p of [50, 99]) {
   const plain = percentile(readPlain, p);
+  report(
+    `read 1,000-event aggregate p${p}, HTTP GET (service role, JSON parsed by the client)`,
+    "ms",
+    percentile(readHttp, p),
+    "plain select",
+    plain,
+  );
   report(
     `read 1,000-event aggregate p${p}, service role`,
     "ms",

@@ -31,7 +31,28 @@ dbTest("the service role appends one event and reads it back", async () => {
   assert.deepEqual(res.body.event.payload, { fare: 5000 });
   const history = await call(app, "GET", "/events/aggregates/trip/trip-1", { token });
   assert.equal(history.status, 200);
-  assert.deepEqual(history.body.events.map((e: { version: number }) => e.version), [1]);
+  assert.equal(history.headers.get("content-type"), "application/json");
+  // The history carries the very event the append returned, field for field.
+  assert.deepEqual(history.body, {
+    aggregate_type: "trip",
+    aggregate_id: "trip-1",
+    events: [res.body.event],
+    next_from_version: null,
+  });
+  assert.deepEqual(Object.keys(res.body.event).sort(), [
+    "aggregate_id",
+    "aggregate_type",
+    "causation_id",
+    "correlation_id",
+    "created_at",
+    "event_type",
+    "id",
+    "metadata",
+    "payload",
+    "position",
+    "user_id",
+    "version",
+  ]);
 });
 
 dbTest("50 concurrent appends with the same expected version: one wins, 49 get 409", async () => {
