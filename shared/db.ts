@@ -135,26 +135,11 @@ export async function rpc<T extends Row = Row>(
   fn: string,
   args: Record<string, unknown> = {},
 ): Promise<T[]> {
-  const [rows] = await rpcBatch<T>(who, correlationId, fn, [args]);
-  return rows;
-}
-
-/**
- * rpc() for several calls of one function in one message, hence one
- * transaction: all succeed or none does. Returns each call's rows, in order.
- */
-export async function rpcBatch<T extends Row = Row>(
-  who: Principal,
-  correlationId: string,
-  fn: string,
-  calls: Record<string, unknown>[],
-): Promise<T[][]> {
-  const text = [claimsStatement(who, correlationId), ...calls.map((a) => callStatement(fn, a))]
-    .join("; ");
+  const text = `${claimsStatement(who, correlationId)}; ${callStatement(fn, args)}`;
   return await retrying(correlationId, async () => {
-    // One result per statement: the settings, then each call.
+    // One result per statement: the settings, then the call.
     const results = await db().unsafe(text) as unknown as Row[][];
-    return results.slice(1) as T[][];
+    return results[1] as T[];
   });
 }
 
