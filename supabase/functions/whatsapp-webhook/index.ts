@@ -9,7 +9,7 @@
 // answering first could lose them); sending replies happens after the answer.
 import { z } from "zod";
 import { authenticate, requireService } from "../../../shared/auth.ts";
-import { jsonb, withClaims } from "../../../shared/db.ts";
+import { rpc } from "../../../shared/db.ts";
 import { HttpError } from "../../../shared/errors.ts";
 import {
   createApp,
@@ -74,15 +74,14 @@ app.post("/", async (c) => {
     return c.json({ received: true, ignored: events.ignored });
   }
 
-  const summary = await withClaims(SERVICE_PRINCIPAL, correlationId, async (tx) => {
-    const [row] = await tx`select public.ingest_whatsapp_events(
-      p_messages := ${jsonb(tx, events.messages)},
-      p_statuses := ${jsonb(tx, events.statuses)},
-      p_contacts := ${jsonb(tx, events.contacts)},
-      p_errors := ${jsonb(tx, events.errors)},
-      p_correlation_id := ${correlationId}) as s`;
-    return row.s as Record<string, number>;
+  const [row] = await rpc(SERVICE_PRINCIPAL, correlationId, "public.ingest_whatsapp_events", {
+    messages: events.messages,
+    statuses: events.statuses,
+    contacts: events.contacts,
+    errors: events.errors,
+    correlation_id: correlationId,
   });
+  const summary = row.ingest_whatsapp_events as Record<string, number>;
 
   if (summary.messages_stored > 0) {
     const work = dispatchSoon(correlationId);
