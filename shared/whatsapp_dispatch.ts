@@ -3,7 +3,7 @@
 // rate limiter, pair pacing, per-recipient order, backoff, dead letters);
 // this module sends at the slot each claim hands out, classifies what the
 // Cloud API answered and reports outcomes back in batches.
-import { withClaims } from "./db.ts";
+import { rpc } from "./db.ts";
 import { log } from "./log.ts";
 import { canDispatch, SERVICE_PRINCIPAL, type WhatsAppConfig, whatsappConfig } from "./whatsapp.ts";
 
@@ -216,15 +216,19 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
     const prior = flushes.size >= MAX_FLUSHES ? Promise.race(flushes) : Promise.resolve();
     const p: Promise<void> = prior.then(async () => {
       try {
-        const counts = await withClaims(SERVICE_PRINCIPAL, correlationId, async (tx) => {
-          const [row] = await tx`select public.complete_whatsapp_messages(
-            p_dispatcher_id := ${dispatcherId},
-            p_business_number := ${business},
-            p_results := ${tx.json(batch as never)},
-            p_retry_base_ms := ${cfg.WHATSAPP_RETRY_BASE_MS},
-            p_pause_seconds := ${cfg.WHATSAPP_TOKEN_PAUSE_SECONDS}) as r`;
-          return row.r as Record<string, number>;
-        });
+        const [row] = await rpc(
+          SERVICE_PRINCIPAL,
+          correlationId,
+          "public.complete_whatsapp_messages",
+          {
+            dispatcher_id: dispatcherId,
+            business_number: business,
+            results: batch,
+            retry_base_ms: cfg.WHATSAPP_RETRY_BASE_MS,
+            pause_seconds: cfg.WHATSAPP_TOKEN_PAUSE_SECONDS,
+          },
+        );
+        const counts = row.complete_whatsapp_messages as Record<string, number>;
         for (
           const k of ["sent", "retried", "dead_lettered", "failed", "stopped", "ignored"] as const
         ) {
@@ -284,18 +288,17 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
       await Promise.race(inflight);
       continue;
     }
-    const { claim, received } = await withClaims(SERVICE_PRINCIPAL, correlationId, async (tx) => {
-      const [row] = await tx`select public.claim_whatsapp_messages(
-        p_dispatcher_id := ${dispatcherId},
-        p_business_number := ${business},
-        p_limit := ${Math.min(capacity, 1000)},
-        p_rate_per_second := ${cfg.WHATSAPP_RATE_LIMIT_PER_SECOND},
-        p_pair_interval_ms := ${cfg.WHATSAPP_PAIR_INTERVAL_MS},
-        p_lease_seconds := ${cfg.WHATSAPP_LEASE_SECONDS},
-        p_lookahead_ms := ${cfg.WHATSAPP_LOOKAHEAD_MS}) as c`;
-      // the slots count from the moment the answer arrives, not from commit
-      return { claim: row.c as Claim, received: performance.now() };
+    const [row] = await rpc(SERVICE_PRINCIPAL, correlationId, "public.claim_whatsapp_messages", {
+      dispatcher_id: dispatcherId,
+      business_number: business,
+      limit: Math.min(capacity, 1000),
+      rate_per_second: cfg.WHATSAPP_RATE_LIMIT_PER_SECOND,
+      pair_interval_ms: cfg.WHATSAPP_PAIR_INTERVAL_MS,
+      lease_seconds: cfg.WHATSAPP_LEASE_SECONDS,
+      lookahead_ms: cfg.WHATSAPP_LOOKAHEAD_MS,
     });
+    const received = performance.now();
+    const claim = row.claim_whatsapp_messages as Claim;
     if (claim.paused) {
       report.paused = claim.pause_reason ?? "paused";
       break;

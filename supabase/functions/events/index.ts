@@ -7,7 +7,7 @@
 //   GET  /events/stream                   all events after a global position (service role)
 import { z } from "zod";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
-import { jsonb, withClaims } from "../../../shared/db.ts";
+import { rpc, withClaims } from "../../../shared/db.ts";
 import { notFound } from "../../../shared/errors.ts";
 import { createApp, jsonBody, pathParams, queryParams } from "../../../shared/http.ts";
 
@@ -64,11 +64,11 @@ app.post("/", async (c) => {
   const who = requireUserOrService(c);
   const body = await jsonBody(c, appendBody);
   const events = "events" in body ? body.events : [body];
-  const rows = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) => tx`select * from public.append_events(${jsonb(tx, events)}, ${c.get("correlationId")})`,
-  );
+  const correlationId = c.get("correlationId");
+  const rows = await rpc(who, correlationId, "public.append_events", {
+    events,
+    correlation_id: correlationId,
+  });
   const out = rows.map(toEvent);
   return c.json("events" in body ? { events: out } : { event: out[0] }, 201);
 });
