@@ -7,7 +7,7 @@
 //   GET  /events/stream                   all events after a global position (service role)
 import { z } from "zod";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
-import { rpc, withClaims } from "../../../shared/db.ts";
+import { rpc } from "../../../shared/db.ts";
 import { notFound } from "../../../shared/errors.ts";
 import { createApp, jsonBody, pathParams, queryParams } from "../../../shared/http.ts";
 
@@ -77,14 +77,12 @@ app.get("/aggregates/:type/:id", async (c) => {
   const who = requireUserOrService(c);
   const { type, id } = pathParams(c, z.object({ type: aggregateType, id: aggregateId }));
   const q = queryParams(c, historyQuery);
-  const rows = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) =>
-      tx`select * from public.get_aggregate_events(
-         p_aggregate_type := ${type}, p_aggregate_id := ${id},
-         p_from_version := ${q.from_version}, p_limit := ${q.limit + 1})`,
-  );
+  const rows = await rpc(who, c.get("correlationId"), "public.get_aggregate_events", {
+    aggregate_type: type,
+    aggregate_id: id,
+    from_version: q.from_version,
+    limit: q.limit + 1,
+  });
   if (rows.length === 0 && q.from_version === 1) throw notFound("no such aggregate");
   const page = rows.slice(0, q.limit).map(toEvent);
   return c.json({
@@ -98,14 +96,12 @@ app.get("/aggregates/:type/:id", async (c) => {
 app.get("/stream", async (c) => {
   const who = requireService(c);
   const q = queryParams(c, streamQuery);
-  const rows = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) =>
-      tx`select * from public.read_event_stream(
-         p_after_position := ${q.after_position}, p_limit := ${q.limit},
-         p_aggregate_type := ${q.aggregate_type ?? null}, p_event_type := ${q.event_type ?? null})`,
-  );
+  const rows = await rpc(who, c.get("correlationId"), "public.read_event_stream", {
+    after_position: q.after_position,
+    limit: q.limit,
+    aggregate_type: q.aggregate_type,
+    event_type: q.event_type,
+  });
   const events = rows.map(toEvent);
   return c.json({
     events,
