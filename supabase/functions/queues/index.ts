@@ -13,7 +13,7 @@
 // role only. Users may only send, and never see other senders' messages.
 import { z } from "zod";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
-import { jsonb, withClaims } from "../../../shared/db.ts";
+import { jsonb, rpc, withClaims } from "../../../shared/db.ts";
 import { createApp, idempotencyKeyHeader, jsonBody, pathParams } from "../../../shared/http.ts";
 
 const queueName = z.string().regex(/^[a-z][a-z0-9_-]{0,62}$/);
@@ -78,13 +78,12 @@ app.post("/:queue/claim", async (c) => {
   const who = requireService(c);
   const { queue } = pathParams(c, z.object({ queue: queueName }));
   const body = await jsonBody(c, claimBody.default({ limit: 10, visibility_timeout_seconds: 30 }));
-  const rows = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) =>
-      tx`select * from public.claim_messages(${queue}, ${body.limit},
-         ${body.visibility_timeout_seconds}, ${body.consumer ?? null})`,
-  );
+  const rows = await rpc(who, c.get("correlationId"), "public.claim_messages", {
+    queue_name: queue,
+    limit: body.limit,
+    visibility_timeout_seconds: body.visibility_timeout_seconds,
+    consumer: body.consumer,
+  });
   return c.json({ messages: rows.map(toMessage) });
 });
 
@@ -98,26 +97,19 @@ app.post("/:queue/messages/:id/:action{ack|nack}", async (c) => {
     c,
     action === "ack" ? settleBody.pick({ lease_token: true }) : settleBody,
   );
-  const [row] = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) =>
-      action === "ack"
-        ? tx`select * from public.ack_message(${queue}, ${id}::bigint, ${body.lease_token}::uuid)`
-        : tx`select * from public.nack_message(${queue}, ${id}::bigint, ${body.lease_token}::uuid,
-             ${body.error ?? null}, ${body.delay_seconds ?? null})`,
-  );
+  const [row] = await rpc(who, c.get("correlationId"), `public.${action}_message`, {
+    queue_name: queue,
+    message_id: id,
+    lease_token: body.lease_token,
+    ...(action === "nack" ? { error: body.error, delay_seconds: body.delay_seconds } : {}),
+  });
   return c.json({ message: toMessage(row) });
 });
 
 app.get("/:queue/metrics", async (c) => {
   const who = requireService(c);
   const { queue } = pathParams(c, z.object({ queue: queueName }));
-  const [m] = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) => tx`select * from public.queue_metrics(${queue})`,
-  );
+  const [m] = await rpc(who, c.get("correlationId"), "public.queue_metrics", { queue_name: queue });
   return c.json({
     ...m,
     depth: Number(m.depth),

@@ -204,11 +204,9 @@ app.post("/transfers", async (c) => {
 app.get("/balances", async (c) => {
   const who = requireUserOrService(c);
   const q = queryParams(c, userQuery);
-  const rows = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) => tx`select * from public.get_balances(${actingUser(who, q.user_id)})`,
-  );
+  const rows = await rpc(who, c.get("correlationId"), "public.get_balances", {
+    user_id: actingUser(who, q.user_id),
+  });
   return c.json({
     data: rows.map((r) => ({
       ...r,
@@ -222,11 +220,9 @@ app.get("/balances", async (c) => {
 app.get("/payment-methods", async (c) => {
   const who = requireUserOrService(c);
   const q = queryParams(c, userQuery);
-  const rows = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) => tx`select * from public.list_payment_methods(${actingUser(who, q.user_id)})`,
-  );
+  const rows = await rpc(who, c.get("correlationId"), "public.list_payment_methods", {
+    user_id: actingUser(who, q.user_id),
+  });
   return c.json({ data: rows });
 });
 
@@ -252,10 +248,10 @@ app.post("/payment-methods", async (c) => {
 app.post("/payment-methods/:id/default", async (c) => {
   const who = requireUserOrService(c);
   const { id } = pathParams(c, idParam);
-  const row = await withClaims(
-    who,
-    c.get("correlationId"),
-    async (tx) => one(await tx`select * from public.set_default_payment_method(${id})`),
+  const row = one(
+    await rpc(who, c.get("correlationId"), "public.set_default_payment_method", {
+      payment_method_id: id,
+    }),
   );
   return c.json(row);
 });
@@ -263,21 +259,15 @@ app.post("/payment-methods/:id/default", async (c) => {
 app.delete("/payment-methods/:id", async (c) => {
   const who = requireUserOrService(c);
   const { id } = pathParams(c, idParam);
-  await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) => tx`select public.remove_payment_method(${id})`,
-  );
+  await rpc(who, c.get("correlationId"), "public.remove_payment_method", { payment_method_id: id });
   return c.body(null, 204);
 });
 
 app.get("/:id", async (c) => {
   const who = requireUserOrService(c);
   const { id } = pathParams(c, idParam);
-  const row = await withClaims(
-    who,
-    c.get("correlationId"),
-    async (tx) => one(await tx`select * from public.get_transaction(${id})`),
+  const row = one(
+    await rpc(who, c.get("correlationId"), "public.get_transaction", { transaction_id: id }),
   );
   return c.json(transaction(row));
 });

@@ -7,7 +7,7 @@
 //   GET  /whatsapp/metrics               queue depth, in flight, failed, send rate (service role)
 import { z } from "zod";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
-import { jsonb, withClaims } from "../../../shared/db.ts";
+import { jsonb, rpc, withClaims } from "../../../shared/db.ts";
 import { notFound } from "../../../shared/errors.ts";
 import {
   createApp,
@@ -96,11 +96,9 @@ app.post("/messages", async (c) => {
 app.get("/messages/:id", async (c) => {
   const who = requireUserOrService(c);
   const { id } = pathParams(c, idParam);
-  const [row] = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) => tx`select * from public.get_whatsapp_message(${id})`,
-  );
+  const [row] = await rpc(who, c.get("correlationId"), "public.get_whatsapp_message", {
+    message_id: id,
+  });
   if (!row) throw notFound("no such message");
   return c.json(message(row));
 });
@@ -108,11 +106,9 @@ app.get("/messages/:id", async (c) => {
 app.post("/messages/:id/cancel", async (c) => {
   const who = requireService(c);
   const { id } = pathParams(c, idParam);
-  const [row] = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) => tx`select * from public.cancel_whatsapp_message(${id})`,
-  );
+  const [row] = await rpc(who, c.get("correlationId"), "public.cancel_whatsapp_message", {
+    message_id: id,
+  });
   return c.json(message(row));
 });
 
@@ -134,12 +130,8 @@ app.get("/sessions", async (c) => {
 
 app.get("/metrics", async (c) => {
   const who = requireService(c);
-  const [row] = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) => tx`select public.get_whatsapp_queue_metrics() as m`,
-  );
-  return c.json(row.m);
+  const [row] = await rpc(who, c.get("correlationId"), "public.get_whatsapp_queue_metrics");
+  return c.json(row.get_whatsapp_queue_metrics);
 });
 
 if (import.meta.main) Deno.serve(app.fetch);
