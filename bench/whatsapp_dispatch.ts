@@ -159,7 +159,7 @@ async function peer(rate: number, n: number, concurrency: number) {
         attempts: 1,
         max_attempts: 5,
         correlation_id: null,
-        delay_ms: 0,
+        slot_ms: 0,
       };
       await sendMessage(cfg, m);
     }

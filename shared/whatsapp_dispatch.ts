@@ -4,6 +4,7 @@
 // this module sends at the slot each claim hands out, classifies what the
 // Cloud API answered and reports outcomes back in batches.
 import { rpc } from "./db.ts";
+import { runInBackground } from "./http.ts";
 import { log } from "./log.ts";
 import { canDispatch, SERVICE_PRINCIPAL, type WhatsAppConfig, whatsappConfig } from "./whatsapp.ts";
 
@@ -16,13 +17,13 @@ export interface ClaimedMessage {
   attempts: number;
   max_attempts: number;
   correlation_id: string | null;
-  delay_ms: number;
   /** the send slot, epoch ms on the database clock */
-  slot_ms?: number;
+  slot_ms: number;
 }
 
 interface Claim {
   messages: ClaimedMessage[];
+  /** the database clock as the claim ended (set whenever messages are handed out) */
   now_ms?: number;
   paused: boolean;
   pause_reason: string | null;
@@ -197,53 +198,63 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
 
   const inflight = new Set<Promise<void>>();
   let results: SendResult[] = [];
-  // Outcomes are recorded in batches, at most MAX_FLUSHES at a time (each
-  // message is in exactly one batch, so their order does not matter).
+  // Outcomes are recorded in batches, at most MAX_FLUSHES written at a time
+  // (each message is in exactly one batch, so their order does not matter).
   const MAX_FLUSHES = 3;
   // Outcomes wait at most this long (or for 200 of them): fewer, larger
   // batches cost the database much less than one transaction per send.
   const FLUSH_MS = 200;
   const flushes = new Set<Promise<void>>();
+  const writing = new Set<Promise<void>>();
   let timer: ReturnType<typeof setTimeout> | undefined;
   let stopSeen = false;
 
+  /** Records one batch of outcomes; a failure is logged, never thrown. */
+  const writeOutcomes = async (batch: SendResult[]) => {
+    try {
+      const [row] = await rpc(
+        SERVICE_PRINCIPAL,
+        correlationId,
+        "public.complete_whatsapp_messages",
+        {
+          dispatcher_id: dispatcherId,
+          business_number: business,
+          results: batch,
+          retry_base_ms: cfg.WHATSAPP_RETRY_BASE_MS,
+          pause_seconds: cfg.WHATSAPP_TOKEN_PAUSE_SECONDS,
+        },
+      );
+      const counts = row.complete_whatsapp_messages as Record<string, number>;
+      for (
+        const k of ["sent", "retried", "dead_lettered", "failed", "stopped", "ignored"] as const
+      ) {
+        report[k] += counts[k] ?? 0;
+      }
+    } catch (err) {
+      // The leases expire and the messages are claimed again: late, never lost.
+      log("error", "whatsapp dispatch: recording outcomes failed", {
+        correlation_id: correlationId,
+        dispatcher_id: dispatcherId,
+        count: batch.length,
+        error: String(err),
+      });
+    }
+  };
   const flush = () => {
     if (timer) clearTimeout(timer);
     timer = undefined;
     if (results.length === 0) return;
     const batch = results;
     results = [];
-    const prior = flushes.size >= MAX_FLUSHES ? Promise.race(flushes) : Promise.resolve();
-    const p: Promise<void> = prior.then(async () => {
-      try {
-        const [row] = await rpc(
-          SERVICE_PRINCIPAL,
-          correlationId,
-          "public.complete_whatsapp_messages",
-          {
-            dispatcher_id: dispatcherId,
-            business_number: business,
-            results: batch,
-            retry_base_ms: cfg.WHATSAPP_RETRY_BASE_MS,
-            pause_seconds: cfg.WHATSAPP_TOKEN_PAUSE_SECONDS,
-          },
-        );
-        const counts = row.complete_whatsapp_messages as Record<string, number>;
-        for (
-          const k of ["sent", "retried", "dead_lettered", "failed", "stopped", "ignored"] as const
-        ) {
-          report[k] += counts[k] ?? 0;
-        }
-      } catch (err) {
-        // The leases expire and the messages are claimed again: late, never lost.
-        log("error", "whatsapp dispatch: recording outcomes failed", {
-          correlation_id: correlationId,
-          dispatcher_id: dispatcherId,
-          count: batch.length,
-          error: String(err),
-        });
-      }
-    });
+    const p: Promise<void> = (async () => {
+      // The check and the taking of a place happen in one synchronous step,
+      // so writers woken together never exceed MAX_FLUSHES.
+      while (writing.size >= MAX_FLUSHES) await Promise.race(writing);
+      const write = writeOutcomes(batch);
+      writing.add(write);
+      await write;
+      writing.delete(write);
+    })();
     flushes.add(p);
     p.finally(() => flushes.delete(p));
   };
@@ -280,64 +291,62 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
 
   const pollMs = Math.min(200, Math.max(20, cfg.WHATSAPP_PAIR_INTERVAL_MS / 10));
 
-  while (!stopSeen) {
-    const remaining = deadline - performance.now();
-    if (remaining <= 0) break;
-    const capacity = cfg.WHATSAPP_DISPATCH_CONCURRENCY - inflight.size;
-    if (capacity <= 0) {
-      await Promise.race(inflight);
-      continue;
-    }
-    const [row] = await rpc(SERVICE_PRINCIPAL, correlationId, "public.claim_whatsapp_messages", {
-      dispatcher_id: dispatcherId,
-      business_number: business,
-      limit: Math.min(capacity, 1000),
-      rate_per_second: cfg.WHATSAPP_RATE_LIMIT_PER_SECOND,
-      pair_interval_ms: cfg.WHATSAPP_PAIR_INTERVAL_MS,
-      lease_seconds: cfg.WHATSAPP_LEASE_SECONDS,
-      lookahead_ms: cfg.WHATSAPP_LOOKAHEAD_MS,
-    });
-    const received = performance.now();
-    const claim = row.claim_whatsapp_messages as Claim;
-    if (claim.paused) {
-      report.paused = claim.pause_reason ?? "paused";
-      break;
-    }
-    report.claimed += claim.messages.length;
-    if (claim.now_ms !== undefined) skew = Math.min(skew, received - claim.now_ms);
-    for (const m of claim.messages) {
-      start(
-        m,
-        m.slot_ms !== undefined && Number.isFinite(skew) ? m.slot_ms + skew : received + m.delay_ms,
-      );
-    }
-    if (claim.messages.length > 0) {
-      // Come back when half the lookahead's slots are handed out: claims stay
-      // batched instead of each taking the few milliseconds freed since the
-      // last one (another dispatcher may still claim in between).
-      const last = claim.messages[claim.messages.length - 1];
-      if (last.slot_ms !== undefined && claim.now_ms !== undefined) {
-        const ahead = last.slot_ms - claim.now_ms - cfg.WHATSAPP_LOOKAHEAD_MS / 2;
-        if (ahead > 0) await sleep(Math.min(ahead, deadline - performance.now()));
+  try {
+    while (!stopSeen) {
+      const remaining = deadline - performance.now();
+      if (remaining <= 0) break;
+      const capacity = cfg.WHATSAPP_DISPATCH_CONCURRENCY - inflight.size;
+      if (capacity <= 0) {
+        await Promise.race(inflight);
+        continue;
       }
-      continue;
+      const [row] = await rpc(SERVICE_PRINCIPAL, correlationId, "public.claim_whatsapp_messages", {
+        dispatcher_id: dispatcherId,
+        business_number: business,
+        limit: Math.min(capacity, 1000),
+        rate_per_second: cfg.WHATSAPP_RATE_LIMIT_PER_SECOND,
+        pair_interval_ms: cfg.WHATSAPP_PAIR_INTERVAL_MS,
+        lease_seconds: cfg.WHATSAPP_LEASE_SECONDS,
+        lookahead_ms: cfg.WHATSAPP_LOOKAHEAD_MS,
+      });
+      const received = performance.now();
+      const claim = row.claim_whatsapp_messages as Claim;
+      if (claim.paused) {
+        report.paused = claim.pause_reason ?? "paused";
+        break;
+      }
+      report.claimed += claim.messages.length;
+      if (claim.messages.length > 0) {
+        const nowMs = claim.now_ms!;
+        skew = Math.min(skew, received - nowMs);
+        for (const m of claim.messages) start(m, m.slot_ms + skew);
+        // Come back when half the lookahead's slots are handed out: claims stay
+        // batched instead of each taking the few milliseconds freed since the
+        // last one (another dispatcher may still claim in between).
+        const ahead = claim.messages[claim.messages.length - 1].slot_ms - nowMs -
+          cfg.WHATSAPP_LOOKAHEAD_MS / 2;
+        if (ahead > 0) await sleep(Math.min(ahead, deadline - performance.now()));
+        continue;
+      }
+      if (claim.wait_ms > 0) {
+        await sleep(Math.min(claim.wait_ms, remaining));
+      } else if (inflight.size > 0) {
+        await Promise.race([Promise.race(inflight), sleep(pollMs)]);
+      } else if (results.length > 0 || flushes.size > 0) {
+        // outcomes not yet recorded may make messages due again (retries)
+        await flushed();
+      } else if (claim.next_due_ms !== null && claim.next_due_ms < remaining) {
+        await sleep(Math.max(pollMs, Math.min(claim.next_due_ms, remaining)));
+      } else {
+        break;
+      }
     }
-    if (claim.wait_ms > 0) {
-      await sleep(Math.min(claim.wait_ms, remaining));
-    } else if (inflight.size > 0) {
-      await Promise.race([Promise.race(inflight), sleep(pollMs)]);
-    } else if (results.length > 0 || flushes.size > 0) {
-      // outcomes not yet recorded may make messages due again (retries)
-      await flushed();
-    } else if (claim.next_due_ms !== null && claim.next_due_ms < remaining) {
-      await sleep(Math.max(pollMs, Math.min(claim.next_due_ms, remaining)));
-    } else {
-      break;
-    }
+  } finally {
+    // Also when a claim fails: sends already on their way finish and their
+    // outcomes are recorded, or their leases would expire and send them twice.
+    await Promise.all(inflight);
+    await flushed();
   }
-
-  await Promise.all(inflight);
-  await flushed();
   if (stopSeen && !report.paused) report.paused = "token_invalid";
   report.duration_ms = Math.round(performance.now() - started);
   log(report.paused ? "warn" : "info", "whatsapp dispatch", {
@@ -350,19 +359,18 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
 let background: Promise<unknown> | undefined;
 
 /**
- * Starts a short drain after a webhook or an enqueue unless one is already
- * running in this isolate. Returns the promise to hand to runInBackground,
- * or undefined when there is nothing to start.
+ * Starts a short drain in the background (after a webhook or an enqueue)
+ * unless one is already running in this isolate or sending is not configured.
  */
-export function dispatchSoon(correlationId: string): Promise<unknown> | undefined {
+export function dispatchSoon(correlationId: string): void {
   let cfg: WhatsAppConfig;
   try {
     cfg = whatsappConfig();
   } catch {
-    return undefined;
+    return;
   }
-  if (!canDispatch(cfg) || background) return undefined;
+  if (!canDispatch(cfg) || background) return;
   background = dispatch({ budgetMs: cfg.WHATSAPP_BACKGROUND_BUDGET_MS, correlationId, config: cfg })
     .finally(() => background = undefined);
-  return background;
+  runInBackground(background, correlationId);
 }

@@ -422,6 +422,33 @@ dbTest("an inbound webhook wakes the dispatcher after answering", async () => {
   assert.equal((await row(id)).status, "sent");
 });
 
+dbTest(
+  "a failing claim still lets sends in flight finish and records them before returning",
+  async () => {
+    fake.reset();
+    fake.latencyMs = 200; // under WHATSAPP_SEND_TIMEOUT_MS
+    const to = [phone(), phone(), phone()];
+    for (const digits of to) await openWindow(digits);
+    const ids = await Promise.all(to.map((d) => enqueue(d, "text", { text: "in flight" })));
+    // The first claim hands out all three; once they are on their way, claims start failing.
+    setTimeout(() => {
+      db.sql`revoke execute on function public.claim_whatsapp_messages(
+             text, text, integer, integer, integer, integer, integer) from service_role`
+        .catch(() => {});
+    }, 80);
+    try {
+      await assert.rejects(dispatch(), (err: { status?: number }) => err.status === 403);
+      // dispatch() has settled: every send that went out is recorded already.
+      for (const id of ids) assert.equal((await row(id)).status, "sent", `message ${id}`);
+      assert.equal(fake.requests.filter((r) => to.includes(r.to)).length, 3);
+    } finally {
+      fake.latencyMs = 0;
+      await db.sql`grant execute on function public.claim_whatsapp_messages(
+                   text, text, integer, integer, integer, integer, integer) to service_role`;
+    }
+  },
+);
+
 dbTest("cleanup: stop the fake", async () => {
   await fake.close();
 });

@@ -11,13 +11,7 @@ import { z } from "zod";
 import { authenticate, requireService } from "../../../shared/auth.ts";
 import { rpc } from "../../../shared/db.ts";
 import { HttpError } from "../../../shared/errors.ts";
-import {
-  createApp,
-  jsonBody,
-  parseJsonText,
-  readRawBody,
-  runInBackground,
-} from "../../../shared/http.ts";
+import { createApp, jsonBody, parseJsonText, readRawBody } from "../../../shared/http.ts";
 import { log } from "../../../shared/log.ts";
 import {
   canDispatch,
@@ -84,8 +78,7 @@ app.post("/", async (c) => {
   const summary = row.ingest_whatsapp_events as Record<string, number>;
 
   if (summary.messages_stored > 0) {
-    const work = dispatchSoon(correlationId);
-    if (work) runInBackground(work, correlationId);
+    dispatchSoon(correlationId);
   }
   return c.json({ received: true, ignored: events.ignored, ...summary });
 });

@@ -17,7 +17,6 @@ import {
   keysetPage,
   pathParams,
   queryParams,
-  runInBackground,
 } from "../../../shared/http.ts";
 import { dispatchSoon } from "../../../shared/whatsapp_dispatch.ts";
 
@@ -86,8 +85,7 @@ app.post("/messages", async (c) => {
     return { row: rest, created: created as boolean };
   });
   if (created && (row.scheduled_at as Date).getTime() <= Date.now()) {
-    const work = dispatchSoon(correlationId);
-    if (work) runInBackground(work, correlationId);
+    dispatchSoon(correlationId);
   }
   if (!created) c.header("idempotent-replayed", "true");
   return c.json(message(row), created ? 201 : 200);
