@@ -6,6 +6,11 @@
 -- to answer each request with its own id. record_metrics_returning_ids is
 -- record_metrics with the ids, in the order of the input array; record_metrics
 -- now counts its rows, so the two cannot drift apart.
+--
+-- No cap on the batch size here (the older record_metrics refused more than
+-- 1000): the HTTP API caps a request at 1000 metrics, while the WhatsApp claim
+-- and webhook functions record a whole claim's or delivery's metrics at once,
+-- and a cap meant for requests would roll back their work.
 -- =============================================================================
 
 -- -----------------------------------------------------------------------------
@@ -21,9 +26,6 @@ as $$
 begin
   if jsonb_typeof(p_metrics) is distinct from 'array' then
     perform private.raise_error(400, 'invalid_metrics', 'metrics must be a JSON array');
-  end if;
-  if jsonb_array_length(p_metrics) > 1000 then
-    perform private.raise_error(413, 'too_many_metrics', 'at most 1000 metrics per batch');
   end if;
   if exists (
     select from jsonb_array_elements(p_metrics) e

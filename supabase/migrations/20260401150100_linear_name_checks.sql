@@ -8,6 +8,8 @@
 -- exactly the same rule (same first character, same characters after it, same
 -- maximum length) as a star pattern plus a length test, which is ten times
 -- cheaper. E.164 phone checks ({6,14}) are cheap enough and stay as they are.
+-- private.check_queue_name, which every queue function calls, gets the same
+-- rewrite at the end.
 -- =============================================================================
 
 -- -----------------------------------------------------------------------------
@@ -65,3 +67,18 @@ alter table public.background_jobs
   drop constraint background_jobs_job_type_check,
   add constraint background_jobs_job_type_check
     check (char_length(job_type) <= 63 and job_type ~ '^[a-z][a-z0-9_.-]*$');
+
+-- The same rule for the queue functions' own check of a queue name.
+create or replace function private.check_queue_name(p_queue_name text) returns void
+language plpgsql
+immutable
+set search_path = ''
+as $$
+begin
+  if p_queue_name is null or char_length(p_queue_name) > 63
+     or p_queue_name !~ '^[a-z][a-z0-9_-]*$' then
+    perform private.raise_error(400, 'invalid_queue_name',
+      'queue names are 1-63 characters: a-z first, then a-z, 0-9, _ or -');
+  end if;
+end;
+$$;

@@ -1,7 +1,7 @@
 -- Observability: the spec's calls, validation, and the RLS matrix for
 -- system_metrics and system_audit_logs (anon, two users, service_role).
 begin;
-select plan(30);
+select plan(32);
 
 -- the spec's example, verbatim
 select ok(public.record_metric(
@@ -27,6 +27,18 @@ select throws_ok($$select public.record_metrics('[{"service_name":"api","metric_
   '23502', null, 'a bad batch element fails the whole batch');
 select is((select count(*)::int from public.system_metrics where metric_name = 'q'), 2,
   'nothing of the failed batch was written');
+select is(public.record_metrics((select jsonb_agg(jsonb_build_object('service_name', 'whatsapp',
+  'metric_type', 'counter', 'metric_name', 'big', 'value', g)) from generate_series(1, 2500) g)),
+  2500, 'internal batches are not capped at the HTTP request size');
+create temp table returned_ids as
+  select r.id, r.n from public.record_metrics_returning_ids(
+    '[{"service_name":"api","metric_type":"gauge","metric_name":"ids","value":1},
+      {"service_name":"api","metric_type":"gauge","metric_name":"ids","value":2},
+      {"service_name":"api","metric_type":"gauge","metric_name":"ids","value":3}]'::jsonb)
+    with ordinality as r(id, n);
+select is((select array_agg(m.value::int order by r.n) from returned_ids r
+           join public.system_metrics m on m.id = r.id),
+  array[1, 2, 3], 'record_metrics_returning_ids returns the new ids in input order');
 
 select is((select avg from public.get_metric_stats('api', 'q', now() - interval '1 hour', now() + interval '1 minute', 3600)),
   2::double precision, 'get_metric_stats averages a bucket');

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(34);
+select plan(36);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -16,6 +16,11 @@ select throws_ok($$select public.send_message('emails', '{"n": 2}', p_idempotenc
 -- bad input is refused and sends nothing
 select throws_ok($$select public.send_message('Bad Queue!', '{}')$$, 'PT400', 'invalid_queue_name',
   'queue names are checked');
+select lives_ok(format($$select public.send_message(%L, '{}')$$, 'q' || repeat('a', 62)),
+  'a 63-character queue name is fine');
+delete from public.message_queue where queue_name = 'q' || repeat('a', 62);
+select throws_ok(format($$select public.send_message(%L, '{}')$$, 'q' || repeat('a', 63)),
+  'PT400', 'invalid_queue_name', 'a 64-character queue name is one too long');
 select throws_ok($$select public.send_message('emails', '[1]')$$, 'PT400', 'invalid_payload',
   'a payload must be an object');
 select throws_ok($$select public.send_message('emails', '{}', p_priority := -1)$$, 'PT400', 'invalid_priority',
