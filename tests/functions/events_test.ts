@@ -137,6 +137,15 @@ dbTest("history is in version order from a version, with paging", async () => {
   });
   assert.deepEqual(page.body.events.map((e: { version: number }) => e.version), [2, 3]);
   assert.equal(page.body.next_from_version, 4);
+  const widest = await call(app, "GET", "/events/aggregates/trip/paged?limit=5000", { token });
+  assert.equal(widest.status, 200, JSON.stringify(widest.body));
+  assert.equal(widest.body.events.length, 5);
+  assert.equal(widest.body.next_from_version, null);
+  expectError(
+    await call(app, "GET", "/events/aggregates/trip/paged?limit=5001", { token }),
+    400,
+    "invalid_request",
+  );
   expectError(await call(app, "GET", "/events/aggregates/trip/nothing-here", { token }), 404);
 });
 

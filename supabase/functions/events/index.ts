@@ -35,7 +35,9 @@ const appendBody = z.union([
 
 const historyQuery = z.object({
   from_version: z.coerce.number().int().min(1).default(1),
-  limit: z.coerce.number().int().min(1).max(10000).default(1000),
+  // One more row than the page is read to see whether another page follows,
+  // and get_aggregate_events reads at most 10000.
+  limit: z.coerce.number().int().min(1).max(5000).default(1000),
 }).strict();
 
 const streamQuery = z.object({
