@@ -76,16 +76,24 @@ const auditCursor = z.object({
 // Single-metric POSTs from one caller that arrive together are committed as
 // one multi-row insert (see shared/coalesce.ts): metrics are the hottest write
 // there is, and Postgres spends more per statement than per row.
-type MetricArgs = Record<string, unknown>;
-const recordMetric = coalescer<Principal, { correlationId: string; args: MetricArgs }, string>(
-  async (who, calls) => {
-    const rows = await rpc(who, calls[0].correlationId, "public.record_metrics_returning_ids", {
-      metrics: calls.map((c) => c.args),
-    });
+// Calls share a batch when their claims are the same (a batch runs under one
+// set of claims); the key is the claims' text, so batching does not depend on
+// the token cache handing out the same object.
+type MetricCall = { who: Principal; correlationId: string; args: Record<string, unknown> };
+const recordMetric = coalescer<string, MetricCall, string>(
+  async (_claims, calls) => {
+    const rows = await rpc(
+      calls[0].who,
+      calls[0].correlationId,
+      "public.record_metrics_returning_ids",
+      {
+        metrics: calls.map((c) => c.args),
+      },
+    );
     return rows.map((row) => String(row.id));
   },
-  async (who, call) => {
-    const [row] = await rpc(who, call.correlationId, "public.record_metric", call.args);
+  async (_claims, call) => {
+    const [row] = await rpc(call.who, call.correlationId, "public.record_metric", call.args);
     return String(row.record_metric);
   },
   { maxBatch: 100, maxInFlight: 2 },
@@ -105,7 +113,8 @@ app.post("/metrics", async (c) => {
     });
     return c.json({ recorded: row.record_metrics }, 201);
   }
-  const id = await recordMetric(who, {
+  const id = await recordMetric(JSON.stringify(who.claims), {
+    who,
     correlationId,
     args: { ...body, correlation_id: body.correlation_id ?? correlationId },
   });
