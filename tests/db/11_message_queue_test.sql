@@ -101,8 +101,8 @@ select is((select count(*)::int from public.message_queue), 1, 'alice sees only 
 select throws_ok($$select public.claim_messages('uploads')$$, '42501', null, 'users cannot claim');
 
 select tests.authenticate_as((select bob from ids));
-select isnt((public.send_message('uploads', '{"f": 2}', p_idempotency_key := 'same')).user_id,
-  (select alice from ids), 'idempotency keys are per sender: bob does not get alice''s message');
+select is((public.send_message('uploads', '{"f": 2}', p_idempotency_key := 'same')).user_id,
+  (select bob from ids), 'idempotency keys are per sender: bob gets his own message, not alice''s');
 
 select tests.authenticate_as_anon();
 select throws_ok($$select public.send_message('uploads', '{}')$$, '42501', null, 'anon cannot send');

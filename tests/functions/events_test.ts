@@ -111,10 +111,12 @@ dbTest("a batch is atomic and bad input writes nothing", async () => {
   expectError(
     await call(app, "POST", "/events", { token, body: event("bad", { payload: [1] }) }),
     400,
+    "invalid_request",
   );
   expectError(
     await call(app, "POST", "/events", { token, body: event("bad", { expected_version: -2 }) }),
     400,
+    "invalid_request",
   );
   expectError(
     await call(app, "POST", "/events", {
@@ -122,6 +124,7 @@ dbTest("a batch is atomic and bad input writes nothing", async () => {
       body: event("bad", { aggregate_type: "Bad Type" }),
     }),
     400,
+    "invalid_request",
   );
   const [row] = await db.sql`select count(*)::int as n from public.event_store
                              where aggregate_id in ('batch-1', 'batch-2', 'bad')`;

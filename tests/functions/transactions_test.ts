@@ -437,6 +437,7 @@ dbTest("transfers by id and by phone settle at once; the recipient sees them", a
   const [w] = await db
     .sql`select balance::text from public.wallets where user_id = ${bob} and currency = 'RWF'`;
   assert.equal(rwf.balance, w.balance);
+  assert.equal(Number(rwf.balance), 200, "150 + 50 settled; the earlier credit is still pending");
 });
 
 dbTest("listing pages with a cursor and filters", async () => {
@@ -476,7 +477,10 @@ dbTest("listing pages with a cursor and filters", async () => {
   const all = await call(app, "GET", `/transactions?user_id=${alice}&limit=500`, {
     token: service,
   });
-  assert.ok(all.body.data.length >= rows.length);
+  const [{ n }] = await db.sql`select count(*)::int as n
+                              from public.list_transactions(p_user_id := ${alice}, p_limit := 500)`;
+  assert.equal(all.body.data.length, n);
+  assert.ok(n >= rows.length);
 });
 
 dbTest("payment methods: masked, one default, removable", async () => {
