@@ -9,7 +9,7 @@
 import { z } from "zod";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { env } from "../../../shared/env.ts";
-import { jsonb, type Tx, withClaims } from "../../../shared/db.ts";
+import { jsonb, rpc, withClaims } from "../../../shared/db.ts";
 import {
   createApp,
   type Ctx,
@@ -82,17 +82,17 @@ app.post("/run", async (c) => {
 });
 
 /** A route acting on one job through one SQL function (ownership is decided in SQL). */
-function jobAction(run: (tx: Tx, id: string) => Promise<Row[]>) {
+function jobAction(fn: string) {
   return async (c: Ctx) => {
     const who = requireUserOrService(c);
     const { id } = pathParams(c, jobId);
-    const [row] = await withClaims(who, c.get("correlationId"), (tx) => run(tx, id));
+    const [row] = await rpc(who, c.get("correlationId"), fn, { job_id: id });
     return c.json({ job: toJob(row) });
   };
 }
 
-app.get("/:id", jobAction((tx, id) => tx`select * from public.get_job(${id}::bigint)`));
-app.post("/:id/cancel", jobAction((tx, id) => tx`select * from public.cancel_job(${id}::bigint)`));
-app.post("/:id/retry", jobAction((tx, id) => tx`select * from public.retry_job(${id}::bigint)`));
+app.get("/:id", jobAction("public.get_job"));
+app.post("/:id/cancel", jobAction("public.cancel_job"));
+app.post("/:id/retry", jobAction("public.retry_job"));
 
 if (import.meta.main) Deno.serve(app.fetch);

@@ -4,7 +4,7 @@
 // so a cron-triggered run ends well inside the edge runtime's 150 s: the
 // budget (at most 25 s) plus the longest job timeout (at most 120 s).
 import type { Principal } from "../../../shared/auth.ts";
-import { jsonb, withClaims } from "../../../shared/db.ts";
+import { asJson, rpc, withClaims } from "../../../shared/db.ts";
 import { HttpError } from "../../../shared/errors.ts";
 import { log } from "../../../shared/log.ts";
 import { type Job, jobHandler, registeredJobTypes } from "./handlers.ts";
@@ -76,17 +76,18 @@ async function runOne(
     clearTimeout(timer);
   }
   try {
-    await withClaims(
-      who,
-      correlationId,
-      (tx) =>
-        settle.error === undefined
-          ? tx`select public.complete_job(${job.id}::bigint, ${lease}::uuid, ${
-            jsonb(tx, settle.result)
-          })`
-          : tx`select public.fail_job(${job.id}::bigint, ${lease}::uuid, ${settle.error},
-               ${settle.timedOut ?? false})`,
-    );
+    await (settle.error === undefined
+      ? rpc(who, correlationId, "public.complete_job", {
+        job_id: job.id,
+        lease_token: lease,
+        result: asJson(settle.result),
+      })
+      : rpc(who, correlationId, "public.fail_job", {
+        job_id: job.id,
+        lease_token: lease,
+        error: settle.error,
+        timed_out: settle.timedOut ?? false,
+      }));
   } catch (err) {
     if (err instanceof HttpError && err.code === "lease_lost") return "lease_lost";
     throw err;

@@ -20,7 +20,7 @@ import {
   requireService,
   requireUserOrService,
 } from "../../../shared/auth.ts";
-import { jsonb, rpc, withClaims } from "../../../shared/db.ts";
+import { rpc, withClaims } from "../../../shared/db.ts";
 import { notFound } from "../../../shared/errors.ts";
 import {
   createApp,
@@ -183,21 +183,19 @@ app.post("/transfers", async (c) => {
   const key = idempotencyKeyHeader(c, { required: true });
   const body = await jsonBody(c, transferBody);
   const correlationId = c.get("correlationId");
-  const row = await withClaims(who, correlationId, async (tx) =>
-    one(
-      await tx`
-      select * from public.transfer_funds(
-        p_amount := ${body.amount}::numeric,
-        p_currency := ${body.currency},
-        p_to_user_id := ${body.to_user_id ?? null},
-        p_to_phone := ${body.to_phone ?? null},
-        p_from_user_id := ${body.from_user_id ?? null},
-        p_idempotency_key := ${key},
-        p_description := ${body.description ?? null},
-        p_metadata := ${jsonb(tx, body.metadata ?? {})},
-        p_correlation_id := ${correlationId}
-      )`,
-    ));
+  const row = one(
+    await rpc(who, correlationId, "public.transfer_funds", {
+      amount: body.amount,
+      currency: body.currency,
+      to_user_id: body.to_user_id,
+      to_phone: body.to_phone,
+      from_user_id: body.from_user_id,
+      idempotency_key: key,
+      description: body.description,
+      metadata: body.metadata ?? {},
+      correlation_id: correlationId,
+    }),
+  );
   return c.json(transaction(row), 201);
 });
 
@@ -229,19 +227,17 @@ app.get("/payment-methods", async (c) => {
 app.post("/payment-methods", async (c) => {
   const who = requireUserOrService(c);
   const body = await jsonBody(c, paymentMethodBody);
-  const row = await withClaims(who, c.get("correlationId"), async (tx) =>
-    one(
-      await tx`
-      select * from public.add_payment_method(
-        p_type := ${body.type},
-        p_account_number := ${body.account_number ?? null},
-        p_provider := ${body.provider ?? null},
-        p_details := ${jsonb(tx, body.details)},
-        p_is_default := ${body.is_default ?? false},
-        p_metadata := ${jsonb(tx, body.metadata ?? {})},
-        p_user_id := ${actingUser(who, body.user_id)}
-      )`,
-    ));
+  const row = one(
+    await rpc(who, c.get("correlationId"), "public.add_payment_method", {
+      type: body.type,
+      account_number: body.account_number ?? null,
+      provider: body.provider,
+      details: body.details,
+      is_default: body.is_default ?? false,
+      metadata: body.metadata ?? {},
+      user_id: actingUser(who, body.user_id),
+    }),
+  );
   return c.json(row, 201);
 });
 
@@ -277,19 +273,17 @@ app.post("/:id/status", async (c) => {
   const { id } = pathParams(c, idParam);
   const body = await jsonBody(c, statusBody);
   const correlationId = c.get("correlationId");
-  const row = await withClaims(who, correlationId, async (tx) =>
-    one(
-      await tx`
-      select * from public.update_transaction_status(
-        p_transaction_id := ${id},
-        p_new_status := ${body.new_status},
-        p_reason := ${body.reason ?? null},
-        p_error_code := ${body.error_code ?? null},
-        p_error_message := ${body.error_message ?? null},
-        p_correlation_id := ${correlationId},
-        p_metadata := ${jsonb(tx, body.metadata)}
-      )`,
-    ));
+  const row = one(
+    await rpc(who, correlationId, "public.update_transaction_status", {
+      transaction_id: id,
+      new_status: body.new_status,
+      reason: body.reason,
+      error_code: body.error_code,
+      error_message: body.error_message,
+      correlation_id: correlationId,
+      metadata: body.metadata,
+    }),
+  );
   return c.json(transaction(row));
 });
 

@@ -114,15 +114,11 @@ app.get("/sessions", async (c) => {
   const who = requireUserOrService(c);
   const q = queryParams(c, sessionsQuery);
   const after = q.cursor ? decodeCursor(q.cursor, sessionCursor) : undefined;
-  const rows = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) =>
-      tx`select * from public.list_whatsapp_sessions(
-         p_status := ${q.status ?? null}, p_limit := ${q.limit + 1}, p_after_phone := ${
-        after?.p ?? null
-      })`,
-  );
+  const rows = await rpc(who, c.get("correlationId"), "public.list_whatsapp_sessions", {
+    status: q.status,
+    limit: q.limit + 1,
+    after_phone: after?.p,
+  });
   return c.json(keysetPage(rows, q.limit, (last) => ({ p: last.phone_number }), session));
 });
 
