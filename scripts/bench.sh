@@ -16,18 +16,18 @@ if ! command -v wrk >/dev/null; then
 fi
 ensure_database
 trap stop_cluster_if_started EXIT
-prepare_database
 
 BENCH_DB=easymo_bench
 psql_url "$DATABASE_URL" -c "drop database if exists $BENCH_DB with (force)" >/dev/null
 psql_url "$DATABASE_URL" -c "create database $BENCH_DB" >/dev/null
 bootstrap_db "$(db_url_for $BENCH_DB)"
-migrate_db "$(db_url_for $BENCH_DB)" 2>/dev/null
+log "migrating $BENCH_DB"
+migrate_db "$(db_url_for $BENCH_DB)"
 
 files=("$@")
 [ ${#files[@]} -gt 0 ] || files=("$ROOT"/bench/*.ts)
 for file in "${files[@]}"; do
-  case "$file" in */lib.ts | *_lib.ts) continue ;; esac
+  case "$file" in */lib.ts) continue ;; esac
   log "bench $(basename "$file")"
   BENCH_DATABASE_URL="$(db_url_for $BENCH_DB)" PGBIN="$PG_BIN" \
     "$DENO" run --allow-all "$file"
