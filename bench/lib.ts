@@ -11,8 +11,8 @@ export type Sql = postgres.Sql;
 export const BENCH_DB = Deno.env.get("BENCH_DATABASE_URL") ??
   "postgresql://postgres:postgres@127.0.0.1:54322/easymo_bench";
 export const BENCH_SECONDS = Number(Deno.env.get("BENCH_SECONDS") ?? "8");
-const PGBIN = Deno.env.get("PGBIN") ?? "/usr/lib/postgresql/15/bin";
-const BENCH_SECRET = "bench-secret-bench-secret-bench-secret-0123";
+export const PGBIN = Deno.env.get("PGBIN") ?? "/usr/lib/postgresql/15/bin";
+export const BENCH_SECRET = "bench-secret-bench-secret-bench-secret-0123";
 
 // --- output --------------------------------------------------------------------
 

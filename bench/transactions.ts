@@ -13,9 +13,8 @@
 // in ROUNDS slices of SLICE seconds (BENCH_ROUNDS, BENCH_SLICE) and compares
 // the totals: both sides see the same background load.
 import postgres from "postgres";
-import { BENCH_DB as DB_URL, pgbench, report, startApi, timed } from "./lib.ts";
+import { BENCH_DB as DB_URL, pgbench, PGBIN, report, startApi, timed } from "./lib.ts";
 
-const PGBIN = Deno.env.get("PGBIN") ?? "/usr/lib/postgresql/15/bin";
 const CLIENTS = 16;
 const ROUNDS = Number(Deno.env.get("BENCH_ROUNDS") ?? "4");
 const SLICE = Number(Deno.env.get("BENCH_SLICE") ?? "5");

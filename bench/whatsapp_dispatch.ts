@@ -12,9 +12,9 @@ import { closeDb } from "../shared/db.ts";
 import { resetEnv } from "../shared/env.ts";
 import { dispatch, sendMessage } from "../shared/whatsapp_dispatch.ts";
 import { resetWhatsappConfig, whatsappConfig } from "../shared/whatsapp.ts";
+import { BENCH_DB, BENCH_SECRET } from "./lib.ts";
 
-const url = Deno.env.get("BENCH_DATABASE_URL");
-if (!url) throw new Error("BENCH_DATABASE_URL is required (npm run bench sets it)");
+const url = BENCH_DB;
 const LATENCY_MS = 50;
 
 // The fake runs in its own process: its arrival clock is the measurement, and
@@ -56,7 +56,7 @@ async function acceptedArrivals(): Promise<number[]> {
 function configure(rate: number, concurrency: number) {
   const vars: Record<string, string> = {
     SUPABASE_DB_URL: url!,
-    JWT_SECRET: "bench-secret-bench-secret-bench-secret-0123",
+    JWT_SECRET: BENCH_SECRET,
     LOG_LEVEL: "silent",
     DB_POOL_SIZE: "8",
     WHATSAPP_ACCESS_TOKEN: fake.token,

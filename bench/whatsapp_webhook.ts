@@ -8,14 +8,14 @@ import { closeDb } from "../shared/db.ts";
 import { resetEnv } from "../shared/env.ts";
 import { resetWhatsappConfig, signWebhook } from "../shared/whatsapp.ts";
 import { inbound, textMessage } from "../tests/support/whatsapp_payloads.ts";
+import { BENCH_DB, BENCH_SECRET } from "./lib.ts";
 
-const url = Deno.env.get("BENCH_DATABASE_URL");
-if (!url) throw new Error("BENCH_DATABASE_URL is required (npm run bench sets it)");
+const url = BENCH_DB;
 const SECRET = "bench-app-secret-0123456789abcdef";
 for (
   const [k, v] of Object.entries({
     SUPABASE_DB_URL: url,
-    JWT_SECRET: "bench-secret-bench-secret-bench-secret-0123",
+    JWT_SECRET: BENCH_SECRET,
     LOG_LEVEL: "silent",
     DB_POOL_SIZE: "8",
     WHATSAPP_APP_SECRET: SECRET,
