@@ -68,6 +68,7 @@ dbTest("schedule, run and read a job; Idempotency-Key schedules once", async () 
   });
   assert.equal(got.body.job.status, "completed");
   assert.deepEqual(got.body.job.result, { doubled: 42 });
+  assert.equal("lease_token" in got.body.job, false, "the lease token stays with the worker");
 });
 
 dbTest("a job that throws is retried with growing delays and ends failed", async () => {

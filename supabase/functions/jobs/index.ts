@@ -9,7 +9,7 @@
 import { z } from "zod";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { env } from "../../../shared/env.ts";
-import { jsonb, rpc, withClaims } from "../../../shared/db.ts";
+import { jsonb, type Row, rpc, withClaims } from "../../../shared/db.ts";
 import {
   createApp,
   type Ctx,
@@ -39,8 +39,8 @@ const runBody = z.object({
   job_types: z.array(jobType).min(1).max(100).optional(),
 }).strict();
 
-type Row = Record<string, unknown>;
-const toJob = (r: Row) => ({ ...r, id: String(r.id) });
+/** A job as the API shows it: the lease token is the running worker's alone. */
+const toJob = ({ lease_token: _, ...r }: Row) => ({ ...r, id: String(r.id) });
 
 export const app = createApp("jobs");
 app.use("*", authenticate());
