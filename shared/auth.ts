@@ -78,11 +78,10 @@ export async function verifyToken(token: string): Promise<Principal> {
     verified.delete(token);
   }
   const principal = await verifyUncached(token);
-  const exp = typeof principal.claims.exp === "number"
-    ? principal.claims.exp * 1000
-    : Date.now() + 60_000;
+  // jose has checked that exp is there and is a number (requiredClaims).
+  const expiresAt = principal.claims.exp! * 1000;
   if (verified.size >= VERIFIED_MAX) verified.delete(verified.keys().next().value!);
-  verified.set(token, { principal, expiresAt: exp });
+  verified.set(token, { principal, expiresAt });
   return principal;
 }
 

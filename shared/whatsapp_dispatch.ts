@@ -73,7 +73,7 @@ export function classify(httpStatus: number, code: number | undefined): Outcome 
 }
 
 /** The Cloud API request body for a queued message. */
-export function cloudApiRequest(m: ClaimedMessage): Record<string, unknown> {
+function cloudApiRequest(m: ClaimedMessage): Record<string, unknown> {
   const body: Record<string, unknown> = {
     messaging_product: "whatsapp",
     recipient_type: "individual",
