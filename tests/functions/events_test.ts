@@ -92,6 +92,30 @@ dbTest("concurrent appends without expected versions get unique gapless versions
   assert.deepEqual(rows.map((r) => r.version), Array.from({ length: 200 }, (_, i) => i + 1));
 });
 
+dbTest("batches over the same aggregates in opposite orders do not deadlock", async () => {
+  const token = await serviceToken();
+  const results = await Promise.all(
+    Array.from({ length: 20 }, (_, i) =>
+      call(app, "POST", "/events", {
+        token,
+        body: {
+          events: i % 2
+            ? [event("cross-a"), event("cross-b")]
+            : [event("cross-b"), event("cross-a")],
+        },
+      })),
+  );
+  assert.deepEqual(results.map((r) => r.status), Array(20).fill(201));
+  const rows = await db.sql`select aggregate_id, array_agg(version order by version)::int[] as v
+                            from public.event_store where aggregate_id like 'cross-%'
+                            group by aggregate_id order by aggregate_id`;
+  const gapless = Array.from({ length: 20 }, (_, i) => i + 1);
+  assert.deepEqual(rows.map((r) => [r.aggregate_id, r.v]), [["cross-a", gapless], [
+    "cross-b",
+    gapless,
+  ]]);
+});
+
 dbTest("a batch is atomic and bad input writes nothing", async () => {
   const token = await serviceToken();
   const ok = await call(app, "POST", "/events", {
