@@ -6,6 +6,7 @@
 //                                         (own aggregates for users, any for the service role)
 //   GET  /events/stream                   all events after a global position (service role)
 import { z } from "zod";
+import { jsonObject, text } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { rpc } from "../../../shared/db.ts";
 import { notFound } from "../../../shared/errors.ts";
@@ -13,8 +14,6 @@ import { createApp, jsonBody, pathParams, queryParams } from "../../../shared/ht
 
 const aggregateType = z.string().regex(/^[a-z][a-z0-9_]{0,62}$/);
 const aggregateId = z.string().min(1).max(256);
-const jsonObject = z.record(z.string(), z.unknown());
-const text128 = z.string().min(1).max(128);
 
 const event = z.object({
   aggregate_type: aggregateType,
@@ -23,8 +22,8 @@ const event = z.object({
   payload: jsonObject,
   expected_version: z.number().int().min(-1).optional(),
   metadata: jsonObject.optional(),
-  causation_id: text128.optional(),
-  correlation_id: text128.optional(),
+  causation_id: text(128).optional(),
+  correlation_id: text(128).optional(),
   user_id: z.uuid().optional(),
 }).strict();
 
@@ -44,7 +43,7 @@ const streamQuery = z.object({
   after_position: z.coerce.number().int().min(0).default(0),
   limit: z.coerce.number().int().min(1).max(10000).default(100),
   aggregate_type: aggregateType.optional(),
-  event_type: z.string().min(1).max(128).optional(),
+  event_type: text(128).optional(),
 }).strict();
 
 type Row = Record<string, unknown>;

@@ -7,6 +7,7 @@
 //   POST /jobs/run           the worker: drains due jobs within a time budget
 //                            (service role; cron calls it every minute)
 import { z } from "zod";
+import { bigintId, jsonObject } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { env } from "../../../shared/env.ts";
 import { jsonb, type Row, rpc, withClaims } from "../../../shared/db.ts";
@@ -20,12 +21,12 @@ import {
 import { runJobs } from "./worker.ts";
 
 const jobType = z.string().regex(/^[a-z][a-z0-9_.-]{0,62}$/);
-const jobId = z.object({ id: z.string().regex(/^[1-9][0-9]{0,18}$/) });
+const jobId = z.object({ id: bigintId });
 
 const scheduleBody = z.object({
   job_type: jobType,
   job_name: z.string().min(1).max(200),
-  payload: z.record(z.string(), z.unknown()).default({}),
+  payload: jsonObject.default({}),
   run_at: z.iso.datetime({ offset: true }).optional(),
   priority: z.number().int().min(0).max(1000).default(0),
   max_attempts: z.number().int().min(1).max(25).default(3),

@@ -6,6 +6,7 @@
 //   GET  /observability/audit         own events (users) or all (service role), paginated
 //   POST /observability/maintenance   run partition maintenance now (service role)
 import { z } from "zod";
+import { jsonObject, text } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import type { Principal } from "../../../shared/auth.ts";
 import { coalescer } from "../../../shared/coalesce.ts";
@@ -18,17 +19,14 @@ import {
   queryParams,
 } from "../../../shared/http.ts";
 
-const slug = (max: number) => z.string().min(1).max(max);
-const jsonObject = z.record(z.string(), z.unknown());
-
 const metric = z.object({
   service_name: z.string().regex(/^[a-z0-9][a-z0-9_.-]{0,62}$/),
   metric_type: z.string().regex(/^[a-z][a-z0-9_]{0,31}$/),
   metric_name: z.string().regex(/^[a-zA-Z][a-zA-Z0-9_.:/-]{0,127}$/),
   value: z.number().finite(),
-  unit: slug(32).optional(),
+  unit: text(32).optional(),
   tags: jsonObject.optional(),
-  correlation_id: slug(128).optional(),
+  correlation_id: text(128).optional(),
   recorded_at: z.iso.datetime({ offset: true }).optional(),
 }).strict();
 
@@ -39,7 +37,7 @@ const metricsBody = z.union([
 
 const statsQuery = z.object({
   service_name: z.string().min(1).max(63),
-  metric_name: z.string().min(1).max(128),
+  metric_name: text(128),
   from: z.iso.datetime({ offset: true }).optional(),
   to: z.iso.datetime({ offset: true }).optional(),
   bucket_seconds: z.coerce.number().int().min(1).max(2678400).default(60),
@@ -47,23 +45,23 @@ const statsQuery = z.object({
 
 const auditBody = z.object({
   actor_type: z.enum(["user", "service", "system", "admin"]),
-  actor_identifier: slug(256),
+  actor_identifier: text(256),
   action: z.string().regex(/^[a-zA-Z][a-zA-Z0-9_.:-]{0,127}$/),
-  resource_type: slug(64).optional(),
-  resource_id: slug(256).optional(),
+  resource_type: text(64).optional(),
+  resource_id: text(256).optional(),
   old_data: z.unknown().optional(),
   new_data: z.unknown().optional(),
   metadata: jsonObject.optional(),
   status: z.enum(["success", "failure", "denied"]).optional(),
   error_message: z.string().max(2000).optional(),
-  request_id: slug(128).optional(),
+  request_id: text(128).optional(),
   user_id: z.uuid().optional(),
 }).strict();
 
 const auditQuery = z.object({
-  resource_type: slug(64).optional(),
-  resource_id: slug(256).optional(),
-  correlation_id: slug(128).optional(),
+  resource_type: text(64).optional(),
+  resource_id: text(256).optional(),
+  correlation_id: text(128).optional(),
   limit: z.coerce.number().int().min(1).max(500).default(50),
   cursor: z.string().max(200).optional(),
 }).strict();

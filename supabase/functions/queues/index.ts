@@ -12,22 +12,23 @@
 // Consumers are backends: claiming, settling and metrics are for the service
 // role only. Users may only send, and never see other senders' messages.
 import { z } from "zod";
+import { bigintId, jsonObject, text } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { jsonb, rpc, withClaims } from "../../../shared/db.ts";
 import { createApp, idempotencyKeyHeader, jsonBody, pathParams } from "../../../shared/http.ts";
 
 const queueName = z.string().regex(/^[a-z][a-z0-9_-]{0,62}$/);
-const messageId = z.string().regex(/^[1-9][0-9]{0,18}$/);
+
 const idempotencyKey = z.string().min(1).max(256);
 
 const message = z.object({
-  payload: z.record(z.string(), z.unknown()),
+  payload: jsonObject,
   message_type: z.string().regex(/^[A-Za-z][A-Za-z0-9_.:-]{0,127}$/).optional(),
   priority: z.number().int().min(0).max(1000).optional(),
   delay_seconds: z.number().int().min(0).max(31536000).optional(),
   max_attempts: z.number().int().min(1).max(100).optional(),
   idempotency_key: idempotencyKey.optional(),
-  correlation_id: z.string().min(1).max(128).optional(),
+  correlation_id: text(128).optional(),
 }).strict();
 
 const sendBody = z.union([
@@ -38,7 +39,7 @@ const sendBody = z.union([
 const claimBody = z.object({
   limit: z.number().int().min(1).max(1000).default(10),
   visibility_timeout_seconds: z.number().min(0.1).max(43200).default(30),
-  consumer: z.string().min(1).max(128).optional(),
+  consumer: text(128).optional(),
 }).strict();
 
 // ack takes the lease token only; nack may add an error and a delay.
@@ -91,7 +92,7 @@ app.post("/:queue/messages/:id/:action{ack|nack}", async (c) => {
   const who = requireService(c);
   const { queue, id, action } = pathParams(
     c,
-    z.object({ queue: queueName, id: messageId, action: z.enum(["ack", "nack"]) }),
+    z.object({ queue: queueName, id: bigintId, action: z.enum(["ack", "nack"]) }),
   );
   const body: z.infer<typeof settleBody> = await jsonBody(
     c,

@@ -14,6 +14,7 @@
 //   POST   /transactions/:id/status                state transition (service role)
 //   GET    /transactions/:id/events                its status history
 import { z } from "zod";
+import { jsonObject, text } from "../../../shared/schemas.ts";
 import {
   authenticate,
   type Principal,
@@ -41,8 +42,6 @@ const amount = z.union([
   z.number().positive().max(1e15).transform((n) => String(n)),
 ]).refine((v) => Number(v) > 0, "amount must be positive");
 const currency = z.string().regex(/^[A-Z]{3}$/);
-const jsonObject = z.record(z.string(), z.unknown());
-const text = (max: number) => z.string().min(1).max(max);
 const idParam = z.object({ id: z.uuid() }).strict();
 
 const createBody = z.object({

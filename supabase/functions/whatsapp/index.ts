@@ -6,6 +6,7 @@
 //   GET  /whatsapp/sessions              own session for users, all for the service role
 //   GET  /whatsapp/metrics               queue depth, in flight, failed, send rate (service role)
 import { z } from "zod";
+import { bigintId, jsonObject } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { jsonb, rpc, withClaims } from "../../../shared/db.ts";
 import { notFound } from "../../../shared/errors.ts";
@@ -23,14 +24,14 @@ import { dispatchSoon } from "../../../shared/whatsapp_dispatch.ts";
 const enqueueBody = z.object({
   recipient_phone: z.string().max(32),
   message_type: z.enum(["text", "template", "media", "interactive", "location"]),
-  message_payload: z.record(z.string(), z.unknown()),
+  message_payload: jsonObject,
   priority: z.number().int().min(1).max(10).default(5),
   scheduled_at: z.iso.datetime({ offset: true }).optional(),
   max_attempts: z.number().int().min(1).max(50).default(5),
-  metadata: z.record(z.string(), z.unknown()).optional(),
+  metadata: jsonObject.optional(),
 }).strict();
 
-const idParam = z.object({ id: z.string().regex(/^[1-9][0-9]{0,18}$/) });
+const idParam = z.object({ id: bigintId });
 
 const sessionsQuery = z.object({
   status: z.enum(["active", "inactive", "suspended", "expired"]).optional(),
