@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(33);
+select plan(36);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -41,6 +41,15 @@ select throws_ok($$select public.append_event('trip-123', 'Trip!', 'x', '{}')$$,
   '23514', null, 'aggregate types are checked');
 select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_metadata := '"m"')$$,
   'PT400', 'invalid_metadata', 'metadata must be an object');
+select throws_ok($$select public.append_event(repeat('x', 257), 'trip', 'x', '{}')$$,
+  '23514', null, 'aggregate ids are at most 256 characters');
+-- the column rules hold for any writer, not only append_event
+select throws_ok($$insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
+                  values ('trip', 'direct', '9lives', 1, '{}')$$,
+  '23514', null, 'event types are checked on every insert');
+select throws_ok($$insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
+                  values ('trip', 'direct', 'x', 1, '[]')$$,
+  '23514', null, 'payloads are objects on every insert');
 select is((select version from public.event_streams where aggregate_id = 'trip-123'), 2::bigint,
   'refused appends leave the stream version alone');
 
