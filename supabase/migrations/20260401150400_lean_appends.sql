@@ -18,8 +18,8 @@
 -- The rules themselves do not change; they move from the tables to the types
 -- of their columns, which also covers any future writer. The version columns
 -- stay plain bigint with their one table check each (a few microseconds):
--- clients compare versions as numbers, and a domain there would get in the way
--- of polymorphic functions (is(), coalesce with a bigint) for no real gain.
+-- clients compare versions as numbers, and a domain there would make calls
+-- that take two anyelement arguments (pgTAP's is(version, 2::bigint)) fail.
 -- =============================================================================
 
 -- -----------------------------------------------------------------------------
