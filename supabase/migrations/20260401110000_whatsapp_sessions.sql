@@ -406,7 +406,7 @@ create table public.whatsapp_inbound_messages (
   wamid text not null check (char_length(wamid) between 1 and 256),
   from_phone text not null check (from_phone ~ '^\+[1-9][0-9]{6,14}$'),
   phone_number_id text check (char_length(phone_number_id) <= 64),
-  message_type text not null check (message_type ~ '^[a-z_]{1,32}$'),
+  message_type text not null check (char_length(message_type) between 1 and 32 and message_type ~ '^[a-z_]+$'),
   text_body text check (char_length(text_body) <= 8192),
   payload jsonb not null check (jsonb_typeof(payload) = 'object'),
   context_wamid text check (char_length(context_wamid) <= 256),
@@ -935,10 +935,14 @@ language plpgsql
 security definer
 set search_path = ''
 -- The claim must walk the pending index in (priority, id) order and stop at
--- the limit; without these the planner may bitmap-scan and sort the whole
--- backlog when the queue's statistics are young (a burst right after a quiet
--- period), which turns a millisecond claim into hundreds.
+-- the limit, and probe private.whatsapp_pair_pacing by its primary key. When
+-- the statistics are young (a burst right after a quiet period) the planner
+-- otherwise bitmap-scans and sorts the whole backlog, or reads the whole
+-- pacing table once per candidate message (which every send grows): either
+-- turns a millisecond claim into over a hundred, leaving send slots unfilled.
+-- Every table the claim reads has the index it needs.
 set enable_bitmapscan = off
+set enable_seqscan = off
 as $$
 declare
   v_window private.whatsapp_send_windows;

@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(36);
+select plan(37);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -21,8 +21,11 @@ select is((public.append_event('trip-123', 'trip', 'fare_adjusted', '{"fare": 45
 select is((select correlation_id || '/' || causation_id || '/' || (metadata ->> 'source')
            from public.event_store where version = 2 and aggregate_id = 'trip-123'),
   'corr-1/cmd-9/test', 'correlation, causation and metadata are kept');
+select last_value as seq_before from public.event_store_id_seq \gset
 select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_expected_version := 1)$$,
   'PT409', 'version_conflict', 'a stale expected version is a conflict');
+select is((select last_value from public.event_store_id_seq), :seq_before::bigint,
+  'a conflict does not start writing the event (no id taken)');
 select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_expected_version := -1)$$,
   'PT409', 'version_conflict', 'expected version -1 means no events yet');
 select is((public.append_event('trip-new', 'trip', 'trip_created', '{}', p_expected_version := -1)).version,
