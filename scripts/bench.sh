@@ -7,13 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ensure_node_modules
 ensure_system_packages
 # wrk drives the HTTP side of the benchmarks (pgbench, the SQL side, comes with PostgreSQL).
-if ! command -v wrk >/dev/null; then
-  if is_root && command -v apt-get >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null
-  else
-    die "benchmarks need wrk (Debian/Ubuntu package: wrk)"
-  fi
-fi
+command -v wrk >/dev/null || apt_install "benchmarks need wrk (Debian/Ubuntu package: wrk)" wrk
 ensure_database
 trap stop_cluster_if_started EXIT
 

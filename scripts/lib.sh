@@ -37,19 +37,31 @@ system_packages_present() {
     && [ -f "$ext/pgtap.control" ] && command -v pg_prove >/dev/null && command -v psql >/dev/null
 }
 
+# apt_install <message> <package>...: installs Debian/Ubuntu packages when we
+# are root and have apt-get, and dies with <message> otherwise. Callers check
+# first for what they need (a command, an extension file), which says more than
+# whether dpkg knows a package. The index is refreshed once per run before the
+# first install: a fresh container has none, and a stale one can name versions
+# the mirror no longer serves.
+APT_INDEX_FRESH=0
+apt_install() {
+  local message="$1"
+  shift
+  is_root && command -v apt-get >/dev/null || die "$message"
+  log "installing $* (apt)"
+  if [ "$APT_INDEX_FRESH" != 1 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    APT_INDEX_FRESH=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
 ensure_system_packages() {
   system_packages_present && return 0
-  if is_root && command -v apt-get >/dev/null; then
-    log "installing PostgreSQL $PG_MAJOR with PostGIS, pg_cron and pgTAP (apt)"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      "${APT_PACKAGES[@]}" >/dev/null
-    system_packages_present || die "apt installed ${APT_PACKAGES[*]} but something is still missing"
-  else
-    die "missing PostgreSQL $PG_MAJOR packages. Install: ${APT_PACKAGES[*]}
+  apt_install "missing PostgreSQL $PG_MAJOR packages. Install: ${APT_PACKAGES[*]}
 (Debian/Ubuntu names; run this as root to have it done for you), or point DATABASE_URL
-at a Postgres $PG_MAJOR with PostGIS, pg_cron and pgTAP."
-  fi
+at a Postgres $PG_MAJOR with PostGIS, pg_cron and pgTAP." "${APT_PACKAGES[@]}"
+  system_packages_present || die "apt installed ${APT_PACKAGES[*]} but something is still missing"
 }
 
 ensure_node_modules() {

@@ -7,8 +7,13 @@
 // busy one commits many writes per round trip and per WAL flush. Every caller
 // still gets its own answer only after its own write has committed.
 //
-// A batch is all or nothing in SQL. If it fails, its writes are retried one by
-// one so each caller gets exactly the error (or success) its own write earns.
+// A batch is all or nothing in SQL. If it fails on the callers' input (a 4xx),
+// one bad value may have sunk the others, so its writes are retried one by one
+// and each caller gets exactly the error (or success) its own write earns. Any
+// other failure (lost connection, timeout, a fault on our side) would only
+// repeat itself once per write, so every caller of the batch gets it as is.
+
+import { HttpError } from "./errors.ts";
 
 export interface CoalesceOptions {
   /** Most writes in one batch. */
@@ -43,17 +48,25 @@ export function coalescer<G, I, O>(
   async function run(group: G, batch: Waiter<I, O>[]): Promise<void> {
     if (batch.length > 1) {
       try {
-        const results = await many(group, batch.map((w) => w.item));
+        const results = await settled(() => many(group, batch.map((w) => w.item)));
         if (results.length !== batch.length) {
           throw new Error(`coalescer: ${results.length} results for ${batch.length} items`);
         }
         batch.forEach((w, i) => w.resolve(results[i]));
         return;
-      } catch {
-        // Fall through: one by one, so each caller gets its own outcome.
+      } catch (err) {
+        // A miscounted answer is not a 4xx either: the batch may have
+        // committed, and writing it again one by one would duplicate it.
+        if (!isCallerError(err)) {
+          for (const w of batch) w.reject(err);
+          return;
+        }
       }
     }
-    await Promise.all(batch.map((w) => one(group, w.item).then(w.resolve, w.reject)));
+    // One at a time: the retries share this batch's in-flight slot.
+    for (const w of batch) {
+      await settled(() => one(group, w.item)).then(w.resolve, w.reject);
+    }
   }
 
   function pump(group: G, state: Group<I, O>): void {
@@ -75,4 +88,18 @@ export function coalescer<G, I, O>(
       state.queue.push({ item, resolve, reject });
       pump(group, state);
     });
+}
+
+/**
+ * Errors the callers' input earned. rpc() and withClaims() reject with
+ * toHttpError's mapping already, so the status is read as it stands, and
+ * anything that is not an HttpError is a fault rather than a bad value.
+ */
+function isCallerError(err: unknown): boolean {
+  return err instanceof HttpError && err.status >= 400 && err.status < 500;
+}
+
+/** Calls `fn` so that a synchronous throw becomes a rejection, not a lost waiter. */
+function settled<T>(fn: () => Promise<T>): Promise<T> {
+  return Promise.resolve().then(fn);
 }

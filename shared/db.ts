@@ -194,6 +194,25 @@ interface PgError {
   column_name?: string;
 }
 
+// The class 22 (data exception) codes a value of the wrong shape raises when
+// validation let it through (bad number, date, JSON, encoding, text, pattern):
+// the caller's input is at fault. The rest of the class (division by zero, a
+// bad array subscript, ...) means our own SQL went wrong on good input, so it
+// is a 500, logged like any other fault.
+const CALLER_DATA_EXCEPTIONS = new Set([
+  "22001", // string_data_right_truncation
+  "22003", // numeric_value_out_of_range
+  "22004", // null_value_not_allowed
+  "22007", // invalid_datetime_format
+  "22008", // datetime_field_overflow
+  "22021", // character_not_in_repertoire
+  "22023", // invalid_parameter_value
+  "22025", // invalid_escape_sequence
+  "2201B", // invalid_regular_expression
+  "22P02", // invalid_text_representation
+  "22P05", // untranslatable_character (jsonb's \u0000)
+]);
+
 /**
  * Maps a Postgres error to HTTP by SQLSTATE. Domain errors raised with
  * private.raise_error carry 'PT' || status, the stable code as MESSAGE and
@@ -219,9 +238,7 @@ export function toHttpError(err: unknown, correlationId?: string): HttpError {
       details,
     );
   }
-  // Class 22, data exceptions: a value of the wrong shape (bad number, date,
-  // JSON, encoding) that validation let through; the caller's input is at fault.
-  if (code.startsWith("22")) {
+  if (CALLER_DATA_EXCEPTIONS.has(code)) {
     return new HttpError(400, "invalid_input", "the database rejected a value", { sqlstate: code });
   }
   switch (code) {

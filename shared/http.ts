@@ -237,17 +237,31 @@ export function runInBackground(work: Promise<unknown>, correlationId?: string):
   runtime?.waitUntil(guarded);
 }
 
-const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/;
+const IDEMPOTENCY_KEY = /^[\x21-\x7e]+$/;
+
+export interface IdempotencyKeyOptions {
+  /** A missing header is a 400 too. */
+  required?: boolean;
+  /**
+   * Longest key accepted. 256 is what the jobs, queues and WhatsApp tables
+   * store; a function whose SQL allows fewer passes its own limit, so the
+   * caller hears about a long key here rather than from the database.
+   */
+  max?: number;
+}
 
 /**
- * The Idempotency-Key header (1-255 visible ASCII characters; anything else is
- * a 400). With `required`, a missing header is a 400 too.
+ * The Idempotency-Key header (1 to `max`, by default 256, visible ASCII
+ * characters; anything else is a 400).
  */
-export function idempotencyKeyHeader(c: Ctx, opts: { required: true }): string;
-export function idempotencyKeyHeader(c: Ctx, opts?: { required?: boolean }): string | undefined;
 export function idempotencyKeyHeader(
   c: Ctx,
-  opts: { required?: boolean } = {},
+  opts: IdempotencyKeyOptions & { required: true },
+): string;
+export function idempotencyKeyHeader(c: Ctx, opts?: IdempotencyKeyOptions): string | undefined;
+export function idempotencyKeyHeader(
+  c: Ctx,
+  opts: IdempotencyKeyOptions = {},
 ): string | undefined {
   const key = c.req.header("idempotency-key");
   if (key === undefined) {
@@ -256,10 +270,11 @@ export function idempotencyKeyHeader(
     }
     return undefined;
   }
-  if (!IDEMPOTENCY_KEY.test(key)) {
+  const max = opts.max ?? 256;
+  if (key.length > max || !IDEMPOTENCY_KEY.test(key)) {
     throw badRequest(
       "invalid_idempotency_key",
-      "Idempotency-Key must be 1-255 visible ASCII characters",
+      `Idempotency-Key must be 1-${max} visible ASCII characters`,
     );
   }
   return key;

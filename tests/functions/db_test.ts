@@ -8,6 +8,29 @@ import { createUser, dbTest, freshDatabase } from "../support/harness.ts";
 
 const db = await freshDatabase();
 const service: Principal = { role: "service_role", claims: { role: "service_role" } };
+
+/**
+ * Asserts that the pool's connections carry no role, claims or correlation id
+ * left over from earlier requests. It asks through the raw pool, which sets
+ * nothing itself, so a leaked setting is what it would see.
+ */
+async function assertPoolClean(): Promise<void> {
+  const after = await Promise.all(
+    Array.from(
+      { length: 8 },
+      () =>
+        dbPool()`select current_user as role,
+                        coalesce(current_setting('request.jwt.claims', true), '') as claims,
+                        coalesce(current_setting('request.correlation_id', true), '') as correlation_id`,
+    ),
+  );
+  for (const [row] of after) {
+    assert.equal(row.role, "postgres");
+    assert.equal(row.claims, "");
+    assert.equal(row.correlation_id, "");
+  }
+}
+
 const nasty = [
   "it's",
   "$$ dollar $$",
@@ -44,17 +67,15 @@ dbTest("settings are transaction-local: the next use of the connection is clean"
     userId: uid,
     claims: { role: "authenticated", sub: uid },
   };
-  await withClaims(who, "a", (tx) => tx`select 1`);
+  // More at once than the pool has connections, so every connection is used.
   const rows = await Promise.all(
     Array.from(
       { length: 8 },
-      () => withClaims(service, "b", (tx) => tx`select current_user as role, auth.uid() as uid`),
+      () => withClaims(who, "a", (tx) => tx`select current_user as role, auth.uid() as uid`),
     ),
   );
-  for (const row of rows) {
-    assert.equal(row[0].role, "service_role");
-    assert.equal(row[0].uid, null);
-  }
+  for (const [row] of rows) assert.deepEqual(row, { role: "authenticated", uid });
+  await assertPoolClean();
 });
 
 dbTest("rpc values cannot escape their literals", async () => {
@@ -119,6 +140,24 @@ dbTest("domain errors keep their status and code; NUL bytes are a 400, not a 500
   );
 });
 
+dbTest("bad values are a 400; other data exceptions are our fault, a 500", async () => {
+  await assert.rejects(
+    rpc(service, "j", "public.log_audit_event", {
+      actor_type: "service",
+      actor_identifier: "svc",
+      action: "bad_uuid",
+      user_id: "not-a-uuid",
+    }),
+    (e: unknown) =>
+      e instanceof HttpError && e.status === 400 && e.code === "invalid_input" &&
+      (e.details as { sqlstate?: string }).sqlstate === "22P02",
+  );
+  await assert.rejects(
+    withClaims(service, "k", (tx) => tx`select 1 / 0 as x`),
+    (e: unknown) => e instanceof HttpError && e.status === 500 && e.code === "internal_error",
+  );
+});
+
 dbTest("rpc refuses identifiers that are not plain names", async () => {
   await assert.rejects(rpc(service, "h", "public.x; drop table y", {}), /not a schema-qualified/);
   await assert.rejects(rpc(service, "h", "record_metric", {}), /not a schema-qualified/);
@@ -146,15 +185,5 @@ dbTest("rpc's settings end with its message: pooled connections come back clean"
         }),
     ),
   );
-  const after = await Promise.all(
-    Array.from(
-      { length: 8 },
-      () =>
-        dbPool()`select current_user as role, coalesce(current_setting('request.jwt.claims', true), '') as claims`,
-    ),
-  );
-  for (const [row] of after) {
-    assert.equal(row.role, "postgres");
-    assert.equal(row.claims, "");
-  }
+  await assertPoolClean();
 });

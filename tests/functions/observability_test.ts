@@ -42,19 +42,40 @@ dbTest("a batch of metrics is written in one go; one bad element writes none", a
   assert.equal(ok.status, 201, JSON.stringify(ok.body));
   assert.equal(ok.body.recorded, 250);
 
+  // NaN goes out as null, which validation refuses before any SQL runs.
   const bad = [...metrics.slice(0, 10), metric({ metric_name: "batch", value: Number.NaN })];
   expectError(
     await call(app, "POST", "/observability/metrics", { token, body: { metrics: bad } }),
     400,
+    "invalid_request",
   );
   const tooMany = Array.from({ length: 1001 }, () => metric({ metric_name: "batch" }));
   expectError(
     await call(app, "POST", "/observability/metrics", { token, body: { metrics: tooMany } }),
     400,
+    "invalid_request",
   );
   const [row] = await db
     .sql`select count(*)::int as n from public.system_metrics where metric_name = 'batch'`;
   assert.equal(row.n, 250);
+
+  // jsonb cannot hold \u0000, which JSON and validation allow: only Postgres
+  // refuses this last element, and the ten valid ones before it stay unwritten.
+  const nul = [
+    ...Array.from({ length: 10 }, (_, i) => metric({ metric_name: "batch_nul", value: i })),
+    metric({ metric_name: "batch_nul", tags: { k: "a\u0000" } }),
+  ];
+  const count = async () =>
+    (await db
+      .sql`select count(*)::int as n from public.system_metrics where metric_name = 'batch_nul'`)[0]
+      .n;
+  assert.equal(await count(), 0);
+  expectError(
+    await call(app, "POST", "/observability/metrics", { token, body: { metrics: nul } }),
+    400,
+    "invalid_input",
+  );
+  assert.equal(await count(), 0);
 });
 
 dbTest("metric stats give avg/min/max/p95 per bucket", async () => {

@@ -52,6 +52,22 @@ dbTest("send one message; the same Idempotency-Key returns it", async () => {
   expectError(other, 409, "idempotency_key_conflict");
 });
 
+// 256 is the shared header limit and what message_queue.idempotency_key holds.
+dbTest("an Idempotency-Key header may have 256 characters, not 257", async () => {
+  const token = await serviceToken();
+  const send = (key: string) =>
+    call(app, "POST", "/queues/long-keys/messages", {
+      token,
+      headers: { "idempotency-key": key },
+      body: { payload: {} },
+    });
+  expectError(await send("k".repeat(257)), 400, "invalid_idempotency_key");
+  assert.equal(await count("long-keys"), 0);
+  const res = await send("k".repeat(256));
+  assert.equal(res.status, 201, JSON.stringify(res.body));
+  assert.equal(await count("long-keys"), 1);
+});
+
 dbTest("100 concurrent sends with one idempotency key make one message", async () => {
   const token = await serviceToken();
   const viaHttp = await Promise.all(
