@@ -10,18 +10,6 @@
 -- =============================================================================
 
 -- -----------------------------------------------------------------------------
--- Function privileges
---
--- Postgres lets PUBLIC execute every new function. Per-schema default
--- privileges can only add grants, never take this one away, so the migrating
--- role's global default drops it: every function from here on is callable
--- only by the roles a migration grants it to (Supabase's per-schema defaults
--- still grant public.* functions to the API roles; migrations revoke those
--- they must not have).
--- -----------------------------------------------------------------------------
-alter default privileges revoke execute on functions from public;
-
--- -----------------------------------------------------------------------------
 -- Extensions
 -- -----------------------------------------------------------------------------
 create extension if not exists pgcrypto with schema extensions;
@@ -35,6 +23,19 @@ begin
   end if;
 end
 $$;
+
+-- -----------------------------------------------------------------------------
+-- Function privileges
+--
+-- Postgres lets PUBLIC execute every new function. Per-schema default
+-- privileges can only add grants, never take this one away, so the migrating
+-- role's global default drops it: every function from here on is callable
+-- only by the roles a migration grants it to (Supabase's per-schema defaults
+-- still grant public.* functions to the API roles; migrations revoke those
+-- they must not have). It comes after the extensions, whose functions keep
+-- the grants they are made with.
+-- -----------------------------------------------------------------------------
+alter default privileges revoke execute on functions from public;
 
 -- -----------------------------------------------------------------------------
 -- Schema private
@@ -217,16 +218,20 @@ begin
 end;
 $$;
 
--- Partitions are reached through their parent, where RLS applies. Supabase's
--- default privileges would grant API roles direct access to each partition,
--- bypassing the parent's policies, so partitions are closed to them.
+-- Partitions are reached through their parent, where RLS and the parent's
+-- grants apply. Supabase's default privileges would grant the API roles, the
+-- service role included, direct access to each partition, past the parent's
+-- policies and grants (money tables grant the service role only select, so
+-- that status changes go through the state machine), so partitions are closed
+-- to all of them.
 create or replace function private.secure_partition(p_schema text, p_name text)
 returns void
 language plpgsql
 set search_path = ''
 as $$
 begin
-  execute format('revoke all on table %I.%I from public, anon, authenticated', p_schema, p_name);
+  execute format('revoke all on table %I.%I from public, anon, authenticated, service_role',
+    p_schema, p_name);
   execute format('alter table %I.%I enable row level security', p_schema, p_name);
 end;
 $$;

@@ -474,8 +474,16 @@ revoke all on public.transaction_events from anon, authenticated, service_role;
 revoke all on sequence public.transaction_events_id_seq from anon, authenticated, service_role;
 grant select on public.transaction_events to authenticated, service_role;
 
+-- A user reads the history of every transaction they can read: their own, and
+-- transfers they received (events carry the initiator's id).
 create policy transaction_events_user_select on public.transaction_events
-  for select to authenticated using (user_id = (select auth.uid()));
+  for select to authenticated using (
+    user_id = (select auth.uid())
+    or exists (
+      select from public.transactions t
+      where t.id = transaction_id and t.destination_user_id = (select auth.uid())
+    )
+  );
 create policy transaction_events_service_select on public.transaction_events
   for select to service_role using (true);
 
@@ -961,7 +969,7 @@ stable
 set search_path = ''
 as $$
 begin
-  if p_limit is null or p_limit < 1 or p_limit > 1001 then
+  if p_limit is null or p_limit < 1 or p_limit > 1000 then
     perform private.raise_error(400, 'invalid_limit', 'limit must be between 1 and 1000');
   end if;
   if (p_before_created_at is null) <> (p_before_id is null) then
@@ -985,15 +993,22 @@ begin
 end;
 $$;
 
+-- 404 when the caller cannot read the transaction, as get_transaction.
 create or replace function public.list_transaction_events(p_transaction_id uuid)
 returns setof public.transaction_events
-language sql
+language plpgsql
 stable
 set search_path = ''
 as $$
+begin
+  if not exists (select from public.get_transaction(p_transaction_id)) then
+    perform private.raise_error(404, 'not_found', 'no such transaction');
+  end if;
+  return query
   select e.* from public.transaction_events e
   where e.transaction_id = p_transaction_id
-  order by e.created_at, e.id
+  order by e.created_at, e.id;
+end;
 $$;
 
 create or replace function public.get_balances(p_user_id uuid default null)

@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(159);
+select plan(163);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -117,6 +117,10 @@ select throws_ok($$select public.create_transaction((select alice from ids), 'cr
   p_category := repeat('c', 65))$$, 'PT400', 'invalid_input', 'text lengths are checked');
 select is((select count(*) from public.transactions), (select txs + 1 from counts),
   'only the valid USD credit was written');
+select is((select count(*) from public.transaction_idempotency_keys), (select keys from counts),
+  'no refused call kept an idempotency key');
+select throws_ok($$select * from public.list_transactions(p_limit := 1001)$$,
+  'PT400', 'invalid_limit', 'a page holds at most 1000 transactions');
 
 -- idempotency ----------------------------------------------------------------
 create temp table idem as
@@ -313,7 +317,8 @@ select is((select amount from public.get_transaction((select far from edges))), 
   'the far-future transaction is found by id');
 select is((public.update_transaction_status((select far from edges), 'processing')).status, 'processing',
   'the far-future transaction is updated by id');
-select ok(exists (select from public.maintain_partitions() where partition_name like 'transactions_%'),
+select ok(exists (select from public.maintain_partitions()
+                  where partition_name like '%transactions_' || to_char(now() + interval '2 years', 'YYYY_MM')),
   'maintenance gives the far-future month its partition');
 select is((select t.tableoid::regclass::text || ' ' || g.status
             from public.get_transaction((select far from edges)) g
@@ -324,19 +329,26 @@ select is((select t.tableoid::regclass::text || ' ' || g.status
 -- RLS matrix ------------------------------------------------------------------
 grant select on pairs, pay, edges to authenticated, anon, service_role;
 -- alice: own rows only, and transfers she received
+select count(*) as alice_visible from public.transactions
+where user_id = (select alice from ids) or destination_user_id = (select alice from ids) \gset
 select tests.authenticate_as((select alice from ids));
 select is((select count(*)::int from public.transactions where user_id <> (select alice from ids)
            and destination_user_id is distinct from (select alice from ids)), 0,
   'alice sees no one else''s transactions');
-select ok((select count(*) from public.transactions) > 5, 'alice sees her own transactions');
+select is((select count(*) from public.transactions), :alice_visible::bigint,
+  'alice sees all of her own transactions');
 select is((select count(*)::int from public.get_transaction((select id from pairs limit 1))), 0,
   'alice cannot read bob''s transaction by id');
-select is((select count(*)::int from public.list_transaction_events((select id from pairs limit 1))), 0,
-  'alice cannot read bob''s events');
+select throws_ok($$select * from public.list_transaction_events((select id from pairs limit 1))$$,
+  'PT404', 'not_found', 'alice cannot read bob''s events');
 select is((select count(*)::int from public.list_transactions(p_type := 'credit', p_user_id := (select bob from ids))), 0,
   'alice cannot list bob''s credits');
-select is((select count(*)::int from public.transaction_events where user_id <> (select alice from ids)), 0,
-  'alice sees only her own events');
+select is((select count(*)::int from public.transaction_events e
+           where e.user_id <> (select alice from ids)
+             and not exists (select from public.transactions t
+                             where t.id = e.transaction_id
+                               and t.destination_user_id = (select alice from ids))), 0,
+  'alice sees only the events of her transactions and of transfers she received');
 select is((select array_agg(distinct user_id) from public.get_balances()), array[(select alice from ids)],
   'alice sees only her own balances');
 select is((select count(*)::int from public.wallets where user_id is distinct from (select alice from ids)), 0,
@@ -438,6 +450,11 @@ select is((public.create_transaction((select carol from ids), 'commission', 5, '
   'service_role creates commissions');
 select throws_ok($$update public.transactions set amount = 1$$, '42501', null,
   'service_role changes transactions only through the functions');
+select throws_ok($$update public.transactions_default set status = 'completed'$$, '42501', null,
+  'service_role cannot write a partition by name either');
+select throws_ok(format('update public.%I set status = ''completed''',
+                        'transactions_' || to_char(now(), 'YYYY_MM')), '42501', null,
+  'nor the current month''s partition');
 
 select tests.clear_authentication();
 select ok(pg_temp.ledger_ok(), 'the ledger still balances at the end');

@@ -438,16 +438,31 @@ dbTest("transfers by id and by phone settle at once; the recipient sees them", a
     .sql`select balance::text from public.wallets where user_id = ${bob} and currency = 'RWF'`;
   assert.equal(rwf.balance, w.balance);
   assert.equal(Number(rwf.balance), 200, "150 + 50 settled; the earlier credit is still pending");
+
+  // The recipient reads the history of a transfer they received, like the sender.
+  const reversed = await post(`/transactions/${byId.body.id}/status`, service, {
+    new_status: "reversed",
+    reason: "sent by mistake",
+  }, null);
+  assert.equal(reversed.status, 200, JSON.stringify(reversed.body));
+  for (const token of [bobToken, aliceToken]) {
+    const history = await call(app, "GET", `/transactions/${byId.body.id}/events`, { token });
+    assert.equal(history.status, 200);
+    assert.deepEqual(history.body.data.map((e: { new_status: string }) => e.new_status), [
+      "reversed",
+    ]);
+  }
 });
 
 dbTest("listing pages with a cursor and filters", async () => {
   for (let i = 0; i < 5; i++) {
-    await post("/transactions", aliceToken, {
+    const fee = await post("/transactions", aliceToken, {
       type: "fee",
       amount: 1,
       currency: "RWF",
       category: "list-test",
     });
+    assert.equal(fee.status, 201, JSON.stringify(fee.body));
   }
   const seen: string[] = [];
   let cursor: string | null = null;
@@ -464,6 +479,7 @@ dbTest("listing pages with a cursor and filters", async () => {
   const rows = await db
     .sql`select id from public.transactions where user_id = ${alice} and type = 'fee'
                             and status = 'pending' order by created_at desc, id desc`;
+  assert.ok(seen.length >= 5, "the five fees are listed");
   assert.deepEqual(seen, rows.map((r) => r.id));
   const future = await call(
     app,
@@ -479,6 +495,7 @@ dbTest("listing pages with a cursor and filters", async () => {
   });
   const [{ n }] = await db.sql`select count(*)::int as n
                               from public.list_transactions(p_user_id := ${alice}, p_limit := 500)`;
+  assert.equal(all.status, 200);
   assert.equal(all.body.data.length, n);
   assert.ok(n >= rows.length);
 });

@@ -128,7 +128,7 @@ app.use("*", authenticate());
 
 app.post("/", async (c) => {
   const who = requireUserOrService(c);
-  const key = idempotencyKeyHeader(c, { required: true });
+  const key = idempotencyKeyHeader(c, { required: true, max: 255 });
   const body = await jsonBody(c, createBody);
   const correlationId = c.get("correlationId");
   const row = one(
@@ -179,7 +179,7 @@ app.get("/", async (c) => {
 
 app.post("/transfers", async (c) => {
   const who = requireUserOrService(c);
-  const key = idempotencyKeyHeader(c, { required: true });
+  const key = idempotencyKeyHeader(c, { required: true, max: 255 });
   const body = await jsonBody(c, transferBody);
   const correlationId = c.get("correlationId");
   const row = one(
@@ -289,11 +289,10 @@ app.post("/:id/status", async (c) => {
 app.get("/:id/events", async (c) => {
   const who = requireUserOrService(c);
   const { id } = pathParams(c, idParam);
-  const rows = await withClaims(who, c.get("correlationId"), async (tx) => {
-    one(await tx`select id from public.get_transaction(${id})`);
-    return await tx`select * from public.list_transaction_events(${id})`;
+  const rows = await rpc(who, c.get("correlationId"), "public.list_transaction_events", {
+    transaction_id: id,
   });
-  return c.json({ data: rows.map((r) => ({ ...r, id: String(r.id) })) });
+  return c.json({ data: rows });
 });
 
 if (import.meta.main) Deno.serve(app.fetch);
