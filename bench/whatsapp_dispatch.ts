@@ -1,6 +1,6 @@
 // Dispatch throughput against the fake Cloud API answering after 50 ms.
 //
-//   1. limit 1,000 msg/s, one dispatcher: sustained messages/s (target >= 1,000)
+//   1. limit 1,000 msg/s, three concurrent dispatchers: sustained messages/s (target >= 1,000)
 //   2. limit 80 msg/s, three concurrent dispatchers: sustained messages/s
 //      (target within 5% of 80, never above) and the busiest 1-second window
 //

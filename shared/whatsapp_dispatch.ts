@@ -3,7 +3,8 @@
 // rate limiter, pair pacing, per-recipient order, backoff, dead letters);
 // this module sends at the slot each claim hands out, classifies what the
 // Cloud API answered and reports outcomes back in batches.
-import { rpc } from "./db.ts";
+import { rpc, toHttpError } from "./db.ts";
+import type { HttpError } from "./errors.ts";
 import { runInBackground } from "./http.ts";
 import { log } from "./log.ts";
 import { canDispatch, SERVICE_PRINCIPAL, type WhatsAppConfig, whatsappConfig } from "./whatsapp.ts";
@@ -91,6 +92,22 @@ function cloudApiRequest(m: ClaimedMessage): Record<string, unknown> {
   return body;
 }
 
+/**
+ * Error text the database accepts: no NUL (jsonb cannot hold \u0000), no lone
+ * surrogate (an invalid escape in JSON text), at most `max` code points, cut
+ * between code points so an emoji is never split in half. One bad character
+ * in an outcome must not cost its whole batch.
+ */
+export function outcomeText(text: string, max: number): string {
+  const out: string[] = [];
+  for (const ch of text) {
+    if (out.length === max) break;
+    if (ch !== "\u0000") out.push(ch);
+  }
+  // A lone surrogate is one element above; it becomes U+FFFD.
+  return out.join("").toWellFormed();
+}
+
 /** One send: POST {base}/{version}/{phone_number_id}/messages with the bearer token. */
 export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promise<SendResult> {
   const url = `${
@@ -123,7 +140,7 @@ export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promi
     return done({
       outcome: "retry",
       error_code: timeout ? "timeout" : "network_error",
-      error_message: String(err).slice(0, 500),
+      error_message: outcomeText(String(err), 500),
     });
   }
   let json: {
@@ -143,7 +160,7 @@ export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promi
     return done({
       outcome: "retry",
       error_code: "invalid_response",
-      error_message: text.slice(0, 500),
+      error_message: outcomeText(text, 500),
     });
   }
   const rawCode = json?.error?.code;
@@ -157,9 +174,12 @@ export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promi
   return done({
     outcome: classify(status, code),
     error_code: code !== undefined ? String(code) : `http_${status}`,
-    error_message: (message || text).slice(0, 2000),
+    error_message: outcomeText(message || text, 2000),
   });
 }
+
+/** Pauses before each further try at recording outcomes after database trouble. */
+const WRITE_RETRY_MS = [50, 200, 500, 1000];
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, Math.max(0, ms)));
 
@@ -209,35 +229,80 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
   let timer: ReturnType<typeof setTimeout> | undefined;
   let stopSeen = false;
 
-  /** Records one batch of outcomes; a failure is logged, never thrown. */
-  const writeOutcomes = async (batch: SendResult[]) => {
-    try {
-      const [row] = await rpc(
-        SERVICE_PRINCIPAL,
-        correlationId,
-        "public.complete_whatsapp_messages",
-        {
-          dispatcher_id: dispatcherId,
-          business_number: business,
-          results: batch,
-          retry_base_ms: cfg.WHATSAPP_RETRY_BASE_MS,
-          pause_seconds: cfg.WHATSAPP_TOKEN_PAUSE_SECONDS,
-        },
-      );
-      const counts = row.complete_whatsapp_messages as Record<string, number>;
-      for (
-        const k of ["sent", "retried", "dead_lettered", "failed", "stopped", "ignored"] as const
-      ) {
-        report[k] += counts[k] ?? 0;
+  /** One attempt at recording a batch; adds what SQL applied to the report. */
+  const complete = async (batch: SendResult[]) => {
+    const [row] = await rpc(
+      SERVICE_PRINCIPAL,
+      correlationId,
+      "public.complete_whatsapp_messages",
+      {
+        dispatcher_id: dispatcherId,
+        business_number: business,
+        results: batch,
+        retry_base_ms: cfg.WHATSAPP_RETRY_BASE_MS,
+        pause_seconds: cfg.WHATSAPP_TOKEN_PAUSE_SECONDS,
+      },
+    );
+    const counts = row.complete_whatsapp_messages as Record<string, number>;
+    for (
+      const k of ["sent", "retried", "dead_lettered", "failed", "stopped", "ignored"] as const
+    ) {
+      report[k] += counts[k] ?? 0;
+    }
+  };
+
+  /**
+   * Records one batch of outcomes; a failure is logged, never thrown. An
+   * outcome not recorded leaves its lease to expire and its message to be
+   * claimed again, so a `sent` one would reach the user twice. So a write that
+   * failed on database trouble (5xx, a dropped connection) is tried again
+   * after a short pause while half a lease is left (SQL applies an outcome
+   * once, so a try that did commit before its answer was lost changes
+   * nothing), and a batch rejected as invalid input is split in halves until
+   * the bad outcome is alone and dropped, so it cannot take its batch-mates
+   * with it.
+   */
+  const writeOutcomes = async (
+    batch: SendResult[],
+    until = performance.now() + cfg.WHATSAPP_LEASE_SECONDS * 500,
+  ): Promise<void> => {
+    for (let attempt = 0;; attempt++) {
+      let failure: HttpError;
+      let raw: unknown;
+      try {
+        await complete(batch);
+        return;
+      } catch (err) {
+        raw = err;
+        failure = toHttpError(err, correlationId);
       }
-    } catch (err) {
-      // The leases expire and the messages are claimed again: late, never lost.
-      log("error", "whatsapp dispatch: recording outcomes failed", {
+      const status = failure.status;
+      // The caller's input: one outcome is bad. 401 and 403 are about the
+      // role, which no outcome can cause.
+      const input = status >= 400 && status < 500 && status !== 401 && status !== 403;
+      if (input && batch.length > 1) {
+        const half = Math.ceil(batch.length / 2);
+        // One after the other: the halves hold this write's place among the
+        // MAX_FLUSHES.
+        await writeOutcomes(batch.slice(0, half), until);
+        await writeOutcomes(batch.slice(half), until);
+        return;
+      }
+      const pause = WRITE_RETRY_MS[attempt];
+      const retry = status >= 500 && pause !== undefined && performance.now() + pause < until;
+      log(retry ? "warn" : "error", "whatsapp dispatch: recording outcomes failed", {
         correlation_id: correlationId,
         dispatcher_id: dispatcherId,
         count: batch.length,
-        error: String(err),
+        ids: batch.map((r) => r.id),
+        status,
+        code: failure.code,
+        details: failure.details,
+        error: String(raw),
+        retrying: retry,
       });
+      if (!retry) return;
+      await sleep(pause);
     }
   };
   const flush = () => {

@@ -1281,10 +1281,13 @@ begin
       returning q.id, q.status, q.recipient_phone, q.correlation_id, q.attempts, q.error_code
     ), counted as (
       insert into public.whatsapp_sessions as s (phone_number, error_count, last_error, last_error_at)
-      select u.recipient_phone, count(*), max(u.error_code || ': ' || coalesce(v_group.error_message, '')), now()
+      -- cut before the insert: the column check applies to the proposed row
+      -- even when the conflict turns it into an update
+      select u.recipient_phone, count(*),
+             left(max(u.error_code || ': ' || coalesce(v_group.error_message, '')), 2000), now()
       from upd u where u.status = 'failed' group by u.recipient_phone order by u.recipient_phone
       on conflict (phone_number) do update set
-        error_count = s.error_count + excluded.error_count, last_error = left(excluded.last_error, 2000),
+        error_count = s.error_count + excluded.error_count, last_error = excluded.last_error,
         last_error_at = now()
     )
     select count(*), coalesce(jsonb_agg(private.whatsapp_metric(

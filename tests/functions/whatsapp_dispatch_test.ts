@@ -1,10 +1,11 @@
 import assert from "node:assert/strict";
 import { app as webhookApp } from "../../supabase/functions/whatsapp-webhook/index.ts";
-import { classify, dispatch } from "../../shared/whatsapp_dispatch.ts";
+import { classify, dispatch, outcomeText } from "../../shared/whatsapp_dispatch.ts";
 import { signWebhook, whatsappConfig } from "../../shared/whatsapp.ts";
 import { ConfigError } from "../../shared/env.ts";
 import { call, dbTest, freshDatabase, serviceToken, TEST_JWT_SECRET } from "../support/harness.ts";
 import {
+  CLOUD_API_ERRORS,
   configureWhatsApp,
   type FakeRequest,
   startFakeWhatsApp,
@@ -430,21 +431,167 @@ dbTest(
     const to = [phone(), phone(), phone()];
     for (const digits of to) await openWindow(digits);
     const ids = await Promise.all(to.map((d) => enqueue(d, "text", { text: "in flight" })));
-    // The first claim hands out all three; once they are on their way, claims start failing.
-    setTimeout(() => {
-      db.sql`revoke execute on function public.claim_whatsapp_messages(
-             text, text, integer, integer, integer, integer, integer) from service_role`
-        .catch(() => {});
-    }, 80);
+    // The first claim hands out all three. As the first of them reaches the
+    // Cloud API, claims start failing, and no send is answered before that:
+    // with sends in flight the dispatcher claims again, and that claim fails.
+    let revoked: Promise<void> | undefined;
+    fake.onRequest = (r) => {
+      if (!to.includes(r.to)) return;
+      revoked ??= db.sql`revoke execute on function public.claim_whatsapp_messages(
+                         text, text, integer, integer, integer, integer, integer) from service_role`
+        .then(() => {});
+      return revoked;
+    };
     try {
       await assert.rejects(dispatch(), (err: { status?: number }) => err.status === 403);
+      assert.ok(revoked, "the sends reached the Cloud API");
+      await revoked;
       // dispatch() has settled: every send that went out is recorded already.
       for (const id of ids) assert.equal((await row(id)).status, "sent", `message ${id}`);
       assert.equal(fake.requests.filter((r) => to.includes(r.to)).length, 3);
     } finally {
+      fake.onRequest = undefined;
       fake.latencyMs = 0;
+      // A revoke still on its way must not land after the grant.
+      await revoked?.catch(() => {});
       await db.sql`grant execute on function public.claim_whatsapp_messages(
                    text, text, integer, integer, integer, integer, integer) to service_role`;
+    }
+  },
+);
+
+/** Makes recording a send to `digits` fail: always, or only the first time. */
+async function failRecordingSendsTo(digits: string, status: 400 | 503, once: boolean) {
+  await db.sql.unsafe(`
+    create sequence private.test_outcome_writes;
+    create function private.test_outcome_write() returns trigger
+    language plpgsql security definer set search_path = '' as $$
+    begin
+      if nextval('private.test_outcome_writes') = 1 or not ${once} then
+        perform private.raise_error(${status}, 'test_failure', 'recording this send fails (test)');
+      end if;
+      return new;
+    end $$;
+    create trigger test_outcome_write before update on public.whatsapp_message_queue
+      for each row when (old.wamid is null and new.wamid is not null
+                         and new.recipient_phone = '+${digits}')
+      execute function private.test_outcome_write();`);
+}
+
+async function recordingWorksAgain() {
+  await db.sql.unsafe(`
+    drop trigger if exists test_outcome_write on public.whatsapp_message_queue;
+    drop function if exists private.test_outcome_write();
+    drop sequence if exists private.test_outcome_writes;`);
+}
+
+dbTest(
+  "error text with NUL, a lone surrogate or an emoji at the cut is recorded with its batch",
+  async () => {
+    fake.reset();
+    const [odd, long, mate1, mate2] = [phone(), phone(), phone(), phone()];
+    for (const digits of [odd, long, mate1, mate2]) await openWindow(digits);
+    fake.failNext(131026, { to: odd, message: "bad\u0000byte, half an emoji \ud83d!" });
+    // Cut at 2,000 UTF-16 code units, this text would end in half an emoji. (A
+    // retry: a failure's text also goes to whatsapp_sessions.last_error behind
+    // its code, where 2,000 characters do not fit.)
+    fake.failNext(131000, { to: long, message: "a".repeat(1999) + "\u{1F600} and more" });
+    const [oddId, longId, ...mateIds] = await Promise.all(
+      [odd, long, mate1, mate2].map((d) => enqueue(d, "text", { text: "batch" })),
+    );
+    const report = await dispatch();
+    assert.ok(
+      report.failed >= 1 && report.retried >= 1 && report.sent >= 3,
+      JSON.stringify(report),
+    );
+
+    const r = await row(oddId);
+    assert.equal(r.status, "failed", `${r.status} ${r.error_code}`);
+    assert.equal(r.error_code, "131026");
+    assert.equal(
+      r.last_error,
+      `badbyte, half an emoji \ufffd!: ${CLOUD_API_ERRORS[131026].details}`,
+    );
+    const l = await row(longId);
+    assert.equal(l.status, "sent", `${l.status} ${l.error_code}`);
+    assert.equal(l.attempts, 2, "the retry was recorded, not lost with an expired lease");
+    assert.equal((await metrics("whatsapp.message.retry", longId))[0]?.tags.error_code, "131000");
+    assert.equal(sentTo(long).length, 2);
+    for (const id of mateIds) {
+      const m = await row(id);
+      assert.equal(m.status, "sent", `message ${id}: ${m.status}`);
+      assert.equal(m.attempts, 1);
+    }
+    for (const digits of [odd, mate1, mate2]) assert.equal(sentTo(digits).length, 1);
+  },
+);
+
+dbTest(
+  "a failure with a long message is recorded, its session's last error cut to 2,000",
+  async () => {
+    fake.reset();
+    const digits = phone();
+    await openWindow(digits);
+    fake.failNext(131026, { to: digits, message: "x".repeat(1990) });
+    const id = await enqueue(digits, "text", { text: "long failure" });
+    await dispatch();
+    const r = await row(id);
+    assert.equal(r.status, "failed", `${r.status} ${r.error_code}`);
+    const [session] = await db.sql`select char_length(last_error) as n, error_count
+                                 from public.whatsapp_sessions
+                                 where phone_number = ${r.recipient_phone}`;
+    assert.equal(session.n, 2000);
+    assert.equal(Number(session.error_count), 1, JSON.stringify(session));
+  },
+);
+
+dbTest("a failed outcome write is tried again, so nothing is sent twice", async () => {
+  fake.reset();
+  const [flaky, mate] = [phone(), phone()];
+  for (const digits of [flaky, mate]) await openWindow(digits);
+  const ids = await Promise.all([flaky, mate].map((d) => enqueue(d, "text", { text: "outage" })));
+  // The first write recording flaky's send fails like a brief outage (503).
+  await failRecordingSendsTo(flaky, 503, true);
+  try {
+    const report = await dispatch();
+    assert.ok(report.sent >= 2, JSON.stringify(report));
+    for (const id of ids) {
+      const r = await row(id);
+      assert.equal(r.status, "sent", `message ${id}: ${r.status}`);
+      assert.equal(r.attempts, 1);
+    }
+    for (const digits of [flaky, mate]) assert.equal(sentTo(digits).length, 1);
+    const [seq] = await db.sql`select last_value::int as n from private.test_outcome_writes`;
+    assert.equal(seq.n, 2, "one write failed, the next one recorded the send");
+  } finally {
+    await recordingWorksAgain();
+  }
+});
+
+dbTest(
+  "an outcome the database rejects is dropped alone; its batch-mates are recorded",
+  async () => {
+    fake.reset();
+    const [bad, ...mates] = [phone(), phone(), phone(), phone()];
+    for (const digits of [bad, ...mates]) await openWindow(digits);
+    const [badId, ...mateIds] = await Promise.all(
+      [bad, ...mates].map((d) => enqueue(d, "text", { text: "split" })),
+    );
+    await failRecordingSendsTo(bad, 400, false);
+    try {
+      // shorter than the lease: the dropped message is not claimed again
+      const report = await dispatch({ budgetMs: 1500 });
+      assert.ok(report.sent >= 3, JSON.stringify(report));
+      for (const id of mateIds) assert.equal((await row(id)).status, "sent", `message ${id}`);
+      const r = await row(badId);
+      assert.equal(r.status, "processing", "its lease will expire and it will go again");
+      assert.equal(r.wamid, null);
+      for (const digits of [bad, ...mates]) assert.equal(sentTo(digits).length, 1);
+    } finally {
+      await recordingWorksAgain();
+      await db.sql`update public.whatsapp_message_queue
+                 set status = 'cancelled', cancelled_at = now(), lease_token = null, locked_by = null
+                 where id = ${badId}`;
     }
   },
 );
@@ -472,6 +619,13 @@ Deno.test("Cloud API answers are classified as the queue needs them", () => {
   for (const [status, code, outcome] of cases) {
     assert.equal(classify(status, code), outcome, `${status}/${code}`);
   }
+});
+
+Deno.test("outcome text is what the database takes: no NUL, well-formed, cut by code point", () => {
+  assert.equal(outcomeText("a\u0000b", 10), "ab");
+  assert.equal(outcomeText("x\ud83dy\ude00", 10), "x\ufffdy\ufffd");
+  assert.equal(outcomeText("ab\u{1F600}cd", 3), "ab\u{1F600}");
+  assert.equal(outcomeText("\u0000".repeat(5) + "abc", 2), "ab");
 });
 
 Deno.test("WhatsApp configuration is validated on its own", async () => {

@@ -91,6 +91,7 @@ export interface FakeRequest {
 interface Rule {
   kind: "error" | "drop" | "slow";
   code?: number;
+  message?: string;
   ms?: number;
   times: number;
   to?: string;
@@ -104,12 +105,20 @@ export interface FakeWhatsApp {
   requests: FakeRequest[];
   /** delay before each answer */
   latencyMs: number;
-  /** answer the next `times` sends (optionally only to `to`, digits) with Graph error `code` */
-  failNext(code: number, opts?: { times?: number; to?: string }): void;
+  /**
+   * answer the next `times` sends (optionally only to `to`, digits) with Graph error `code`
+   * (and `message` instead of Graph's own)
+   */
+  failNext(code: number, opts?: { times?: number; to?: string; message?: string }): void;
   /** close the connection without answering, `times` times */
   dropNext(opts?: { times?: number; to?: string }): void;
   /** answer the next `times` sends only after `ms` (past the client's timeout, it is one) */
   slowNext(ms: number, opts?: { times?: number; to?: string }): void;
+  /**
+   * called as each request arrives, before it is answered; the answer waits
+   * for what it returns (errors are ignored)
+   */
+  onRequest?: (request: FakeRequest) => unknown;
   /** requests that got a wamid */
   accepted(): FakeRequest[];
   reset(): void;
@@ -206,7 +215,7 @@ export async function startFakeWhatsApp(opts: FakeOptions = {}): Promise<FakeWha
     requests,
     latencyMs: opts.latencyMs ?? 0,
     failNext(code, o = {}) {
-      rules.push({ kind: "error", code, times: o.times ?? 1, to: o.to });
+      rules.push({ kind: "error", code, message: o.message, times: o.times ?? 1, to: o.to });
     },
     dropNext(o = {}) {
       rules.push({ kind: "drop", times: o.times ?? 1, to: o.to });
@@ -219,6 +228,7 @@ export async function startFakeWhatsApp(opts: FakeOptions = {}): Promise<FakeWha
       rules = [];
       requests.length = 0;
       fake.latencyMs = opts.latencyMs ?? 0;
+      fake.onRequest = undefined;
     },
     close: () =>
       new Promise<void>((resolve) => {
@@ -279,6 +289,11 @@ export async function startFakeWhatsApp(opts: FakeOptions = {}): Promise<FakeWha
       outcome: "",
     };
     requests.push(entry);
+    try {
+      await fake.onRequest?.(entry);
+    } catch {
+      // the hook's failure is the test's to see, not the client's
+    }
     const rule = problem ? undefined : takeRule(to);
     const delay = rule?.kind === "slow" ? rule.ms! : fake.latencyMs;
     if (delay > 0) await new Promise((r) => setTimeout(r, delay));
@@ -294,7 +309,7 @@ export async function startFakeWhatsApp(opts: FakeOptions = {}): Promise<FakeWha
     }
     if (rule?.kind === "error") {
       entry.outcome = String(rule.code);
-      const e = graphError(rule.code!);
+      const e = graphError(rule.code!, rule.message);
       return send(res, e.status, e.body);
     }
     entry.outcome = wamid();
