@@ -134,8 +134,9 @@ export async function rpc<T extends Row = Row>(
   correlationId: string,
   fn: string,
   args: Record<string, unknown> = {},
+  select: RpcSelect = "*",
 ): Promise<T[]> {
-  const text = `${claimsStatement(who, correlationId)}; ${callStatement(fn, args)}`;
+  const text = `${claimsStatement(who, correlationId)}; ${callStatement(fn, args, select)}`;
   return await retrying(correlationId, async () => {
     // One result per statement: the settings, then the call.
     const results = await db().unsafe(text) as unknown as Row[][];
@@ -143,7 +144,23 @@ export async function rpc<T extends Row = Row>(
   });
 }
 
-function callStatement(fn: string, args: Record<string, unknown>): string {
+/**
+ * What rpc selects from the function's rows: all columns, or all plus one
+ * derived in the same transaction (so it sees the same now()).
+ *   * "cursor": created_at as text, for keyset cursors (a JS Date would drop
+ *     the microseconds the cursor compares);
+ *   * "created": whether this call created the row (`<column> = now()`), for
+ *     idempotent creates that answer a replay with 200 instead of 201.
+ */
+export type RpcSelect = "*" | "cursor" | { created: "created_at" | "initiated_at" };
+
+function selectList(select: RpcSelect): string {
+  if (select === "*") return "*";
+  if (select === "cursor") return "*, created_at::text as cursor_ts";
+  return `*, ${select.created} = now() as created`;
+}
+
+function callStatement(fn: string, args: Record<string, unknown>, select: RpcSelect): string {
   const [schema, name] = fn.split(".");
   if (!IDENTIFIER.test(schema ?? "") || !IDENTIFIER.test(name ?? "")) {
     throw new Error(`rpc: ${fn} is not a schema-qualified function name`);
@@ -154,7 +171,7 @@ function callStatement(fn: string, args: Record<string, unknown>): string {
     if (!IDENTIFIER.test(key)) throw new Error(`rpc: ${key} is not a parameter name`);
     params.push(`p_${key} := ${sqlValue(value)}`);
   }
-  return `select * from ${schema}.${name}(${params.join(", ")})`;
+  return `select ${selectList(select)} from ${schema}.${name}(${params.join(", ")})`;
 }
 
 /** Marks a value for a json/jsonb parameter, so strings and numbers go as JSON. */

@@ -279,3 +279,13 @@ export function idempotencyKeyHeader(
   }
   return key;
 }
+
+/**
+ * The answer to an idempotent create: 201 when this request created the
+ * resource, 200 with `idempotent-replayed: true` when an earlier request with
+ * the same key had (the body is that earlier resource).
+ */
+export function createdOrReplayed(c: Ctx, body: unknown, created: boolean): Response {
+  if (!created) c.header("idempotent-replayed", "true");
+  return c.json(body as object, created ? 201 : 200);
+}

@@ -9,3 +9,15 @@ export const text = (max: number) => z.string().min(1).max(max);
 
 /** A bigint id as it appears in a path: digits without a leading zero. */
 export const bigintId = z.string().regex(/^[1-9][0-9]{0,18}$/);
+
+/**
+ * A keyset cursor's timestamp: created_at as Postgres prints it, microseconds
+ * included (see rpc's "cursor" select).
+ */
+export const cursorTimestamp = z.string().regex(/^\d{4}-\d{2}-\d{2}[ T][0-9:.+-]{8,32}$/);
+
+/** A page size and an opaque cursor, as every list route takes them. */
+export const pageQuery = {
+  limit: z.coerce.number().int().min(1).max(500).default(50),
+  cursor: z.string().max(200).optional(),
+};

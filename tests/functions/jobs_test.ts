@@ -48,6 +48,7 @@ dbTest("schedule, run and read a job; Idempotency-Key schedules once", async () 
     headers,
   );
   assert.equal(again.status, 200);
+  assert.equal(again.headers.get("idempotent-replayed"), "true");
   assert.equal(again.body.job.id, created.body.job.id);
   expectError(
     await schedule(

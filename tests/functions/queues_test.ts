@@ -43,6 +43,7 @@ dbTest("send one message; the same Idempotency-Key returns it", async () => {
     body: { payload: { order: 42 }, message_type: "order_placed", priority: 3 },
   });
   assert.equal(again.status, 200);
+  assert.equal(again.headers.get("idempotent-replayed"), "true");
   assert.equal(again.body.message.id, first.body.message.id);
   const other = await call(app, "POST", "/queues/orders/messages", {
     token,

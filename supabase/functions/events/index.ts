@@ -8,7 +8,7 @@
 import { z } from "zod";
 import { jsonObject, text } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
-import { rpc } from "../../../shared/db.ts";
+import { type Row, rpc } from "../../../shared/db.ts";
 import { notFound } from "../../../shared/errors.ts";
 import { createApp, jsonBody, pathParams, queryParams } from "../../../shared/http.ts";
 
@@ -36,7 +36,7 @@ const historyQuery = z.object({
   from_version: z.coerce.number().int().min(1).default(1),
   // One more row than the page is read to see whether another page follows,
   // and get_aggregate_events reads at most 10000.
-  limit: z.coerce.number().int().min(1).max(5000).default(1000),
+  limit: z.coerce.number().int().min(1).max(9999).default(1000),
 }).strict();
 
 const streamQuery = z.object({
@@ -45,8 +45,6 @@ const streamQuery = z.object({
   aggregate_type: aggregateType.optional(),
   event_type: text(128).optional(),
 }).strict();
-
-type Row = Record<string, unknown>;
 
 /** The API shape of an event row: numbers for versions and positions, no internals. */
 function toEvent({ tx_id: _, ...r }: Row) {

@@ -7,12 +7,13 @@
 //   POST /jobs/run           the worker: drains due jobs within a time budget
 //                            (service role; cron calls it every minute)
 import { z } from "zod";
-import { bigintId, jsonObject } from "../../../shared/schemas.ts";
+import { bigintId, jsonObject, text } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { env } from "../../../shared/env.ts";
-import { jsonb, type Row, rpc, withClaims } from "../../../shared/db.ts";
+import { type Row, rpc } from "../../../shared/db.ts";
 import {
   createApp,
+  createdOrReplayed,
   type Ctx,
   idempotencyKeyHeader,
   jsonBody,
@@ -25,13 +26,13 @@ const jobId = z.object({ id: bigintId });
 
 const scheduleBody = z.object({
   job_type: jobType,
-  job_name: z.string().min(1).max(200),
+  job_name: text(200),
   payload: jsonObject.default({}),
   run_at: z.iso.datetime({ offset: true }).optional(),
   priority: z.number().int().min(0).max(1000).default(0),
   max_attempts: z.number().int().min(1).max(25).default(3),
   timeout_seconds: z.number().int().min(1).max(120).default(30),
-  idempotency_key: z.string().min(1).max(256).optional(),
+  idempotency_key: text(256).optional(),
 }).strict();
 
 const runBody = z.object({
@@ -51,23 +52,18 @@ app.post("/", async (c) => {
   const body = await jsonBody(c, scheduleBody);
   const key = body.idempotency_key ?? idempotencyKeyHeader(c);
   const correlationId = c.get("correlationId");
-  const [row] = await withClaims(
-    who,
-    correlationId,
-    (tx) =>
-      tx`select j.*, j.created_at = now() as created from public.schedule_job(
-         p_job_type := ${body.job_type},
-         p_job_name := ${body.job_name},
-         p_payload := ${jsonb(tx, body.payload)},
-         p_run_at := ${body.run_at ?? null},
-         p_priority := ${body.priority},
-         p_max_attempts := ${body.max_attempts},
-         p_timeout_seconds := ${body.timeout_seconds},
-         p_idempotency_key := ${key ?? null},
-         p_correlation_id := ${correlationId}) j`,
-  );
-  const { created, ...job } = row;
-  return c.json({ job: toJob(job) }, created ? 201 : 200);
+  const [{ created, ...job }] = await rpc(who, correlationId, "public.schedule_job", {
+    job_type: body.job_type,
+    job_name: body.job_name,
+    payload: body.payload,
+    run_at: body.run_at,
+    priority: body.priority,
+    max_attempts: body.max_attempts,
+    timeout_seconds: body.timeout_seconds,
+    idempotency_key: key,
+    correlation_id: correlationId,
+  }, { created: "created_at" });
+  return createdOrReplayed(c, { job: toJob(job) }, created as boolean);
 });
 
 app.post("/run", async (c) => {

@@ -6,11 +6,11 @@
 //   GET  /observability/audit         own events (users) or all (service role), paginated
 //   POST /observability/maintenance   run partition maintenance now (service role)
 import { z } from "zod";
-import { jsonObject, text } from "../../../shared/schemas.ts";
+import { cursorTimestamp, jsonObject, pageQuery, text } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import type { Principal } from "../../../shared/auth.ts";
 import { coalescer } from "../../../shared/coalesce.ts";
-import { asJson, rpc, withClaims } from "../../../shared/db.ts";
+import { asJson, rpc } from "../../../shared/db.ts";
 import {
   createApp,
   decodeCursor,
@@ -62,14 +62,10 @@ const auditQuery = z.object({
   resource_type: text(64).optional(),
   resource_id: text(256).optional(),
   correlation_id: text(128).optional(),
-  limit: z.coerce.number().int().min(1).max(500).default(50),
-  cursor: z.string().max(200).optional(),
+  ...pageQuery,
 }).strict();
 
-const auditCursor = z.object({
-  c: z.string().regex(/^\d{4}-\d{2}-\d{2}[ T][0-9:.+-]{8,32}$/),
-  i: z.number().int().nonnegative(),
-});
+const auditCursor = z.object({ c: cursorTimestamp, i: z.number().int().nonnegative() });
 
 // Single-metric POSTs from one caller that arrive together are committed as
 // one multi-row insert (see shared/coalesce.ts): metrics are the hottest write
@@ -162,18 +158,14 @@ app.get("/audit", async (c) => {
   const who = requireUserOrService(c);
   const q = queryParams(c, auditQuery);
   const after = q.cursor ? decodeCursor(q.cursor, auditCursor) : undefined;
-  const rows = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) =>
-      tx`select a.*, a.created_at::text as cursor_ts from public.list_audit_events(
-         p_resource_type := ${q.resource_type ?? null},
-         p_resource_id := ${q.resource_id ?? null},
-         p_correlation_id := ${q.correlation_id ?? null},
-         p_limit := ${q.limit + 1},
-         p_before_created_at := ${after?.c ?? null},
-         p_before_id := ${after?.i ?? null}) a`,
-  );
+  const rows = await rpc(who, c.get("correlationId"), "public.list_audit_events", {
+    resource_type: q.resource_type,
+    resource_id: q.resource_id,
+    correlation_id: q.correlation_id,
+    limit: q.limit + 1,
+    before_created_at: after?.c,
+    before_id: after?.i,
+  }, "cursor");
   return c.json(keysetPage(
     rows,
     q.limit,

@@ -14,12 +14,18 @@
 import { z } from "zod";
 import { bigintId, jsonObject, text } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
-import { jsonb, rpc, withClaims } from "../../../shared/db.ts";
-import { createApp, idempotencyKeyHeader, jsonBody, pathParams } from "../../../shared/http.ts";
+import { type Row, rpc } from "../../../shared/db.ts";
+import {
+  createApp,
+  createdOrReplayed,
+  idempotencyKeyHeader,
+  jsonBody,
+  pathParams,
+} from "../../../shared/http.ts";
 
 const queueName = z.string().regex(/^[a-z][a-z0-9_-]{0,62}$/);
 
-const idempotencyKey = z.string().min(1).max(256);
+const idempotencyKey = text(256);
 
 const message = z.object({
   payload: jsonObject,
@@ -49,7 +55,6 @@ const settleBody = z.object({
   delay_seconds: z.number().min(0).max(31536000).optional(),
 }).strict();
 
-type Row = Record<string, unknown>;
 const toMessage = (r: Row) => ({ ...r, id: String(r.id) });
 
 export const app = createApp("queues");
@@ -63,16 +68,17 @@ app.post("/:queue/messages", async (c) => {
   const messages = "messages" in body
     ? body.messages
     : [{ ...body, idempotency_key: body.idempotency_key ?? header }];
-  const rows = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) =>
-      tx`select q.*, q.created_at = now() as created
-       from public.send_messages(${queue}, ${jsonb(tx, messages)}, ${c.get("correlationId")}) q`,
-  );
-  const created = rows.some((r) => r.created);
+  const rows = await rpc(who, c.get("correlationId"), "public.send_messages", {
+    queue_name: queue,
+    messages,
+    correlation_id: c.get("correlationId"),
+  }, { created: "created_at" });
   const out = rows.map(({ created: _, ...r }) => toMessage(r));
-  return c.json("messages" in body ? { messages: out } : { message: out[0] }, created ? 201 : 200);
+  return createdOrReplayed(
+    c,
+    "messages" in body ? { messages: out } : { message: out[0] },
+    rows.some((r) => r.created),
+  );
 });
 
 app.post("/:queue/claim", async (c) => {

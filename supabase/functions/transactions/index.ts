@@ -14,17 +14,18 @@
 //   POST   /transactions/:id/status                state transition (service role)
 //   GET    /transactions/:id/events                its status history
 import { z } from "zod";
-import { jsonObject, text } from "../../../shared/schemas.ts";
+import { cursorTimestamp, jsonObject, pageQuery, text } from "../../../shared/schemas.ts";
 import {
   authenticate,
   type Principal,
   requireService,
   requireUserOrService,
 } from "../../../shared/auth.ts";
-import { rpc, withClaims } from "../../../shared/db.ts";
+import { rpc } from "../../../shared/db.ts";
 import { notFound } from "../../../shared/errors.ts";
 import {
   createApp,
+  createdOrReplayed,
   decodeCursor,
   idempotencyKeyHeader,
   jsonBody,
@@ -85,14 +86,10 @@ const listQuery = z.object({
   from: z.iso.datetime({ offset: true }).optional(),
   to: z.iso.datetime({ offset: true }).optional(),
   user_id: z.uuid().optional(),
-  limit: z.coerce.number().int().min(1).max(500).default(50),
-  cursor: z.string().max(200).optional(),
+  ...pageQuery,
 }).strict();
 
-const listCursor = z.object({
-  c: z.string().regex(/^\d{4}-\d{2}-\d{2}[ T][0-9:.+-]{8,32}$/),
-  i: z.uuid(),
-});
+const listCursor = z.object({ c: cursorTimestamp, i: z.uuid() });
 
 const userQuery = z.object({ user_id: z.uuid().optional() }).strict();
 
@@ -131,7 +128,7 @@ app.post("/", async (c) => {
   const key = idempotencyKeyHeader(c, { required: true, max: 255 });
   const body = await jsonBody(c, createBody);
   const correlationId = c.get("correlationId");
-  const row = one(
+  const { created, ...row } = one(
     await rpc(who, correlationId, "public.create_transaction", {
       user_id: actingUser(who, body.user_id),
       type: body.type,
@@ -145,30 +142,26 @@ app.post("/", async (c) => {
       destination_user_id: body.destination_user_id,
       payment_method_id: body.payment_method_id,
       created_at: body.created_at,
-    }),
+    }, { created: "initiated_at" }),
   );
-  return c.json(transaction(row), 201);
+  return createdOrReplayed(c, transaction(row), created as boolean);
 });
 
 app.get("/", async (c) => {
   const who = requireUserOrService(c);
   const q = queryParams(c, listQuery);
   const after = q.cursor ? decodeCursor(q.cursor, listCursor) : undefined;
-  const rows = await withClaims(
-    who,
-    c.get("correlationId"),
-    (tx) =>
-      tx`select t.*, t.created_at::text as cursor_ts from public.list_transactions(
-         p_status := ${q.status ?? null},
-         p_type := ${q.type ?? null},
-         p_currency := ${q.currency ?? null},
-         p_from := ${q.from ?? null},
-         p_to := ${q.to ?? null},
-         p_user_id := ${q.user_id ?? null},
-         p_limit := ${q.limit + 1},
-         p_before_created_at := ${after?.c ?? null},
-         p_before_id := ${after?.i ?? null}) t`,
-  );
+  const rows = await rpc(who, c.get("correlationId"), "public.list_transactions", {
+    status: q.status,
+    type: q.type,
+    currency: q.currency,
+    from: q.from,
+    to: q.to,
+    user_id: q.user_id,
+    limit: q.limit + 1,
+    before_created_at: after?.c,
+    before_id: after?.i,
+  }, "cursor");
   return c.json(keysetPage(
     rows,
     q.limit,
@@ -182,7 +175,7 @@ app.post("/transfers", async (c) => {
   const key = idempotencyKeyHeader(c, { required: true, max: 255 });
   const body = await jsonBody(c, transferBody);
   const correlationId = c.get("correlationId");
-  const row = one(
+  const { created, ...row } = one(
     await rpc(who, correlationId, "public.transfer_funds", {
       amount: body.amount,
       currency: body.currency,
@@ -193,9 +186,9 @@ app.post("/transfers", async (c) => {
       description: body.description,
       metadata: body.metadata ?? {},
       correlation_id: correlationId,
-    }),
+    }, { created: "initiated_at" }),
   );
-  return c.json(transaction(row), 201);
+  return createdOrReplayed(c, transaction(row), created as boolean);
 });
 
 app.get("/balances", async (c) => {

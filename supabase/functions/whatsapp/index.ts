@@ -8,10 +8,11 @@
 import { z } from "zod";
 import { bigintId, jsonObject } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
-import { jsonb, rpc, withClaims } from "../../../shared/db.ts";
+import { jsonb, type Row, rpc, withClaims } from "../../../shared/db.ts";
 import { notFound } from "../../../shared/errors.ts";
 import {
   createApp,
+  createdOrReplayed,
   decodeCursor,
   idempotencyKeyHeader,
   jsonBody,
@@ -40,8 +41,6 @@ const sessionsQuery = z.object({
 }).strict();
 
 const sessionCursor = z.object({ p: z.string().regex(/^\+[1-9][0-9]{6,14}$/) });
-
-type Row = Record<string, unknown>;
 
 /** A queue row as the API shows it (lease internals left out). */
 function message(row: Row) {
@@ -88,8 +87,7 @@ app.post("/messages", async (c) => {
   if (created && (row.scheduled_at as Date).getTime() <= Date.now()) {
     dispatchSoon(correlationId);
   }
-  if (!created) c.header("idempotent-replayed", "true");
-  return c.json(message(row), created ? 201 : 200);
+  return createdOrReplayed(c, message(row), created);
 });
 
 app.get("/messages/:id", async (c) => {
