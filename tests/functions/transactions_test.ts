@@ -350,6 +350,20 @@ dbTest(
     );
     const methods = await call(app, "GET", "/transactions/payment-methods", { token: bobToken });
     assert.deepEqual(methods.body.data, []);
+
+    // The service role lists one user's at a time.
+    for (const path of ["/transactions/balances", "/transactions/payment-methods"]) {
+      expectError(await call(app, "GET", path, { token: service }), 400, "user_id_required");
+    }
+    const aliceWallets = await call(app, "GET", `/transactions/balances?user_id=${alice}`, {
+      token: service,
+    });
+    assert.equal(aliceWallets.status, 200);
+    assert.ok(aliceWallets.body.data.length > 0);
+    assert.deepEqual(
+      [...new Set(aliceWallets.body.data.map((b: { user_id: string }) => b.user_id))],
+      [alice],
+    );
   },
 );
 

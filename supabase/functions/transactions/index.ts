@@ -22,7 +22,7 @@ import {
   requireUserOrService,
 } from "../../../shared/auth.ts";
 import { rpc } from "../../../shared/db.ts";
-import { notFound } from "../../../shared/errors.ts";
+import { badRequest, notFound } from "../../../shared/errors.ts";
 import {
   createApp,
   createdOrReplayed,
@@ -103,16 +103,23 @@ const paymentMethodBody = z.object({
   metadata: jsonObject.optional(),
 }).strict();
 
-/** The user a request acts for: a user acts for themselves; the service role names one. */
-function actingUser(who: Principal, given: string | undefined): string | null {
-  return who.role === "authenticated" ? (given ?? who.userId ?? null) : (given ?? null);
+/**
+ * The user a request acts for: a user acts for themselves (SQL answers 403
+ * for anyone else's id); the service role names one.
+ */
+function actingUser(who: Principal, given: string | undefined): string | undefined {
+  return given ?? who.userId;
 }
 
-type Row = Record<string, unknown>;
-
-/** JSON of a transaction row; amounts stay decimal strings. */
-function transaction(row: Row): Row {
-  return { ...row, amount: String(row.amount) };
+/**
+ * The user whose wallets or payment methods a listing shows. The service role
+ * must name one: a listing of every user's would have no bound.
+ */
+function listedUser(who: Principal, given: string | undefined): string | undefined {
+  if (who.role === "service_role" && given === undefined) {
+    throw badRequest("user_id_required", "the service role lists one user's at a time: ?user_id=");
+  }
+  return actingUser(who, given);
 }
 
 function one<T>(rows: readonly T[]): T {
@@ -144,7 +151,7 @@ app.post("/", async (c) => {
       created_at: body.created_at,
     }, { created: "initiated_at" }),
   );
-  return createdOrReplayed(c, transaction(row), created as boolean);
+  return createdOrReplayed(c, row, created as boolean);
 });
 
 app.get("/", async (c) => {
@@ -166,7 +173,7 @@ app.get("/", async (c) => {
     rows,
     q.limit,
     (last) => ({ c: last.cursor_ts, i: last.id }),
-    ({ cursor_ts: _, ...r }) => transaction(r),
+    ({ cursor_ts: _, ...r }) => r,
   ));
 });
 
@@ -188,30 +195,24 @@ app.post("/transfers", async (c) => {
       correlation_id: correlationId,
     }, { created: "initiated_at" }),
   );
-  return createdOrReplayed(c, transaction(row), created as boolean);
+  return createdOrReplayed(c, row, created as boolean);
 });
 
 app.get("/balances", async (c) => {
   const who = requireUserOrService(c);
   const q = queryParams(c, userQuery);
+  // numeric columns arrive as decimal strings and stay so
   const rows = await rpc(who, c.get("correlationId"), "public.get_balances", {
-    user_id: actingUser(who, q.user_id),
+    user_id: listedUser(who, q.user_id),
   });
-  return c.json({
-    data: rows.map((r) => ({
-      ...r,
-      balance: String(r.balance),
-      held: String(r.held),
-      available: String(r.available),
-    })),
-  });
+  return c.json({ data: rows });
 });
 
 app.get("/payment-methods", async (c) => {
   const who = requireUserOrService(c);
   const q = queryParams(c, userQuery);
   const rows = await rpc(who, c.get("correlationId"), "public.list_payment_methods", {
-    user_id: actingUser(who, q.user_id),
+    user_id: listedUser(who, q.user_id),
   });
   return c.json({ data: rows });
 });
@@ -257,7 +258,7 @@ app.get("/:id", async (c) => {
   const row = one(
     await rpc(who, c.get("correlationId"), "public.get_transaction", { transaction_id: id }),
   );
-  return c.json(transaction(row));
+  return c.json(row);
 });
 
 app.post("/:id/status", async (c) => {
@@ -276,7 +277,7 @@ app.post("/:id/status", async (c) => {
       metadata: body.metadata,
     }),
   );
-  return c.json(transaction(row));
+  return c.json(row);
 });
 
 app.get("/:id/events", async (c) => {
