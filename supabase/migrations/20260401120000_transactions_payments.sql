@@ -1066,9 +1066,13 @@ begin
       'type must be one of card, mobile_money, bank_account, wallet, cash');
   end if;
   v_clean := regexp_replace(coalesce(p_account_number, ''), '[\s-]', '', 'g');
-  if p_type <> 'cash' and v_clean !~ '^\+?[0-9A-Za-z]{4,34}$' then
+  -- optional for cash, but checked whenever given (it is masked below)
+  if (p_type <> 'cash' or v_clean <> '') and v_clean !~ '^\+?[0-9A-Za-z]{4,34}$' then
     perform private.raise_error(400, 'invalid_account_number',
       'account_number must have 4 to 34 letters or digits');
+  end if;
+  if char_length(p_provider) not between 1 and 64 then
+    perform private.raise_error(400, 'invalid_provider', 'provider must be 1 to 64 characters');
   end if;
   if p_details is not null and jsonb_typeof(p_details) <> 'object' then
     perform private.raise_error(400, 'invalid_details', 'details must be a JSON object');

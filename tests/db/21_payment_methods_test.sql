@@ -2,7 +2,7 @@
 -- read, one default per user, verification only by the service role, and
 -- the RLS matrix (anon, two users, service_role).
 begin;
-select plan(40);
+select plan(42);
 
 create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;
 grant select on ids to authenticated, anon, service_role;
@@ -87,6 +87,10 @@ select throws_ok($$select public.verify_payment_method((select card from pm), 'm
   'verification statuses are checked');
 select is((select user_id from public.add_payment_method('cash', null, p_user_id := (select bob from ids))),
   (select bob from ids), 'service_role adds methods for a user');
+select throws_ok($$select public.add_payment_method('cash', 'ab#1', p_user_id := (select bob from ids))$$,
+  'PT400', 'invalid_account_number', 'a number given for cash is checked too');
+select throws_ok($$select public.add_payment_method('card', '4111111111111111', repeat('p', 65),
+  p_user_id := (select bob from ids))$$, 'PT400', 'invalid_provider', 'providers are 1 to 64 characters');
 
 -- owner-level guards -------------------------------------------------------------
 select tests.clear_authentication();
