@@ -129,6 +129,31 @@ begin
 end;
 $$;
 
+-- The user an operation acts for: a signed-in user acts for themselves
+-- (naming anyone else is 403); the service role must name one (400).
+-- p_field is the parameter's name as the caller knows it.
+create or replace function private.acting_user(p_user_id uuid, p_field text) returns uuid
+language plpgsql
+stable
+as $$
+declare
+  v_self uuid := private.caller_user_id();
+begin
+  if v_self is not null then
+    if p_user_id is not null and p_user_id <> v_self then
+      perform private.raise_error(403, 'forbidden',
+        format('users act only for themselves: %s must be your own id or left out', p_field));
+    end if;
+    return v_self;
+  end if;
+  if p_user_id is null then
+    perform private.raise_error(400, 'invalid_user',
+      format('%s is required for the service role', p_field));
+  end if;
+  return p_user_id;
+end;
+$$;
+
 -- -----------------------------------------------------------------------------
 -- updated_at trigger
 -- -----------------------------------------------------------------------------

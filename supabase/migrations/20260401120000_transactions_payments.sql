@@ -762,11 +762,10 @@ language plpgsql
 security definer
 set search_path = ''
 as $$
+declare
+  v_user uuid := private.acting_user(p_user_id, 'user_id');
 begin
-  if private.require_caller() = 'authenticated' then
-    if p_user_id is distinct from auth.uid() then
-      perform private.raise_error(403, 'forbidden', 'users create transactions only for themselves');
-    end if;
+  if private.caller_role() = 'authenticated' then
     if p_type not in ('debit', 'payment', 'fee', 'transfer') then
       perform private.raise_error(403, 'type_not_allowed',
         'users may create only debits, payments, fees and transfers',
@@ -777,7 +776,7 @@ begin
     end if;
   end if;
   return private.create_transaction(
-    p_user_id, p_type, p_amount, p_currency, p_idempotency_key, p_category, p_description,
+    v_user, p_type, p_amount, p_currency, p_idempotency_key, p_category, p_description,
     p_metadata, p_correlation_id, p_destination_user_id, p_payment_method_id, p_created_at, false
   );
 end;
@@ -803,17 +802,9 @@ security definer
 set search_path = ''
 as $$
 declare
-  v_from uuid := p_from_user_id;
+  v_from uuid := private.acting_user(p_from_user_id, 'from_user_id');
   v_to uuid := p_to_user_id;
 begin
-  if private.require_caller() = 'authenticated' then
-    if v_from is not null and v_from is distinct from auth.uid() then
-      perform private.raise_error(403, 'forbidden', 'users transfer only their own money');
-    end if;
-    v_from := auth.uid();
-  elsif v_from is null then
-    perform private.raise_error(400, 'invalid_user', 'from_user_id is required for the service role');
-  end if;
 
   if (p_to_user_id is null) = (p_to_phone is null) then
     perform private.raise_error(400, 'invalid_recipient', 'give exactly one of to_user_id and to_phone');
@@ -1048,19 +1039,11 @@ security definer
 set search_path = ''
 as $$
 declare
-  v_user uuid := p_user_id;
+  v_user uuid := private.acting_user(p_user_id, 'user_id');
   v_clean text;
   v_id uuid;
   v_default boolean;
 begin
-  if private.require_caller() = 'authenticated' then
-    if v_user is not null and v_user is distinct from auth.uid() then
-      perform private.raise_error(403, 'forbidden', 'users add payment methods only for themselves');
-    end if;
-    v_user := auth.uid();
-  elsif v_user is null then
-    perform private.raise_error(400, 'invalid_user', 'user_id is required for the service role');
-  end if;
   if p_type is null or p_type not in ('card', 'mobile_money', 'bank_account', 'wallet', 'cash') then
     perform private.raise_error(400, 'invalid_type',
       'type must be one of card, mobile_money, bank_account, wallet, cash');
