@@ -488,6 +488,17 @@ create policy transaction_events_service_select on public.transaction_events
   for select to service_role using (true);
 
 -- -----------------------------------------------------------------------------
+-- Outgoing types: the user's money leaves their wallet, so it is held from
+-- creation until it completes (or is released), and users may create them.
+-- -----------------------------------------------------------------------------
+create or replace function private.is_outgoing(p_type text) returns boolean
+language sql
+immutable
+as $$
+  select p_type in ('debit', 'payment', 'fee', 'transfer')
+$$;
+
+-- -----------------------------------------------------------------------------
 -- Money movement
 --
 -- p_phase:
@@ -509,7 +520,7 @@ as $$
 declare
   v_payer uuid;
   v_payee uuid;
-  v_from_hold boolean := p_phase = 'settle' and p_tx.type in ('debit', 'payment', 'fee', 'transfer');
+  v_from_hold boolean := p_phase = 'settle' and private.is_outgoing(p_tx.type);
   v_rows integer;
 begin
   if p_phase = 'hold' then
@@ -602,7 +613,7 @@ declare
   v_id uuid := private.uuid_v7();
   v_created_at timestamptz := coalesce(p_created_at, now());
   v_key public.transaction_idempotency_keys;
-  v_outgoing boolean := p_type in ('debit', 'payment', 'fee', 'transfer');
+  v_outgoing boolean := private.is_outgoing(p_type);
   v_system text;
   v_user_wallet uuid;
   v_other_wallet uuid;
@@ -766,7 +777,7 @@ declare
   v_user uuid := private.acting_user(p_user_id, 'user_id');
 begin
   if private.caller_role() = 'authenticated' then
-    if p_type not in ('debit', 'payment', 'fee', 'transfer') then
+    if not private.is_outgoing(p_type) then
       perform private.raise_error(403, 'type_not_allowed',
         'users may create only debits, payments, fees and transfers',
         jsonb_build_object('type', p_type));
@@ -894,7 +905,7 @@ begin
       jsonb_build_object('from', v_previous, 'to', p_new_status));
   end if;
 
-  v_outgoing := v_tx.type in ('debit', 'payment', 'fee', 'transfer');
+  v_outgoing := private.is_outgoing(v_tx.type);
   if p_new_status = 'completed' then
     perform private.move_funds(v_tx, 'settle');
   elsif p_new_status in ('failed', 'cancelled') and v_outgoing then
