@@ -257,13 +257,12 @@ create table public.payment_methods (
   is_default boolean not null default false,
   verification_status text not null default 'unverified'
     check (verification_status in ('unverified', 'pending', 'verified', 'failed')),
-  is_verified boolean not null default false,
+  is_verified boolean generated always as (verification_status = 'verified') stored,
   verified_at timestamptz,
   metadata jsonb not null default '{}'::jsonb check (jsonb_typeof(metadata) = 'object'),
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
   deleted_at timestamptz,
-  constraint payment_methods_verified check (is_verified = (verification_status = 'verified')),
   constraint payment_methods_deleted_not_default check (deleted_at is null or not is_default)
 );
 
@@ -283,10 +282,8 @@ set search_path = ''
 as $$
 begin
   if private.caller_role() <> 'service_role' and (
-    (tg_op = 'INSERT' and (new.is_verified or new.verification_status <> 'unverified'
-                           or new.verified_at is not null))
-    or (tg_op = 'UPDATE' and (new.is_verified is distinct from old.is_verified
-                              or new.verification_status is distinct from old.verification_status
+    (tg_op = 'INSERT' and (new.verification_status <> 'unverified' or new.verified_at is not null))
+    or (tg_op = 'UPDATE' and (new.verification_status is distinct from old.verification_status
                               or new.verified_at is distinct from old.verified_at))
   ) then
     perform private.raise_error(403, 'forbidden', 'only the service role verifies payment methods');
@@ -1190,7 +1187,6 @@ begin
   end if;
   update public.payment_methods
   set verification_status = p_verification_status,
-      is_verified = p_verification_status = 'verified',
       verified_at = case when p_verification_status = 'verified' then now() end
   where id = p_payment_method_id and deleted_at is null;
   if not found then

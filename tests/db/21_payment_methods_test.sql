@@ -42,7 +42,7 @@ select is((select count(*)::int from public.user_payment_methods where is_defaul
   'one default after that too');
 
 -- verification is the service role's
-select throws_ok($$update public.payment_methods set is_verified = true, verification_status = 'verified'$$,
+select throws_ok($$update public.payment_methods set verification_status = 'verified'$$,
   '42501', null, 'a user cannot set verification fields');
 select throws_ok($$select public.verify_payment_method((select card from pm), 'verified')$$, '42501', null,
   'a user cannot call verify_payment_method');
@@ -104,7 +104,7 @@ select ok((select position('0788123456' in encode(encrypted_details, 'escape')) 
 select throws_ok($$update public.payment_methods set is_default = true where id = (select momo from pm)$$,
   '23505', null, 'the partial unique index allows one default per user');
 select set_config('request.jwt.claims', json_build_object('role', 'authenticated', 'sub', (select alice from ids))::text, true);
-select throws_ok($$update public.payment_methods set is_verified = true, verification_status = 'verified'
+select throws_ok($$update public.payment_methods set verification_status = 'verified'
   where id = (select momo from pm)$$, 'PT403', 'forbidden',
   'the trigger refuses verification by a user even where privileges would allow it');
 select tests.clear_authentication();
