@@ -382,15 +382,11 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
       }
       report.claimed += claim.messages.length;
       if (claim.messages.length > 0) {
-        const nowMs = claim.now_ms!;
-        skew = Math.min(skew, received - nowMs);
+        skew = Math.min(skew, received - claim.now_ms!);
         for (const m of claim.messages) start(m, m.slot_ms + skew);
-        // Come back when half the lookahead's slots are handed out: claims stay
-        // batched instead of each taking the few milliseconds freed since the
-        // last one (another dispatcher may still claim in between).
-        const ahead = claim.messages[claim.messages.length - 1].slot_ms - nowMs -
-          cfg.WHATSAPP_LOOKAHEAD_MS / 2;
-        if (ahead > 0) await sleep(Math.min(ahead, deadline - performance.now()));
+        // SQL says when half the lookahead's slots are handed out; coming back
+        // then keeps claims batched (another dispatcher may claim in between).
+        if (claim.wait_ms > 0) await sleep(Math.min(claim.wait_ms, deadline - performance.now()));
         continue;
       }
       if (claim.wait_ms > 0) {

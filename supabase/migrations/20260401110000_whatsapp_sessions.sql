@@ -919,8 +919,8 @@ $$;
 -- window is closed, then claims due head-of-line messages (one per recipient,
 -- in priority and enqueue order, none whose recipient is paced) for the send
 -- slots inside the lookahead. Each message comes with its slot (slot_ms,
--- epoch ms) and delay_ms from the claim's start. Returns {messages, now_ms,
--- wait_ms, paused, pause_reason, next_due_ms}.
+-- epoch ms). Returns {messages, now_ms, wait_ms, paused, pause_reason,
+-- next_due_ms}.
 -- -----------------------------------------------------------------------------
 create or replace function public.claim_whatsapp_messages(
   p_dispatcher_id text,
@@ -1083,7 +1083,6 @@ begin
       'message_type', c.message_type,
       'message_payload', c.message_payload, 'attempts', c.attempts, 'max_attempts', c.max_attempts,
       'correlation_id', c.correlation_id,
-      'delay_ms', greatest(0, round(extract(epoch from c.slot_at - v_now) * 1000)),
       'slot_ms', round(extract(epoch from c.slot_at) * 1000, 3))
       order by c.slot_at), '[]'::jsonb)
   into v_count, v_messages
@@ -1110,11 +1109,17 @@ begin
     where business_number = p_business_number and next_allowed_at < v_now - interval '1 hour';
   end if;
 
-  -- now_ms: the database clock as the claim ends. A dispatcher sends each
-  -- message slot_ms - now_ms after it receives the answer, so the time the
-  -- claim spent waiting and working does not shift (and bunch) the sends.
+  -- now_ms: the database clock as the claim ends, which a dispatcher maps
+  -- onto its own clock to send each message at its slot_ms. wait_ms: after
+  -- handing out slots, come back when the next free slot is within half the
+  -- lookahead (as when none was free above), so claims stay batched instead
+  -- of each taking the few slots freed since the last one.
   return jsonb_build_object('messages', v_messages, 'paused', false, 'pause_reason', null,
-    'now_ms', round(extract(epoch from clock_timestamp()) * 1000, 3), 'wait_ms', 0, 'next_due_ms', case when v_count = 0 and v_next_due is not null then greatest(0, ceil(v_next_due)) end);
+    'now_ms', round(extract(epoch from clock_timestamp()) * 1000, 3),
+    'wait_ms', case when v_count > 0 then greatest(0, ceil(
+      extract(epoch from v_base + v_step * v_count - clock_timestamp()) * 1000
+      - p_lookahead_ms / 2.0)) else 0 end,
+    'next_due_ms', case when v_count = 0 and v_next_due is not null then greatest(0, ceil(v_next_due)) end);
 end;
 $$;
 
