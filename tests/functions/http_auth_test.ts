@@ -14,6 +14,7 @@ import {
   freshDatabase,
   serviceToken,
   signToken,
+  TEST_JWT_SECRET,
   userToken,
 } from "../support/harness.ts";
 
@@ -49,6 +50,29 @@ dbTest("a malformed token is 401", async () => {
 dbTest("an expired token is 401 token_expired", async () => {
   const token = await signToken("service_role", { expiresIn: -60 });
   expectError(await call(app, "POST", METRICS, { token, body: metric }), 401, "token_expired");
+});
+
+dbTest("a token without exp is 401, however well signed", async () => {
+  const token = await new SignJWT({ role: "service_role" })
+    .setProtectedHeader({ alg: "HS256", typ: "JWT" })
+    .setIssuedAt()
+    .sign(new TextEncoder().encode(TEST_JWT_SECRET));
+  const res = await call(app, "POST", METRICS, { token, body: metric });
+  assert.equal(res.status, 401, JSON.stringify(res.body));
+  assert.equal(res.body.error.code, "invalid_token");
+});
+
+dbTest("a remembered token stops working when it expires", async () => {
+  const exp = Math.floor(Date.now() / 1000) + 1;
+  const token = await new SignJWT({ role: "service_role" })
+    .setProtectedHeader({ alg: "HS256", typ: "JWT" })
+    .setExpirationTime(exp)
+    .sign(new TextEncoder().encode(TEST_JWT_SECRET));
+  // a read, so that this test writes nothing the others count
+  const first = await call(app, "GET", "/observability/audit", { token });
+  assert.equal(first.status, 200, JSON.stringify(first.body));
+  await new Promise((r) => setTimeout(r, exp * 1000 - Date.now() + 50));
+  expectError(await call(app, "GET", "/observability/audit", { token }), 401, "token_expired");
 });
 
 dbTest("a token signed with another secret is 401", async () => {
