@@ -44,10 +44,17 @@ export function jsonb(tx: Sql | Tx, value: unknown): postgres.Parameter | null {
 
 const RETRYABLE = new Set(["40001", "40P01"]);
 
-/** A dollar-quoted literal: no escape rules, whatever the server settings. */
+/**
+ * A dollar-quoted literal: no escape rules, whatever the server settings. The
+ * closing tag must be the first occurrence of the tag after the opening one,
+ * also when the value ends with part of it; a value that would break the
+ * fixed tag gets a random one.
+ */
 function literal(value: string): string {
-  let tag: string;
-  do tag = `$q${crypto.randomUUID().slice(0, 8)}$`; while (value.includes(tag));
+  let tag = "$v$";
+  while ((value + tag).indexOf(tag) !== value.length) {
+    tag = `$v${crypto.randomUUID().replaceAll("-", "")}$`;
+  }
   return `${tag}${value}${tag}`;
 }
 
@@ -117,6 +124,7 @@ export function withClaims<T>(
 export type Row = Record<string, unknown>;
 
 const IDENTIFIER = /^[a-z_][a-z0-9_]*$/;
+const QUALIFIED = /^([a-z_][a-z0-9_]*)\.([a-z_][a-z0-9_]*)$/;
 
 /**
  * Calls one SQL function as `who`, PostgREST-rpc style: `args` are the
@@ -161,10 +169,8 @@ function selectList(select: RpcSelect): string {
 }
 
 function callStatement(fn: string, args: Record<string, unknown>, select: RpcSelect): string {
-  const [schema, name] = fn.split(".");
-  if (!IDENTIFIER.test(schema ?? "") || !IDENTIFIER.test(name ?? "")) {
-    throw new Error(`rpc: ${fn} is not a schema-qualified function name`);
-  }
+  const [, schema, name] = QUALIFIED.exec(fn) ?? [];
+  if (!schema) throw new Error(`rpc: ${fn} is not a schema-qualified function name`);
   const params: string[] = [];
   for (const [key, value] of Object.entries(args)) {
     if (value === undefined) continue;

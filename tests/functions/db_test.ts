@@ -35,6 +35,8 @@ const nasty = [
   "it's",
   "$$ dollar $$",
   "$q12345678$ tag-like $q12345678$",
+  "$v$ the fixed tag $v$",
+  "ends with half the tag $v",
   "back\\slash \\' ",
   "'); drop table public.system_audit_logs; --",
   "Murakaza neza 🇷🇼 — ñ",
@@ -92,6 +94,12 @@ dbTest("rpc values cannot escape their literals", async () => {
   }
   const [{ n }] = await db.sql`select count(*)::int as n from public.system_audit_logs`;
   assert.equal(n, nasty.length);
+});
+
+dbTest("rpc takes only schema-qualified function names", async () => {
+  for (const fn of ["record_metric", "public.record_metric.x", "public.Record", "a.b;c"]) {
+    await assert.rejects(rpc(service, "c", fn), /schema-qualified/);
+  }
 });
 
 dbTest("a failing rpc writes nothing and the pool stays usable", async () => {
