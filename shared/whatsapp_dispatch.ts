@@ -178,6 +178,17 @@ export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promi
   });
 }
 
+/** The outcome of a message whose slot came after the token was refused. */
+function notSent(m: ClaimedMessage): SendResult {
+  return {
+    id: m.id,
+    lease_token: m.lease_token,
+    outcome: "stop",
+    error_message: "not sent: the access token was refused",
+    duration_ms: 0,
+  };
+}
+
 /** Pauses before each further try at recording outcomes after database trouble. */
 const WRITE_RETRY_MS = [50, 200, 500, 1000];
 
@@ -340,7 +351,9 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
     const p = (async () => {
       const wait = at - performance.now();
       if (wait > 0) await sleep(wait);
-      record(await sendMessage(cfg, m));
+      // Once the Cloud API has refused the token, later slots are not spent
+      // on it: the message goes back unsent, without using an attempt.
+      record(stopSeen ? notSent(m) : await sendMessage(cfg, m));
     })();
     inflight.add(p);
     p.finally(() => inflight.delete(p));

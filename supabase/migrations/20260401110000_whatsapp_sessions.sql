@@ -948,6 +948,7 @@ declare
   v_window private.whatsapp_send_windows;
   v_now timestamptz;
   v_step interval;
+  v_lookahead_ms numeric;
   v_base timestamptz;
   v_horizon timestamptz;
   v_allowed integer;
@@ -985,6 +986,9 @@ begin
 
   v_now := clock_timestamp();
   v_step := make_interval(secs => 1.0 / p_rate_per_second);
+  -- At least one slot: a lookahead shorter than the gap between slots (a low
+  -- rate limit) would otherwise never let a claim hand out anything.
+  v_lookahead_ms := greatest(p_lookahead_ms, 1000.0 / p_rate_per_second);
 
   v_metrics := private.whatsapp_expire_leases();
 
@@ -997,7 +1001,7 @@ begin
   end if;
 
   v_base := greatest(v_window.next_slot_at, v_now);
-  v_horizon := v_now + make_interval(secs => p_lookahead_ms / 1000.0);
+  v_horizon := v_now + make_interval(secs => v_lookahead_ms / 1000.0);
   v_allowed := least(p_limit, floor(extract(epoch from v_horizon - v_base) * p_rate_per_second)::integer);
   if v_allowed < 1 then
     if jsonb_array_length(v_metrics) > 0 then
@@ -1005,7 +1009,7 @@ begin
     end if;
     return jsonb_build_object('messages', '[]'::jsonb, 'paused', false, 'pause_reason', null,
       -- come back when half the lookahead is free again, so claims stay batched
-      'wait_ms', greatest(1, ceil(extract(epoch from v_base - v_horizon) * 1000 + p_lookahead_ms / 2.0)),
+      'wait_ms', greatest(1, ceil(extract(epoch from v_base - v_horizon) * 1000 + v_lookahead_ms / 2.0)),
       'next_due_ms', 0);
   end if;
 
@@ -1118,7 +1122,7 @@ begin
     'now_ms', round(extract(epoch from clock_timestamp()) * 1000, 3),
     'wait_ms', case when v_count > 0 then greatest(0, ceil(
       extract(epoch from v_base + v_step * v_count - clock_timestamp()) * 1000
-      - p_lookahead_ms / 2.0)) else 0 end,
+      - v_lookahead_ms / 2.0)) else 0 end,
     'next_due_ms', case when v_count = 0 and v_next_due is not null then greatest(0, ceil(v_next_due)) end);
 end;
 $$;

@@ -267,6 +267,64 @@ dbTest("an expired token stops sending, keeps the messages and raises an alert",
   for (const id of ids) assert.equal((await row(id)).status, "sent");
 });
 
+dbTest("a rate limit slower than the lookahead still sends", async () => {
+  fake.reset();
+  // 2 a second is one slot per 500 ms, ten times the 50 ms lookahead
+  await configureWhatsApp({ ...BASE, WHATSAPP_RATE_LIMIT_PER_SECOND: 2 });
+  try {
+    const ids: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      const to = phone();
+      await openWindow(to);
+      ids.push(await enqueue(to, "text", { text: "slow and steady" }));
+    }
+    const report = await dispatch();
+    assert.equal(report.sent, 3, JSON.stringify(report));
+    const times = fake.accepted().map((r) => r.at).sort((a, b) => a - b);
+    for (let i = 1; i < times.length; i++) {
+      assert.ok(times[i] - times[i - 1] >= 440, `2 a second: ${times[i] - times[i - 1]} ms`);
+    }
+  } finally {
+    await configureWhatsApp(BASE);
+  }
+});
+
+dbTest("slots after a refused token are not spent on it", async () => {
+  fake.reset();
+  // One claim hands out all four slots, 100 ms apart: the refusal of the first
+  // arrives long before the second.
+  await configureWhatsApp({
+    ...BASE,
+    WHATSAPP_RATE_LIMIT_PER_SECOND: 10,
+    WHATSAPP_LOOKAHEAD_MS: 1000,
+  });
+  try {
+    const ids: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      const to = phone();
+      await openWindow(to);
+      ids.push(await enqueue(to, "text", { text: "after the refusal" }));
+    }
+    fake.failNext(190);
+    const report = await dispatch();
+    assert.equal(report.claimed, 4, JSON.stringify(report));
+    assert.match(report.paused ?? "", /token_invalid/, JSON.stringify(report));
+    assert.equal(fake.requests.length, 1, "only the first slot reached the Cloud API");
+    for (const id of ids) {
+      const r = await row(id);
+      assert.equal(r.status, "pending");
+      assert.equal(r.attempts, 0, "no attempt is burnt");
+    }
+  } finally {
+    // lift the pause and drop these messages, for the tests that follow
+    await db.sql`update private.whatsapp_send_windows set paused_until = null`;
+    await db.sql`update public.whatsapp_message_queue
+                 set status = 'cancelled', cancelled_at = now(), lease_token = null, locked_by = null
+                 where status in ('pending', 'processing')`;
+    await configureWhatsApp(BASE);
+  }
+});
+
 dbTest("higher priority goes first; within a priority, enqueue order", async () => {
   fake.reset();
   const to = phone();
