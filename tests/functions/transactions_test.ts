@@ -158,9 +158,19 @@ dbTest("bad input is a 400 and writes nothing", async () => {
     [{ type: "payment", amount: 5, currency: "RWF" }, null, "idempotency_key_required"],
     [{ type: "payment", amount: 5, currency: "RWF" }, "has space", "invalid_idempotency_key"],
     ["{not json", newKey(), "invalid_json"],
+    [
+      { type: "payment", amount: 5, currency: "RWF", created_at: "2026-01-01T00:00:00Z" },
+      newKey(),
+      "forbidden",
+    ],
+    [{ type: "payment", amount: 5, currency: "RWF" }, "k".repeat(256), "invalid_idempotency_key"],
   ];
   for (const [body, key, code] of bad) {
-    expectError(await post("/transactions", aliceToken, body, key), 400, code);
+    expectError(
+      await post("/transactions", aliceToken, body, key),
+      code === "forbidden" ? 403 : 400,
+      code,
+    );
   }
   expectError(
     await post("/transactions/transfers", aliceToken, { amount: 5, currency: "RWF" }),
@@ -209,6 +219,17 @@ dbTest("bad input is a 400 and writes nothing", async () => {
       null,
     ),
     400,
+    "invalid_request",
+  );
+  expectError(
+    await call(
+      app,
+      "GET",
+      "/transactions?from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z",
+      { token: aliceToken },
+    ),
+    400,
+    "invalid_window",
   );
   assert.deepEqual(await counts(), before);
 });
