@@ -187,6 +187,16 @@ export class Json {
 export const asJson = (value: unknown): Json | undefined =>
   value === undefined ? undefined : new Json(value);
 
+/** Marks a value for a text[] parameter (other arrays go as JSON text). */
+export class TextArray {
+  constructor(readonly items: readonly string[]) {}
+}
+
+/** A Postgres array literal: every element double-quoted, \ and " escaped. */
+function arrayLiteral(items: readonly string[]): string {
+  return `{${items.map((i) => `"${i.replace(/[\\"]/g, (c) => `\\${c}`)}"`).join(",")}}`;
+}
+
 function sqlValue(value: unknown): string {
   if (typeof value === "string" && value.includes("\u0000")) {
     // Postgres text cannot hold NUL, and in a simple-protocol message it
@@ -195,6 +205,10 @@ function sqlValue(value: unknown): string {
   }
   if (value === null) return "null";
   if (value instanceof Json) return literal(JSON.stringify(value.value));
+  if (value instanceof TextArray) {
+    if (value.items.some((i) => i.includes("\u0000"))) return sqlValue("\u0000");
+    return literal(arrayLiteral(value.items));
+  }
   if (typeof value === "string") return literal(value);
   if (typeof value === "number") {
     if (!Number.isFinite(value)) {

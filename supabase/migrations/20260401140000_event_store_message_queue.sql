@@ -1098,30 +1098,45 @@ grant execute on function public.queue_metrics(text) to service_role;
 -- timeout_seconds is capped at 120 so a worker run stays inside the edge
 -- function's 150 s wall clock.
 -- -----------------------------------------------------------------------------
+-- Column rules as domains (planned once per connection, see the event store):
+-- every claim and every completion is an UPDATE, which would otherwise plan
+-- each table check again; the numeric limits share one check.
+create domain private.job_type as text
+  check (char_length(value) <= 63 and value ~ '^[a-z][a-z0-9_.-]*$');
+create domain private.job_status as text
+  check (value in ('pending', 'running', 'completed', 'failed', 'cancelled', 'timeout'));
+create domain private.job_name as text check (char_length(value) between 1 and 200);
+create domain private.worker_id as text check (char_length(value) <= 128);
+create domain private.error_text as text check (char_length(value) <= 4000);
+create domain private.idempotency_key as text check (char_length(value) between 1 and 256);
+
 create table public.background_jobs (
   id bigserial primary key,
-  job_type text not null check (char_length(job_type) <= 63 and job_type ~ '^[a-z][a-z0-9_.-]*$'),
-  job_name text not null check (char_length(job_name) between 1 and 200),
-  payload jsonb not null default '{}'::jsonb check (jsonb_typeof(payload) = 'object'),
-  priority integer not null default 0 check (priority between 0 and 1000),
-  status text not null default 'pending'
-    check (status in ('pending', 'running', 'completed', 'failed', 'cancelled', 'timeout')),
+  job_type private.job_type not null,
+  job_name private.job_name not null,
+  payload private.json_object not null default '{}'::jsonb,
+  priority integer not null default 0,
+  status private.job_status not null default 'pending',
   run_at timestamptz not null default now(),
   visible_at timestamptz not null default now(),
-  attempts integer not null default 0 check (attempts >= 0),
-  max_attempts integer not null default 3 check (max_attempts between 1 and 25),
-  timeout_seconds integer not null default 30 check (timeout_seconds between 1 and 120),
+  attempts integer not null default 0,
+  max_attempts integer not null default 3,
+  timeout_seconds integer not null default 30,
   result jsonb,
-  last_error text check (char_length(last_error) <= 4000),
-  idempotency_key text check (char_length(idempotency_key) between 1 and 256),
-  correlation_id text check (char_length(correlation_id) <= 128),
+  last_error private.error_text,
+  idempotency_key private.idempotency_key,
+  correlation_id private.trace_id,
   user_id uuid,
   lease_token uuid,
-  locked_by text check (char_length(locked_by) <= 128),
+  locked_by private.worker_id,
   locked_at timestamptz,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
-  finished_at timestamptz
+  finished_at timestamptz,
+  constraint background_jobs_numbers_check check (
+    priority between 0 and 1000 and attempts >= 0 and max_attempts between 1 and 25
+    and timeout_seconds between 1 and 120
+  )
 );
 
 create unique index background_jobs_idempotency_idx

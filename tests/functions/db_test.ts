@@ -1,7 +1,7 @@
 // shared/db.ts: claims reach SQL exactly as PostgREST sets them, values in
 // rpc() cannot break out of their literals, and failures leave nothing behind.
 import assert from "node:assert/strict";
-import { db as dbPool, rpc, withClaims } from "../../shared/db.ts";
+import { db as dbPool, rpc, TextArray, withClaims } from "../../shared/db.ts";
 import type { Principal } from "../../shared/auth.ts";
 import { HttpError } from "../../shared/errors.ts";
 import { createUser, dbTest, freshDatabase } from "../support/harness.ts";
@@ -94,6 +94,19 @@ dbTest("rpc values cannot escape their literals", async () => {
   }
   const [{ n }] = await db.sql`select count(*)::int as n from public.system_audit_logs`;
   assert.equal(n, nasty.length);
+});
+
+dbTest("text arrays reach text[] parameters element for element", async () => {
+  await db.sql`create function public.echo_texts(p_items text[])
+               returns table (item text) language sql as $$ select unnest(p_items) $$`;
+  await db.sql`grant execute on function public.echo_texts(text[]) to service_role`;
+  const items = ['a"b', "c\\d", "e,f", "{g}", "NULL", "", "$v$ 🇷🇼"];
+  const rows = await rpc(service, "c", "public.echo_texts", { items: new TextArray(items) });
+  assert.deepEqual(rows.map((r) => r.item), items);
+  await assert.rejects(
+    rpc(service, "c", "public.echo_texts", { items: new TextArray(["a\u0000"]) }),
+    /NUL/,
+  );
 });
 
 dbTest("rpc takes only schema-qualified function names", async () => {

@@ -4,7 +4,7 @@
 // so a cron-triggered run ends well inside the edge runtime's 150 s: the
 // budget (at most 25 s) plus the longest job timeout (at most 120 s).
 import type { Principal } from "../../../shared/auth.ts";
-import { asJson, rpc, withClaims } from "../../../shared/db.ts";
+import { asJson, rpc, TextArray } from "../../../shared/db.ts";
 import { HttpError } from "../../../shared/errors.ts";
 import { log } from "../../../shared/log.ts";
 import { type Job, jobHandler, registeredJobTypes } from "./handlers.ts";
@@ -122,10 +122,11 @@ export async function runJobs(
   };
   const types = opts.jobTypes ?? registeredJobTypes();
   while (performance.now() - started < opts.budgetMs) {
-    const rows = types.length === 0
-      ? []
-      : await withClaims(who, correlationId, (tx) =>
-        tx`select * from public.claim_jobs(${types}::text[], ${opts.batchSize}, ${opts.workerId})`);
+    const rows = types.length === 0 ? [] : await rpc(who, correlationId, "public.claim_jobs", {
+      job_types: new TextArray(types),
+      limit: opts.batchSize,
+      worker: opts.workerId,
+    });
     if (rows.length === 0) {
       summary.stopped = "drained";
       break;
