@@ -137,9 +137,10 @@ language plpgsql
 stable
 as $$
 declare
-  v_self uuid := private.caller_user_id();
+  v_self uuid;
 begin
-  if v_self is not null then
+  if private.require_caller() = 'authenticated' then
+    v_self := auth.uid();
     if p_user_id is not null and p_user_id <> v_self then
       perform private.raise_error(403, 'forbidden',
         format('users act only for themselves: %s must be your own id or left out', p_field));
