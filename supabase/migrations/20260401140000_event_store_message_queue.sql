@@ -48,10 +48,15 @@ create domain private.aggregate_type as text
   check (char_length(value) <= 63 and value ~ '^[a-z][a-z0-9_]*$');
 create domain private.aggregate_id as text
   check (char_length(value) between 1 and 256);
-create domain private.event_type as text
+-- an event's or a message's type: letters first, then letters, digits, _ . : -
+create domain private.type_name as text
   check (char_length(value) <= 128 and value ~ '^[A-Za-z][A-Za-z0-9_.:-]*$');
 create domain private.json_object as jsonb check (jsonb_typeof(value) = 'object');
 create domain private.trace_id as text check (char_length(value) <= 128);
+-- shared by the message queue and the jobs
+create domain private.idempotency_key as text check (char_length(value) between 1 and 256);
+create domain private.worker_id as text check (char_length(value) <= 128);
+create domain private.error_text as text check (char_length(value) <= 4000);
 
 create table public.event_streams (
   aggregate_type private.aggregate_type not null,
@@ -79,7 +84,7 @@ create table public.event_store (
   tx_id xid8 not null default pg_current_xact_id(),
   aggregate_type private.aggregate_type not null,
   aggregate_id private.aggregate_id not null,
-  event_type private.event_type not null,
+  event_type private.type_name not null,
   version bigint not null check (version >= 1),
   payload private.json_object not null,
   metadata private.json_object not null default '{}'::jsonb,
@@ -622,29 +627,37 @@ $gen$;
 -- -----------------------------------------------------------------------------
 -- message_queue
 -- -----------------------------------------------------------------------------
+-- Column rules as domains, as for the event store: every claim, ack and nack
+-- is an UPDATE, which would otherwise plan each table check again; the
+-- numeric limits share one check.
+create domain private.queue_name as text
+  check (char_length(value) <= 63 and value ~ '^[a-z][a-z0-9_-]*$');
+create domain private.queue_status as text
+  check (value in ('pending', 'processing', 'completed', 'dead'));
+
 create table public.message_queue (
   id bigserial primary key,
-  queue_name text not null
-    check (char_length(queue_name) <= 63 and queue_name ~ '^[a-z][a-z0-9_-]*$'),
-  message_type text not null default 'message'
-    check (char_length(message_type) <= 128 and message_type ~ '^[A-Za-z][A-Za-z0-9_.:-]*$'),
-  payload jsonb not null check (jsonb_typeof(payload) = 'object'),
-  priority integer not null default 0 check (priority between 0 and 1000),
-  status text not null default 'pending'
-    check (status in ('pending', 'processing', 'completed', 'dead')),
+  queue_name private.queue_name not null,
+  message_type private.type_name not null default 'message',
+  payload private.json_object not null,
+  priority integer not null default 0,
+  status private.queue_status not null default 'pending',
   visible_at timestamptz not null default now(),
-  attempts integer not null default 0 check (attempts >= 0),
-  max_attempts integer not null default 5 check (max_attempts between 1 and 100),
-  idempotency_key text check (char_length(idempotency_key) between 1 and 256),
+  attempts integer not null default 0,
+  max_attempts integer not null default 5,
+  idempotency_key private.idempotency_key,
   lease_token uuid,
-  locked_by text check (char_length(locked_by) <= 128),
+  locked_by private.worker_id,
   locked_at timestamptz,
-  last_error text check (char_length(last_error) <= 4000),
-  correlation_id text check (char_length(correlation_id) <= 128),
+  last_error private.error_text,
+  correlation_id private.trace_id,
   user_id uuid,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
-  finished_at timestamptz
+  finished_at timestamptz,
+  constraint message_queue_numbers_check check (
+    priority between 0 and 1000 and attempts >= 0 and max_attempts between 1 and 100
+  )
 );
 
 create unique index message_queue_idempotency_idx
@@ -1106,9 +1119,6 @@ create domain private.job_type as text
 create domain private.job_status as text
   check (value in ('pending', 'running', 'completed', 'failed', 'cancelled', 'timeout'));
 create domain private.job_name as text check (char_length(value) between 1 and 200);
-create domain private.worker_id as text check (char_length(value) <= 128);
-create domain private.error_text as text check (char_length(value) <= 4000);
-create domain private.idempotency_key as text check (char_length(value) between 1 and 256);
 
 create table public.background_jobs (
   id bigserial primary key,
