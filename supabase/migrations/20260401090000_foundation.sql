@@ -129,6 +129,19 @@ begin
 end;
 $$;
 
+-- A page size between 1 and p_max, or 400 invalid_limit.
+create or replace function private.check_limit(p_limit integer, p_max integer) returns void
+language plpgsql
+as $$
+begin
+  if p_limit is null or p_limit not between 1 and p_max then
+    perform private.raise_error(400, 'invalid_limit', format('limit must be between 1 and %s', p_max));
+  end if;
+end;
+$$;
+-- list functions run as their caller
+grant execute on function private.check_limit(integer, integer) to authenticated, service_role;
+
 -- The user an operation acts for: a signed-in user acts for themselves
 -- (naming anyone else is 403); the service role must name one (400).
 -- p_field is the parameter's name as the caller knows it.

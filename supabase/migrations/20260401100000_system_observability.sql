@@ -340,9 +340,7 @@ stable
 set search_path = ''
 as $$
 begin
-  if p_limit is null or p_limit < 1 or p_limit > 1000 then
-    perform private.raise_error(400, 'invalid_limit', 'limit must be between 1 and 1000');
-  end if;
+  perform private.check_limit(p_limit, 1000);
   if (p_before_created_at is null) <> (p_before_id is null) then
     perform private.raise_error(400, 'invalid_cursor', 'cursor needs both created_at and id');
   end if;

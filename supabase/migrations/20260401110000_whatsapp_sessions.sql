@@ -969,9 +969,7 @@ begin
   if p_rate_per_second is null or p_rate_per_second not between 1 and 1000 then
     perform private.raise_error(400, 'invalid_rate_limit', 'rate_per_second must be between 1 and 1000');
   end if;
-  if p_limit is null or p_limit not between 1 and 1000 then
-    perform private.raise_error(400, 'invalid_limit', 'limit must be between 1 and 1000');
-  end if;
+  perform private.check_limit(p_limit, 1000);
   if p_pair_interval_ms is null or p_pair_interval_ms not between 0 and 600000
      or p_lease_seconds is null or p_lease_seconds not between 1 and 3600
      or p_lookahead_ms is null or p_lookahead_ms not between 1 and 10000 then
@@ -1402,9 +1400,7 @@ stable
 set search_path = ''
 as $$
 begin
-  if p_limit is null or p_limit not between 1 and 1000 then
-    perform private.raise_error(400, 'invalid_limit', 'limit must be between 1 and 1000');
-  end if;
+  perform private.check_limit(p_limit, 1000);
   if p_status is not null and p_status not in ('active', 'inactive', 'suspended', 'expired') then
     perform private.raise_error(400, 'invalid_status', 'status must be active, inactive, suspended or expired');
   end if;

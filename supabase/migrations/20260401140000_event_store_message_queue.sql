@@ -339,9 +339,7 @@ begin
   if p_from_version is null or p_from_version < 1 then
     perform private.raise_error(400, 'invalid_from_version', 'from_version must be at least 1');
   end if;
-  if p_limit is null or p_limit < 1 or p_limit > 10000 then
-    perform private.raise_error(400, 'invalid_limit', 'limit must be between 1 and 10000');
-  end if;
+  perform private.check_limit(p_limit, 10000);
   return query
   select e.* from public.event_store e
   where e.aggregate_type = p_aggregate_type
@@ -403,9 +401,7 @@ begin
   if p_after_position is null or p_after_position < 0 then
     perform private.raise_error(400, 'invalid_after_position', 'after_position must be at least 0');
   end if;
-  if p_limit is null or p_limit < 1 or p_limit > 10000 then
-    perform private.raise_error(400, 'invalid_limit', 'limit must be between 1 and 10000');
-  end if;
+  perform private.check_limit(p_limit, 10000);
   perform public.sequence_events();
   return query
   select e.* from public.event_store e
@@ -838,9 +834,7 @@ set search_path = ''
 as $$
 begin
   perform private.check_queue_name(p_queue_name);
-  if p_limit is null or p_limit < 1 or p_limit > 1000 then
-    perform private.raise_error(400, 'invalid_limit', 'limit must be between 1 and 1000');
-  end if;
+  perform private.check_limit(p_limit, 1000);
   if p_visibility_timeout_seconds is null or p_visibility_timeout_seconds < 0.1
      or p_visibility_timeout_seconds > 43200 then
     perform private.raise_error(400, 'invalid_visibility_timeout',
@@ -1248,9 +1242,7 @@ security definer
 set search_path = ''
 as $$
 begin
-  if p_limit is null or p_limit < 1 or p_limit > 1000 then
-    perform private.raise_error(400, 'invalid_limit', 'limit must be between 1 and 1000');
-  end if;
+  perform private.check_limit(p_limit, 1000);
   perform public.timeout_jobs();
   return query
   select c.* from private.background_jobs_lease_claim(p_job_types, p_limit, null, p_worker) c
