@@ -2,7 +2,8 @@
 // writers keep inserting rows dated in months that have no partition yet.
 import assert from "node:assert/strict";
 import postgres from "postgres";
-import { dbTest, freshDatabase } from "../support/harness.ts";
+import { ADMIN_URL, dbTest, freshDatabase } from "../support/harness.ts";
+import { SCHEDULES } from "../../scripts/schedules.ts";
 
 const db = await freshDatabase();
 
@@ -36,23 +37,25 @@ dbTest("concurrent maintenance runs and writers lose nothing and fail nothing", 
   }
 });
 
-dbTest("the stack's database schedules maintenance daily with pg_cron", async () => {
-  // The template has no pg_cron (it lives only in cron.database_name); the
-  // stack's main database, migrated by the same CLI run, has the job.
-  const admin = postgres(
-    Deno.env.get("TEST_DATABASE_URL") ?? db.url.replace(/\/[^/]+$/, "/postgres"),
-    {
-      max: 1,
-      onnotice: () => {},
-    },
-  );
-  try {
-    const jobs =
-      await admin`select schedule, command from cron.job where jobname = 'maintain-partitions'`;
-    assert.equal(jobs.length, 1);
-    assert.equal(jobs[0].schedule, "15 0 * * *");
-    assert.match(jobs[0].command, /public\.maintain_partitions\(\)/);
-  } finally {
-    await admin.end();
-  }
-});
+dbTest(
+  "the stack's database schedules maintenance with pg_cron, as the scheduler does",
+  async () => {
+    // The template has no pg_cron (it lives only in cron.database_name); the
+    // stack's main database, migrated by the same CLI run, has the job. Its
+    // cadence must be the one the local scheduler and the hosted cron use.
+    const admin = postgres(ADMIN_URL, { max: 1, onnotice: () => {} });
+    try {
+      const inDatabase = SCHEDULES.filter((s) => s.inDatabase);
+      assert.ok(inDatabase.some((s) => s.name === "maintain-partitions"));
+      for (const s of inDatabase) {
+        const jobs = await admin`select schedule, command from cron.job where jobname = ${s.name}`;
+        assert.equal(jobs.length, 1, s.name);
+        assert.equal(jobs[0].schedule, s.cron, s.name);
+      }
+      const [job] = await admin`select command from cron.job where jobname = 'maintain-partitions'`;
+      assert.match(job.command, /public\.maintain_partitions\(\)/);
+    } finally {
+      await admin.end();
+    }
+  },
+);

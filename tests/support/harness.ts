@@ -9,7 +9,8 @@ import { resetAuth } from "../../shared/auth.ts";
 import { createRouter, loadFunctions } from "../../scripts/router.ts";
 
 export const TEST_JWT_SECRET = "test-secret-for-easymo-tests-only-0123456789abcdef";
-const ADMIN_URL = Deno.env.get("TEST_DATABASE_URL") ??
+/** The test cluster's maintenance database (where pg_cron lives). */
+export const ADMIN_URL = Deno.env.get("TEST_DATABASE_URL") ??
   "postgresql://postgres:postgres@127.0.0.1:54322/postgres";
 const TEMPLATE = Deno.env.get("TEST_TEMPLATE_DB") ?? "easymo_template";
 
