@@ -252,65 +252,48 @@ dbTest("anon can neither write nor read audit events", async () => {
   expectError(await call(app, "GET", "/observability/audit", { token }), 401);
 });
 
-dbTest("50 concurrent requests all succeed and all land", async () => {
+/** n single-metric POSTs at once, as the service role. */
+async function postMetrics(
+  n: number,
+  request: (i: number) => { body: unknown; headers?: Record<string, string> },
+) {
   const token = await serviceToken();
-  const results = await Promise.all(
+  return await Promise.all(
     Array.from(
-      { length: 50 },
-      (_, i) =>
-        call(app, "POST", "/observability/metrics", {
-          token,
-          body: metric({ metric_name: "concurrent", value: i }),
-        }),
+      { length: n },
+      (_, i) => call(app, "POST", "/observability/metrics", { token, ...request(i) }),
     ),
   );
-  assert.deepEqual(results.map((r) => r.status), Array(50).fill(201));
-  assert.equal(new Set(results.map((r) => r.body.id)).size, 50);
-  const [row] = await db.sql`select count(*)::int as n, sum(value)::int as s
-                             from public.system_metrics where metric_name = 'concurrent'`;
-  assert.equal(row.n, 50);
-  assert.equal(row.s, (49 * 50) / 2);
-});
+}
 
-dbTest("concurrent single metrics share transactions, yet each answer is its own row", async () => {
-  const token = await serviceToken();
-  const results = await Promise.all(
-    Array.from({ length: 40 }, (_, i) =>
-      call(app, "POST", "/observability/metrics", {
-        token,
-        headers: { "x-correlation-id": `coalesced-${i}` },
-        body: metric({ metric_name: "coalesced", value: i }),
-      })),
-  );
-  assert.deepEqual(results.map((r) => r.status), Array(40).fill(201));
-  const rows = await db.sql`select id::text, value, correlation_id, xmin::text as tx
+dbTest(
+  "50 concurrent metrics all land, share transactions, and each answer is its own row",
+  async () => {
+    const results = await postMetrics(50, (i) => ({
+      headers: { "x-correlation-id": `coalesced-${i}` },
+      body: metric({ metric_name: "coalesced", value: i }),
+    }));
+    assert.deepEqual(results.map((r) => r.status), Array(50).fill(201));
+    const rows = await db.sql`select id::text, value, correlation_id, xmin::text as tx
                             from public.system_metrics where metric_name = 'coalesced'`;
-  assert.equal(rows.length, 40);
-  const byId = new Map(rows.map((r) => [r.id, r]));
-  results.forEach((res, i) => {
-    const row = byId.get(res.body.id);
-    assert.ok(row, `request ${i} answered with id ${res.body.id}, which is not its row`);
-    assert.equal(row.value, i);
-    assert.equal(row.correlation_id, `coalesced-${i}`);
-  });
-  // Requests that queued behind the first ones were committed together.
-  assert.ok(new Set(rows.map((r) => r.tx)).size < 40, "every metric had its own transaction");
-});
+    assert.equal(rows.length, 50);
+    const byId = new Map(rows.map((r) => [r.id, r]));
+    results.forEach((res, i) => {
+      const row = byId.get(res.body.id);
+      assert.ok(row, `request ${i} answered with id ${res.body.id}, which is not its row`);
+      assert.equal(row.value, i);
+      assert.equal(row.correlation_id, `coalesced-${i}`);
+    });
+    // Requests that queued behind the first ones were committed together.
+    assert.ok(new Set(rows.map((r) => r.tx)).size < 50, "every metric had its own transaction");
+  },
+);
 
 dbTest("one metric the database refuses fails alone among concurrent ones", async () => {
-  const token = await serviceToken();
-  const results = await Promise.all(
-    Array.from({ length: 20 }, (_, i) =>
-      call(app, "POST", "/observability/metrics", {
-        token,
-        // jsonb cannot hold \u0000, which JSON allows: only Postgres notices.
-        body: metric({
-          metric_name: "one_bad",
-          value: i,
-          tags: { k: i === 13 ? "a\u0000" : "ok" },
-        }),
-      })),
-  );
+  const results = await postMetrics(20, (i) => ({
+    // jsonb cannot hold \u0000, which JSON allows: only Postgres notices.
+    body: metric({ metric_name: "one_bad", value: i, tags: { k: i === 13 ? "a\u0000" : "ok" } }),
+  }));
   results.forEach((res, i) => {
     if (i === 13) expectError(res, 400, "invalid_input");
     else assert.equal(res.status, 201, JSON.stringify(res.body));
