@@ -120,9 +120,12 @@ alter table public.event_streams enable row level security;
 alter table public.event_stream_members enable row level security;
 alter table public.event_store enable row level security;
 
+-- Read-only for every API role, the service role included: append_event and
+-- sequence_events are the only writers, so no caller can write a version out
+-- of turn, skip the membership, or set a position.
 revoke all on public.event_streams, public.event_stream_members, public.event_store
-  from anon, authenticated;
-revoke all on sequence public.event_store_id_seq from anon, authenticated;
+  from anon, authenticated, service_role;
+revoke all on sequence public.event_store_id_seq from anon, authenticated, service_role;
 grant select on public.event_streams, public.event_stream_members, public.event_store
   to authenticated, service_role;
 
@@ -671,8 +674,11 @@ create index message_queue_finished_idx
 create index message_queue_user_idx on public.message_queue (user_id) where user_id is not null;
 
 alter table public.message_queue enable row level security;
-revoke all on public.message_queue from anon, authenticated;
-revoke all on sequence public.message_queue_id_seq from anon, authenticated;
+-- Read-only for the API roles, the service role included: its functions
+-- (sends, claims and settlements) are the only writers, so leases and attempts cannot be
+-- skipped.
+revoke all on public.message_queue from anon, authenticated, service_role;
+revoke all on sequence public.message_queue_id_seq from anon, authenticated, service_role;
 grant select on public.message_queue to authenticated, service_role;
 
 create policy message_queue_user_select on public.message_queue
@@ -1154,8 +1160,11 @@ create index background_jobs_user_idx
   on public.background_jobs (user_id, created_at desc) where user_id is not null;
 
 alter table public.background_jobs enable row level security;
-revoke all on public.background_jobs from anon, authenticated;
-revoke all on sequence public.background_jobs_id_seq from anon, authenticated;
+-- Read-only for the API roles, the service role included: its functions
+-- (schedule, claim, settle, cancel and retry) are the only writers, so leases and attempts cannot be
+-- skipped.
+revoke all on public.background_jobs from anon, authenticated, service_role;
+revoke all on sequence public.background_jobs_id_seq from anon, authenticated, service_role;
 grant select on public.background_jobs to authenticated, service_role;
 
 create policy background_jobs_user_select on public.background_jobs

@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(37);
+select plan(41);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -114,6 +114,15 @@ select ok((select user_id from public.append_event('svc-1', 'trip', 'x', '{}',
   'service_role may append on a user''s behalf');
 select is((select count(*)::int from public.read_event_stream(0, 100)), 0,
   'the stream holds nothing while the writing transaction is open');
+select throws_ok($$insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
+                  values ('trip', 'svc-1', 'x', 9, '{}')$$, '42501', null,
+  'service_role cannot insert events past append_event');
+select throws_ok($$update public.event_streams set version = 9 where aggregate_id = 'svc-1'$$,
+  '42501', null, 'service_role cannot move a stream''s version');
+select throws_ok($$update public.event_store set position = 1 where aggregate_id = 'svc-1'$$,
+  '42501', null, 'service_role cannot set positions');
+select throws_ok($$delete from public.event_stream_members$$, '42501', null,
+  'service_role cannot change who reads an aggregate');
 
 select * from finish();
 rollback;

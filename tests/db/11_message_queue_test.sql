@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(36);
+select plan(38);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -107,5 +107,11 @@ select is((public.send_message('uploads', '{"f": 2}', p_idempotency_key := 'same
 select tests.authenticate_as_anon();
 select throws_ok($$select public.send_message('uploads', '{}')$$, '42501', null, 'anon cannot send');
 
+
+select tests.authenticate_as_service_role();
+select throws_ok($$update public.message_queue set status = 'completed', lease_token = null$$, '42501', null,
+  'service_role cannot settle messages past the lease functions');
+select throws_ok($$insert into public.message_queue (queue_name, message_type, payload) values ('uploads', 'x', '{}')$$,
+  '42501', null, 'service_role cannot insert messages past send_message');
 select * from finish();
 rollback;

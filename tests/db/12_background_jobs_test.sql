@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(28);
+select plan(30);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -98,5 +98,11 @@ select throws_ok(format($$select public.get_job(%s)$$, (select id from aj)), 'PT
 select tests.authenticate_as_anon();
 select throws_ok($$select public.schedule_job('x', 'y', '{}')$$, '42501', null, 'anon cannot schedule');
 
+
+select tests.authenticate_as_service_role();
+select throws_ok($$update public.background_jobs set status = 'completed'$$, '42501', null,
+  'service_role cannot complete jobs past the lease functions');
+select throws_ok($$delete from public.background_jobs$$, '42501', null,
+  'service_role cannot delete jobs');
 select * from finish();
 rollback;
