@@ -2,7 +2,7 @@
 -- acting_user over every mix of session role and JWT claims (the weaker one
 -- wins), and that the planner inlines the three SQL helpers.
 begin;
-select plan(27);
+select plan(28);
 
 -- Security definer wrappers, as the domains call the helpers: the session may
 -- be anon or a user while they run as their owner.
@@ -27,6 +27,17 @@ language sql as $$
          set_config('request.jwt.claims', coalesce(p_claims::text, ''), true);
 $$;
 grant execute on function tests.call_as(text, jsonb) to anon, authenticated, service_role;
+
+-- The caller needs a login: require_caller and caller_user_id are both 401.
+create function tests.needs_login(p_case text) returns setof text
+language sql as $$
+  select throws_ok('select tests.who_required()', 'PT401', 'login_required',
+    p_case || ': require_caller is 401')
+  union all
+  select throws_ok('select tests.who_user()', 'PT401', 'login_required',
+    p_case || ': caller_user_id is 401')
+$$;
+grant execute on function tests.needs_login(text) to anon, authenticated, service_role;
 
 -- no claims at all (pg_cron, migrations): the service role
 select tests.call_as('none', null);
@@ -58,18 +69,12 @@ select throws_ok($$select tests.who_acts_for((select bob from ids))$$, 'PT403', 
 -- a user token without a subject
 select tests.call_as('authenticated', '{"role": "authenticated"}');
 select is(tests.who_role(), 'authenticated', 'subjectless token: still a user');
-select throws_ok($$select tests.who_required()$$, 'PT401', 'login_required',
-  'subjectless token: require_caller is 401');
-select throws_ok($$select tests.who_user()$$, 'PT401', 'login_required',
-  'subjectless token: caller_user_id is 401');
+select tests.needs_login('subjectless token');
 
 -- anon
 select tests.call_as('anon', '{"role": "anon"}');
 select is(tests.who_role(), 'anon', 'anon');
-select throws_ok($$select tests.who_required()$$, 'PT401', 'login_required',
-  'anon: require_caller is 401');
-select throws_ok($$select tests.who_user()$$, 'PT401', 'login_required',
-  'anon: caller_user_id is 401');
+select tests.needs_login('anon');
 
 -- the weaker of the session role and the claims wins
 select tests.call_as('service_role', '{"role": "anon"}');
@@ -83,8 +88,7 @@ select tests.call_as('service_role',
   jsonb_build_object('role', 'authenticated', 'sub', (select bob from ids)));
 select is(tests.who_role(), 'authenticated', 'user claims under the service role: a user');
 select tests.call_as('authenticated', '{"role": "service_role"}');
-select throws_ok($$select tests.who_user()$$, 'PT401', 'login_required',
-  'the user role with service claims and no subject: 401');
+select tests.needs_login('the user role with service claims and no subject');
 
 -- inlined: the plan holds the expression, not a call of the helper
 select tests.call_as('none', null);

@@ -58,6 +58,17 @@ async function enqueue(
   return row.id;
 }
 
+/** One text each to `n` new recipients with an open window: the recipients and the message ids. */
+async function textsToNewRecipients(n: number, text: string) {
+  const recipients = Array.from({ length: n }, () => phone());
+  const ids: string[] = [];
+  for (const to of recipients) {
+    await openWindow(to);
+    ids.push(await enqueue(to, "text", { text }));
+  }
+  return { recipients, ids };
+}
+
 const row = async (id: string) =>
   (await db.sql`select * from public.whatsapp_message_queue where id = ${id}`)[0];
 const sentTo = (digits: string): FakeRequest[] => fake.requests.filter((r) => r.to === digits);
@@ -234,12 +245,7 @@ dbTest("a message out of attempts becomes a dead letter", async () => {
 
 dbTest("an expired token stops sending, keeps the messages and raises an alert", async () => {
   fake.reset();
-  const recipients = [phone(), phone(), phone()];
-  const ids: string[] = [];
-  for (const to of recipients) {
-    await openWindow(to);
-    ids.push(await enqueue(to, "text", { text: "token" }));
-  }
+  const { ids } = await textsToNewRecipients(3, "token");
   fake.failNext(190, { times: 100 });
   const first = await dispatch();
   assert.match(first.paused ?? "", /token_invalid/);
@@ -272,12 +278,7 @@ dbTest("a rate limit slower than the lookahead still sends", async () => {
   // 2 a second is one slot per 500 ms, ten times the 50 ms lookahead
   await configureWhatsApp({ ...BASE, WHATSAPP_RATE_LIMIT_PER_SECOND: 2 });
   try {
-    const ids: string[] = [];
-    for (let i = 0; i < 3; i++) {
-      const to = phone();
-      await openWindow(to);
-      ids.push(await enqueue(to, "text", { text: "slow and steady" }));
-    }
+    await textsToNewRecipients(3, "slow and steady");
     const report = await dispatch();
     assert.equal(report.sent, 3, JSON.stringify(report));
     const times = fake.accepted().map((r) => r.at).sort((a, b) => a - b);
@@ -299,12 +300,7 @@ dbTest("slots after a refused token are not spent on it", async () => {
     WHATSAPP_LOOKAHEAD_MS: 1000,
   });
   try {
-    const ids: string[] = [];
-    for (let i = 0; i < 4; i++) {
-      const to = phone();
-      await openWindow(to);
-      ids.push(await enqueue(to, "text", { text: "after the refusal" }));
-    }
+    const { ids } = await textsToNewRecipients(4, "after the refusal");
     fake.failNext(190);
     const report = await dispatch();
     assert.equal(report.claimed, 4, JSON.stringify(report));
@@ -406,12 +402,7 @@ dbTest(
 dbTest("a dispatcher killed mid-batch loses no message", async () => {
   fake.reset();
   fake.latencyMs = 3000;
-  const recipients = Array.from({ length: 10 }, () => phone());
-  const ids: string[] = [];
-  for (const to of recipients) {
-    await openWindow(to);
-    ids.push(await enqueue(to, "text", { text: "survive" }));
-  }
+  const { recipients, ids } = await textsToNewRecipients(10, "survive");
   const child = new Deno.Command(Deno.execPath(), {
     args: [
       "run",
