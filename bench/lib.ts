@@ -146,6 +146,14 @@ export async function pgbench(args: string[], script?: string, url = BENCH_DB): 
   return Number(tps[1]);
 }
 
+/** pgbench's own tables (`pgbench -i`) at the given scale, for its built-in scripts. */
+export async function pgbenchInit(scale: number, url = BENCH_DB): Promise<void> {
+  const out = await new Deno.Command(`${PGBIN}/pgbench`, {
+    args: ["-i", "-s", String(scale), "-q", url],
+  }).output();
+  if (!out.success) throw new Error(`pgbench -i failed: ${new TextDecoder().decode(out.stderr)}`);
+}
+
 /** Runs wrk (a C HTTP load generator) with one request shape; returns requests per second. */
 export async function wrk(
   url: string,

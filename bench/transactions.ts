@@ -13,7 +13,7 @@
 // in ROUNDS slices of SLICE seconds (BENCH_ROUNDS, BENCH_SLICE) and compares
 // the totals: both sides see the same background load.
 import postgres from "postgres";
-import { BENCH_DB as DB_URL, pgbench, PGBIN, report, startApi, timed } from "./lib.ts";
+import { BENCH_DB as DB_URL, pgbench, pgbenchInit, report, startApi, timed } from "./lib.ts";
 
 const CLIENTS = 16;
 const ROUNDS = Number(Deno.env.get("BENCH_ROUNDS") ?? "4");
@@ -66,9 +66,7 @@ await sql.unsafe(`
     end loop;
   end $$`);
 await sql`vacuum analyze`;
-const init = await new Deno.Command(`${PGBIN}/pgbench`, { args: ["-i", "-s", "4", "-q", DB_URL] })
-  .output();
-if (!init.success) throw new Error(`pgbench -i failed: ${new TextDecoder().decode(init.stderr)}`);
+await pgbenchInit(4);
 await sql`vacuum analyze pgbench_accounts`;
 
 // --- 1. create_transaction in SQL vs pgbench -N ----------------------------------

@@ -14,7 +14,6 @@ import { dispatch, sendMessage } from "../shared/whatsapp_dispatch.ts";
 import { resetWhatsappConfig, whatsappConfig } from "../shared/whatsapp.ts";
 import { BENCH_DB, BENCH_SECRET } from "./lib.ts";
 
-const url = BENCH_DB;
 const LATENCY_MS = 50;
 
 // The fake runs in its own process: its arrival clock is the measurement, and
@@ -55,7 +54,7 @@ async function acceptedArrivals(): Promise<number[]> {
 
 function configure(rate: number, concurrency: number) {
   const vars: Record<string, string> = {
-    SUPABASE_DB_URL: url!,
+    SUPABASE_DB_URL: BENCH_DB,
     JWT_SECRET: BENCH_SECRET,
     LOG_LEVEL: "silent",
     DB_POOL_SIZE: "8",
@@ -72,7 +71,7 @@ function configure(rate: number, concurrency: number) {
   resetWhatsappConfig();
 }
 
-const sql = postgres(url, { max: 2, onnotice: () => {} });
+const sql = postgres(BENCH_DB, { max: 2, onnotice: () => {} });
 
 /** n messages to n distinct users whose 24-hour window is open. */
 async function seed(n: number, tag: string) {

@@ -10,11 +10,10 @@ import { resetWhatsappConfig, signWebhook } from "../shared/whatsapp.ts";
 import { inbound, textMessage } from "../tests/support/whatsapp_payloads.ts";
 import { BENCH_DB, BENCH_SECRET } from "./lib.ts";
 
-const url = BENCH_DB;
 const SECRET = "bench-app-secret-0123456789abcdef";
 for (
   const [k, v] of Object.entries({
-    SUPABASE_DB_URL: url,
+    SUPABASE_DB_URL: BENCH_DB,
     JWT_SECRET: BENCH_SECRET,
     LOG_LEVEL: "silent",
     DB_POOL_SIZE: "8",

@@ -299,8 +299,8 @@ dbTest("slots after a refused token are not spent on it", async () => {
     WHATSAPP_RATE_LIMIT_PER_SECOND: 10,
     WHATSAPP_LOOKAHEAD_MS: 1000,
   });
+  const { ids } = await textsToNewRecipients(4, "after the refusal");
   try {
-    const { ids } = await textsToNewRecipients(4, "after the refusal");
     fake.failNext(190);
     const report = await dispatch();
     assert.equal(report.claimed, 4, JSON.stringify(report));
@@ -312,11 +312,11 @@ dbTest("slots after a refused token are not spent on it", async () => {
       assert.equal(r.attempts, 0, "no attempt is burnt");
     }
   } finally {
-    // lift the pause and drop these messages, for the tests that follow
+    // lift the pause and drop this test's messages, for the tests that follow
     await db.sql`update private.whatsapp_send_windows set paused_until = null`;
     await db.sql`update public.whatsapp_message_queue
                  set status = 'cancelled', cancelled_at = now(), lease_token = null, locked_by = null
-                 where status in ('pending', 'processing')`;
+                 where id = any(${ids}::bigint[])`;
     await configureWhatsApp(BASE);
   }
 });
@@ -481,9 +481,7 @@ dbTest(
   async () => {
     fake.reset();
     fake.latencyMs = 200; // under WHATSAPP_SEND_TIMEOUT_MS
-    const to = [phone(), phone(), phone()];
-    for (const digits of to) await openWindow(digits);
-    const ids = await Promise.all(to.map((d) => enqueue(d, "text", { text: "in flight" })));
+    const { recipients: to, ids } = await textsToNewRecipients(3, "in flight");
     // The first claim hands out all three. As the first of them reaches the
     // Cloud API, claims start failing, and no send is answered before that:
     // with sends in flight the dispatcher claims again, and that claim fails.
@@ -542,16 +540,13 @@ dbTest(
   "error text with NUL, a lone surrogate or an emoji at the cut is recorded with its batch",
   async () => {
     fake.reset();
-    const [odd, long, mate1, mate2] = [phone(), phone(), phone(), phone()];
-    for (const digits of [odd, long, mate1, mate2]) await openWindow(digits);
+    const { recipients, ids: [oddId, longId, ...mateIds] } = await textsToNewRecipients(4, "batch");
+    const [odd, long, ...mates] = recipients;
     fake.failNext(131026, { to: odd, message: "bad\u0000byte, half an emoji \ud83d!" });
     // Cut at 2,000 UTF-16 code units, this text would end in half an emoji. (A
     // retry: a failure's text also goes to whatsapp_sessions.last_error behind
     // its code, where 2,000 characters do not fit.)
     fake.failNext(131000, { to: long, message: "a".repeat(1999) + "\u{1F600} and more" });
-    const [oddId, longId, ...mateIds] = await Promise.all(
-      [odd, long, mate1, mate2].map((d) => enqueue(d, "text", { text: "batch" })),
-    );
     const report = await dispatch();
     assert.ok(
       report.failed >= 1 && report.retried >= 1 && report.sent >= 3,
@@ -575,7 +570,7 @@ dbTest(
       assert.equal(m.status, "sent", `message ${id}: ${m.status}`);
       assert.equal(m.attempts, 1);
     }
-    for (const digits of [odd, mate1, mate2]) assert.equal(sentTo(digits).length, 1);
+    for (const digits of [odd, ...mates]) assert.equal(sentTo(digits).length, 1);
   },
 );
 
@@ -600,9 +595,8 @@ dbTest(
 
 dbTest("a failed outcome write is tried again, so nothing is sent twice", async () => {
   fake.reset();
-  const [flaky, mate] = [phone(), phone()];
-  for (const digits of [flaky, mate]) await openWindow(digits);
-  const ids = await Promise.all([flaky, mate].map((d) => enqueue(d, "text", { text: "outage" })));
+  const { recipients, ids } = await textsToNewRecipients(2, "outage");
+  const [flaky] = recipients;
   // The first write recording flaky's send fails like a brief outage (503).
   await failRecordingSendsTo(flaky, 503, true);
   try {
@@ -613,7 +607,7 @@ dbTest("a failed outcome write is tried again, so nothing is sent twice", async 
       assert.equal(r.status, "sent", `message ${id}: ${r.status}`);
       assert.equal(r.attempts, 1);
     }
-    for (const digits of [flaky, mate]) assert.equal(sentTo(digits).length, 1);
+    for (const digits of recipients) assert.equal(sentTo(digits).length, 1);
     const [seq] = await db.sql`select last_value::int as n from private.test_outcome_writes`;
     assert.equal(seq.n, 2, "one write failed, the next one recorded the send");
   } finally {
@@ -625,11 +619,8 @@ dbTest(
   "an outcome the database rejects is dropped alone; its batch-mates are recorded",
   async () => {
     fake.reset();
-    const [bad, ...mates] = [phone(), phone(), phone(), phone()];
-    for (const digits of [bad, ...mates]) await openWindow(digits);
-    const [badId, ...mateIds] = await Promise.all(
-      [bad, ...mates].map((d) => enqueue(d, "text", { text: "split" })),
-    );
+    const { recipients, ids: [badId, ...mateIds] } = await textsToNewRecipients(4, "split");
+    const [bad] = recipients;
     await failRecordingSendsTo(bad, 400, false);
     try {
       // shorter than the lease: the dropped message is not claimed again
@@ -639,7 +630,7 @@ dbTest(
       const r = await row(badId);
       assert.equal(r.status, "processing", "its lease will expire and it will go again");
       assert.equal(r.wamid, null);
-      for (const digits of [bad, ...mates]) assert.equal(sentTo(digits).length, 1);
+      for (const digits of recipients) assert.equal(sentTo(digits).length, 1);
     } finally {
       await recordingWorksAgain();
       await db.sql`update public.whatsapp_message_queue

@@ -57,7 +57,8 @@ export async function useDatabase(url: string): Promise<void> {
 
 export interface TokenOptions {
   sub?: string;
-  expiresIn?: number;
+  /** seconds from now; null for a token without exp */
+  expiresIn?: number | null;
   secret?: string;
   extra?: Record<string, unknown>;
 }
@@ -66,8 +67,8 @@ export async function signToken(role: string, opts: TokenOptions = {}): Promise<
   const now = Math.floor(Date.now() / 1000);
   const jwt = new SignJWT({ role, ...opts.extra })
     .setProtectedHeader({ alg: "HS256", typ: "JWT" })
-    .setIssuedAt(now)
-    .setExpirationTime(now + (opts.expiresIn ?? 3600));
+    .setIssuedAt(now);
+  if (opts.expiresIn !== null) jwt.setExpirationTime(now + (opts.expiresIn ?? 3600));
   if (opts.sub) jwt.setSubject(opts.sub);
   return await jwt.sign(new TextEncoder().encode(opts.secret ?? TEST_JWT_SECRET));
 }
