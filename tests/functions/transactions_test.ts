@@ -374,6 +374,17 @@ dbTest(
     for (const path of ["/transactions/balances", "/transactions/payment-methods"]) {
       expectError(await call(app, "GET", path, { token: service }), 400, "user_id_required");
     }
+    // ... and names the user it writes for.
+    expectError(
+      await post("/transactions", service, { type: "credit", amount: 5, currency: "RWF" }),
+      400,
+      "invalid_user",
+    );
+    expectError(
+      await post("/transactions/payment-methods", service, { type: "cash" }, null),
+      400,
+      "invalid_user",
+    );
     const aliceWallets = await call(app, "GET", `/transactions/balances?user_id=${alice}`, {
       token: service,
     });

@@ -104,22 +104,15 @@ const paymentMethodBody = z.object({
 }).strict();
 
 /**
- * The user a request acts for: a user acts for themselves (SQL answers 403
- * for anyone else's id); the service role names one.
- */
-function actingUser(who: Principal, given: string | undefined): string | undefined {
-  return given ?? who.userId;
-}
-
-/**
  * The user whose wallets or payment methods a listing shows. The service role
- * must name one: a listing of every user's would have no bound.
+ * must name one: a listing of every user's would have no bound. (Who a write
+ * acts for is private.acting_user's rule, in SQL: user_id goes as given.)
  */
 function listedUser(who: Principal, given: string | undefined): string | undefined {
   if (who.role === "service_role" && given === undefined) {
     throw badRequest("user_id_required", "the service role lists one user's at a time: ?user_id=");
   }
-  return actingUser(who, given);
+  return given;
 }
 
 function one<T>(rows: readonly T[]): T {
@@ -137,14 +130,14 @@ app.post("/", async (c) => {
   const correlationId = c.get("correlationId");
   const { created, ...row } = one(
     await rpc(who, correlationId, "public.create_transaction", {
-      user_id: actingUser(who, body.user_id),
+      user_id: body.user_id ?? null,
       type: body.type,
       amount: body.amount,
       currency: body.currency,
       idempotency_key: key,
       category: body.category,
       description: body.description,
-      metadata: body.metadata ?? {},
+      metadata: body.metadata,
       correlation_id: correlationId,
       destination_user_id: body.destination_user_id,
       payment_method_id: body.payment_method_id,
@@ -191,7 +184,7 @@ app.post("/transfers", async (c) => {
       from_user_id: body.from_user_id,
       idempotency_key: key,
       description: body.description,
-      metadata: body.metadata ?? {},
+      metadata: body.metadata,
       correlation_id: correlationId,
     }, { created: "initiated_at" }),
   );
@@ -226,9 +219,9 @@ app.post("/payment-methods", async (c) => {
       account_number: body.account_number ?? null,
       provider: body.provider,
       details: body.details,
-      is_default: body.is_default ?? false,
-      metadata: body.metadata ?? {},
-      user_id: actingUser(who, body.user_id),
+      is_default: body.is_default,
+      metadata: body.metadata,
+      user_id: body.user_id ?? null,
     }),
   );
   return c.json(row, 201);
