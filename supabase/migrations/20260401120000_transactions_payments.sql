@@ -445,10 +445,13 @@ create policy transaction_idempotency_keys_service_select on public.transaction_
 -- -----------------------------------------------------------------------------
 -- transaction_events (partitioned)
 -- -----------------------------------------------------------------------------
+-- user_id and destination_user_id are the transaction's (fixed at creation):
+-- who may read its history, checked on the event row itself.
 create table public.transaction_events (
   id bigserial not null,
   transaction_id uuid not null,
   user_id uuid not null,
+  destination_user_id uuid,
   previous_status text,
   new_status text not null,
   actor_role text not null,
@@ -463,6 +466,9 @@ create table public.transaction_events (
 
 create index transaction_events_user_idx
   on public.transaction_events (user_id, created_at desc);
+create index transaction_events_destination_idx
+  on public.transaction_events (destination_user_id, created_at desc)
+  where destination_user_id is not null;
 
 select private.register_partitioned_table('public', 'transaction_events', 3, null);
 
@@ -472,14 +478,10 @@ revoke all on sequence public.transaction_events_id_seq from anon, authenticated
 grant select on public.transaction_events to authenticated, service_role;
 
 -- A user reads the history of every transaction they can read: their own, and
--- transfers they received (events carry the initiator's id).
+-- transfers they received; the same rule as the transactions policy.
 create policy transaction_events_user_select on public.transaction_events
   for select to authenticated using (
-    user_id = (select auth.uid())
-    or exists (
-      select from public.transactions t
-      where t.id = transaction_id and t.destination_user_id = (select auth.uid())
-    )
+    user_id = (select auth.uid()) or destination_user_id = (select auth.uid())
   );
 create policy transaction_events_service_select on public.transaction_events
   for select to service_role using (true);
@@ -926,10 +928,10 @@ begin
   returning t.* into v_tx;
 
   insert into public.transaction_events
-    (transaction_id, user_id, previous_status, new_status, actor_role, actor_id, reason,
-     correlation_id, metadata)
+    (transaction_id, user_id, destination_user_id, previous_status, new_status, actor_role,
+     actor_id, reason, correlation_id, metadata)
   values
-    (v_tx.id, v_tx.user_id, v_previous, v_tx.status, private.caller_role(), auth.uid()::text,
+    (v_tx.id, v_tx.user_id, v_tx.destination_user_id, v_previous, v_tx.status, private.caller_role(), auth.uid()::text,
      p_reason, p_correlation_id,
      case when p_error_code is null then '{}'::jsonb
           else jsonb_build_object('error_code', p_error_code) end);

@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(163);
+select plan(165);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -107,18 +107,21 @@ select throws_ok($$select public.create_transaction((select alice from ids), 'cr
   p_destination_user_id := (select bob from ids))$$,
   'PT400', 'unexpected_destination', 'only transfers have a destination');
 select throws_ok($$select public.create_transaction((select alice from ids), 'transfer', 1, 'RWF',
-  p_destination_user_id := (select alice from ids))$$,
+  p_destination_user_id := (select alice from ids), p_idempotency_key := 'refused-self')$$,
   'PT400', 'self_transfer', 'no transfers to oneself');
 select throws_ok($$select public.create_transaction((select alice from ids), 'credit', 1, 'RWF',
-  p_metadata := '[1]'::jsonb)$$, 'PT400', 'invalid_metadata', 'metadata must be an object');
-select throws_ok($$select public.create_transaction(gen_random_uuid(), 'credit', 1, 'RWF')$$,
+  p_metadata := '[1]'::jsonb, p_idempotency_key := 'refused-metadata')$$,
+  'PT400', 'invalid_metadata', 'metadata must be an object');
+select throws_ok($$select public.create_transaction(gen_random_uuid(), 'credit', 1, 'RWF',
+  p_idempotency_key := 'refused-user')$$,
   'PT404', 'user_not_found', 'credits go to existing users only');
 select throws_ok($$select public.create_transaction((select alice from ids), 'credit', 1, 'RWF',
-  p_category := repeat('c', 65))$$, 'PT400', 'invalid_input', 'text lengths are checked');
+  p_category := repeat('c', 65), p_idempotency_key := 'refused-category')$$,
+  'PT400', 'invalid_input', 'text lengths are checked');
 select is((select count(*) from public.transactions), (select txs + 1 from counts),
   'only the valid USD credit was written');
 select is((select count(*) from public.transaction_idempotency_keys), (select keys from counts),
-  'no refused call kept an idempotency key');
+  'no refused call kept its idempotency key');
 select throws_ok($$select * from public.list_transactions(p_limit := 1001)$$,
   'PT400', 'invalid_limit', 'a page holds at most 1000 transactions');
 
@@ -327,10 +330,13 @@ select is((select t.tableoid::regclass::text || ' ' || g.status
   'after maintenance it is still found by id, in its own partition');
 
 -- RLS matrix ------------------------------------------------------------------
-grant select on pairs, pay, edges to authenticated, anon, service_role;
+grant select on pairs, pay, edges, direct, xfer to authenticated, anon, service_role;
 -- alice: own rows only, and transfers she received
 select count(*) as alice_visible from public.transactions
 where user_id = (select alice from ids) or destination_user_id = (select alice from ids) \gset
+select count(*) as alice_events from public.transaction_events e
+where exists (select from public.transactions t where t.id = e.transaction_id
+              and (select alice from ids) in (t.user_id, t.destination_user_id)) \gset
 select tests.authenticate_as((select alice from ids));
 select is((select count(*)::int from public.transactions where user_id <> (select alice from ids)
            and destination_user_id is distinct from (select alice from ids)), 0,
@@ -343,12 +349,8 @@ select throws_ok($$select * from public.list_transaction_events((select id from 
   'PT404', 'not_found', 'alice cannot read bob''s events');
 select is((select count(*)::int from public.list_transactions(p_type := 'credit', p_user_id := (select bob from ids))), 0,
   'alice cannot list bob''s credits');
-select is((select count(*)::int from public.transaction_events e
-           where e.user_id <> (select alice from ids)
-             and not exists (select from public.transactions t
-                             where t.id = e.transaction_id
-                               and t.destination_user_id = (select alice from ids))), 0,
-  'alice sees only the events of her transactions and of transfers she received');
+select is((select count(*) from public.transaction_events), :alice_events::bigint,
+  'alice sees exactly the events of her transactions and of transfers she received');
 select is((select array_agg(distinct user_id) from public.get_balances()), array[(select alice from ids)],
   'alice sees only her own balances');
 select is((select count(*)::int from public.wallets where user_id is distinct from (select alice from ids)), 0,
@@ -411,6 +413,10 @@ select is((select count(*)::int from public.transactions where user_id = (select
   'bob sees none of alice''s other transactions');
 select is((select count(*)::int from public.get_transaction((select month_end from edges))), 0,
   'bob cannot read alice''s transaction by id');
+select is((select array_agg(new_status::text) from public.list_transaction_events((select id from direct))),
+  array['reversed'], 'bob reads the history of a transfer he received');
+select is((select array_agg(new_status::text) from public.list_transaction_events((select id from xfer))),
+  array['cancelled'], 'and of one cancelled before it reached him');
 select is((select count(*)::int from public.get_balances((select alice from ids))), 0,
   'bob cannot read alice''s balance');
 
