@@ -182,7 +182,7 @@ grant execute on function private.check_limit(integer, integer) to authenticated
 -- p_field is the parameter's name as the caller knows it.
 create or replace function private.acting_user(p_user_id uuid, p_field text) returns uuid
 language plpgsql
-stable
+volatile
 as $$
 declare
   v_self uuid := private.caller_user_id();

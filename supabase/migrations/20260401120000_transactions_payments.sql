@@ -581,6 +581,9 @@ $$;
 -- -----------------------------------------------------------------------------
 -- Creating a transaction (shared by create_transaction and transfer_funds)
 --
+-- p_user_id is already resolved by private.acting_user, which never answers
+-- null.
+--
 -- Idempotency as Stripe defines it: the first call with a key stores the key
 -- with a hash of its parameters in the same database transaction as the
 -- money movement. A concurrent call with the same key waits on that row's
@@ -619,9 +622,6 @@ declare
   v_reference text;
   v_tx public.transactions;
 begin
-  if p_user_id is null then
-    perform private.raise_error(400, 'invalid_user', 'user_id is required');
-  end if;
   if p_type is null or p_type not in ('debit', 'credit', 'transfer', 'payment', 'refund', 'fee', 'commission') then
     perform private.raise_error(400, 'invalid_type',
       'type must be one of debit, credit, transfer, payment, refund, fee, commission');
@@ -730,7 +730,7 @@ begin
     case when v_outgoing then v_other_wallet else v_user_wallet end,
     p_destination_user_id, p_description, coalesce(p_metadata, '{}'::jsonb),
     p_correlation_id, p_idempotency_key,
-    case when private.caller_role() = 'authenticated' then auth.uid()::text else 'service_role' end,
+    coalesce(private.caller_user_id()::text, 'service_role'),
     now(), case when p_settle then now() end, v_created_at, now()
   )
   returning * into v_tx;
