@@ -21,7 +21,7 @@ import { closeAll, connections, percentile, report, spread, startApi } from "./l
 
 const APPENDS = Number(Deno.env.get("BENCH_APPENDS") ?? 4000);
 const WORKERS = Number(Deno.env.get("BENCH_CONCURRENCY") ?? 4);
-const ROUNDS = Number(Deno.env.get("BENCH_ROUNDS") ?? 5);
+const ROUNDS = Number(Deno.env.get("BENCH_ROUNDS") ?? 6);
 const READS = Number(Deno.env.get("BENCH_READS") ?? 500);
 // Aggregate ids unique to this run, so a rerun against the same database starts fresh streams.
 const RUN = Date.now().toString(36);
@@ -121,6 +121,7 @@ async function inDatabase(statement: string, calls = 3000): Promise<number> {
   const [sql] = await connections(1, "postgres");
   try {
     await sql`set synchronous_commit = off`;
+    // the claims an API request carries: append_event reads them to find its caller
     await sql`select set_config('request.jwt.claims', '{"role": "service_role"}', false)`;
     let best = Infinity;
     for (let round = 0; round < 3; round++) {

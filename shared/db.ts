@@ -153,19 +153,30 @@ export async function rpc<T extends Row = Row>(
 }
 
 /**
- * What rpc selects from the function's rows: all columns, or all plus one
- * derived in the same transaction (so it sees the same now()).
+ * What rpc selects from the function's rows: all columns, all plus one
+ * derived in the same transaction (so it sees the same now()), or the named
+ * columns only.
  *   * "cursor": created_at as text, for keyset cursors (a JS Date would drop
  *     the microseconds the cursor compares);
  *   * "created": whether this call created the row (`<column> = now()`), for
  *     idempotent creates that answer a replay with 200 instead of 201.
  */
-export type RpcSelect = "*" | "cursor" | { created: "created_at" | "initiated_at" };
+export type RpcSelect =
+  | "*"
+  | "cursor"
+  | { created: "created_at" | "initiated_at" }
+  | { columns: readonly string[] };
 
 function selectList(select: RpcSelect): string {
   if (select === "*") return "*";
   if (select === "cursor") return "*, created_at::text as cursor_ts";
-  return `*, ${select.created} = now() as created`;
+  if ("created" in select) return `*, ${select.created} = now() as created`;
+  // only the columns a caller uses: a whole row costs a round of text output
+  // and parsing per column
+  for (const c of select.columns) {
+    if (!IDENTIFIER.test(c)) throw new Error(`rpc: ${c} is not a column name`);
+  }
+  return select.columns.join(", ");
 }
 
 function callStatement(fn: string, args: Record<string, unknown>, select: RpcSelect): string {

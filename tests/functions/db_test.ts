@@ -137,6 +137,19 @@ dbTest("rpc takes only schema-qualified function names and plain parameter names
     rpc(service, "c", "public.record_metric", { "a) ; --": 1 }),
     /not a parameter/,
   );
+  await assert.rejects(
+    rpc(service, "c", "public.get_job", { job_id: 1 }, { columns: ["id; drop table x"] }),
+    /not a column name/,
+  );
+});
+
+dbTest("rpc can select only the columns a caller reads", async () => {
+  const [job] = await rpc(service, "s", "public.schedule_job", {
+    job_type: "narrow",
+    job_name: "columns",
+  }, { columns: ["id", "status"] });
+  assert.deepEqual(Object.keys(job).sort(), ["id", "status"]);
+  assert.equal(job.status, "pending");
 });
 
 dbTest("a failing rpc writes nothing and the pool stays usable", async () => {

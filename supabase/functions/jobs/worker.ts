@@ -31,6 +31,23 @@ type Outcome = "completed" | "failed" | "timed_out" | "lease_lost";
 
 const TIMED_OUT = Symbol("timed out");
 
+/** What the worker reads of a claimed job: toJob's fields and the lease token. */
+export const CLAIMED_COLUMNS = [
+  "id",
+  "job_type",
+  "job_name",
+  "payload",
+  "attempts",
+  "max_attempts",
+  "timeout_seconds",
+  "user_id",
+  "correlation_id",
+  "lease_token",
+] as const;
+
+/** A settlement's answer is only checked for success: its row is not read. */
+export const SETTLED_COLUMNS = ["id"] as const;
+
 function toJob(r: Record<string, unknown>): Job {
   return {
     id: String(r.id),
@@ -81,13 +98,13 @@ async function runOne(
         job_id: job.id,
         lease_token: lease,
         result: asJson(settle.result),
-      })
+      }, { columns: SETTLED_COLUMNS })
       : rpc(who, correlationId, "public.fail_job", {
         job_id: job.id,
         lease_token: lease,
         error: settle.error,
         timed_out: settle.timedOut ?? false,
-      }));
+      }, { columns: SETTLED_COLUMNS }));
   } catch (err) {
     if (err instanceof HttpError && err.code === "lease_lost") return "lease_lost";
     throw err;
@@ -126,7 +143,7 @@ export async function runJobs(
       job_types: new TextArray(types),
       limit: opts.batchSize,
       worker: opts.workerId,
-    });
+    }, { columns: CLAIMED_COLUMNS });
     if (rows.length === 0) {
       summary.stopped = "drained";
       break;
