@@ -7,13 +7,14 @@
 // busy one commits many writes per round trip and per WAL flush. Every caller
 // still gets its own answer only after its own write has committed.
 //
-// A batch is all or nothing in SQL. If it fails on the callers' input (a 4xx),
-// one bad value may have sunk the others, so its writes are retried one by one
-// and each caller gets exactly the error (or success) its own write earns. Any
-// other failure (lost connection, timeout, a fault on our side) would only
-// repeat itself once per write, so every caller of the batch gets it as is.
+// A batch is all or nothing in SQL. If it fails on the callers' input (a 4xx
+// other than 401/403), one bad value may have sunk the others, so it is split
+// in halves until the bad writes are alone, and each caller gets exactly the
+// error (or success) its own write earns. Any other failure (lost connection,
+// timeout, a fault on our side, a role refused) would only repeat itself, so
+// every caller of the batch gets it as is.
 
-import { HttpError } from "./errors.ts";
+import { isInputError } from "./errors.ts";
 
 export interface CoalesceOptions {
   /** Most writes in one batch. */
@@ -56,17 +57,20 @@ export function coalescer<G, I, O>(
         return;
       } catch (err) {
         // A miscounted answer is not a 4xx either: the batch may have
-        // committed, and writing it again one by one would duplicate it.
-        if (!isCallerError(err)) {
+        // committed, and writing it again would duplicate it.
+        if (!isInputError(err)) {
           for (const w of batch) w.reject(err);
           return;
         }
       }
+      // Halves, one after the other in this batch's in-flight slot, until the
+      // bad writes are alone: about 2 log n writes for one bad item among n.
+      const half = Math.ceil(batch.length / 2);
+      await run(group, batch.slice(0, half));
+      await run(group, batch.slice(half));
+      return;
     }
-    // One at a time: the retries share this batch's in-flight slot.
-    for (const w of batch) {
-      await settled(() => one(group, w.item)).then(w.resolve, w.reject);
-    }
+    await settled(() => one(group, batch[0].item)).then(batch[0].resolve, batch[0].reject);
   }
 
   function pump(group: G, state: Group<I, O>): void {
@@ -88,15 +92,6 @@ export function coalescer<G, I, O>(
       state.queue.push({ item, resolve, reject });
       pump(group, state);
     });
-}
-
-/**
- * Errors the callers' input earned. rpc() and withClaims() reject with
- * toHttpError's mapping already, so the status is read as it stands, and
- * anything that is not an HttpError is a fault rather than a bad value.
- */
-function isCallerError(err: unknown): boolean {
-  return err instanceof HttpError && err.status >= 400 && err.status < 500;
 }
 
 /** Calls `fn` so that a synchronous throw becomes a rejection, not a lost waiter. */

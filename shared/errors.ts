@@ -14,6 +14,16 @@ export class HttpError extends Error {
   }
 }
 
+/**
+ * An error the request's input earned, as opposed to a fault or contention: a
+ * 4xx other than 401 and 403, which are about the caller's role and so are the
+ * same for every item a batch holds. Split a failed batch on these only.
+ */
+export function isInputError(err: unknown): boolean {
+  return err instanceof HttpError && err.status >= 400 && err.status < 500 &&
+    err.status !== 401 && err.status !== 403;
+}
+
 export const badRequest = (code: string, message: string, details?: unknown) =>
   new HttpError(400, code, message, details);
 export const unauthorized = (code: string, message: string) =>

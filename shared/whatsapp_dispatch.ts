@@ -4,7 +4,7 @@
 // this module sends at the slot each claim hands out, classifies what the
 // Cloud API answered and reports outcomes back in batches.
 import { rpc, toHttpError } from "./db.ts";
-import type { HttpError } from "./errors.ts";
+import { type HttpError, isInputError } from "./errors.ts";
 import { runInBackground } from "./http.ts";
 import { log } from "./log.ts";
 import { canDispatch, SERVICE_PRINCIPAL, type WhatsAppConfig, whatsappConfig } from "./whatsapp.ts";
@@ -288,10 +288,8 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
         failure = toHttpError(err, correlationId);
       }
       const status = failure.status;
-      // The caller's input: one outcome is bad. 401 and 403 are about the
-      // role, which no outcome can cause.
-      const input = status >= 400 && status < 500 && status !== 401 && status !== 403;
-      if (input && batch.length > 1) {
+      // The caller's input: one outcome is bad.
+      if (isInputError(failure) && batch.length > 1) {
         const half = Math.ceil(batch.length / 2);
         // One after the other: the halves hold this write's place among the
         // MAX_FLUSHES.

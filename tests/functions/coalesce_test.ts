@@ -1,6 +1,6 @@
 // shared/coalesce.ts: writes that arrive together share a batch, each caller
-// gets its own result, a batch failed by the callers' input falls back to one
-// write per caller, and any other failure reaches every caller as it is.
+// gets its own result, a batch failed by the callers' input is halved until
+// the bad writes are alone, and any other failure reaches every caller as it is.
 import assert from "node:assert/strict";
 import { coalescer } from "../../shared/coalesce.ts";
 import { HttpError } from "../../shared/errors.ts";
@@ -52,7 +52,7 @@ Deno.test("concurrent writes share batches, in order, within the in-flight limit
   assert.ok(b.maxRunning() <= 2, `ran ${b.maxRunning()} at once`);
 });
 
-Deno.test("a failed batch is retried one by one so only the bad write fails", async () => {
+Deno.test("a batch failed by the input is halved until only the bad write fails", async () => {
   const b = backend((i) => i === 7);
   const submit = coalescer(b.many, b.one, { maxBatch: 100, maxInFlight: 1 });
   const settled = await Promise.allSettled(Array.from({ length: 12 }, (_, i) => submit("g", i)));
@@ -66,11 +66,34 @@ Deno.test("a failed batch is retried one by one so only the bad write fails", as
       assert.deepEqual(s, { status: "fulfilled", value: i * 10 });
     }
   });
-  // Item 0 went alone; 1..11 failed as a batch, then each went on its own.
-  assert.deepEqual(b.batches, [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]);
-  assert.deepEqual(b.singles, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
-  // The retries went one at a time, never beside each other.
+  // Item 0 went alone; 1..11 failed as a batch and was halved around item 7.
+  assert.deepEqual(b.batches, [
+    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+    [1, 2, 3, 4, 5, 6],
+    [7, 8, 9, 10, 11],
+    [7, 8, 9],
+    [7, 8],
+    [10, 11],
+  ]);
+  assert.deepEqual(b.singles, [0, 7, 8, 9]);
+  // The halves went one at a time, in the batch's slot.
   assert.equal(b.maxRunning(), 1);
+});
+
+Deno.test("a role refused (401/403) fails the whole batch: every item has the same claims", async () => {
+  for (
+    const failure of [
+      new HttpError(401, "login_required", "x"),
+      new HttpError(403, "forbidden", "x"),
+    ]
+  ) {
+    const b = backend((i) => i === 3, () => failure);
+    const submit = coalescer(b.many, b.one, { maxBatch: 100, maxInFlight: 1 });
+    const settled = await Promise.allSettled(Array.from({ length: 6 }, (_, i) => submit("g", i)));
+    for (const s of settled.slice(1)) assert.equal((s as PromiseRejectedResult).reason, failure);
+    assert.deepEqual(b.batches, [[1, 2, 3, 4, 5]]);
+    assert.deepEqual(b.singles, [0]);
+  }
 });
 
 Deno.test("a batch failed by anything but the input fails every caller in it, unretried", async () => {
