@@ -178,12 +178,17 @@ export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promi
   });
 }
 
-/** The outcome of a message whose slot came after the token was refused. */
-function notSent(m: ClaimedMessage): SendResult {
+/**
+ * The outcome of a message whose slot came after the token was refused, with
+ * the refusal's code: SQL pauses the number with the code it is given, and a
+ * code-less stop would overwrite the real one.
+ */
+function notSent(m: ClaimedMessage, refusal: SendResult): SendResult {
   return {
     id: m.id,
     lease_token: m.lease_token,
     outcome: "stop",
+    error_code: refusal.error_code,
     error_message: "not sent: the access token was refused",
     duration_ms: 0,
   };
@@ -238,7 +243,7 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
   const flushes = new Set<Promise<void>>();
   const writing = new Set<Promise<void>>();
   let timer: ReturnType<typeof setTimeout> | undefined;
-  let stopSeen = false;
+  let refusal: SendResult | undefined;
 
   /** One attempt at recording a batch; adds what SQL applied to the report. */
   const complete = async (batch: SendResult[]) => {
@@ -326,8 +331,11 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
       while (writing.size >= MAX_FLUSHES) await Promise.race(writing);
       const write = writeOutcomes(batch);
       writing.add(write);
-      await write;
-      writing.delete(write);
+      try {
+        await write;
+      } finally {
+        writing.delete(write);
+      }
     })();
     flushes.add(p);
     p.finally(() => flushes.delete(p));
@@ -339,7 +347,7 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
 
   const record = (r: SendResult) => {
     results.push(r);
-    if (r.outcome === "stop") stopSeen = true;
+    if (r.outcome === "stop") refusal ??= r;
     if (results.length >= 200) flush();
     else timer ??= setTimeout(flush, FLUSH_MS);
   };
@@ -351,7 +359,7 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
       if (wait > 0) await sleep(wait);
       // Once the Cloud API has refused the token, later slots are not spent
       // on it: the message goes back unsent, without using an attempt.
-      record(stopSeen ? notSent(m) : await sendMessage(cfg, m));
+      record(refusal ? notSent(m, refusal) : await sendMessage(cfg, m));
     })();
     inflight.add(p);
     p.finally(() => inflight.delete(p));
@@ -368,7 +376,7 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
   const pollMs = Math.min(200, Math.max(20, cfg.WHATSAPP_PAIR_INTERVAL_MS / 10));
 
   try {
-    while (!stopSeen) {
+    while (!refusal) {
       const remaining = deadline - performance.now();
       if (remaining <= 0) break;
       const capacity = cfg.WHATSAPP_DISPATCH_CONCURRENCY - inflight.size;
@@ -419,7 +427,7 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
     await Promise.all(inflight);
     await flushed();
   }
-  if (stopSeen && !report.paused) report.paused = "token_invalid";
+  if (refusal && !report.paused) report.paused = "token_invalid";
   report.duration_ms = Math.round(performance.now() - started);
   log(report.paused ? "warn" : "info", "whatsapp dispatch", {
     correlation_id: correlationId,

@@ -310,7 +310,10 @@ dbTest("slots after a refused token are not spent on it", async () => {
       const r = await row(id);
       assert.equal(r.status, "pending");
       assert.equal(r.attempts, 0, "no attempt is burnt");
+      assert.equal(r.error_code, "190", "every message keeps the refusal's code");
     }
+    const [w] = await db.sql`select pause_reason from private.whatsapp_send_windows`;
+    assert.equal(w.pause_reason, "token_invalid:190");
   } finally {
     // lift the pause and drop this test's messages, for the tests that follow
     await db.sql`update private.whatsapp_send_windows set paused_until = null`;
