@@ -13,7 +13,7 @@ import { notFound } from "../../../shared/errors.ts";
 import { createApp, jsonBody, pathParams, queryParams } from "../../../shared/http.ts";
 
 const aggregateType = z.string().regex(/^[a-z][a-z0-9_]{0,62}$/);
-const aggregateId = z.string().min(1).max(256);
+const aggregateId = text(256);
 
 const event = z.object({
   aggregate_type: aggregateType,

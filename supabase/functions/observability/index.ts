@@ -36,7 +36,7 @@ const metricsBody = z.union([
 ]);
 
 const statsQuery = z.object({
-  service_name: z.string().min(1).max(63),
+  service_name: text(63),
   metric_name: text(128),
   from: z.iso.datetime({ offset: true }).optional(),
   to: z.iso.datetime({ offset: true }).optional(),

@@ -6,7 +6,7 @@
 //   GET  /whatsapp/sessions              own session for users, all for the service role
 //   GET  /whatsapp/metrics               queue depth, in flight, failed, send rate (service role)
 import { z } from "zod";
-import { bigintId, jsonObject } from "../../../shared/schemas.ts";
+import { bigintId, jsonObject, pageQuery } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { jsonb, type Row, rpc, withClaims } from "../../../shared/db.ts";
 import { notFound } from "../../../shared/errors.ts";
@@ -36,8 +36,7 @@ const idParam = z.object({ id: bigintId });
 
 const sessionsQuery = z.object({
   status: z.enum(["active", "inactive", "suspended", "expired"]).optional(),
-  limit: z.coerce.number().int().min(1).max(500).default(50),
-  cursor: z.string().max(200).optional(),
+  ...pageQuery,
 }).strict();
 
 const sessionCursor = z.object({ p: z.string().regex(/^\+[1-9][0-9]{6,14}$/) });
