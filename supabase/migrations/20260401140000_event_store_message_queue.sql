@@ -648,8 +648,15 @@ $gen$;
 -- Column rules as domains, as for the event store: every claim, ack and nack
 -- is an UPDATE, which would otherwise plan each table check again; the
 -- numeric limits share one check.
-create domain private.queue_name as text
-  check (char_length(value) <= 63 and value ~ '^[a-z][a-z0-9_-]*$');
+-- The queue name rule, for the column and for the 400 check_queue_name gives;
+-- plain SQL, so both inline it.
+create or replace function private.is_queue_name(p_name text) returns boolean
+language sql
+immutable
+as $$
+  select char_length(p_name) <= 63 and p_name ~ '^[a-z][a-z0-9_-]*$'
+$$;
+create domain private.queue_name as text check (private.is_queue_name(value));
 create domain private.queue_status as text
   check (value in ('pending', 'processing', 'completed', 'dead'));
 
@@ -714,8 +721,7 @@ immutable
 set search_path = ''
 as $$
 begin
-  if p_queue_name is null or char_length(p_queue_name) > 63
-     or p_queue_name !~ '^[a-z][a-z0-9_-]*$' then
+  if not coalesce(private.is_queue_name(p_queue_name), false) then
     perform private.raise_error(400, 'invalid_queue_name',
       'queue names are 1-63 characters: a-z first, then a-z, 0-9, _ or -');
   end if;

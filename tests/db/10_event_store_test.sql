@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(41);
+select plan(43);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -93,6 +93,9 @@ select is((select count(*)::int from public.get_aggregate_events('trip', 'trip-1
   'alice cannot read an aggregate without her events');
 select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}')$$,
   'PT404', 'aggregate_not_found', 'alice cannot append to an aggregate that is not hers');
+select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_expected_version := 0)$$,
+  'PT404', 'aggregate_not_found',
+  'a wrong expected version on another''s aggregate is still 404, never a 409 showing its version');
 select throws_ok($$select * from public.read_event_stream()$$, '42501', null,
   'users cannot read the global stream');
 select throws_ok($$insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
@@ -112,6 +115,9 @@ select is((select count(*)::int from public.event_store), 8, 'service_role sees 
 select ok((select user_id from public.append_event('svc-1', 'trip', 'x', '{}',
   p_user_id := (select bob from ids))) = (select bob from ids),
   'service_role may append on a user''s behalf');
+select is((select count(*)::int from public.event_stream_members
+           where aggregate_id = 'svc-1' and user_id = (select bob from ids)), 1,
+  'the user the service role appends for may read the aggregate');
 select is((select count(*)::int from public.read_event_stream(0, 100)), 0,
   'the stream holds nothing while the writing transaction is open');
 select throws_ok($$insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
