@@ -57,6 +57,10 @@ create domain private.trace_id as text check (char_length(value) <= 128);
 create domain private.idempotency_key as text check (char_length(value) between 1 and 256);
 create domain private.worker_id as text check (char_length(value) <= 128);
 create domain private.error_text as text check (char_length(value) <= 4000);
+-- the lease tables' numbers: an UPDATE checks only the domain columns it
+-- assigns, so a claim checks attempts and a settlement nothing
+create domain private.priority as integer check (value between 0 and 1000);
+create domain private.attempt_count as integer check (value >= 0);
 
 create table public.event_streams (
   aggregate_type private.aggregate_type not null,
@@ -646,8 +650,7 @@ $gen$;
 -- message_queue
 -- -----------------------------------------------------------------------------
 -- Column rules as domains, as for the event store: every claim, ack and nack
--- is an UPDATE, which would otherwise plan each table check again; the
--- numeric limits share one check.
+-- is an UPDATE, which would otherwise read and plan a table check again.
 -- The queue name rule, for the column and for the 400 check_queue_name gives;
 -- plain SQL, so both inline it.
 create or replace function private.is_queue_name(p_name text) returns boolean
@@ -659,17 +662,18 @@ $$;
 create domain private.queue_name as text check (private.is_queue_name(value));
 create domain private.queue_status as text
   check (value in ('pending', 'processing', 'completed', 'dead'));
+create domain private.message_max_attempts as integer check (value between 1 and 100);
 
 create table public.message_queue (
   id bigserial primary key,
   queue_name private.queue_name not null,
   message_type private.type_name not null default 'message',
   payload private.json_object not null,
-  priority integer not null default 0,
+  priority private.priority not null default 0,
   status private.queue_status not null default 'pending',
   visible_at timestamptz not null default now(),
-  attempts integer not null default 0,
-  max_attempts integer not null default 5,
+  attempts private.attempt_count not null default 0,
+  max_attempts private.message_max_attempts not null default 5,
   idempotency_key private.idempotency_key,
   lease_token uuid,
   locked_by private.worker_id,
@@ -679,10 +683,7 @@ create table public.message_queue (
   user_id uuid,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
-  finished_at timestamptz,
-  constraint message_queue_numbers_check check (
-    priority between 0 and 1000 and attempts >= 0 and max_attempts between 1 and 100
-  )
+  finished_at timestamptz
 );
 
 create unique index message_queue_idempotency_idx
@@ -1137,26 +1138,28 @@ grant execute on function public.queue_metrics(text) to service_role;
 -- function's 150 s wall clock.
 -- -----------------------------------------------------------------------------
 -- Column rules as domains (planned once per connection, see the event store):
--- every claim and every completion is an UPDATE, which would otherwise plan
--- each table check again; the numeric limits share one check.
+-- every claim and every completion is an UPDATE, which would otherwise read
+-- and plan a table check again.
 create domain private.job_type as text
   check (char_length(value) <= 63 and value ~ '^[a-z][a-z0-9_.-]*$');
 create domain private.job_status as text
   check (value in ('pending', 'running', 'completed', 'failed', 'cancelled', 'timeout'));
 create domain private.job_name as text check (char_length(value) between 1 and 200);
+create domain private.job_max_attempts as integer check (value between 1 and 25);
+create domain private.job_timeout_seconds as integer check (value between 1 and 120);
 
 create table public.background_jobs (
   id bigserial primary key,
   job_type private.job_type not null,
   job_name private.job_name not null,
   payload private.json_object not null default '{}'::jsonb,
-  priority integer not null default 0,
+  priority private.priority not null default 0,
   status private.job_status not null default 'pending',
   run_at timestamptz not null default now(),
   visible_at timestamptz not null default now(),
-  attempts integer not null default 0,
-  max_attempts integer not null default 3,
-  timeout_seconds integer not null default 30,
+  attempts private.attempt_count not null default 0,
+  max_attempts private.job_max_attempts not null default 3,
+  timeout_seconds private.job_timeout_seconds not null default 30,
   result jsonb,
   last_error private.error_text,
   idempotency_key private.idempotency_key,
@@ -1167,11 +1170,7 @@ create table public.background_jobs (
   locked_at timestamptz,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
-  finished_at timestamptz,
-  constraint background_jobs_numbers_check check (
-    priority between 0 and 1000 and attempts >= 0 and max_attempts between 1 and 25
-    and timeout_seconds between 1 and 120
-  )
+  finished_at timestamptz
 );
 
 create unique index background_jobs_idempotency_idx
@@ -1277,7 +1276,7 @@ set search_path = ''
 as $$
 begin
   perform private.check_limit(p_limit, 1000);
-  perform public.timeout_jobs();
+  perform private.background_jobs_lease_expire('timeout', 10, 'timed out');
   return query
   select c.* from private.background_jobs_lease_claim(p_job_types, p_limit, null, p_worker) c
   order by c.priority desc, c.id;
@@ -1346,6 +1345,38 @@ begin
   select * into v_row from private.settle_job(p_job_id, p_lease_token, 'retry',
       case when p_timed_out then 'timeout' else 'failed' end, p_error, null);
   return v_row;
+end;
+$$;
+
+-- A worker's one round trip per job: settles the job it ran (completed with
+-- p_result when p_error is null, else a failed or timed-out attempt, exactly
+-- as complete_job / fail_job) and claims its next jobs as claim_jobs does,
+-- in one transaction. A refused settlement (404, 409 lease_lost) claims
+-- nothing; the worker then claims with claim_jobs.
+create or replace function public.settle_and_claim_jobs(
+  p_job_id bigint,
+  p_lease_token uuid,
+  p_result jsonb default null,
+  p_error text default null,
+  p_timed_out boolean default false,
+  p_job_types text[] default null,
+  p_limit integer default 1,
+  p_worker text default null
+) returns setof public.background_jobs
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  if p_error is null and p_timed_out then
+    perform private.raise_error(400, 'invalid_settlement', 'a timed-out attempt needs an error');
+  end if;
+  perform private.check_limit(p_limit, 1000);
+  perform private.settle_job(p_job_id, p_lease_token,
+    case when p_error is null then 'done' else 'retry' end,
+    case when p_timed_out then 'timeout' else 'failed' end, p_error,
+    case when p_error is null then p_result end);
+  return query select * from public.claim_jobs(p_job_types, p_limit, p_worker);
 end;
 $$;
 
@@ -1436,6 +1467,8 @@ revoke all on function public.timeout_jobs() from public, anon, authenticated;
 revoke all on function public.claim_jobs(text[], integer, text) from public, anon, authenticated;
 revoke all on function public.complete_job(bigint, uuid, jsonb) from public, anon, authenticated;
 revoke all on function public.fail_job(bigint, uuid, text, boolean) from public, anon, authenticated;
+revoke all on function public.settle_and_claim_jobs(bigint, uuid, jsonb, text, boolean, text[], integer, text)
+  from public, anon, authenticated;
 revoke all on function public.cancel_job(bigint) from public, anon;
 revoke all on function public.retry_job(bigint) from public, anon;
 revoke all on function public.get_job(bigint) from public, anon;
@@ -1445,6 +1478,8 @@ grant execute on function public.timeout_jobs() to service_role;
 grant execute on function public.claim_jobs(text[], integer, text) to service_role;
 grant execute on function public.complete_job(bigint, uuid, jsonb) to service_role;
 grant execute on function public.fail_job(bigint, uuid, text, boolean) to service_role;
+grant execute on function public.settle_and_claim_jobs(bigint, uuid, jsonb, text, boolean, text[], integer, text)
+  to service_role;
 grant execute on function public.cancel_job(bigint) to authenticated, service_role;
 grant execute on function public.retry_job(bigint) to authenticated, service_role;
 grant execute on function public.get_job(bigint) to authenticated, service_role;

@@ -29,7 +29,7 @@ select throws_ok($$select public.send_messages('emails', '[{"payload":{}}, {"pay
   'PT400', 'invalid_payload', 'one bad message refuses the batch');
 select is((select count(*)::int from public.message_queue), 1, 'nothing of refused sends was kept');
 
-select is((select array_agg(priority order by id) from public.send_messages('emails',
+select is((select array_agg(priority::integer order by id) from public.send_messages('emails',
   '[{"payload":{"n":2}}, {"payload":{"n":3},"priority":5}, {"payload":{"n":4},"delay_seconds":3600}]')),
   array[0, 5, 0], 'a batch sends in order');
 
@@ -65,7 +65,7 @@ select ok((select status = 'pending' and visible_at > now() + interval '1 second
   'a nack makes the message visible again after a backoff of about 2 s');
 update public.message_queue set visible_at = now() where queue_name = 'retries';
 create temp table a2 as select * from public.claim_messages('retries', 1, 30);
-select is((select attempts from a2), 2, 'the retry is a new attempt');
+select is((select attempts::integer from a2), 2, 'the retry is a new attempt');
 select is((public.nack_message('retries', (select id from a2), (select lease_token from a2), 'boom again')).status,
   'dead', 'after max attempts a nack dead-letters the message');
 select is((select count(*)::int from public.claim_messages('retries', 10, 30)), 0,

@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(30);
+select plan(39);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -35,6 +35,33 @@ select is((public.complete_job((select id from c1), (select lease_token from c1)
   '{"paid": true}'::jsonb, 'complete_job stores the result');
 select throws_ok(format($$select public.complete_job(%s, %L)$$, (select id from c1), (select lease_token from c1)),
   'PT409', 'lease_lost', 'a finished job cannot be completed again');
+
+-- settle and claim in one call (the worker's round trip per job)
+select public.schedule_job('sac', 'Sac ' || i, jsonb_build_object('i', i)) from generate_series(1, 3) i;
+create temp table s1 as select * from public.claim_jobs(array['sac'], 1, 'w2');
+create temp table s2 as select * from public.settle_and_claim_jobs((select id from s1),
+  (select lease_token from s1), '{"ok": 1}', p_job_types := array['sac'], p_worker := 'w2');
+select is((select status || ':' || result::text from public.background_jobs where id = (select id from s1)),
+  'completed:{"ok": 1}', 'settle_and_claim_jobs completes the job it is given');
+select is((select status || ':' || (payload ->> 'i') || ':' || locked_by from s2), 'running:2:w2',
+  'and claims the next one in the same call');
+select throws_ok(format($$select public.settle_and_claim_jobs(%s, %L, p_job_types := array['sac'])$$,
+    (select id from s1), (select lease_token from s1)),
+  'PT409', 'lease_lost', 'a settled job cannot be settled again');
+select throws_ok(format($$select public.settle_and_claim_jobs(%s, %L, p_timed_out := true)$$,
+    (select id from s2), (select lease_token from s2)),
+  'PT400', 'invalid_settlement', 'a timeout needs an error');
+select throws_ok(format($$select public.settle_and_claim_jobs(%s, %L, p_limit := 0)$$,
+    (select id from s2), (select lease_token from s2)),
+  'PT400', 'invalid_limit', 'the claim''s limit is checked before anything is settled');
+select is((select string_agg(status, ',' order by id) from public.background_jobs where job_type = 'sac'),
+  'completed,running,pending', 'refused calls settle and claim nothing');
+create temp table s3 as select * from public.settle_and_claim_jobs((select id from s2),
+  (select lease_token from s2), p_error := 'boom', p_job_types := array['sac']);
+select is((select status || ':' || last_error || ':' || (visible_at > now() + interval '5 seconds')
+           from public.background_jobs where id = (select id from s2)),
+  'pending:boom:true', 'with an error the attempt fails and waits for its backoff');
+select is((select payload ->> 'i' from s3), '3', 'and the call still claims the next job');
 
 -- fail: growing delays, then failed
 create temp table f as select * from public.schedule_job('flaky', 'Flaky', '{}', p_max_attempts := 3);
@@ -72,7 +99,7 @@ select throws_ok(format($$select public.fail_job(%s, %L, 'late', true)$$, (selec
 
 -- retry now and cancel
 select is((public.retry_job((select id from h))).status, 'pending', 'retry-now requeues a timed-out job');
-select is((select attempts from public.background_jobs where job_type = 'hangs'), 0,
+select is((select attempts::integer from public.background_jobs where job_type = 'hangs'), 0,
   'with a fresh set of attempts');
 select is((public.cancel_job((select id from h))).status, 'cancelled', 'a pending job can be cancelled');
 select throws_ok(format($$select public.cancel_job(%s)$$, (select id from h)), 'PT409', 'invalid_state',
@@ -80,7 +107,7 @@ select throws_ok(format($$select public.cancel_job(%s)$$, (select id from h)), '
 
 -- RLS matrix
 create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;
-grant select on ids, f to authenticated, anon, service_role;
+grant select on ids, f, s3 to authenticated, anon, service_role;
 
 select tests.authenticate_as((select alice from ids));
 create temp table aj as select * from public.schedule_job('export', 'My export', '{}');
@@ -90,6 +117,8 @@ select is((select count(*)::int from public.background_jobs), 1, 'alice sees onl
 select throws_ok(format($$select public.cancel_job(%s)$$, (select id from f)), 'PT404', 'job_not_found',
   'alice cannot cancel someone else''s job');
 select throws_ok($$select public.claim_jobs()$$, '42501', null, 'users cannot claim jobs');
+select throws_ok(format($$select public.settle_and_claim_jobs(%s, %L)$$, (select id from s3),
+    (select lease_token from s3)), '42501', null, 'users cannot settle jobs');
 
 select tests.authenticate_as((select bob from ids));
 select throws_ok(format($$select public.get_job(%s)$$, (select id from aj)), 'PT404', 'job_not_found',

@@ -23,6 +23,18 @@ registerJobHandler("test_throws", () => {
 });
 registerJobHandler("test_hangs", () => new Promise(() => {}));
 registerJobHandler("test_slow", () => sleep(200).then(() => ({ slept: 200 })));
+// test_waits finishes only once three test_counts jobs have run meanwhile
+let counted = 0;
+let release: () => void = () => {};
+const released = new Promise<void>((r) => (release = r));
+registerJobHandler("test_counts", () => {
+  if (++counted === 3) release();
+  return Promise.resolve();
+});
+registerJobHandler("test_waits", () => released.then(() => ({ waited: true })));
+registerJobHandler("test_cancelled", async (job) => {
+  await db.sql`select public.cancel_job(${job.id})`;
+});
 
 const schedule = async (
   body: Record<string, unknown>,
@@ -134,7 +146,7 @@ dbTest("a crashed worker's running job is timed out by the next run", async () =
 dbTest("the worker stops claiming when its budget is spent", async () => {
   for (let i = 0; i < 30; i++) await schedule({ job_type: "test_slow", job_name: `Slow ${i}` });
   const started = performance.now();
-  const summary = await run({ job_types: ["test_slow"], budget_ms: 500, batch_size: 5 });
+  const summary = await run({ job_types: ["test_slow"], budget_ms: 500, concurrency: 5 });
   const elapsed = performance.now() - started;
   assert.equal(summary.body.stopped, "budget");
   assert.ok(
@@ -145,6 +157,36 @@ dbTest("the worker stops claiming when its budget is spent", async () => {
   const [left] = await db.sql`select count(*)::int as n from public.background_jobs
                               where job_type = 'test_slow' and status = 'pending'`;
   assert.equal(left.n, 30 - summary.body.completed);
+});
+
+dbTest("a slow job holds up only its own slot", async () => {
+  await schedule({ job_type: "test_waits", job_name: "Waits", priority: 10, timeout_seconds: 3 });
+  for (let i = 0; i < 3; i++) await schedule({ job_type: "test_counts", job_name: `Count ${i}` });
+  const summary = await run({ job_types: ["test_waits", "test_counts"], concurrency: 2 });
+  assert.deepEqual(
+    [summary.body.claimed, summary.body.completed, summary.body.timed_out, summary.body.stopped],
+    [4, 4, 0, "drained"],
+    JSON.stringify(summary.body),
+  );
+});
+
+dbTest("a job cancelled while it runs loses its result; the worker goes on", async () => {
+  const cancelled = await schedule({
+    job_type: "test_cancelled",
+    job_name: "Cancelled",
+    priority: 5,
+  });
+  const next = await schedule({ job_type: "test_ok", job_name: "Next", payload: { n: 2 } });
+  const summary = await run({ job_types: ["test_cancelled", "test_ok"], concurrency: 1 });
+  assert.deepEqual(
+    [summary.body.claimed, summary.body.lease_lost, summary.body.completed],
+    [2, 1, 1],
+    JSON.stringify(summary.body),
+  );
+  const row = await job(cancelled.body.job.id);
+  assert.equal(row.status, "cancelled");
+  assert.equal(row.result, null);
+  assert.deepEqual((await job(next.body.job.id)).result, { doubled: 4 });
 });
 
 dbTest("cancel and retry-now", async () => {

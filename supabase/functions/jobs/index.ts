@@ -37,7 +37,7 @@ const scheduleBody = z.object({
 
 const runBody = z.object({
   budget_ms: z.number().int().min(100).max(25_000).optional(),
-  batch_size: z.number().int().min(1).max(100).default(10),
+  concurrency: z.number().int().min(1).max(100).default(10),
   job_types: z.array(jobType).min(1).max(100).optional(),
 }).strict();
 
@@ -68,10 +68,10 @@ app.post("/", async (c) => {
 
 app.post("/run", async (c) => {
   const who = requireService(c);
-  const body = await jsonBody(c, runBody.default({ batch_size: 10 }));
+  const body = await jsonBody(c, runBody.default({ concurrency: 10 }));
   const summary = await runJobs(who, c.get("correlationId"), {
     budgetMs: body.budget_ms ?? env().JOBS_RUN_BUDGET_MS,
-    batchSize: body.batch_size,
+    concurrency: body.concurrency,
     jobTypes: body.job_types,
     workerId: `jobs-run:${c.get("correlationId")}`.slice(0, 128),
   });

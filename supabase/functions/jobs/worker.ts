@@ -1,17 +1,19 @@
-// The jobs worker: claims due jobs in bounded batches, runs each one's
-// registered handler under its timeout, and settles it (complete, or fail
-// with backoff / time out). It stops claiming once its time budget is spent,
-// so a cron-triggered run ends well inside the edge runtime's 150 s: the
-// budget (at most 25 s) plus the longest job timeout (at most 120 s).
+// The jobs worker: `concurrency` slots, each running one job at a time. A
+// slot runs the job's registered handler under its timeout, then settles it
+// (complete, or fail with backoff / time out) and claims its next job in the
+// same call (public.settle_and_claim_jobs): one round trip per job, and a slow
+// job holds up only its own slot. Slots stop claiming once the time budget
+// is spent, so a cron-triggered run ends well inside the edge runtime's 150 s:
+// the budget (at most 25 s) plus the longest job timeout (at most 120 s).
 import type { Principal } from "../../../shared/auth.ts";
-import { asJson, rpc, TextArray } from "../../../shared/db.ts";
+import { asJson, type Row, rpc, TextArray } from "../../../shared/db.ts";
 import { HttpError } from "../../../shared/errors.ts";
 import { log } from "../../../shared/log.ts";
 import { type Job, jobHandler, registeredJobTypes } from "./handlers.ts";
 
 export interface RunOptions {
   budgetMs: number;
-  batchSize: number;
+  concurrency: number;
   jobTypes?: string[];
   workerId: string;
 }
@@ -22,7 +24,6 @@ export interface RunSummary {
   failed: number;
   timed_out: number;
   lease_lost: number;
-  batches: number;
   elapsed_ms: number;
   stopped: "drained" | "budget";
 }
@@ -62,65 +63,41 @@ function toJob(r: Record<string, unknown>): Job {
   };
 }
 
-async function runOne(
-  who: Principal,
-  correlationId: string,
-  job: Job,
-  lease: string,
-): Promise<Outcome> {
+/** How a job's attempt ended, as the settling call takes it. */
+interface Settlement {
+  result?: Record<string, unknown> | null;
+  error?: string;
+  timedOut?: boolean;
+}
+
+/** Runs a job's handler under its timeout; never throws. */
+async function attempt(job: Job, correlationId: string): Promise<Settlement> {
   const handler = jobHandler(job.job_type);
   const controller = new AbortController();
   let timer: ReturnType<typeof setTimeout> | undefined;
   const deadline = new Promise<typeof TIMED_OUT>((resolve) => {
     timer = setTimeout(() => resolve(TIMED_OUT), job.timeout_seconds * 1000);
   });
-  let settle: { result?: Record<string, unknown> | null; error?: string; timedOut?: boolean };
   try {
     if (!handler) throw new Error(`no handler for job type ${job.job_type}`);
     const ctx = { signal: controller.signal, correlationId: job.correlation_id ?? correlationId };
     const outcome = await Promise.race([handler(job, ctx), deadline]);
     if (outcome === TIMED_OUT) {
       controller.abort();
-      settle = { error: `timed out after ${job.timeout_seconds} s`, timedOut: true };
-    } else {
-      settle = { result: outcome ?? null };
+      return { error: `timed out after ${job.timeout_seconds} s`, timedOut: true };
     }
+    return { result: outcome ?? null };
   } catch (err) {
-    settle = {
-      error: (err instanceof Error ? err.message : String(err)).slice(0, 4000) || "error",
-    };
+    return { error: (err instanceof Error ? err.message : String(err)).slice(0, 4000) || "error" };
   } finally {
     clearTimeout(timer);
   }
-  try {
-    await (settle.error === undefined
-      ? rpc(who, correlationId, "public.complete_job", {
-        job_id: job.id,
-        lease_token: lease,
-        result: asJson(settle.result),
-      }, { columns: SETTLED_COLUMNS })
-      : rpc(who, correlationId, "public.fail_job", {
-        job_id: job.id,
-        lease_token: lease,
-        error: settle.error,
-        timed_out: settle.timedOut ?? false,
-      }, { columns: SETTLED_COLUMNS }));
-  } catch (err) {
-    if (err instanceof HttpError && err.code === "lease_lost") return "lease_lost";
-    throw err;
-  }
-  if (settle.error === undefined) return "completed";
-  log("warn", "job attempt failed", {
-    correlation_id: correlationId,
-    job_id: job.id,
-    job_type: job.job_type,
-    attempt: job.attempts,
-    error: settle.error,
-  });
-  return settle.timedOut ? "timed_out" : "failed";
 }
 
-/** Drains due jobs until none are left or the budget is spent. */
+const outcomeOf = (s: Settlement): Outcome =>
+  s.error === undefined ? "completed" : s.timedOut ? "timed_out" : "failed";
+
+/** Runs due jobs until none are left or the budget is spent. */
 export async function runJobs(
   who: Principal,
   correlationId: string,
@@ -133,28 +110,69 @@ export async function runJobs(
     failed: 0,
     timed_out: 0,
     lease_lost: 0,
-    batches: 0,
     elapsed_ms: 0,
-    stopped: "budget",
+    stopped: "drained",
   };
   const types = opts.jobTypes ?? registeredJobTypes();
-  while (performance.now() - started < opts.budgetMs) {
-    const rows = types.length === 0 ? [] : await rpc(who, correlationId, "public.claim_jobs", {
-      job_types: new TextArray(types),
-      limit: opts.batchSize,
-      worker: opts.workerId,
-    }, { columns: CLAIMED_COLUMNS });
-    if (rows.length === 0) {
-      summary.stopped = "drained";
-      break;
+  const claim = { job_types: new TextArray(types), limit: 1, worker: opts.workerId };
+  const inBudget = () => performance.now() - started < opts.budgetMs;
+  const claiming = async (fn: string, args: Record<string, unknown>) =>
+    (await rpc(who, correlationId, fn, args, { columns: CLAIMED_COLUMNS }))[0];
+
+  /** Settles an attempt and, while the budget lasts, claims the slot's next job in the same call. */
+  const settle = async (
+    job: Job,
+    lease: string,
+    s: Settlement,
+    claimNext: boolean,
+  ): Promise<{ outcome: Outcome; next?: Row }> => {
+    const settlement = s.error === undefined
+      ? { job_id: job.id, lease_token: lease, result: asJson(s.result) }
+      : { job_id: job.id, lease_token: lease, error: s.error, timed_out: s.timedOut ?? false };
+    try {
+      if (claimNext) {
+        const next = await claiming("public.settle_and_claim_jobs", { ...settlement, ...claim });
+        return { outcome: outcomeOf(s), next };
+      }
+      const fn = s.error === undefined ? "public.complete_job" : "public.fail_job";
+      await rpc(who, correlationId, fn, settlement, { columns: SETTLED_COLUMNS });
+      return { outcome: outcomeOf(s) };
+    } catch (err) {
+      // cancelled, or timed out and reclaimed while it ran: its result is dropped
+      if (!(err instanceof HttpError && err.code === "lease_lost")) throw err;
+      return {
+        outcome: "lease_lost",
+        next: claimNext ? await claiming("public.claim_jobs", claim) : undefined,
+      };
     }
-    summary.batches++;
-    summary.claimed += rows.length;
-    const outcomes = await Promise.all(
-      rows.map((r) => runOne(who, correlationId, toJob(r), r.lease_token as string)),
-    );
-    for (const o of outcomes) summary[o]++;
-  }
+  };
+
+  const slot = async () => {
+    if (types.length === 0) return;
+    let claimNext = inBudget();
+    let row = claimNext ? await claiming("public.claim_jobs", claim) : undefined;
+    while (row) {
+      summary.claimed++;
+      const job = toJob(row);
+      const s = await attempt(job, correlationId);
+      claimNext = inBudget();
+      const { outcome, next } = await settle(job, row.lease_token as string, s, claimNext);
+      summary[outcome]++;
+      if (outcome === "failed" || outcome === "timed_out") {
+        log("warn", "job attempt failed", {
+          correlation_id: correlationId,
+          job_id: job.id,
+          job_type: job.job_type,
+          attempt: job.attempts,
+          error: s.error,
+        });
+      }
+      row = next;
+    }
+    // a slot that stopped without looking for more jobs left them to the next run
+    if (!claimNext) summary.stopped = "budget";
+  };
+  await Promise.all(Array.from({ length: opts.concurrency }, slot));
   summary.elapsed_ms = Math.round(performance.now() - started);
   return summary;
 }
