@@ -32,6 +32,10 @@ registerJobHandler("test_counts", () => {
   return Promise.resolve();
 });
 registerJobHandler("test_waits", () => released.then(() => ({ waited: true })));
+registerJobHandler("test_nul", () => Promise.resolve({ text: "a\u0000b" }));
+registerJobHandler("test_breaks_worker", async () => {
+  await db.sql`revoke execute on function public.settle_and_claim_jobs from service_role`;
+});
 registerJobHandler("test_cancelled", async (job) => {
   await db.sql`select public.cancel_job(${job.id})`;
 });
@@ -187,6 +191,42 @@ dbTest("a job cancelled while it runs loses its result; the worker goes on", asy
   assert.equal(row.status, "cancelled");
   assert.equal(row.result, null);
   assert.deepEqual((await job(next.body.job.id)).result, { doubled: 4 });
+});
+
+dbTest("a result the database refuses fails the attempt, not the run", async () => {
+  const res = await schedule({ job_type: "test_nul", job_name: "NUL", max_attempts: 1 });
+  const summary = await run({ job_types: ["test_nul"] });
+  assert.equal(summary.status, 200, JSON.stringify(summary.body));
+  assert.equal(summary.body.failed, 1);
+  const row = await job(res.body.job.id);
+  assert.equal(row.status, "failed");
+  assert.match(row.last_error, /^result not stored: /);
+});
+
+dbTest("a slot that fails stops the run's claims; the others finish their jobs first", async () => {
+  const slow = await schedule({ job_type: "test_slow", job_name: "Slow", priority: 10 });
+  const breaks = await schedule({
+    job_type: "test_breaks_worker",
+    job_name: "Breaks",
+    priority: 5,
+  });
+  const later = await schedule({ job_type: "test_ok", job_name: "Later", payload: { n: 1 } });
+  try {
+    const summary = await run({
+      job_types: ["test_slow", "test_breaks_worker", "test_ok"],
+      concurrency: 2,
+    });
+    assert.equal(summary.status, 403, JSON.stringify(summary.body));
+  } finally {
+    await db.sql`grant execute on function public.settle_and_claim_jobs to service_role`;
+  }
+  assert.equal((await job(slow.body.job.id)).status, "completed", "the other slot's job finished");
+  assert.equal((await job(breaks.body.job.id)).status, "running", "left to its lease");
+  assert.equal(
+    (await job(later.body.job.id)).status,
+    "pending",
+    "nothing claimed after the failure",
+  );
 });
 
 dbTest("cancel and retry-now", async () => {

@@ -7,7 +7,7 @@
 // the budget (at most 25 s) plus the longest job timeout (at most 120 s).
 import type { Principal } from "../../../shared/auth.ts";
 import { asJson, type Row, rpc, TextArray } from "../../../shared/db.ts";
-import { HttpError } from "../../../shared/errors.ts";
+import { HttpError, isInputError } from "../../../shared/errors.ts";
 import { log } from "../../../shared/log.ts";
 import { type Job, jobHandler, registeredJobTypes } from "./handlers.ts";
 
@@ -115,7 +115,10 @@ export async function runJobs(
   };
   const types = opts.jobTypes ?? registeredJobTypes();
   const claim = { job_types: new TextArray(types), limit: 1, worker: opts.workerId };
-  const inBudget = () => performance.now() - started < opts.budgetMs;
+  // The first slot to fail stops the others claiming; they finish the job in
+  // hand, and the run reports the failure only then, so no slot outlives it.
+  let failure: { error: unknown } | undefined;
+  const inBudget = () => !failure && performance.now() - started < opts.budgetMs;
   const claiming = async (fn: string, args: Record<string, unknown>) =>
     (await rpc(who, correlationId, fn, args, { columns: CLAIMED_COLUMNS }))[0];
 
@@ -138,12 +141,19 @@ export async function runJobs(
       await rpc(who, correlationId, fn, settlement, { columns: SETTLED_COLUMNS });
       return { outcome: outcomeOf(s) };
     } catch (err) {
-      // cancelled, or timed out and reclaimed while it ran: its result is dropped
-      if (!(err instanceof HttpError && err.code === "lease_lost")) throw err;
-      return {
-        outcome: "lease_lost",
-        next: claimNext ? await claiming("public.claim_jobs", claim) : undefined,
-      };
+      if (err instanceof HttpError && err.code === "lease_lost") {
+        // cancelled, or timed out and reclaimed while it ran: its result is dropped
+        return {
+          outcome: "lease_lost",
+          next: claimNext ? await claiming("public.claim_jobs", claim) : undefined,
+        };
+      }
+      // a result the database refuses (text with NUL, say) fails the attempt instead
+      if (s.error === undefined && isInputError(err)) {
+        const error = `result not stored: ${(err as HttpError).code}`;
+        return await settle(job, lease, { error }, claimNext);
+      }
+      throw err;
     }
   };
 
@@ -172,7 +182,11 @@ export async function runJobs(
     // a slot that stopped without looking for more jobs left them to the next run
     if (!claimNext) summary.stopped = "budget";
   };
-  await Promise.all(Array.from({ length: opts.concurrency }, slot));
+  await Promise.all(Array.from({ length: opts.concurrency }, () =>
+    slot().catch((error) => {
+      failure ??= { error };
+    })));
+  if (failure) throw failure.error;
   summary.elapsed_ms = Math.round(performance.now() - started);
   return summary;
 }
