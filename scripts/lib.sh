@@ -189,8 +189,28 @@ migrate_db() {
   return "${PIPESTATUS[0]}"
 }
 
+# Migrations are edited in place until the first deploy, and the CLI skips a
+# version it has applied even when its file changed since: stop rather than
+# serve a database older than the files. The CLI keeps each applied file as its
+# statements; whitespace and the semicolons between statements are the only
+# differences from the file, so both are compared without them.
+check_migrations_current() {
+  local url="$1" version fingerprint file stale=()
+  while IFS='|' read -r version fingerprint; do
+    file=$(compgen -G "$ROOT/supabase/migrations/${version}_*.sql" | head -1)
+    [ -n "$file" ] || continue # the CLI itself refuses versions it has no file for
+    [ "$(tr -d ' \n\t\r\f\v;' <"$file" | md5sum | cut -d' ' -f1)" = "$fingerprint" ] ||
+      stale+=("$(basename "$file")")
+  done < <(psql_url "$url" -At -c "
+    select m.version, md5(regexp_replace(array_to_string(m.statements, ''), '[[:space:];]', '', 'g'))
+    from supabase_migrations.schema_migrations m" 2>/dev/null || true) # none yet: a new database
+  [ ${#stale[@]} -eq 0 ] || die "changed since this database applied them: ${stale[*]}." \
+    "Delete .local/ (or drop the database) and start again."
+}
+
 prepare_database() {
   log "bootstrapping and migrating $(printf '%s' "$DATABASE_URL" | sed 's#//[^@]*@#//#')"
   bootstrap_db "$DATABASE_URL"
+  check_migrations_current "$DATABASE_URL"
   migrate_db "$DATABASE_URL"
 }
