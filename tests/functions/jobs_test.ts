@@ -32,6 +32,12 @@ registerJobHandler("test_counts", () => {
   return Promise.resolve();
 });
 registerJobHandler("test_waits", () => released.then(() => ({ waited: true })));
+// counts how many times each job ran
+const runs = new Map<string, number>();
+registerJobHandler("test_once", (job) => {
+  runs.set(job.id, (runs.get(job.id) ?? 0) + 1);
+  return Promise.resolve();
+});
 registerJobHandler("test_nul", () => Promise.resolve({ text: "a\u0000b" }));
 registerJobHandler("test_breaks_worker", async () => {
   await db.sql`revoke execute on function public.settle_and_claim_jobs from service_role`;
@@ -191,6 +197,22 @@ dbTest("a job cancelled while it runs loses its result; the worker goes on", asy
   assert.equal(row.status, "cancelled");
   assert.equal(row.result, null);
   assert.deepEqual((await job(next.body.job.id)).result, { doubled: 4 });
+});
+
+dbTest("two concurrent runs of 4 slots each run every job exactly once", async () => {
+  await db.sql`select public.schedule_job('test_once', 'Once ' || i, jsonb_build_object('i', i))
+               from generate_series(1, 400) i`;
+  const [a, b] = await Promise.all([
+    run({ job_types: ["test_once"], concurrency: 4 }),
+    run({ job_types: ["test_once"], concurrency: 4 }),
+  ]);
+  assert.equal(a.body.completed + b.body.completed, 400, JSON.stringify([a.body, b.body]));
+  assert.equal(a.body.lease_lost + b.body.lease_lost, 0);
+  assert.equal(runs.size, 400);
+  assert.deepEqual([...new Set(runs.values())], [1], "no job ran twice");
+  const [left] = await db.sql`select count(*)::int as n from public.background_jobs
+                              where job_type = 'test_once' and status <> 'completed'`;
+  assert.equal(left.n, 0);
 });
 
 dbTest("a result the database refuses fails the attempt, not the run", async () => {
