@@ -50,7 +50,16 @@ for (
 resetEnv();
 const service: Principal = { role: "service_role", claims: { role: "service_role" } };
 
-registerJobHandler("bench_noop", () => Promise.resolve());
+// Processing is timed from the first job handed to a handler, for ours and
+// graphile-worker alike: graphile-worker's runner connects its pool and checks
+// its schema as it starts (30-40 ms here), a cost a long-running worker pays
+// once.
+let firstJob: number | undefined;
+const noop = () => {
+  firstJob ??= performance.now();
+  return Promise.resolve();
+};
+registerJobHandler("bench_noop", noop);
 
 const scheduleOurs = () =>
   spread(WORKERS, JOBS, async (_, i) => {
@@ -63,7 +72,7 @@ const scheduleOurs = () =>
 
 async function ours(): Promise<Rate> {
   const scheduled = await scheduleOurs();
-  const started = performance.now();
+  firstJob = undefined;
   const summary = await runJobs(service, "bench", {
     budgetMs: 600_000,
     concurrency: WORKERS,
@@ -71,7 +80,7 @@ async function ours(): Promise<Rate> {
     workerId: "bench",
   });
   if (summary.completed !== JOBS) throw new Error(`worker: ${JSON.stringify(summary)}`);
-  return phases(scheduled, (performance.now() - started) / 1000);
+  return phases(scheduled, (performance.now() - firstJob!) / 1000);
 }
 
 async function oursTwoCalls(): Promise<Rate> {
@@ -126,7 +135,7 @@ async function graphileWorker(): Promise<Rate> {
   let done = 0;
   let finished: () => void = () => {};
   const allDone = new Promise<void>((resolve) => (finished = resolve));
-  const started = performance.now();
+  firstJob = undefined;
   const runner = await run({
     connectionString: BENCH_DB,
     concurrency: WORKERS,
@@ -137,12 +146,12 @@ async function graphileWorker(): Promise<Rate> {
     taskList: {
       bench_noop: () => {
         if (++done === JOBS) finished();
-        return Promise.resolve();
+        return noop();
       },
     },
   });
   await allDone;
-  const processed = (performance.now() - started) / 1000;
+  const processed = (performance.now() - firstJob!) / 1000;
   await runner.stop();
   return phases(scheduled, processed);
 }
