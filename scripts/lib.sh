@@ -161,6 +161,7 @@ ensure_database() {
   else
     ensure_cluster
     export DATABASE_URL="postgresql://postgres:$PG_PASSWORD@127.0.0.1:$PG_PORT/postgres"
+    LOCAL_DATABASE=1
   fi
 }
 
@@ -190,27 +191,36 @@ migrate_db() {
 }
 
 # Migrations are edited in place until the first deploy, and the CLI skips a
-# version it has applied even when its file changed since: stop rather than
-# serve a database older than the files. The CLI keeps each applied file as its
+# version it has applied even when its file changed since. Prints the applied
+# migrations whose files have changed. The CLI keeps each applied file as its
 # statements; whitespace and the semicolons between statements are the only
 # differences from the file, so both are compared without them.
-check_migrations_current() {
-  local url="$1" version fingerprint file stale=()
+stale_migrations() {
+  local url="$1" version fingerprint file
   while IFS='|' read -r version fingerprint; do
     file=$(compgen -G "$ROOT/supabase/migrations/${version}_*.sql" | head -1)
     [ -n "$file" ] || continue # the CLI itself refuses versions it has no file for
     [ "$(tr -d ' \n\t\r\f\v;' <"$file" | md5sum | cut -d' ' -f1)" = "$fingerprint" ] ||
-      stale+=("$(basename "$file")")
+      printf '%s ' "$(basename "$file")"
   done < <(psql_url "$url" -At -c "
     select m.version, md5(regexp_replace(array_to_string(m.statements, ''), '[[:space:];]', '', 'g'))
     from supabase_migrations.schema_migrations m" 2>/dev/null || true) # none yet: a new database
-  [ ${#stale[@]} -eq 0 ] || die "changed since this database applied them: ${stale[*]}." \
-    "Delete .local/ (or drop the database) and start again."
 }
 
+# A database older than the migration files is rebuilt when it is the local
+# cluster's (its data is the stack's own); one named by DATABASE_URL is left
+# alone, and the run stops.
 prepare_database() {
+  local stale name="${DATABASE_URL##*/}"
+  stale=$(stale_migrations "$DATABASE_URL")
+  if [ -n "$stale" ]; then
+    [ -n "${LOCAL_DATABASE:-}" ] ||
+      die "changed since this database applied them: ${stale% }. Drop it (or name a fresh one) and start again."
+    log "changed since the local database applied them: ${stale% }; rebuilding it (its data is lost)"
+    psql_url "$(db_url_for template1)" -c "drop database if exists \"$name\" with (force)" \
+      -c "create database \"$name\"" >/dev/null
+  fi
   log "bootstrapping and migrating $(printf '%s' "$DATABASE_URL" | sed 's#//[^@]*@#//#')"
   bootstrap_db "$DATABASE_URL"
-  check_migrations_current "$DATABASE_URL"
   migrate_db "$DATABASE_URL"
 }

@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(43);
+select plan(44);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -129,6 +129,21 @@ select throws_ok($$update public.event_store set position = 1 where aggregate_id
   '42501', null, 'service_role cannot set positions');
 select throws_ok($$delete from public.event_stream_members$$, '42501', null,
   'service_role cannot change who reads an aggregate');
+
+-- A batch finds its streams by key however stale the statistics: 20,000
+-- streams the planner has never seen, and the batch does not scan them all.
+reset role;
+insert into public.event_streams (aggregate_type, aggregate_id)
+select 'bulk', 'bulk-' || i from generate_series(1, 20000) i;
+discard plans; -- plan the batch afresh, against the table as it is now
+create temp table scans as
+  select seq_scan from pg_stat_xact_user_tables where relname = 'event_streams';
+grant select on scans to service_role;
+select tests.authenticate_as_service_role();
+select public.append_events('[{"aggregate_type":"bulk","aggregate_id":"bulk-1","event_type":"a","payload":{}},
+  {"aggregate_type":"bulk","aggregate_id":"new-1","event_type":"a","payload":{}}]');
+select is((select seq_scan from pg_stat_xact_user_tables where relname = 'event_streams')
+          - (select seq_scan from scans), 0::bigint, 'a batch looks its streams up by index only');
 
 select * from finish();
 rollback;

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(38);
+select plan(39);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -89,6 +89,20 @@ select is((select row(depth, delayed, in_flight, dead, completed, total)::text f
 select ok((select oldest_age_seconds >= 0 from public.queue_metrics('emails')), 'metrics give the oldest age');
 select is(public.purge_queue('emails', 'completed'), 1::bigint, 'purge by status');
 select is(public.purge_queue('emails'), 3::bigint, 'purge everything left');
+
+-- Sends find messages by index however stale the statistics: 20,000 messages
+-- the planner has never seen, and no send scans the table.
+insert into public.message_queue (queue_name, payload)
+select 'bulk', jsonb_build_object('i', i) from generate_series(1, 20000) i;
+discard plans; -- plan the sends afresh, against the table as it is now
+create temp table scans as
+  select seq_scan from pg_stat_xact_user_tables where relname = 'message_queue';
+select public.send_message('bulk', '{"i": 0}');
+select public.send_messages('bulk', '[{"payload": {}}, {"payload": {}, "idempotency_key": "b1"}]');
+select public.send_messages('bulk', '[{"payload": {}, "idempotency_key": "b1"}]');
+select is((select seq_scan from pg_stat_xact_user_tables where relname = 'message_queue')
+          - (select seq_scan from scans), 0::bigint, 'sends look messages up by index only');
+delete from public.message_queue where queue_name = 'bulk';
 
 -- RLS matrix
 create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;
