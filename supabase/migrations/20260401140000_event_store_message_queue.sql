@@ -668,6 +668,17 @@ create domain private.queue_name as text check (private.is_queue_name(value));
 create domain private.queue_status as text
   check (value in ('pending', 'processing', 'completed', 'dead'));
 create domain private.message_max_attempts as integer check (value between 1 and 100);
+-- Every message is in one of these states. Saying so in a query lets the
+-- planner read one queue's messages through the partial indexes below (claim,
+-- lease, finished); there is no index on queue_name alone, so without it a
+-- queue's metrics or purge scanned every queue's messages. Plain SQL, inlined.
+create or replace function private.message_in_any_status(p_status text) returns boolean
+language sql
+immutable
+as $$
+  select p_status = 'pending' or p_status = 'processing' or p_status = 'completed'
+    or p_status = 'dead'
+$$;
 
 create table public.message_queue (
   id bigserial primary key,
@@ -1065,7 +1076,8 @@ begin
       'status must be pending, processing, completed or dead');
   end if;
   delete from public.message_queue q
-  where q.queue_name = p_queue_name and (p_status is null or q.status = p_status);
+  where q.queue_name = p_queue_name and private.message_in_any_status(q.status)
+    and (p_status is null or q.status = p_status);
   get diagnostics v_count = row_count;
   return v_count;
 end;
@@ -1108,7 +1120,7 @@ begin
            filter (where q.status in ('pending', 'processing')))::double precision,
          now()
   from public.message_queue q
-  where q.queue_name = p_queue_name;
+  where q.queue_name = p_queue_name and private.message_in_any_status(q.status);
 end;
 $$;
 

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(39);
+select plan(42);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -90,8 +90,9 @@ select ok((select oldest_age_seconds >= 0 from public.queue_metrics('emails')), 
 select is(public.purge_queue('emails', 'completed'), 1::bigint, 'purge by status');
 select is(public.purge_queue('emails'), 3::bigint, 'purge everything left');
 
--- Sends find messages by index however stale the statistics: 20,000 messages
--- the planner has never seen, and no send scans the table.
+-- Sends, metrics and purges find messages by index however stale the
+-- statistics: 20,000 messages the planner has never seen, and none of them
+-- scans the table.
 insert into public.message_queue (queue_name, payload)
 select 'bulk', jsonb_build_object('i', i) from generate_series(1, 20000) i;
 discard plans; -- plan the sends afresh, against the table as it is now
@@ -102,6 +103,11 @@ select public.send_messages('bulk', '[{"payload": {}}, {"payload": {}, "idempote
 select public.send_messages('bulk', '[{"payload": {}, "idempotency_key": "b1"}]');
 select is((select seq_scan from pg_stat_xact_user_tables where relname = 'message_queue')
           - (select seq_scan from scans), 0::bigint, 'sends look messages up by index only');
+select is((select total from public.queue_metrics('other')), 0::bigint, 'an empty queue''s metrics');
+select is(public.purge_queue('other'), 0::bigint, 'an empty queue''s purge');
+select is((select seq_scan from pg_stat_xact_user_tables where relname = 'message_queue')
+          - (select seq_scan from scans), 0::bigint,
+  'one queue''s metrics and purge do not read the other queues'' messages');
 delete from public.message_queue where queue_name = 'bulk';
 
 -- RLS matrix
