@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(42);
+select plan(43);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -108,6 +108,18 @@ select is(public.purge_queue('other'), 0::bigint, 'an empty queue''s purge');
 select is((select seq_scan from pg_stat_xact_user_tables where relname = 'message_queue')
           - (select seq_scan from scans), 0::bigint,
   'one queue''s metrics and purge do not read the other queues'' messages');
+-- A keyed send finds its key in a few index pages, not by reading every keyed
+-- message of the queue (the sender cannot be searched for: the service role's
+-- is null).
+insert into public.message_queue (queue_name, payload, idempotency_key)
+select 'bulk', '{}', 'bulk-' || i from generate_series(1, 20000) i;
+create temp table pages as select pg_stat_get_xact_blocks_fetched('public.message_queue_idempotency_idx'::regclass)
+  + pg_stat_get_xact_blocks_fetched('public.message_queue'::regclass) as n;
+select public.send_message('bulk', '{}', p_idempotency_key := 'bulk-new');
+select public.send_message('bulk', '{}', p_idempotency_key := 'bulk-new');
+select cmp_ok(pg_stat_get_xact_blocks_fetched('public.message_queue_idempotency_idx'::regclass)
+              + pg_stat_get_xact_blocks_fetched('public.message_queue'::regclass) - (select n from pages), '<', 40::bigint,
+  'keyed sends read a few pages');
 delete from public.message_queue where queue_name = 'bulk';
 
 -- RLS matrix
