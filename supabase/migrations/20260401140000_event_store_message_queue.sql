@@ -704,7 +704,7 @@ create table public.message_queue (
 
 -- The key before the sender: lookups match the sender with IS NOT DISTINCT
 -- FROM (the service role sends as null), which an index cannot search by, so
--- with the sender second-to-last a keyed send read every keyed message of its
+-- with the sender before the key a keyed send read every keyed message of its
 -- queue (400 ms a send at 200,000 of them).
 create unique index message_queue_idempotency_idx
   on public.message_queue (queue_name, idempotency_key, user_id) nulls not distinct
