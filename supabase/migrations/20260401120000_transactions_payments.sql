@@ -1010,6 +1010,11 @@ begin
 end;
 $$;
 
+-- No `set search_path` on this list and list_payment_methods (security
+-- invoker, every name qualified): a SET clause stops the function from being
+-- inlined, and then `p_user_id is null or w.user_id = p_user_id` is planned
+-- with the parameter unknown, which no index serves: every service-role call
+-- read every user's wallets. Inlined, the caller's user id is a constant.
 create or replace function public.get_balances(p_user_id uuid default null)
 returns table (
   wallet_id uuid,
@@ -1022,7 +1027,6 @@ returns table (
 )
 language sql
 stable
-set search_path = ''
 as $$
   select w.id, w.user_id, w.currency, w.balance, w.held, w.balance - w.held, w.updated_at
   from public.wallets w
@@ -1157,11 +1161,11 @@ begin
 end;
 $$;
 
+-- Inlined, like get_balances (see there).
 create or replace function public.list_payment_methods(p_user_id uuid default null)
 returns setof public.user_payment_methods
 language sql
 stable
-set search_path = ''
 as $$
   select v.* from public.user_payment_methods v
   where p_user_id is null or v.user_id = p_user_id

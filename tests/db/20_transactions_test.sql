@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(165);
+select plan(168);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -464,6 +464,33 @@ select throws_ok(format('update public.%I set status = ''completed''',
 
 select tests.clear_authentication();
 select ok(pg_temp.ledger_ok(), 'the ledger still balances at the end');
+
+-- The service role's lists by user read that user's rows by index, not every
+-- user's: 20,000 users with a wallet and a payment method each, and calls made
+-- the way rpc makes them (the user id a literal).
+insert into auth.users (id) select gen_random_uuid() from generate_series(1, 20000);
+insert into public.wallets (kind, user_id, currency)
+select 'user', u.id, 'RWF' from auth.users u
+where not exists (select from public.wallets w where w.user_id = u.id);
+insert into public.payment_methods (user_id, type) select id, 'cash' from auth.users;
+create temp table scans as select relname, seq_scan from pg_stat_xact_user_tables
+  where relname in ('wallets', 'payment_methods');
+create function pg_temp.listed(p_function text) returns integer
+language plpgsql as $$
+declare
+  v_count integer;
+begin
+  execute format('select count(*) from public.%I(%L::uuid)', p_function,
+    (select id from auth.users order by id limit 1)) into v_count;
+  return v_count;
+end;
+$$;
+select tests.authenticate_as_service_role();
+select ok(pg_temp.listed('get_balances') >= 1, 'the service role lists a user''s balances');
+select is(pg_temp.listed('list_payment_methods'), 1, 'and their payment methods');
+select tests.clear_authentication();
+select is((select sum(t.seq_scan - s.seq_scan)::int from pg_stat_xact_user_tables t
+           join scans s using (relname)), 0, 'by index, without reading every user''s rows');
 
 select * from finish();
 rollback;
