@@ -518,6 +518,11 @@ create index whatsapp_message_queue_recipient_idx
   on public.whatsapp_message_queue (recipient_phone, created_at desc);
 create index whatsapp_message_queue_correlation_idx
   on public.whatsapp_message_queue (correlation_id) where correlation_id is not null;
+-- metrics count failed and dead-lettered (failed, and terminal) messages on
+-- every scrape, and the queue keeps its history: without it, two scans of the
+-- whole table each time
+create index whatsapp_message_queue_failed_idx
+  on public.whatsapp_message_queue (id) where status = 'failed';
 
 create trigger whatsapp_message_queue_updated_at before update on public.whatsapp_message_queue
   for each row execute function private.set_updated_at();
@@ -1427,7 +1432,8 @@ as $$
                 where status = 'pending' and visible_at <= now() and scheduled_at <= now()),
     'in_flight', (select count(*) from public.whatsapp_message_queue where status = 'processing'),
     'failed', (select count(*) from public.whatsapp_message_queue where status = 'failed'),
-    'dead_lettered', (select count(*) from public.whatsapp_message_queue where dead_lettered_at is not null),
+    'dead_lettered', (select count(*) from public.whatsapp_message_queue
+                      where status = 'failed' and dead_lettered_at is not null),
     -- from the per-send metrics (indexed by name and time), not the queue
     'sent_last_minute', (select count(*) from public.system_metrics
                          where service_name = 'whatsapp' and metric_name = 'whatsapp.message.sent'

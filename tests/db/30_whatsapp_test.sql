@@ -3,7 +3,7 @@
 -- sessions, secrets, inbound messages, statuses and the queue
 -- (anon, two users matched by their phone claim, a user without one, service_role).
 begin;
-select plan(69);
+select plan(71);
 
 -- the spec's examples, verbatim
 select ok(public.enqueue_whatsapp_message(
@@ -206,6 +206,18 @@ select is((select count(*)::int from public.whatsapp_session_secrets), (select c
 select ok(public.enqueue_whatsapp_message('+250788000002', 'template', '{"name": "hello_world", "language": "en"}') is not null,
   'service_role enqueues');
 
+-- metrics count by index, not by reading the queue's whole history: 20,000
+-- sent messages, and a scrape scans none of them
 select tests.clear_authentication();
+insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload, status)
+select '+250788000009', 'text', '{"body": "x"}', 'sent' from generate_series(1, 20000);
+create temp table scans as
+  select seq_scan from pg_stat_xact_user_tables where relname = 'whatsapp_message_queue';
+select tests.authenticate_as_service_role();
+select ok((public.get_whatsapp_queue_metrics() ->> 'failed')::int >= 0, 'metrics count failed messages');
+select tests.clear_authentication();
+select is((select seq_scan from pg_stat_xact_user_tables where relname = 'whatsapp_message_queue')
+          - (select seq_scan from scans), 0::bigint, 'without reading the whole queue');
+
 select * from finish();
 rollback;
