@@ -468,8 +468,9 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- pending row and sort them, or to hash-join a scan of the whole table.
 --
 --   private.<prefix>_lease_claim    pending rows of a lane -> in flight,
---                                   priority then age, `for update skip
---                                   locked`, attempts + 1, fresh lease token
+--                                   priority, then oldest visible first,
+--                                   `for update skip locked`, attempts + 1,
+--                                   fresh lease token
 --   private.<prefix>_lease_expire   in-flight rows whose lease ended -> pending
 --                                   again (after a backoff when asked), or the
 --                                   exhausted status after max_attempts
@@ -546,7 +547,7 @@ begin
       with picked as (
         select t.id from %1$s t
         where t.status = 'pending' and t.visible_at <= now() and (%4$s)
-        order by t.priority desc, t.id
+        order by t.priority desc, t.visible_at, t.id
         limit p_limit
         for update skip locked
       )
@@ -709,8 +710,12 @@ create table public.message_queue (
 create unique index message_queue_idempotency_idx
   on public.message_queue (queue_name, idempotency_key, user_id) nulls not distinct
   where idempotency_key is not null;
+-- claim order: priority, then when the message became visible, then id. Rows
+-- not yet visible (delayed, or waiting out a backoff) sort after the visible
+-- ones of their priority, so a claim never walks them; ordered by id alone, an
+-- empty claim read every delayed message.
 create index message_queue_claim_idx
-  on public.message_queue (queue_name, priority desc, id) where status = 'pending';
+  on public.message_queue (queue_name, priority desc, visible_at, id) where status = 'pending';
 create index message_queue_lease_idx
   on public.message_queue (visible_at) where status = 'processing';
 -- Finished messages by queue (metrics, purge). Deliberately no index on
@@ -882,7 +887,8 @@ begin
 end;
 $$;
 
--- Claims up to p_limit visible messages, highest priority first, then oldest,
+-- Claims up to p_limit visible messages, highest priority first, then the
+-- longest visible (a retried or delayed message by when it became visible),
 -- hidden from other consumers for p_visibility_timeout_seconds. Messages of a
 -- consumer that died come back once their lease ends (as a new attempt; after
 -- max_attempts they are dead-lettered instead).
@@ -1210,8 +1216,11 @@ create table public.background_jobs (
 create unique index background_jobs_idempotency_idx
   on public.background_jobs (idempotency_key, user_id) nulls not distinct
   where idempotency_key is not null;
+-- claim order as for message_queue_claim_idx: jobs due later (run_at, or a
+-- retry's backoff) sort after the due ones of their priority (ordered by id
+-- alone, an empty claim with 100,000 jobs due tomorrow took 30 ms, not 0.3)
 create index background_jobs_claim_idx
-  on public.background_jobs (priority desc, id) where status = 'pending';
+  on public.background_jobs (priority desc, visible_at, id) where status = 'pending';
 create index background_jobs_running_idx
   on public.background_jobs (visible_at) where status = 'running';
 create index background_jobs_user_idx
@@ -1297,7 +1306,7 @@ end;
 $$;
 
 -- Claims due jobs (of the given types, or any), highest priority first, then
--- oldest; each is leased for its own timeout_seconds. Timed-out jobs are swept
+-- the longest due; each is leased for its own timeout_seconds. Timed-out jobs are swept
 -- first, so a crashed worker's jobs are retried or closed.
 create or replace function public.claim_jobs(
   p_job_types text[] default null,

@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(41);
+select plan(43);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -107,8 +107,8 @@ select throws_ok(format($$select public.cancel_job(%s)$$, (select id from h)), '
 
 -- A replayed key is found in a few index pages, not by reading every keyed job
 -- (the scheduler cannot be searched for: the service role's is null).
-insert into public.background_jobs (job_type, job_name, idempotency_key)
-select 'bulk', 'Bulk', 'bulk-' || i from generate_series(1, 20000) i;
+insert into public.background_jobs (job_type, job_name, idempotency_key, status)
+select 'bulk', 'Bulk', 'bulk-' || i, 'completed' from generate_series(1, 20000) i;
 create temp table pages as select pg_stat_get_xact_blocks_fetched('public.background_jobs_idempotency_idx'::regclass)
   + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass) as n;
 select is((public.schedule_job('bulk', 'Bulk', '{}', p_idempotency_key := 'bulk-new')).id,
@@ -117,6 +117,23 @@ select is((public.schedule_job('bulk', 'Bulk', '{}', p_idempotency_key := 'bulk-
 select cmp_ok(pg_stat_get_xact_blocks_fetched('public.background_jobs_idempotency_idx'::regclass)
               + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass) - (select n from pages), '<', 40::bigint,
   'keyed schedules read a few pages');
+delete from public.background_jobs where job_type = 'bulk';
+
+-- A claim does not walk jobs that are not due: 20,000 jobs due tomorrow, then
+-- one due now, and the claim finds it in a few pages.
+insert into public.background_jobs (job_type, job_name, run_at, visible_at)
+select 'bulk', 'Tomorrow', now() + interval '1 day', now() + interval '1 day'
+from generate_series(1, 20000);
+select public.schedule_job('bulk', 'Now', '{}');
+delete from pages;
+insert into pages select pg_stat_get_xact_blocks_fetched('public.background_jobs_claim_idx'::regclass)
+  + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass);
+select is((select job_name from public.claim_jobs(array['bulk'], 1)), 'Now',
+  'the due job is claimed ahead of those due later');
+select cmp_ok(pg_stat_get_xact_blocks_fetched('public.background_jobs_claim_idx'::regclass)
+              + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass)
+              - (select n from pages), '<', 40::bigint,
+  'without reading the jobs due later');
 delete from public.background_jobs where job_type = 'bulk';
 
 -- RLS matrix
