@@ -1326,12 +1326,15 @@ begin
 end;
 $$;
 
--- Settles one job for the holder of its lease (409 lease_lost otherwise).
+-- Settles one attempt of a job for the holder of its lease (409 lease_lost
+-- otherwise): completed with p_result, or failed (retried with backoff, or
+-- failed / timeout after max_attempts). The one mapping of an attempt's end to
+-- the lease settlement, for complete_job, fail_job and settle_and_claim_jobs.
 create or replace function private.settle_job(
   p_job_id bigint,
   p_lease_token uuid,
-  p_outcome text,
-  p_exhausted text,
+  p_failed boolean,
+  p_timed_out boolean,
   p_error text,
   p_result jsonb
 ) returns public.background_jobs
@@ -1342,8 +1345,10 @@ declare
   v_row public.background_jobs;
 begin
   select * into v_row
-  from private.background_jobs_lease_settle(array[p_job_id], array[p_lease_token], p_outcome,
-    'completed', p_exhausted, 10, null, left(p_error, 4000), p_result);
+  from private.background_jobs_lease_settle(array[p_job_id], array[p_lease_token],
+    case when p_failed then 'retry' else 'done' end, 'completed',
+    case when p_timed_out then 'timeout' else 'failed' end, 10, null, left(p_error, 4000),
+    case when p_failed then null else p_result end);
   if v_row.id is null then
     if not exists (select from public.background_jobs j where j.id = p_job_id) then
       perform private.raise_error(404, 'job_not_found', 'no such job');
@@ -1367,7 +1372,7 @@ as $$
 declare
   v_row public.background_jobs;
 begin
-  select * into v_row from private.settle_job(p_job_id, p_lease_token, 'done', 'failed', null, p_result);
+  select * into v_row from private.settle_job(p_job_id, p_lease_token, false, false, null, p_result);
   return v_row;
 end;
 $$;
@@ -1385,8 +1390,8 @@ as $$
 declare
   v_row public.background_jobs;
 begin
-  select * into v_row from private.settle_job(p_job_id, p_lease_token, 'retry',
-      case when p_timed_out then 'timeout' else 'failed' end, p_error, null);
+  select * into v_row
+  from private.settle_job(p_job_id, p_lease_token, true, p_timed_out, p_error, null);
   return v_row;
 end;
 $$;
@@ -1415,10 +1420,8 @@ begin
     perform private.raise_error(400, 'invalid_settlement', 'a timed-out attempt needs an error');
   end if;
   perform private.check_limit(p_limit, 1000);
-  perform private.settle_job(p_job_id, p_lease_token,
-    case when p_error is null then 'done' else 'retry' end,
-    case when p_timed_out then 'timeout' else 'failed' end, p_error,
-    case when p_error is null then p_result end);
+  perform private.settle_job(p_job_id, p_lease_token, p_error is not null, p_timed_out, p_error,
+    p_result);
   return query select * from public.claim_jobs(p_job_types, p_limit, p_worker);
 end;
 $$;
@@ -1532,6 +1535,6 @@ revoke all on function private.settle_messages(text, bigint[], uuid[], text, tex
   from public;
 revoke all on function private.settle_message(text, bigint, uuid, text, text, double precision)
   from public;
-revoke all on function private.settle_job(bigint, uuid, text, text, text, jsonb) from public;
+revoke all on function private.settle_job(bigint, uuid, boolean, boolean, text, jsonb) from public;
 revoke all on function private.lock_job(bigint, text[], text) from public;
 revoke all on function private.check_queue_name(text) from public;
