@@ -211,10 +211,21 @@ select ok(public.enqueue_whatsapp_message('+250788000002', 'template', '{"name":
 select tests.clear_authentication();
 insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload, status)
 select '+250788000009', 'text', '{"body": "x"}', 'sent' from generate_series(1, 20000);
+insert into public.whatsapp_message_queue
+  (recipient_phone, message_type, message_payload, status, failed_at, dead_lettered_at)
+values ('+250788000009', 'text', '{"body": "x"}', 'failed', now(), now());
+create temp table expected as
+  select count(*) filter (where status = 'failed') as failed,
+         count(*) filter (where dead_lettered_at is not null) as dead_lettered
+  from public.whatsapp_message_queue;
+grant select on expected to service_role;
 create temp table scans as
   select seq_scan from pg_stat_xact_user_tables where relname = 'whatsapp_message_queue';
 select tests.authenticate_as_service_role();
-select ok((public.get_whatsapp_queue_metrics() ->> 'failed')::int >= 0, 'metrics count failed messages');
+select is((select row((m ->> 'failed')::bigint, (m ->> 'dead_lettered')::bigint)::text
+           from (select public.get_whatsapp_queue_metrics() as m) x),
+  (select row(failed, dead_lettered)::text from expected),
+  'metrics count the failed and the dead-lettered messages');
 select tests.clear_authentication();
 select is((select seq_scan from pg_stat_xact_user_tables where relname = 'whatsapp_message_queue')
           - (select seq_scan from scans), 0::bigint, 'without reading the whole queue');
