@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { app } from "../../supabase/functions/jobs/index.ts";
 import { registerJobHandler } from "../../supabase/functions/jobs/handlers.ts";
+import { resetEnv } from "../../shared/env.ts";
 import {
   anonToken,
   call,
@@ -217,7 +218,23 @@ dbTest("two concurrent runs of 4 slots each run every job exactly once", async (
 
 dbTest("a result the database refuses fails the attempt, not the run", async () => {
   const res = await schedule({ job_type: "test_nul", job_name: "NUL", max_attempts: 1 });
-  const summary = await run({ job_types: ["test_nul"] });
+  Deno.env.set("LOG_LEVEL", "warn");
+  resetEnv();
+  const lines: string[] = [];
+  const original = console.error;
+  console.error = (line: string) => lines.push(line);
+  let summary;
+  try {
+    summary = await run({ job_types: ["test_nul"] });
+  } finally {
+    console.error = original;
+    Deno.env.set("LOG_LEVEL", "silent");
+    resetEnv();
+  }
+  const warnings = lines.map((l) => JSON.parse(l)).filter((e) => e.msg === "job attempt failed");
+  assert.deepEqual(warnings.map((w) => [w.job_id, w.error]), [
+    [res.body.job.id, "result not stored: invalid_input"],
+  ]);
   assert.equal(summary.status, 200, JSON.stringify(summary.body));
   assert.equal(summary.body.failed, 1);
   const row = await job(res.body.job.id);

@@ -133,13 +133,23 @@ export async function runJobs(
       ? { job_id: job.id, lease_token: lease, result: asJson(s.result) }
       : { job_id: job.id, lease_token: lease, error: s.error, timed_out: s.timedOut ?? false };
     try {
+      let next: Row | undefined;
       if (claimNext) {
-        const next = await claiming("public.settle_and_claim_jobs", { ...settlement, ...claim });
-        return { outcome: outcomeOf(s), next };
+        next = await claiming("public.settle_and_claim_jobs", { ...settlement, ...claim });
+      } else {
+        const fn = s.error === undefined ? "public.complete_job" : "public.fail_job";
+        await rpc(who, correlationId, fn, settlement, { columns: SETTLED_COLUMNS });
       }
-      const fn = s.error === undefined ? "public.complete_job" : "public.fail_job";
-      await rpc(who, correlationId, fn, settlement, { columns: SETTLED_COLUMNS });
-      return { outcome: outcomeOf(s) };
+      if (s.error !== undefined) {
+        log("warn", "job attempt failed", {
+          correlation_id: correlationId,
+          job_id: job.id,
+          job_type: job.job_type,
+          attempt: job.attempts,
+          error: s.error,
+        });
+      }
+      return { outcome: outcomeOf(s), next };
     } catch (err) {
       if (err instanceof HttpError && err.code === "lease_lost") {
         // cancelled, or timed out and reclaimed while it ran: its result is dropped
@@ -168,15 +178,6 @@ export async function runJobs(
       claimNext = inBudget();
       const { outcome, next } = await settle(job, row.lease_token as string, s, claimNext);
       summary[outcome]++;
-      if (outcome === "failed" || outcome === "timed_out") {
-        log("warn", "job attempt failed", {
-          correlation_id: correlationId,
-          job_id: job.id,
-          job_type: job.job_type,
-          attempt: job.attempts,
-          error: s.error,
-        });
-      }
       row = next;
     }
     // a slot that stopped without looking for more jobs left them to the next run
