@@ -3,9 +3,13 @@
 //   to its own aggregate and passing the version it last wrote) against a
 //   plain insert of the same columns into an unpartitioned table, same
 //   concurrency, same run; appends per second, best of ROUNDS rounds. The
-//   order of the two sides rotates from round to round, so noise on the
-//   machine falls on each alike. "ours" runs as service_role, like the API;
-//   "plain" runs as the postgres superuser.
+//   order of the sides rotates from round to round, so noise on the machine
+//   falls on each alike. "ours" runs as service_role, like the API; "plain"
+//   runs as the postgres superuser. The target is judged on the call the
+//   spec shows (`select public.append_event(...)`, the function in the select
+//   list); the same call in the FROM clause, the form PostgREST and the
+//   events function send, is measured beside it and costs a function scan
+//   (a tuplestore for the one row) on top.
 //   Where an append's time goes, in the database alone: microseconds per call
 //   with each call its own statement (parsed and planned, as prepare: false
 //   sends it) and its own transaction, in one backend, commits not flushed:
@@ -40,10 +44,10 @@ await admin`create table if not exists public.bench_plain_events (
 await admin`create index if not exists bench_plain_events_aggregate_idx
               on public.bench_plain_events (aggregate_type, aggregate_id, version)`;
 
-type Append = "ours" | "plain";
+type Append = "ours" | "ours_from" | "plain";
 
 async function appendRate(round: number, kind: Append): Promise<number> {
-  const sqls = await connections(WORKERS, kind === "ours" ? "service_role" : "postgres");
+  const sqls = await connections(WORKERS, kind === "plain" ? "postgres" : "service_role");
   const versions = new Array(WORKERS).fill(0);
   try {
     const seconds = await spread(WORKERS, APPENDS, async (w) => {
@@ -53,6 +57,9 @@ async function appendRate(round: number, kind: Append): Promise<number> {
       if (kind === "plain") {
         await sql`insert into public.bench_plain_events (aggregate_type, aggregate_id, event_type, version, payload)
                   values ('trip', ${id}, 'fare_changed', ${versions[w] + 1}, ${payload})`;
+      } else if (kind === "ours") {
+        await sql`select public.append_event(${id}, 'trip', 'fare_changed', ${payload},
+                    p_expected_version := ${versions[w] === 0 ? -1 : versions[w]})`;
       } else {
         await sql`select 1 from public.append_event(${id}, 'trip', 'fare_changed', ${payload},
                     p_expected_version := ${versions[w] === 0 ? -1 : versions[w]})`;
@@ -79,16 +86,30 @@ async function latencies(read: () => Promise<unknown>): Promise<number[]> {
 console.log(
   `events: ${APPENDS} appends, ${WORKERS} workers, best of ${ROUNDS} rounds; ${READS} reads`,
 );
-const best: Record<Append, number> = { plain: 0, ours: 0 };
-const sides: Append[] = ["plain", "ours"];
+const best: Record<Append, number> = { plain: 0, ours: 0, ours_from: 0 };
+const sides: Append[] = ["plain", "ours", "ours_from"];
 for (let r = 0; r < ROUNDS; r++) {
-  // round r starts with side r (mod 2): every side takes every place in turn
+  // round r starts with side r (mod 3): every side takes every place in turn
   for (let k = 0; k < sides.length; k++) {
     const kind = sides[(r + k) % sides.length];
     best[kind] = Math.max(best[kind], await appendRate(r, kind));
   }
 }
-report("append with expected version", "appends/s", best.ours, "plain insert", best.plain, 0.7);
+report(
+  "append with expected version, as the spec calls it",
+  "appends/s",
+  best.ours,
+  "plain insert",
+  best.plain,
+  0.7,
+);
+report(
+  "append with expected version, called in FROM (PostgREST's form)",
+  "appends/s",
+  best.ours_from,
+  "plain insert",
+  best.plain,
+);
 
 // --- in the database alone --------------------------------------------------
 
@@ -105,14 +126,26 @@ await admin.unsafe(`create or replace function public.bench_append_writes${SIGNA
   declare
     v_row public.event_store;
   begin
-    with stream as (
-      insert into public.event_streams as s (aggregate_type, aggregate_id, version)
-      values (p_aggregate_type, p_aggregate_id, 1)
-      on conflict (aggregate_type, aggregate_id) do update set version = s.version + 1
-      returning s.version)
-    insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
-    select p_aggregate_type, p_aggregate_id, p_event_type, stream.version, p_payload from stream
-    returning * into v_row;
+    -- append_event's two forms: the update for an expected version above 0
+    if p_expected_version > 0 then
+      with stream as (
+        update public.event_streams s set version = s.version + 1
+        where s.aggregate_type = p_aggregate_type and s.aggregate_id = p_aggregate_id
+          and s.version = p_expected_version
+        returning s.version)
+      insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
+      select p_aggregate_type, p_aggregate_id, p_event_type, stream.version, p_payload from stream
+      returning * into v_row;
+    else
+      with stream as (
+        insert into public.event_streams as s (aggregate_type, aggregate_id, version)
+        values (p_aggregate_type, p_aggregate_id, 1)
+        on conflict (aggregate_type, aggregate_id) do update set version = s.version + 1
+        returning s.version)
+      insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
+      select p_aggregate_type, p_aggregate_id, p_event_type, stream.version, p_payload from stream
+      returning * into v_row;
+    end if;
     return v_row;
   end $$`);
 
@@ -144,7 +177,7 @@ async function inDatabase(statement: string, calls = 3000): Promise<number> {
 }
 
 const callOf = (fn: string) =>
-  `select 1 from public.${fn}('db-${fn}-%1$s', 'trip', 'fare_changed', '{"fare": 5000}',
+  `select public.${fn}('db-${fn}-%1$s', 'trip', 'fare_changed', '{"fare": 5000}',
      p_expected_version := %2$s - 1)`;
 const inDb = {
   plain: await inDatabase(`insert into public.bench_plain_events

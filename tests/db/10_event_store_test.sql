@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(44);
+select plan(49);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -34,6 +34,16 @@ select is((public.append_event('trip-new', 'trip', 'trip_started', '{}')).versio
   'without an expected version an append simply takes the next version');
 select is((select count(*)::int from public.event_store where aggregate_id = 'trip-123'), 2,
   'a conflict writes nothing');
+select is(tests.error_details($$select public.append_event('trip-123', 'trip', 'x', '{}',
+                                p_expected_version := 1)$$),
+  '{"error": "version_conflict", "aggregate_type": "trip", "aggregate_id": "trip-123",
+    "expected_version": 1, "current_version": 2}'::jsonb,
+  'a conflict names the version the aggregate is at');
+select is(tests.error_details($$select public.append_event('ghost', 'trip', 'x', '{}',
+                                p_expected_version := 3)$$) -> 'current_version',
+  '0'::jsonb, 'an expected version above 0 on an aggregate without events is a conflict at 0');
+select is((select count(*)::int from public.event_streams where aggregate_id = 'ghost'), 0,
+  'and it leaves no stream behind');
 
 -- bad input is refused and writes nothing
 select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '[1]')$$,
@@ -96,6 +106,8 @@ select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}')$$,
 select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_expected_version := 0)$$,
   'PT404', 'aggregate_not_found',
   'a wrong expected version on another''s aggregate is still 404, never a 409 showing its version');
+select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_expected_version := 2)$$,
+  'PT404', 'aggregate_not_found', 'the right expected version on another''s aggregate is 404 too');
 select throws_ok($$select * from public.read_event_stream()$$, '42501', null,
   'users cannot read the global stream');
 select throws_ok($$insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
@@ -112,6 +124,8 @@ select throws_ok($$select public.append_event('t', 'trip', 'x', '{}')$$, '42501'
 
 select tests.authenticate_as_service_role();
 select is((select count(*)::int from public.event_store), 8, 'service_role sees every event');
+select is((select version from public.event_streams where aggregate_id = 'trip-123'), 2::bigint,
+  'alice''s refused appends left trip-123 at version 2');
 select ok((select user_id from public.append_event('svc-1', 'trip', 'x', '{}',
   p_user_id := (select bob from ids))) = (select bob from ids),
   'service_role may append on a user''s behalf');

@@ -59,3 +59,22 @@ as $$
 $$;
 
 grant execute on all functions in schema tests to anon, authenticated, service_role;
+
+-- The JSON details (HINT) of the domain error `p_sql` raises, with its code
+-- under "error"; null if it raises none. What raised is rolled back.
+create or replace function tests.error_details(p_sql text)
+returns jsonb
+language plpgsql
+as $$
+declare
+  v_code text;
+  v_hint text;
+begin
+  execute p_sql;
+  return null;
+exception when others then
+  get stacked diagnostics v_code = message_text, v_hint = pg_exception_hint;
+  return coalesce(nullif(v_hint, '')::jsonb, '{}'::jsonb) || jsonb_build_object('error', v_code);
+end;
+$$;
+grant execute on function tests.error_details(text) to anon, authenticated, service_role;
