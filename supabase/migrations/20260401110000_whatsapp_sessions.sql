@@ -504,9 +504,10 @@ create unique index whatsapp_message_queue_idempotency_key_idx
   on public.whatsapp_message_queue (idempotency_key) where idempotency_key is not null;
 create unique index whatsapp_message_queue_wamid_idx
   on public.whatsapp_message_queue (wamid) where wamid is not null;
--- claim order
+-- claim order: within a priority, rows not yet due (scheduled for later, or
+-- backing off) sort after the due ones, so a claim does not walk them
 create index whatsapp_message_queue_pending_idx
-  on public.whatsapp_message_queue (priority desc, id) where status = 'pending';
+  on public.whatsapp_message_queue (priority desc, visible_at, id) where status = 'pending';
 -- head of line per recipient
 create index whatsapp_message_queue_recipient_active_idx
   on public.whatsapp_message_queue (recipient_phone, priority desc, id)
@@ -922,8 +923,8 @@ $$;
 -- Under the business number's window lock: recovers expired leases, pauses
 -- while a token problem is unresolved, fails free-form messages whose 24-hour
 -- window is closed, then claims due head-of-line messages (one per recipient,
--- in priority and enqueue order, none whose recipient is paced) for the send
--- slots inside the lookahead. Each message comes with its slot (slot_ms,
+-- none whose recipient is paced; by priority, then the longest due first) for
+-- the send slots inside the lookahead. Each message comes with its slot (slot_ms,
 -- epoch ms). Returns {messages, now_ms, wait_ms, paused, pause_reason,
 -- next_due_ms}.
 -- -----------------------------------------------------------------------------
@@ -939,8 +940,8 @@ create or replace function public.claim_whatsapp_messages(
 language plpgsql
 security definer
 set search_path = ''
--- The claim must walk the pending index in (priority, id) order and stop at
--- the limit, and probe private.whatsapp_pair_pacing by its primary key. When
+-- The claim must walk the pending index in (priority, visible_at, id) order
+-- and stop at the limit, and probe private.whatsapp_pair_pacing by its primary key. When
 -- the statistics are young (a burst right after a quiet period) the planner
 -- otherwise bitmap-scans and sorts the whole backlog, or reads the whole
 -- pacing table once per candidate message (which every send grows): either
@@ -1017,15 +1018,17 @@ begin
   end if;
 
   -- Heads of line: due, first of their recipient (priority, then enqueue
-  -- order), recipient not paced; locked, in claim order. Free-form heads
+  -- order), recipient not paced; locked, in claim order (priority, then the
+  -- longest due first: visible_at is when a message became due, or its
+  -- retry did). Free-form heads
   -- whose recipient's 24-hour window is closed fail instead of being sent.
   -- (Each step below is its own statement driven by these ids through the
   -- primary key: a join here could turn into a scan of the whole table.)
-  select coalesce(array_agg(c.id order by c.priority desc, c.id), '{}'),
-         coalesce(array_agg(c.window_closed order by c.priority desc, c.id), '{}')
+  select coalesce(array_agg(c.id order by c.priority desc, c.visible_at, c.id), '{}'),
+         coalesce(array_agg(c.window_closed order by c.priority desc, c.visible_at, c.id), '{}')
   into v_ids, v_closed
   from (
-    select q.id, q.priority,
+    select q.id, q.priority, q.visible_at,
            q.message_type <> 'template' and not coalesce((
              select s.last_inbound_at > v_now - interval '24 hours'
              from public.whatsapp_sessions s where s.phone_number = q.recipient_phone), false)
@@ -1042,7 +1045,7 @@ begin
         select from private.whatsapp_pair_pacing p
         where p.business_number = p_business_number and p.recipient_phone = q.recipient_phone
           and p.next_allowed_at > v_now)
-    order by q.priority desc, q.id
+    order by q.priority desc, q.visible_at, q.id
     limit v_allowed
     for update of q skip locked
   ) c;
@@ -1107,7 +1110,7 @@ begin
     select extract(epoch from min(greatest(q.visible_at, q.scheduled_at)) - v_now) * 1000
     into v_next_due
     from (select visible_at, scheduled_at from public.whatsapp_message_queue
-          where status = 'pending' order by priority desc, id limit 500) q;
+          where status = 'pending' order by priority desc, visible_at, id limit 500) q;
   end if;
 
   -- Old pacing rows are pruned now and then.

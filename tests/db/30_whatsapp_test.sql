@@ -3,7 +3,7 @@
 -- sessions, secrets, inbound messages, statuses and the queue
 -- (anon, two users matched by their phone claim, a user without one, service_role).
 begin;
-select plan(71);
+select plan(73);
 
 -- the spec's examples, verbatim
 select ok(public.enqueue_whatsapp_message(
@@ -229,6 +229,30 @@ select is((select row((m ->> 'failed')::bigint, (m ->> 'dead_lettered')::bigint)
 select tests.clear_authentication();
 select is((select seq_scan from pg_stat_xact_user_tables where relname = 'whatsapp_message_queue')
           - (select seq_scan from scans), 0::bigint, 'without reading the whole queue');
+
+-- a claim does not walk messages that are not due yet: 20,000 scheduled for
+-- tomorrow, at the same priority as the one due message, enqueued before it
+insert into public.whatsapp_message_queue
+  (recipient_phone, message_type, message_payload, priority, scheduled_at, visible_at)
+select '+25078' || lpad(i::text, 7, '0'), 'template', '{"name": "hello_world", "language": "en"}', 5,
+       now() + interval '1 day', now() + interval '1 day'
+from generate_series(1, 20000) i;
+insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload, priority)
+values ('+250799999999', 'template', '{"name": "hello_world", "language": "en"}', 5);
+discard plans;
+create temp table pages as
+  select pg_stat_get_xact_blocks_fetched('public.whatsapp_message_queue'::regclass) as n;
+grant select on pages to service_role;
+select tests.authenticate_as_service_role();
+select is((select array_agg(m ->> 'recipient_phone' order by m ->> 'recipient_phone')
+           from jsonb_array_elements(public.claim_whatsapp_messages('disp-pages', 'biz-pages',
+                                                                    p_limit := 10) -> 'messages') m),
+  array['+250788000002', '+250799999999'],
+  'a claim hands out the due messages (the one enqueued above, and this one)');
+select tests.clear_authentication();
+select cmp_ok(pg_stat_get_xact_blocks_fetched('public.whatsapp_message_queue'::regclass)
+              - (select n from pages), '<', 40::bigint,
+  'and reads a few of the queue''s pages, not the messages due tomorrow');
 
 select * from finish();
 rollback;
