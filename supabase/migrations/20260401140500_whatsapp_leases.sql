@@ -10,8 +10,8 @@
 -- pair pacing and rate slots); lease expiry and the settlement of retries and
 -- failures use these.
 -- =============================================================================
-select private.install_leases('public.whatsapp_message_queue', 'whatsapp_message_queue', 'text',
-  'true', 'processing');
+select private.install_leases('public.whatsapp_message_queue', 'whatsapp_message_queue',
+  null, false, 'processing');
 
 revoke all on function private.whatsapp_message_queue_lease_claim(text, integer, interval, text)
   from public, anon, authenticated, service_role;

@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(43);
+select plan(47);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -135,6 +135,32 @@ select cmp_ok(pg_stat_get_xact_blocks_fetched('public.background_jobs_claim_idx'
               - (select n from pages), '<', 40::bigint,
   'without reading the jobs due later');
 delete from public.background_jobs where job_type = 'bulk';
+
+-- A claim for some job types does not walk the jobs of others: 20,000 due jobs
+-- of a type no worker handles, ahead of one the worker asks for.
+insert into public.background_jobs (job_type, job_name)
+select 'orphan', 'Orphan' from generate_series(1, 20000);
+select public.schedule_job('wanted', 'Wanted', '{}');
+delete from pages;
+insert into pages select pg_stat_get_xact_blocks_fetched('public.background_jobs_claim_idx'::regclass)
+  + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass);
+select is((select job_name from public.claim_jobs(array['wanted', 'other'], 1)), 'Wanted',
+  'a claim takes the due job of the types it names');
+select cmp_ok(pg_stat_get_xact_blocks_fetched('public.background_jobs_claim_idx'::regclass)
+              + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass)
+              - (select n from pages), '<', 40::bigint,
+  'without reading the jobs of other types');
+-- across types, in claim order: priority, then the longest due
+select public.schedule_job('wanted', 'Urgent', '{}', p_priority := 9);
+select public.schedule_job('other', 'Other', '{}', p_priority := 5);
+select is((select array_agg(job_name::text order by priority desc, visible_at, id)
+           from public.claim_jobs(array['other', 'wanted', 'other'], 5)),
+  array['Urgent', 'Other'], 'several types are claimed together, by priority');
+-- no types: every type, by a walk of the types with pending jobs
+select is((select array_agg(job_type || '/' || job_name)
+           from public.claim_jobs(null, 2)),
+  array['orphan/Orphan', 'orphan/Orphan'], 'no types claims the longest-due jobs of any type');
+delete from public.background_jobs where job_type in ('orphan', 'wanted', 'other');
 
 -- RLS matrix
 create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;
