@@ -33,12 +33,14 @@ registerJobHandler("test_counts", () => {
   return Promise.resolve();
 });
 registerJobHandler("test_waits", () => released.then(() => ({ waited: true })));
-// counts how many times each job ran
+// counts how many times each job ran (two types: claims of a set of types)
 const runs = new Map<string, number>();
-registerJobHandler("test_once", (job) => {
+const countRun = (job: { id: string }) => {
   runs.set(job.id, (runs.get(job.id) ?? 0) + 1);
   return Promise.resolve();
-});
+};
+registerJobHandler("test_once", countRun);
+registerJobHandler("test_once_b", countRun);
 registerJobHandler("test_nul", () => Promise.resolve({ text: "a\u0000b" }));
 registerJobHandler("test_breaks_worker", async () => {
   await db.sql`revoke execute on function public.settle_and_claim_jobs from service_role`;
@@ -213,6 +215,25 @@ dbTest("two concurrent runs of 4 slots each run every job exactly once", async (
   assert.deepEqual([...new Set(runs.values())], [1], "no job ran twice");
   const [left] = await db.sql`select count(*)::int as n from public.background_jobs
                               where job_type = 'test_once' and status <> 'completed'`;
+  assert.equal(left.n, 0);
+});
+
+dbTest("two concurrent runs over two job types run every job exactly once", async () => {
+  runs.clear();
+  await db.sql`select public.schedule_job(case when i % 2 = 0 then 'test_once' else 'test_once_b' end,
+                                          'Once ' || i, jsonb_build_object('i', i), p_priority := i % 3)
+               from generate_series(1, 400) i`;
+  const types = ["test_once", "test_once_b"];
+  const [a, b] = await Promise.all([
+    run({ job_types: types, concurrency: 4 }),
+    run({ job_types: types, concurrency: 4 }),
+  ]);
+  assert.equal(a.body.completed + b.body.completed, 400, JSON.stringify([a.body, b.body]));
+  assert.equal(a.body.lease_lost + b.body.lease_lost, 0);
+  assert.equal(runs.size, 400);
+  assert.deepEqual([...new Set(runs.values())], [1], "no job ran twice");
+  const [left] = await db.sql`select count(*)::int as n from public.background_jobs
+                              where job_type = any(${types}) and status <> 'completed'`;
   assert.equal(left.n, 0);
 });
 
