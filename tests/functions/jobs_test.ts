@@ -220,7 +220,8 @@ dbTest("two concurrent runs of 4 slots each run every job exactly once", async (
 
 dbTest("two concurrent runs over two job types run every job exactly once", async () => {
   runs.clear();
-  await db.sql`select public.schedule_job(case when i % 2 = 0 then 'test_once' else 'test_once_b' end,
+  await db
+    .sql`select public.schedule_job(case when i % 2 = 0 then 'test_once' else 'test_once_b' end,
                                           'Once ' || i, jsonb_build_object('i', i), p_priority := i % 3)
                from generate_series(1, 400) i`;
   const types = ["test_once", "test_once_b"];
