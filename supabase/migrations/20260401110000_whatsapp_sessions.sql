@@ -924,9 +924,9 @@ $$;
 -- while a token problem is unresolved, fails free-form messages whose 24-hour
 -- window is closed, then claims due head-of-line messages (one per recipient,
 -- none whose recipient is paced; by priority, then the longest due first) for
--- the send slots inside the lookahead. Each message comes with its slot (slot_ms,
--- epoch ms). Returns {messages, now_ms, wait_ms, paused, pause_reason,
--- next_due_ms}.
+-- the send slots inside the lookahead. Each message comes with its slot
+-- (slot_ms, epoch ms). Returns {messages, now_ms, wait_ms, paused,
+-- pause_reason, next_due_ms}.
 -- -----------------------------------------------------------------------------
 create or replace function public.claim_whatsapp_messages(
   p_dispatcher_id text,
@@ -941,11 +941,12 @@ language plpgsql
 security definer
 set search_path = ''
 -- The claim must walk the pending index in (priority, visible_at, id) order
--- and stop at the limit, and probe private.whatsapp_pair_pacing by its primary key. When
--- the statistics are young (a burst right after a quiet period) the planner
--- otherwise bitmap-scans and sorts the whole backlog, or reads the whole
--- pacing table once per candidate message (which every send grows): either
--- turns a millisecond claim into over a hundred, leaving send slots unfilled.
+-- and stop at the limit, and probe private.whatsapp_pair_pacing by its primary
+-- key. When the statistics are young (a burst right after a quiet period) the
+-- planner otherwise bitmap-scans and sorts the whole backlog, or reads the
+-- whole pacing table once per candidate message (which every send grows):
+-- either turns a millisecond claim into over a hundred, leaving send slots
+-- unfilled.
 -- Every table the claim reads has the index it needs.
 set enable_bitmapscan = off
 set enable_seqscan = off
@@ -1019,9 +1020,9 @@ begin
 
   -- Heads of line: due, first of their recipient (priority, then enqueue
   -- order), recipient not paced; locked, in claim order (priority, then the
-  -- longest due first: visible_at is when a message became due, or its
-  -- retry did). Free-form heads
-  -- whose recipient's 24-hour window is closed fail instead of being sent.
+  -- longest due first: visible_at is when a message became due, or its retry
+  -- did). Free-form heads whose recipient's 24-hour window is closed fail
+  -- instead of being sent.
   -- (Each step below is its own statement driven by these ids through the
   -- primary key: a join here could turn into a scan of the whole table.)
   select coalesce(array_agg(c.id order by c.priority desc, c.visible_at, c.id), '{}'),
