@@ -603,11 +603,12 @@ declare
   v_lease text := 'p_lease';
   v_result text := '';
   v_lane_type text := case when p_lane_set then 'text[]' else 'text' end;
+  -- Built in two steps: each of these holds a %1$s placeholder, filled in
+  -- afterwards (v_scan: the lane's condition; v_claim: the shared update).
   v_scan text;    -- one lane's due rows in claim order, locked as they are read
   v_merged text;  -- v_scan over each row of `lanes`, merged in claim order
-  v_claim text;   -- the claim's statement(s)
+  v_claim text;   -- the claim's statement(s), each ending in the update
 begin
-  -- %%1$s: the lane's condition
   v_scan := format($sql$
         select t.id, t.priority, t.visible_at from %1$s t
         where t.status = 'pending' and t.visible_at <= now() and %%1$s
