@@ -107,7 +107,8 @@ create index event_store_position_idx
 -- A projection of one aggregate type or one event type reads the stream
 -- through these; by position alone, a rare type is found only by walking
 -- every event before it. An append only opens them (about 1 us each): an
--- event has no position until it is sequenced.
+-- event has no position until it is sequenced, and sequencing pays for them
+-- (27 us an event instead of 21).
 create index event_store_aggregate_type_position_idx
   on public.event_store (aggregate_type, position) where position is not null;
 create index event_store_event_type_position_idx
