@@ -126,26 +126,14 @@ await admin.unsafe(`create or replace function public.bench_append_writes${SIGNA
   declare
     v_row public.event_store;
   begin
-    -- append_event's two forms: the update for an expected version above 0
-    if p_expected_version > 0 then
-      with stream as (
-        update public.event_streams s set version = s.version + 1
-        where s.aggregate_type = p_aggregate_type and s.aggregate_id = p_aggregate_id
-          and s.version = p_expected_version
-        returning s.version)
-      insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
-      select p_aggregate_type, p_aggregate_id, p_event_type, stream.version, p_payload from stream
-      returning * into v_row;
-    else
-      with stream as (
-        insert into public.event_streams as s (aggregate_type, aggregate_id, version)
-        values (p_aggregate_type, p_aggregate_id, 1)
-        on conflict (aggregate_type, aggregate_id) do update set version = s.version + 1
-        returning s.version)
-      insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
-      select p_aggregate_type, p_aggregate_id, p_event_type, stream.version, p_payload from stream
-      returning * into v_row;
-    end if;
+    with stream as (
+      insert into public.event_streams as s (aggregate_type, aggregate_id, version)
+      values (p_aggregate_type, p_aggregate_id, 1)
+      on conflict (aggregate_type, aggregate_id) do update set version = s.version + 1
+      returning s.version)
+    insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
+    select p_aggregate_type, p_aggregate_id, p_event_type, stream.version, p_payload from stream
+    returning * into v_row;
     return v_row;
   end $$`);
 
