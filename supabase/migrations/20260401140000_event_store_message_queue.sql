@@ -1410,8 +1410,8 @@ end;
 $$;
 
 -- Claims due jobs (of the given types, or any), highest priority first, then
--- the longest due; each is leased for its own timeout_seconds. Timed-out jobs are swept
--- first, so a crashed worker's jobs are retried or closed.
+-- the longest due; each is leased for its own timeout_seconds. Timed-out jobs
+-- are swept first, so a crashed worker's jobs are retried or closed.
 create or replace function public.claim_jobs(
   p_job_types text[] default null,
   p_limit integer default 10,
