@@ -539,13 +539,17 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- Each lane locks up to the limit, so rows another lane outranks stay locked,
 -- unclaimed, until the claim commits. No lane column: one queue.
 --
--- Compared with pgmq (send, send_batch, read with vt and qty, set_vt, delete,
--- archive, purge_queue, metrics): claim = read (plus priority, per-message
--- attempt limits and dead letters, which pgmq leaves to the caller), ack =
--- archive (the row stays, status completed, until purged), nack = explicit
--- retry with backoff (pgmq: wait for vt), extend = set_vt, lease expiry makes
--- a message visible again exactly like vt does, and only the lease holder can
--- ack or nack (pgmq deletes by id, whoever asks).
+-- Compared with pgmq (send, send_batch, read with vt and qty, read_with_poll,
+-- pop, set_vt, archive, delete, purge_queue, metrics, metrics_all,
+-- list_queues): claim = read (plus priority, per-message attempt limits and
+-- dead letters, which pgmq leaves to the caller), the HTTP claim's
+-- wait_seconds = read_with_poll, pop = pop, ack = archive by the lease holder
+-- (the row stays, status completed, until purged), nack = explicit retry with
+-- backoff (pgmq: wait for vt), extend = set_vt (for the lease holder only),
+-- lease expiry makes a message visible again exactly like vt does;
+-- archive_messages and delete_messages act by id whoever holds the message,
+-- as pgmq's do; list_queues = metrics_all. Queues need no create or drop:
+-- a name is a queue.
 -- -----------------------------------------------------------------------------
 create or replace function private.backoff_delay(
   p_attempt integer,
@@ -1204,8 +1208,7 @@ $$;
 -- Per-queue metrics: depth (visible now), delayed, in flight, dead, completed
 -- (not yet purged), total, and the ages of the oldest and newest waiting
 -- message (pgmq's queue_length / oldest / newest age, split by state).
-create or replace function public.queue_metrics(p_queue_name text)
-returns table (
+create type public.queue_stats as (
   queue_name text,
   depth bigint,
   delayed bigint,
@@ -1216,7 +1219,10 @@ returns table (
   oldest_age_seconds double precision,
   newest_age_seconds double precision,
   scrape_time timestamptz
-)
+);
+
+create or replace function public.queue_metrics(p_queue_name text)
+returns setof public.queue_stats
 language plpgsql
 stable
 security definer
@@ -1239,6 +1245,190 @@ begin
          now()
   from public.message_queue q
   where q.queue_name = p_queue_name and private.message_in_any_status(q.status);
+end;
+$$;
+
+-- -----------------------------------------------------------------------------
+-- The rest of pgmq's operations: pop, archive and delete by id, every queue's
+-- metrics
+--
+-- pgmq's read_with_poll is the HTTP claim's wait_seconds, a loop of claims
+-- with a pause between them: a poll inside one SQL call would never see a
+-- message sent after the call began, since now() stands still for the whole
+-- transaction and a claim compares visible_at with it.
+-- -----------------------------------------------------------------------------
+
+-- Claims and acks in one step (pgmq's pop): delivery at most once, for
+-- messages a consumer may lose. Each pop is an attempt, as a claim is.
+create or replace function public.pop_messages(
+  p_queue_name text,
+  p_limit integer default 1
+) returns setof public.message_queue
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_ids bigint[];
+  v_tokens uuid[];
+begin
+  select array_agg(c.id), array_agg(c.lease_token) into v_ids, v_tokens
+  from public.claim_messages(p_queue_name, p_limit, 30, 'pop') c;
+  return query
+  select s.* from private.settle_messages(p_queue_name, coalesce(v_ids, '{}'),
+    coalesce(v_tokens, '{}'), 'done') s
+  order by s.priority desc, s.id;
+end;
+$$;
+
+-- 400 unless p_ids is an array of 1 to 1000 ids.
+create or replace function private.check_message_ids(p_ids bigint[]) returns void
+language plpgsql
+immutable
+set search_path = ''
+as $$
+begin
+  if coalesce(cardinality(p_ids), 0) not between 1 and 1000 or array_position(p_ids, null) is not null
+  then
+    perform private.raise_error(400, 'invalid_message_ids',
+      'message_ids must be an array of 1 to 1000 ids');
+  end if;
+end;
+$$;
+
+-- Archives messages whoever holds them (pgmq's archive), an operator's way to
+-- skip a message: a pending or in-flight message becomes completed, and the
+-- holder of its lease then gets 409 lease_lost on ack or nack. Returns the
+-- messages archived; ids not in the queue, completed or dead are left out.
+-- A claim in progress is waited for, then its message archived all the same.
+create or replace function public.archive_messages(
+  p_queue_name text,
+  p_message_ids bigint[]
+) returns setof public.message_queue
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  perform private.check_queue_name(p_queue_name);
+  perform private.check_message_ids(p_message_ids);
+  return query
+  update public.message_queue q
+     set status = 'completed',
+         finished_at = now(),
+         lease_token = null,
+         locked_by = null,
+         updated_at = now()
+   where q.id = any (p_message_ids) and q.queue_name = p_queue_name
+     and q.status in ('pending', 'processing')
+  returning q.*;
+end;
+$$;
+
+-- One archived message, or why not: 404 message_not_found, 409
+-- message_finished (already completed or dead).
+create or replace function public.archive_message(p_queue_name text, p_message_id bigint)
+returns public.message_queue
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_row public.message_queue;
+begin
+  select * into v_row from public.archive_messages(p_queue_name, array[p_message_id]);
+  if v_row.id is null then
+    select * into v_row from public.message_queue q
+    where q.id = p_message_id and q.queue_name = p_queue_name;
+    if v_row.id is null then
+      perform private.raise_error(404, 'message_not_found', 'no such message in this queue');
+    end if;
+    perform private.raise_error(409, 'message_finished',
+      format('message %s is %s already', p_message_id, v_row.status));
+  end if;
+  return v_row;
+end;
+$$;
+
+-- Deletes messages in any state (pgmq's delete), an operator's way to remove
+-- one for good; a lease holder's ack or nack is then 404. Returns the ids
+-- deleted; ids not in the queue are left out.
+create or replace function public.delete_messages(
+  p_queue_name text,
+  p_message_ids bigint[]
+) returns setof bigint
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  perform private.check_queue_name(p_queue_name);
+  perform private.check_message_ids(p_message_ids);
+  return query
+  delete from public.message_queue q
+  where q.id = any (p_message_ids) and q.queue_name = p_queue_name
+  returning q.id;
+end;
+$$;
+
+-- One deleted message's id, or 404 message_not_found.
+create or replace function public.delete_message(p_queue_name text, p_message_id bigint)
+returns bigint
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_id bigint;
+begin
+  select d into v_id from public.delete_messages(p_queue_name, array[p_message_id]) d;
+  if v_id is null then
+    perform private.raise_error(404, 'message_not_found', 'no such message in this queue');
+  end if;
+  return v_id;
+end;
+$$;
+
+-- Every queue's metrics, by name (pgmq's list_queues and metrics_all). A
+-- queue is named by its messages: once all are purged or deleted it is gone.
+-- The names come one index probe per queue from the pending and the finished
+-- index (a loose index scan), and from the in-flight rows, few by nature.
+create or replace function public.list_queues()
+returns setof public.queue_stats
+language plpgsql
+stable
+security definer
+set search_path = ''
+as $$
+begin
+  return query
+  with recursive pending(name) as (
+    (select q.queue_name::text from public.message_queue q
+     where q.status = 'pending' order by q.queue_name limit 1)
+    union all
+    select (select q.queue_name::text from public.message_queue q
+            where q.status = 'pending' and q.queue_name > p.name
+            order by q.queue_name limit 1)
+    from pending p where p.name is not null
+  ),
+  finished(name) as (
+    (select q.queue_name::text from public.message_queue q
+     where q.status in ('completed', 'dead') order by q.queue_name limit 1)
+    union all
+    select (select q.queue_name::text from public.message_queue q
+            where q.status in ('completed', 'dead') and q.queue_name > f.name
+            order by q.queue_name limit 1)
+    from finished f where f.name is not null
+  ),
+  names(name) as (
+    select p.name from pending p where p.name is not null
+    union
+    select f.name from finished f where f.name is not null
+    union
+    select q.queue_name from public.message_queue q where q.status = 'processing'
+  )
+  select m.* from names n cross join lateral public.queue_metrics(n.name) m
+  order by m.queue_name;
 end;
 $$;
 
@@ -1267,6 +1457,18 @@ grant execute on function public.extend_message_lease(text, bigint, uuid, double
   to service_role;
 grant execute on function public.purge_queue(text, text) to service_role;
 grant execute on function public.queue_metrics(text) to service_role;
+revoke all on function public.pop_messages(text, integer) from public, anon, authenticated;
+revoke all on function public.archive_messages(text, bigint[]) from public, anon, authenticated;
+revoke all on function public.archive_message(text, bigint) from public, anon, authenticated;
+revoke all on function public.delete_messages(text, bigint[]) from public, anon, authenticated;
+revoke all on function public.delete_message(text, bigint) from public, anon, authenticated;
+revoke all on function public.list_queues() from public, anon, authenticated;
+grant execute on function public.pop_messages(text, integer) to service_role;
+grant execute on function public.archive_messages(text, bigint[]) to service_role;
+grant execute on function public.archive_message(text, bigint) to service_role;
+grant execute on function public.delete_messages(text, bigint[]) to service_role;
+grant execute on function public.delete_message(text, bigint) to service_role;
+grant execute on function public.list_queues() to service_role;
 
 -- -----------------------------------------------------------------------------
 -- background_jobs

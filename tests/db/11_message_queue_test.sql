@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(43);
+select plan(62);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -122,6 +122,65 @@ select cmp_ok(pg_stat_get_xact_blocks_fetched('public.message_queue_idempotency_
   'keyed sends read a few pages');
 delete from public.message_queue where queue_name = 'bulk';
 
+-- pgmq's other operations: pop, archive and delete by id, every queue's metrics
+select public.send_messages('ops', '[{"payload": {"n": 1}}, {"payload": {"n": 2}, "priority": 9},
+  {"payload": {"n": 3}, "delay_seconds": 3600}]');
+create temp table p1 as select * from public.pop_messages('ops', 5);
+select is((select array_agg(payload ->> 'n' order by priority desc, id) from p1), array['2', '1'],
+  'pop takes the visible messages in claim order');
+select ok((select bool_and(status = 'completed' and attempts = 1 and lease_token is null
+                           and finished_at is not null) from p1),
+  'popped messages are completed at once, one attempt each');
+select is((select count(*)::int from public.pop_messages('ops')), 0, 'a delayed message is not popped');
+select throws_ok($$select public.pop_messages('ops', 0)$$, 'PT400', 'invalid_limit',
+  'pop checks its limit');
+
+create temp table o as
+  select * from public.send_messages('ops', '[{"payload": {"n": 4}}, {"payload": {"n": 5}}]');
+create temp table oc as select * from public.claim_messages('ops', 1, 30);
+select is((select array_agg(payload ->> 'n' order by id) from public.archive_messages('ops',
+    array[(select id from oc), (select id from o where payload ->> 'n' = '5'),
+          (select min(id) from p1), -1])),
+  array['4', '5'],
+  'archive takes pending and in-flight messages by id, and leaves out finished and unknown ones');
+select throws_ok(format($$select public.ack_message('ops', %s, %L)$$, (select id from oc),
+  (select lease_token from oc)), 'PT409', 'lease_lost',
+  'the lease holder of an archived message cannot ack it');
+select throws_ok(format($$select public.archive_message('ops', %s)$$, (select id from oc)),
+  'PT409', 'message_finished', 'a completed message is not archived again');
+select throws_ok(format($$select public.archive_message('emails', %s)$$,
+  (select id from o where payload ->> 'n' = '5')), 'PT404', 'message_not_found',
+  'archive acts in its own queue only');
+select throws_ok($$select public.archive_messages('ops', '{}')$$, 'PT400', 'invalid_message_ids',
+  'an empty id list is refused');
+select throws_ok($$select public.archive_messages('ops', array[1, null])$$, 'PT400',
+  'invalid_message_ids', 'a null id is refused');
+select throws_ok(format($$select public.delete_messages('ops', %L)$$,
+  (select array_agg(g) from generate_series(1, 1001) g)), 'PT400', 'invalid_message_ids',
+  'at most 1000 ids at once');
+
+select public.send_message('ops', '{"n": 6}');
+create temp table dc as select * from public.claim_messages('ops', 1, 30);
+select is(public.delete_message('ops', (select id from dc)), (select id from dc),
+  'delete removes a message in flight');
+select throws_ok(format($$select public.ack_message('ops', %s, %L)$$, (select id from dc),
+  (select lease_token from dc)), 'PT404', 'message_not_found',
+  'the lease holder of a deleted message gets 404');
+select throws_ok(format($$select public.delete_message('ops', %s)$$, (select id from dc)),
+  'PT404', 'message_not_found', 'a message is deleted once');
+select is((select count(*)::int from public.delete_messages('emails',
+    array(select id from public.message_queue where queue_name = 'ops'))), 0,
+  'delete acts in its own queue only');
+select is((select count(*)::int from public.delete_messages('ops',
+    array(select id from public.message_queue where queue_name = 'ops' and status = 'completed'))),
+  4, 'delete takes finished messages too');
+
+-- leases: one message in flight only; ops: one delayed; retries: one dead
+select is((select array_agg(row(queue_name, delayed, in_flight, dead, total)::text order by queue_name)
+           from public.list_queues()),
+  array['(leases,0,1,0,1)', '(ops,1,0,0,1)', '(retries,0,0,1,1)'],
+  'list_queues gives every queue''s metrics, whatever state its messages are in');
+
 -- RLS matrix
 create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;
 grant select on ids to authenticated, anon, service_role;
@@ -131,6 +190,8 @@ select is((public.send_message('uploads', '{"f": 1}', p_idempotency_key := 'same
   (select alice from ids), 'a user''s message carries their id');
 select is((select count(*)::int from public.message_queue), 1, 'alice sees only her own messages');
 select throws_ok($$select public.claim_messages('uploads')$$, '42501', null, 'users cannot claim');
+select throws_ok($$select public.pop_messages('uploads')$$, '42501', null, 'users cannot pop');
+select throws_ok($$select public.list_queues()$$, '42501', null, 'users cannot list the queues');
 
 select tests.authenticate_as((select bob from ids));
 select is((public.send_message('uploads', '{"f": 2}', p_idempotency_key := 'same')).user_id,

@@ -332,3 +332,143 @@ dbTest("users send as themselves and cannot consume; anon can do nothing", async
   expectError(await call(app, "POST", "/queues/uploads/claim", { token: anon, body: {} }), 401);
   expectError(await call(app, "GET", "/queues/uploads/metrics", { token: anon }), 401);
 });
+
+dbTest("a claim with wait_seconds waits for a message sent meanwhile", async () => {
+  const token = await serviceToken();
+  const started = performance.now();
+  const waiting = call(app, "POST", "/queues/long-poll/claim", {
+    token,
+    body: { wait_seconds: 5, poll_interval_ms: 50 },
+  });
+  await sleep(400);
+  await call(app, "POST", "/queues/long-poll/messages", { token, body: { payload: { late: 1 } } });
+  const claimed = await waiting;
+  const elapsed = performance.now() - started;
+  assert.equal(claimed.status, 200, JSON.stringify(claimed.body));
+  assert.deepEqual(claimed.body.messages.map((m: { payload: unknown }) => m.payload), [{
+    late: 1,
+  }]);
+  assert.equal(claimed.body.messages[0].status, "processing");
+  assert.ok(elapsed >= 400 && elapsed < 3000, `answered after ${Math.round(elapsed)} ms`);
+
+  const emptyStart = performance.now();
+  const empty = await call(app, "POST", "/queues/long-poll/claim", {
+    token,
+    body: { wait_seconds: 0.6, poll_interval_ms: 100 },
+  });
+  const waited = performance.now() - emptyStart;
+  assert.deepEqual(empty.body, { messages: [] });
+  assert.ok(waited >= 550 && waited < 2000, `an empty long poll took ${Math.round(waited)} ms`);
+
+  for (const body of [{ wait_seconds: 21 }, { wait_seconds: -1 }, { poll_interval_ms: 10 }]) {
+    expectError(
+      await call(app, "POST", "/queues/long-poll/claim", { token, body }),
+      400,
+      "invalid_request",
+    );
+  }
+});
+
+dbTest("a long poll whose client has gone leases nothing", async () => {
+  const token = await serviceToken();
+  const gone = new AbortController();
+  const waiting = Promise.resolve(app.request("/queues/abandoned/claim", {
+    method: "POST",
+    headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
+    body: JSON.stringify({ wait_seconds: 2, poll_interval_ms: 300 }),
+    signal: gone.signal,
+  }));
+  await sleep(100);
+  gone.abort();
+  await call(app, "POST", "/queues/abandoned/messages", { token, body: { payload: {} } });
+  await waiting.catch(() => undefined);
+  await sleep(500);
+  const [row] = await db.sql`select status, attempts from public.message_queue
+                             where queue_name = 'abandoned'`;
+  assert.deepEqual({ ...row }, { status: "pending", attempts: 0 });
+});
+
+dbTest("pop, archive and delete over HTTP, and every queue's metrics", async () => {
+  const token = await serviceToken();
+  const sent = await call(app, "POST", "/queues/ops/messages", {
+    token,
+    body: {
+      messages: [
+        { payload: { n: 1 } },
+        { payload: { n: 2 }, priority: 7 },
+        { payload: { n: 3 }, delay_seconds: 3600 },
+        { payload: { n: 4 } },
+      ],
+    },
+  });
+  assert.equal(sent.status, 201);
+  const [, , delayed, fourth] = sent.body.messages;
+
+  const popped = await call(app, "POST", "/queues/ops/pop", { token, body: { limit: 2 } });
+  assert.equal(popped.status, 200, JSON.stringify(popped.body));
+  assert.deepEqual(
+    popped.body.messages.map((m: { payload: unknown; status: string }) => [m.payload, m.status]),
+    [[{ n: 2 }, "completed"], [{ n: 1 }, "completed"]],
+  );
+
+  const archived = await call(app, "POST", `/queues/ops/messages/${delayed.id}/archive`, { token });
+  assert.equal(archived.status, 200, JSON.stringify(archived.body));
+  assert.equal(archived.body.message.status, "completed");
+  expectError(
+    await call(app, "POST", `/queues/ops/messages/${delayed.id}/archive`, { token }),
+    409,
+    "message_finished",
+  );
+  expectError(
+    await call(app, "POST", `/queues/other/messages/${fourth.id}/archive`, { token }),
+    404,
+    "message_not_found",
+  );
+  expectError(
+    await call(app, "POST", "/queues/ops/messages/abc/archive", { token }),
+    400,
+    "invalid_request",
+  );
+
+  expectError(
+    await call(app, "DELETE", `/queues/other/messages/${fourth.id}`, { token }),
+    404,
+    "message_not_found",
+  );
+  const deleted = await call(app, "DELETE", `/queues/ops/messages/${fourth.id}`, { token });
+  assert.deepEqual(deleted.body, { id: fourth.id });
+  expectError(
+    await call(app, "DELETE", `/queues/ops/messages/${fourth.id}`, { token }),
+    404,
+    "message_not_found",
+  );
+
+  const all = await call(app, "GET", "/queues", { token });
+  assert.equal(all.status, 200);
+  const ops = all.body.queues.find((q: { queue_name: string }) => q.queue_name === "ops");
+  assert.deepEqual(
+    [ops.depth, ops.delayed, ops.in_flight, ops.dead, ops.completed, ops.total],
+    [0, 0, 0, 0, 3, 3],
+  );
+  const names = all.body.queues.map((q: { queue_name: string }) => q.queue_name);
+  assert.deepEqual(names, [...names].sort(), "by name");
+
+  // only the service role operates on messages by id or lists the queues
+  const user = await userToken(await createUser(db));
+  const anon = await anonToken();
+  const before = await db.sql`select id, status from public.message_queue order by id`;
+  for (const who of [user, anon]) {
+    const status = who === user ? 403 : 401;
+    expectError(await call(app, "POST", "/queues/ops/pop", { token: who, body: {} }), status);
+    expectError(
+      await call(app, "POST", `/queues/ops/messages/${delayed.id}/archive`, { token: who }),
+      status,
+    );
+    expectError(
+      await call(app, "DELETE", `/queues/ops/messages/${delayed.id}`, { token: who }),
+      status,
+    );
+    expectError(await call(app, "GET", "/queues", { token: who }), status);
+  }
+  assert.deepEqual(await db.sql`select id, status from public.message_queue order by id`, before);
+});

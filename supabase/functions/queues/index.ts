@@ -3,14 +3,21 @@
 //   POST /queues/:queue/messages              send one message or {"messages": [...]}
 //                                             (user or service role; a user's messages carry
 //                                             their user id and their idempotency keys)
-//   POST /queues/:queue/claim                 claim a batch with a visibility timeout (service role)
+//   POST /queues/:queue/claim                 claim a batch with a visibility timeout, waiting
+//                                             up to wait_seconds for one (service role)
+//   POST /queues/:queue/pop                   claim and ack at once: at most once (service role)
 //   POST /queues/:queue/messages/:id/ack      done (service role, lease holder)
 //   POST /queues/:queue/messages/:id/nack     give back: retry with backoff or dead letter
 //                                             (service role, lease holder)
+//   POST /queues/:queue/messages/:id/archive  complete a pending or in-flight message, whoever
+//                                             holds it (service role)
+//   DELETE /queues/:queue/messages/:id        delete a message in any state (service role)
 //   GET  /queues/:queue/metrics               depth, in flight, dead, oldest age (service role)
+//   GET  /queues                              every queue's metrics (service role)
 //
-// Consumers are backends: claiming, settling and metrics are for the service
-// role only. Users may only send, and never see other senders' messages.
+// Consumers are backends: claiming, settling, operating on messages by id and
+// metrics are for the service role only. Users may only send, and never see
+// other senders' messages.
 import { z } from "zod";
 import { bigintId, jsonObject, text } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
@@ -42,11 +49,17 @@ const sendBody = z.union([
   z.object({ messages: z.array(message).min(1).max(1000) }).strict(),
 ]);
 
+// wait_seconds: pgmq's read_with_poll. Up to 20 s, as SQS's long poll, well
+// inside the edge function's wall clock.
 const claimBody = z.object({
   limit: z.number().int().min(1).max(1000).default(10),
   visibility_timeout_seconds: z.number().min(0.1).max(43200).default(30),
   consumer: text(128).optional(),
+  wait_seconds: z.number().min(0).max(20).default(0),
+  poll_interval_ms: z.number().int().min(50).max(5000).default(250),
 }).strict();
+
+const popBody = z.object({ limit: z.number().int().min(1).max(1000).default(1) }).strict();
 
 // ack takes the lease token only; nack may add an error and a delay.
 const settleBody = z.object({
@@ -81,15 +94,38 @@ app.post("/:queue/messages", async (c) => {
   );
 });
 
+// A long poll claims, and while it finds nothing and time is left, pauses and
+// claims again: each claim is its own transaction (one inside a single SQL
+// call would never see later messages: now() stands still in a transaction),
+// and no connection is held during the pauses. It stops claiming once the
+// client has gone, so no message is leased to nobody.
 app.post("/:queue/claim", async (c) => {
   const who = requireService(c);
   const { queue } = pathParams(c, z.object({ queue: queueName }));
-  const body = await jsonBody(c, claimBody.default({ limit: 10, visibility_timeout_seconds: 30 }));
-  const rows = await rpc(who, c.get("correlationId"), "public.claim_messages", {
+  const body = await jsonBody(c, claimBody.default(claimBody.parse({})));
+  const deadline = Date.now() + body.wait_seconds * 1000;
+  const gone = c.req.raw.signal;
+  for (;;) {
+    const rows = await rpc(who, c.get("correlationId"), "public.claim_messages", {
+      queue_name: queue,
+      limit: body.limit,
+      visibility_timeout_seconds: body.visibility_timeout_seconds,
+      consumer: body.consumer,
+    });
+    const left = deadline - Date.now();
+    if (rows.length > 0 || left <= 0) return c.json({ messages: rows.map(toMessage) });
+    await new Promise((resolve) => setTimeout(resolve, Math.min(body.poll_interval_ms, left)));
+    if (gone.aborted) return c.json({ messages: [] });
+  }
+});
+
+app.post("/:queue/pop", async (c) => {
+  const who = requireService(c);
+  const { queue } = pathParams(c, z.object({ queue: queueName }));
+  const body = await jsonBody(c, popBody.default({ limit: 1 }));
+  const rows = await rpc(who, c.get("correlationId"), "public.pop_messages", {
     queue_name: queue,
     limit: body.limit,
-    visibility_timeout_seconds: body.visibility_timeout_seconds,
-    consumer: body.consumer,
   });
   return c.json({ messages: rows.map(toMessage) });
 });
@@ -113,19 +149,50 @@ app.post("/:queue/messages/:id/:action{ack|nack}", async (c) => {
   return c.json({ message: toMessage(row) });
 });
 
+const messageRoute = z.object({ queue: queueName, id: bigintId });
+
+app.post("/:queue/messages/:id/archive", async (c) => {
+  const who = requireService(c);
+  const { queue, id } = pathParams(c, messageRoute);
+  const [row] = await rpc(who, c.get("correlationId"), "public.archive_message", {
+    queue_name: queue,
+    message_id: id,
+  });
+  return c.json({ message: toMessage(row) });
+});
+
+app.delete("/:queue/messages/:id", async (c) => {
+  const who = requireService(c);
+  const { queue, id } = pathParams(c, messageRoute);
+  const [row] = await rpc(who, c.get("correlationId"), "public.delete_message", {
+    queue_name: queue,
+    message_id: id,
+  });
+  return c.json({ id: String(row.delete_message) });
+});
+
+// counts come as bigint text; a queue's counts fit a JSON number
+const toStats = (m: Row) => ({
+  ...m,
+  depth: Number(m.depth),
+  delayed: Number(m.delayed),
+  in_flight: Number(m.in_flight),
+  dead: Number(m.dead),
+  completed: Number(m.completed),
+  total: Number(m.total),
+});
+
 app.get("/:queue/metrics", async (c) => {
   const who = requireService(c);
   const { queue } = pathParams(c, z.object({ queue: queueName }));
   const [m] = await rpc(who, c.get("correlationId"), "public.queue_metrics", { queue_name: queue });
-  return c.json({
-    ...m,
-    depth: Number(m.depth),
-    delayed: Number(m.delayed),
-    in_flight: Number(m.in_flight),
-    dead: Number(m.dead),
-    completed: Number(m.completed),
-    total: Number(m.total),
-  });
+  return c.json(toStats(m));
+});
+
+app.get("/", async (c) => {
+  const who = requireService(c);
+  const rows = await rpc(who, c.get("correlationId"), "public.list_queues");
+  return c.json({ queues: rows.map(toStats) });
 });
 
 if (import.meta.main) Deno.serve(app.fetch);
