@@ -548,8 +548,9 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- backoff (pgmq: wait for vt), extend = set_vt (for the lease holder only),
 -- lease expiry makes a message visible again exactly like vt does;
 -- archive_messages and delete_messages act by id whoever holds the message,
--- as pgmq's do; list_queues = metrics_all. Queues need no create or drop:
--- a name is a queue.
+-- as pgmq's do; list_queues = metrics_all; group_key = pgmq's FIFO groups
+-- (x-pgmq-group, see "FIFO groups" below). Queues need no create or drop: a
+-- name is a queue.
 -- -----------------------------------------------------------------------------
 create or replace function private.backoff_delay(
   p_attempt integer,
@@ -773,19 +774,22 @@ as $$
   select char_length(p_name) <= 63 and p_name ~ '^[a-z][a-z0-9_-]*$'
 $$;
 create domain private.queue_name as text check (private.is_queue_name(value));
+-- blocked: waiting behind an earlier message of its group (see "FIFO groups")
 create domain private.queue_status as text
-  check (value in ('pending', 'processing', 'completed', 'dead'));
+  check (value in ('pending', 'processing', 'completed', 'dead', 'blocked'));
+create domain private.group_key as text check (char_length(value) between 1 and 128);
 create domain private.message_max_attempts as integer check (value between 1 and 100);
 -- Every message is in one of these states. Saying so in a query lets the
 -- planner read one queue's messages through the partial indexes below (claim,
--- lease, finished); there is no index on queue_name alone, so without it a
--- queue's metrics or purge scanned every queue's messages. Plain SQL, inlined.
+-- lease, finished, blocked); there is no index on queue_name alone, so without
+-- it a queue's metrics or purge scanned every queue's messages. Plain SQL,
+-- inlined.
 create or replace function private.message_in_any_status(p_status text) returns boolean
 language sql
 immutable
 as $$
   select p_status = 'pending' or p_status = 'processing' or p_status = 'completed'
-    or p_status = 'dead'
+    or p_status = 'dead' or p_status = 'blocked'
 $$;
 
 create table public.message_queue (
@@ -807,7 +811,8 @@ create table public.message_queue (
   user_id uuid,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
-  finished_at timestamptz
+  finished_at timestamptz,
+  group_key private.group_key
 );
 
 -- The key before the sender: lookups match the sender with IS NOT DISTINCT
@@ -831,6 +836,13 @@ create index message_queue_lease_idx
 create index message_queue_finished_idx
   on public.message_queue (queue_name, status) where status in ('completed', 'dead');
 create index message_queue_user_idx on public.message_queue (user_id) where user_id is not null;
+-- FIFO groups: a group's head (its one pending or in-flight message), and its
+-- blocked messages in send order. Messages without a group are in neither.
+create index message_queue_group_head_idx
+  on public.message_queue (queue_name, group_key)
+  where group_key is not null and status in ('pending', 'processing');
+create index message_queue_blocked_idx
+  on public.message_queue (queue_name, group_key, id) where status = 'blocked';
 
 alter table public.message_queue enable row level security;
 -- Read-only for the API roles, the service role included: its functions
@@ -861,9 +873,91 @@ begin
 end;
 $$;
 
+-- -----------------------------------------------------------------------------
+-- FIFO groups (pgmq's x-pgmq-group, SQS's message group id)
+--
+-- Messages sent to a queue with the same group_key are delivered one at a
+-- time, in send order: a group has at most one head, pending or in flight,
+-- and its other messages wait as blocked, outside the claim index, so however
+-- long a group grows no claim walks it. A nacked head holds its group through
+-- the backoff; once the head is finished (acked, dead-lettered, archived,
+-- deleted or purged) the group's next blocked message becomes pending.
+--
+-- Whatever adds a blocked message or finishes a head then calls
+-- promote_message_groups. It takes each group's advisory lock (in key order,
+-- so two callers never deadlock) and only then looks, in a statement of its
+-- own: of a send and a settlement racing in one group, the one that takes the
+-- lock second sees what the first committed, so no group is left without a
+-- head. Concurrent sends to one group are ordered by who takes the lock first.
+-- -----------------------------------------------------------------------------
+create or replace function private.promote_message_groups(p_queue_name text, p_groups text[])
+returns void
+language plpgsql
+set search_path = ''
+set enable_hashjoin = off
+set enable_mergejoin = off
+as $$
+begin
+  perform pg_catalog.pg_advisory_xact_lock(
+    pg_catalog.hashtextextended('message_queue/' || p_queue_name || '/' || g.key, 0))
+  from (select distinct u.key from unnest(p_groups) u(key) where u.key is not null order by 1) g;
+
+  update public.message_queue t
+     set status = 'pending',
+         updated_at = now()
+    from (select distinct u.key from unnest(p_groups) u(key) where u.key is not null) g
+   cross join lateral (
+     select b.id from public.message_queue b
+     where b.queue_name = p_queue_name and b.group_key = g.key and b.status = 'blocked'
+     order by b.id
+     limit 1
+   ) next
+   where t.id = next.id
+     and not exists (
+       select from public.message_queue h
+       where h.queue_name = p_queue_name and h.group_key = g.key
+         and h.status in ('pending', 'processing'));
+end;
+$$;
+
+-- Promotes every group left without a head by a lease that expired into a
+-- dead letter (the expiry is shared by all queues and knows nothing of
+-- groups). The groups with blocked messages are found one index probe each.
+create or replace function private.promote_stuck_message_groups() returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_queue record;
+begin
+  for v_queue in
+    with recursive blocked(queue_name, group_key) as (
+      (select b.queue_name::text, b.group_key::text from public.message_queue b
+       where b.status = 'blocked' order by b.queue_name, b.group_key limit 1)
+      union all
+      select n.queue_name, n.group_key from blocked l
+      cross join lateral (
+        select b.queue_name::text, b.group_key::text from public.message_queue b
+        where b.status = 'blocked' and (b.queue_name, b.group_key) > (l.queue_name, l.group_key)
+        order by b.queue_name, b.group_key
+        limit 1
+      ) n
+    )
+    select l.queue_name, array_agg(l.group_key) as groups from blocked l
+    where not exists (
+      select from public.message_queue h
+      where h.queue_name = l.queue_name and h.group_key = l.group_key
+        and h.status in ('pending', 'processing'))
+    group by l.queue_name
+  loop
+    perform private.promote_message_groups(v_queue.queue_name, v_queue.groups);
+  end loop;
+end;
+$$;
+
 -- Sends one or more messages. p_messages is a JSON array of objects with
 -- payload, message_type, priority, delay_seconds, max_attempts,
--- idempotency_key and correlation_id. A message whose idempotency key the
+-- idempotency_key, correlation_id and group_key. A message whose idempotency key the
 -- sender already used in this queue is not sent again: the existing message
 -- comes back, also when two sends race (the unique index makes the later one
 -- wait for the first and skip its row; the read that follows is a new
@@ -900,7 +994,10 @@ begin
   select bool_or(jsonb_typeof(m) <> 'object' or jsonb_typeof(m -> 'payload') is distinct from 'object')
            as bad_payload,
          bool_or((m ->> 'priority')::integer not between 0 and 1000) as bad_priority,
-         bool_or((m ->> 'delay_seconds')::integer not between 0 and 31536000) as bad_delay
+         bool_or((m ->> 'delay_seconds')::integer not between 0 and 31536000) as bad_delay,
+         bool_or(jsonb_typeof(m -> 'group_key') not in ('string', 'null')
+                 or char_length(m ->> 'group_key') not between 1 and 128) as bad_group,
+         bool_or(m ->> 'group_key' is not null) as has_group
   into v_shape
   from jsonb_array_elements(p_messages) m;
   if v_shape.bad_payload then
@@ -909,6 +1006,9 @@ begin
     perform private.raise_error(400, 'invalid_priority', 'priority must be between 0 and 1000');
   elsif v_shape.bad_delay then
     perform private.raise_error(400, 'invalid_delay', 'delay_seconds must be between 0 and 31536000');
+  elsif v_shape.bad_group then
+    perform private.raise_error(400, 'invalid_group_key',
+      'group_key must be a string of 1 to 128 characters');
   end if;
 
   -- Ids are drawn first so that messages without a key can be found again.
@@ -916,21 +1016,27 @@ begin
   into v_ids
   from jsonb_array_elements(p_messages);
 
+  -- a message of a group starts blocked; the group's first becomes pending below
   insert into public.message_queue (
     id, queue_name, message_type, payload, priority, visible_at, max_attempts,
-    idempotency_key, correlation_id, user_id
+    idempotency_key, correlation_id, user_id, group_key, status
   )
   select v_ids[a.ord], p_queue_name, coalesce(m.message_type, 'message'), m.payload,
          coalesce(m.priority, 0), now() + make_interval(secs => coalesce(m.delay_seconds, 0)),
          coalesce(m.max_attempts, 5), m.idempotency_key,
-         coalesce(m.correlation_id, p_correlation_id), v_user
+         coalesce(m.correlation_id, p_correlation_id), v_user, m.group_key,
+         case when m.group_key is null then 'pending' else 'blocked' end
   from jsonb_array_elements(p_messages) with ordinality a(elem, ord),
        jsonb_to_record(a.elem) as m(
          payload jsonb, message_type text, priority integer, delay_seconds integer,
-         max_attempts integer, idempotency_key text, correlation_id text)
+         max_attempts integer, idempotency_key text, correlation_id text, group_key text)
   order by a.ord
   on conflict (queue_name, user_id, idempotency_key) where idempotency_key is not null
   do nothing;
+  if v_shape.has_group then
+    perform private.promote_message_groups(p_queue_name,
+      array(select m ->> 'group_key' from jsonb_array_elements(p_messages) m));
+  end if;
 
   -- per message, the one it replays (a lateral with a limit is never turned
   -- around: planned as a join, the queue's keyed messages went on the outside)
@@ -938,13 +1044,14 @@ begin
     select
     from jsonb_array_elements(p_messages) m,
          lateral (
-           select q.payload, q.message_type from public.message_queue q
+           select q.payload, q.message_type, q.group_key from public.message_queue q
            where q.queue_name = p_queue_name and q.idempotency_key = m ->> 'idempotency_key'
              and q.user_id is not distinct from v_user
            limit 1
          ) q
     where q.payload <> m -> 'payload'
        or q.message_type <> coalesce(m ->> 'message_type', 'message')
+       or q.group_key is distinct from m ->> 'group_key'
   ) then
     perform private.raise_error(409, 'idempotency_key_conflict',
       'this idempotency key was used for a different message');
@@ -972,7 +1079,8 @@ create or replace function public.send_message(
   p_delay_seconds integer default 0,
   p_max_attempts integer default 5,
   p_idempotency_key text default null,
-  p_correlation_id text default null
+  p_correlation_id text default null,
+  p_group_key text default null
 ) returns public.message_queue
 language plpgsql
 set search_path = ''
@@ -988,7 +1096,8 @@ begin
         'priority', p_priority,
         'delay_seconds', p_delay_seconds,
         'max_attempts', p_max_attempts,
-        'idempotency_key', p_idempotency_key))),
+        'idempotency_key', p_idempotency_key,
+        'group_key', p_group_key))),
       p_correlation_id);
   return v_row;
 end;
@@ -1017,7 +1126,9 @@ begin
     perform private.raise_error(400, 'invalid_visibility_timeout',
       'visibility_timeout_seconds must be between 0.1 and 43200');
   end if;
-  perform private.message_queue_lease_expire('dead', 0, 'lease expired before ack');
+  if private.message_queue_lease_expire('dead', 0, 'lease expired before ack') > 0 then
+    perform private.promote_stuck_message_groups();
+  end if;
   return query
   select c.* from private.message_queue_lease_claim(p_queue_name, p_limit,
     make_interval(secs => p_visibility_timeout_seconds), p_consumer) c
@@ -1040,6 +1151,7 @@ as $$
 declare
   v_ids bigint[];
   v_tokens uuid[];
+  v_groups text[];
 begin
   perform private.check_queue_name(p_queue_name);
   if cardinality(p_message_ids) is distinct from cardinality(p_lease_tokens) then
@@ -1048,13 +1160,18 @@ begin
   if p_delay_seconds is not null and p_delay_seconds not between 0 and 31536000 then
     perform private.raise_error(400, 'invalid_delay', 'delay_seconds must be between 0 and 31536000');
   end if;
-  select array_agg(l.id), array_agg(l.token) into v_ids, v_tokens
+  select array_agg(l.id), array_agg(l.token), array_agg(q.group_key) filter (where q.group_key is not null)
+  into v_ids, v_tokens, v_groups
   from unnest(p_message_ids, p_lease_tokens) l(id, token)
   join public.message_queue q on q.id = l.id and q.queue_name = p_queue_name;
   return query
   select * from private.message_queue_lease_settle(coalesce(v_ids, '{}'), coalesce(v_tokens, '{}'),
     p_outcome, 'completed', 'dead', 2, make_interval(secs => p_delay_seconds), left(p_error, 4000),
     null);
+  -- a head acked or dead-lettered lets its group's next message go
+  if v_groups is not null then
+    perform private.promote_message_groups(p_queue_name, v_groups);
+  end if;
 end;
 $$;
 
@@ -1191,27 +1308,39 @@ set search_path = ''
 as $$
 declare
   v_count bigint;
+  v_groups text[];
 begin
   perform private.check_queue_name(p_queue_name);
-  if p_status is not null and p_status not in ('pending', 'processing', 'completed', 'dead') then
+  if p_status is not null and not private.message_in_any_status(p_status) then
     perform private.raise_error(400, 'invalid_status',
-      'status must be pending, processing, completed or dead');
+      'status must be pending, processing, completed, dead or blocked');
+  end if;
+  -- the heads it deletes: their groups' next messages go
+  if p_status is distinct from 'completed' and p_status is distinct from 'dead' then
+    select array_agg(distinct q.group_key) into v_groups from public.message_queue q
+    where q.queue_name = p_queue_name and q.group_key is not null
+      and q.status in ('pending', 'processing') and (p_status is null or q.status = p_status);
   end if;
   delete from public.message_queue q
   where q.queue_name = p_queue_name and private.message_in_any_status(q.status)
     and (p_status is null or q.status = p_status);
   get diagnostics v_count = row_count;
+  if v_groups is not null then
+    perform private.promote_message_groups(p_queue_name, v_groups);
+  end if;
   return v_count;
 end;
 $$;
 
--- Per-queue metrics: depth (visible now), delayed, in flight, dead, completed
--- (not yet purged), total, and the ages of the oldest and newest waiting
--- message (pgmq's queue_length / oldest / newest age, split by state).
+-- Per-queue metrics: depth (visible now), delayed, blocked (behind an earlier
+-- message of their group), in flight, dead, completed (not yet purged), total,
+-- and the ages of the oldest and newest waiting message (pgmq's queue_length /
+-- oldest / newest age, split by state).
 create type public.queue_stats as (
   queue_name text,
   depth bigint,
   delayed bigint,
+  blocked bigint,
   in_flight bigint,
   dead bigint,
   completed bigint,
@@ -1234,14 +1363,15 @@ begin
   select p_queue_name,
          count(*) filter (where q.status = 'pending' and q.visible_at <= now()),
          count(*) filter (where q.status = 'pending' and q.visible_at > now()),
+         count(*) filter (where q.status = 'blocked'),
          count(*) filter (where q.status = 'processing'),
          count(*) filter (where q.status = 'dead'),
          count(*) filter (where q.status = 'completed'),
          count(*),
          extract(epoch from now() - min(q.created_at)
-           filter (where q.status in ('pending', 'processing')))::double precision,
+           filter (where q.status in ('pending', 'processing', 'blocked')))::double precision,
          extract(epoch from now() - max(q.created_at)
-           filter (where q.status in ('pending', 'processing')))::double precision,
+           filter (where q.status in ('pending', 'processing', 'blocked')))::double precision,
          now()
   from public.message_queue q
   where q.queue_name = p_queue_name and private.message_in_any_status(q.status);
@@ -1296,11 +1426,24 @@ begin
 end;
 $$;
 
+-- The groups of a queue's messages, null when none has one: an archive or a
+-- delete that finishes a group's head then promotes the group's next message.
+create or replace function private.message_groups_of(p_queue_name text, p_message_ids bigint[])
+returns text[]
+language sql
+stable
+set search_path = ''
+as $$
+  select array_agg(distinct q.group_key) from public.message_queue q
+  where q.id = any (p_message_ids) and q.queue_name = p_queue_name and q.group_key is not null
+$$;
+
 -- Archives messages whoever holds them (pgmq's archive), an operator's way to
--- skip a message: a pending or in-flight message becomes completed, and the
--- holder of its lease then gets 409 lease_lost on ack or nack. Returns the
--- messages archived; ids not in the queue, completed or dead are left out.
--- A claim in progress is waited for, then its message archived all the same.
+-- skip a message: a pending, in-flight or blocked message becomes completed,
+-- and the holder of its lease then gets 409 lease_lost on ack or nack.
+-- Returns the messages archived; ids not in the queue, completed or dead are
+-- left out. A claim in progress is waited for, then its message archived all
+-- the same.
 create or replace function public.archive_messages(
   p_queue_name text,
   p_message_ids bigint[]
@@ -1309,9 +1452,12 @@ language plpgsql
 security definer
 set search_path = ''
 as $$
+declare
+  v_groups text[];
 begin
   perform private.check_queue_name(p_queue_name);
   perform private.check_message_ids(p_message_ids);
+  v_groups := private.message_groups_of(p_queue_name, p_message_ids);
   return query
   update public.message_queue q
      set status = 'completed',
@@ -1320,8 +1466,11 @@ begin
          locked_by = null,
          updated_at = now()
    where q.id = any (p_message_ids) and q.queue_name = p_queue_name
-     and q.status in ('pending', 'processing')
+     and q.status in ('pending', 'processing', 'blocked')
   returning q.*;
+  if v_groups is not null then
+    perform private.promote_message_groups(p_queue_name, v_groups);
+  end if;
 end;
 $$;
 
@@ -1361,13 +1510,19 @@ language plpgsql
 security definer
 set search_path = ''
 as $$
+declare
+  v_groups text[];
 begin
   perform private.check_queue_name(p_queue_name);
   perform private.check_message_ids(p_message_ids);
+  v_groups := private.message_groups_of(p_queue_name, p_message_ids);
   return query
   delete from public.message_queue q
   where q.id = any (p_message_ids) and q.queue_name = p_queue_name
   returning q.id;
+  if v_groups is not null then
+    perform private.promote_message_groups(p_queue_name, v_groups);
+  end if;
 end;
 $$;
 
@@ -1433,7 +1588,7 @@ end;
 $$;
 
 revoke all on function public.send_messages(text, jsonb, text) from public, anon;
-revoke all on function public.send_message(text, jsonb, text, integer, integer, integer, text, text)
+revoke all on function public.send_message(text, jsonb, text, integer, integer, integer, text, text, text)
   from public, anon;
 revoke all on function public.claim_messages(text, integer, double precision, text)
   from public, anon, authenticated;
@@ -1446,7 +1601,7 @@ revoke all on function public.extend_message_lease(text, bigint, uuid, double pr
 revoke all on function public.purge_queue(text, text) from public, anon, authenticated;
 revoke all on function public.queue_metrics(text) from public, anon, authenticated;
 grant execute on function public.send_messages(text, jsonb, text) to authenticated, service_role;
-grant execute on function public.send_message(text, jsonb, text, integer, integer, integer, text, text)
+grant execute on function public.send_message(text, jsonb, text, integer, integer, integer, text, text, text)
   to authenticated, service_role;
 grant execute on function public.claim_messages(text, integer, double precision, text) to service_role;
 grant execute on function public.ack_message(text, bigint, uuid) to service_role;

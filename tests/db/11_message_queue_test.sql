@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(62);
+select plan(80);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -180,6 +180,78 @@ select is((select array_agg(row(queue_name, delayed, in_flight, dead, total)::te
            from public.list_queues()),
   array['(leases,0,1,0,1)', '(ops,1,0,0,1)', '(retries,0,0,1,1)'],
   'list_queues gives every queue''s metrics, whatever state its messages are in');
+
+-- FIFO groups: one message of a group at a time, in send order
+create temp table g as select * from public.send_messages('fifo', '[
+  {"payload": {"n": 1}, "group_key": "alice"},
+  {"payload": {"n": 2}, "group_key": "alice", "priority": 9},
+  {"payload": {"n": 3}, "group_key": "bob"},
+  {"payload": {"n": 4}}]');
+create function pg_temp.fifo_status(p_n text) returns text language sql as $$
+  select status::text from public.message_queue where queue_name = 'fifo' and payload ->> 'n' = p_n
+$$;
+select is((select array_agg(status::text order by id) from g),
+  array['pending', 'blocked', 'pending', 'pending'],
+  'a group''s first message is pending and the rest of the group waits, blocked');
+create temp table g1 as select * from public.claim_messages('fifo', 10, 30);
+select is((select array_agg(payload ->> 'n' order by id) from g1), array['1', '3', '4'],
+  'a claim takes each group''s head only, whatever the priority of the messages behind it');
+select public.ack_message('fifo', (select id from g1 where payload ->> 'n' = '1'),
+  (select lease_token from g1 where payload ->> 'n' = '1'));
+select is(pg_temp.fifo_status('2'), 'pending', 'acking a head lets its group''s next message go');
+select is((public.send_message('fifo', '{"n": 5}', p_group_key := 'alice')).status::text, 'blocked',
+  'a message sent to a group with a head waits');
+create temp table g2 as select * from public.claim_messages('fifo', 10, 30);
+select public.nack_message('fifo', (select id from g2), (select lease_token from g2), 'later');
+select is((select count(*)::int from public.claim_messages('fifo', 10, 30)), 0,
+  'a nacked head holds its group through its backoff');
+update public.message_queue set visible_at = now() where id = (select id from g2);
+create temp table g3 as select * from public.claim_messages('fifo', 10, 30);
+update public.message_queue set max_attempts = 2 where id = (select id from g3);
+select is((public.nack_message('fifo', (select id from g3), (select lease_token from g3), 'gave up')).status::text,
+  'dead', 'the head is dead-lettered after its last attempt');
+select is(pg_temp.fifo_status('5'), 'pending', 'a dead-lettered head lets its group''s next message go');
+select public.send_message('fifo', '{"n": 6}', p_group_key := 'alice');
+create temp table g4 as select * from public.claim_messages('fifo', 10, 30);
+update public.message_queue set max_attempts = 1, visible_at = now() - interval '1 second'
+where id = (select id from g4);
+create temp table g5 as select * from public.claim_messages('fifo', 10, 30);
+select is((select array_agg(payload ->> 'n') from g5), array['6'],
+  'a head whose last lease expires is dead-lettered, and the next of its group is claimed');
+select public.send_message('fifo', '{"n": 7}', p_group_key := 'alice');
+select public.archive_message('fifo', (select id from g5));
+select is(pg_temp.fifo_status('7'), 'pending', 'archiving a head lets its group''s next message go');
+select public.send_message('fifo', '{"n": 8}', p_group_key := 'alice');
+select public.delete_message('fifo', (select id from public.message_queue where payload ->> 'n' = '7'
+                                      and queue_name = 'fifo'));
+select is(pg_temp.fifo_status('8'), 'pending', 'deleting a head lets its group''s next message go');
+select public.send_message('fifo', '{"n": 9}', p_group_key := 'alice');
+select is(public.purge_queue('fifo', 'pending'), 1::bigint, 'purge the pending head');
+select is(pg_temp.fifo_status('9'), 'pending', 'purging a head lets its group''s next message go');
+select public.send_message('fifo', '{"n": 10}', p_group_key := 'alice');
+select is((select row(depth, blocked, in_flight)::text from public.queue_metrics('fifo')), '(1,1,2)',
+  'metrics count blocked messages apart');
+select throws_ok($$select public.send_message('fifo', '{}', p_group_key := '')$$, 'PT400',
+  'invalid_group_key', 'an empty group key is refused');
+select throws_ok($$select public.send_messages('fifo', '[{"payload": {}, "group_key": 5}]')$$, 'PT400',
+  'invalid_group_key', 'a group key is a string');
+select public.send_message('fifo', '{"n": 11}', p_idempotency_key := 'g-key', p_group_key := 'carol');
+select throws_ok($$select public.send_message('fifo', '{"n": 11}', p_idempotency_key := 'g-key',
+  p_group_key := 'dave')$$, 'PT409', 'idempotency_key_conflict',
+  'a key reused for another group is a conflict');
+-- a long group is never walked by a claim: its blocked messages are not in the claim index
+insert into public.message_queue (queue_name, payload, group_key, status)
+select 'fifo-long', jsonb_build_object('i', i), 'long', 'blocked' from generate_series(1, 20000) i;
+select public.send_message('fifo-long', '{"other": 1}', p_priority := 0);
+create temp table fifo_pages as select pg_stat_get_xact_blocks_fetched('public.message_queue_claim_idx'::regclass)
+  + pg_stat_get_xact_blocks_fetched('public.message_queue'::regclass) as n;
+select is((select count(*)::int from public.claim_messages('fifo-long', 10, 30)), 1,
+  'the other message is claimed');
+select cmp_ok(pg_stat_get_xact_blocks_fetched('public.message_queue_claim_idx'::regclass)
+              + pg_stat_get_xact_blocks_fetched('public.message_queue'::regclass)
+              - (select n from fifo_pages), '<', 40::bigint,
+  'a claim reads a few pages with 20,000 messages of one group waiting');
+delete from public.message_queue where queue_name = 'fifo-long';
 
 -- RLS matrix
 create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;

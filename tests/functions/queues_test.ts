@@ -472,3 +472,106 @@ dbTest("pop, archive and delete over HTTP, and every queue's metrics", async () 
   }
   assert.deepEqual(await db.sql`select id, status from public.message_queue order by id`, before);
 });
+
+dbTest(
+  "FIFO groups: sends racing 4 consumers, each group one at a time in send order",
+  async () => {
+    const token = await serviceToken();
+    const GROUPS = 8;
+    const PER_GROUP = 25;
+    const total = GROUPS * PER_GROUP;
+    const seen: number[][] = Array.from({ length: GROUPS }, () => []);
+    const inFlight = new Array(GROUPS).fill(0);
+    let mostInFlight = 0;
+    let done = 0;
+
+    // each group's messages are sent one request at a time, all groups at once
+    const senders = Array.from({ length: GROUPS }, async (_, g) => {
+      for (let n = 0; n < PER_GROUP; n++) {
+        const res = await call(app, "POST", "/queues/fifo/messages", {
+          token,
+          body: { payload: { g, n }, group_key: `group-${g}` },
+        });
+        assert.equal(res.status, 201, JSON.stringify(res.body));
+        if (n % 5 === 0) await sleep(Math.random() * 10);
+      }
+    });
+    const deadline = Date.now() + 30_000;
+    const consumers = Array.from({ length: 4 }, async () => {
+      while (done < total && Date.now() < deadline) {
+        const claimed = await call(app, "POST", "/queues/fifo/claim", {
+          token,
+          body: { limit: 4, visibility_timeout_seconds: 30 },
+        });
+        assert.equal(claimed.status, 200, JSON.stringify(claimed.body));
+        if (claimed.body.messages.length === 0) {
+          await sleep(10);
+          continue;
+        }
+        for (const m of claimed.body.messages) {
+          const { g, n } = m.payload;
+          inFlight[g]++;
+          mostInFlight = Math.max(mostInFlight, inFlight[g]);
+          seen[g].push(n);
+          await sleep(Math.random() * 3);
+          inFlight[g]--;
+          const acked = await call(app, "POST", `/queues/fifo/messages/${m.id}/ack`, {
+            token,
+            body: { lease_token: m.lease_token },
+          });
+          assert.equal(acked.status, 200, JSON.stringify(acked.body));
+          done++;
+        }
+      }
+    });
+    await Promise.all([...senders, ...consumers]);
+
+    assert.equal(done, total);
+    assert.equal(mostInFlight, 1, "never two messages of a group in flight");
+    const inOrder = Array.from({ length: PER_GROUP }, (_, n) => n);
+    for (const order of seen) assert.deepEqual(order, inOrder);
+    const left = await db.sql`select status, count(*)::int as n from public.message_queue
+                            where queue_name = 'fifo' group by status`;
+    assert.deepEqual(left.map((r) => ({ ...r })), [{ status: "completed", n: total }]);
+  },
+);
+
+// Whichever of the two commits second must promote the message the other
+// left blocked: the first holds its transaction open while the second runs.
+dbTest("FIFO groups: a send racing the ack of its group's head never stays blocked", async () => {
+  for (const first of ["ack", "send"] as const) {
+    const queue = `fifo-race-${first}`;
+    const a = await consumer();
+    const b = await consumer();
+    try {
+      await a`select public.send_message(${queue}, '{"n": 1}', p_group_key := 'g')`;
+      const [head] = await a`select id, lease_token from public.claim_messages(${queue}, 1, 30)`;
+      const ack = (sql: postgres.TransactionSql | postgres.Sql) =>
+        sql`select public.ack_message(${queue}, ${head.id}, ${head.lease_token})`;
+      const send = (sql: postgres.TransactionSql | postgres.Sql) =>
+        sql`select public.send_message(${queue}, '{"n": 2}', p_group_key := 'g')`;
+      let release!: () => void;
+      const held = new Promise<void>((resolve) => (release = resolve));
+      const firstTx = a.begin(async (tx) => {
+        await (first === "ack" ? ack(tx) : send(tx));
+        await held;
+      });
+      await sleep(100);
+      // postgres.js queries start when awaited or executed: this one starts now
+      const second = (first === "ack" ? send(b) : ack(b)).execute();
+      await sleep(100);
+      release();
+      await firstTx;
+      await second;
+      const rows = await db.sql`select payload ->> 'n' as n, status from public.message_queue
+                                where queue_name = ${queue} order by id`;
+      assert.deepEqual(rows.map((r) => ({ ...r })), [
+        { n: "1", status: "completed" },
+        { n: "2", status: "pending" },
+      ], `${first} first`);
+    } finally {
+      await a.end();
+      await b.end();
+    }
+  }
+});

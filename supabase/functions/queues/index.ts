@@ -42,6 +42,8 @@ const message = z.object({
   max_attempts: z.number().int().min(1).max(100).optional(),
   idempotency_key: idempotencyKey.optional(),
   correlation_id: text(128).optional(),
+  // FIFO group: one message of a group at a time, in send order
+  group_key: text(128).optional(),
 }).strict();
 
 const sendBody = z.union([
@@ -176,6 +178,7 @@ const toStats = (m: Row) => ({
   ...m,
   depth: Number(m.depth),
   delayed: Number(m.delayed),
+  blocked: Number(m.blocked),
   in_flight: Number(m.in_flight),
   dead: Number(m.dead),
   completed: Number(m.completed),
