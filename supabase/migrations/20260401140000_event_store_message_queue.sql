@@ -549,8 +549,8 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- lease expiry makes a message visible again exactly like vt does;
 -- archive_messages and delete_messages act by id whoever holds the message,
 -- as pgmq's do; list_queues = metrics_all; group_key = pgmq's FIFO groups
--- (x-pgmq-group, see "FIFO groups" below). Queues need no create or drop: a
--- name is a queue.
+-- (x-pgmq-group, see "FIFO groups" below); headers = headers. Queues need no
+-- create or drop: a name is a queue.
 -- -----------------------------------------------------------------------------
 create or replace function private.backoff_delay(
   p_attempt integer,
@@ -812,7 +812,9 @@ create table public.message_queue (
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
   finished_at timestamptz,
-  group_key private.group_key
+  group_key private.group_key,
+  -- free-form metadata beside the payload (pgmq's headers)
+  headers private.json_object
 );
 
 -- The key before the sender: lookups match the sender with IS NOT DISTINCT
@@ -957,7 +959,7 @@ $$;
 
 -- Sends one or more messages. p_messages is a JSON array of objects with
 -- payload, message_type, priority, delay_seconds, max_attempts,
--- idempotency_key, correlation_id and group_key. A message whose idempotency key the
+-- idempotency_key, correlation_id, group_key and headers. A message whose idempotency key the
 -- sender already used in this queue is not sent again: the existing message
 -- comes back, also when two sends race (the unique index makes the later one
 -- wait for the first and skip its row; the read that follows is a new
@@ -995,6 +997,7 @@ begin
            as bad_payload,
          bool_or((m ->> 'priority')::integer not between 0 and 1000) as bad_priority,
          bool_or((m ->> 'delay_seconds')::integer not between 0 and 31536000) as bad_delay,
+         bool_or(jsonb_typeof(m -> 'headers') not in ('object', 'null')) as bad_headers,
          bool_or(jsonb_typeof(m -> 'group_key') not in ('string', 'null')
                  or char_length(m ->> 'group_key') not between 1 and 128) as bad_group,
          bool_or(m ->> 'group_key' is not null) as has_group
@@ -1006,6 +1009,8 @@ begin
     perform private.raise_error(400, 'invalid_priority', 'priority must be between 0 and 1000');
   elsif v_shape.bad_delay then
     perform private.raise_error(400, 'invalid_delay', 'delay_seconds must be between 0 and 31536000');
+  elsif v_shape.bad_headers then
+    perform private.raise_error(400, 'invalid_headers', 'headers must be a JSON object');
   elsif v_shape.bad_group then
     perform private.raise_error(400, 'invalid_group_key',
       'group_key must be a string of 1 to 128 characters');
@@ -1019,17 +1024,19 @@ begin
   -- a message of a group starts blocked; the group's first becomes pending below
   insert into public.message_queue (
     id, queue_name, message_type, payload, priority, visible_at, max_attempts,
-    idempotency_key, correlation_id, user_id, group_key, status
+    idempotency_key, correlation_id, user_id, group_key, headers, status
   )
   select v_ids[a.ord], p_queue_name, coalesce(m.message_type, 'message'), m.payload,
          coalesce(m.priority, 0), now() + make_interval(secs => coalesce(m.delay_seconds, 0)),
          coalesce(m.max_attempts, 5), m.idempotency_key,
          coalesce(m.correlation_id, p_correlation_id), v_user, m.group_key,
+         nullif(m.headers, 'null'::jsonb),
          case when m.group_key is null then 'pending' else 'blocked' end
   from jsonb_array_elements(p_messages) with ordinality a(elem, ord),
        jsonb_to_record(a.elem) as m(
          payload jsonb, message_type text, priority integer, delay_seconds integer,
-         max_attempts integer, idempotency_key text, correlation_id text, group_key text)
+         max_attempts integer, idempotency_key text, correlation_id text, group_key text,
+         headers jsonb)
   order by a.ord
   on conflict (queue_name, user_id, idempotency_key) where idempotency_key is not null
   do nothing;
@@ -1044,7 +1051,7 @@ begin
     select
     from jsonb_array_elements(p_messages) m,
          lateral (
-           select q.payload, q.message_type, q.group_key from public.message_queue q
+           select q.payload, q.message_type, q.group_key, q.headers from public.message_queue q
            where q.queue_name = p_queue_name and q.idempotency_key = m ->> 'idempotency_key'
              and q.user_id is not distinct from v_user
            limit 1
@@ -1052,6 +1059,7 @@ begin
     where q.payload <> m -> 'payload'
        or q.message_type <> coalesce(m ->> 'message_type', 'message')
        or q.group_key is distinct from m ->> 'group_key'
+       or q.headers is distinct from nullif(m -> 'headers', 'null'::jsonb)
   ) then
     perform private.raise_error(409, 'idempotency_key_conflict',
       'this idempotency key was used for a different message');
@@ -1080,7 +1088,8 @@ create or replace function public.send_message(
   p_max_attempts integer default 5,
   p_idempotency_key text default null,
   p_correlation_id text default null,
-  p_group_key text default null
+  p_group_key text default null,
+  p_headers jsonb default null
 ) returns public.message_queue
 language plpgsql
 set search_path = ''
@@ -1090,14 +1099,17 @@ declare
 begin
   select * into v_row from public.send_messages(
       p_queue_name,
-      jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
+      -- nulls stay JSON nulls, which send_messages reads as "not given"
+      -- (stripping them would strip them inside the payload too)
+      jsonb_build_array(jsonb_build_object(
         'payload', coalesce(p_payload, 'null'::jsonb),
         'message_type', p_message_type,
         'priority', p_priority,
         'delay_seconds', p_delay_seconds,
         'max_attempts', p_max_attempts,
         'idempotency_key', p_idempotency_key,
-        'group_key', p_group_key))),
+        'group_key', p_group_key,
+        'headers', p_headers)),
       p_correlation_id);
   return v_row;
 end;
@@ -1588,7 +1600,7 @@ end;
 $$;
 
 revoke all on function public.send_messages(text, jsonb, text) from public, anon;
-revoke all on function public.send_message(text, jsonb, text, integer, integer, integer, text, text, text)
+revoke all on function public.send_message(text, jsonb, text, integer, integer, integer, text, text, text, jsonb)
   from public, anon;
 revoke all on function public.claim_messages(text, integer, double precision, text)
   from public, anon, authenticated;
@@ -1601,7 +1613,7 @@ revoke all on function public.extend_message_lease(text, bigint, uuid, double pr
 revoke all on function public.purge_queue(text, text) from public, anon, authenticated;
 revoke all on function public.queue_metrics(text) from public, anon, authenticated;
 grant execute on function public.send_messages(text, jsonb, text) to authenticated, service_role;
-grant execute on function public.send_message(text, jsonb, text, integer, integer, integer, text, text, text)
+grant execute on function public.send_message(text, jsonb, text, integer, integer, integer, text, text, text, jsonb)
   to authenticated, service_role;
 grant execute on function public.claim_messages(text, integer, double precision, text) to service_role;
 grant execute on function public.ack_message(text, bigint, uuid) to service_role;

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(80);
+select plan(85);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -252,6 +252,23 @@ select cmp_ok(pg_stat_get_xact_blocks_fetched('public.message_queue_claim_idx'::
               - (select n from fifo_pages), '<', 40::bigint,
   'a claim reads a few pages with 20,000 messages of one group waiting');
 delete from public.message_queue where queue_name = 'fifo-long';
+
+-- headers, and nulls inside a payload or headers are kept
+select is((select row(payload, headers)::text from public.send_message('nulls',
+    '{"a": null, "b": {"c": null}}', p_headers := '{"trace": null, "source": "app"}')),
+  row('{"a": null, "b": {"c": null}}'::jsonb, '{"trace": null, "source": "app"}'::jsonb)::text,
+  'send_message keeps a payload''s and headers'' nulls');
+select is((select headers::jsonb from public.send_messages('nulls', '[{"payload": {}}]')), null::jsonb,
+  'headers are optional');
+select throws_ok($$select public.send_messages('nulls', '[{"payload": {}, "headers": [1]}]')$$,
+  'PT400', 'invalid_headers', 'headers must be an object');
+select public.send_message('nulls', '{}', p_idempotency_key := 'h-key', p_headers := '{"v": 1}');
+select throws_ok($$select public.send_message('nulls', '{}', p_idempotency_key := 'h-key',
+  p_headers := '{"v": 2}')$$, 'PT409', 'idempotency_key_conflict',
+  'a key reused with other headers is a conflict');
+select is((public.send_message('nulls', '{}', p_idempotency_key := 'h-key',
+  p_headers := '{"v": 1}')).headers::jsonb, '{"v": 1}'::jsonb, 'the same headers replay');
+delete from public.message_queue where queue_name = 'nulls';
 
 -- RLS matrix
 create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;

@@ -397,11 +397,18 @@ dbTest("pop, archive and delete over HTTP, and every queue's metrics", async () 
         { payload: { n: 1 } },
         { payload: { n: 2 }, priority: 7 },
         { payload: { n: 3 }, delay_seconds: 3600 },
-        { payload: { n: 4 } },
+        { payload: { n: 4 }, headers: { source: "app", trace: null } },
       ],
     },
   });
   assert.equal(sent.status, 201);
+  assert.deepEqual(sent.body.messages[3].headers, { source: "app", trace: null });
+  assert.equal(sent.body.messages[0].headers, null);
+  expectError(
+    await call(app, "POST", "/queues/ops/messages", { token, body: { payload: {}, headers: [] } }),
+    400,
+    "invalid_request",
+  );
   const [, , delayed, fourth] = sent.body.messages;
 
   const popped = await call(app, "POST", "/queues/ops/pop", { token, body: { limit: 2 } });

@@ -44,6 +44,7 @@ const message = z.object({
   correlation_id: text(128).optional(),
   // FIFO group: one message of a group at a time, in send order
   group_key: text(128).optional(),
+  headers: jsonObject.optional(),
 }).strict();
 
 const sendBody = z.union([
