@@ -891,6 +891,10 @@ $$;
 -- own: of a send and a settlement racing in one group, the one that takes the
 -- lock second sees what the first committed, so no group is left without a
 -- head. Concurrent sends to one group are ordered by who takes the lock first.
+-- A settlement locks its rows before the group, and the promotion then locks
+-- the next blocked row. An operator's archive or delete of that very blocked
+-- message, racing the promotion, locks them the other way round: Postgres
+-- breaks the deadlock by aborting one whole transaction, and rpc retries it.
 -- -----------------------------------------------------------------------------
 create or replace function private.promote_message_groups(p_queue_name text, p_groups text[])
 returns void
@@ -951,6 +955,7 @@ begin
       where h.queue_name = l.queue_name and h.group_key = l.group_key
         and h.status in ('pending', 'processing'))
     group by l.queue_name
+    order by l.queue_name
   loop
     perform private.promote_message_groups(v_queue.queue_name, v_queue.groups);
   end loop;

@@ -9,7 +9,7 @@
 //   POST /queues/:queue/messages/:id/ack      done (service role, lease holder)
 //   POST /queues/:queue/messages/:id/nack     give back: retry with backoff or dead letter
 //                                             (service role, lease holder)
-//   POST /queues/:queue/messages/:id/archive  complete a pending or in-flight message, whoever
+//   POST /queues/:queue/messages/:id/archive  complete a message not yet finished, whoever
 //                                             holds it (service role)
 //   DELETE /queues/:queue/messages/:id        delete a message in any state (service role)
 //   GET  /queues/:queue/metrics               depth, in flight, dead, oldest age (service role)
