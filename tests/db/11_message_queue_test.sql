@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(85);
+select plan(89);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -239,6 +239,20 @@ select public.send_message('fifo', '{"n": 11}', p_idempotency_key := 'g-key', p_
 select throws_ok($$select public.send_message('fifo', '{"n": 11}', p_idempotency_key := 'g-key',
   p_group_key := 'dave')$$, 'PT409', 'idempotency_key_conflict',
   'a key reused for another group is a conflict');
+-- an expired lease with attempts left keeps the head; a blocked message can be skipped
+select public.send_messages('fifo-skip', '[{"payload": {"n": 1}, "group_key": "k"},
+  {"payload": {"n": 2}, "group_key": "k"}, {"payload": {"n": 3}, "group_key": "k"}]');
+create temp table s1 as select * from public.claim_messages('fifo-skip', 10, 30);
+update public.message_queue set visible_at = now() - interval '1 second' where id = (select id from s1);
+select is((select array_agg(payload ->> 'n') from public.claim_messages('fifo-skip', 10, 30)), array['1'],
+  'a head whose lease expires with attempts left is claimed again, its group still behind it');
+select is((select count(*)::int from public.archive_messages('fifo-skip',
+    array(select id from public.message_queue where queue_name = 'fifo-skip' and payload ->> 'n' = '2'))), 1,
+  'a blocked message can be archived');
+select is(public.purge_queue('fifo-skip', 'processing'), 1::bigint, 'purge the head in flight');
+select is((select array_agg(payload ->> 'n' || ':' || status order by id) from public.message_queue
+           where queue_name = 'fifo-skip'), array['2:completed', '3:pending'],
+  'the archived message is skipped: the next of the group goes once the head is gone');
 -- a long group is never walked by a claim: its blocked messages are not in the claim index
 insert into public.message_queue (queue_name, payload, group_key, status)
 select 'fifo-long', jsonb_build_object('i', i), 'long', 'blocked' from generate_series(1, 20000) i;
