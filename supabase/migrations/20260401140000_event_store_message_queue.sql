@@ -505,8 +505,9 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- status) writes three functions for such a table from the one template below,
 -- as static SQL (a generic function running dynamic SQL parses and plans
 -- every call, which cost more than the work itself). Claim and settle always
--- run one plan: walk the claim index in order, stopping after p_limit rows,
--- and reach each row by primary key. They pin it with planner settings and
+-- run one plan: walk the claim index in order, priority by priority from each
+-- one's due rows, stopping after p_limit rows, and reach each row by primary
+-- key. They pin it with planner settings and
 -- use it as a generic plan: left to choose, Postgres planned these statements
 -- afresh on every call (a generic plan, costed for a limit of 10% of the
 -- table, looked dearer than a custom one), a quarter of a claim's time, and
@@ -589,12 +590,31 @@ declare
   v_merged text;  -- v_scan over each row of `lanes`, merged in claim order
   v_claim text;   -- the claim's statement(s), each ending in the update
 begin
+  -- Priority by priority, highest first (a loose index scan), each the range
+  -- of its due rows: one ordered scan would walk every not-yet-due row of a
+  -- higher priority first (20,000 delayed messages: 124 index pages, 9 ms a
+  -- claim). The nested loop hands rows on in claim order.
   v_scan := format($sql$
-        select t.id, t.priority, t.visible_at from %1$s t
-        where t.status = 'pending' and t.visible_at <= now() and %%1$s
-        order by t.priority desc, t.visible_at, t.id
-        limit p_limit
-        for update skip locked$sql$, p_table);
+        select c.id, c.priority, c.visible_at from (
+          with recursive priorities(p) as (
+            (select t.priority from %1$s t where t.status = 'pending' and %%1$s
+             order by t.priority desc limit 1)
+            union all
+            select (select t.priority from %1$s t
+                    where t.status = 'pending' and %%1$s and t.priority < prev.p
+                    order by t.priority desc limit 1)
+            from priorities prev where prev.p is not null
+          )
+          select p from priorities where p is not null
+        ) pr
+        cross join lateral (
+          select t.id, t.priority, t.visible_at from %1$s t
+          where t.status = 'pending' and %%1$s and t.priority = pr.p and t.visible_at <= now()
+          order by t.visible_at, t.id
+          limit p_limit
+          for update skip locked
+        ) c
+        limit p_limit$sql$, p_table);
   if p_lane_column is null then
     v_claim := format('return query with picked as (%s) %%1$s;', format(v_scan, 'true'));
   elsif not p_lane_set then
@@ -826,8 +846,9 @@ create unique index message_queue_idempotency_idx
   where idempotency_key is not null;
 -- claim order: priority, then when the message became visible, then id. Rows
 -- not yet visible (delayed, or waiting out a backoff) sort after the visible
--- ones of their priority, so a claim never walks them; ordered by id alone, an
--- empty claim read every delayed message.
+-- ones of their priority, and a claim starts each priority at its due rows,
+-- so it never walks them; ordered by id alone, an empty claim read every
+-- delayed message.
 create index message_queue_claim_idx
   on public.message_queue (queue_name, priority desc, visible_at, id) where status = 'pending';
 create index message_queue_lease_idx

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(89);
+select plan(91);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -253,6 +253,20 @@ select is(public.purge_queue('fifo-skip', 'processing'), 1::bigint, 'purge the h
 select is((select array_agg(payload ->> 'n' || ':' || status order by id) from public.message_queue
            where queue_name = 'fifo-skip'), array['2:completed', '3:pending'],
   'the archived message is skipped: the next of the group goes once the head is gone');
+-- a claim goes priority by priority, each from its due messages: 20,000
+-- higher-priority messages due in an hour cost it nothing
+insert into public.message_queue (queue_name, payload, priority, visible_at)
+select 'later', '{}', 5, now() + interval '1 hour' from generate_series(1, 20000);
+select public.send_message('later', '{"due": true}');
+create temp table later_pages as select pg_stat_get_xact_blocks_fetched('public.message_queue_claim_idx'::regclass)
+  + pg_stat_get_xact_blocks_fetched('public.message_queue'::regclass) as n;
+select is((select array_agg(payload ->> 'due') from public.claim_messages('later', 10, 30)), array['true'],
+  'the due message is claimed past higher-priority ones due later');
+select cmp_ok(pg_stat_get_xact_blocks_fetched('public.message_queue_claim_idx'::regclass)
+              + pg_stat_get_xact_blocks_fetched('public.message_queue'::regclass)
+              - (select n from later_pages), '<', 40::bigint,
+  'without reading them');
+delete from public.message_queue where queue_name = 'later';
 -- a long group is never walked by a claim: its blocked messages are not in the claim index
 insert into public.message_queue (queue_name, payload, group_key, status)
 select 'fifo-long', jsonb_build_object('i', i), 'long', 'blocked' from generate_series(1, 20000) i;

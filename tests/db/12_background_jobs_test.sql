@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(47);
+select plan(49);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -134,6 +134,24 @@ select cmp_ok(pg_stat_get_xact_blocks_fetched('public.background_jobs_claim_idx'
               + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass)
               - (select n from pages), '<', 40::bigint,
   'without reading the jobs due later');
+delete from public.background_jobs where job_type = 'bulk';
+
+-- Nor those of a higher priority: the claim goes priority by priority, each
+-- from its due jobs. 20,000 urgent jobs due tomorrow, one ordinary job due now,
+-- claimed with another type beside it (the merged form).
+insert into public.background_jobs (job_type, job_name, priority, run_at, visible_at)
+select 'bulk', 'Urgent tomorrow', 9, now() + interval '1 day', now() + interval '1 day'
+from generate_series(1, 20000);
+select public.schedule_job('bulk', 'Now', '{}');
+delete from pages;
+insert into pages select pg_stat_get_xact_blocks_fetched('public.background_jobs_claim_idx'::regclass)
+  + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass);
+select is((select job_name from public.claim_jobs(array['bulk', 'other'], 1)), 'Now',
+  'the due job is claimed past higher-priority jobs due later');
+select cmp_ok(pg_stat_get_xact_blocks_fetched('public.background_jobs_claim_idx'::regclass)
+              + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass)
+              - (select n from pages), '<', 40::bigint,
+  'without reading them');
 delete from public.background_jobs where job_type = 'bulk';
 
 -- A claim for some job types does not walk the jobs of others: 20,000 due jobs
