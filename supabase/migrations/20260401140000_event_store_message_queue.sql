@@ -1464,16 +1464,21 @@ begin
 end;
 $$;
 
--- The groups of a queue's messages, null when none has one: an archive or a
--- delete that finishes a group's head then promotes the group's next message.
-create or replace function private.message_groups_of(p_queue_name text, p_message_ids bigint[])
+-- An archive's or a delete's input, checked (400s), and the groups of those
+-- messages: finishing a group's head promotes the group's next message.
+create or replace function private.checked_message_groups(p_queue_name text, p_message_ids bigint[])
 returns text[]
-language sql
+language plpgsql
 stable
 set search_path = ''
 as $$
-  select array_agg(distinct q.group_key) from public.message_queue q
-  where q.id = any (p_message_ids) and q.queue_name = p_queue_name and q.group_key is not null
+begin
+  perform private.check_queue_name(p_queue_name);
+  perform private.check_message_ids(p_message_ids);
+  return array(
+    select distinct q.group_key from public.message_queue q
+    where q.id = any (p_message_ids) and q.queue_name = p_queue_name and q.group_key is not null);
+end;
 $$;
 
 -- Archives messages whoever holds them (pgmq's archive), an operator's way to
@@ -1493,9 +1498,7 @@ as $$
 declare
   v_groups text[];
 begin
-  perform private.check_queue_name(p_queue_name);
-  perform private.check_message_ids(p_message_ids);
-  v_groups := private.message_groups_of(p_queue_name, p_message_ids);
+  v_groups := private.checked_message_groups(p_queue_name, p_message_ids);
   return query
   update public.message_queue q
      set status = 'completed',
@@ -1506,9 +1509,7 @@ begin
    where q.id = any (p_message_ids) and q.queue_name = p_queue_name
      and q.status in ('pending', 'processing', 'blocked')
   returning q.*;
-  if v_groups is not null then
-    perform private.promote_message_groups(p_queue_name, v_groups);
-  end if;
+  perform private.promote_message_groups(p_queue_name, v_groups);
 end;
 $$;
 
@@ -1551,16 +1552,12 @@ as $$
 declare
   v_groups text[];
 begin
-  perform private.check_queue_name(p_queue_name);
-  perform private.check_message_ids(p_message_ids);
-  v_groups := private.message_groups_of(p_queue_name, p_message_ids);
+  v_groups := private.checked_message_groups(p_queue_name, p_message_ids);
   return query
   delete from public.message_queue q
   where q.id = any (p_message_ids) and q.queue_name = p_queue_name
   returning q.id;
-  if v_groups is not null then
-    perform private.promote_message_groups(p_queue_name, v_groups);
-  end if;
+  perform private.promote_message_groups(p_queue_name, v_groups);
 end;
 $$;
 
