@@ -797,7 +797,8 @@ create domain private.queue_name as text check (private.is_queue_name(value));
 -- blocked: waiting behind an earlier message of its group (see "FIFO groups")
 create domain private.queue_status as text
   check (value in ('pending', 'processing', 'completed', 'dead', 'blocked'));
-create domain private.group_key as text check (char_length(value) between 1 and 128);
+-- a sender's key of up to 128 characters, after a user's id and a colon
+create domain private.group_key as text check (char_length(value) between 1 and 165);
 create domain private.message_max_attempts as integer check (value between 1 and 100);
 -- Every message is in one of these states. Saying so in a query lets the
 -- planner read one queue's messages through the partial indexes below (claim,
@@ -983,6 +984,17 @@ begin
 end;
 $$;
 
+-- A message's FIFO group as stored. A user's group keys are their own, as
+-- their idempotency keys are: '<user id>:<key>', so that nobody can slip
+-- messages into another sender's group and hold it up. The service role's
+-- keys are stored as given.
+create or replace function private.sender_group_key(p_user uuid, p_key text) returns text
+language sql
+immutable
+as $$
+  select case when p_user is null or p_key is null then p_key else p_user::text || ':' || p_key end
+$$;
+
 -- Sends one or more messages. p_messages is a JSON array of objects with
 -- payload, message_type, priority, delay_seconds, max_attempts,
 -- idempotency_key, correlation_id, group_key and headers. A message whose idempotency key the
@@ -1055,7 +1067,8 @@ begin
   select v_ids[a.ord], p_queue_name, coalesce(m.message_type, 'message'), m.payload,
          coalesce(m.priority, 0), now() + make_interval(secs => coalesce(m.delay_seconds, 0)),
          coalesce(m.max_attempts, 5), m.idempotency_key,
-         coalesce(m.correlation_id, p_correlation_id), v_user, m.group_key,
+         coalesce(m.correlation_id, p_correlation_id), v_user,
+         private.sender_group_key(v_user, m.group_key),
          nullif(m.headers, 'null'::jsonb),
          case when m.group_key is null then 'pending' else 'blocked' end
   from jsonb_array_elements(p_messages) with ordinality a(elem, ord),
@@ -1068,7 +1081,8 @@ begin
   do nothing;
   if v_shape.has_group then
     perform private.promote_message_groups(p_queue_name,
-      array(select m ->> 'group_key' from jsonb_array_elements(p_messages) m));
+      array(select private.sender_group_key(v_user, m ->> 'group_key')
+            from jsonb_array_elements(p_messages) m));
   end if;
 
   -- per message, the one it replays (a lateral with a limit is never turned
@@ -1084,7 +1098,7 @@ begin
          ) q
     where q.payload <> m -> 'payload'
        or q.message_type <> coalesce(m ->> 'message_type', 'message')
-       or q.group_key is distinct from m ->> 'group_key'
+       or q.group_key is distinct from private.sender_group_key(v_user, m ->> 'group_key')
        or q.headers is distinct from nullif(m -> 'headers', 'null'::jsonb)
   ) then
     perform private.raise_error(409, 'idempotency_key_conflict',

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(91);
+select plan(95);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -310,9 +310,18 @@ select throws_ok($$select public.claim_messages('uploads')$$, '42501', null, 'us
 select throws_ok($$select public.pop_messages('uploads')$$, '42501', null, 'users cannot pop');
 select throws_ok($$select public.list_queues()$$, '42501', null, 'users cannot list the queues');
 
+select is((public.send_message('ordered', '{"f": 1}', p_group_key := 'k')).group_key::text,
+  (select alice from ids)::text || ':k', 'a user''s group key is stored under their id');
+
 select tests.authenticate_as((select bob from ids));
 select is((public.send_message('uploads', '{"f": 2}', p_idempotency_key := 'same')).user_id,
   (select bob from ids), 'idempotency keys are per sender: bob gets his own message, not alice''s');
+select is((public.send_message('ordered', '{"f": 2}', p_group_key := 'k')).status::text, 'pending',
+  'group keys are per sender: bob''s message does not queue behind alice''s');
+select is((public.send_message('ordered', '{"f": 3}', p_group_key := 'k')).status::text, 'blocked',
+  'but behind his own');
+select is((public.send_message('ordered', '{"f": 4}', p_group_key := repeat('k', 128))).status::text,
+  'pending', 'a user''s key may have 128 characters');
 
 select tests.authenticate_as_anon();
 select throws_ok($$select public.send_message('uploads', '{}')$$, '42501', null, 'anon cannot send');
