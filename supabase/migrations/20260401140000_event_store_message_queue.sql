@@ -997,11 +997,11 @@ $$;
 
 -- Sends one or more messages. p_messages is a JSON array of objects with
 -- payload, message_type, priority, delay_seconds, max_attempts,
--- idempotency_key, correlation_id, group_key and headers. A message whose idempotency key the
--- sender already used in this queue is not sent again: the existing message
--- comes back, also when two sends race (the unique index makes the later one
--- wait for the first and skip its row; the read that follows is a new
--- statement and sees it). The same key for a different message is a 409.
+-- idempotency_key, correlation_id, group_key and headers. A message whose
+-- idempotency key the sender already used in this queue is not sent again: the
+-- existing message comes back, also when two sends race (the unique index
+-- makes the later one wait for the first and skip its row; the read that
+-- follows is a new statement and sees it). The same key for a different message is a 409.
 -- Keys are scoped to the sender (a user, or the service role).
 -- Its lookups join the input (which the planner takes for 100 rows) with the
 -- queue table; left to choose, with statistics that lag a filling queue, it
@@ -1212,7 +1212,8 @@ begin
   if p_delay_seconds is not null and p_delay_seconds not between 0 and 31536000 then
     perform private.raise_error(400, 'invalid_delay', 'delay_seconds must be between 0 and 31536000');
   end if;
-  select array_agg(l.id), array_agg(l.token), array_agg(q.group_key) filter (where q.group_key is not null)
+  select array_agg(l.id), array_agg(l.token),
+         array_agg(q.group_key) filter (where q.group_key is not null)
   into v_ids, v_tokens, v_groups
   from unnest(p_message_ids, p_lease_tokens) l(id, token)
   join public.message_queue q on q.id = l.id and q.queue_name = p_queue_name;
@@ -1470,8 +1471,8 @@ immutable
 set search_path = ''
 as $$
 begin
-  if coalesce(cardinality(p_ids), 0) not between 1 and 1000 or array_position(p_ids, null) is not null
-  then
+  if coalesce(cardinality(p_ids), 0) not between 1 and 1000
+     or array_position(p_ids, null) is not null then
     perform private.raise_error(400, 'invalid_message_ids',
       'message_ids must be an array of 1 to 1000 ids');
   end if;
@@ -1637,7 +1638,8 @@ end;
 $$;
 
 revoke all on function public.send_messages(text, jsonb, text) from public, anon;
-revoke all on function public.send_message(text, jsonb, text, integer, integer, integer, text, text, text, jsonb)
+revoke all on function
+  public.send_message(text, jsonb, text, integer, integer, integer, text, text, text, jsonb)
   from public, anon;
 revoke all on function public.claim_messages(text, integer, double precision, text)
   from public, anon, authenticated;
@@ -1650,7 +1652,8 @@ revoke all on function public.extend_message_lease(text, bigint, uuid, double pr
 revoke all on function public.purge_queue(text, text) from public, anon, authenticated;
 revoke all on function public.queue_metrics(text) from public, anon, authenticated;
 grant execute on function public.send_messages(text, jsonb, text) to authenticated, service_role;
-grant execute on function public.send_message(text, jsonb, text, integer, integer, integer, text, text, text, jsonb)
+grant execute on function
+  public.send_message(text, jsonb, text, integer, integer, integer, text, text, text, jsonb)
   to authenticated, service_role;
 grant execute on function public.claim_messages(text, integer, double precision, text) to service_role;
 grant execute on function public.ack_message(text, bigint, uuid) to service_role;
