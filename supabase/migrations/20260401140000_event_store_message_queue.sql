@@ -1594,6 +1594,61 @@ begin
 end;
 $$;
 
+-- Redrives dead letters (SQS's redrive; pgmq has no dead letters): once the
+-- cause is fixed, a dead message is due again with its attempts back at 0.
+-- One of a FIFO group goes back to its group, in its place by id: blocked
+-- behind a head if the group has one, else its head. Returns the messages
+-- redriven; ids not in the queue, or not dead, are left out.
+create or replace function public.redrive_messages(
+  p_queue_name text,
+  p_message_ids bigint[]
+) returns setof public.message_queue
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_groups text[];
+begin
+  v_groups := private.checked_message_groups(p_queue_name, p_message_ids);
+  return query
+  update public.message_queue q
+     set status = case when q.group_key is null then 'pending' else 'blocked' end,
+         attempts = 0,
+         visible_at = now(),
+         finished_at = null,
+         updated_at = now()
+   where q.id = any (p_message_ids) and q.queue_name = p_queue_name and q.status = 'dead'
+  returning q.*;
+  perform private.promote_message_groups(p_queue_name, v_groups);
+end;
+$$;
+
+-- One redriven message (as it is after any promotion of its group), or why
+-- not: 404 message_not_found, 409 message_not_dead.
+create or replace function public.redrive_message(p_queue_name text, p_message_id bigint)
+returns public.message_queue
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_redriven boolean;
+  v_row public.message_queue;
+begin
+  select true into v_redriven from public.redrive_messages(p_queue_name, array[p_message_id]);
+  select * into v_row from public.message_queue q
+  where q.id = p_message_id and q.queue_name = p_queue_name;
+  if v_row.id is null then
+    perform private.raise_error(404, 'message_not_found', 'no such message in this queue');
+  elsif v_redriven is null then
+    perform private.raise_error(409, 'message_not_dead',
+      format('message %s is %s, not dead', p_message_id, v_row.status));
+  end if;
+  return v_row;
+end;
+$$;
+
 -- Every queue's metrics, by name (pgmq's list_queues and metrics_all). A
 -- queue is named by its messages: once all are purged or deleted it is gone.
 -- The names come one index probe per queue from the pending and the finished
@@ -1676,6 +1731,10 @@ grant execute on function public.archive_message(text, bigint) to service_role;
 grant execute on function public.delete_messages(text, bigint[]) to service_role;
 grant execute on function public.delete_message(text, bigint) to service_role;
 grant execute on function public.list_queues() to service_role;
+revoke all on function public.redrive_messages(text, bigint[]) from public, anon, authenticated;
+revoke all on function public.redrive_message(text, bigint) from public, anon, authenticated;
+grant execute on function public.redrive_messages(text, bigint[]) to service_role;
+grant execute on function public.redrive_message(text, bigint) to service_role;
 
 -- -----------------------------------------------------------------------------
 -- background_jobs

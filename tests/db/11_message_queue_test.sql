@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(95);
+select plan(102);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -298,6 +298,32 @@ select is((public.send_message('nulls', '{}', p_idempotency_key := 'h-key',
   p_headers := '{"v": 1}')).headers::jsonb, '{"v": 1}'::jsonb, 'the same headers replay');
 delete from public.message_queue where queue_name = 'nulls';
 
+-- redrive: a dead letter is due again, attempts back at 0; one of a group goes back to it
+create temp table rd as select * from public.send_messages('redrive', '[{"payload": {"n": 1}, "max_attempts": 1},
+  {"payload": {"n": 2}, "max_attempts": 1, "group_key": "k"}, {"payload": {"n": 3}, "group_key": "k"}]');
+create temp table rd1 as select * from public.claim_messages('redrive', 10, 30);
+select public.nack_message('redrive', id, lease_token, 'broken') from rd1;
+select is((select array_agg(payload ->> 'n' || ':' || status order by id) from public.message_queue
+           where queue_name = 'redrive'), array['1:dead', '2:dead', '3:pending'],
+  'two dead letters, and the group''s next message went');
+select is((select row(status, attempts, finished_at)::text from public.redrive_message('redrive',
+    (select id from rd where payload ->> 'n' = '1'))), '(pending,0,)',
+  'a redriven message is pending with its attempts back at 0');
+select is((select status::text from public.redrive_message('redrive', (select id from rd where payload ->> 'n' = '2'))),
+  'blocked', 'a redriven message of a group waits behind the group''s head');
+select throws_ok(format($$select public.redrive_message('redrive', %s)$$,
+  (select id from rd where payload ->> 'n' = '3')), 'PT409', 'message_not_dead',
+  'only dead letters are redriven');
+select throws_ok(format($$select public.redrive_message('emails', %s)$$,
+  (select id from rd where payload ->> 'n' = '1')), 'PT404', 'message_not_found',
+  'redrive acts in its own queue only');
+create temp table rd2 as select * from public.claim_messages('redrive', 10, 30);
+select public.ack_message('redrive', id, lease_token) from rd2 where payload ->> 'n' = '3';
+select is((select array_agg(payload ->> 'n' || ':' || status order by id) from public.message_queue
+           where queue_name = 'redrive'), array['1:processing', '2:pending', '3:completed'],
+  'the redriven message of the group goes once the head is done');
+delete from public.message_queue where queue_name = 'redrive';
+
 -- RLS matrix
 create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;
 grant select on ids to authenticated, anon, service_role;
@@ -309,6 +335,8 @@ select is((select count(*)::int from public.message_queue), 1, 'alice sees only 
 select throws_ok($$select public.claim_messages('uploads')$$, '42501', null, 'users cannot claim');
 select throws_ok($$select public.pop_messages('uploads')$$, '42501', null, 'users cannot pop');
 select throws_ok($$select public.list_queues()$$, '42501', null, 'users cannot list the queues');
+select throws_ok($$select public.redrive_messages('uploads', '{1}')$$, '42501', null,
+  'users cannot redrive');
 
 select is((public.send_message('ordered', '{"f": 1}', p_group_key := 'k')).group_key::text,
   (select alice from ids)::text || ':k', 'a user''s group key is stored under their id');

@@ -226,6 +226,13 @@ dbTest("claim, ack and nack over HTTP: backoff, dead letters, lease expiry, metr
   assert.equal(metrics.body.completed, 1);
   assert.equal(metrics.body.depth, 0);
   assert.equal(metrics.body.in_flight, 0);
+
+  // once the cause is fixed, the dead letter is redriven and delivered again
+  const redriven = await call(app, "POST", `/queues/work/messages/${a.id}/redrive`, { token });
+  assert.equal(redriven.status, 200, JSON.stringify(redriven.body));
+  assert.deepEqual([redriven.body.message.status, redriven.body.message.attempts], ["pending", 0]);
+  const redelivered = await call(app, "POST", "/queues/work/claim", { token, body: {} });
+  assert.deepEqual(redelivered.body.messages.map((m: { id: string }) => m.id), [a.id]);
 });
 
 dbTest("an expired lease makes a message visible again", async () => {
@@ -436,6 +443,11 @@ dbTest("pop, archive and delete over HTTP, and every queue's metrics", async () 
     400,
     "invalid_request",
   );
+  expectError(
+    await call(app, "POST", `/queues/ops/messages/${delayed.id}/redrive`, { token }),
+    409,
+    "message_not_dead",
+  );
 
   expectError(
     await call(app, "DELETE", `/queues/other/messages/${fourth.id}`, { token }),
@@ -473,6 +485,10 @@ dbTest("pop, archive and delete over HTTP, and every queue's metrics", async () 
     );
     expectError(
       await call(app, "DELETE", `/queues/ops/messages/${delayed.id}`, { token: who }),
+      status,
+    );
+    expectError(
+      await call(app, "POST", `/queues/ops/messages/${delayed.id}/redrive`, { token: who }),
       status,
     );
     expectError(await call(app, "GET", "/queues", { token: who }), status);

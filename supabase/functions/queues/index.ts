@@ -11,6 +11,7 @@
 //                                             (service role, lease holder)
 //   POST /queues/:queue/messages/:id/archive  complete a message not yet finished, whoever
 //                                             holds it (service role)
+//   POST /queues/:queue/messages/:id/redrive  a dead letter due again, attempts at 0 (service role)
 //   DELETE /queues/:queue/messages/:id        delete a message in any state (service role)
 //   GET  /queues/:queue/metrics               depth, in flight, dead, oldest age (service role)
 //   GET  /queues                              every queue's metrics (service role)
@@ -154,10 +155,14 @@ app.post("/:queue/messages/:id/:action{ack|nack}", async (c) => {
 
 const messageRoute = z.object({ queue: queueName, id: bigintId });
 
-app.post("/:queue/messages/:id/archive", async (c) => {
+// an operator's actions on one message, whoever holds it
+app.post("/:queue/messages/:id/:action{archive|redrive}", async (c) => {
   const who = requireService(c);
-  const { queue, id } = pathParams(c, messageRoute);
-  const [row] = await rpc(who, c.get("correlationId"), "public.archive_message", {
+  const { queue, id, action } = pathParams(
+    c,
+    messageRoute.extend({ action: z.enum(["archive", "redrive"]) }),
+  );
+  const [row] = await rpc(who, c.get("correlationId"), `public.${action}_message`, {
     queue_name: queue,
     message_id: id,
   });
