@@ -1528,6 +1528,34 @@ begin
 end;
 $$;
 
+-- A message as it is after an operation on it alone (p_done: whether the
+-- operation took it), or why it did not: 404 message_not_found, or 409
+-- p_conflict with the message's status.
+create or replace function private.message_after(
+  p_queue_name text,
+  p_message_id bigint,
+  p_done boolean,
+  p_conflict text,
+  p_expected text
+) returns public.message_queue
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_row public.message_queue;
+begin
+  select * into v_row from public.message_queue q
+  where q.id = p_message_id and q.queue_name = p_queue_name;
+  if v_row.id is null then
+    perform private.raise_error(404, 'message_not_found', 'no such message in this queue');
+  elsif p_done is null then
+    perform private.raise_error(409, p_conflict,
+      format('message %s is %s, %s', p_message_id, v_row.status, p_expected));
+  end if;
+  return v_row;
+end;
+$$;
+
 -- One archived message, or why not: 404 message_not_found, 409
 -- message_finished (already completed or dead).
 create or replace function public.archive_message(p_queue_name text, p_message_id bigint)
@@ -1537,19 +1565,11 @@ security definer
 set search_path = ''
 as $$
 declare
-  v_row public.message_queue;
+  v_done boolean;
 begin
-  select * into v_row from public.archive_messages(p_queue_name, array[p_message_id]);
-  if v_row.id is null then
-    select * into v_row from public.message_queue q
-    where q.id = p_message_id and q.queue_name = p_queue_name;
-    if v_row.id is null then
-      perform private.raise_error(404, 'message_not_found', 'no such message in this queue');
-    end if;
-    perform private.raise_error(409, 'message_finished',
-      format('message %s is %s already', p_message_id, v_row.status));
-  end if;
-  return v_row;
+  select true into v_done from public.archive_messages(p_queue_name, array[p_message_id]);
+  return private.message_after(p_queue_name, p_message_id, v_done, 'message_finished',
+                               'finished already');
 end;
 $$;
 
@@ -1633,19 +1653,11 @@ security definer
 set search_path = ''
 as $$
 declare
-  v_redriven boolean;
-  v_row public.message_queue;
+  v_done boolean;
 begin
-  select true into v_redriven from public.redrive_messages(p_queue_name, array[p_message_id]);
-  select * into v_row from public.message_queue q
-  where q.id = p_message_id and q.queue_name = p_queue_name;
-  if v_row.id is null then
-    perform private.raise_error(404, 'message_not_found', 'no such message in this queue');
-  elsif v_redriven is null then
-    perform private.raise_error(409, 'message_not_dead',
-      format('message %s is %s, not dead', p_message_id, v_row.status));
-  end if;
-  return v_row;
+  select true into v_done from public.redrive_messages(p_queue_name, array[p_message_id]);
+  return private.message_after(p_queue_name, p_message_id, v_done, 'message_not_dead',
+                               'not dead');
 end;
 $$;
 
