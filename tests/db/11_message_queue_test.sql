@@ -113,12 +113,10 @@ select is((select seq_scan from pg_stat_xact_user_tables where relname = 'messag
 -- is null).
 insert into public.message_queue (queue_name, payload, idempotency_key)
 select 'bulk', '{}', 'bulk-' || i from generate_series(1, 20000) i;
-create temp table pages as select pg_stat_get_xact_blocks_fetched('public.message_queue_idempotency_idx'::regclass)
-  + pg_stat_get_xact_blocks_fetched('public.message_queue'::regclass) as n;
+create temp table pages as select tests.blocks_read('public.message_queue_idempotency_idx', 'public.message_queue') as n;
 select public.send_message('bulk', '{}', p_idempotency_key := 'bulk-new');
 select public.send_message('bulk', '{}', p_idempotency_key := 'bulk-new');
-select cmp_ok(pg_stat_get_xact_blocks_fetched('public.message_queue_idempotency_idx'::regclass)
-              + pg_stat_get_xact_blocks_fetched('public.message_queue'::regclass) - (select n from pages), '<', 40::bigint,
+select cmp_ok(tests.blocks_read('public.message_queue_idempotency_idx', 'public.message_queue') - (select n from pages), '<', 40::bigint,
   'keyed sends read a few pages');
 delete from public.message_queue where queue_name = 'bulk';
 
@@ -258,26 +256,20 @@ select is((select array_agg(payload ->> 'n' || ':' || status order by id) from p
 insert into public.message_queue (queue_name, payload, priority, visible_at)
 select 'later', '{}', 5, now() + interval '1 hour' from generate_series(1, 20000);
 select public.send_message('later', '{"due": true}');
-create temp table later_pages as select pg_stat_get_xact_blocks_fetched('public.message_queue_claim_idx'::regclass)
-  + pg_stat_get_xact_blocks_fetched('public.message_queue'::regclass) as n;
+create temp table later_pages as select tests.blocks_read('public.message_queue_claim_idx', 'public.message_queue') as n;
 select is((select array_agg(payload ->> 'due') from public.claim_messages('later', 10, 30)), array['true'],
   'the due message is claimed past higher-priority ones due later');
-select cmp_ok(pg_stat_get_xact_blocks_fetched('public.message_queue_claim_idx'::regclass)
-              + pg_stat_get_xact_blocks_fetched('public.message_queue'::regclass)
-              - (select n from later_pages), '<', 40::bigint,
+select cmp_ok(tests.blocks_read('public.message_queue_claim_idx', 'public.message_queue') - (select n from later_pages), '<', 40::bigint,
   'without reading them');
 delete from public.message_queue where queue_name = 'later';
 -- a long group is never walked by a claim: its blocked messages are not in the claim index
 insert into public.message_queue (queue_name, payload, group_key, status)
 select 'fifo-long', jsonb_build_object('i', i), 'long', 'blocked' from generate_series(1, 20000) i;
 select public.send_message('fifo-long', '{"other": 1}', p_priority := 0);
-create temp table fifo_pages as select pg_stat_get_xact_blocks_fetched('public.message_queue_claim_idx'::regclass)
-  + pg_stat_get_xact_blocks_fetched('public.message_queue'::regclass) as n;
+create temp table fifo_pages as select tests.blocks_read('public.message_queue_claim_idx', 'public.message_queue') as n;
 select is((select count(*)::int from public.claim_messages('fifo-long', 10, 30)), 1,
   'the other message is claimed');
-select cmp_ok(pg_stat_get_xact_blocks_fetched('public.message_queue_claim_idx'::regclass)
-              + pg_stat_get_xact_blocks_fetched('public.message_queue'::regclass)
-              - (select n from fifo_pages), '<', 40::bigint,
+select cmp_ok(tests.blocks_read('public.message_queue_claim_idx', 'public.message_queue') - (select n from fifo_pages), '<', 40::bigint,
   'a claim reads a few pages with 20,000 messages of one group waiting');
 delete from public.message_queue where queue_name = 'fifo-long';
 

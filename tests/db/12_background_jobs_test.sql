@@ -109,13 +109,11 @@ select throws_ok(format($$select public.cancel_job(%s)$$, (select id from h)), '
 -- (the scheduler cannot be searched for: the service role's is null).
 insert into public.background_jobs (job_type, job_name, idempotency_key, status)
 select 'bulk', 'Bulk', 'bulk-' || i, 'completed' from generate_series(1, 20000) i;
-create temp table pages as select pg_stat_get_xact_blocks_fetched('public.background_jobs_idempotency_idx'::regclass)
-  + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass) as n;
+create temp table pages as select tests.blocks_read('public.background_jobs_idempotency_idx', 'public.background_jobs') as n;
 select is((public.schedule_job('bulk', 'Bulk', '{}', p_idempotency_key := 'bulk-new')).id,
   (public.schedule_job('bulk', 'Bulk', '{}', p_idempotency_key := 'bulk-new')).id,
   'a replayed key returns the job it scheduled');
-select cmp_ok(pg_stat_get_xact_blocks_fetched('public.background_jobs_idempotency_idx'::regclass)
-              + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass) - (select n from pages), '<', 40::bigint,
+select cmp_ok(tests.blocks_read('public.background_jobs_idempotency_idx', 'public.background_jobs') - (select n from pages), '<', 40::bigint,
   'keyed schedules read a few pages');
 delete from public.background_jobs where job_type = 'bulk';
 
@@ -126,13 +124,10 @@ select 'bulk', 'Tomorrow', now() + interval '1 day', now() + interval '1 day'
 from generate_series(1, 20000);
 select public.schedule_job('bulk', 'Now', '{}');
 delete from pages;
-insert into pages select pg_stat_get_xact_blocks_fetched('public.background_jobs_claim_idx'::regclass)
-  + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass);
+insert into pages select tests.blocks_read('public.background_jobs_claim_idx', 'public.background_jobs');
 select is((select job_name from public.claim_jobs(array['bulk'], 1)), 'Now',
   'the due job is claimed ahead of those due later');
-select cmp_ok(pg_stat_get_xact_blocks_fetched('public.background_jobs_claim_idx'::regclass)
-              + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass)
-              - (select n from pages), '<', 40::bigint,
+select cmp_ok(tests.blocks_read('public.background_jobs_claim_idx', 'public.background_jobs') - (select n from pages), '<', 40::bigint,
   'without reading the jobs due later');
 delete from public.background_jobs where job_type = 'bulk';
 
@@ -144,13 +139,10 @@ select 'bulk', 'Urgent tomorrow', 9, now() + interval '1 day', now() + interval 
 from generate_series(1, 20000);
 select public.schedule_job('bulk', 'Now', '{}');
 delete from pages;
-insert into pages select pg_stat_get_xact_blocks_fetched('public.background_jobs_claim_idx'::regclass)
-  + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass);
+insert into pages select tests.blocks_read('public.background_jobs_claim_idx', 'public.background_jobs');
 select is((select job_name from public.claim_jobs(array['bulk', 'other'], 1)), 'Now',
   'the due job is claimed past higher-priority jobs due later');
-select cmp_ok(pg_stat_get_xact_blocks_fetched('public.background_jobs_claim_idx'::regclass)
-              + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass)
-              - (select n from pages), '<', 40::bigint,
+select cmp_ok(tests.blocks_read('public.background_jobs_claim_idx', 'public.background_jobs') - (select n from pages), '<', 40::bigint,
   'without reading them');
 delete from public.background_jobs where job_type = 'bulk';
 
@@ -160,13 +152,10 @@ insert into public.background_jobs (job_type, job_name)
 select 'orphan', 'Orphan' from generate_series(1, 20000);
 select public.schedule_job('wanted', 'Wanted', '{}');
 delete from pages;
-insert into pages select pg_stat_get_xact_blocks_fetched('public.background_jobs_claim_idx'::regclass)
-  + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass);
+insert into pages select tests.blocks_read('public.background_jobs_claim_idx', 'public.background_jobs');
 select is((select job_name from public.claim_jobs(array['wanted', 'other'], 1)), 'Wanted',
   'a claim takes the due job of the types it names');
-select cmp_ok(pg_stat_get_xact_blocks_fetched('public.background_jobs_claim_idx'::regclass)
-              + pg_stat_get_xact_blocks_fetched('public.background_jobs'::regclass)
-              - (select n from pages), '<', 40::bigint,
+select cmp_ok(tests.blocks_read('public.background_jobs_claim_idx', 'public.background_jobs') - (select n from pages), '<', 40::bigint,
   'without reading the jobs of other types');
 -- across types, in claim order: priority, then the longest due
 select public.schedule_job('wanted', 'Urgent', '{}', p_priority := 9);

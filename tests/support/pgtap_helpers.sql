@@ -78,3 +78,13 @@ exception when others then
 end;
 $$;
 grant execute on function tests.error_details(text) to anon, authenticated, service_role;
+
+-- Buffer pages this transaction has read from the given tables and indexes,
+-- for "reads a few pages" tests: taken before and after the statement.
+create or replace function tests.blocks_read(variadic p_relations regclass[]) returns bigint
+language sql
+stable
+as $$
+  select sum(pg_stat_get_xact_blocks_fetched(r))::bigint from unnest(p_relations) r
+$$;
+grant execute on function tests.blocks_read(regclass[]) to anon, authenticated, service_role;

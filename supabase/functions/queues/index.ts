@@ -35,6 +35,10 @@ const queueName = z.string().regex(/^[a-z][a-z0-9_-]{0,62}$/);
 
 const idempotencyKey = text(256);
 
+// path parameters: a queue, and one of its messages
+const queueRoute = z.object({ queue: queueName });
+const messageRoute = queueRoute.extend({ id: bigintId });
+
 const message = z.object({
   payload: jsonObject,
   message_type: z.string().regex(/^[A-Za-z][A-Za-z0-9_.:-]{0,127}$/).optional(),
@@ -79,7 +83,7 @@ app.use("*", authenticate());
 
 app.post("/:queue/messages", async (c) => {
   const who = requireUserOrService(c);
-  const { queue } = pathParams(c, z.object({ queue: queueName }));
+  const { queue } = pathParams(c, queueRoute);
   const body = await jsonBody(c, sendBody);
   const header = idempotencyKeyHeader(c);
   const messages = "messages" in body
@@ -105,7 +109,7 @@ app.post("/:queue/messages", async (c) => {
 // client has gone, so no message is leased to nobody.
 app.post("/:queue/claim", async (c) => {
   const who = requireService(c);
-  const { queue } = pathParams(c, z.object({ queue: queueName }));
+  const { queue } = pathParams(c, queueRoute);
   const body = await jsonBody(c, claimBody.default(claimBody.parse({})));
   const deadline = Date.now() + body.wait_seconds * 1000;
   const gone = c.req.raw.signal;
@@ -125,7 +129,7 @@ app.post("/:queue/claim", async (c) => {
 
 app.post("/:queue/pop", async (c) => {
   const who = requireService(c);
-  const { queue } = pathParams(c, z.object({ queue: queueName }));
+  const { queue } = pathParams(c, queueRoute);
   const body = await jsonBody(c, popBody.default({ limit: 1 }));
   const rows = await rpc(who, c.get("correlationId"), "public.pop_messages", {
     queue_name: queue,
@@ -138,7 +142,7 @@ app.post("/:queue/messages/:id/:action{ack|nack}", async (c) => {
   const who = requireService(c);
   const { queue, id, action } = pathParams(
     c,
-    z.object({ queue: queueName, id: bigintId, action: z.enum(["ack", "nack"]) }),
+    messageRoute.extend({ action: z.enum(["ack", "nack"]) }),
   );
   const body: z.infer<typeof settleBody> = await jsonBody(
     c,
@@ -152,8 +156,6 @@ app.post("/:queue/messages/:id/:action{ack|nack}", async (c) => {
   });
   return c.json({ message: toMessage(row) });
 });
-
-const messageRoute = z.object({ queue: queueName, id: bigintId });
 
 // an operator's actions on one message, whoever holds it
 app.post("/:queue/messages/:id/:action{archive|redrive}", async (c) => {
@@ -193,7 +195,7 @@ const toStats = (m: Row) => ({
 
 app.get("/:queue/metrics", async (c) => {
   const who = requireService(c);
-  const { queue } = pathParams(c, z.object({ queue: queueName }));
+  const { queue } = pathParams(c, queueRoute);
   const [m] = await rpc(who, c.get("correlationId"), "public.queue_metrics", { queue_name: queue });
   return c.json(toStats(m));
 });
