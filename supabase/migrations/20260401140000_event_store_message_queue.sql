@@ -592,8 +592,9 @@ declare
 begin
   -- Priority by priority, highest first (a loose index scan), each the range
   -- of its due rows: one ordered scan would walk every not-yet-due row of a
-  -- higher priority first (20,000 delayed messages: 124 index pages, 9 ms a
-  -- claim). The nested loop hands rows on in claim order.
+  -- higher priority first (20,000 delayed messages: 124 index pages and 1.6 ms
+  -- an empty claim, against 11 and 0.16). The nested loop hands rows on in
+  -- claim order.
   v_scan := format($sql$
         select c.id, c.priority, c.visible_at from (
           with recursive priorities(p) as (
@@ -1235,6 +1236,34 @@ begin
 end;
 $$;
 
+-- A message as it is after an operation on it alone (p_done: whether the
+-- operation took it), or why it did not: 404 message_not_found, or 409
+-- p_conflict with the message's status.
+create or replace function private.message_after(
+  p_queue_name text,
+  p_message_id bigint,
+  p_done boolean,
+  p_conflict text,
+  p_expected text
+) returns public.message_queue
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_row public.message_queue;
+begin
+  select * into v_row from public.message_queue q
+  where q.id = p_message_id and q.queue_name = p_queue_name;
+  if v_row.id is null then
+    perform private.raise_error(404, 'message_not_found', 'no such message in this queue');
+  elsif p_done is null then
+    perform private.raise_error(409, p_conflict,
+      format('message %s is %s, %s', p_message_id, v_row.status, p_expected));
+  end if;
+  return v_row;
+end;
+$$;
+
 -- One settled message, or why not: 404 when the queue has no such message,
 -- 409 lease_lost when the token no longer holds it.
 create or replace function private.settle_message(
@@ -1255,13 +1284,8 @@ begin
   from private.settle_messages(p_queue_name, array[p_message_id], array[p_lease_token],
                                p_outcome, p_error, p_delay_seconds);
   if v_row.id is null then
-    if not exists (
-      select from public.message_queue q where q.id = p_message_id and q.queue_name = p_queue_name
-    ) then
-      perform private.raise_error(404, 'message_not_found', 'no such message in this queue');
-    end if;
-    perform private.raise_error(409, 'lease_lost',
-      'this lease token does not hold the message (acked, nacked or expired and reclaimed)');
+    perform private.message_after(p_queue_name, p_message_id, null, 'lease_lost',
+      'not held by this lease token (acked, nacked, or expired and claimed again)');
   end if;
   return v_row;
 end;
@@ -1518,34 +1542,6 @@ begin
      and q.status in ('pending', 'processing', 'blocked')
   returning q.*;
   perform private.promote_message_groups(p_queue_name, v_groups);
-end;
-$$;
-
--- A message as it is after an operation on it alone (p_done: whether the
--- operation took it), or why it did not: 404 message_not_found, or 409
--- p_conflict with the message's status.
-create or replace function private.message_after(
-  p_queue_name text,
-  p_message_id bigint,
-  p_done boolean,
-  p_conflict text,
-  p_expected text
-) returns public.message_queue
-language plpgsql
-set search_path = ''
-as $$
-declare
-  v_row public.message_queue;
-begin
-  select * into v_row from public.message_queue q
-  where q.id = p_message_id and q.queue_name = p_queue_name;
-  if v_row.id is null then
-    perform private.raise_error(404, 'message_not_found', 'no such message in this queue');
-  elsif p_done is null then
-    perform private.raise_error(409, p_conflict,
-      format('message %s is %s, %s', p_message_id, v_row.status, p_expected));
-  end if;
-  return v_row;
 end;
 $$;
 
