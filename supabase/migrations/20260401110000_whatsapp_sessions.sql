@@ -584,19 +584,11 @@ declare
   v_ids bigint[];
   v_metrics jsonb;
 begin
-  -- the rows lease_expire will take (same predicate); locked here first so
-  -- the follow-up below sees exactly them
-  v_ids := array(
-    select q.id from public.whatsapp_message_queue q
-    where q.status = 'processing' and q.visible_at <= now()
-    order by q.visible_at
-    limit 1000
-    for update skip locked);
+  v_ids := private.whatsapp_message_queue_lease_expire('failed', 0,
+    'the dispatcher holding this message stopped before finishing it');
   if cardinality(v_ids) = 0 then
     return '[]'::jsonb;
   end if;
-  perform private.whatsapp_message_queue_lease_expire('failed', 0,
-    'the dispatcher holding this message stopped before finishing it');
 
   with expired as (
     update public.whatsapp_message_queue q set

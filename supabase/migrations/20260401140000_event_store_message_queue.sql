@@ -520,7 +520,9 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 --                                   fresh lease token
 --   private.<prefix>_lease_expire   in-flight rows whose lease ended -> pending
 --                                   again (after a backoff when asked), or the
---                                   exhausted status after max_attempts
+--                                   exhausted status after max_attempts; returns
+--                                   their ids, so a caller can follow up on
+--                                   exactly those rows
 --   private.<prefix>_lease_settle   for the holders of the given tokens only:
 --                                   done, or retry after a delay / backoff, or
 --                                   exhausted after max_attempts
@@ -698,12 +700,12 @@ begin
   execute format($tpl$
     create or replace function private.%2$I(
       p_exhausted text, p_retry_base_seconds double precision, p_error text
-    ) returns integer
+    ) returns bigint[]
     language plpgsql
     set search_path = ''
     as $fn$
     declare
-      v_count integer;
+      v_ids bigint[];
     begin
       -- Claims sweep first, and nearly always find nothing: an index probe
       -- is a third of the locking update's cost. In index order, so the scan
@@ -713,7 +715,7 @@ begin
       order by t.visible_at
       limit 1;
       if not found then
-        return 0;
+        return '{}';
       end if;
       with expired as (
         select t.id from %1$s t
@@ -721,23 +723,25 @@ begin
         order by t.visible_at
         limit 1000
         for update skip locked
+      ), done as (
+        update %1$s t
+           set status = case when t.attempts >= t.max_attempts then p_exhausted else 'pending' end,
+               visible_at = case
+                 when t.attempts >= t.max_attempts then t.visible_at
+                 when p_retry_base_seconds > 0
+                   then now() + private.backoff_delay(t.attempts, p_retry_base_seconds, 3600)
+                 else now() end,
+               finished_at = case when t.attempts >= t.max_attempts then now() end,
+               last_error = p_error,
+               lease_token = null,
+               locked_by = null,
+               updated_at = now()
+          from expired
+         where t.id = expired.id
+        returning t.id
       )
-      update %1$s t
-         set status = case when t.attempts >= t.max_attempts then p_exhausted else 'pending' end,
-             visible_at = case
-               when t.attempts >= t.max_attempts then t.visible_at
-               when p_retry_base_seconds > 0
-                 then now() + private.backoff_delay(t.attempts, p_retry_base_seconds, 3600)
-               else now() end,
-             finished_at = case when t.attempts >= t.max_attempts then now() end,
-             last_error = p_error,
-             lease_token = null,
-             locked_by = null,
-             updated_at = now()
-        from expired
-       where t.id = expired.id;
-      get diagnostics v_count = row_count;
-      return v_count;
+      select coalesce(array_agg(done.id), '{}') into v_ids from done;
+      return v_ids;
     end;
     $fn$
   $tpl$, p_table, p_prefix || '_lease_expire', p_in_flight);
@@ -955,10 +959,11 @@ begin
 end;
 $$;
 
--- Promotes every group left without a head by a lease that expired into a
--- dead letter (the expiry is shared by all queues and knows nothing of
--- groups). The groups with blocked messages are found one index probe each.
-create or replace function private.promote_stuck_message_groups() returns void
+-- Promotes the groups of the heads a lease expiry just dead-lettered (p_ids:
+-- what the shared expiry took, in every queue; those that went back to
+-- pending still hold their groups), queue by queue in name order.
+create or replace function private.promote_expired_message_groups(p_ids bigint[])
+returns void
 language plpgsql
 set search_path = ''
 as $$
@@ -966,25 +971,11 @@ declare
   v_queue record;
 begin
   for v_queue in
-    with recursive blocked(queue_name, group_key) as (
-      (select b.queue_name::text, b.group_key::text from public.message_queue b
-       where b.status = 'blocked' order by b.queue_name, b.group_key limit 1)
-      union all
-      select n.queue_name, n.group_key from blocked l
-      cross join lateral (
-        select b.queue_name::text, b.group_key::text from public.message_queue b
-        where b.status = 'blocked' and (b.queue_name, b.group_key) > (l.queue_name, l.group_key)
-        order by b.queue_name, b.group_key
-        limit 1
-      ) n
-    )
-    select l.queue_name, array_agg(l.group_key) as groups from blocked l
-    where not exists (
-      select from public.message_queue h
-      where h.queue_name = l.queue_name and h.group_key = l.group_key
-        and h.status in ('pending', 'processing'))
-    group by l.queue_name
-    order by l.queue_name
+    select q.queue_name::text as queue_name, array_agg(q.group_key::text) as groups
+    from public.message_queue q
+    where q.id = any(p_ids) and q.status = 'dead' and q.group_key is not null
+    group by q.queue_name
+    order by q.queue_name
   loop
     perform private.promote_message_groups(v_queue.queue_name, v_queue.groups);
   end loop;
@@ -1178,6 +1169,8 @@ language plpgsql
 security definer
 set search_path = ''
 as $$
+declare
+  v_expired bigint[];
 begin
   perform private.check_queue_name(p_queue_name);
   perform private.check_limit(p_limit, 1000);
@@ -1186,8 +1179,9 @@ begin
     perform private.raise_error(400, 'invalid_visibility_timeout',
       'visibility_timeout_seconds must be between 0.1 and 43200');
   end if;
-  if private.message_queue_lease_expire('dead', 0, 'lease expired before ack') > 0 then
-    perform private.promote_stuck_message_groups();
+  v_expired := private.message_queue_lease_expire('dead', 0, 'lease expired before ack');
+  if cardinality(v_expired) > 0 then
+    perform private.promote_expired_message_groups(v_expired);
   end if;
   return query
   select c.* from private.message_queue_lease_claim(p_queue_name, p_limit,
@@ -1874,7 +1868,7 @@ security definer
 set search_path = ''
 as $$
 begin
-  return (select private.background_jobs_lease_expire('timeout', 10, 'timed out'));
+  return cardinality(private.background_jobs_lease_expire('timeout', 10, 'timed out'));
 end;
 $$;
 

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(102);
+select plan(105);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -272,6 +272,29 @@ select is((select count(*)::int from public.claim_messages('fifo-long', 10, 30))
 select cmp_ok(tests.blocks_read('public.message_queue_claim_idx', 'public.message_queue') - (select n from fifo_pages), '<', 40::bigint,
   'a claim reads a few pages with 20,000 messages of one group waiting');
 delete from public.message_queue where queue_name = 'fifo-long';
+-- a lease expiry promotes the groups of the heads it dead-lettered, and reads
+-- nothing of the 2,000 other groups waiting behind heads in flight
+insert into public.message_queue (queue_name, payload, group_key, status, visible_at, attempts,
+                                  lease_token)
+select 'fifo-many', '{}', 'g' || i, s.status, now() + interval '1 hour', s.attempts, s.token
+from generate_series(1, 2000) i,
+     (values ('processing', 1, gen_random_uuid()), ('blocked', 0, null)) s(status, attempts, token)
+order by i, s.status desc;
+select public.send_messages('fifo-expiring', '[{"payload": {"n": 1}, "group_key": "x", "max_attempts": 1},
+  {"payload": {"n": 2}, "group_key": "x"}]');
+create temp table x1 as select * from public.claim_messages('fifo-expiring', 10, 30);
+update public.message_queue set visible_at = now() - interval '1 second' where id = (select id from x1);
+create temp table many_pages as
+  select tests.blocks_read('public.message_queue', 'public.message_queue_blocked_idx',
+                           'public.message_queue_group_head_idx') as n;
+select is((select array_agg(payload ->> 'n') from public.claim_messages('fifo-expiring', 10, 30)),
+  array['2'], 'the expired head is dead-lettered and the next of its group claimed');
+select cmp_ok(tests.blocks_read('public.message_queue', 'public.message_queue_blocked_idx',
+                                'public.message_queue_group_head_idx') - (select n from many_pages),
+  '<', 40::bigint, 'without looking at the other groups');
+select is((select count(*)::int from public.message_queue where queue_name = 'fifo-many'
+           and status = 'blocked'), 2000, 'whose messages stay blocked behind their heads');
+delete from public.message_queue where queue_name in ('fifo-many', 'fifo-expiring');
 
 -- headers, and nulls inside a payload or headers are kept
 select is((select row(payload, headers)::text from public.send_message('nulls',
