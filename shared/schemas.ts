@@ -21,3 +21,26 @@ export const pageQuery = {
   limit: z.coerce.number().int().min(1).max(500).default(50),
   cursor: z.string().max(200).optional(),
 };
+
+/**
+ * One item, or a batch of 1-1000 as `{"<key>": [...]}`, as `{ batch, items }`.
+ * The body is checked as the shape it has (a batch when it carries `key`), so
+ * a bad field is reported as itself: a union of the two would only say that
+ * the body matches neither.
+ */
+export function oneOrBatch<T extends z.ZodType>(item: T, key: string) {
+  const batch = z.object({ [key]: z.array(item).min(1).max(1000) }).strict();
+  return z.unknown().transform((body, ctx): { batch: boolean; items: z.output<T>[] } => {
+    const isBatch = typeof body === "object" && body !== null && !Array.isArray(body) &&
+      key in body;
+    const parsed = isBatch ? batch.safeParse(body) : item.safeParse(body);
+    if (!parsed.success) {
+      // already final (paths and messages set): passed on as they are
+      ctx.issues.push(...(parsed.error.issues as z.core.$ZodRawIssue[]));
+      return z.NEVER;
+    }
+    return isBatch
+      ? { batch: true, items: (parsed.data as Record<string, z.output<T>[]>)[key] }
+      : { batch: false, items: [parsed.data as z.output<T>] };
+  });
+}

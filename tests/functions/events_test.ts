@@ -158,16 +158,30 @@ dbTest("a batch is atomic and bad input writes nothing", async () => {
     body: { events: [event("batch-2"), event("batch-1", { expected_version: 1 })] },
   });
   expectError(conflict, 409, "version_conflict");
-  expectError(
+  // each error names the field at fault, in a single event as in a batch
+  const paths = (err: { details?: unknown }) =>
+    (err.details as { path: string }[]).map((d) => d.path);
+  const badPayload = expectError(
     await call(app, "POST", "/events", { token, body: event("bad", { payload: [1] }) }),
     400,
     "invalid_request",
   );
-  expectError(
+  assert.deepEqual(paths(badPayload), ["payload"]);
+  const badVersion = expectError(
     await call(app, "POST", "/events", { token, body: event("bad", { expected_version: -2 }) }),
     400,
     "invalid_request",
   );
+  assert.deepEqual(paths(badVersion), ["expected_version"]);
+  const badInBatch = expectError(
+    await call(app, "POST", "/events", {
+      token,
+      body: { events: [event("bad"), event("bad", { expected_version: 1.5 })] },
+    }),
+    400,
+    "invalid_request",
+  );
+  assert.deepEqual(paths(badInBatch), ["events.1.expected_version"]);
   expectError(
     await call(app, "POST", "/events", {
       token,

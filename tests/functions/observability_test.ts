@@ -44,11 +44,12 @@ dbTest("a batch of metrics is written in one go; one bad element writes none", a
 
   // NaN goes out as null, which validation refuses before any SQL runs.
   const bad = [...metrics.slice(0, 10), metric({ metric_name: "batch", value: Number.NaN })];
-  expectError(
+  const err = expectError(
     await call(app, "POST", "/observability/metrics", { token, body: { metrics: bad } }),
     400,
     "invalid_request",
   );
+  assert.deepEqual((err.details as { path: string }[]).map((d) => d.path), ["metrics.10.value"]);
   const tooMany = Array.from({ length: 1001 }, () => metric({ metric_name: "batch" }));
   expectError(
     await call(app, "POST", "/observability/metrics", { token, body: { metrics: tooMany } }),

@@ -273,7 +273,7 @@ dbTest("bad input gets 400 and changes nothing", async () => {
     400,
     "invalid_request",
   );
-  expectError(
+  const negative = expectError(
     await call(app, "POST", "/queues/valid/messages", {
       token,
       body: { payload: {}, priority: -1 },
@@ -281,7 +281,8 @@ dbTest("bad input gets 400 and changes nothing", async () => {
     400,
     "invalid_request",
   );
-  expectError(
+  assert.deepEqual((negative.details as { path: string }[]).map((d) => d.path), ["priority"]);
+  const inBatch = expectError(
     await call(app, "POST", "/queues/valid/messages", {
       token,
       body: { messages: [{ payload: {} }, { payload: 1 }] },
@@ -289,6 +290,9 @@ dbTest("bad input gets 400 and changes nothing", async () => {
     400,
     "invalid_request",
   );
+  assert.deepEqual((inBatch.details as { path: string }[]).map((d) => d.path), [
+    "messages.1.payload",
+  ]);
   expectError(
     await call(app, "POST", "/queues/valid/claim", { token, body: { limit: 0 } }),
     400,

@@ -6,7 +6,7 @@
 //                                         (own aggregates for users, any for the service role)
 //   GET  /events/stream                   all events after a global position (service role)
 import { z } from "zod";
-import { jsonObject, text } from "../../../shared/schemas.ts";
+import { jsonObject, oneOrBatch, text } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { type Row, rpc } from "../../../shared/db.ts";
 import { notFound } from "../../../shared/errors.ts";
@@ -27,10 +27,7 @@ const event = z.object({
   user_id: z.uuid().optional(),
 }).strict();
 
-const appendBody = z.union([
-  event,
-  z.object({ events: z.array(event).min(1).max(1000) }).strict(),
-]);
+const appendBody = oneOrBatch(event, "events");
 
 const historyQuery = z.object({
   from_version: z.coerce.number().int().min(1).default(1),
@@ -61,15 +58,14 @@ app.use("*", authenticate());
 
 app.post("/", async (c) => {
   const who = requireUserOrService(c);
-  const body = await jsonBody(c, appendBody);
-  const events = "events" in body ? body.events : [body];
+  const { batch, items: events } = await jsonBody(c, appendBody);
   const correlationId = c.get("correlationId");
   const rows = await rpc(who, correlationId, "public.append_events", {
     events,
     correlation_id: correlationId,
   });
   const out = rows.map(toEvent);
-  return c.json("events" in body ? { events: out } : { event: out[0] }, 201);
+  return c.json(batch ? { events: out } : { event: out[0] }, 201);
 });
 
 app.get("/aggregates/:type/:id", async (c) => {

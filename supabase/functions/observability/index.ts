@@ -6,7 +6,13 @@
 //   GET  /observability/audit         own events (users) or all (service role), paginated
 //   POST /observability/maintenance   run partition maintenance now (service role)
 import { z } from "zod";
-import { cursorTimestamp, jsonObject, pageQuery, text } from "../../../shared/schemas.ts";
+import {
+  cursorTimestamp,
+  jsonObject,
+  oneOrBatch,
+  pageQuery,
+  text,
+} from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import type { Principal } from "../../../shared/auth.ts";
 import { coalescer } from "../../../shared/coalesce.ts";
@@ -30,10 +36,7 @@ const metric = z.object({
   recorded_at: z.iso.datetime({ offset: true }).optional(),
 }).strict();
 
-const metricsBody = z.union([
-  metric,
-  z.object({ metrics: z.array(metric).min(1).max(1000) }).strict(),
-]);
+const metricsBody = oneOrBatch(metric, "metrics");
 
 const statsQuery = z.object({
   service_name: text(63),
@@ -98,11 +101,11 @@ app.use("*", authenticate());
 
 app.post("/metrics", async (c) => {
   const who = requireService(c);
-  const body = await jsonBody(c, metricsBody);
+  const { batch, items } = await jsonBody(c, metricsBody);
   const correlationId = c.get("correlationId");
-  if ("metrics" in body) {
+  if (batch) {
     const [row] = await rpc(who, correlationId, "public.record_metrics", {
-      metrics: body.metrics,
+      metrics: items,
       correlation_id: correlationId,
     });
     return c.json({ recorded: row.record_metrics }, 201);
@@ -110,7 +113,7 @@ app.post("/metrics", async (c) => {
   const id = await recordMetric(JSON.stringify(who.claims), {
     who,
     correlationId,
-    args: { ...body, correlation_id: body.correlation_id ?? correlationId },
+    args: { ...items[0], correlation_id: items[0].correlation_id ?? correlationId },
   });
   return c.json({ id, recorded: 1 }, 201);
 });

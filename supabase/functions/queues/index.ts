@@ -20,7 +20,7 @@
 // metrics are for the service role only. Users may only send, and never see
 // other senders' messages.
 import { z } from "zod";
-import { bigintId, jsonObject, text } from "../../../shared/schemas.ts";
+import { bigintId, jsonObject, oneOrBatch, text } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { type Row, rpc } from "../../../shared/db.ts";
 import {
@@ -52,10 +52,7 @@ const message = z.object({
   headers: jsonObject.optional(),
 }).strict();
 
-const sendBody = z.union([
-  message,
-  z.object({ messages: z.array(message).min(1).max(1000) }).strict(),
-]);
+const sendBody = oneOrBatch(message, "messages");
 
 // wait_seconds: pgmq's read_with_poll. Up to 20 s, as SQS's long poll, well
 // inside the edge function's wall clock.
@@ -84,11 +81,12 @@ app.use("*", authenticate());
 app.post("/:queue/messages", async (c) => {
   const who = requireUserOrService(c);
   const { queue } = pathParams(c, queueRoute);
-  const body = await jsonBody(c, sendBody);
+  const { batch, items } = await jsonBody(c, sendBody);
   const header = idempotencyKeyHeader(c);
-  const messages = "messages" in body
-    ? body.messages
-    : [{ ...body, idempotency_key: body.idempotency_key ?? header }];
+  // the Idempotency-Key header stands for a single message's key
+  const messages = batch
+    ? items
+    : [{ ...items[0], idempotency_key: items[0].idempotency_key ?? header }];
   const rows = await rpc(who, c.get("correlationId"), "public.send_messages", {
     queue_name: queue,
     messages,
@@ -97,7 +95,7 @@ app.post("/:queue/messages", async (c) => {
   const out = rows.map(({ created: _, ...r }) => toMessage(r));
   return createdOrReplayed(
     c,
-    "messages" in body ? { messages: out } : { message: out[0] },
+    batch ? { messages: out } : { message: out[0] },
     rows.some((r) => r.created),
   );
 });
