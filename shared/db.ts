@@ -253,6 +253,7 @@ const CALLER_DATA_EXCEPTIONS = new Set([
   "22004", // null_value_not_allowed
   "22007", // invalid_datetime_format
   "22008", // datetime_field_overflow
+  "22009", // invalid_time_zone_displacement_value
   "22021", // character_not_in_repertoire
   "22023", // invalid_parameter_value
   "22025", // invalid_escape_sequence

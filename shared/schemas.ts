@@ -1,8 +1,40 @@
 // Request shapes the functions share, so one rule has one spelling.
 import { z } from "zod";
 
+/**
+ * How deep a JSON value may nest. Postgres parses jsonb recursively and a few
+ * thousand levels exhaust its stack (a 500 after the body was accepted).
+ */
+export const MAX_JSON_DEPTH = 100;
+
+/** The deepest nesting in a JSON value (0 for a scalar), walked without recursion. */
+export function jsonDepth(value: unknown): number {
+  let deepest = 0;
+  const stack: [unknown, number][] = [[value, 0]];
+  while (stack.length > 0) {
+    const [v, depth] = stack.pop()!;
+    if (typeof v !== "object" || v === null) continue;
+    deepest = Math.max(deepest, depth + 1);
+    if (deepest > MAX_JSON_DEPTH) return deepest;
+    for (const child of Object.values(v)) stack.push([child, depth + 1]);
+  }
+  return deepest;
+}
+
 /** A JSON object: payloads, metadata, tags. */
-export const jsonObject = z.record(z.string(), z.unknown());
+export const jsonObject = z.record(z.string(), z.unknown()).refine(
+  (v) => jsonDepth(v) <= MAX_JSON_DEPTH,
+  `JSON may nest at most ${MAX_JSON_DEPTH} levels`,
+);
+
+/**
+ * An ISO 8601 timestamp with an offset, which Postgres takes only within
+ * ±15:59 (zod's format allows up to ±23:59).
+ */
+export const timestamp = z.iso.datetime({ offset: true }).refine(
+  (v) => !/[+-](1[6-9]|2\d):\d{2}$/.test(v),
+  "the UTC offset must be within ±15:59",
+);
 
 /** A non-empty string of at most `max` characters. */
 export const text = (max: number) => z.string().min(1).max(max);

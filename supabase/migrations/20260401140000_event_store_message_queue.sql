@@ -497,7 +497,9 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 --   timestamptz (when a pending row may be claimed; while in flight, when its
 --   lease ends); attempts / max_attempts integer; lease_token uuid;
 --   locked_by text; locked_at / finished_at / updated_at timestamptz;
---   last_error text; optionally timeout_seconds (a per-row lease) and result
+--   last_error text; optionally timeout_seconds (a per-row lease: the
+--   timeout plus 10 s for the holder, who stops the work at the timeout by
+--   its own clock, to report before the lease can expire) and result
 --   jsonb; and a lane (which rows a consumer asks for: message_queue's
 --   queue_name, background_jobs' job types).
 --
@@ -655,7 +657,7 @@ begin
   end if;
   if exists (select from pg_attribute where attrelid = p_table and attname = 'timeout_seconds'
              and not attisdropped) then
-    v_lease := 'coalesce(p_lease, make_interval(secs => t.timeout_seconds))';
+    v_lease := 'coalesce(p_lease, make_interval(secs => t.timeout_seconds + 10))';
   end if;
   if exists (select from pg_attribute where attrelid = p_table and attname = 'result'
              and not attisdropped) then
@@ -1736,9 +1738,13 @@ grant execute on function public.redrive_message(text, bigint) to service_role;
 --
 -- run_at is when the job was asked to run; visible_at when it may next be
 -- claimed (run_at, then after a retry backoff) and, while running, when its
--- timeout ends. A job that throws is retried with growing delays (10 s, 20 s,
--- 40 s ... with jitter) and ends failed after max_attempts; one that runs past
--- timeout_seconds is timed out the same way and ends with status timeout.
+-- lease ends: 10 s after its timeout, so that a worker which stops the handler
+-- at the timeout (timing from when the claim came back, a little after the
+-- database's now()) can still report. A job that throws is retried with
+-- growing delays (10 s, 20 s, 40 s ... with jitter) and ends failed after
+-- max_attempts; one that runs past timeout_seconds is timed out the same way
+-- (by its worker, or by the lease when the worker died) and ends with status
+-- timeout.
 -- timeout_seconds is capped at 120 so a worker run stays inside the edge
 -- function's 150 s wall clock.
 -- -----------------------------------------------------------------------------
@@ -2017,7 +2023,9 @@ end;
 $$;
 
 -- Cancels a pending or running job (a running one's worker loses its lease,
--- so its result is discarded).
+-- so its result is discarded). A running job keeps its lease's end in
+-- visible_at: its handler may still be running until then, and a retry waits
+-- for it (see retry_job).
 create or replace function public.cancel_job(p_job_id bigint) returns public.background_jobs
 language plpgsql
 security definer
@@ -2029,6 +2037,7 @@ begin
   perform private.lock_job(p_job_id, array['pending', 'running'], 'cancelled');
   update public.background_jobs j
      set status = 'cancelled', finished_at = now(), lease_token = null, locked_by = null,
+         visible_at = case when j.status = 'running' then j.visible_at else now() end,
          updated_at = now()
    where j.id = p_job_id
   returning * into v_row;
@@ -2037,7 +2046,9 @@ end;
 $$;
 
 -- Runs a job again now: a waiting job skips its backoff; a failed, timed out
--- or cancelled one starts over with a fresh set of attempts.
+-- or cancelled one starts over with a fresh set of attempts. One cancelled
+-- while it ran waits for that run's lease to end, so that two runs of a job
+-- never overlap.
 create or replace function public.retry_job(p_job_id bigint) returns public.background_jobs
 language plpgsql
 security definer
@@ -2048,7 +2059,9 @@ declare
 begin
   perform private.lock_job(p_job_id, array['pending', 'failed', 'timeout', 'cancelled'], 'retried');
   update public.background_jobs j
-     set status = 'pending', visible_at = now(), finished_at = null,
+     set status = 'pending', finished_at = null,
+         visible_at = case when j.status = 'cancelled' then greatest(j.visible_at, now())
+                           else now() end,
          attempts = case when j.status = 'pending' then j.attempts else 0 end,
          updated_at = now()
    where j.id = p_job_id

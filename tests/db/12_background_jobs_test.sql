@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(49);
+select plan(50);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -90,6 +90,8 @@ select is((select status || ':' || attempts || ':' || last_error from public.bac
 create temp table h as select * from public.schedule_job('hangs', 'Hangs', '{}', p_max_attempts := 1,
   p_timeout_seconds := 1);
 create temp table hc as select * from public.claim_jobs(array['hangs'], 1);
+select is((select visible_at - locked_at from hc), interval '11 seconds',
+  'a job''s lease is its timeout and 10 s for its worker to report');
 update public.background_jobs set visible_at = now() - interval '1 second' where job_type = 'hangs';
 select is(public.timeout_jobs(), 1, 'timeout_jobs finds the job past its timeout');
 select is((select status from public.background_jobs where job_type = 'hangs'), 'timeout',

@@ -45,6 +45,14 @@ registerJobHandler("test_nul", () => Promise.resolve({ text: "a\u0000b" }));
 registerJobHandler("test_breaks_worker", async () => {
   await db.sql`revoke execute on function public.settle_and_claim_jobs from service_role`;
 });
+registerJobHandler("test_bigint", () => Promise.resolve({ total: 10n } as Record<string, unknown>));
+registerJobHandler("test_nul_error", () => Promise.reject(new Error("bad\u0000thing")));
+// finishes 5 ms inside its 1 s timeout
+registerJobHandler("test_just_in_time", () => sleep(995).then(() => ({ on_time: true })));
+// runs until opened
+let openGate: () => void = () => {};
+const gate = new Promise<void>((r) => (openGate = r));
+registerJobHandler("test_gate", () => gate.then(() => ({ opened: true })));
 registerJobHandler("test_cancelled", async (job) => {
   await db.sql`select public.cancel_job(${job.id})`;
 });
@@ -264,6 +272,68 @@ dbTest("a result the database refuses fails the attempt, not the run", async () 
   assert.match(row.last_error, /^result not stored: /);
 });
 
+dbTest("a result that is not JSON, or an error with a NUL, fails the attempt only", async () => {
+  const bigint = await schedule({ job_type: "test_bigint", job_name: "BigInt", max_attempts: 1 });
+  const nul = await schedule({ job_type: "test_nul_error", job_name: "NUL", max_attempts: 1 });
+  const ok = await schedule({ job_type: "test_ok", job_name: "OK", payload: { n: 2 } });
+  const summary = await run({ job_types: ["test_bigint", "test_nul_error", "test_ok"] });
+  assert.equal(summary.status, 200, JSON.stringify(summary.body));
+  assert.deepEqual([summary.body.failed, summary.body.completed], [2, 1]);
+  const [b, n, o] = await Promise.all([bigint, nul, ok].map((r) => job(r.body.job.id)));
+  assert.equal(b.status, "failed");
+  assert.match(b.last_error, /^the handler's result is not JSON: .*BigInt/);
+  assert.deepEqual([n.status, n.last_error], ["failed", "badthing"]);
+  assert.deepEqual(o.result, { doubled: 4 });
+});
+
+dbTest("a job that ends just inside its timeout completes while other workers claim", async () => {
+  const ids: string[] = [];
+  for (let i = 0; i < 3; i++) {
+    const res = await schedule({
+      job_type: "test_just_in_time",
+      job_name: `On time ${i}`,
+      timeout_seconds: 1,
+      max_attempts: 1,
+    });
+    ids.push(res.body.job.id);
+  }
+  // another worker's claims sweep expired leases all the while
+  let running = true;
+  const sweeper = (async () => {
+    while (running) await db.sql`select count(*) from public.claim_jobs(array['test_none'], 1)`;
+  })();
+  const summary = await run({ job_types: ["test_just_in_time"], concurrency: 3 });
+  running = false;
+  await sweeper;
+  assert.equal(summary.body.completed, 3, JSON.stringify(summary.body));
+  assert.equal(summary.body.lease_lost, 0);
+  const rows = await db.sql`select status from public.background_jobs where id = any(${ids})`;
+  assert.deepEqual(rows.map((r) => r.status), ["completed", "completed", "completed"]);
+});
+
+dbTest(
+  "a job cancelled while it runs and retried does not run again until its lease ends",
+  async () => {
+    const token = await serviceToken();
+    const res = await schedule({ job_type: "test_gate", job_name: "Gate", timeout_seconds: 20 });
+    const id = res.body.job.id;
+    const first = run({ job_types: ["test_gate"], budget_ms: 100 });
+    while ((await job(id)).status !== "running") await sleep(20);
+    const lease = (await job(id)).visible_at.getTime();
+    assert.equal((await call(app, "POST", `/jobs/${id}/cancel`, { token })).status, 200);
+    const retried = await call(app, "POST", `/jobs/${id}/retry`, { token });
+    assert.equal(retried.body.job.status, "pending");
+    assert.equal(Date.parse(retried.body.job.visible_at), lease, "due when the old lease ends");
+    assert.equal(
+      (await run({ job_types: ["test_gate"] })).body.claimed,
+      0,
+      "not run twice at once",
+    );
+    openGate();
+    assert.equal((await first).body.lease_lost, 1);
+  },
+);
+
 dbTest("a slot that fails stops the run's claims; the others finish their jobs first", async () => {
   const slow = await schedule({ job_type: "test_slow", job_name: "Slow", priority: 10 });
   const breaks = await schedule({
@@ -341,6 +411,17 @@ dbTest("bad input gets 400 and schedules nothing", async () => {
   expectError(await schedule({ job_type: "Bad Type", job_name: "x" }), 400);
   expectError(await schedule({ job_type: "test_ok", job_name: "x", timeout_seconds: 600 }), 400);
   expectError(await call(app, "GET", "/jobs/abc", { token: await serviceToken() }), 400);
+  // Postgres takes UTC offsets up to 15:59 and nests JSON only so deep
+  expectError(
+    await schedule({ job_type: "test_ok", job_name: "x", run_at: "2030-01-01T00:00:00+16:00" }),
+    400,
+    "invalid_request",
+  );
+  let deep: unknown = 1;
+  for (let i = 0; i < 20_000; i++) deep = { a: deep };
+  expectError(await schedule({ job_type: "test_ok", job_name: "x", payload: deep }), 400);
+  const unknownType = expectError(await run({ job_types: ["test_ok", "no_such_type"] }), 400);
+  assert.equal(unknownType.code, "unknown_job_type");
   const [after] = await db.sql`select count(*)::int as n from public.background_jobs`;
   assert.equal(after.n, before.n);
 });

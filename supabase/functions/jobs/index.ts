@@ -7,10 +7,11 @@
 //   POST /jobs/run           the worker: drains due jobs within a time budget
 //                            (service role; cron calls it every minute)
 import { z } from "zod";
-import { bigintId, jsonObject, text } from "../../../shared/schemas.ts";
+import { bigintId, jsonObject, text, timestamp } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { env } from "../../../shared/env.ts";
 import { type Row, rpc } from "../../../shared/db.ts";
+import { badRequest } from "../../../shared/errors.ts";
 import {
   createApp,
   createdOrReplayed,
@@ -19,6 +20,7 @@ import {
   jsonBody,
   pathParams,
 } from "../../../shared/http.ts";
+import { registeredJobTypes } from "./handlers.ts";
 import { runJobs } from "./worker.ts";
 
 const jobType = z.string().regex(/^[a-z][a-z0-9_.-]{0,62}$/);
@@ -28,7 +30,7 @@ const scheduleBody = z.object({
   job_type: jobType,
   job_name: text(200),
   payload: jsonObject.default({}),
-  run_at: z.iso.datetime({ offset: true }).optional(),
+  run_at: timestamp.optional(),
   priority: z.number().int().min(0).max(1000).default(0),
   max_attempts: z.number().int().min(1).max(25).default(3),
   timeout_seconds: z.number().int().min(1).max(120).default(30),
@@ -69,6 +71,13 @@ app.post("/", async (c) => {
 app.post("/run", async (c) => {
   const who = requireService(c);
   const body = await jsonBody(c, runBody.default({ concurrency: 10 }));
+  // a job claimed without a handler would only be failed
+  const unhandled = body.job_types?.filter((t) => !registeredJobTypes().includes(t)) ?? [];
+  if (unhandled.length > 0) {
+    throw badRequest("unknown_job_type", `no handler for job types: ${unhandled.join(", ")}`, {
+      job_types: unhandled,
+    });
+  }
   const summary = await runJobs(who, c.get("correlationId"), {
     budgetMs: body.budget_ms ?? env().JOBS_RUN_BUDGET_MS,
     concurrency: body.concurrency,

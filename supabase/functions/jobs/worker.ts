@@ -68,7 +68,27 @@ interface Settlement {
   result?: Record<string, unknown> | null;
   error?: string;
   timedOut?: boolean;
+  /** the error stands in for a result or error the database refused */
+  replaced?: boolean;
 }
+
+/** Why a handler's result cannot be stored (a JSON object, or nothing), if it cannot. */
+function unstorable(result: unknown): string | undefined {
+  if (result === null) return undefined;
+  if (typeof result !== "object" || Array.isArray(result)) {
+    return "the handler's result must be a JSON object";
+  }
+  try {
+    JSON.stringify(result);
+  } catch (err) {
+    return `the handler's result is not JSON: ${errorText(err)}`;
+  }
+}
+
+/** An error as job.last_error keeps it: text Postgres takes (no NUL), at most 4000 characters. */
+const errorText = (err: unknown) =>
+  (err instanceof Error ? err.message : String(err)).replaceAll("\u0000", "").slice(0, 4000) ||
+  "error";
 
 /** Runs a job's handler under its timeout; never throws. */
 async function attempt(job: Job, correlationId: string): Promise<Settlement> {
@@ -86,9 +106,11 @@ async function attempt(job: Job, correlationId: string): Promise<Settlement> {
       controller.abort();
       return { error: `timed out after ${job.timeout_seconds} s`, timedOut: true };
     }
-    return { result: outcome ?? null };
+    const result = outcome ?? null;
+    const error = unstorable(result);
+    return error === undefined ? { result } : { error };
   } catch (err) {
-    return { error: (err instanceof Error ? err.message : String(err)).slice(0, 4000) || "error" };
+    return { error: errorText(err) };
   } finally {
     clearTimeout(timer);
   }
@@ -158,10 +180,13 @@ export async function runJobs(
           next: claimNext ? await claiming("public.claim_jobs", claim) : undefined,
         };
       }
-      // a result the database refuses (text with NUL, say) fails the attempt instead
-      if (s.error === undefined && isInputError(err)) {
-        const error = `result not stored: ${(err as HttpError).code}`;
-        return await settle(job, lease, { error }, claimNext);
+      // A result or error the database refuses (a NUL inside a result's
+      // string, say) is settled once more with a plain error in its place:
+      // else the job would stay running until its lease ran out.
+      if (isInputError(err) && !s.replaced) {
+        const what = s.error === undefined ? "result" : "error";
+        const error = `${what} not stored: ${(err as HttpError).code}`;
+        return await settle(job, lease, { error, timedOut: s.timedOut, replaced: true }, claimNext);
       }
       throw err;
     }

@@ -12,6 +12,7 @@ import {
   oneOrBatch,
   pageQuery,
   text,
+  timestamp,
 } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import type { Principal } from "../../../shared/auth.ts";
@@ -33,7 +34,7 @@ const metric = z.object({
   unit: text(32).optional(),
   tags: jsonObject.optional(),
   correlation_id: text(128).optional(),
-  recorded_at: z.iso.datetime({ offset: true }).optional(),
+  recorded_at: timestamp.optional(),
 }).strict();
 
 const metricsBody = oneOrBatch(metric, "metrics");
@@ -41,8 +42,8 @@ const metricsBody = oneOrBatch(metric, "metrics");
 const statsQuery = z.object({
   service_name: text(63),
   metric_name: text(128),
-  from: z.iso.datetime({ offset: true }).optional(),
-  to: z.iso.datetime({ offset: true }).optional(),
+  from: timestamp.optional(),
+  to: timestamp.optional(),
   bucket_seconds: z.coerce.number().int().min(1).max(2678400).default(60),
 }).strict();
 

@@ -14,7 +14,13 @@
 //   POST   /transactions/:id/status                state transition (service role)
 //   GET    /transactions/:id/events                its status history
 import { z } from "zod";
-import { cursorTimestamp, jsonObject, pageQuery, text } from "../../../shared/schemas.ts";
+import {
+  cursorTimestamp,
+  jsonObject,
+  pageQuery,
+  text,
+  timestamp,
+} from "../../../shared/schemas.ts";
 import {
   authenticate,
   type Principal,
@@ -55,7 +61,7 @@ const createBody = z.object({
   metadata: jsonObject.optional(),
   destination_user_id: z.uuid().optional(),
   payment_method_id: z.uuid().optional(),
-  created_at: z.iso.datetime({ offset: true }).optional(),
+  created_at: timestamp.optional(),
 }).strict();
 
 const transferBody = z.object({
@@ -83,8 +89,8 @@ const listQuery = z.object({
   status: z.enum(STATUSES).optional(),
   type: z.enum(TYPES).optional(),
   currency: currency.optional(),
-  from: z.iso.datetime({ offset: true }).optional(),
-  to: z.iso.datetime({ offset: true }).optional(),
+  from: timestamp.optional(),
+  to: timestamp.optional(),
   user_id: z.uuid().optional(),
   ...pageQuery,
 }).strict();

@@ -6,7 +6,7 @@
 //   GET  /whatsapp/sessions              own session for users, all for the service role
 //   GET  /whatsapp/metrics               queue depth, in flight, failed, send rate (service role)
 import { z } from "zod";
-import { bigintId, jsonObject, pageQuery } from "../../../shared/schemas.ts";
+import { bigintId, jsonObject, pageQuery, timestamp } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { jsonb, type Row, rpc, withClaims } from "../../../shared/db.ts";
 import { notFound } from "../../../shared/errors.ts";
@@ -27,7 +27,7 @@ const enqueueBody = z.object({
   message_type: z.enum(["text", "template", "media", "interactive", "location"]),
   message_payload: jsonObject,
   priority: z.number().int().min(1).max(10).default(5),
-  scheduled_at: z.iso.datetime({ offset: true }).optional(),
+  scheduled_at: timestamp.optional(),
   max_attempts: z.number().int().min(1).max(50).default(5),
   metadata: jsonObject.optional(),
 }).strict();
