@@ -1488,6 +1488,39 @@ begin
 end;
 $$;
 
+-- Hands claimed messages back untouched, for the holders of their leases:
+-- pending and visible at once, the claim's attempt not counted (nothing was
+-- tried), still the heads of their groups. The HTTP long poll uses it when
+-- its client has gone by the time a claim answers. Others: see archive.
+create or replace function public.release_messages(
+  p_queue_name text,
+  p_message_ids bigint[],
+  p_lease_tokens uuid[]
+) returns setof public.message_queue
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  perform private.check_queue_name(p_queue_name);
+  if cardinality(p_message_ids) is distinct from cardinality(p_lease_tokens) then
+    perform private.raise_error(400, 'invalid_acks', 'one lease token per message id');
+  end if;
+  return query
+  update public.message_queue t
+     set status = 'pending',
+         attempts = t.attempts - 1,
+         visible_at = now(),
+         lease_token = null,
+         locked_by = null,
+         updated_at = now()
+    from unnest(p_message_ids, p_lease_tokens) l(id, token)
+   where t.id = l.id and t.lease_token = l.token and t.queue_name = p_queue_name
+     and t.status = 'processing'
+  returning t.*;
+end;
+$$;
+
 -- The input of an operation on messages by id, checked (400s), and the groups
 -- of those messages: finishing a group's head promotes its next message.
 create or replace function private.checked_message_groups(p_queue_name text, p_message_ids bigint[])
@@ -1717,12 +1750,15 @@ grant execute on function public.extend_message_lease(text, bigint, uuid, double
 grant execute on function public.purge_queue(text, text) to service_role;
 grant execute on function public.queue_metrics(text) to service_role;
 revoke all on function public.pop_messages(text, integer) from public, anon, authenticated;
+revoke all on function public.release_messages(text, bigint[], uuid[])
+  from public, anon, authenticated;
 revoke all on function public.archive_messages(text, bigint[]) from public, anon, authenticated;
 revoke all on function public.archive_message(text, bigint) from public, anon, authenticated;
 revoke all on function public.delete_messages(text, bigint[]) from public, anon, authenticated;
 revoke all on function public.delete_message(text, bigint) from public, anon, authenticated;
 revoke all on function public.list_queues() from public, anon, authenticated;
 grant execute on function public.pop_messages(text, integer) to service_role;
+grant execute on function public.release_messages(text, bigint[], uuid[]) to service_role;
 grant execute on function public.archive_messages(text, bigint[]) to service_role;
 grant execute on function public.archive_message(text, bigint) to service_role;
 grant execute on function public.delete_messages(text, bigint[]) to service_role;

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(105);
+select plan(109);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -295,6 +295,19 @@ select cmp_ok(tests.blocks_read('public.message_queue', 'public.message_queue_bl
 select is((select count(*)::int from public.message_queue where queue_name = 'fifo-many'
            and status = 'blocked'), 2000, 'whose messages stay blocked behind their heads');
 delete from public.message_queue where queue_name in ('fifo-many', 'fifo-expiring');
+
+-- release: handed back by the lease holder, the attempt not counted
+select public.send_message('rel', '{"n": 1}');
+create temp table r1 as select * from public.claim_messages('rel', 1, 30);
+select is((select count(*)::int from public.release_messages('rel', array[(select id from r1)],
+           array[gen_random_uuid()])), 0, 'release needs the lease token');
+select is((select row(status, attempts, lease_token)::text from public.release_messages('rel',
+           array[(select id from r1)], array[(select lease_token from r1)])),
+  row('pending', 0, null::uuid)::text, 'released: pending, the attempt not counted, no lease');
+select is((select count(*)::int from public.claim_messages('rel', 1, 30)), 1,
+  'and claimable at once');
+select throws_ok($$select public.release_messages('rel', array[1, 2], array[gen_random_uuid()])$$,
+  'PT400', 'invalid_acks', 'one token per id');
 
 -- headers, and nulls inside a payload or headers are kept
 select is((select row(payload, headers)::text from public.send_message('nulls',

@@ -299,6 +299,15 @@ dbTest("bad input gets 400 and changes nothing", async () => {
     "invalid_request",
   );
   expectError(await call(app, "GET", "/queues/UPPER/metrics", { token }), 400, "invalid_request");
+  const keyed = expectError(
+    await call(app, "POST", "/queues/valid/messages", {
+      token,
+      body: { messages: [{ payload: {} }] },
+      headers: { "idempotency-key": "batch-key" },
+    }),
+    400,
+  );
+  assert.equal(keyed.code, "idempotency_key_on_batch");
   assert.equal(await count("valid"), before);
   const [row] = await db
     .sql`select count(*)::int as n from public.message_queue where queue_name !~ '^[a-z]'`;
@@ -397,6 +406,38 @@ dbTest("a long poll whose client has gone leases nothing", async () => {
   const [row] = await db.sql`select status, attempts from public.message_queue
                              where queue_name = 'abandoned'`;
   assert.deepEqual({ ...row }, { status: "pending", attempts: 0 });
+});
+
+dbTest("a long poll whose client leaves during a claim hands the messages back", async () => {
+  const token = await serviceToken();
+  await call(app, "POST", "/queues/left/messages", { token, body: { payload: {} } });
+  // the claim waits on this lock until after the client has gone
+  let unlock: () => void = () => {};
+  const unlocked = new Promise<void>((r) => (unlock = r));
+  let locked: () => void = () => {};
+  const isLocked = new Promise<void>((r) => (locked = r));
+  const locker = db.sql.begin(async (tx) => {
+    await tx`lock table public.message_queue in exclusive mode`;
+    locked();
+    await unlocked;
+  });
+  await isLocked;
+  const gone = new AbortController();
+  const waiting = Promise.resolve(app.request("/queues/left/claim", {
+    method: "POST",
+    headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
+    body: JSON.stringify({ wait_seconds: 5, visibility_timeout_seconds: 300 }),
+    signal: gone.signal,
+  }));
+  await sleep(200);
+  gone.abort();
+  unlock();
+  await locker;
+  const res = await waiting.catch(() => undefined);
+  if (res) assert.deepEqual(await res.json(), { messages: [] });
+  const [row] = await db.sql`select status, attempts, lease_token from public.message_queue
+                             where queue_name = 'left'`;
+  assert.deepEqual({ ...row }, { status: "pending", attempts: 0, lease_token: null });
 });
 
 dbTest("pop, archive and delete over HTTP, and every queue's metrics", async () => {

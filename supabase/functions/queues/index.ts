@@ -22,7 +22,8 @@
 import { z } from "zod";
 import { bigintId, jsonObject, oneOrBatch, text } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
-import { type Row, rpc } from "../../../shared/db.ts";
+import { type Row, rpc, TextArray } from "../../../shared/db.ts";
+import { badRequest } from "../../../shared/errors.ts";
 import {
   createApp,
   createdOrReplayed,
@@ -82,8 +83,15 @@ app.post("/:queue/messages", async (c) => {
   const who = requireUserOrService(c);
   const { queue } = pathParams(c, queueRoute);
   const { batch, items } = await jsonBody(c, sendBody);
+  // the Idempotency-Key header is a single message's key: a batch's
+  // messages carry one each, and ignoring the header would send twice
   const header = idempotencyKeyHeader(c);
-  // the Idempotency-Key header stands for a single message's key
+  if (batch && header !== undefined) {
+    throw badRequest(
+      "idempotency_key_on_batch",
+      "the Idempotency-Key header keys one message: give each message of a batch its idempotency_key",
+    );
+  }
   const messages = batch
     ? items
     : [{ ...items[0], idempotency_key: items[0].idempotency_key ?? header }];
@@ -104,7 +112,8 @@ app.post("/:queue/messages", async (c) => {
 // claims again: each claim is its own transaction (one inside a single SQL
 // call would never see later messages: now() stands still in a transaction),
 // and no connection is held during the pauses. It stops claiming once the
-// client has gone, so no message is leased to nobody.
+// client has gone, and hands back what a claim took while it left (attempt
+// not counted), so no message waits out a lease held by nobody.
 app.post("/:queue/claim", async (c) => {
   const who = requireService(c);
   const { queue } = pathParams(c, queueRoute);
@@ -112,16 +121,24 @@ app.post("/:queue/claim", async (c) => {
   const deadline = Date.now() + body.wait_seconds * 1000;
   const gone = c.req.raw.signal;
   for (;;) {
+    if (gone.aborted) return c.json({ messages: [] });
     const rows = await rpc(who, c.get("correlationId"), "public.claim_messages", {
       queue_name: queue,
       limit: body.limit,
       visibility_timeout_seconds: body.visibility_timeout_seconds,
       consumer: body.consumer,
     });
+    if (rows.length > 0 && gone.aborted) {
+      await rpc(who, c.get("correlationId"), "public.release_messages", {
+        queue_name: queue,
+        message_ids: new TextArray(rows.map((r) => String(r.id))),
+        lease_tokens: new TextArray(rows.map((r) => r.lease_token as string)),
+      });
+      return c.json({ messages: [] });
+    }
     const left = deadline - Date.now();
     if (rows.length > 0 || left <= 0) return c.json({ messages: rows.map(toMessage) });
     await new Promise((resolve) => setTimeout(resolve, Math.min(body.poll_interval_ms, left)));
-    if (gone.aborted) return c.json({ messages: [] });
   }
 });
 
