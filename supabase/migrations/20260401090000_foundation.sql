@@ -177,6 +177,29 @@ $$;
 -- list functions run as their caller
 grant execute on function private.check_limit(integer, integer) to authenticated, service_role;
 
+-- 400 p_code when an object of the JSON array p_items (batch input, its items
+-- already known to be objects) has a key outside p_allowed: a misspelled
+-- optional key (expectedVersion for expected_version) would otherwise be
+-- dropped without a word, and with it the check it asked for.
+create or replace function private.check_json_keys(p_items jsonb, p_allowed text[], p_code text)
+returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_key text;
+begin
+  select k into v_key
+  from jsonb_array_elements(p_items) e, jsonb_object_keys(e) k
+  where k <> all(p_allowed)
+  limit 1;
+  if v_key is not null then
+    perform private.raise_error(400, p_code, format('unknown key %s: the keys are %s', v_key,
+      array_to_string(p_allowed, ', ')));
+  end if;
+end;
+$$;
+
 -- The user an operation acts for: a signed-in user acts for themselves
 -- (naming anyone else is 403); the service role must name one (400).
 -- p_field is the parameter's name as the caller knows it.

@@ -316,6 +316,9 @@ begin
   if exists (select from jsonb_array_elements(p_events) e where jsonb_typeof(e) <> 'object') then
     perform private.raise_error(400, 'invalid_events', 'each event must be a JSON object');
   end if;
+  perform private.check_json_keys(p_events, array['aggregate_id', 'aggregate_type', 'event_type',
+    'payload', 'expected_version', 'metadata', 'correlation_id', 'causation_id', 'user_id'],
+    'invalid_events');
   perform private.lock_streams(p_events);
   for v_event in
     select e.*
@@ -404,6 +407,7 @@ as $$
 declare
   v_head bigint;
   v_count integer;
+  v_last bigint;
 begin
   select h.position into v_head from private.event_stream_head h for update skip locked;
   if not found then
@@ -416,14 +420,19 @@ begin
       and e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
     order by e.tx_id, e.id
     limit greatest(p_max, 1)
+  ), numbered as (
+    update public.event_store e
+       set position = v_head + p.rn
+      from pending p
+     where e.id = p.id and e.created_at = p.created_at
+    returning p.rn
   )
-  update public.event_store e
-     set position = v_head + p.rn
-    from pending p
-   where e.id = p.id and e.created_at = p.created_at;
-  get diagnostics v_count = row_count;
+  -- the head moves to the highest number handed out, not by the count: were
+  -- a row to slip out of the update, the next run must not hand its number
+  -- out again
+  select count(*), max(n.rn) into v_count, v_last from numbered n;
   if v_count > 0 then
-    update private.event_stream_head set position = v_head + v_count;
+    update private.event_stream_head set position = v_head + v_last;
   end if;
   return v_count;
 end;
@@ -915,11 +924,17 @@ $$;
 -- deleted or purged) the group's next blocked message becomes pending.
 --
 -- Whatever adds a blocked message or finishes a head then calls
--- promote_message_groups. It takes each group's advisory lock (in key order,
+-- promote_message_groups. It takes its groups' advisory locks (in key order,
 -- so two callers never deadlock) and only then looks, in a statement of its
 -- own: of a send and a settlement racing in one group, the one that takes the
 -- lock second sees what the first committed, so no group is left without a
 -- head. Concurrent sends to one group are ordered by who takes the lock first.
+-- A lock covers one of 64 buckets of a queue's groups, not one group: the
+-- shared lock table holds a few thousand locks in all, and a send of 1,000
+-- groups (or a purge of 100,000) taking one each ran it out, failing every
+-- transaction in the cluster. Two groups of a bucket merely wait for each
+-- other. The look needs READ COMMITTED (a statement snapshot taken after the
+-- lock), so other isolation levels are refused.
 -- A settlement locks its rows before the group, and the promotion then locks
 -- the next blocked row. An operator's archive or delete of that very blocked
 -- message, racing the promotion, locks them the other way round: Postgres
@@ -939,25 +954,43 @@ begin
   if cardinality(v_keys) = 0 then
     return;
   end if;
-  perform pg_catalog.pg_advisory_xact_lock(
-    pg_catalog.hashtextextended('message_queue/' || p_queue_name || '/' || g.key, 0))
-  from unnest(v_keys) g(key);
+  -- Under REPEATABLE READ or SERIALIZABLE the look below would use the
+  -- transaction's snapshot and miss what the lock holder before it committed.
+  if current_setting('transaction_isolation') <> 'read committed' then
+    perform private.raise_error(400, 'read_committed_required',
+      'messages with a group_key are sent and settled in READ COMMITTED transactions');
+  end if;
+  perform pg_catalog.pg_advisory_xact_lock(l.key)
+  from (
+    select distinct pg_catalog.hashtextextended(
+      'message_queue/' || p_queue_name || '/' || (pg_catalog.hashtext(g.key) & 63), 0) as key
+    from unnest(v_keys) g(key)
+  ) l
+  order by l.key;
 
+  -- Only groups without a head pick a message (materialized, so that the
+  -- pick below runs for them alone: a send to a group with a head locks
+  -- nothing). The next blocked message is locked as it is picked: one an
+  -- operator archives or deletes meanwhile is passed over for the one after.
+  with headless as materialized (
+    select g.key from unnest(v_keys) g(key)
+    where not exists (
+      select from public.message_queue h
+      where h.queue_name = p_queue_name and h.group_key = g.key
+        and h.status in ('pending', 'processing'))
+  )
   update public.message_queue t
      set status = 'pending',
          updated_at = now()
-    from unnest(v_keys) g(key)
+    from headless g
    cross join lateral (
      select b.id from public.message_queue b
      where b.queue_name = p_queue_name and b.group_key = g.key and b.status = 'blocked'
      order by b.id
      limit 1
+     for update
    ) next
-   where t.id = next.id
-     and not exists (
-       select from public.message_queue h
-       where h.queue_name = p_queue_name and h.group_key = g.key
-         and h.status in ('pending', 'processing'));
+   where t.id = next.id;
 end;
 $$;
 
@@ -1054,6 +1087,9 @@ begin
     perform private.raise_error(400, 'invalid_group_key',
       'group_key must be a string of 1 to 128 characters');
   end if;
+  perform private.check_json_keys(p_messages, array['payload', 'message_type', 'priority',
+    'delay_seconds', 'max_attempts', 'idempotency_key', 'correlation_id', 'group_key', 'headers'],
+    'invalid_messages');
 
   -- Ids are drawn first so that messages without a key can be found again.
   select array_agg(nextval('public.message_queue_id_seq'::regclass))
@@ -1395,15 +1431,18 @@ begin
     perform private.raise_error(400, 'invalid_status',
       'status must be pending, processing, completed, dead or blocked');
   end if;
-  -- the heads it deletes: their groups' next messages go
-  v_groups := array(
-    select q.group_key from public.message_queue q
-    where q.queue_name = p_queue_name and q.group_key is not null
-      and q.status in ('pending', 'processing') and (p_status is null or q.status = p_status));
-  delete from public.message_queue q
-  where q.queue_name = p_queue_name and private.message_in_any_status(q.status)
-    and (p_status is null or q.status = p_status);
-  get diagnostics v_count = row_count;
+  -- The heads it deleted (as the delete found them, which may be more than
+  -- an earlier look saw): their groups' next messages go.
+  with purged as (
+    delete from public.message_queue q
+    where q.queue_name = p_queue_name and private.message_in_any_status(q.status)
+      and (p_status is null or q.status = p_status)
+    returning q.group_key, q.status
+  )
+  select count(*),
+         array_agg(p.group_key) filter (where p.status in ('pending', 'processing'))
+  into v_count, v_groups
+  from purged p;
   perform private.promote_message_groups(p_queue_name, v_groups);
   return v_count;
 end;
@@ -1710,10 +1749,21 @@ begin
             order by q.queue_name limit 1)
     from finished f where f.name is not null
   ),
+  blocked(name) as (
+    (select q.queue_name::text from public.message_queue q
+     where q.status = 'blocked' order by q.queue_name limit 1)
+    union all
+    select (select q.queue_name::text from public.message_queue q
+            where q.status = 'blocked' and q.queue_name > b.name
+            order by q.queue_name limit 1)
+    from blocked b where b.name is not null
+  ),
   names(name) as (
     select p.name from pending p where p.name is not null
     union
     select f.name from finished f where f.name is not null
+    union
+    select b.name from blocked b where b.name is not null
     union
     select q.queue_name from public.message_queue q where q.status = 'processing'
   )
@@ -1879,6 +1929,9 @@ begin
   end if;
   if p_priority is null or p_priority not between 0 and 1000 then
     perform private.raise_error(400, 'invalid_priority', 'priority must be between 0 and 1000');
+  end if;
+  if not isfinite(p_run_at) then
+    perform private.raise_error(400, 'invalid_run_at', 'run_at must be a finite timestamp');
   end if;
   insert into public.background_jobs as j (
     job_type, job_name, payload, priority, run_at, visible_at, max_attempts, timeout_seconds,

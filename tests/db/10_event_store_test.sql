@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(53);
+select plan(54);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -46,6 +46,9 @@ select is((select count(*)::int from public.event_streams where aggregate_id = '
   'and it leaves no stream behind');
 
 -- bad input is refused and writes nothing
+select throws_ok($$select public.append_events('[{"aggregate_type": "trip", "aggregate_id": "trip-123",
+    "event_type": "x", "payload": {}, "expectedVersion": 0}]')$$, 'PT400', 'invalid_events',
+  'an unknown key (a misspelled expected_version) is refused, not dropped');
 select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '[1]')$$,
   'PT400', 'invalid_payload', 'a payload must be an object');
 select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_expected_version := -2)$$,

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(109);
+select plan(114);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -308,6 +308,26 @@ select is((select count(*)::int from public.claim_messages('rel', 1, 30)), 1,
   'and claimable at once');
 select throws_ok($$select public.release_messages('rel', array[1, 2], array[gen_random_uuid()])$$,
   'PT400', 'invalid_acks', 'one token per id');
+
+-- a send of 1,000 groups takes at most 64 advisory locks (one a bucket of the
+-- queue's groups), not one a group: the cluster's lock table is shared
+create temp table locks_before as
+  select count(*) as n from pg_locks where locktype = 'advisory' and pid = pg_backend_pid();
+select is((select count(*)::int from public.send_messages('many-groups', (select jsonb_agg(
+    jsonb_build_object('payload', '{}'::jsonb, 'group_key', 'g' || i)) from generate_series(1, 1000) i))),
+  1000, 'a send of 1,000 messages in 1,000 groups');
+select cmp_ok((select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid())
+  - (select n from locks_before), '<=', 64::bigint, 'takes at most 64 group locks');
+select is((select count(*)::int from public.message_queue where queue_name = 'many-groups'
+           and status = 'pending'), 1000, 'each its group''s head');
+select throws_ok($$select public.send_messages('many-groups', '[{"payload": {}, "prio": 5}]')$$,
+  'PT400', 'invalid_messages', 'an unknown key is refused');
+-- a queue whose only messages are blocked is still listed
+insert into public.message_queue (queue_name, payload, group_key, status)
+values ('only-blocked', '{}', 'g', 'blocked');
+select is((select blocked::int from public.list_queues() where queue_name = 'only-blocked'), 1,
+  'list_queues lists a queue whose only message is blocked');
+delete from public.message_queue where queue_name in ('many-groups', 'only-blocked');
 
 -- headers, and nulls inside a payload or headers are kept
 select is((select row(payload, headers)::text from public.send_message('nulls',

@@ -643,3 +643,79 @@ dbTest("FIFO groups: a send racing the ack of its group's head never stays block
     }
   }
 });
+
+/** A gate: `open` lets whoever awaits `opened` go on. */
+function gate(): { opened: Promise<void>; open: () => void } {
+  let open!: () => void;
+  const opened = new Promise<void>((resolve) => (open = resolve));
+  return { opened, open };
+}
+
+const groupStates = async (queue: string) =>
+  (await db.sql`select payload ->> 'n' as n, status from public.message_queue
+                where queue_name = ${queue} order by id`).map((r) => `${r.n}:${r.status}`);
+
+// A purge promotes the groups of the heads its delete removed, even ones
+// committed after it started: a send holds its group open while a table lock
+// queued behind it holds the purge's delete back until the send is in.
+dbTest("FIFO groups: a purge racing a send leaves the group a head", async () => {
+  const sendIn = gate();
+  const commitSend = gate();
+  const send = db.sql.begin(async (tx) => {
+    await tx`select public.send_messages('purge-race', '[{"payload": {"n": 1}, "group_key": "g"},
+               {"payload": {"n": 2}, "group_key": "g"}]')`;
+    sendIn.open();
+    await commitSend.opened;
+  });
+  await sendIn.opened;
+  const lockHeld = gate();
+  const locker = db.sql.begin(async (tx) => {
+    await tx`lock table public.message_queue in share mode`;
+    await lockHeld.opened;
+  });
+  await sleep(100);
+  const purge = db.sql`select public.purge_queue('purge-race', 'pending') as n`.execute();
+  await sleep(100);
+  commitSend.open();
+  await send;
+  lockHeld.open();
+  await locker;
+  const [{ n }] = await purge;
+  assert.equal(Number(n), 1, "the purge deleted the head sent meanwhile");
+  assert.deepEqual(await groupStates("purge-race"), ["2:pending"]);
+});
+
+// The promotion locks the blocked message it picks: one deleted meanwhile is
+// passed over for the next, not left as the group's only (blocked) message.
+dbTest("FIFO groups: a promotion passes over a blocked message deleted under it", async () => {
+  await db.sql`select public.send_messages('skip-race', '[{"payload": {"n": 1}, "group_key": "g"},
+                 {"payload": {"n": 2}, "group_key": "g"}]')`;
+  const [head] = await db
+    .sql`select id, lease_token from public.claim_messages('skip-race', 1, 30)`;
+  const purged = gate();
+  const commitPurge = gate();
+  const purge = db.sql.begin(async (tx) => {
+    await tx`select public.purge_queue('skip-race', 'blocked')`;
+    purged.open();
+    await commitPurge.opened;
+  });
+  await purged.opened;
+  await db.sql`select public.send_message('skip-race', '{"n": 3}', p_group_key := 'g')`;
+  const ack = db.sql`select public.ack_message('skip-race', ${head.id}, ${head.lease_token})`
+    .execute();
+  await sleep(100);
+  commitPurge.open();
+  await purge;
+  await ack;
+  assert.deepEqual(await groupStates("skip-race"), ["1:completed", "3:pending"]);
+});
+
+dbTest("FIFO groups need READ COMMITTED", async () => {
+  const err = await db.sql.begin(
+    "isolation level repeatable read",
+    (tx) => tx`select public.send_message('rr', '{}', p_group_key := 'g')`,
+  ).catch((e) => e);
+  assert.equal(err.code, "PT400");
+  assert.match(err.message, /read_committed_required|READ COMMITTED/);
+  assert.equal(await count("rr"), 0);
+});
