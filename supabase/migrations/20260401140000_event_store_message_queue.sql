@@ -1057,6 +1057,8 @@ declare
   v_user uuid := private.caller_user_id();
   v_ids bigint[];
   v_shape record;
+  v_keys text[] := array['payload', 'message_type', 'priority', 'delay_seconds', 'max_attempts',
+    'idempotency_key', 'correlation_id', 'group_key', 'headers'];
 begin
   perform private.check_queue_name(p_queue_name);
   if jsonb_typeof(p_messages) is distinct from 'array' or jsonb_array_length(p_messages) = 0 then
@@ -1072,7 +1074,9 @@ begin
          bool_or(jsonb_typeof(m -> 'headers') not in ('object', 'null')) as bad_headers,
          bool_or(jsonb_typeof(m -> 'group_key') not in ('string', 'null')
                  or char_length(m ->> 'group_key') not between 1 and 128) as bad_group,
-         bool_or(m ->> 'group_key' is not null) as has_group
+         bool_or(m ->> 'group_key' is not null) as has_group,
+         bool_or(case when jsonb_typeof(m) = 'object' then m - v_keys <> '{}'::jsonb end)
+           as unknown_key
   into v_shape
   from jsonb_array_elements(p_messages) m;
   if v_shape.bad_payload then
@@ -1087,9 +1091,9 @@ begin
     perform private.raise_error(400, 'invalid_group_key',
       'group_key must be a string of 1 to 128 characters');
   end if;
-  perform private.check_json_keys(p_messages, array['payload', 'message_type', 'priority',
-    'delay_seconds', 'max_attempts', 'idempotency_key', 'correlation_id', 'group_key', 'headers'],
-    'invalid_messages');
+  if v_shape.unknown_key then
+    perform private.check_json_keys(p_messages, v_keys, 'invalid_messages');
+  end if;
 
   -- Ids are drawn first so that messages without a key can be found again.
   select array_agg(nextval('public.message_queue_id_seq'::regclass))
