@@ -125,6 +125,13 @@ async function verifyUncached(token: string): Promise<Principal> {
   if (role === "authenticated" && (typeof payload.sub !== "string" || !UUID.test(payload.sub))) {
     throw unauthorized("invalid_token", "a user token must carry a user id in sub");
   }
+  // Supabase Auth issues user tokens for the audience "authenticated": one
+  // signed with the project's key for another audience is not a session here.
+  // (The anon and service_role keys carry no audience.)
+  const audiences = Array.isArray(payload.aud) ? payload.aud : [payload.aud];
+  if (role === "authenticated" && !audiences.includes("authenticated")) {
+    throw unauthorized("invalid_token", "a user token must be for the audience authenticated");
+  }
   return {
     role: role as Role,
     userId: role === "authenticated" ? payload.sub : undefined,

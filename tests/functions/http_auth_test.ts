@@ -102,6 +102,25 @@ dbTest("a token with an unknown role or a user token without a uuid sub is 401",
   );
 });
 
+dbTest("a user token for another audience, or for none, is 401", async () => {
+  const sub = crypto.randomUUID();
+  for (const aud of ["some-other-project", ["api", "admin"], undefined]) {
+    const err = expectError(
+      await call(app, "GET", "/observability/audit", {
+        token: await signToken("authenticated", { sub, extra: aud === undefined ? {} : { aud } }),
+      }),
+      401,
+      "invalid_token",
+    );
+    assert.match(err.message, /audience/, JSON.stringify(aud));
+  }
+  // Supabase Auth's own form passes: an array holding "authenticated"
+  const ok = await call(app, "GET", "/observability/audit", {
+    token: await signToken("authenticated", { sub, extra: { aud: ["authenticated", "x"] } }),
+  });
+  assert.notEqual(ok.status, 401, JSON.stringify(ok.body));
+});
+
 dbTest("anon on a service route is 401; a user is 403; nothing is written", async () => {
   expectError(
     await call(app, "POST", METRICS, { token: await anonToken(), body: metric }),

@@ -76,7 +76,7 @@ export async function signToken(role: string, opts: TokenOptions = {}): Promise<
 export const serviceToken = () => signToken("service_role");
 export const anonToken = () => signToken("anon");
 export const userToken = (id: string, extra: Record<string, unknown> = {}) =>
-  signToken("authenticated", { sub: id, extra });
+  signToken("authenticated", { sub: id, extra: { aud: "authenticated", ...extra } });
 
 /** Creates a user in auth.users and returns its id. */
 export async function createUser(db: TestDb, phone?: string): Promise<string> {
