@@ -17,12 +17,19 @@ export type Ctx = Context<AppEnv>;
 
 const CORRELATION_ID = /^[A-Za-z0-9._:-]{1,128}$/;
 
+/** A route path as a RegExp, for the 405 check: `:name{a|b}` keeps its own pattern. */
 function compileRoute(path: string): RegExp {
+  const own: string[] = [];
   const pattern = path
+    .replace(
+      /:[A-Za-z0-9_]+\{([^}]+)\}/g,
+      (_, re: string) => `\u0000${own.push(`(?:${re})`) - 1}\u0000`,
+    )
     .replace(/[.+?^${}()|[\]\\]/g, "\\$&")
     .replace(/\/\*$/, "(?:/.*)?")
     .replace(/:[A-Za-z0-9_]+/g, "[^/]+")
-    .replace(/\*/g, ".*");
+    .replace(/\*/g, ".*")
+    .replace(/\u0000(\d+)\u0000/g, (_, i: string) => own[Number(i)]);
   return new RegExp(`^${pattern}/?$`);
 }
 

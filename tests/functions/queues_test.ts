@@ -308,6 +308,10 @@ dbTest("bad input gets 400 and changes nothing", async () => {
     400,
   );
   assert.equal(keyed.code, "idempotency_key_on_batch");
+  // a route whose last segment is one of a set still answers 405 to another method
+  const wrongMethod = await call(app, "GET", "/queues/valid/messages/1/ack", { token });
+  expectError(wrongMethod, 405, "method_not_allowed");
+  assert.equal(wrongMethod.headers.get("allow"), "POST, OPTIONS");
   assert.equal(await count("valid"), before);
   const [row] = await db
     .sql`select count(*)::int as n from public.message_queue where queue_name !~ '^[a-z]'`;
