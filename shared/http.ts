@@ -23,13 +23,13 @@ function compileRoute(path: string): RegExp {
   const pattern = path
     .replace(
       /:[A-Za-z0-9_]+\{([^}]+)\}/g,
-      (_, re: string) => `\u0000${own.push(`(?:${re})`) - 1}\u0000`,
+      (_, re: string) => `\uE000${own.push(`(?:${re})`) - 1}\uE000`,
     )
     .replace(/[.+?^${}()|[\]\\]/g, "\\$&")
     .replace(/\/\*$/, "(?:/.*)?")
     .replace(/:[A-Za-z0-9_]+/g, "[^/]+")
     .replace(/\*/g, ".*")
-    .replace(/\u0000(\d+)\u0000/g, (_, i: string) => own[Number(i)]);
+    .replace(/\uE000(\d+)\uE000/g, (_, i: string) => own[Number(i)]);
   return new RegExp(`^${pattern}/?$`);
 }
 
