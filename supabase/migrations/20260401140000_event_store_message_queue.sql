@@ -900,6 +900,16 @@ create policy message_queue_service_select on public.message_queue
 select private.install_leases('public.message_queue', 'message_queue', 'queue_name', false,
   'processing');
 
+-- The queues users may send to, and at what priority at most. A message
+-- reaches a consumer that acts on it, so a queue is closed to users until an
+-- operator lists it here (a migration, or the SQL editor); the service role
+-- sends anywhere.
+create table private.user_queues (
+  queue_name private.queue_name primary key,
+  max_priority private.priority not null default 0
+);
+alter table private.user_queues enable row level security;
+
 create or replace function private.check_queue_name(p_queue_name text) returns void
 language plpgsql
 immutable
@@ -1059,6 +1069,7 @@ declare
   v_shape record;
   v_keys text[] := array['payload', 'message_type', 'priority', 'delay_seconds', 'max_attempts',
     'idempotency_key', 'correlation_id', 'group_key', 'headers'];
+  v_max_priority integer;
 begin
   perform private.check_queue_name(p_queue_name);
   if jsonb_typeof(p_messages) is distinct from 'array' or jsonb_array_length(p_messages) = 0 then
@@ -1076,7 +1087,8 @@ begin
                  or char_length(m ->> 'group_key') not between 1 and 128) as bad_group,
          bool_or(m ->> 'group_key' is not null) as has_group,
          bool_or(case when jsonb_typeof(m) = 'object' then m - v_keys <> '{}'::jsonb end)
-           as unknown_key
+           as unknown_key,
+         coalesce(max((m ->> 'priority')::integer), 0) as top_priority
   into v_shape
   from jsonb_array_elements(p_messages) m;
   if v_shape.bad_payload then
@@ -1093,6 +1105,17 @@ begin
   end if;
   if v_shape.unknown_key then
     perform private.check_json_keys(p_messages, v_keys, 'invalid_messages');
+  end if;
+  if v_user is not null then
+    select u.max_priority into v_max_priority from private.user_queues u
+    where u.queue_name = p_queue_name;
+    if not found then
+      perform private.raise_error(403, 'queue_not_open',
+        format('users may not send to queue %s', p_queue_name));
+    elsif v_shape.top_priority > v_max_priority then
+      perform private.raise_error(403, 'priority_not_allowed',
+        format('users may send to queue %s at priority %s at most', p_queue_name, v_max_priority));
+    end if;
   end if;
 
   -- Ids are drawn first so that messages without a key can be found again.
@@ -1874,6 +1897,15 @@ create table public.background_jobs (
   finished_at timestamptz
 );
 
+-- The job types users may schedule, and at what priority at most. A job runs
+-- its type's handler with the payload it was given, so a type is closed to
+-- users until an operator lists it here; the service role schedules any.
+create table private.user_job_types (
+  job_type private.job_type primary key,
+  max_priority private.priority not null default 0
+);
+alter table private.user_job_types enable row level security;
+
 -- The key first, for the same reason as message_queue_idempotency_idx.
 create unique index background_jobs_idempotency_idx
   on public.background_jobs (idempotency_key, user_id) nulls not distinct
@@ -1927,6 +1959,7 @@ as $$
 declare
   v_user uuid := private.caller_user_id();
   v_row public.background_jobs;
+  v_max_priority integer;
 begin
   if jsonb_typeof(p_payload) is distinct from 'object' then
     perform private.raise_error(400, 'invalid_payload', 'payload must be a JSON object');
@@ -1936,6 +1969,17 @@ begin
   end if;
   if not isfinite(p_run_at) then
     perform private.raise_error(400, 'invalid_run_at', 'run_at must be a finite timestamp');
+  end if;
+  if v_user is not null then
+    select u.max_priority into v_max_priority from private.user_job_types u
+    where u.job_type = p_job_type;
+    if not found then
+      perform private.raise_error(403, 'job_type_not_allowed',
+        format('users may not schedule jobs of type %s', p_job_type));
+    elsif p_priority > v_max_priority then
+      perform private.raise_error(403, 'priority_not_allowed',
+        format('users may schedule %s jobs at priority %s at most', p_job_type, v_max_priority));
+    end if;
   end if;
   insert into public.background_jobs as j (
     job_type, job_name, payload, priority, run_at, visible_at, max_attempts, timeout_seconds,

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(114);
+select plan(116);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -375,8 +375,15 @@ delete from public.message_queue where queue_name = 'redrive';
 -- RLS matrix
 create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;
 grant select on ids to authenticated, anon, service_role;
+-- the queues users may send to (the service role sends anywhere)
+insert into private.user_queues (queue_name, max_priority) values ('uploads', 0), ('ordered', 5);
 
 select tests.authenticate_as((select alice from ids));
+select throws_ok($$select public.send_message('payments', '{"amount": 5000}')$$, 'PT403',
+  'queue_not_open', 'users cannot send to a queue not open to them');
+select throws_ok($$select public.send_messages('ordered', '[{"payload": {}, "priority": 5},
+  {"payload": {}, "priority": 6}]')$$, 'PT403', 'priority_not_allowed',
+  'nor above the queue''s priority for users');
 select is((public.send_message('uploads', '{"f": 1}', p_idempotency_key := 'same')).user_id,
   (select alice from ids), 'a user''s message carries their id');
 select is((select count(*)::int from public.message_queue), 1, 'alice sees only her own messages');

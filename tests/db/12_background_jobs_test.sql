@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(51);
+select plan(53);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -177,7 +177,14 @@ delete from public.background_jobs where job_type in ('orphan', 'wanted', 'other
 create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;
 grant select on ids, f, s3 to authenticated, anon, service_role;
 
+-- the job types users may schedule (the service role schedules any)
+insert into private.user_job_types (job_type, max_priority) values ('export', 10);
+
 select tests.authenticate_as((select alice from ids));
+select throws_ok($$select public.schedule_job('payment_processing', 'Pay', '{"amount": 5000}')$$,
+  'PT403', 'job_type_not_allowed', 'users cannot schedule a job type not open to them');
+select throws_ok($$select public.schedule_job('export', 'Urgent', '{}', p_priority := 11)$$,
+  'PT403', 'priority_not_allowed', 'nor above the type''s priority for users');
 create temp table aj as select * from public.schedule_job('export', 'My export', '{}');
 grant select on aj to authenticated, anon, service_role;
 select is((select user_id from aj), (select alice from ids), 'a user''s job is theirs');

@@ -382,6 +382,12 @@ dbTest("users see and act on their own jobs only; anon nothing", async () => {
   const bob = await createUser(db);
   const aliceToken = await userToken(alice);
   const bobToken = await userToken(bob);
+  expectError(
+    await schedule({ job_type: "test_ok", job_name: "Mine", payload: { n: 1 } }, aliceToken),
+    403,
+    "job_type_not_allowed",
+  );
+  await db.sql`insert into private.user_job_types (job_type) values ('test_ok')`;
   const res = await schedule(
     { job_type: "test_ok", job_name: "Mine", payload: { n: 1 } },
     aliceToken,

@@ -322,6 +322,23 @@ dbTest("users send as themselves and cannot consume; anon can do nothing", async
   const alice = await createUser(db);
   const bob = await createUser(db);
   const aliceToken = await userToken(alice);
+  const closed = expectError(
+    await call(app, "POST", "/queues/uploads/messages", {
+      token: aliceToken,
+      body: { payload: { file: "a.png" } },
+    }),
+    403,
+  );
+  assert.equal(closed.code, "queue_not_open", "a queue is closed to users until it is listed");
+  await db.sql`insert into private.user_queues (queue_name) values ('uploads')`;
+  expectError(
+    await call(app, "POST", "/queues/uploads/messages", {
+      token: aliceToken,
+      body: { payload: { file: "a.png" }, priority: 1 },
+    }),
+    403,
+    "priority_not_allowed",
+  );
   const sent = await call(app, "POST", "/queues/uploads/messages", {
     token: aliceToken,
     headers: { "idempotency-key": "upload-1" },
