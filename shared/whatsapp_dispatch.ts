@@ -194,7 +194,10 @@ function notSent(m: ClaimedMessage, refusal: SendResult): SendResult {
   };
 }
 
-/** Pauses before each further try at recording outcomes after database trouble. */
+/**
+ * Pauses before each further try at recording outcomes after database
+ * trouble; the last one repeats until half a lease is spent.
+ */
 const WRITE_RETRY_MS = [50, 200, 500, 1000];
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, Math.max(0, ms)));
@@ -302,13 +305,15 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
         await writeOutcomes(batch.slice(half), until);
         return;
       }
-      const pause = WRITE_RETRY_MS[attempt];
-      const retry = status >= 500 && pause !== undefined && performance.now() + pause < until;
+      const pause = WRITE_RETRY_MS[Math.min(attempt, WRITE_RETRY_MS.length - 1)];
+      const retry = status >= 500 && performance.now() + pause < until;
       log(retry ? "warn" : "error", "whatsapp dispatch: recording outcomes failed", {
         correlation_id: correlationId,
         dispatcher_id: dispatcherId,
         count: batch.length,
         ids: batch.map((r) => r.id),
+        // what a reconciliation needs when a sent message's outcome is given up
+        wamids: retry ? undefined : batch.flatMap((r) => r.wamid ? [`${r.id}:${r.wamid}`] : []),
         status,
         code: failure.code,
         details: failure.details,

@@ -1238,6 +1238,7 @@ begin
       failed_at = case when ev.status = 'failed' then ev.occurred_at end,
       error_code = case when ev.status = 'failed' then ev.error_code end,
       last_error = case when ev.status = 'failed' then ev.error_message end,
+      dead_lettered_at = null,
       lease_token = null,
       locked_by = null
     from results r
@@ -1249,7 +1250,10 @@ begin
       limit 1
     ) ev on true
     where r.outcome = 'sent' and q.id = r.id and q.id = any(v_ids) and q.wamid is null
-      and q.status in ('pending', 'processing')
+      and (q.status in ('pending', 'processing')
+           -- its lease ran out on its last attempt while the send was out:
+           -- Meta has it, so it is sent, not a dead letter
+           or (q.status = 'failed' and q.error_code = 'lease_expired'))
     returning q.id, q.recipient_phone, q.correlation_id, q.attempts, r.duration_ms
   ), counted as (
     insert into public.whatsapp_sessions as s (phone_number, message_count, last_activity_at)

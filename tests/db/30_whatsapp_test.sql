@@ -3,7 +3,7 @@
 -- sessions, secrets, inbound messages, statuses and the queue
 -- (anon, two users matched by their phone claim, a user without one, service_role).
 begin;
-select plan(73);
+select plan(76);
 
 -- the spec's examples, verbatim
 select ok(public.enqueue_whatsapp_message(
@@ -253,6 +253,25 @@ select tests.clear_authentication();
 select cmp_ok(pg_stat_get_xact_blocks_fetched('public.whatsapp_message_queue'::regclass)
               - (select n from pages), '<', 40::bigint,
   'and reads a few of the queue''s pages, not the messages due tomorrow');
+
+-- a send whose lease ran out on its last attempt while it was out is still
+-- recorded as sent: Meta has it
+delete from public.whatsapp_message_queue;
+insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload, max_attempts)
+values ('+250788777777', 'template', '{"name": "hello_world", "language": "en"}', 1);
+create temp table late as
+  select m from jsonb_array_elements(public.claim_whatsapp_messages('disp-late', 'biz-late',
+    p_pair_interval_ms := 1) -> 'messages') m;
+update public.whatsapp_message_queue set visible_at = now() - interval '1 second';
+select private.whatsapp_expire_leases();
+select is((select status || '/' || error_code from public.whatsapp_message_queue), 'failed/lease_expired',
+  'its lease expired on its last attempt: a dead letter');
+select is((public.complete_whatsapp_messages('disp-late', 'biz-late', jsonb_build_array(jsonb_build_object(
+    'id', (select m ->> 'id' from late), 'lease_token', (select m ->> 'lease_token' from late),
+    'outcome', 'sent', 'wamid', 'wamid.LATE', 'duration_ms', 5))) ->> 'sent')::int, 1,
+  'the late sent outcome is recorded');
+select is((select row(status, wamid, error_code, dead_lettered_at)::text from public.whatsapp_message_queue),
+  row('sent', 'wamid.LATE', null::text, null::timestamptz)::text, 'as sent, no longer a dead letter');
 
 select * from finish();
 rollback;
