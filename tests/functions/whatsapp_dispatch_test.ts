@@ -693,3 +693,53 @@ Deno.test("WhatsApp configuration is validated on its own", async () => {
   assert.equal(whatsappConfig().WHATSAPP_RATE_LIMIT_PER_SECOND, 1000);
   assert.equal(whatsappConfig().WHATSAPP_API_VERSION, "v21.0");
 });
+
+// Meta's status and the dispatcher's record of the send race: whichever
+// commits second must see the first, so a failed message never shows as sent.
+dbTest(
+  "a failed status racing the dispatcher's sent record leaves the message failed",
+  async () => {
+    const to = phone();
+    await openWindow(to);
+    const id = await enqueue(to, "text", { text: "hi" });
+    const [{ c }] = await db
+      .sql`select public.claim_whatsapp_messages('race', 'biz-race', 10, 1000, 0,
+                                 60, 250) as c`;
+    const m = c.messages.find((x: { id: number }) => String(x.id) === String(id));
+    const wamid = `wamid.RACE${crypto.randomUUID()}`;
+    let commit!: () => void;
+    const committed = new Promise<void>((r) => (commit = r));
+    let ingested!: () => void;
+    const isIngested = new Promise<void>((r) => (ingested = r));
+    const status = db.sql.begin(async (tx) => {
+      await tx`select public.ingest_whatsapp_events(p_statuses := ${
+        tx.json([{
+          wamid,
+          status: "failed",
+          occurred_at: new Date().toISOString(),
+          recipient_phone: "+" + to,
+          error_code: "131026",
+          error_message: "undeliverable",
+        }])
+      })`;
+      ingested();
+      await committed;
+    });
+    await isIngested;
+    const sent = db.sql`select public.complete_whatsapp_messages('race', 'biz-race', ${
+      db.sql.json([{
+        id: m.id,
+        lease_token: m.lease_token,
+        outcome: "sent",
+        wamid,
+        duration_ms: 1,
+      }])
+    })`.execute();
+    await new Promise((r) => setTimeout(r, 100));
+    commit();
+    await status;
+    await sent;
+    const r = await row(id);
+    assert.deepEqual([r.status, r.wamid, r.error_code], ["failed", wamid, "131026"]);
+  },
+);
