@@ -314,3 +314,53 @@ dbTest("POST /dispatch needs the service role", async () => {
   });
   expectError(res, 403, "forbidden");
 });
+
+// A delivery the database would refuse is one Meta retries for days, and the
+// good messages in it would never be stored: what does not fit is mended.
+dbTest("fields the database cannot take are mended, and the delivery is stored", async () => {
+  const good = () => ({
+    from: "250788123450",
+    id: wamid(),
+    timestamp: "1700000000",
+    ...textMessage("ok"),
+  });
+  const odd = {
+    long_context: { ...good(), context: { id: "x".repeat(300) } },
+    nul_in_text: { ...good(), ...textMessage("a\u0000b") },
+    far_timestamp: { ...good(), timestamp: "999999999999" },
+  };
+  const mate = good();
+  const res = await post(webhook({ messages: [mate, ...Object.values(odd)] }));
+  assert.equal(res.status, 200, JSON.stringify(res.body));
+  const rows = await db.sql`select wamid, text_body, context_wamid, sent_at <= now() as past
+                            from public.whatsapp_inbound_messages
+                            where wamid = any(${[
+    mate.id,
+    ...Object.values(odd).map((m) => m.id),
+  ]})`;
+  const by = new Map(rows.map((r) => [r.wamid, r]));
+  assert.ok(by.has(mate.id), "the good batch-mate is stored");
+  assert.equal(
+    by.get(odd.long_context.id)?.context_wamid,
+    null,
+    "a context id too long is dropped",
+  );
+  assert.equal(by.get(odd.nul_in_text.id)?.text_body, "a\uFFFDb", "a NUL becomes U+FFFD");
+  assert.equal(by.get(odd.far_timestamp.id)?.past, true, "a time past tomorrow is taken as now");
+
+  const longId = { ...good() };
+  const res2 = await post({
+    object: "whatsapp_business_account",
+    entry: [{
+      id: "1",
+      changes: [{
+        field: "messages",
+        value: { metadata: { phone_number_id: "9".repeat(80) }, messages: [longId] },
+      }],
+    }],
+  });
+  assert.equal(res2.status, 200, JSON.stringify(res2.body));
+  const [stored] = await db.sql`select phone_number_id from public.whatsapp_inbound_messages
+                                where wamid = ${longId.id}`;
+  assert.equal(stored.phone_number_id, null, "a phone_number_id too long is dropped");
+});

@@ -1,7 +1,10 @@
 // Flattens a Cloud API webhook (`entry[].changes[].value`) into the rows
 // public.ingest_whatsapp_events takes. Meta's payloads are treated as
 // untrusted even after the signature check: every field is type-checked and
-// anything unrecognised is counted as ignored, never trusted.
+// anything unrecognised is counted as ignored, never trusted. What the
+// database would refuse is mended here (cut to its column's length, NULs
+// replaced, impossible times taken as now): a refused delivery is one Meta
+// retries for days, and the good messages in it would never be stored.
 
 export interface InboundMessage {
   wamid: string;
@@ -47,6 +50,24 @@ type Obj = Record<string, unknown>;
 const isObj = (v: unknown): v is Obj => typeof v === "object" && v !== null && !Array.isArray(v);
 const arr = (v: unknown): unknown[] => (Array.isArray(v) ? v : []);
 const str = (v: unknown): string | null => (typeof v === "string" && v.length > 0 ? v : null);
+/** A string if it fits a column of `max` characters, else nothing. */
+const within = (v: string | null, max: number): string | null =>
+  v !== null && v.length <= max ? v : null;
+/** The first `max` characters (code points, as Postgres counts them). */
+const cut = (v: string | null, max: number): string | null =>
+  v === null ? null : Array.from(v).slice(0, max).join("");
+
+/** Postgres text and jsonb hold no NUL: each becomes U+FFFD, in every string of a value. */
+function scrub<T>(value: T): T {
+  if (typeof value === "string") return value.replaceAll("\u0000", "\uFFFD") as T;
+  if (Array.isArray(value)) return value.map(scrub) as T;
+  if (isObj(value)) {
+    return Object.fromEntries(
+      Object.entries(value).map(([k, v]) => [scrub(k), scrub(v)]),
+    ) as T;
+  }
+  return value;
+}
 
 /** Meta sends wa_ids as digits without '+'; the schema stores E.164. */
 export function toE164(waId: unknown): string | null {
@@ -54,14 +75,17 @@ export function toE164(waId: unknown): string | null {
   return s && /^[1-9][0-9]{6,14}$/.test(s) ? `+${s}` : null;
 }
 
-/** Unix seconds (Meta's timestamps are strings) to ISO 8601. */
+/** Unix seconds (Meta's timestamps are strings) to ISO 8601; none, or one past tomorrow, is now. */
 function isoTime(ts: unknown): string {
   const n = typeof ts === "string" && /^\d{1,12}$/.test(ts)
     ? Number(ts)
     : typeof ts === "number"
     ? ts
     : NaN;
-  return Number.isFinite(n) && n > 0 ? new Date(n * 1000).toISOString() : new Date().toISOString();
+  const now = Date.now();
+  return Number.isFinite(n) && n > 0 && n * 1000 < now + 86_400_000
+    ? new Date(n * 1000).toISOString()
+    : new Date(now).toISOString();
 }
 
 function errorOf(e: unknown): WebhookError | null {
@@ -116,14 +140,14 @@ function message(m: unknown, phoneNumberId: string | null): InboundMessage | nul
     sent_at: isoTime(m.timestamp),
     phone_number_id: phoneNumberId,
     text_body: textOf(type, m),
-    context_wamid: isObj(m.context) ? str(m.context.id) : null,
+    context_wamid: isObj(m.context) ? within(str(m.context.id), 256) : null,
     payload: m,
   };
 }
 
 function status(s: unknown): StatusEvent | null {
   if (!isObj(s)) return null;
-  const wamid = str(s.id);
+  const wamid = within(str(s.id), 256);
   const value = str(s.status);
   if (!wamid || !value) return null;
   const err = arr(s.errors).map(errorOf).find((e) => e !== null) ?? null;
@@ -132,8 +156,8 @@ function status(s: unknown): StatusEvent | null {
     status: value,
     occurred_at: isoTime(s.timestamp),
     recipient_phone: toE164(s.recipient_id),
-    error_code: err?.code ?? null,
-    error_message: err ? [err.title, err.details].filter(Boolean).join(": ") : null,
+    error_code: cut(err?.code ?? null, 64),
+    error_message: err ? cut([err.title, err.details].filter(Boolean).join(": "), 2000) : null,
   };
 }
 
@@ -151,26 +175,30 @@ export function parseWebhook(body: unknown): Events {
         continue;
       }
       const value = change.value;
-      const phoneNumberId = isObj(value.metadata) ? str(value.metadata.phone_number_id) : null;
+      const phoneNumberId = isObj(value.metadata)
+        ? within(str(value.metadata.phone_number_id), 64)
+        : null;
       for (const c of arr(value.contacts)) {
         const phone = isObj(c) ? toE164(c.wa_id) : null;
         const name = isObj(c) && isObj(c.profile) ? str(c.profile.name) : null;
-        if (phone && name) out.contacts.push({ phone, display_name: name });
+        if (phone && name) out.contacts.push(scrub({ phone, display_name: cut(name, 256)! }));
       }
       for (const m of arr(value.messages)) {
         const parsed = message(m, phoneNumberId);
-        if (parsed) out.messages.push(parsed);
+        if (parsed) out.messages.push(scrub(parsed));
         else out.ignored++;
-        if (isObj(m)) { for (const e of arr(m.errors)) errorOf(e) && out.errors.push(errorOf(e)!); }
+        if (isObj(m)) {
+          for (const e of arr(m.errors)) errorOf(e) && out.errors.push(scrub(errorOf(e)!));
+        }
       }
       for (const s of arr(value.statuses)) {
         const parsed = status(s);
-        if (parsed) out.statuses.push(parsed);
+        if (parsed) out.statuses.push(scrub(parsed));
         else out.ignored++;
       }
       for (const e of arr(value.errors)) {
         const parsed = errorOf(e);
-        if (parsed) out.errors.push(parsed);
+        if (parsed) out.errors.push(scrub(parsed));
       }
     }
   }
