@@ -252,7 +252,7 @@ create table public.payment_methods (
   user_id uuid not null references auth.users (id) on delete cascade,
   type text not null check (type in ('card', 'mobile_money', 'bank_account', 'wallet', 'cash')),
   provider text check (char_length(provider) between 1 and 64),
-  account_number_masked text check (account_number_masked ~ '^\*{4}[0-9A-Za-z]{1,4}$'),
+  account_number_masked text check (account_number_masked ~ '^\*{4}[0-9A-Za-z]{0,4}$'),
   encrypted_details bytea,
   is_default boolean not null default false,
   verification_status text not null default 'unverified'
@@ -814,6 +814,7 @@ as $$
 declare
   v_from uuid := private.acting_user(p_from_user_id, 'from_user_id');
   v_to uuid := p_to_user_id;
+  v_matches integer;
 begin
 
   if (p_to_user_id is null) = (p_to_phone is null) then
@@ -823,9 +824,14 @@ begin
     if p_to_phone !~ '^\+?[1-9][0-9]{6,14}$' then
       perform private.raise_error(400, 'invalid_phone', 'to_phone must be an E.164 number');
     end if;
-    -- auth.users stores phones without the leading +
-    select u.id into v_to from auth.users u
+    -- auth.users stores phones without the leading + (and maybe, imported,
+    -- with it): two users behind one number is a 409, never a guess
+    select min(u.id::text)::uuid, count(*) into v_to, v_matches from auth.users u
     where u.phone in (ltrim(p_to_phone, '+'), '+' || ltrim(p_to_phone, '+'));
+    if v_matches > 1 then
+      perform private.raise_error(409, 'recipient_ambiguous',
+        'more than one user has that phone number; transfer by user id');
+    end if;
   elsif not exists (select from auth.users u where u.id = p_to_user_id) then
     v_to := null;
   end if;
@@ -1094,7 +1100,10 @@ begin
     (user_id, type, provider, account_number_masked, encrypted_details, is_default, metadata)
   values (
     v_user, p_type, p_provider,
-    case when v_clean = '' then null else '****' || right(ltrim(v_clean, '+'), 4) end,
+    -- the last 4 digits only of a number long enough that they give it away
+    case when v_clean = '' then null
+         when char_length(ltrim(v_clean, '+')) >= 8 then '****' || right(ltrim(v_clean, '+'), 4)
+         else '****' end,
     case when v_clean = '' and p_details is null then null
          else extensions.pgp_sym_encrypt(
            (jsonb_build_object('account_number', nullif(v_clean, '')) || coalesce(p_details, '{}'::jsonb))::text,
@@ -1124,6 +1133,12 @@ begin
     perform private.raise_error(404, 'not_found', 'no such payment method');
   end if;
   perform pg_advisory_xact_lock(hashtextextended('payment_methods:' || v_user::text, 0));
+  -- looked at again under the lock: a removal that held it may have
+  -- committed meanwhile, and acting on a removed method would change others
+  if not exists (select from public.payment_methods pm
+                 where pm.id = p_payment_method_id and pm.deleted_at is null) then
+    perform private.raise_error(404, 'not_found', 'no such payment method');
+  end if;
   return v_user;
 end;
 $$;

@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(168);
+select plan(169);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -288,6 +288,12 @@ select throws_ok($$select public.transfer_funds(p_amount := 1, p_currency := 'RW
 select throws_ok($$select public.transfer_funds(p_amount := 1, p_currency := 'RWF',
   p_to_phone := '+250788000002', p_to_user_id := (select bob from ids), p_from_user_id := (select alice from ids))$$,
   'PT400', 'invalid_recipient', 'one recipient only');
+-- one number stored both ways (with and without +) by two users: no guess
+select tests.create_user(p_phone := '250788999991');
+select tests.create_user(p_phone := '+250788999991');
+select throws_ok($$select public.transfer_funds(p_amount := 1, p_currency := 'RWF',
+  p_to_phone := '+250788999991', p_from_user_id := (select alice from ids))$$,
+  'PT409', 'recipient_ambiguous', 'a phone two users have is a 409, not one of them');
 
 select ok(pg_temp.ledger_ok(), 'ledger sums to zero per currency; balances and holds equal their entries');
 

@@ -2,7 +2,7 @@
 -- read, one default per user, verification only by the service role, and
 -- the RLS matrix (anon, two users, service_role).
 begin;
-select plan(42);
+select plan(43);
 
 create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;
 grant select on ids to authenticated, anon, service_role;
@@ -40,6 +40,10 @@ select is((select count(*)::int from public.add_payment_method('bank_account', '
   p_is_default := true) where is_default), 1, 'adding with is_default takes the default over');
 select is((select count(*)::int from public.user_payment_methods where is_default), 1,
   'one default after that too');
+create temp table short_pm as select * from public.add_payment_method('bank_account', '1234', 'bk');
+select is((select account_number_masked from short_pm), '****',
+  'a number of 4 digits is not shown at all');
+select public.remove_payment_method((select id from short_pm));
 
 -- verification is the service role's
 select throws_ok($$update public.payment_methods set verification_status = 'verified'$$,

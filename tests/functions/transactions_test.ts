@@ -150,6 +150,8 @@ dbTest("bad input is a 400 and writes nothing", async () => {
     [{ type: "payment", amount: 5, currency: "rwf" }, newKey(), "invalid_request"],
     [{ type: "payment", amount: 5, currency: "XYZ" }, newKey(), "invalid_currency"],
     [{ type: "payment", amount: 5.5, currency: "RWF" }, newKey(), "invalid_amount_precision"],
+    // a double past 15 significant digits: read as ...02, so refused, not rounded
+    [{ type: "payment", amount: 100000000000000.01, currency: "USD" }, newKey(), "invalid_request"],
     [{ type: "payment", amount: "1.001", currency: "USD" }, newKey(), "invalid_amount_precision"],
     [{ type: "loan", amount: 5, currency: "RWF" }, newKey(), "invalid_request"],
     [{ type: "payment", amount: 5, currency: "RWF", surprise: 1 }, newKey(), "invalid_request"],
@@ -623,4 +625,41 @@ dbTest("end to end over HTTP with supabase-js functions.invoke", async () => {
   } finally {
     await api.close();
   }
+});
+
+// The default is set under the owner's lock; a removal that held it first is
+// seen, so the call is a 404 that changes nothing (it used to clear the
+// owner's current default and then find nothing to set).
+dbTest("setting as default a method being removed is a 404 and leaves the default", async () => {
+  const user = await createUser(db, "250788100077");
+  const token = await userToken(user);
+  const add = async (account: string) =>
+    (await post("/transactions/payment-methods", token, {
+      type: "mobile_money",
+      account_number: account,
+    }, null)).body.id as string;
+  const first = await add("0788100071");
+  const second = await add("0788100072");
+  await post(`/transactions/payment-methods/${first}/default`, token, undefined, null);
+  let removed!: () => void;
+  const isRemoved = new Promise<void>((r) => (removed = r));
+  let commit!: () => void;
+  const committed = new Promise<void>((r) => (commit = r));
+  const removal = db.sql.begin(async (tx) => {
+    await tx`select set_config('role', 'authenticated', true),
+                    set_config('request.jwt.claims',
+                      ${JSON.stringify({ role: "authenticated", sub: user })}, true)`;
+    await tx`select public.remove_payment_method(${second})`;
+    removed();
+    await committed;
+  });
+  await isRemoved;
+  const setting = post(`/transactions/payment-methods/${second}/default`, token, undefined, null);
+  await new Promise((r) => setTimeout(r, 100));
+  commit();
+  await removal;
+  expectError(await setting, 404);
+  const rows = await db.sql`select id, is_default from public.payment_methods
+                            where user_id = ${user} and deleted_at is null`;
+  assert.deepEqual(rows.map((r) => [r.id, r.is_default]), [[first, true]]);
 });

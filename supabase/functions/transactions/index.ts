@@ -43,10 +43,19 @@ import {
 const TYPES = ["debit", "credit", "transfer", "payment", "refund", "fee", "commission"] as const;
 const STATUSES = ["pending", "processing", "completed", "failed", "cancelled", "reversed"] as const;
 
-/** Amounts travel as decimal strings (or JSON numbers) and reach SQL as numeric text. */
+const AMOUNT = /^\d{1,15}(\.\d{1,4})?$/;
+/**
+ * Amounts travel as decimal strings (or JSON numbers) and reach SQL as numeric
+ * text. A JSON number is a double by the time it is read, exact only up to 15
+ * significant digits: one with more (100000000000000.01 reads as ...02) is
+ * refused, not rounded, and must come as a string.
+ */
 const amount = z.union([
-  z.string().regex(/^\d{1,15}(\.\d{1,4})?$/),
-  z.number().positive().max(1e15).transform((n) => String(n)),
+  z.string().regex(AMOUNT),
+  z.number().positive().max(1e15).transform((n) => String(n)).refine(
+    (s) => AMOUNT.test(s) && s.replace(".", "").replace(/^0+/, "").length <= 15,
+    "amounts of more than 15 significant digits or 4 decimals must be sent as strings",
+  ),
 ]).refine((v) => Number(v) > 0, "amount must be positive");
 const currency = z.string().regex(/^[A-Z]{3}$/);
 const idParam = z.object({ id: z.uuid() }).strict();
