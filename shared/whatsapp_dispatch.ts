@@ -32,7 +32,7 @@ interface Claim {
   next_due_ms: number | null;
 }
 
-export type Outcome = "sent" | "retry" | "failed" | "stop";
+export type Outcome = "sent" | "retry" | "failed" | "stop" | "throttle";
 
 export interface SendResult {
   id: number;
@@ -52,12 +52,16 @@ export interface DispatchReport {
   dead_lettered: number;
   failed: number;
   stopped: number;
+  throttled: number;
   ignored: number;
   paused: string | null;
   duration_ms: number;
 }
 
-/** Throttling: wait and try again (never burn the message). */
+/**
+ * Throttling: stop sending for a while and put the messages back without
+ * spending an attempt (a spell of throttling must not dead-letter a backlog).
+ */
 const THROTTLED = new Set([4, 80007, 130429, 131048, 131056]);
 /** Meta-side trouble that is worth another try. */
 const TRANSIENT = new Set([1, 2, 131000, 131016]);
@@ -68,8 +72,10 @@ const TOKEN = new Set([0, 190]);
 export function classify(httpStatus: number, code: number | undefined): Outcome {
   if (code !== undefined && TOKEN.has(code)) return "stop";
   if (code === undefined && httpStatus === 401) return "stop";
-  if (code !== undefined && (THROTTLED.has(code) || TRANSIENT.has(code))) return "retry";
-  if (httpStatus >= 500 || httpStatus === 408 || httpStatus === 429) return "retry";
+  if (code !== undefined && THROTTLED.has(code)) return "throttle";
+  if (code === undefined && httpStatus === 429) return "throttle";
+  if (code !== undefined && TRANSIENT.has(code)) return "retry";
+  if (httpStatus >= 500 || httpStatus === 408) return "retry";
   return "failed";
 }
 
@@ -179,17 +185,19 @@ export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promi
 }
 
 /**
- * The outcome of a message whose slot came after the token was refused, with
- * the refusal's code: SQL pauses the number with the code it is given, and a
- * code-less stop would overwrite the real one.
+ * The outcome of a message whose slot came after the token was refused or
+ * the number throttled, with the refusal's outcome and code: SQL pauses the
+ * number with the code it is given, and a code-less one would overwrite it.
  */
 function notSent(m: ClaimedMessage, refusal: SendResult): SendResult {
   return {
     id: m.id,
     lease_token: m.lease_token,
-    outcome: "stop",
+    outcome: refusal.outcome,
     error_code: refusal.error_code,
-    error_message: "not sent: the access token was refused",
+    error_message: refusal.outcome === "stop"
+      ? "not sent: the access token was refused"
+      : "not sent: the number is throttled",
     duration_ms: 0,
   };
 }
@@ -230,6 +238,7 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
     dead_lettered: 0,
     failed: 0,
     stopped: 0,
+    throttled: 0,
     ignored: 0,
     paused: null,
     duration_ms: 0,
@@ -260,11 +269,20 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
         results: batch,
         retry_base_ms: cfg.WHATSAPP_RETRY_BASE_MS,
         pause_seconds: cfg.WHATSAPP_TOKEN_PAUSE_SECONDS,
+        throttle_seconds: cfg.WHATSAPP_THROTTLE_PAUSE_SECONDS,
       },
     );
     const counts = row.complete_whatsapp_messages as Record<string, number>;
     for (
-      const k of ["sent", "retried", "dead_lettered", "failed", "stopped", "ignored"] as const
+      const k of [
+        "sent",
+        "retried",
+        "dead_lettered",
+        "failed",
+        "stopped",
+        "throttled",
+        "ignored",
+      ] as const
     ) {
       report[k] += counts[k] ?? 0;
     }
@@ -352,7 +370,7 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
 
   const record = (r: SendResult) => {
     results.push(r);
-    if (r.outcome === "stop") refusal ??= r;
+    if (r.outcome === "stop" || r.outcome === "throttle") refusal ??= r;
     if (results.length >= 200) flush();
     else timer ??= setTimeout(flush, FLUSH_MS);
   };
@@ -362,8 +380,9 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
     const p = (async () => {
       const wait = at - performance.now();
       if (wait > 0) await sleep(wait);
-      // Once the Cloud API has refused the token, later slots are not spent
-      // on it: the message goes back unsent, without using an attempt.
+      // Once the Cloud API has refused the token or throttled the number,
+      // later slots are not spent on it: the message goes back unsent,
+      // without using an attempt.
       record(refusal ? notSent(m, refusal) : await sendMessage(cfg, m));
     })();
     inflight.add(p);
@@ -432,7 +451,9 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
     await Promise.all(inflight);
     await flushed();
   }
-  if (refusal && !report.paused) report.paused = "token_invalid";
+  if (refusal && !report.paused) {
+    report.paused = refusal.outcome === "stop" ? "token_invalid" : "throttled";
+  }
   report.duration_ms = Math.round(performance.now() - started);
   log(report.paused ? "warn" : "info", "whatsapp dispatch", {
     correlation_id: correlationId,

@@ -1190,9 +1190,12 @@ $$;
 -- messages it claimed, in one batch.
 --
 --   p_results [{id, lease_token, outcome, wamid, error_code, error_message, duration_ms}]
---   outcome: sent | retry (throttled, 5xx, timeout) | failed (permanent) |
+--   outcome: sent | retry (5xx, timeout) | failed (permanent) |
 --            stop (token expired or invalid: the message goes back untouched
---            and the business number pauses)
+--            and the business number pauses for p_pause_seconds) |
+--            throttle (Meta asks us to slow down: the same, for
+--            p_throttle_seconds, so a spell of throttling spends no attempts
+--            and dead-letters nothing)
 --
 -- retry and failed settle through the generic lease settlement (lease holders only;
 -- backoff with jitter; dead letter once max_attempts is used up). A send is
@@ -1205,7 +1208,8 @@ create or replace function public.complete_whatsapp_messages(
   p_business_number text,
   p_results jsonb,
   p_retry_base_ms integer default 2000,
-  p_pause_seconds integer default 300
+  p_pause_seconds integer default 300,
+  p_throttle_seconds integer default 30
 ) returns jsonb
 language plpgsql
 security definer
@@ -1219,6 +1223,7 @@ declare
   v_retried integer := 0;
   v_failed integer := 0;
   v_stopped integer := 0;
+  v_throttled integer := 0;
   v_dead integer := 0;
   v_n integer;
   v_n_dead integer;
@@ -1233,18 +1238,19 @@ begin
   if exists (
     select from jsonb_array_elements(p_results) e
     where jsonb_typeof(e) <> 'object'
-      or coalesce(e ->> 'outcome', '') not in ('sent', 'retry', 'failed', 'stop')
+      or coalesce(e ->> 'outcome', '') not in ('sent', 'retry', 'failed', 'stop', 'throttle')
       or coalesce(e ->> 'id', '') !~ '^[0-9]{1,18}$'
       or coalesce(e ->> 'lease_token', '') !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
       or (e ->> 'outcome' = 'sent' and coalesce(e ->> 'wamid', '') = '')
   ) then
     perform private.raise_error(400, 'invalid_results',
-      'each result needs an id, its lease_token, an outcome (sent, retry, failed, stop) and, when sent, a wamid');
+      'each result needs an id, its lease_token, an outcome (sent, retry, failed, stop, throttle) and, when sent, a wamid');
   end if;
   if p_retry_base_ms is null or p_retry_base_ms not between 1 and 3600000
-     or p_pause_seconds is null or p_pause_seconds not between 1 and 86400 then
+     or p_pause_seconds is null or p_pause_seconds not between 1 and 86400
+     or p_throttle_seconds is null or p_throttle_seconds not between 1 and 86400 then
     perform private.raise_error(400, 'invalid_dispatch_settings',
-      'retry_base_ms 1..3600000, pause_seconds 1..86400');
+      'retry_base_ms 1..3600000, pause_seconds and throttle_seconds 1..86400');
   end if;
   -- The updates below are driven by this id list through the primary key, so
   -- their plans stay index lookups even before the queue has statistics.
@@ -1347,30 +1353,47 @@ begin
     end if;
   end loop;
 
-  -- stop: the token is expired or invalid. Put the message back without
-  -- spending an attempt and pause the business number.
+  -- stop (the token is expired or invalid) and throttle (Meta asks us to
+  -- slow down): put the message back without spending an attempt and pause
+  -- the business number, for p_pause_seconds or p_throttle_seconds.
   with results as materialized (select * from private.whatsapp_results(p_results)),
   upd as (
     update public.whatsapp_message_queue q set
       status = 'pending', attempts = greatest(q.attempts - 1, 0),
-      visible_at = v_now + make_interval(secs => p_pause_seconds),
-      error_code = coalesce(r.error_code, 'token_invalid'), last_error = r.error_message,
+      visible_at = v_now + make_interval(secs => case r.outcome when 'stop' then p_pause_seconds
+                                                                 else p_throttle_seconds end),
+      error_code = coalesce(r.error_code, case r.outcome when 'stop' then 'token_invalid'
+                                                         else 'throttled' end),
+      last_error = r.error_message,
       lease_token = null, locked_by = null
     from results r
-    where r.outcome = 'stop' and q.id = r.id and q.id = any(v_ids) and q.status = 'processing'
-      and q.lease_token = r.lease_token
-    returning q.id, q.correlation_id, q.error_code, q.attempts
+    where r.outcome in ('stop', 'throttle') and q.id = r.id and q.id = any(v_ids)
+      and q.status = 'processing' and q.lease_token = r.lease_token
+    returning q.id, q.correlation_id, q.error_code, q.attempts, r.outcome
   )
-  select count(*), min(u.error_code), coalesce(jsonb_agg(private.whatsapp_metric(
-    'whatsapp.alert.token_invalid', u.id, u.attempts, u.error_code, null, u.correlation_id, 'alert')), '[]'::jsonb)
-  into v_stopped, v_stop_code, v_part from upd u;
+  select count(*) filter (where u.outcome = 'stop'), count(*) filter (where u.outcome = 'throttle'),
+         coalesce(min(u.error_code) filter (where u.outcome = 'stop'), min(u.error_code)),
+         coalesce(jsonb_agg(case u.outcome
+           when 'stop' then private.whatsapp_metric('whatsapp.alert.token_invalid', u.id, u.attempts,
+                                                    u.error_code, null, u.correlation_id, 'alert')
+           else private.whatsapp_metric('whatsapp.message.throttled', u.id, u.attempts,
+                                        u.error_code, null, u.correlation_id) end), '[]'::jsonb)
+  into v_stopped, v_throttled, v_stop_code, v_part from upd u;
   v_metrics := v_metrics || v_part;
 
-  if v_stopped > 0 then
+  -- a refused token pauses for its time; throttling for its own, never
+  -- shortening a pause already there
+  if v_stopped > 0 or v_throttled > 0 then
     insert into private.whatsapp_send_windows as w (business_number, paused_until, pause_reason)
-    values (p_business_number, v_now + make_interval(secs => p_pause_seconds), 'token_invalid:' || v_stop_code)
+    values (p_business_number,
+            v_now + make_interval(secs => case when v_stopped > 0 then p_pause_seconds
+                                               else p_throttle_seconds end),
+            case when v_stopped > 0 then 'token_invalid:' else 'throttled:' end || v_stop_code)
     on conflict (business_number) do update set
-      paused_until = excluded.paused_until, pause_reason = excluded.pause_reason, updated_at = now();
+      paused_until = greatest(w.paused_until, excluded.paused_until),
+      pause_reason = case when excluded.paused_until >= coalesce(w.paused_until, excluded.paused_until)
+                          then excluded.pause_reason else w.pause_reason end,
+      updated_at = now();
   end if;
 
   if jsonb_array_length(v_metrics) > 0 then
@@ -1378,8 +1401,9 @@ begin
   end if;
 
   return jsonb_build_object('sent', v_sent, 'retried', v_retried, 'dead_lettered', v_dead,
-    'failed', v_failed, 'stopped', v_stopped,
-    'ignored', jsonb_array_length(p_results) - v_sent - v_retried - v_dead - v_failed - v_stopped);
+    'failed', v_failed, 'stopped', v_stopped, 'throttled', v_throttled,
+    'ignored', jsonb_array_length(p_results) - v_sent - v_retried - v_dead - v_failed - v_stopped
+               - v_throttled);
 end;
 $$;
 
@@ -1487,7 +1511,7 @@ revoke all on function public.update_whatsapp_session_activity(text, boolean, ti
 revoke all on function public.ingest_whatsapp_events(jsonb, jsonb, jsonb, jsonb, text) from public, anon, authenticated;
 revoke all on function public.claim_whatsapp_messages(text, text, integer, integer, integer, integer, integer)
   from public, anon, authenticated;
-revoke all on function public.complete_whatsapp_messages(text, text, jsonb, integer, integer)
+revoke all on function public.complete_whatsapp_messages(text, text, jsonb, integer, integer, integer)
   from public, anon, authenticated;
 revoke all on function public.cancel_whatsapp_message(bigint) from public, anon, authenticated;
 revoke all on function public.get_whatsapp_queue_metrics() from public, anon, authenticated;
@@ -1501,7 +1525,7 @@ grant execute on function public.update_whatsapp_session_activity(text, boolean,
 grant execute on function public.ingest_whatsapp_events(jsonb, jsonb, jsonb, jsonb, text) to service_role;
 grant execute on function public.claim_whatsapp_messages(text, text, integer, integer, integer, integer, integer)
   to service_role;
-grant execute on function public.complete_whatsapp_messages(text, text, jsonb, integer, integer)
+grant execute on function public.complete_whatsapp_messages(text, text, jsonb, integer, integer, integer)
   to service_role;
 grant execute on function public.cancel_whatsapp_message(bigint) to service_role;
 grant execute on function public.get_whatsapp_queue_metrics() to service_role;

@@ -178,12 +178,9 @@ dbTest(
   },
 );
 
-dbTest("throttling, 5xx, dropped connections and timeouts are retried with backoff", async () => {
+dbTest("5xx, dropped connections and timeouts are retried with backoff", async () => {
   fake.reset();
   const plan: [string, (to: string) => void][] = [
-    ["130429", (to) => fake.failNext(130429, { to })],
-    ["131056", (to) => fake.failNext(131056, { to })],
-    ["131048", (to) => fake.failNext(131048, { to })],
     ["131000", (to) => fake.failNext(131000, { to })],
     ["2", (to) => fake.failNext(2, { to })],
     ["network_error", (to) => fake.dropNext({ to })],
@@ -204,6 +201,38 @@ dbTest("throttling, 5xx, dropped connections and timeouts are retried with backo
     const [m] = await metrics("whatsapp.message.retry", ids[i]);
     assert.equal(m?.tags.error_code, code);
   }
+});
+
+// A spell of throttling must not dead-letter a backlog: the messages go back
+// without spending an attempt and the number pauses for a while.
+dbTest("throttling puts the messages back unspent and pauses the number", async () => {
+  for (const code of [130429, 131056, 131048]) {
+    fake.reset();
+    await db.sql`update private.whatsapp_send_windows set paused_until = null`;
+    const { ids } = await textsToNewRecipients(3, `throttled ${code}`);
+    await db.sql`update public.whatsapp_message_queue set max_attempts = 1
+                 where id = any(${ids}::bigint[])`;
+    fake.failNext(code, { times: 100 });
+    const report = await dispatch();
+    assert.equal(report.paused, "throttled", JSON.stringify(report));
+    assert.equal(report.dead_lettered, 0, JSON.stringify(report));
+    assert.ok(report.throttled >= 1, JSON.stringify(report));
+    for (const id of ids) {
+      const r = await row(id);
+      assert.deepEqual([r.status, r.attempts], ["pending", 0], `${code}: no attempt is spent`);
+    }
+    const [w] = await db.sql`select extract(epoch from paused_until - now()) as s, pause_reason
+                             from private.whatsapp_send_windows`;
+    assert.ok(w.s > 20 && w.s <= 30, `paused for WHATSAPP_THROTTLE_PAUSE_SECONDS: ${w.s}`);
+    assert.equal(w.pause_reason, `throttled:${code}`);
+    for (const id of ids) {
+      assert.equal((await metrics("whatsapp.message.throttled", id)).length, 1, "one metric each");
+    }
+  }
+  await db.sql`update private.whatsapp_send_windows set paused_until = null`;
+  await db.sql`update public.whatsapp_message_queue set status = 'cancelled', cancelled_at = now()
+               where status = 'pending' and error_code in ('130429', '131056', '131048')`;
+  fake.reset();
 });
 
 dbTest("permanent errors fail at once and keep the code", async () => {
@@ -649,9 +678,10 @@ dbTest("cleanup: stop the fake", async () => {
 
 Deno.test("Cloud API answers are classified as the queue needs them", () => {
   const cases: [number, number | undefined, string][] = [
-    [400, 130429, "retry"],
-    [400, 131056, "retry"],
-    [400, 131048, "retry"],
+    [400, 130429, "throttle"],
+    [400, 131056, "throttle"],
+    [400, 131048, "throttle"],
+    [429, undefined, "throttle"],
     [500, 131000, "retry"],
     [503, undefined, "retry"],
     [502, 2, "retry"],
