@@ -67,10 +67,16 @@ const THROTTLED = new Set([4, 80007, 130429, 131048, 131056]);
 const TRANSIENT = new Set([1, 2, 131000, 131016]);
 /** The token is expired or invalid: stop sending, alert, keep the messages. */
 const TOKEN = new Set([0, 190]);
+/**
+ * The business account cannot send at all (permissions, locked, payment,
+ * number not registered, policy block): the same as a refused token, for
+ * every message would fail alike.
+ */
+const ACCOUNT = new Set([10, 200, 368, 131031, 131042, 133010]);
 
 /** Maps a Cloud API answer to what the queue should do with the message. */
 export function classify(httpStatus: number, code: number | undefined): Outcome {
-  if (code !== undefined && TOKEN.has(code)) return "stop";
+  if (code !== undefined && (TOKEN.has(code) || ACCOUNT.has(code))) return "stop";
   if (code === undefined && httpStatus === 401) return "stop";
   if (code !== undefined && THROTTLED.has(code)) return "throttle";
   if (code === undefined && httpStatus === 429) return "throttle";
@@ -196,7 +202,7 @@ function notSent(m: ClaimedMessage, refusal: SendResult): SendResult {
     outcome: refusal.outcome,
     error_code: refusal.error_code,
     error_message: refusal.outcome === "stop"
-      ? "not sent: the access token was refused"
+      ? "not sent: the account or its token was refused"
       : "not sent: the number is throttled",
     duration_ms: 0,
   };
@@ -452,7 +458,11 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
     await flushed();
   }
   if (refusal && !report.paused) {
-    report.paused = refusal.outcome === "stop" ? "token_invalid" : "throttled";
+    report.paused = refusal.outcome === "throttle"
+      ? "throttled"
+      : ACCOUNT.has(Number(refusal.error_code))
+      ? "account_refused"
+      : "token_invalid";
   }
   report.duration_ms = Math.round(performance.now() - started);
   log(report.paused ? "warn" : "info", "whatsapp dispatch", {

@@ -1185,6 +1185,19 @@ as $$
     'correlation_id', p_correlation_id);
 $$;
 
+-- Why a stop refused sending, by Meta's code: the token (expired or invalid),
+-- or the business account itself (permissions, locked, payment, the number
+-- not registered, a policy block). Names the pause and the alert.
+create or replace function private.whatsapp_refusal(p_code text) returns text
+language sql
+immutable
+set search_path = ''
+as $$
+  select case when p_code in ('10', '200', '368', '131031', '131042', '133010')
+              then 'account_refused' else 'token_invalid' end
+$$;
+revoke all on function private.whatsapp_refusal(text) from public, anon, authenticated;
+
 -- -----------------------------------------------------------------------------
 -- complete_whatsapp_messages: a dispatcher reports what happened to the
 -- messages it claimed, in one batch.
@@ -1374,8 +1387,9 @@ begin
   select count(*) filter (where u.outcome = 'stop'), count(*) filter (where u.outcome = 'throttle'),
          coalesce(min(u.error_code) filter (where u.outcome = 'stop'), min(u.error_code)),
          coalesce(jsonb_agg(case u.outcome
-           when 'stop' then private.whatsapp_metric('whatsapp.alert.token_invalid', u.id, u.attempts,
-                                                    u.error_code, null, u.correlation_id, 'alert')
+           when 'stop' then private.whatsapp_metric(
+             'whatsapp.alert.' || private.whatsapp_refusal(u.error_code), u.id, u.attempts,
+             u.error_code, null, u.correlation_id, 'alert')
            else private.whatsapp_metric('whatsapp.message.throttled', u.id, u.attempts,
                                         u.error_code, null, u.correlation_id) end), '[]'::jsonb)
   into v_stopped, v_throttled, v_stop_code, v_part from upd u;
@@ -1388,7 +1402,8 @@ begin
     values (p_business_number,
             v_now + make_interval(secs => case when v_stopped > 0 then p_pause_seconds
                                                else p_throttle_seconds end),
-            case when v_stopped > 0 then 'token_invalid:' else 'throttled:' end || v_stop_code)
+            case when v_stopped > 0 then private.whatsapp_refusal(v_stop_code) else 'throttled' end
+              || ':' || v_stop_code)
     on conflict (business_number) do update set
       paused_until = greatest(w.paused_until, excluded.paused_until),
       pause_reason = case when excluded.paused_until >= coalesce(w.paused_until, excluded.paused_until)

@@ -302,6 +302,31 @@ dbTest("an expired token stops sending, keeps the messages and raises an alert",
   for (const id of ids) assert.equal((await row(id)).status, "sent");
 });
 
+// An account that cannot send (locked, payment, permissions) would fail every
+// message alike: they are kept, and the number pauses with an alert.
+dbTest("a refused business account keeps the messages, pauses and raises an alert", async () => {
+  fake.reset();
+  await db.sql`update private.whatsapp_send_windows set paused_until = null`;
+  const { ids } = await textsToNewRecipients(3, "account");
+  fake.failNext(131031, { times: 100 });
+  const report = await dispatch();
+  assert.equal(report.paused, "account_refused", JSON.stringify(report));
+  assert.equal(report.failed, 0, JSON.stringify(report));
+  for (const id of ids) {
+    const r = await row(id);
+    assert.deepEqual([r.status, r.attempts], ["pending", 0], "kept, no attempt spent");
+  }
+  const [w] = await db.sql`select pause_reason from private.whatsapp_send_windows`;
+  assert.equal(w.pause_reason, "account_refused:131031");
+  const alerts = await db.sql`select metric_type from public.system_metrics
+                              where metric_name = 'whatsapp.alert.account_refused'`;
+  assert.ok(alerts.length >= 1 && alerts[0].metric_type === "alert");
+  await db.sql`update private.whatsapp_send_windows set paused_until = null`;
+  await db.sql`update public.whatsapp_message_queue set status = 'cancelled', cancelled_at = now()
+               where id = any(${ids}::bigint[])`;
+  fake.reset();
+});
+
 dbTest("a rate limit slower than the lookahead still sends", async () => {
   fake.reset();
   // 2 a second is one slot per 500 ms, ten times the 50 ms lookahead
@@ -690,6 +715,9 @@ Deno.test("Cloud API answers are classified as the queue needs them", () => {
     [400, 100, "failed"],
     [400, 131009, "failed"],
     [401, 190, "stop"],
+    [400, 131031, "stop"],
+    [403, 10, "stop"],
+    [400, 133010, "stop"],
     [401, undefined, "stop"],
     [400, 0, "stop"],
   ];
