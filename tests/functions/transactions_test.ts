@@ -663,3 +663,19 @@ dbTest("setting as default a method being removed is a 404 and leaves the defaul
                             where user_id = ${user} and deleted_at is null`;
   assert.deepEqual(rows.map((r) => [r.id, r.is_default]), [[first, true]]);
 });
+
+// A failed statement's text reaches the server log and every statement's
+// pg_stat_activity: an account number must travel as a bound parameter.
+dbTest("an account number never appears in statement text", async () => {
+  const number = `07881${String(Date.now()).slice(-5)}`;
+  const added = await post("/transactions/payment-methods", aliceToken, {
+    type: "mobile_money",
+    account_number: number,
+    details: { holder: "Alice" },
+  }, null);
+  assert.equal(added.status, 201, JSON.stringify(added.body));
+  assert.equal(added.body.account_number_masked, `****${number.slice(-4)}`);
+  const seen = await db.sql`select count(*)::int as n from pg_stat_activity
+                            where query like ${"%" + number + "%"} and pid <> pg_backend_pid()`;
+  assert.equal(seen[0].n, 0);
+});

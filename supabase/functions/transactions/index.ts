@@ -27,7 +27,7 @@ import {
   requireService,
   requireUserOrService,
 } from "../../../shared/auth.ts";
-import { rpc } from "../../../shared/db.ts";
+import { type Row, rpc, withClaims } from "../../../shared/db.ts";
 import { badRequest, notFound } from "../../../shared/errors.ts";
 import {
   createApp,
@@ -225,21 +225,27 @@ app.get("/payment-methods", async (c) => {
   return c.json({ data: rows });
 });
 
+// The account number and details travel as bound parameters, not as literals
+// in the statement text as rpc() sends them: a failed statement's text goes
+// to the server log (log_min_error_statement), and every statement's to
+// pg_stat_activity, and these must reach neither.
 app.post("/payment-methods", async (c) => {
   const who = requireUserOrService(c);
   const body = await jsonBody(c, paymentMethodBody);
-  const row = one(
-    await rpc(who, c.get("correlationId"), "public.add_payment_method", {
-      type: body.type,
-      account_number: body.account_number ?? null,
-      provider: body.provider,
-      details: body.details,
-      is_default: body.is_default,
-      metadata: body.metadata,
-      user_id: body.user_id ?? null,
-    }),
+  const rows = await withClaims(
+    who,
+    c.get("correlationId"),
+    (tx) =>
+      tx`select * from public.add_payment_method(
+         p_type := ${body.type},
+         p_account_number := ${body.account_number ?? null},
+         p_provider := ${body.provider ?? null},
+         p_details := ${body.details === undefined ? null : tx.json(body.details as never)},
+         p_is_default := ${body.is_default ?? false},
+         p_metadata := ${tx.json((body.metadata ?? {}) as never)},
+         p_user_id := ${body.user_id ?? null})`,
   );
-  return c.json(row, 201);
+  return c.json(one(rows as Row[]), 201);
 });
 
 app.post("/payment-methods/:id/default", async (c) => {
