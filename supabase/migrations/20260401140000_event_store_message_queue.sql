@@ -1255,6 +1255,24 @@ begin
 end;
 $$;
 
+-- The input of an operation by lease holders (settle, release): a queue name
+-- and one token per message id, or a 400.
+create or replace function private.check_lease_holders(
+  p_queue_name text,
+  p_message_ids bigint[],
+  p_lease_tokens uuid[]
+) returns void
+language plpgsql
+set search_path = ''
+as $$
+begin
+  perform private.check_queue_name(p_queue_name);
+  if cardinality(p_message_ids) is distinct from cardinality(p_lease_tokens) then
+    perform private.raise_error(400, 'invalid_acks', 'one lease token per message id');
+  end if;
+end;
+$$;
+
 -- Settles messages of one queue for the holders of their leases.
 create or replace function private.settle_messages(
   p_queue_name text,
@@ -1272,10 +1290,7 @@ declare
   v_tokens uuid[];
   v_groups text[];
 begin
-  perform private.check_queue_name(p_queue_name);
-  if cardinality(p_message_ids) is distinct from cardinality(p_lease_tokens) then
-    perform private.raise_error(400, 'invalid_acks', 'one lease token per message id');
-  end if;
+  perform private.check_lease_holders(p_queue_name, p_message_ids, p_lease_tokens);
   if p_delay_seconds is not null and p_delay_seconds not between 0 and 31536000 then
     perform private.raise_error(400, 'invalid_delay', 'delay_seconds must be between 0 and 31536000');
   end if;
@@ -1568,10 +1583,7 @@ security definer
 set search_path = ''
 as $$
 begin
-  perform private.check_queue_name(p_queue_name);
-  if cardinality(p_message_ids) is distinct from cardinality(p_lease_tokens) then
-    perform private.raise_error(400, 'invalid_acks', 'one lease token per message id');
-  end if;
+  perform private.check_lease_holders(p_queue_name, p_message_ids, p_lease_tokens);
   return query
   update public.message_queue t
      set status = 'pending',
