@@ -681,6 +681,8 @@ begin
      or v_existing.message_type is distinct from p_message_type
      or v_existing.message_payload is distinct from v_payload
      or v_existing.priority is distinct from p_priority::smallint
+     or v_existing.max_attempts is distinct from p_max_attempts
+     or v_existing.metadata is distinct from coalesce(p_metadata, '{}'::jsonb)
      or (p_scheduled_at is not null and v_existing.scheduled_at is distinct from p_scheduled_at) then
     perform private.raise_error(409, 'idempotency_key_conflict',
       'this idempotency key was already used for a different message',

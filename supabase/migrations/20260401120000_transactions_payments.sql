@@ -827,12 +827,14 @@ begin
     -- auth.users stores phones without the leading + (and maybe, imported,
     -- with it): two users behind one number is a 409, never a guess
     select min(u.id::text)::uuid, count(*) into v_to, v_matches from auth.users u
-    where u.phone in (ltrim(p_to_phone, '+'), '+' || ltrim(p_to_phone, '+'));
+    where u.phone in (ltrim(p_to_phone, '+'), '+' || ltrim(p_to_phone, '+'))
+      and u.deleted_at is null;
     if v_matches > 1 then
       perform private.raise_error(409, 'recipient_ambiguous',
         'more than one user has that phone number; transfer by user id');
     end if;
-  elsif not exists (select from auth.users u where u.id = p_to_user_id) then
+  elsif not exists (select from auth.users u where u.id = p_to_user_id and u.deleted_at is null) then
+    -- a deleted account receives nothing
     v_to := null;
   end if;
   if v_to is null then

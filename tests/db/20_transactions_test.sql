@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(169);
+select plan(171);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -294,6 +294,18 @@ select tests.create_user(p_phone := '+250788999991');
 select throws_ok($$select public.transfer_funds(p_amount := 1, p_currency := 'RWF',
   p_to_phone := '+250788999991', p_from_user_id := (select alice from ids))$$,
   'PT409', 'recipient_ambiguous', 'a phone two users have is a 409, not one of them');
+-- a deleted account receives nothing, by id or by phone
+select tests.clear_authentication();
+create temp table gone as select tests.create_user(p_phone := '250788999992') as id;
+update auth.users set deleted_at = now() where id = (select id from gone);
+grant select on gone to service_role;
+select tests.authenticate_as_service_role();
+select throws_ok($$select public.transfer_funds(p_amount := 1, p_currency := 'RWF',
+  p_to_user_id := (select id from gone), p_from_user_id := (select alice from ids))$$,
+  'PT404', 'recipient_not_found', 'a deleted user cannot be paid by id');
+select throws_ok($$select public.transfer_funds(p_amount := 1, p_currency := 'RWF',
+  p_to_phone := '+250788999992', p_from_user_id := (select alice from ids))$$,
+  'PT404', 'recipient_not_found', 'nor by phone');
 
 select ok(pg_temp.ledger_ok(), 'ledger sums to zero per currency; balances and holds equal their entries');
 

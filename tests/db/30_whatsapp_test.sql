@@ -3,7 +3,7 @@
 -- sessions, secrets, inbound messages, statuses and the queue
 -- (anon, two users matched by their phone claim, a user without one, service_role).
 begin;
-select plan(76);
+select plan(78);
 
 -- the spec's examples, verbatim
 select ok(public.enqueue_whatsapp_message(
@@ -102,6 +102,12 @@ select is(
   'the same idempotency key and request return the same message');
 select throws_ok($$select public.enqueue_whatsapp_message('+250788123457', 'text', '{"text": "twice"}', p_idempotency_key := 'order-42')$$,
   'PT409', 'idempotency_key_conflict', 'the key with another payload is a conflict');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123457', 'text', '{"text": "once"}',
+    p_idempotency_key := 'order-42', p_max_attempts := 9)$$,
+  'PT409', 'idempotency_key_conflict', 'so is the key with another max_attempts');
+select throws_ok($$select public.enqueue_whatsapp_message('+250788123457', 'text', '{"text": "once"}',
+    p_idempotency_key := 'order-42', p_metadata := '{"order": 43}')$$,
+  'PT409', 'idempotency_key_conflict', 'or other metadata');
 select is((select count(*)::int from public.whatsapp_message_queue where idempotency_key = 'order-42'), 1,
   'one message per key');
 
