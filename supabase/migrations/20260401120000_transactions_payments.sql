@@ -682,11 +682,16 @@ begin
     end if;
   end if;
 
-  if p_payment_method_id is not null and not exists (
-    select from public.payment_methods pm
+  -- The method is share-locked until commit: a removal racing this either
+  -- committed first (the re-check under the lock finds it gone: 404) or
+  -- waits, and then removes a method that already has this transaction.
+  if p_payment_method_id is not null then
+    perform from public.payment_methods pm
     where pm.id = p_payment_method_id and pm.user_id = p_user_id and pm.deleted_at is null
-  ) then
-    perform private.raise_error(404, 'payment_method_not_found', 'no such payment method for this user');
+    for share;
+    if not found then
+      perform private.raise_error(404, 'payment_method_not_found', 'no such payment method for this user');
+    end if;
   end if;
 
   -- Wallets, created on first use in a fixed order (system accounts first,

@@ -679,3 +679,42 @@ dbTest("an account number never appears in statement text", async () => {
                             where query like ${"%" + number + "%"} and pid <> pg_backend_pid()`;
   assert.equal(seen[0].n, 0);
 });
+
+// A transaction and the removal of its payment method are ordered by the
+// method's row lock: one removed first is a 404, never a reference to a gone
+// method.
+dbTest("a transaction on a payment method being removed is a 404", async () => {
+  const user = await createUser(db, "250788100078");
+  const token = await userToken(user);
+  await fund(user, 100);
+  const method = await post("/transactions/payment-methods", token, {
+    type: "mobile_money",
+    account_number: "0788100078",
+  }, null);
+  let removed!: () => void;
+  const isRemoved = new Promise<void>((r) => (removed = r));
+  let commit!: () => void;
+  const committed = new Promise<void>((r) => (commit = r));
+  const removal = db.sql.begin(async (tx) => {
+    await tx`select set_config('role', 'authenticated', true),
+                    set_config('request.jwt.claims',
+                      ${JSON.stringify({ role: "authenticated", sub: user })}, true)`;
+    await tx`select public.remove_payment_method(${method.body.id})`;
+    removed();
+    await committed;
+  });
+  await isRemoved;
+  const paying = post("/transactions", token, {
+    type: "payment",
+    amount: 5,
+    currency: "RWF",
+    payment_method_id: method.body.id,
+  });
+  await new Promise((r) => setTimeout(r, 100));
+  commit();
+  await removal;
+  expectError(await paying, 404, "payment_method_not_found");
+  const [row] = await db.sql`select count(*)::int as n from public.transactions
+                             where payment_method_id = ${method.body.id}`;
+  assert.equal(row.n, 0);
+});
