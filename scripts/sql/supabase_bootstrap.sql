@@ -66,6 +66,8 @@ create table if not exists auth.users (
   updated_at timestamptz default now(),
   deleted_at timestamptz
 );
+-- added after the first local databases were made, as Supabase has it
+alter table auth.users add column if not exists phone_confirmed_at timestamptz;
 grant select on auth.users to service_role;
 
 -- -----------------------------------------------------------------------------

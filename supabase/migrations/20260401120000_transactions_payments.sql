@@ -833,7 +833,9 @@ begin
     -- with it): two users behind one number is a 409, never a guess
     select min(u.id::text)::uuid, count(*) into v_to, v_matches from auth.users u
     where u.phone in (ltrim(p_to_phone, '+'), '+' || ltrim(p_to_phone, '+'))
-      and u.deleted_at is null;
+      and u.deleted_at is null
+      -- a number its holder has not confirmed is not theirs to be paid on
+      and u.phone_confirmed_at is not null;
     if v_matches > 1 then
       perform private.raise_error(409, 'recipient_ambiguous',
         'more than one user has that phone number; transfer by user id');

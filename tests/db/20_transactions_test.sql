@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(171);
+select plan(172);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -306,6 +306,13 @@ select throws_ok($$select public.transfer_funds(p_amount := 1, p_currency := 'RW
 select throws_ok($$select public.transfer_funds(p_amount := 1, p_currency := 'RWF',
   p_to_phone := '+250788999992', p_from_user_id := (select alice from ids))$$,
   'PT404', 'recipient_not_found', 'nor by phone');
+select tests.clear_authentication();
+select tests.create_user(p_phone := '250788999993');
+update auth.users set phone_confirmed_at = null where phone = '250788999993';
+select tests.authenticate_as_service_role();
+select throws_ok($$select public.transfer_funds(p_amount := 1, p_currency := 'RWF',
+  p_to_phone := '+250788999993', p_from_user_id := (select alice from ids))$$,
+  'PT404', 'recipient_not_found', 'nor a number its holder has not confirmed');
 
 select ok(pg_temp.ledger_ok(), 'ledger sums to zero per currency; balances and holds equal their entries');
 

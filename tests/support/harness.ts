@@ -81,10 +81,9 @@ export const userToken = (id: string, extra: Record<string, unknown> = {}) =>
 /** Creates a user in auth.users and returns its id. */
 export async function createUser(db: TestDb, phone?: string): Promise<string> {
   const id = crypto.randomUUID();
-  await db.sql`insert into auth.users (id, email, phone, role, aud)
-               values (${id}, ${id + "@test.local"}, ${
-    phone ?? null
-  }, 'authenticated', 'authenticated')`;
+  await db.sql`insert into auth.users (id, email, phone, phone_confirmed_at, role, aud)
+               values (${id}, ${id + "@test.local"}, ${phone ?? null},
+                       ${phone ? new Date() : null}, 'authenticated', 'authenticated')`;
   return id;
 }
 

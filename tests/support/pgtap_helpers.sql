@@ -20,8 +20,9 @@ as $$
 declare
   v_id uuid := gen_random_uuid();
 begin
-  insert into auth.users (id, email, phone, role, aud)
-  values (v_id, coalesce(p_email, v_id::text || '@test.local'), p_phone, 'authenticated', 'authenticated');
+  insert into auth.users (id, email, phone, phone_confirmed_at, role, aud)
+  values (v_id, coalesce(p_email, v_id::text || '@test.local'), p_phone,
+          case when p_phone is not null then now() end, 'authenticated', 'authenticated');
   return v_id;
 end;
 $$;
