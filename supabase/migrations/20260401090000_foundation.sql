@@ -177,6 +177,29 @@ $$;
 -- list functions run as their caller
 grant execute on function private.check_limit(integer, integer) to authenticated, service_role;
 
+-- Transaction-level advisory locks serialising work on the given keys of one
+-- scope (a queue's FIFO groups, WhatsApp message ids): one lock per bucket of
+-- 64, taken in order. Buckets, not keys: the shared lock table holds a few
+-- thousand locks in all, and a batch of a thousand keys taking one each could
+-- run it out for every transaction in the cluster; two keys of a bucket merely
+-- wait for each other. In order, so two callers never deadlock on them.
+create or replace function private.lock_key_buckets(p_scope text, p_keys text[]) returns void
+language sql
+set search_path = ''
+as $$
+  select pg_catalog.pg_advisory_xact_lock(l.key)
+  from (
+    select distinct pg_catalog.hashtextextended(
+      p_scope || '/' || (pg_catalog.hashtext(k) & 63), 0) as key
+    from unnest(p_keys) k
+    where k is not null
+  ) l
+  order by l.key;
+$$;
+revoke all on function private.lock_key_buckets(text, text[]) from public, anon, authenticated;
+-- ingest_whatsapp_events runs as its caller, the service role
+grant execute on function private.lock_key_buckets(text, text[]) to service_role;
+
 -- 400 p_code when an object of the JSON array p_items (batch input, its items
 -- already known to be objects) has a key outside p_allowed: a misspelled
 -- optional key (expectedVersion for expected_version) would otherwise be

@@ -757,29 +757,6 @@ $$;
 --
 -- Inbound messages are stored once per wamid and update the sender's session
 -- once; statuses move queue rows forward only.
-
--- A status event and the dispatcher's record of the send it is about race:
--- Meta reports "sent" or "failed" within a second of the API call. Each side
--- looks for the other's row (the status applies itself to the queue row with
--- that wamid; the sent outcome adopts statuses already stored), and two
--- transactions that overlap would each miss the other's, leaving a failed
--- message shown as sent. Both take these locks first (one per bucket of 64,
--- in order, so a batch of a thousand wamids takes at most 64), so whichever
--- commits second sees what the first wrote.
-create or replace function private.lock_wamids(p_wamids text[]) returns void
-language sql
-set search_path = ''
-as $$
-  select pg_catalog.pg_advisory_xact_lock(l.key)
-  from (
-    select distinct pg_catalog.hashtextextended(
-      'whatsapp/wamid/' || (pg_catalog.hashtext(w) & 63), 0) as key
-    from unnest(p_wamids) w
-    where w is not null
-  ) l
-  order by l.key;
-$$;
-
 -- -----------------------------------------------------------------------------
 create or replace function public.ingest_whatsapp_events(
   p_messages jsonb default '[]'::jsonb,
@@ -866,8 +843,12 @@ begin
   )
   select coalesce(sum(p.n), 0) into v_stored from per_sender p;
 
-  -- statuses: every event kept once; queue rows move forward only
-  perform private.lock_wamids(array(
+  -- statuses: every event kept once; queue rows move forward only. A status
+  -- and the dispatcher's record of its send (Meta reports within a second)
+  -- each look for the other's row, and two overlapping transactions would
+  -- each miss the other's, leaving a failed message shown as sent: both take
+  -- their wamids' locks first, so whichever commits second sees the first.
+  perform private.lock_key_buckets('whatsapp/wamid', array(
     select x ->> 'wamid' from jsonb_array_elements(coalesce(p_statuses, '[]')) x));
   with incoming as (
     select x.* from jsonb_to_recordset(coalesce(p_statuses, '[]')) as x(
@@ -1271,8 +1252,9 @@ begin
   -- their plans stay index lookups even before the queue has statistics.
   v_ids := array(select (e ->> 'id')::bigint from jsonb_array_elements(p_results) e);
 
-  -- sent: adopt any status event that beat us here (forward only)
-  perform private.lock_wamids(array(
+  -- sent: adopt any status event that beat us here (forward only), under the
+  -- wamids' locks (see ingest_whatsapp_events)
+  perform private.lock_key_buckets('whatsapp/wamid', array(
     select e ->> 'wamid' from jsonb_array_elements(p_results) e where e ->> 'outcome' = 'sent'));
   with results as materialized (select * from private.whatsapp_results(p_results)),
   upd as (
@@ -1553,9 +1535,6 @@ grant execute on function public.list_whatsapp_sessions(text, integer, text) to 
 -- PUBLIC, so it is revoked here function by function. service_role runs the
 -- validation helpers (enqueue and ingest are security invoker); the dispatch
 -- helpers run only inside the security definer claim / complete functions.
-revoke all on function private.lock_wamids(text[]) from public, anon, authenticated;
--- ingest_whatsapp_events runs as its caller, the service role
-grant execute on function private.lock_wamids(text[]) to service_role;
 revoke all on function private.whatsapp_status_rank(text) from public, anon, authenticated;
 revoke all on function private.whatsapp_check_phone(text, text) from public, anon, authenticated;
 revoke all on function private.whatsapp_payload_error(text, text) from public, anon, authenticated;

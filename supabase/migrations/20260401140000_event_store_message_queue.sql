@@ -939,11 +939,10 @@ $$;
 -- own: of a send and a settlement racing in one group, the one that takes the
 -- lock second sees what the first committed, so no group is left without a
 -- head. Concurrent sends to one group are ordered by who takes the lock first.
--- A lock covers one of 64 buckets of a queue's groups, not one group: the
--- shared lock table holds a few thousand locks in all, and a send of 1,000
--- groups (or a purge of 100,000) taking one each ran it out, failing every
--- transaction in the cluster. Two groups of a bucket merely wait for each
--- other. The look needs READ COMMITTED (a statement snapshot taken after the
+-- A lock covers one of 64 buckets of a queue's groups, not one group
+-- (private.lock_key_buckets): a send of 1,000 groups, or a purge of 100,000,
+-- taking one each ran the cluster's lock table out. The look needs READ
+-- COMMITTED (a statement snapshot taken after the
 -- lock), so other isolation levels are refused.
 -- A settlement locks its rows before the group, and the promotion then locks
 -- the next blocked row. An operator's archive or delete of that very blocked
@@ -970,13 +969,7 @@ begin
     perform private.raise_error(400, 'read_committed_required',
       'messages with a group_key are sent and settled in READ COMMITTED transactions');
   end if;
-  perform pg_catalog.pg_advisory_xact_lock(l.key)
-  from (
-    select distinct pg_catalog.hashtextextended(
-      'message_queue/' || p_queue_name || '/' || (pg_catalog.hashtext(g.key) & 63), 0) as key
-    from unnest(v_keys) g(key)
-  ) l
-  order by l.key;
+  perform private.lock_key_buckets('message_queue/' || p_queue_name, v_keys);
 
   -- Only groups without a head pick a message (materialized, so that the
   -- pick below runs for them alone: a send to a group with a head locks
