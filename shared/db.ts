@@ -121,6 +121,22 @@ export function withClaims<T>(
   });
 }
 
+/**
+ * Text the database accepts, for error messages and the like taken from
+ * elsewhere: no NUL (text and jsonb cannot hold \u0000), no lone surrogate
+ * (an invalid escape in JSON text), at most `max` code points, cut between
+ * code points so an emoji is never split in half.
+ */
+export function dbText(text: string, max: number): string {
+  const out: string[] = [];
+  for (const ch of text) {
+    if (out.length === max) break;
+    if (ch !== "\u0000") out.push(ch);
+  }
+  // A lone surrogate is one element above; it becomes U+FFFD.
+  return out.join("").toWellFormed();
+}
+
 export type Row = Record<string, unknown>;
 
 const IDENTIFIER = /^[a-z_][a-z0-9_]*$/;

@@ -3,7 +3,7 @@
 // rate limiter, pair pacing, per-recipient order, backoff, dead letters);
 // this module sends at the slot each claim hands out, classifies what the
 // Cloud API answered and reports outcomes back in batches.
-import { rpc, toHttpError } from "./db.ts";
+import { dbText, rpc, toHttpError } from "./db.ts";
 import { type HttpError, isInputError } from "./errors.ts";
 import { runInBackground } from "./http.ts";
 import { log } from "./log.ts";
@@ -104,22 +104,6 @@ function cloudApiRequest(m: ClaimedMessage): Record<string, unknown> {
   return body;
 }
 
-/**
- * Error text the database accepts: no NUL (jsonb cannot hold \u0000), no lone
- * surrogate (an invalid escape in JSON text), at most `max` code points, cut
- * between code points so an emoji is never split in half. One bad character
- * in an outcome must not cost its whole batch.
- */
-export function outcomeText(text: string, max: number): string {
-  const out: string[] = [];
-  for (const ch of text) {
-    if (out.length === max) break;
-    if (ch !== "\u0000") out.push(ch);
-  }
-  // A lone surrogate is one element above; it becomes U+FFFD.
-  return out.join("").toWellFormed();
-}
-
 /** One send: POST {base}/{version}/{phone_number_id}/messages with the bearer token. */
 export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promise<SendResult> {
   const url = `${
@@ -152,7 +136,7 @@ export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promi
     return done({
       outcome: "retry",
       error_code: timeout ? "timeout" : "network_error",
-      error_message: outcomeText(String(err), 500),
+      error_message: dbText(String(err), 500),
     });
   }
   let json: {
@@ -172,7 +156,7 @@ export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promi
     return done({
       outcome: "retry",
       error_code: "invalid_response",
-      error_message: outcomeText(text, 500),
+      error_message: dbText(text, 500),
     });
   }
   const rawCode = json?.error?.code;
@@ -186,7 +170,7 @@ export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promi
   return done({
     outcome: classify(status, code),
     error_code: code !== undefined ? String(code) : `http_${status}`,
-    error_message: outcomeText(message || text, 2000),
+    error_message: dbText(message || text, 2000),
   });
 }
 

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { app as webhookApp } from "../../supabase/functions/whatsapp-webhook/index.ts";
-import { classify, dispatch, outcomeText } from "../../shared/whatsapp_dispatch.ts";
+import { classify, dispatch } from "../../shared/whatsapp_dispatch.ts";
+import { dbText } from "../../shared/db.ts";
 import { signWebhook, whatsappConfig } from "../../shared/whatsapp.ts";
 import { ConfigError } from "../../shared/env.ts";
 import { call, dbTest, freshDatabase, serviceToken, TEST_JWT_SECRET } from "../support/harness.ts";
@@ -726,11 +727,11 @@ Deno.test("Cloud API answers are classified as the queue needs them", () => {
   }
 });
 
-Deno.test("outcome text is what the database takes: no NUL, well-formed, cut by code point", () => {
-  assert.equal(outcomeText("a\u0000b", 10), "ab");
-  assert.equal(outcomeText("x\ud83dy\ude00", 10), "x\ufffdy\ufffd");
-  assert.equal(outcomeText("ab\u{1F600}cd", 3), "ab\u{1F600}");
-  assert.equal(outcomeText("\u0000".repeat(5) + "abc", 2), "ab");
+Deno.test("dbText is what the database takes: no NUL, well-formed, cut by code point", () => {
+  assert.equal(dbText("a\u0000b", 10), "ab");
+  assert.equal(dbText("x\ud83dy\ude00", 10), "x\ufffdy\ufffd");
+  assert.equal(dbText("ab\u{1F600}cd", 3), "ab\u{1F600}");
+  assert.equal(dbText("\u0000".repeat(5) + "abc", 2), "ab");
 });
 
 Deno.test("WhatsApp configuration is validated on its own", async () => {

@@ -6,7 +6,7 @@
 // is spent, so a cron-triggered run ends well inside the edge runtime's 150 s:
 // the budget (at most 25 s) plus the longest job timeout (at most 120 s).
 import type { Principal } from "../../../shared/auth.ts";
-import { asJson, type Row, rpc, TextArray } from "../../../shared/db.ts";
+import { asJson, dbText, type Row, rpc, TextArray } from "../../../shared/db.ts";
 import { HttpError, isInputError } from "../../../shared/errors.ts";
 import { log } from "../../../shared/log.ts";
 import { type Job, jobHandler, registeredJobTypes } from "./handlers.ts";
@@ -85,10 +85,9 @@ function unstorable(result: unknown): string | undefined {
   }
 }
 
-/** An error as job.last_error keeps it: text Postgres takes (no NUL), at most 4000 characters. */
+/** An error as job.last_error keeps it. */
 const errorText = (err: unknown) =>
-  (err instanceof Error ? err.message : String(err)).replaceAll("\u0000", "").slice(0, 4000) ||
-  "error";
+  dbText(err instanceof Error ? err.message : String(err), 4000) || "error";
 
 /** Runs a job's handler under its timeout; never throws. */
 async function attempt(job: Job, correlationId: string): Promise<Settlement> {

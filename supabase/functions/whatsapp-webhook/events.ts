@@ -6,6 +6,8 @@
 // replaced, impossible times taken as now): a refused delivery is one Meta
 // retries for days, and the good messages in it would never be stored.
 
+import { dbText } from "../../../shared/db.ts";
+
 export interface InboundMessage {
   wamid: string;
   from_phone: string;
@@ -53,9 +55,6 @@ const str = (v: unknown): string | null => (typeof v === "string" && v.length > 
 /** A string if it fits a column of `max` characters, else nothing. */
 const within = (v: string | null, max: number): string | null =>
   v !== null && v.length <= max ? v : null;
-/** The first `max` characters (code points, as Postgres counts them). */
-const cut = (v: string | null, max: number): string | null =>
-  v === null ? null : Array.from(v).slice(0, max).join("");
 
 /** Postgres text and jsonb hold no NUL: each becomes U+FFFD, in every string of a value. */
 function scrub<T>(value: T): T {
@@ -156,8 +155,8 @@ function status(s: unknown): StatusEvent | null {
     status: value,
     occurred_at: isoTime(s.timestamp),
     recipient_phone: toE164(s.recipient_id),
-    error_code: cut(err?.code ?? null, 64),
-    error_message: err ? cut([err.title, err.details].filter(Boolean).join(": "), 2000) : null,
+    error_code: err ? dbText(err.code, 64) : null,
+    error_message: err ? dbText([err.title, err.details].filter(Boolean).join(": "), 2000) : null,
   };
 }
 
@@ -181,7 +180,7 @@ export function parseWebhook(body: unknown): Events {
       for (const c of arr(value.contacts)) {
         const phone = isObj(c) ? toE164(c.wa_id) : null;
         const name = isObj(c) && isObj(c.profile) ? str(c.profile.name) : null;
-        if (phone && name) out.contacts.push(scrub({ phone, display_name: cut(name, 256)! }));
+        if (phone && name) out.contacts.push(scrub({ phone, display_name: dbText(name, 256) }));
       }
       for (const m of arr(value.messages)) {
         const parsed = message(m, phoneNumberId);
