@@ -160,8 +160,13 @@ function status(s: unknown): StatusEvent | null {
   };
 }
 
-/** Walks every entry and change; unknown objects and fields are ignored. */
-export function parseWebhook(body: unknown): Events {
+/**
+ * Walks every entry and change; unknown objects and fields are ignored.
+ * `mayHoldNul`: whether the raw body has a \u0000 escape at all; without one
+ * the rows need no copy to take NULs out (the common case).
+ */
+export function parseWebhook(body: unknown, mayHoldNul = true): Events {
+  const clean = mayHoldNul ? scrub : <T>(value: T): T => value;
   const out: Events = { messages: [], statuses: [], contacts: [], errors: [], ignored: 0 };
   if (!isObj(body) || body.object !== "whatsapp_business_account") {
     out.ignored++;
@@ -180,24 +185,24 @@ export function parseWebhook(body: unknown): Events {
       for (const c of arr(value.contacts)) {
         const phone = isObj(c) ? toE164(c.wa_id) : null;
         const name = isObj(c) && isObj(c.profile) ? str(c.profile.name) : null;
-        if (phone && name) out.contacts.push(scrub({ phone, display_name: dbText(name, 256) }));
+        if (phone && name) out.contacts.push(clean({ phone, display_name: dbText(name, 256) }));
       }
       for (const m of arr(value.messages)) {
         const parsed = message(m, phoneNumberId);
-        if (parsed) out.messages.push(scrub(parsed));
+        if (parsed) out.messages.push(clean(parsed));
         else out.ignored++;
         if (isObj(m)) {
-          for (const e of arr(m.errors)) errorOf(e) && out.errors.push(scrub(errorOf(e)!));
+          for (const e of arr(m.errors)) errorOf(e) && out.errors.push(clean(errorOf(e)!));
         }
       }
       for (const s of arr(value.statuses)) {
         const parsed = status(s);
-        if (parsed) out.statuses.push(scrub(parsed));
+        if (parsed) out.statuses.push(clean(parsed));
         else out.ignored++;
       }
       for (const e of arr(value.errors)) {
         const parsed = errorOf(e);
-        if (parsed) out.errors.push(scrub(parsed));
+        if (parsed) out.errors.push(clean(parsed));
       }
     }
   }
