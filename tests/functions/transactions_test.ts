@@ -627,6 +627,31 @@ dbTest("end to end over HTTP with supabase-js functions.invoke", async () => {
   }
 });
 
+/**
+ * Runs `call` while `user`'s removal of payment method `id` is done but not
+ * committed, commits the removal 100 ms later, and returns the call's answer.
+ */
+async function whileRemoving<T>(user: string, id: string, call: () => Promise<T>): Promise<T> {
+  let removed!: () => void;
+  const isRemoved = new Promise<void>((r) => (removed = r));
+  let commit!: () => void;
+  const committed = new Promise<void>((r) => (commit = r));
+  const removal = db.sql.begin(async (tx) => {
+    await tx`select set_config('role', 'authenticated', true),
+                    set_config('request.jwt.claims',
+                      ${JSON.stringify({ role: "authenticated", sub: user })}, true)`;
+    await tx`select public.remove_payment_method(${id})`;
+    removed();
+    await committed;
+  });
+  await isRemoved;
+  const answer = call();
+  await new Promise((r) => setTimeout(r, 100));
+  commit();
+  await removal;
+  return await answer;
+}
+
 // The default is set under the owner's lock; a removal that held it first is
 // seen, so the call is a 404 that changes nothing (it used to clear the
 // owner's current default and then find nothing to set).
@@ -641,24 +666,12 @@ dbTest("setting as default a method being removed is a 404 and leaves the defaul
   const first = await add("0788100071");
   const second = await add("0788100072");
   await post(`/transactions/payment-methods/${first}/default`, token, undefined, null);
-  let removed!: () => void;
-  const isRemoved = new Promise<void>((r) => (removed = r));
-  let commit!: () => void;
-  const committed = new Promise<void>((r) => (commit = r));
-  const removal = db.sql.begin(async (tx) => {
-    await tx`select set_config('role', 'authenticated', true),
-                    set_config('request.jwt.claims',
-                      ${JSON.stringify({ role: "authenticated", sub: user })}, true)`;
-    await tx`select public.remove_payment_method(${second})`;
-    removed();
-    await committed;
-  });
-  await isRemoved;
-  const setting = post(`/transactions/payment-methods/${second}/default`, token, undefined, null);
-  await new Promise((r) => setTimeout(r, 100));
-  commit();
-  await removal;
-  expectError(await setting, 404);
+  const setting = await whileRemoving(
+    user,
+    second,
+    () => post(`/transactions/payment-methods/${second}/default`, token, undefined, null),
+  );
+  expectError(setting, 404);
   const rows = await db.sql`select id, is_default from public.payment_methods
                             where user_id = ${user} and deleted_at is null`;
   assert.deepEqual(rows.map((r) => [r.id, r.is_default]), [[first, true]]);
@@ -691,29 +704,14 @@ dbTest("a transaction on a payment method being removed is a 404", async () => {
     type: "mobile_money",
     account_number: "0788100078",
   }, null);
-  let removed!: () => void;
-  const isRemoved = new Promise<void>((r) => (removed = r));
-  let commit!: () => void;
-  const committed = new Promise<void>((r) => (commit = r));
-  const removal = db.sql.begin(async (tx) => {
-    await tx`select set_config('role', 'authenticated', true),
-                    set_config('request.jwt.claims',
-                      ${JSON.stringify({ role: "authenticated", sub: user })}, true)`;
-    await tx`select public.remove_payment_method(${method.body.id})`;
-    removed();
-    await committed;
-  });
-  await isRemoved;
-  const paying = post("/transactions", token, {
-    type: "payment",
-    amount: 5,
-    currency: "RWF",
-    payment_method_id: method.body.id,
-  });
-  await new Promise((r) => setTimeout(r, 100));
-  commit();
-  await removal;
-  expectError(await paying, 404, "payment_method_not_found");
+  const paying = await whileRemoving(user, method.body.id, () =>
+    post("/transactions", token, {
+      type: "payment",
+      amount: 5,
+      currency: "RWF",
+      payment_method_id: method.body.id,
+    }));
+  expectError(paying, 404, "payment_method_not_found");
   const [row] = await db.sql`select count(*)::int as n from public.transactions
                              where payment_method_id = ${method.body.id}`;
   assert.equal(row.n, 0);
