@@ -32,7 +32,7 @@ interface Claim {
   next_due_ms: number | null;
 }
 
-export type Outcome = "sent" | "retry" | "failed" | "stop" | "throttle";
+export type Outcome = "sent" | "retry" | "failed" | "stop" | "refused" | "throttle";
 
 export interface SendResult {
   id: number;
@@ -69,14 +69,28 @@ const TRANSIENT = new Set([1, 2, 131000, 131016]);
 const TOKEN = new Set([0, 190]);
 /**
  * The business account cannot send at all (permissions, locked, payment,
- * number not registered, policy block): the same as a refused token, for
- * every message would fail alike.
+ * number not registered, policy block): kept and paused as for a refused
+ * token, for every message would fail alike.
  */
 const ACCOUNT = new Set([10, 200, 368, 131031, 131042, 133010]);
 
+/** The outcomes that stop sending and pause the number, and why (as SQL names the pause). */
+type Refusal = "stop" | "refused" | "throttle";
+const PAUSED: Record<Refusal, string> = {
+  stop: "the access token was refused",
+  refused: "the business account was refused",
+  throttle: "the number is throttled",
+};
+const REASON: Record<Refusal, string> = {
+  stop: "token_invalid",
+  refused: "account_refused",
+  throttle: "throttled",
+};
+
 /** Maps a Cloud API answer to what the queue should do with the message. */
 export function classify(httpStatus: number, code: number | undefined): Outcome {
-  if (code !== undefined && (TOKEN.has(code) || ACCOUNT.has(code))) return "stop";
+  if (code !== undefined && TOKEN.has(code)) return "stop";
+  if (code !== undefined && ACCOUNT.has(code)) return "refused";
   if (code === undefined && httpStatus === 401) return "stop";
   if (code !== undefined && THROTTLED.has(code)) return "throttle";
   if (code === undefined && httpStatus === 429) return "throttle";
@@ -185,9 +199,7 @@ function notSent(m: ClaimedMessage, refusal: SendResult): SendResult {
     lease_token: m.lease_token,
     outcome: refusal.outcome,
     error_code: refusal.error_code,
-    error_message: refusal.outcome === "stop"
-      ? "not sent: the account or its token was refused"
-      : "not sent: the number is throttled",
+    error_message: `not sent: ${PAUSED[refusal.outcome as Refusal]}`,
     duration_ms: 0,
   };
 }
@@ -360,7 +372,7 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
 
   const record = (r: SendResult) => {
     results.push(r);
-    if (r.outcome === "stop" || r.outcome === "throttle") refusal ??= r;
+    if (r.outcome in PAUSED) refusal ??= r;
     if (results.length >= 200) flush();
     else timer ??= setTimeout(flush, FLUSH_MS);
   };
@@ -441,13 +453,7 @@ export async function dispatch(opts: DispatchOptions = {}): Promise<DispatchRepo
     await Promise.all(inflight);
     await flushed();
   }
-  if (refusal && !report.paused) {
-    report.paused = refusal.outcome === "throttle"
-      ? "throttled"
-      : ACCOUNT.has(Number(refusal.error_code))
-      ? "account_refused"
-      : "token_invalid";
-  }
+  if (refusal && !report.paused) report.paused = REASON[refusal.outcome as Refusal];
   report.duration_ms = Math.round(performance.now() - started);
   log(report.paused ? "warn" : "info", "whatsapp dispatch", {
     correlation_id: correlationId,

@@ -1168,19 +1168,6 @@ as $$
     'correlation_id', p_correlation_id);
 $$;
 
--- Why a stop refused sending, by Meta's code: the token (expired or invalid),
--- or the business account itself (permissions, locked, payment, the number
--- not registered, a policy block). Names the pause and the alert.
-create or replace function private.whatsapp_refusal(p_code text) returns text
-language sql
-immutable
-set search_path = ''
-as $$
-  select case when p_code in ('10', '200', '368', '131031', '131042', '133010')
-              then 'account_refused' else 'token_invalid' end
-$$;
-revoke all on function private.whatsapp_refusal(text) from public, anon, authenticated;
-
 -- -----------------------------------------------------------------------------
 -- complete_whatsapp_messages: a dispatcher reports what happened to the
 -- messages it claimed, in one batch.
@@ -1189,6 +1176,7 @@ revoke all on function private.whatsapp_refusal(text) from public, anon, authent
 --   outcome: sent | retry (5xx, timeout) | failed (permanent) |
 --            stop (token expired or invalid: the message goes back untouched
 --            and the business number pauses for p_pause_seconds) |
+--            refused (the business account cannot send: the same) |
 --            throttle (Meta asks us to slow down: the same, for
 --            p_throttle_seconds, so a spell of throttling spends no attempts
 --            and dead-letters nothing)
@@ -1223,7 +1211,7 @@ declare
   v_dead integer := 0;
   v_n integer;
   v_n_dead integer;
-  v_stop_code text;
+  v_pause_reason text;
   v_ids bigint[];
   v_group record;
   v_settled bigint[];
@@ -1234,13 +1222,13 @@ begin
   if exists (
     select from jsonb_array_elements(p_results) e
     where jsonb_typeof(e) <> 'object'
-      or coalesce(e ->> 'outcome', '') not in ('sent', 'retry', 'failed', 'stop', 'throttle')
+      or coalesce(e ->> 'outcome', '') not in ('sent', 'retry', 'failed', 'stop', 'refused', 'throttle')
       or coalesce(e ->> 'id', '') !~ '^[0-9]{1,18}$'
       or coalesce(e ->> 'lease_token', '') !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
       or (e ->> 'outcome' = 'sent' and coalesce(e ->> 'wamid', '') = '')
   ) then
     perform private.raise_error(400, 'invalid_results',
-      'each result needs an id, its lease_token, an outcome (sent, retry, failed, stop, throttle) and, when sent, a wamid');
+      'each result needs an id, its lease_token, an outcome (sent, retry, failed, stop, refused, throttle) and, when sent, a wamid');
   end if;
   if p_retry_base_ms is null or p_retry_base_ms not between 1 and 3600000
      or p_pause_seconds is null or p_pause_seconds not between 1 and 86400
@@ -1350,44 +1338,51 @@ begin
     end if;
   end loop;
 
-  -- stop (the token is expired or invalid) and throttle (Meta asks us to
-  -- slow down): put the message back without spending an attempt and pause
-  -- the business number, for p_pause_seconds or p_throttle_seconds.
-  with results as materialized (select * from private.whatsapp_results(p_results)),
+  -- stop (the token is expired or invalid), refused (the business account
+  -- cannot send) and throttle (Meta asks us to slow down): put the message
+  -- back without spending an attempt and pause the business number, for
+  -- p_throttle_seconds when throttled, else p_pause_seconds. The reason
+  -- names the pause and the metric (an alert but for throttling).
+  with results as materialized (
+    select r.*, case r.outcome when 'stop' then 'token_invalid'
+                               when 'refused' then 'account_refused'
+                               else 'throttled' end as reason
+    from private.whatsapp_results(p_results) r
+    where r.outcome in ('stop', 'refused', 'throttle')
+  ),
   upd as (
     update public.whatsapp_message_queue q set
       status = 'pending', attempts = greatest(q.attempts - 1, 0),
-      visible_at = v_now + make_interval(secs => case r.outcome when 'stop' then p_pause_seconds
-                                                                 else p_throttle_seconds end),
-      error_code = coalesce(r.error_code, case r.outcome when 'stop' then 'token_invalid'
-                                                         else 'throttled' end),
+      visible_at = v_now + make_interval(secs => case r.outcome when 'throttle' then p_throttle_seconds
+                                                                 else p_pause_seconds end),
+      error_code = coalesce(r.error_code, r.reason),
       last_error = r.error_message,
       lease_token = null, locked_by = null
     from results r
-    where r.outcome in ('stop', 'throttle') and q.id = r.id and q.id = any(v_ids)
-      and q.status = 'processing' and q.lease_token = r.lease_token
-    returning q.id, q.correlation_id, q.error_code, q.attempts, r.outcome
+    where q.id = r.id and q.id = any(v_ids) and q.status = 'processing'
+      and q.lease_token = r.lease_token
+    returning q.id, q.correlation_id, q.error_code, q.attempts, r.outcome, r.reason
   )
-  select count(*) filter (where u.outcome = 'stop'), count(*) filter (where u.outcome = 'throttle'),
-         coalesce(min(u.error_code) filter (where u.outcome = 'stop'), min(u.error_code)),
+  select count(*) filter (where u.outcome <> 'throttle'), count(*) filter (where u.outcome = 'throttle'),
+         -- a refusal names the pause over throttling
+         (array_agg(u.reason || ':' || u.error_code
+                    order by u.outcome = 'throttle', u.error_code))[1],
          coalesce(jsonb_agg(case u.outcome
-           when 'stop' then private.whatsapp_metric(
-             'whatsapp.alert.' || private.whatsapp_refusal(u.error_code), u.id, u.attempts,
-             u.error_code, null, u.correlation_id, 'alert')
-           else private.whatsapp_metric('whatsapp.message.throttled', u.id, u.attempts,
-                                        u.error_code, null, u.correlation_id) end), '[]'::jsonb)
-  into v_stopped, v_throttled, v_stop_code, v_part from upd u;
+           when 'throttle' then private.whatsapp_metric('whatsapp.message.throttled', u.id,
+                                  u.attempts, u.error_code, null, u.correlation_id)
+           else private.whatsapp_metric('whatsapp.alert.' || u.reason, u.id, u.attempts,
+                                        u.error_code, null, u.correlation_id, 'alert') end),
+           '[]'::jsonb)
+  into v_stopped, v_throttled, v_pause_reason, v_part from upd u;
   v_metrics := v_metrics || v_part;
 
-  -- a refused token pauses for its time; throttling for its own, never
-  -- shortening a pause already there
+  -- never shortening a pause already there
   if v_stopped > 0 or v_throttled > 0 then
     insert into private.whatsapp_send_windows as w (business_number, paused_until, pause_reason)
     values (p_business_number,
             v_now + make_interval(secs => case when v_stopped > 0 then p_pause_seconds
                                                else p_throttle_seconds end),
-            case when v_stopped > 0 then private.whatsapp_refusal(v_stop_code) else 'throttled' end
-              || ':' || v_stop_code)
+            v_pause_reason)
     on conflict (business_number) do update set
       paused_until = greatest(w.paused_until, excluded.paused_until),
       pause_reason = case when excluded.paused_until >= coalesce(w.paused_until, excluded.paused_until)

@@ -716,9 +716,9 @@ Deno.test("Cloud API answers are classified as the queue needs them", () => {
     [400, 100, "failed"],
     [400, 131009, "failed"],
     [401, 190, "stop"],
-    [400, 131031, "stop"],
-    [403, 10, "stop"],
-    [400, 133010, "stop"],
+    [400, 131031, "refused"],
+    [403, 10, "refused"],
+    [400, 133010, "refused"],
     [401, undefined, "stop"],
     [400, 0, "stop"],
   ];
