@@ -42,6 +42,29 @@ function functionPath(req: Request): string {
   return path.startsWith(GATEWAY_PREFIX) ? path.slice(GATEWAY_PREFIX.length - 1) : path;
 }
 
+/** The methods of each route path without parameters or wildcards. */
+function literalRouteMethods(routes: { method: string; path: string }[]) {
+  const literal = new Map<string, Set<string>>();
+  for (const { method, path } of routes) {
+    if (method === "ALL" || /[:*]/.test(path)) continue;
+    const key = path.replace(/(.)\/$/, "$1");
+    literal.set(key, (literal.get(key) ?? new Set()).add(method));
+  }
+  return literal;
+}
+
+function methodNotAllowed(c: Ctx, methods: Set<string>): Response {
+  const allow = [...methods, "OPTIONS"].join(", ");
+  c.header("allow", allow);
+  return c.json(
+    errorBody(
+      new HttpError(405, "method_not_allowed", `${c.req.method} is not allowed here`, { allow }),
+      c.get("correlationId") ?? crypto.randomUUID(),
+    ),
+    405,
+  );
+}
+
 /** A Hono app for one function, mounted at /<name> as Supabase routes it. */
 export function createApp(name: string): Hono<AppEnv> {
   const app = new Hono<AppEnv>({ getPath: functionPath }).basePath(`/${name}`);
@@ -92,6 +115,18 @@ export function createApp(name: string): Hono<AppEnv> {
     return res;
   });
 
+  // A literal path is not a parameter: with POST /jobs/run and GET /jobs/:id,
+  // GET /jobs/run is 405, not a lookup of the job "run". The literal routes
+  // are read once, after the function has registered them all.
+  let literalRoutes: Map<string, Set<string>> | undefined;
+  app.use("*", async (c, next) => {
+    literalRoutes ??= literalRouteMethods(app.routes);
+    const methods = literalRoutes.get(c.req.path.replace(/(.)\/$/, "$1"));
+    const method = c.req.method === "HEAD" ? "GET" : c.req.method;
+    if (methods && !methods.has(method)) return methodNotAllowed(c, methods);
+    await next();
+  });
+
   app.notFound((c) => {
     const path = c.req.path;
     const allowed = new Set<string>();
@@ -99,24 +134,11 @@ export function createApp(name: string): Hono<AppEnv> {
       if (route.method === "ALL") continue;
       if (compileRoute(route.path).test(path)) allowed.add(route.method);
     }
-    const correlationId = c.get("correlationId") ?? crypto.randomUUID();
-    if (allowed.size > 0) {
-      const allow = [...allowed, "OPTIONS"].join(", ");
-      c.header("allow", allow);
-      return c.json(
-        errorBody(
-          new HttpError(405, "method_not_allowed", `${c.req.method} is not allowed here`, {
-            allow,
-          }),
-          correlationId,
-        ),
-        405,
-      );
-    }
+    if (allowed.size > 0) return methodNotAllowed(c, allowed);
     return c.json(
       errorBody(
         new HttpError(404, "not_found", `no route for ${c.req.method} ${path}`),
-        correlationId,
+        c.get("correlationId") ?? crypto.randomUUID(),
       ),
       404,
     );

@@ -410,6 +410,14 @@ dbTest("users see and act on their own jobs only; anon nothing", async () => {
   expectError(await call(app, "POST", "/jobs/run", { token: anon, body: {} }), 401);
 });
 
+dbTest("the worker's path is not a job id: GET /jobs/run is 405 with Allow", async () => {
+  const res = await call(app, "GET", "/jobs/run", { token: await serviceToken() });
+  expectError(res, 405, "method_not_allowed");
+  assert.match(res.headers.get("allow") ?? "", /^POST\b/);
+  // an id that is not a number is still bad input, not a method question
+  expectError(await call(app, "GET", "/jobs/abc", { token: await serviceToken() }), 400);
+});
+
 dbTest("bad input gets 400 and schedules nothing", async () => {
   const [before] = await db.sql`select count(*)::int as n from public.background_jobs`;
   expectError(await schedule({ job_type: "test_ok", job_name: "x", payload: [1] }), 400);
