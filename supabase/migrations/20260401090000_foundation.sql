@@ -355,6 +355,66 @@ begin
 end;
 $$;
 
+-- The partitions of the registered tables still open to an API role: row
+-- level security off, or a grant to PUBLIC, anon, authenticated or
+-- service_role.
+create or replace function private.open_partitions(p_parents oid[] default null)
+returns table (schema_name text, partition_name text)
+language sql
+stable
+set search_path = ''
+as $$
+  select n.nspname::text, c.relname::text
+  from private.partitioned_tables t
+  join pg_catalog.pg_class p
+    on p.oid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', t.schema_name, t.table_name))
+  join pg_catalog.pg_inherits i on i.inhparent = p.oid
+  join pg_catalog.pg_class c on c.oid = i.inhrelid
+  join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+  where (p_parents is null or p.oid = any (p_parents))
+    and (not c.relrowsecurity or exists (
+      select from pg_catalog.aclexplode(c.relacl) a
+      where a.grantee = 0 or a.grantee in (
+        select r.oid from pg_catalog.pg_roles r
+        where r.rolname in ('anon', 'authenticated', 'service_role'))
+    ));
+$$;
+
+-- A partition made by hand, as in the spec's recipe (CREATE TABLE ...
+-- PARTITION OF, or ATTACH PARTITION), would get Supabase's default grants and
+-- no row level security: anyone could read it directly, past the parent's
+-- policies. This event trigger closes it in the statement that made it.
+-- (maintain_partitions also closes any it finds, for a database where the
+-- trigger could not be installed.) It fires for every role's DDL, a service
+-- role's ALTER TABLE of a temporary table too, so it runs as its owner.
+create or replace function private.secure_new_partitions() returns event_trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_parents oid[];
+  v_part record;
+begin
+  -- the tables the command made or altered, or their parents
+  select array_agg(distinct coalesce(i.inhparent, d.objid)) into v_parents
+  from pg_catalog.pg_event_trigger_ddl_commands() d
+  left join pg_catalog.pg_inherits i on i.inhrelid = d.objid
+  where d.classid = 'pg_catalog.pg_class'::regclass and d.object_type = 'table';
+  if v_parents is null then
+    return;
+  end if;
+  for v_part in select * from private.open_partitions(v_parents) loop
+    perform private.secure_partition(v_part.schema_name, v_part.partition_name);
+  end loop;
+end;
+$$;
+
+drop event trigger if exists secure_new_partitions;
+create event trigger secure_new_partitions on ddl_command_end
+  when tag in ('CREATE TABLE', 'ALTER TABLE')
+  execute function private.secure_new_partitions();
+
 -- Registers a partitioned table for maintenance, creates its DEFAULT partition
 -- and the partitions of the current month and the months ahead.
 create or replace function private.register_partitioned_table(
@@ -398,7 +458,8 @@ $$;
 -- One maintenance pass over every registered table:
 --   1. partitions for the current month and months_ahead months ahead;
 --   2. a partition for every month that has rows in DEFAULT (rows moved);
---   3. partitions older than retention_months detached (kept as plain tables
+--   3. partitions still open to an API role (made by hand) closed;
+--   4. partitions older than retention_months detached (kept as plain tables
 --      for archiving; never dropped here).
 -- Safe to run concurrently: runs serialise on an advisory lock.
 create or replace function public.maintain_partitions()
@@ -437,6 +498,18 @@ begin
         rows_moved := v_moved;
         return next;
       end if;
+    end loop;
+
+    for v_part in
+      select * from private.open_partitions(
+        array[format('%I.%I', v_table.schema_name, v_table.table_name)::regclass::oid])
+    loop
+      perform private.secure_partition(v_part.schema_name, v_part.partition_name);
+      table_name := format('%I.%I', v_table.schema_name, v_table.table_name);
+      partition_name := v_part.partition_name;
+      action := 'secured';
+      rows_moved := 0;
+      return next;
     end loop;
 
     if v_table.retention_months is not null then

@@ -301,6 +301,11 @@ begin
   if p_metadata is not null and jsonb_typeof(p_metadata) <> 'object' then
     perform private.raise_error(400, 'invalid_metadata', 'metadata must be a JSON object');
   end if;
+  -- the service role names who acted (a user is always their own actor)
+  if v_actor_type is null or v_actor is null or p_action is null then
+    perform private.raise_error(400, 'invalid_audit_event',
+      'actor_type, actor_identifier and action are required');
+  end if;
 
   insert into public.system_audit_logs (
     actor_type, actor_identifier, user_id, action, resource_type, resource_id,

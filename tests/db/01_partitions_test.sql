@@ -1,7 +1,7 @@
 -- Monthly partitions: any date inserts; maintenance creates partitions ahead
 -- and moves rows out of DEFAULT; only service_role may run it.
 begin;
-select plan(16);
+select plan(23);
 
 select has_function('public', 'maintain_partitions', array[]::text[]);
 select ok(
@@ -39,6 +39,52 @@ select is(
 
 select is((select count(*)::int from public.maintain_partitions()), 0,
   'a second run has nothing to do');
+
+-- A partition made by hand, as the spec's recipe does, gets Supabase's default
+-- grants to the API roles; it is closed in the statement that made it.
+create function pg_temp.open_to_api(p_table regclass) returns text[]
+language sql as $$
+  select array(
+    select r from unnest(array['anon', 'authenticated', 'service_role']) r
+    where has_table_privilege(r, p_table, 'select')
+       or has_table_privilege(r, p_table, 'insert,update,delete')
+    union all
+    select 'row level security off' from pg_class c
+    where c.oid = p_table and not c.relrowsecurity
+    order by 1)
+$$;
+create table if not exists public.transactions_2031_06
+  partition of public.transactions
+  for values from ('2031-06-01') to ('2031-07-01');
+select is(pg_temp.open_to_api('public.transactions_2031_06'), array[]::text[],
+  'a partition made with CREATE TABLE ... PARTITION OF is closed to the API roles, RLS on');
+
+create table public.system_metrics_attached
+  (like public.system_metrics including defaults including constraints);
+select isnt(pg_temp.open_to_api('public.system_metrics_attached'), array[]::text[],
+  'a new plain table is open to the API roles (the default grants the trigger undoes)');
+alter table public.system_metrics attach partition public.system_metrics_attached
+  for values from ('2032-01-01') to ('2032-02-01');
+select is(pg_temp.open_to_api('public.system_metrics_attached'), array[]::text[],
+  'a table attached as a partition is closed to the API roles, RLS on');
+
+-- a grant after the fact (GRANT fires no trigger): maintenance closes it
+grant select on public.transactions_2031_06 to anon;
+select is(pg_temp.open_to_api('public.transactions_2031_06'), array['anon'],
+  'a grant on a partition opens it (to that role alone; RLS stays on)');
+select results_eq(
+  $$select table_name, partition_name, action from public.maintain_partitions()$$,
+  $$values ('public.transactions'::text, 'transactions_2031_06'::text, 'secured'::text)$$,
+  'maintenance closes a partition open to an API role, and says so');
+select is(pg_temp.open_to_api('public.transactions_2031_06'), array[]::text[],
+  'after maintenance the partition is closed again');
+insert into public.system_metrics (service_name, metric_type, metric_name, value, created_at)
+values ('api', 'latency', 'attached', 1, '2032-01-15');
+select tests.authenticate_as_service_role();
+select is(
+  (select count(*)::int from public.system_metrics where metric_name = 'attached'), 1,
+  'the service role still reads the closed partition''s rows through the parent');
+select tests.clear_authentication();
 
 select tests.authenticate_as(tests.create_user());
 select throws_ok('select * from public.maintain_partitions()', '42501', null,

@@ -1,7 +1,7 @@
 -- Observability: the spec's calls, validation, and the RLS matrix for
 -- system_metrics and system_audit_logs (anon, two users, service_role).
 begin;
-select plan(32);
+select plan(34);
 
 -- the spec's example, verbatim
 select ok(public.record_metric(
@@ -105,6 +105,12 @@ select ok(public.log_audit_event(p_actor_type := 'service', p_actor_identifier :
   p_action := 'transfer_reviewed') > 0, 'service_role writes audit events as a service');
 select is((select actor_type from public.system_audit_logs where action = 'transfer_reviewed'), 'service',
   'service actor types are kept');
+-- the spec's call shape, made by the service role: auth.uid() is null there
+select throws_ok($$select public.log_audit_event(p_actor_type := 'user',
+  p_actor_identifier := auth.uid()::text, p_action := 'trip_rated')$$,
+  'PT400', 'invalid_audit_event', 'the service role must name the actor (400, not a bare not-null error)');
+select is((select count(*)::int from public.system_audit_logs where action = 'trip_rated'), 0,
+  'and nothing is written');
 
 select * from finish();
 rollback;
