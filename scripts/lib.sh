@@ -64,6 +64,23 @@ at a Postgres $PG_MAJOR with PostGIS, pg_cron and pgTAP." "${APT_PACKAGES[@]}"
   system_packages_present || die "apt installed ${APT_PACKAGES[*]} but something is still missing"
 }
 
+# With DATABASE_URL the server is someone else's: only its clients are needed
+# here (psql, and pg_prove when the first argument is "pg_prove").
+ensure_system_packages_for_target() {
+  if [ -z "${DATABASE_URL:-}" ]; then
+    ensure_system_packages
+    return 0
+  fi
+  local missing=()
+  command -v psql >/dev/null || missing+=("postgresql-client-$PG_MAJOR")
+  if [ "${1:-}" = pg_prove ] && ! command -v pg_prove >/dev/null; then
+    missing+=(libtap-parser-sourcehandler-pgtap-perl)
+  fi
+  [ ${#missing[@]} -eq 0 ] && return 0
+  apt_install "DATABASE_URL is set; its clients are missing here. Install: ${missing[*]}" \
+    "${missing[@]}"
+}
+
 ensure_node_modules() {
   local stamp="node_modules/.package-lock.json"
   if [ ! -x "$DENO" ] || [ ! -x "$SUPABASE" ] || [ package.json -nt "$stamp" ] \

@@ -12,7 +12,8 @@ if (!dbUrl) {
   console.error("DATABASE_URL is required (npm start sets it)");
   Deno.exit(1);
 }
-Deno.env.set("SUPABASE_DB_URL", Deno.env.get("SUPABASE_DB_URL") ?? dbUrl);
+// the database npm start has just migrated, whatever the shell had exported
+Deno.env.set("SUPABASE_DB_URL", dbUrl);
 if (!Deno.env.get("JWT_SECRET") && !Deno.env.get("SUPABASE_JWKS") && !Deno.env.get("JWKS_URL")) {
   Deno.env.set("JWT_SECRET", LOCAL_JWT_SECRET);
 }

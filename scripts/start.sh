@@ -5,16 +5,8 @@
 # the scheduler. Ctrl-C stops the API and the database it started.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-ensure_system_packages_unless_remote() {
-  if [ -n "${DATABASE_URL:-}" ]; then
-    command -v psql >/dev/null || die "psql is needed to bootstrap DATABASE_URL; install postgresql-client-15"
-  else
-    ensure_system_packages
-  fi
-}
-
 ensure_node_modules
-ensure_system_packages_unless_remote
+ensure_system_packages_for_target
 ensure_database
 
 api_pid=""

@@ -6,7 +6,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ensure_node_modules
-ensure_system_packages
+ensure_system_packages_for_target pg_prove
 ensure_database
 trap stop_cluster_if_started EXIT
 

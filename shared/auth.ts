@@ -1,6 +1,8 @@
 // Bearer JWT verification with jose, the way Supabase's gateway does it:
 // HS256 with the project's JWT secret, or a JWKS for asymmetric signing keys.
-// The role comes from the token; handlers ask for the role they need.
+// Supabase's API keys (sb_secret_..., sb_publishable_...) are accepted as the
+// service role and anon. The role comes from the token; handlers ask for the
+// role they need.
 import {
   createLocalJWKSet,
   createRemoteJWKSet,
@@ -30,6 +32,8 @@ type KeySet = ReturnType<typeof createLocalJWKSet> | ReturnType<typeof createRem
 interface Keys {
   secret?: CryptoKey;
   jwks?: KeySet;
+  /** SHA-256 (hex) of each API key -> the role it speaks for */
+  apiKeys: Map<string, Role>;
 }
 let keyCache: Promise<Keys> | undefined;
 
@@ -56,7 +60,28 @@ async function loadKeys(): Promise<Keys> {
       : e.JWKS_URL
       ? createRemoteJWKSet(new URL(e.JWKS_URL))
       : undefined,
+    apiKeys: new Map([
+      ...await Promise.all(
+        e.SUPABASE_SECRET_KEYS.map(async (k) => [await sha256(k), "service_role"] as const),
+      ),
+      ...await Promise.all(
+        e.SUPABASE_PUBLISHABLE_KEYS.map(async (k) => [await sha256(k), "anon"] as const),
+      ),
+    ]),
   };
+}
+
+async function sha256(text: string): Promise<string> {
+  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// Keys are compared by their hashes, so the time a comparison takes says
+// nothing about how much of a guess matched.
+async function apiKeyPrincipal(token: string): Promise<Principal> {
+  const role = (await keys()).apiKeys.get(await sha256(token));
+  if (!role) throw unauthorized("invalid_token", "the API key is not one of this project's keys");
+  return { role, claims: { role } };
 }
 
 /** Forget derived keys (tests rotate the secret). */
@@ -70,8 +95,9 @@ export function resetAuth(): void {
 const VERIFIED_MAX = 1000;
 const verified = new Map<string, { principal: Principal; expiresAt: number }>();
 
-/** Verifies a compact JWT and returns who it speaks for; throws 401 otherwise. */
+/** Verifies a compact JWT or an API key and returns who it speaks for; throws 401 otherwise. */
 export async function verifyToken(token: string): Promise<Principal> {
+  if (token.startsWith("sb_")) return await apiKeyPrincipal(token);
   const hit = verified.get(token);
   if (hit) {
     if (Date.now() < hit.expiresAt) return hit.principal;
@@ -143,7 +169,9 @@ function bearer(c: Ctx): string | undefined {
   const header = c.req.header("authorization");
   if (!header) return undefined;
   const match = /^Bearer\s+(\S+)\s*$/i.exec(header);
-  if (!match) throw unauthorized("invalid_token", "Authorization must be 'Bearer <jwt>'");
+  if (!match) {
+    throw unauthorized("invalid_token", "Authorization must be 'Bearer <jwt or API key>'");
+  }
   return match[1];
 }
 

@@ -4,6 +4,30 @@ import { z } from "zod";
 
 const optionalUrl = z.string().url().optional();
 
+/** A JSON object of named API keys, each starting with `prefix`; the keys alone. */
+function apiKeys(prefix: string) {
+  return z.string().optional().transform((raw, ctx) => {
+    if (raw === undefined) return [];
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(raw);
+    } catch {
+      parsed = undefined;
+    }
+    const keys = parsed && typeof parsed === "object" && !Array.isArray(parsed)
+      ? Object.values(parsed)
+      : [];
+    if (keys.length === 0 || !keys.every((k) => typeof k === "string" && k.startsWith(prefix))) {
+      ctx.addIssue({
+        code: "custom",
+        message: `must be a JSON object of keys that start with ${prefix}`,
+      });
+      return z.NEVER;
+    }
+    return keys as string[];
+  });
+}
+
 const schema = z.object({
   // Provided by Supabase to every function; the local stack sets it.
   SUPABASE_DB_URL: z.string().regex(/^postgres(ql)?:\/\//, "must be a postgres:// URL"),
@@ -13,6 +37,11 @@ const schema = z.object({
   JWT_SECRET: z.string().min(32, "must be at least 32 characters").optional(),
   SUPABASE_JWKS: z.string().optional(),
   JWKS_URL: optionalUrl,
+  // Supabase's API keys, as it provides them: JSON objects of name -> key. A
+  // secret key (sb_secret_...) speaks for the service role, a publishable key
+  // (sb_publishable_...) for anon; neither is a JWT.
+  SUPABASE_SECRET_KEYS: apiKeys("sb_secret_"),
+  SUPABASE_PUBLISHABLE_KEYS: apiKeys("sb_publishable_"),
   DB_POOL_SIZE: z.coerce.number().int().min(1).max(100).default(4),
   DB_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(100).max(150_000).default(10_000),
   MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(50 * 1024 * 1024).default(1024 * 1024),

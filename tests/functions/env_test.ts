@@ -67,3 +67,31 @@ Deno.test("defaults apply and numbers are coerced", () => {
     },
   );
 });
+
+Deno.test("API keys are read from Supabase's JSON objects; anything else is refused, naming it", () => {
+  const base = { SUPABASE_DB_URL: "postgresql://u:p@localhost/db", JWT_SECRET: "x".repeat(40) };
+  withEnv({
+    ...base,
+    SUPABASE_SECRET_KEYS: JSON.stringify({ default: "sb_secret_a", cron: "sb_secret_b" }),
+    SUPABASE_PUBLISHABLE_KEYS: undefined,
+  }, () => {
+    assert.deepEqual(env().SUPABASE_SECRET_KEYS, ["sb_secret_a", "sb_secret_b"]);
+    assert.deepEqual(env().SUPABASE_PUBLISHABLE_KEYS, []);
+  });
+  for (
+    const bad of [
+      "sb_secret_a", // the key itself, not the object
+      "{}",
+      JSON.stringify({ default: "sb_publishable_a" }), // a publishable key as a secret one
+      JSON.stringify({ default: 42 }),
+    ]
+  ) {
+    withEnv({ ...base, SUPABASE_SECRET_KEYS: bad }, () => {
+      assert.throws(
+        () => env(),
+        (e: unknown) => e instanceof ConfigError && /SUPABASE_SECRET_KEYS/.test(e.message),
+        bad,
+      );
+    });
+  }
+});

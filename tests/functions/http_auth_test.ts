@@ -262,6 +262,52 @@ dbTest("one JSON log line per request, with no token in it", async () => {
 });
 
 dbTest(
+  "Supabase API keys: a secret key is the service role, a publishable key is anon, others 401",
+  async () => {
+    const secret = `sb_secret_${crypto.randomUUID()}`;
+    const publishable = `sb_publishable_${crypto.randomUUID()}`;
+    Deno.env.set("SUPABASE_SECRET_KEYS", JSON.stringify({ default: secret }));
+    Deno.env.set("SUPABASE_PUBLISHABLE_KEYS", JSON.stringify({ default: publishable }));
+    resetEnv();
+    resetAuth();
+    try {
+      const before = await metricCount();
+      const ok = await call(app, "POST", METRICS, { token: secret, body: metric });
+      assert.equal(ok.status, 201, JSON.stringify(ok.body));
+      assert.equal(await metricCount(), before + 1);
+      // anon may not record metrics: told to sign in, not let through
+      expectError(
+        await call(app, "POST", METRICS, { token: publishable, body: metric }),
+        401,
+        "login_required",
+      );
+      for (
+        const forged of [
+          `sb_secret_${crypto.randomUUID()}`,
+          secret.slice(0, -1),
+          `${secret}x`,
+          publishable.replace("sb_publishable_", "sb_secret_"),
+        ]
+      ) {
+        expectError(
+          await call(app, "POST", METRICS, { token: forged, body: metric }),
+          401,
+          "invalid_token",
+        );
+      }
+      assert.equal(await metricCount(), before + 1);
+    } finally {
+      Deno.env.delete("SUPABASE_SECRET_KEYS");
+      Deno.env.delete("SUPABASE_PUBLISHABLE_KEYS");
+      resetEnv();
+      resetAuth();
+    }
+    // without the variables an API key is no key at all
+    expectError(await call(app, "POST", METRICS, { token: secret, body: metric }), 401);
+  },
+);
+
+dbTest(
   "asymmetric keys: a token verified against SUPABASE_JWKS is accepted, a foreign key is not",
   async () => {
     const { publicKey, privateKey } = await generateKeyPair("ES256");
