@@ -284,11 +284,14 @@ alter table private.partitioned_tables enable row level security;
 -- number of rows moved, or null when the partition already existed.
 --
 -- Writers are held off for the moment of the move by a SHARE ROW EXCLUSIVE
--- lock on the parent, taken before anything else (writers lock the parent
--- before a partition, so this order cannot deadlock with them; a writer that
--- routed a row to DEFAULT before the attach would otherwise fail). Readers are
--- never blocked: the partition is built apart and ATTACHed, which needs only
--- SHARE UPDATE EXCLUSIVE on the parent.
+-- lock on the parent, taken before anything else (a writer that routed a row
+-- to DEFAULT before the attach would otherwise fail). The partition is built
+-- apart and ATTACHed, which needs ACCESS EXCLUSIVE on DEFAULT: a transaction
+-- that read the table and then writes to it holds DEFAULT and waits for the
+-- parent, a deadlock. So this gives way: it waits at most 500 ms for a lock
+-- (under the default deadlock_timeout of 1 s, so the writer is never the one
+-- aborted) and fails with lock_not_available; maintain_partitions reports the
+-- month skipped and the next run makes it.
 create or replace function private.create_monthly_partition(
   p_schema text,
   p_table text,
@@ -296,6 +299,7 @@ create or replace function private.create_monthly_partition(
 ) returns bigint
 language plpgsql
 set search_path = ''
+set lock_timeout = '500ms'
 as $$
 declare
   v_from timestamptz := (date_trunc('month', p_month)::timestamp) at time zone 'UTC';
@@ -455,12 +459,30 @@ begin
 end;
 $$;
 
+-- DETACH takes ACCESS EXCLUSIVE on the parent: it gives way like
+-- create_monthly_partition.
+create or replace function private.detach_partition(p_schema text, p_table text, p_name text)
+returns void
+language plpgsql
+set search_path = ''
+set lock_timeout = '500ms'
+as $$
+begin
+  execute format('alter table %I.%I detach partition %I.%I', p_schema, p_table, p_schema, p_name);
+end;
+$$;
+
 -- One maintenance pass over every registered table:
 --   1. partitions for the current month and months_ahead months ahead;
---   2. a partition for every month that has rows in DEFAULT (rows moved);
+--   2. a partition for every month that has rows in DEFAULT (rows moved),
+--      years 1000-9999 only: rows dated outside them (or at +-infinity) stay
+--      in DEFAULT, where they are still read and written;
 --   3. partitions still open to an API role (made by hand) closed;
 --   4. partitions older than retention_months detached (kept as plain tables
 --      for archiving; never dropped here).
+-- Each step on each partition stands alone: a month whose locks are busy is
+-- reported 'skipped', one that fails 'failed' (with a warning), and the rest
+-- of the pass goes on, so one bad month cannot stop maintenance for good.
 -- Safe to run concurrently: runs serialise on an advisory lock.
 create or replace function public.maintain_partitions()
 returns table (table_name text, partition_name text, action text, rows_moved bigint)
@@ -471,13 +493,14 @@ as $$
 declare
   v_table record;
   v_month date;
-  v_moved bigint;
   v_part record;
   v_cutoff timestamptz;
 begin
   perform pg_advisory_xact_lock(hashtextextended('partition:maintenance', 0));
 
   for v_table in select * from private.partitioned_tables order by schema_name, table_name loop
+    table_name := format('%I.%I', v_table.schema_name, v_table.table_name);
+
     for v_month in
       select generate_series(
         date_trunc('month', now() at time zone 'UTC'),
@@ -488,27 +511,38 @@ begin
       union
       select distinct date_trunc('month', d.created_at at time zone 'UTC')::date
       from private.default_partition_timestamps(v_table.schema_name, v_table.table_name) d
+      where isfinite(d.created_at)
+        and extract(year from d.created_at at time zone 'UTC') between 1000 and 9999
       order by 1
     loop
-      v_moved := private.create_monthly_partition(v_table.schema_name, v_table.table_name, v_month);
-      if v_moved is not null then
-        table_name := format('%I.%I', v_table.schema_name, v_table.table_name);
-        partition_name := format('%s_%s', v_table.table_name, to_char(v_month, 'YYYY_MM'));
-        action := 'created';
-        rows_moved := v_moved;
-        return next;
-      end if;
+      partition_name := format('%s_%s', v_table.table_name, to_char(v_month, 'YYYY_MM'));
+      begin
+        rows_moved := private.create_monthly_partition(
+          v_table.schema_name, v_table.table_name, v_month);
+        if rows_moved is not null then
+          action := 'created';
+          return next;
+        end if;
+      exception
+        when lock_not_available then
+          action := 'skipped';
+          rows_moved := 0;
+          return next;
+        when others then
+          raise warning 'maintain_partitions: % of % failed: %', partition_name, table_name, sqlerrm;
+          action := 'failed';
+          rows_moved := 0;
+          return next;
+      end;
     end loop;
 
+    rows_moved := 0;
     for v_part in
-      select * from private.open_partitions(
-        array[format('%I.%I', v_table.schema_name, v_table.table_name)::regclass::oid])
+      select * from private.open_partitions(array[table_name::regclass::oid])
     loop
       perform private.secure_partition(v_part.schema_name, v_part.partition_name);
-      table_name := format('%I.%I', v_table.schema_name, v_table.table_name);
       partition_name := v_part.partition_name;
       action := 'secured';
-      rows_moved := 0;
       return next;
     end loop;
 
@@ -521,18 +555,19 @@ begin
                  ::timestamptz as upper_bound
         from pg_inherits i
         join pg_class c on c.oid = i.inhrelid
-        where i.inhparent = format('%I.%I', v_table.schema_name, v_table.table_name)::regclass
+        where i.inhparent = table_name::regclass
           and c.relname <> v_table.table_name || '_default'
       loop
         if v_part.upper_bound <= v_cutoff then
-          execute format(
-            'alter table %I.%I detach partition %I.%I',
-            v_table.schema_name, v_table.table_name, v_table.schema_name, v_part.relname
-          );
-          table_name := format('%I.%I', v_table.schema_name, v_table.table_name);
           partition_name := v_part.relname;
-          action := 'detached';
-          rows_moved := 0;
+          begin
+            perform private.detach_partition(v_table.schema_name, v_table.table_name,
+              v_part.relname);
+            action := 'detached';
+          exception
+            when lock_not_available then
+              action := 'skipped';
+          end;
           return next;
         end if;
       end loop;

@@ -39,8 +39,10 @@ select private.register_partitioned_table('public', 'system_metrics', 3, null);
 
 alter table public.system_metrics enable row level security;
 
-revoke all on public.system_metrics from anon, authenticated;
-revoke all on sequence public.system_metrics_id_seq from anon, authenticated;
+-- Append-only for every API role, the service role included (which passes
+-- RLS): observations are not edited; retention detaches whole months.
+revoke all on public.system_metrics from anon, authenticated, service_role;
+revoke all on sequence public.system_metrics_id_seq from anon, authenticated, service_role;
 grant select, insert on public.system_metrics to service_role;
 grant usage on sequence public.system_metrics_id_seq to service_role;
 
@@ -86,8 +88,10 @@ select private.register_partitioned_table('public', 'system_audit_logs', 3, null
 
 alter table public.system_audit_logs enable row level security;
 
-revoke all on public.system_audit_logs from anon, authenticated;
-revoke all on sequence public.system_audit_logs_id_seq from anon, authenticated;
+-- An audit trail nobody behind the API can edit or empty, the service role
+-- included (it passes RLS, so only missing grants stop it).
+revoke all on public.system_audit_logs from anon, authenticated, service_role;
+revoke all on sequence public.system_audit_logs_id_seq from anon, authenticated, service_role;
 grant select on public.system_audit_logs to authenticated;
 grant select, insert on public.system_audit_logs to service_role;
 grant usage on sequence public.system_audit_logs_id_seq to service_role;

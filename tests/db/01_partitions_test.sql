@@ -1,7 +1,7 @@
 -- Monthly partitions: any date inserts; maintenance creates partitions ahead
 -- and moves rows out of DEFAULT; only service_role may run it.
 begin;
-select plan(23);
+select plan(26);
 
 select has_function('public', 'maintain_partitions', array[]::text[]);
 select ok(
@@ -39,6 +39,20 @@ select is(
 
 select is((select count(*)::int from public.maintain_partitions()), 0,
   'a second run has nothing to do');
+
+-- rows no month can hold stay in DEFAULT, and maintenance goes on
+insert into public.system_metrics (service_name, metric_type, metric_name, value, created_at)
+values ('api', 'latency', 'odd', 1, 'infinity'), ('api', 'latency', 'odd', 2, '-infinity'),
+       ('api', 'latency', 'odd', 3, '294276-12-15'), ('api', 'latency', 'odd', 4, '0001-12-15 BC'),
+       ('api', 'latency', 'odd', 5, now() + interval '7 years');
+select results_eq(
+  $$select action, count(*)::int from public.maintain_partitions() group by action$$,
+  $$values ('created'::text, 1)$$,
+  'maintenance makes the one month it can and fails on none of the others');
+select is((select count(*)::int from public.system_metrics_default where metric_name = 'odd'), 4,
+  'the four rows out of every month stay in DEFAULT');
+select is((select count(*)::int from public.system_metrics where metric_name = 'odd'), 5,
+  'and all five are read through the parent');
 
 -- A partition made by hand, as the spec's recipe does, gets Supabase's default
 -- grants to the API roles; it is closed in the statement that made it.

@@ -1,7 +1,7 @@
 -- Observability: the spec's calls, validation, and the RLS matrix for
 -- system_metrics and system_audit_logs (anon, two users, service_role).
 begin;
-select plan(34);
+select plan(39);
 
 -- the spec's example, verbatim
 select ok(public.record_metric(
@@ -111,6 +111,17 @@ select throws_ok($$select public.log_audit_event(p_actor_type := 'user',
   'PT400', 'invalid_audit_event', 'the service role must name the actor (400, not a bare not-null error)');
 select is((select count(*)::int from public.system_audit_logs where action = 'trip_rated'), 0,
   'and nothing is written');
+-- the service role passes RLS: only the grants keep the trail append-only
+select throws_ok($$update public.system_audit_logs set action = 'nothing_happened'$$, '42501', null,
+  'the service role cannot rewrite audit rows');
+select throws_ok($$delete from public.system_audit_logs$$, '42501', null,
+  'the service role cannot delete audit rows');
+select throws_ok($$truncate public.system_audit_logs$$, '42501', null,
+  'the service role cannot empty the audit trail');
+select throws_ok($$delete from public.system_metrics$$, '42501', null,
+  'the service role cannot delete metrics');
+select is((select count(*)::int from public.system_audit_logs where action = 'nothing_happened'), 0,
+  'no audit row was changed');
 
 select * from finish();
 rollback;

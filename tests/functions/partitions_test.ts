@@ -37,6 +37,41 @@ dbTest("concurrent maintenance runs and writers lose nothing and fail nothing", 
   }
 });
 
+dbTest("maintenance gives way to a transaction that read the table and then writes", async () => {
+  // A row in DEFAULT for a month without a partition: maintenance will move it
+  // and ATTACH, which needs ACCESS EXCLUSIVE on DEFAULT, held (shared) by the
+  // reader below, whose write then waits for maintenance's lock on the parent.
+  await db
+    .sql`insert into public.system_metrics (service_name, metric_type, metric_name, value, created_at)
+               values ('api', 'gauge', 'later', 1, now() + interval '9 years')`;
+  const reader = postgres(db.url, { max: 1, onnotice: () => {} });
+  const maintainer = postgres(db.url, { max: 1, onnotice: () => {} });
+  try {
+    const write = reader.begin(async (tx) => {
+      await tx`select count(*) from public.system_metrics`;
+      await new Promise((r) => setTimeout(r, 300));
+      await tx`insert into public.system_metrics (service_name, metric_type, metric_name, value)
+               values ('api', 'gauge', 'reader', 1)`;
+    });
+    await new Promise((r) => setTimeout(r, 100));
+    const actions = await maintainer`select * from public.maintain_partitions()`;
+    await write; // the writer is not the one aborted
+    const later = actions.filter((a) => a.table_name === "public.system_metrics");
+    assert.deepEqual(later.map((a) => a.action), ["skipped"], JSON.stringify(actions));
+    const [{ n }] = await db.sql`select count(*)::int as n from public.system_metrics
+                                 where metric_name in ('later', 'reader')`;
+    assert.equal(n, 2);
+    // the next run makes the month it skipped
+    const next = await maintainer`select * from public.maintain_partitions()`;
+    assert.deepEqual(
+      next.map((a) => [a.table_name, a.action, Number(a.rows_moved)]),
+      [["public.system_metrics", "created", 1]],
+    );
+  } finally {
+    await Promise.all([reader.end(), maintainer.end()]);
+  }
+});
+
 dbTest(
   "the stack's database schedules maintenance with pg_cron, as the scheduler does",
   async () => {
