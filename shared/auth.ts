@@ -39,7 +39,11 @@ let keyCache: Promise<Keys> | undefined;
 
 // The HMAC key is imported once per isolate, not on every verification.
 function keys(): Promise<Keys> {
-  keyCache ??= loadKeys();
+  // a failed load is not kept: the next request tries again
+  keyCache ??= loadKeys().catch((err) => {
+    keyCache = undefined;
+    throw err;
+  });
   return keyCache;
 }
 

@@ -4,6 +4,28 @@ import { z } from "zod";
 
 const optionalUrl = z.string().url().optional();
 
+/** A JSON Web Key Set, `{"keys": [...]}` or the bare array; read as `{"keys": [...]}`. */
+function jwks() {
+  return z.string().optional().transform((raw, ctx) => {
+    if (raw === undefined) return undefined;
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(raw);
+    } catch {
+      parsed = undefined;
+    }
+    const keys = Array.isArray(parsed) ? parsed : (parsed as { keys?: unknown } | undefined)?.keys;
+    if (
+      !Array.isArray(keys) || keys.length === 0 ||
+      !keys.every((k) => k && typeof k === "object" && typeof k.kty === "string")
+    ) {
+      ctx.addIssue({ code: "custom", message: 'must be a JSON key set: {"keys": [JWK, ...]}' });
+      return z.NEVER;
+    }
+    return JSON.stringify({ keys });
+  });
+}
+
 /** A JSON object of named API keys, each starting with `prefix`; the keys alone. */
 function apiKeys(prefix: string) {
   return z.string().optional().transform((raw, ctx) => {
@@ -35,7 +57,7 @@ const schema = z.object({
   // HS256 projects: the JWT secret. Asymmetric projects: SUPABASE_JWKS (the
   // JSON key set Supabase provides) or JWKS_URL.
   JWT_SECRET: z.string().min(32, "must be at least 32 characters").optional(),
-  SUPABASE_JWKS: z.string().optional(),
+  SUPABASE_JWKS: jwks(),
   JWKS_URL: optionalUrl,
   // Supabase's API keys, as it provides them: JSON objects of name -> key. A
   // secret key (sb_secret_...) speaks for the service role, a publishable key

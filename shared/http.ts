@@ -37,9 +37,11 @@ function compileRoute(path: string): RegExp {
 // anyone calling a function's app with the public URL) has /functions/v1 in
 // front. Stripping it while routing saves cloning every Request.
 const GATEWAY_PREFIX = "/functions/v1/";
+// A trailing slash names the same route (/metrics/ is /metrics).
 function functionPath(req: Request): string {
-  const path = getPath(req);
-  return path.startsWith(GATEWAY_PREFIX) ? path.slice(GATEWAY_PREFIX.length - 1) : path;
+  const full = getPath(req);
+  const path = full.startsWith(GATEWAY_PREFIX) ? full.slice(GATEWAY_PREFIX.length - 1) : full;
+  return path.length > 1 && path.endsWith("/") ? path.slice(0, -1) : path;
 }
 
 /** The methods of each route path without parameters or wildcards. */
@@ -181,11 +183,29 @@ export async function readRawBody(c: Ctx, limit = env().MAX_BODY_BYTES): Promise
 
 /** Parses JSON text; malformed JSON is a 400. */
 export function parseJsonText(text: string): unknown {
+  let value: unknown;
   try {
-    return JSON.parse(text);
+    value = JSON.parse(text);
   } catch {
     throw badRequest("invalid_json", "the request body is not valid JSON");
   }
+  // JSON.parse keeps a "__proto__" key, but copying the object (as zod does)
+  // turns it into the copy's prototype: the key would vanish without a word.
+  if (text.includes("__proto__") && hasProtoKey(value)) {
+    throw badRequest("invalid_json", "the key __proto__ is not accepted");
+  }
+  return value;
+}
+
+function hasProtoKey(value: unknown): boolean {
+  const stack = [value];
+  while (stack.length > 0) {
+    const v = stack.pop();
+    if (typeof v !== "object" || v === null) continue;
+    if (!Array.isArray(v) && Object.hasOwn(v, "__proto__")) return true;
+    stack.push(...Object.values(v));
+  }
+  return false;
 }
 
 function validate<S extends z.ZodType>(schema: S, value: unknown, what: string): z.infer<S> {

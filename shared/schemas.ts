@@ -21,6 +21,12 @@ export function jsonDepth(value: unknown): number {
   return deepest;
 }
 
+/** Any JSON value, nested at most MAX_JSON_DEPTH levels. */
+export const jsonValue = z.unknown().refine(
+  (v) => jsonDepth(v) <= MAX_JSON_DEPTH,
+  `JSON may nest at most ${MAX_JSON_DEPTH} levels`,
+);
+
 /** A JSON object: payloads, metadata, tags. */
 export const jsonObject = z.record(z.string(), z.unknown()).refine(
   (v) => jsonDepth(v) <= MAX_JSON_DEPTH,

@@ -95,3 +95,22 @@ Deno.test("API keys are read from Supabase's JSON objects; anything else is refu
     });
   }
 });
+
+Deno.test("SUPABASE_JWKS must be a key set; the bare array form is read as one", () => {
+  const base = { SUPABASE_DB_URL: "postgresql://u:p@localhost/db", JWT_SECRET: undefined };
+  const jwk = { kty: "EC", crv: "P-256", x: "x", y: "y", kid: "k1" };
+  withEnv({ ...base, SUPABASE_JWKS: JSON.stringify([jwk]) }, () => {
+    assert.deepEqual(JSON.parse(env().SUPABASE_JWKS!), { keys: [jwk] });
+  });
+  for (
+    const bad of ["{not json", "{}", JSON.stringify({ keys: [] }), JSON.stringify({ keys: [1] })]
+  ) {
+    withEnv({ ...base, SUPABASE_JWKS: bad }, () => {
+      assert.throws(
+        () => env(),
+        (e: unknown) => e instanceof ConfigError && /SUPABASE_JWKS/.test(e.message),
+        bad,
+      );
+    });
+  }
+});

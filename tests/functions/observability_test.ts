@@ -161,6 +161,54 @@ dbTest("a user's audit event is recorded as themselves, whatever they claim", as
   assert.deepEqual(row.new_data, { status: "accepted", fare: 5000 });
 });
 
+dbTest("malformed audit input is a 400 or is left out, never a 500 or a lost write", async () => {
+  const alice = await createUser(db);
+  const token = await userToken(alice);
+  const event = { actor_type: "user", actor_identifier: "x", action: "deep_probe" };
+  let deep: unknown = 1;
+  for (let i = 0; i < 20_000; i++) deep = [deep];
+  for (const field of ["old_data", "new_data"]) {
+    expectError(
+      await call(app, "POST", "/observability/audit", { token, body: { ...event, [field]: deep } }),
+      400,
+      "invalid_request",
+    );
+  }
+  // "__proto__" would be dropped by the copy zod makes: refused, not lost
+  const proto = await call(app, "POST", "/observability/audit", {
+    token,
+    body: `{"actor_type":"user","actor_identifier":"x","action":"deep_probe",` +
+      `"metadata":{"__proto__":{"env":"prod"},"a":1}}`,
+  });
+  expectError(proto, 400, "invalid_json");
+  const [{ n }] = await db.sql`select count(*)::int as n from public.system_audit_logs
+                               where action = 'deep_probe'`;
+  assert.equal(n, 0);
+  // an address that is no address is left out; the event is written
+  for (const forwarded of ["1.2.3", "dead", "::::"]) {
+    const res = await call(app, "POST", "/observability/audit", {
+      token,
+      body: { ...event, action: "odd_address" },
+      headers: { "x-forwarded-for": forwarded },
+    });
+    assert.equal(res.status, 201, `${forwarded}: ${JSON.stringify(res.body)}`);
+    const [row] = await db
+      .sql`select ip_address from public.system_audit_logs where id = ${res.body.id}`;
+    assert.equal(row.ip_address, null);
+  }
+});
+
+dbTest("a trailing slash names the same route", async () => {
+  const res = await call(app, "POST", "/observability/metrics/", {
+    token: await serviceToken(),
+    body: metric({ metric_name: "slash" }),
+  });
+  assert.equal(res.status, 201, JSON.stringify(res.body));
+  const [{ n }] = await db.sql`select count(*)::int as n from public.system_metrics
+                               where metric_name = 'slash'`;
+  assert.equal(n, 1);
+});
+
 dbTest(
   "users list only their own audit events; service role lists all; pagination is stable",
   async () => {

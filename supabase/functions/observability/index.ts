@@ -5,10 +5,12 @@
 //   POST /observability/audit         write an audit event (user or service role)
 //   GET  /observability/audit         own events (users) or all (service role), paginated
 //   POST /observability/maintenance   run partition maintenance now (service role)
+import { isIP } from "node:net";
 import { z } from "zod";
 import {
   cursorTimestamp,
   jsonObject,
+  jsonValue,
   oneOrBatch,
   pageQuery,
   text,
@@ -53,8 +55,8 @@ const auditBody = z.object({
   action: z.string().regex(/^[a-zA-Z][a-zA-Z0-9_.:-]{0,127}$/),
   resource_type: text(64).optional(),
   resource_id: text(256).optional(),
-  old_data: z.unknown().optional(),
-  new_data: z.unknown().optional(),
+  old_data: jsonValue.optional(),
+  new_data: jsonValue.optional(),
   metadata: jsonObject.optional(),
   status: z.enum(["success", "failure", "denied"]).optional(),
   error_message: z.string().max(2000).optional(),
@@ -145,13 +147,14 @@ app.post("/audit", async (c) => {
   const who = requireUserOrService(c);
   const body = await jsonBody(c, auditBody);
   const correlationId = c.get("correlationId");
+  // the client's address as the proxy in front passed it on (first hop)
   const ip = c.req.header("x-forwarded-for")?.split(",")[0]?.trim();
   const [row] = await rpc(who, correlationId, "public.log_audit_event", {
     ...body,
     old_data: asJson(body.old_data),
     new_data: asJson(body.new_data),
     metadata: body.metadata ?? {},
-    ip_address: ip && /^[0-9a-fA-F:.]{2,45}$/.test(ip) ? ip : undefined,
+    ip_address: ip && isIP(ip) ? ip : undefined,
     user_agent: c.req.header("user-agent")?.slice(0, 512),
     correlation_id: correlationId,
   });
