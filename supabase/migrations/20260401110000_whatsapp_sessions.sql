@@ -355,7 +355,9 @@ create trigger whatsapp_sessions_updated_at before update on public.whatsapp_ses
 
 alter table public.whatsapp_sessions enable row level security;
 
-revoke all on public.whatsapp_sessions from anon, authenticated;
+-- The service role too: Supabase's default privileges give it every right
+-- (TRUNCATE included) and it passes RLS, so the grants are all that limit it.
+revoke all on public.whatsapp_sessions from anon, authenticated, service_role;
 grant select on public.whatsapp_sessions to authenticated;
 grant select, insert, update, delete on public.whatsapp_sessions to service_role;
 
@@ -378,7 +380,7 @@ create trigger whatsapp_session_secrets_updated_at before update on public.whats
 
 alter table public.whatsapp_session_secrets enable row level security;
 
-revoke all on public.whatsapp_session_secrets from anon, authenticated;
+revoke all on public.whatsapp_session_secrets from anon, authenticated, service_role;
 grant select, insert, update, delete on public.whatsapp_session_secrets to service_role;
 
 create policy whatsapp_session_secrets_service_all on public.whatsapp_session_secrets
@@ -395,7 +397,7 @@ create table public.whatsapp_inbound_wamids (
 
 alter table public.whatsapp_inbound_wamids enable row level security;
 
-revoke all on public.whatsapp_inbound_wamids from anon, authenticated;
+revoke all on public.whatsapp_inbound_wamids from anon, authenticated, service_role;
 grant select, insert on public.whatsapp_inbound_wamids to service_role;
 
 create policy whatsapp_inbound_wamids_service_all on public.whatsapp_inbound_wamids
@@ -424,8 +426,8 @@ select private.register_partitioned_table('public', 'whatsapp_inbound_messages',
 
 alter table public.whatsapp_inbound_messages enable row level security;
 
-revoke all on public.whatsapp_inbound_messages from anon, authenticated;
-revoke all on sequence public.whatsapp_inbound_messages_id_seq from anon, authenticated;
+revoke all on public.whatsapp_inbound_messages from anon, authenticated, service_role;
+revoke all on sequence public.whatsapp_inbound_messages_id_seq from anon, authenticated, service_role;
 grant select on public.whatsapp_inbound_messages to authenticated;
 grant select, insert on public.whatsapp_inbound_messages to service_role;
 grant usage on sequence public.whatsapp_inbound_messages_id_seq to service_role;
@@ -455,7 +457,7 @@ create table public.whatsapp_message_statuses (
 
 alter table public.whatsapp_message_statuses enable row level security;
 
-revoke all on public.whatsapp_message_statuses from anon, authenticated;
+revoke all on public.whatsapp_message_statuses from anon, authenticated, service_role;
 grant select, insert on public.whatsapp_message_statuses to service_role;
 
 create policy whatsapp_message_statuses_service_all on public.whatsapp_message_statuses
@@ -530,7 +532,7 @@ create trigger whatsapp_message_queue_updated_at before update on public.whatsap
 
 alter table public.whatsapp_message_queue enable row level security;
 
-revoke all on public.whatsapp_message_queue from anon, authenticated;
+revoke all on public.whatsapp_message_queue from anon, authenticated, service_role;
 grant select on public.whatsapp_message_queue to authenticated;
 grant select, insert, update, delete on public.whatsapp_message_queue to service_role;
 

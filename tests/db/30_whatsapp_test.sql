@@ -3,7 +3,7 @@
 -- sessions, secrets, inbound messages, statuses and the queue
 -- (anon, two users matched by their phone claim, a user without one, service_role).
 begin;
-select plan(78);
+select plan(82);
 
 -- the spec's examples, verbatim
 select ok(public.enqueue_whatsapp_message(
@@ -278,6 +278,19 @@ select is((public.complete_whatsapp_messages('disp-late', 'biz-late', jsonb_buil
   'the late sent outcome is recorded');
 select is((select row(status, wamid, error_code, dead_lettered_at)::text from public.whatsapp_message_queue),
   row('sent', 'wamid.LATE', null::text, null::timestamptz)::text, 'as sent, no longer a dead letter');
+
+-- the inbound log and the status history are append-only for the service
+-- role (it passes RLS: only the grants hold it)
+select tests.authenticate_as_service_role();
+select throws_ok($$update public.whatsapp_inbound_messages set text_body = 'rewritten'$$, '42501', null,
+  'the service role cannot rewrite inbound messages');
+select throws_ok($$delete from public.whatsapp_message_statuses$$, '42501', null,
+  'the service role cannot delete status history');
+select throws_ok($$truncate public.whatsapp_message_queue$$, '42501', null,
+  'the service role cannot empty the outbound queue');
+select throws_ok($$delete from public.whatsapp_inbound_wamids$$, '42501', null,
+  'the service role cannot forget which deliveries it has seen');
+select tests.clear_authentication();
 
 select * from finish();
 rollback;
