@@ -49,6 +49,9 @@ function keys(): Promise<Keys> {
 
 async function loadKeys(): Promise<Keys> {
   const e = env();
+  const apiKeys = new Map<string, Role>();
+  for (const key of e.SUPABASE_SECRET_KEYS) apiKeys.set(await sha256(key), "service_role");
+  for (const key of e.SUPABASE_PUBLISHABLE_KEYS) apiKeys.set(await sha256(key), "anon");
   return {
     secret: e.JWT_SECRET
       ? await crypto.subtle.importKey(
@@ -64,14 +67,7 @@ async function loadKeys(): Promise<Keys> {
       : e.JWKS_URL
       ? createRemoteJWKSet(new URL(e.JWKS_URL))
       : undefined,
-    apiKeys: new Map([
-      ...await Promise.all(
-        e.SUPABASE_SECRET_KEYS.map(async (k) => [await sha256(k), "service_role"] as const),
-      ),
-      ...await Promise.all(
-        e.SUPABASE_PUBLISHABLE_KEYS.map(async (k) => [await sha256(k), "anon"] as const),
-      ),
-    ]),
+    apiKeys,
   };
 }
 

@@ -4,51 +4,49 @@ import { z } from "zod";
 
 const optionalUrl = z.string().url().optional();
 
-/** A JSON Web Key Set, `{"keys": [...]}` or the bare array; read as `{"keys": [...]}`. */
-function jwks() {
+/**
+ * An optional variable holding JSON: `read` turns the parsed value into the
+ * setting, or undefined when it has the wrong shape (a configuration error
+ * naming the variable, saying `expected`). Unset gives `unset`.
+ */
+function jsonVariable<T>(expected: string, unset: T, read: (parsed: unknown) => T | undefined) {
   return z.string().optional().transform((raw, ctx) => {
-    if (raw === undefined) return undefined;
-    let parsed: unknown;
+    if (raw === undefined) return unset;
+    let value: T | undefined;
     try {
-      parsed = JSON.parse(raw);
+      value = read(JSON.parse(raw));
     } catch {
-      parsed = undefined;
+      value = undefined;
     }
-    const keys = Array.isArray(parsed) ? parsed : (parsed as { keys?: unknown } | undefined)?.keys;
-    if (
-      !Array.isArray(keys) || keys.length === 0 ||
-      !keys.every((k) => k && typeof k === "object" && typeof k.kty === "string")
-    ) {
-      ctx.addIssue({ code: "custom", message: 'must be a JSON key set: {"keys": [JWK, ...]}' });
+    if (value === undefined) {
+      ctx.addIssue({ code: "custom", message: `must be ${expected}` });
       return z.NEVER;
     }
-    return JSON.stringify({ keys });
+    return value;
   });
 }
 
+/** A JSON Web Key Set, `{"keys": [...]}` or the bare array; read as `{"keys": [...]}`. */
+const jwks = jsonVariable<string | undefined>(
+  'a JSON key set: {"keys": [JWK, ...]}',
+  undefined,
+  (parsed) => {
+    const keys = Array.isArray(parsed) ? parsed : (parsed as { keys?: unknown } | null)?.keys;
+    const valid = Array.isArray(keys) && keys.length > 0 &&
+      keys.every((k) => k && typeof k === "object" && typeof k.kty === "string");
+    return valid ? JSON.stringify({ keys }) : undefined;
+  },
+);
+
 /** A JSON object of named API keys, each starting with `prefix`; the keys alone. */
-function apiKeys(prefix: string) {
-  return z.string().optional().transform((raw, ctx) => {
-    if (raw === undefined) return [];
-    let parsed: unknown;
-    try {
-      parsed = JSON.parse(raw);
-    } catch {
-      parsed = undefined;
-    }
-    const keys = parsed && typeof parsed === "object" && !Array.isArray(parsed)
-      ? Object.values(parsed)
-      : [];
-    if (keys.length === 0 || !keys.every((k) => typeof k === "string" && k.startsWith(prefix))) {
-      ctx.addIssue({
-        code: "custom",
-        message: `must be a JSON object of keys that start with ${prefix}`,
-      });
-      return z.NEVER;
-    }
-    return keys as string[];
+const apiKeys = (prefix: string) =>
+  jsonVariable<string[]>(`a JSON object of keys that start with ${prefix}`, [], (parsed) => {
+    if (!parsed || typeof parsed !== "object" || Array.isArray(parsed)) return undefined;
+    const keys = Object.values(parsed);
+    const valid = keys.length > 0 &&
+      keys.every((k) => typeof k === "string" && k.startsWith(prefix));
+    return valid ? keys as string[] : undefined;
   });
-}
 
 const schema = z.object({
   // Provided by Supabase to every function; the local stack sets it.
@@ -57,7 +55,7 @@ const schema = z.object({
   // HS256 projects: the JWT secret. Asymmetric projects: SUPABASE_JWKS (the
   // JSON key set Supabase provides) or JWKS_URL.
   JWT_SECRET: z.string().min(32, "must be at least 32 characters").optional(),
-  SUPABASE_JWKS: jwks(),
+  SUPABASE_JWKS: jwks,
   JWKS_URL: optionalUrl,
   // Supabase's API keys, as it provides them: JSON objects of name -> key. A
   // secret key (sb_secret_...) speaks for the service role, a publishable key

@@ -30,7 +30,7 @@ function compileRoute(path: string): RegExp {
     .replace(/:[A-Za-z0-9_]+/g, "[^/]+")
     .replace(/\*/g, ".*")
     .replace(/\uE000(\d+)\uE000/g, (_, i: string) => own[Number(i)]);
-  return new RegExp(`^${pattern}/?$`);
+  return new RegExp(`^${pattern}$`);
 }
 
 // Supabase hands a function the path from /<name> on; the local gateway (and
@@ -49,8 +49,7 @@ function literalRouteMethods(routes: { method: string; path: string }[]) {
   const literal = new Map<string, Set<string>>();
   for (const { method, path } of routes) {
     if (method === "ALL" || /[:*]/.test(path)) continue;
-    const key = path.replace(/(.)\/$/, "$1");
-    literal.set(key, (literal.get(key) ?? new Set()).add(method));
+    literal.set(path, (literal.get(path) ?? new Set()).add(method));
   }
   return literal;
 }
@@ -123,7 +122,7 @@ export function createApp(name: string): Hono<AppEnv> {
   let literalRoutes: Map<string, Set<string>> | undefined;
   app.use("*", async (c, next) => {
     literalRoutes ??= literalRouteMethods(app.routes);
-    const methods = literalRoutes.get(c.req.path.replace(/(.)\/$/, "$1"));
+    const methods = literalRoutes.get(c.req.path);
     const method = c.req.method === "HEAD" ? "GET" : c.req.method;
     if (methods && !methods.has(method)) return methodNotAllowed(c, methods);
     await next();
@@ -203,7 +202,8 @@ function hasProtoKey(value: unknown): boolean {
     const v = stack.pop();
     if (typeof v !== "object" || v === null) continue;
     if (!Array.isArray(v) && Object.hasOwn(v, "__proto__")) return true;
-    stack.push(...Object.values(v));
+    // one push each: spreading a long array as arguments overflows the stack
+    for (const child of Object.values(v)) stack.push(child);
   }
   return false;
 }

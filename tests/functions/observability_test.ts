@@ -181,6 +181,17 @@ dbTest("malformed audit input is a 400 or is left out, never a 500 or a lost wri
       `"metadata":{"__proto__":{"env":"prod"},"a":1}}`,
   });
   expectError(proto, 400, "invalid_json");
+  // the text alone is no reason: a long array beside it is walked, not a 500
+  const long = await call(app, "POST", "/observability/audit", {
+    token,
+    body: {
+      ...event,
+      action: "long_array",
+      old_data: new Array(300_000).fill(0),
+      new_data: "__proto__",
+    },
+  });
+  assert.equal(long.status, 201, JSON.stringify(long.body).slice(0, 300));
   const [{ n }] = await db.sql`select count(*)::int as n from public.system_audit_logs
                                where action = 'deep_probe'`;
   assert.equal(n, 0);
