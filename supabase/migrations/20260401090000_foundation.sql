@@ -359,29 +359,37 @@ begin
 end;
 $$;
 
--- The partitions of the registered tables still open to an API role: row
--- level security off, or a grant to PUBLIC, anon, authenticated or
--- service_role.
-create or replace function private.open_partitions(p_parents oid[] default null)
-returns table (schema_name text, partition_name text)
-language sql
-stable
+-- Closes the partitions of the registered tables among p_parents that are
+-- still open to an API role (row level security off, or a grant to PUBLIC,
+-- anon, authenticated or service_role), and returns their names.
+create or replace function private.close_open_partitions(p_parents oid[])
+returns setof text
+language plpgsql
 set search_path = ''
 as $$
-  select n.nspname::text, c.relname::text
-  from private.partitioned_tables t
-  join pg_catalog.pg_class p
-    on p.oid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', t.schema_name, t.table_name))
-  join pg_catalog.pg_inherits i on i.inhparent = p.oid
-  join pg_catalog.pg_class c on c.oid = i.inhrelid
-  join pg_catalog.pg_namespace n on n.oid = c.relnamespace
-  where (p_parents is null or p.oid = any (p_parents))
-    and (not c.relrowsecurity or exists (
-      select from pg_catalog.aclexplode(c.relacl) a
-      where a.grantee = 0 or a.grantee in (
-        select r.oid from pg_catalog.pg_roles r
-        where r.rolname in ('anon', 'authenticated', 'service_role'))
-    ));
+declare
+  v_part record;
+begin
+  for v_part in
+    select n.nspname::text as schema_name, c.relname::text as partition_name
+    from private.partitioned_tables t
+    join pg_catalog.pg_class p
+      on p.oid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', t.schema_name, t.table_name))
+    join pg_catalog.pg_inherits i on i.inhparent = p.oid
+    join pg_catalog.pg_class c on c.oid = i.inhrelid
+    join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+    where p.oid = any (p_parents)
+      and (not c.relrowsecurity or exists (
+        select from pg_catalog.aclexplode(c.relacl) a
+        where a.grantee = 0 or a.grantee in (
+          select r.oid from pg_catalog.pg_roles r
+          where r.rolname in ('anon', 'authenticated', 'service_role'))
+      ))
+  loop
+    perform private.secure_partition(v_part.schema_name, v_part.partition_name);
+    return next v_part.partition_name;
+  end loop;
+end;
 $$;
 
 -- A partition made by hand, as in the spec's recipe (CREATE TABLE ...
@@ -398,19 +406,15 @@ set search_path = ''
 as $$
 declare
   v_parents oid[];
-  v_part record;
 begin
   -- the tables the command made or altered, or their parents
   select array_agg(distinct coalesce(i.inhparent, d.objid)) into v_parents
   from pg_catalog.pg_event_trigger_ddl_commands() d
   left join pg_catalog.pg_inherits i on i.inhrelid = d.objid
   where d.classid = 'pg_catalog.pg_class'::regclass and d.object_type = 'table';
-  if v_parents is null then
-    return;
+  if v_parents is not null then
+    perform private.close_open_partitions(v_parents);
   end if;
-  for v_part in select * from private.open_partitions(v_parents) loop
-    perform private.secure_partition(v_part.schema_name, v_part.partition_name);
-  end loop;
 end;
 $$;
 
@@ -537,12 +541,10 @@ begin
     end loop;
 
     rows_moved := 0;
-    for v_part in
-      select * from private.open_partitions(array[table_name::regclass::oid])
+    action := 'secured';
+    for partition_name in
+      select * from private.close_open_partitions(array[table_name::regclass::oid])
     loop
-      perform private.secure_partition(v_part.schema_name, v_part.partition_name);
-      partition_name := v_part.partition_name;
-      action := 'secured';
       return next;
     end loop;
 

@@ -47,13 +47,22 @@ dbTest("maintenance gives way to a transaction that read the table and then writ
   const reader = postgres(db.url, { max: 1, onnotice: () => {} });
   const maintainer = postgres(db.url, { max: 1, onnotice: () => {} });
   try {
+    const [{ pid }] = await maintainer`select pg_backend_pid() as pid`;
+    let hasRead: () => void = () => {};
+    const read = new Promise<void>((r) => (hasRead = r));
     const write = reader.begin(async (tx) => {
       await tx`select count(*) from public.system_metrics`;
-      await new Promise((r) => setTimeout(r, 300));
+      hasRead();
+      // write only once maintenance waits for this reader: the deadlock's shape
+      for (let i = 0; i < 200; i++) {
+        const [s] = await db.sql`select wait_event_type from pg_stat_activity where pid = ${pid}`;
+        if (s?.wait_event_type === "Lock") break;
+        await new Promise((r) => setTimeout(r, 5));
+      }
       await tx`insert into public.system_metrics (service_name, metric_type, metric_name, value)
                values ('api', 'gauge', 'reader', 1)`;
     });
-    await new Promise((r) => setTimeout(r, 100));
+    await read;
     const actions = await maintainer`select * from public.maintain_partitions()`;
     await write; // the writer is not the one aborted
     const later = actions.filter((a) => a.table_name === "public.system_metrics");

@@ -410,15 +410,24 @@ dbTest("a claim with wait_seconds waits for a message sent meanwhile", async () 
   }
 });
 
-dbTest("a long poll whose client has gone leases nothing", async () => {
-  const token = await serviceToken();
+/** A long-poll claim whose client can leave: abort `gone` to drop the request. */
+function claimToAbort(queue: string, token: string, body: Record<string, unknown>) {
   const gone = new AbortController();
-  const waiting = Promise.resolve(app.request("/queues/abandoned/claim", {
+  const waiting = Promise.resolve(app.request(`/queues/${queue}/claim`, {
     method: "POST",
     headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
-    body: JSON.stringify({ wait_seconds: 2, poll_interval_ms: 300 }),
+    body: JSON.stringify(body),
     signal: gone.signal,
   }));
+  return { gone, waiting };
+}
+
+dbTest("a long poll whose client has gone leases nothing", async () => {
+  const token = await serviceToken();
+  const { gone, waiting } = claimToAbort("abandoned", token, {
+    wait_seconds: 2,
+    poll_interval_ms: 300,
+  });
   await sleep(100);
   gone.abort();
   await call(app, "POST", "/queues/abandoned/messages", { token, body: { payload: {} } });
@@ -443,13 +452,10 @@ dbTest("a long poll whose client leaves during a claim hands the messages back",
     await unlocked;
   });
   await isLocked;
-  const gone = new AbortController();
-  const waiting = Promise.resolve(app.request("/queues/left/claim", {
-    method: "POST",
-    headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
-    body: JSON.stringify({ wait_seconds: 5, visibility_timeout_seconds: 300 }),
-    signal: gone.signal,
-  }));
+  const { gone, waiting } = claimToAbort("left", token, {
+    wait_seconds: 5,
+    visibility_timeout_seconds: 300,
+  });
   await sleep(200);
   gone.abort();
   unlock();
