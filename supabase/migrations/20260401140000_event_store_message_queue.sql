@@ -66,6 +66,9 @@ create table public.event_streams (
   aggregate_type private.aggregate_type not null,
   aggregate_id private.aggregate_id not null,
   version bigint not null default 0 check (version >= 0),
+  -- the user who started the aggregate through the user API; null when the
+  -- service role started it (see "Ownership" at append_event)
+  owner_id uuid,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
   primary key (aggregate_type, aggregate_id)
@@ -179,9 +182,16 @@ create policy event_store_service_select on public.event_store
 -- above 0 and then a separate insert was 25 us slower than this one
 -- statement.) The checks that follow raise, which undoes the upsert, so a
 -- refused append leaves nothing behind:
---   * a user appends as themselves (user_id forced), may start an aggregate
---     or write to one that carries their events; another's is "not found",
---     whatever version they expected;
+--   * a user appends as themselves (another user_id is 403), may start an
+--     aggregate or write to one that carries their events; another's is "not
+--     found", whatever version they expected;
+--   * Ownership. An aggregate a user starts is theirs alone: the service role
+--     may add only that user's events to it (409 aggregate_owned otherwise).
+--     Without this, a user who guessed an id the backend would use later
+--     (the spec's 'trip-123') could start it first and then read, as a
+--     member, every event the backend wrote there for someone else.
+--     Aggregates shared by several users are started by the service role
+--     (owner_id null); each user whose events it carries may read it;
 --   * expected_version is the aggregate's version just before this event
 --     (-1 or 0: no events yet); a mismatch is 409 version_conflict and writes
 --     no event.
@@ -230,11 +240,17 @@ declare
   v_user uuid := private.caller_user_id();
   v_row public.event_store;
   v_current bigint;
+  v_owner uuid;
 begin
   -- one test on the usual path; which rule failed is worked out inside
   if jsonb_typeof(p_payload) is distinct from 'object'
      or jsonb_typeof(p_metadata) not in ('object', 'null')
-     or p_expected_version < -1 then
+     or p_expected_version < -1
+     or v_user <> p_user_id then
+    if v_user <> p_user_id then
+      perform private.raise_error(403, 'forbidden',
+        'users append only as themselves: user_id must be your own id or left out');
+    end if;
     if jsonb_typeof(p_payload) is distinct from 'object' then
       perform private.raise_error(400, 'invalid_payload', 'payload must be a JSON object');
     end if;
@@ -246,11 +262,11 @@ begin
   end if;
 
   with stream as (
-    insert into public.event_streams as s (aggregate_type, aggregate_id, version)
-    values (p_aggregate_type, p_aggregate_id, 1)
+    insert into public.event_streams as s (aggregate_type, aggregate_id, version, owner_id)
+    values (p_aggregate_type, p_aggregate_id, 1, v_user)
     on conflict (aggregate_type, aggregate_id) do update
       set version = s.version + 1, updated_at = now()
-    returning s.version
+    returning s.version, s.owner_id
   )
   insert into public.event_store (
     aggregate_type, aggregate_id, event_type, version, payload, metadata,
@@ -260,15 +276,25 @@ begin
          coalesce(nullif(p_metadata, 'null'::jsonb), '{}'::jsonb), p_correlation_id,
          p_causation_id, coalesce(v_user, p_user_id)
   from stream
-  where p_expected_version is null or stream.version = greatest(p_expected_version, 0) + 1
+  where (p_expected_version is null or stream.version = greatest(p_expected_version, 0) + 1)
+    and (stream.owner_id is null or stream.owner_id = coalesce(v_user, p_user_id))
   returning * into v_row;
 
   if not found then
     -- the upsert bumped the stream (undone by the raise below): one past
     -- the version the aggregate is at
-    select s.version - 1 into v_current from public.event_streams s
+    select s.version - 1, s.owner_id into v_current, v_owner from public.event_streams s
     where s.aggregate_type = p_aggregate_type and s.aggregate_id = p_aggregate_id;
     perform private.require_stream_member(p_aggregate_type, p_aggregate_id, v_user, v_current);
+    if v_owner is distinct from coalesce(v_user, p_user_id) and v_owner is not null then
+      if v_user is not null then
+        perform private.raise_error(404, 'aggregate_not_found', 'no such aggregate');
+      end if;
+      perform private.raise_error(409, 'aggregate_owned',
+        format('%s/%s was started by a user and takes only that user''s events',
+               p_aggregate_type, p_aggregate_id),
+        jsonb_build_object('aggregate_type', p_aggregate_type, 'aggregate_id', p_aggregate_id));
+    end if;
     perform private.raise_error(409, 'version_conflict',
       format('%s/%s is at version %s, not %s', p_aggregate_type, p_aggregate_id,
              v_current, p_expected_version),
@@ -338,8 +364,9 @@ $$;
 
 -- Locks a batch's streams in key order, so that two batches over the same
 -- aggregates cannot deadlock, creating the missing ones at version 0 (undone
--- if the batch fails). A batch naming one aggregate has no order to keep:
--- append_event's upsert takes the same lock. The streams are found by key
+-- if the batch fails; a user's batch owns those it creates). A batch naming
+-- one aggregate has no order to keep: append_event's upsert takes the same
+-- lock. The streams are found by key
 -- (index lookups pinned as in send_messages: a hash join here scanned every
 -- stream of the store).
 create or replace function private.lock_streams(p_events jsonb) returns void
@@ -354,8 +381,8 @@ begin
       from jsonb_array_elements(p_events) e) < 2 then
     return;
   end if;
-  insert into public.event_streams (aggregate_type, aggregate_id, version)
-  select distinct e ->> 'aggregate_type', e ->> 'aggregate_id', 0
+  insert into public.event_streams (aggregate_type, aggregate_id, version, owner_id)
+  select distinct e ->> 'aggregate_type', e ->> 'aggregate_id', 0, private.caller_user_id()
   from jsonb_array_elements(p_events) e
   order by 1, 2
   on conflict do nothing;

@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(54);
+select plan(63);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -98,9 +98,12 @@ create temp table ids as select tests.create_user() as alice, tests.create_user(
 grant select on ids to authenticated, anon, service_role;
 
 select tests.authenticate_as((select alice from ids));
+select throws_ok(format($$select public.append_event('ride-a', 'trip', 'trip_requested', '{}',
+  p_user_id := %L)$$, (select bob from ids)), 'PT403', 'forbidden',
+  'a user cannot append as another user');
 select is((public.append_event('ride-a', 'trip', 'trip_requested', '{}',
-  p_user_id := (select bob from ids))).user_id, (select alice from ids),
-  'a user appends as themselves, whatever user_id they pass');
+  p_user_id := (select alice from ids))).user_id, (select alice from ids),
+  'a user may name themselves');
 select is((select count(*)::int from public.event_store), 1, 'alice sees only her aggregates');
 select is((select count(*)::int from public.get_aggregate_events('trip', 'trip-123')), 0,
   'alice cannot read an aggregate without her events');
@@ -146,6 +149,38 @@ select throws_ok($$update public.event_store set position = 1 where aggregate_id
   '42501', null, 'service_role cannot set positions');
 select throws_ok($$delete from public.event_stream_members$$, '42501', null,
   'service_role cannot change who reads an aggregate');
+
+-- Ownership: bob starts aggregate ids the backend will use later, one alone
+-- and two in a batch; the backend's events for alice never land in them.
+select tests.authenticate_as((select bob from ids));
+select is((public.append_event('trip-squat', 'trip', 'trip_requested', '{"fake": true}')).version,
+  1::bigint, 'a user may start any free aggregate id');
+select is((select count(*)::int from public.append_events(
+  '[{"aggregate_type": "trip", "aggregate_id": "squat-1", "event_type": "a", "payload": {}},
+    {"aggregate_type": "trip", "aggregate_id": "squat-2", "event_type": "a", "payload": {}}]')), 2,
+  'or several in a batch');
+select tests.authenticate_as_service_role();
+select throws_ok(format($$select public.append_event(p_aggregate_id := 'trip-squat',
+  p_aggregate_type := 'trip', p_event_type := 'trip_completed', p_payload := '{"fare": 5000}'::jsonb,
+  p_user_id := %L)$$, (select alice from ids)), 'PT409', 'aggregate_owned',
+  'the service role cannot write alice''s event into an aggregate bob started');
+select throws_ok($$select public.append_event(p_aggregate_id := 'trip-squat',
+  p_aggregate_type := 'trip', p_event_type := 'trip_completed', p_payload := '{"fare": 5000}'::jsonb)$$,
+  'PT409', 'aggregate_owned', 'nor an event without a user (bob would read it)');
+select throws_ok(format($$select public.append_events(
+  '[{"aggregate_type": "trip", "aggregate_id": "squat-2", "event_type": "b", "payload": {},
+     "user_id": %s}]')$$, to_json((select alice from ids))), 'PT409', 'aggregate_owned',
+  'a stream a user''s batch started is theirs too');
+select is((public.append_event('trip-squat', 'trip', 'fare_set', '{}',
+  p_user_id := (select bob from ids))).version, 2::bigint,
+  'the service role may add the owner''s own events');
+select is((select array_agg(user_id) from public.event_stream_members
+           where aggregate_id in ('trip-squat', 'squat-2')),
+  array[(select bob from ids), (select bob from ids)], 'and bob is still their only member');
+select is((select count(*)::int from public.event_store
+           where aggregate_id in ('trip-squat', 'squat-2')
+             and user_id is distinct from (select bob from ids)), 0,
+  'no event of anyone else is in them');
 
 -- A batch finds its streams by key however stale the statistics: 20,000
 -- streams the planner has never seen, and the batch does not scan them all.

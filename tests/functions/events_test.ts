@@ -240,6 +240,30 @@ dbTest("users read their own aggregates only; anon nothing", async () => {
     "aggregate_not_found",
   );
   expectError(await call(app, "GET", "/events/stream", { token: aliceToken }), 403);
+  expectError(
+    await call(app, "POST", "/events", {
+      token: bobToken,
+      body: { ...event("ride-bob"), user_id: alice },
+    }),
+    403,
+    "forbidden",
+  );
+  // bob starts an id the backend later uses for alice: the backend's event is refused
+  assert.equal(
+    (await call(app, "POST", "/events", { token: bobToken, body: event("ride-next") })).status,
+    201,
+  );
+  const service = await serviceToken();
+  expectError(
+    await call(app, "POST", "/events", {
+      token: service,
+      body: { ...event("ride-next"), user_id: alice },
+    }),
+    409,
+    "aggregate_owned",
+  );
+  const bobsView = await call(app, "GET", "/events/aggregates/trip/ride-next", { token: bobToken });
+  assert.equal(bobsView.body.events.length, 1);
   const anon = await anonToken();
   expectError(await call(app, "POST", "/events", { token: anon, body: event("x") }), 401);
   expectError(await call(app, "GET", "/events/aggregates/trip/ride-alice", { token: anon }), 401);
