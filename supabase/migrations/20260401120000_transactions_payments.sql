@@ -589,7 +589,10 @@ $$;
 -- money movement. A concurrent call with the same key waits on that row's
 -- insert and then finds it: same hash -> the original transaction; other
 -- hash -> idempotency_key_reused (409). A call that fails stores nothing, so
--- it may be retried with the same key.
+-- it may be retried with the same key. The hash covers the recipient as the
+-- caller named it (p_recipient: transfer_funds' id or phone), so a retry
+-- replays even after the phone has passed to someone else; the recipient is
+-- checked only after that, so a retry replays even if they have left since.
 -- -----------------------------------------------------------------------------
 create or replace function private.create_transaction(
   p_user_id uuid,
@@ -604,7 +607,8 @@ create or replace function private.create_transaction(
   p_destination_user_id uuid,
   p_payment_method_id uuid,
   p_created_at timestamptz,
-  p_settle boolean
+  p_settle boolean,
+  p_recipient jsonb default null
 ) returns public.transactions
 language plpgsql
 as $$
@@ -661,7 +665,8 @@ begin
 
   if p_idempotency_key is not null then
     v_hash := md5(jsonb_build_array(
-      p_settle, p_type, v_amount, p_currency, p_destination_user_id, p_payment_method_id,
+      p_settle, p_type, v_amount, p_currency,
+      coalesce(p_recipient, to_jsonb(p_destination_user_id)), p_payment_method_id,
       p_category, p_description, coalesce(p_metadata, '{}'::jsonb), p_created_at
     )::text);
     insert into public.transaction_idempotency_keys
@@ -680,6 +685,13 @@ begin
       where t.id = v_key.transaction_id and t.created_at = v_key.transaction_created_at;
       return v_tx;
     end if;
+  end if;
+
+  -- a deleted account receives nothing (nor does one that never existed)
+  if p_destination_user_id is not null and not exists (
+    select from auth.users u where u.id = p_destination_user_id and u.deleted_at is null
+  ) then
+    perform private.raise_error(404, 'recipient_not_found', 'no user with that id or phone');
   end if;
 
   -- The method is share-locked until commit: a removal racing this either
@@ -820,11 +832,14 @@ declare
   v_from uuid := private.acting_user(p_from_user_id, 'from_user_id');
   v_to uuid := p_to_user_id;
   v_matches integer;
+  v_recipient jsonb;
+  v_stored uuid;
 begin
-
   if (p_to_user_id is null) = (p_to_phone is null) then
     perform private.raise_error(400, 'invalid_recipient', 'give exactly one of to_user_id and to_phone');
   end if;
+  v_recipient := jsonb_build_object('to_user_id', p_to_user_id,
+                                    'to_phone', '+' || ltrim(p_to_phone, '+'));
   if p_to_phone is not null then
     if p_to_phone !~ '^\+?[1-9][0-9]{6,14}$' then
       perform private.raise_error(400, 'invalid_phone', 'to_phone must be an E.164 number');
@@ -836,13 +851,30 @@ begin
       and u.deleted_at is null
       -- a number its holder has not confirmed is not theirs to be paid on
       and u.phone_confirmed_at is not null;
-    if v_matches > 1 then
-      perform private.raise_error(409, 'recipient_ambiguous',
-        'more than one user has that phone number; transfer by user id');
+  end if;
+
+  -- A phone that finds no one (or two) may be a retry of a transfer stored
+  -- before its holder left or the number moved: create_transaction replays
+  -- it, comparing the request as sent. (A phone that now finds someone else
+  -- replays the same way below; a deleted recipient named by id is checked
+  -- in create_transaction after the replay.)
+  if (v_to is null or v_matches > 1) and p_idempotency_key is not null then
+    select t.destination_user_id, t.id into v_to, v_stored
+    from public.transaction_idempotency_keys k
+    join public.transactions t
+      on t.id = k.transaction_id and t.created_at = k.transaction_created_at
+    where k.user_id = v_from and k.idempotency_key = p_idempotency_key;
+    if found and v_to is null then
+      -- the key was used for something other than a transfer
+      perform private.raise_error(409, 'idempotency_key_reused',
+        'this idempotency key was used with other parameters',
+        jsonb_build_object('transaction_id', v_stored));
     end if;
-  elsif not exists (select from auth.users u where u.id = p_to_user_id and u.deleted_at is null) then
-    -- a deleted account receives nothing
-    v_to := null;
+    v_matches := case when found then 1 else v_matches end;
+  end if;
+  if v_matches > 1 then
+    perform private.raise_error(409, 'recipient_ambiguous',
+      'more than one user has that phone number; transfer by user id');
   end if;
   if v_to is null then
     perform private.raise_error(404, 'recipient_not_found', 'no user with that id or phone');
@@ -850,7 +882,7 @@ begin
 
   return private.create_transaction(
     v_from, 'transfer', p_amount, p_currency, p_idempotency_key, null, p_description,
-    p_metadata, p_correlation_id, v_to, null, null, true
+    p_metadata, p_correlation_id, v_to, null, null, true, v_recipient
   );
 end;
 $$;

@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(172);
+select plan(179);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -313,6 +313,49 @@ select tests.authenticate_as_service_role();
 select throws_ok($$select public.transfer_funds(p_amount := 1, p_currency := 'RWF',
   p_to_phone := '+250788999993', p_from_user_id := (select alice from ids))$$,
   'PT404', 'recipient_not_found', 'nor a number its holder has not confirmed');
+select throws_ok($$select public.create_transaction((select alice from ids), 'transfer', 1, 'RWF',
+  p_destination_user_id := (select id from gone))$$,
+  'PT404', 'recipient_not_found', 'nor by a pending transfer (create_transaction)');
+select throws_ok($$select public.create_transaction((select alice from ids), 'transfer', 1, 'RWF',
+  p_destination_user_id := gen_random_uuid())$$,
+  'PT404', 'recipient_not_found', 'nor can a user who never existed');
+
+-- A retry replays the stored transfer whatever has happened to the recipient since.
+select tests.clear_authentication();
+create temp table payee as
+  select tests.create_user(p_phone := '250788999994') as leaves,
+         tests.create_user(p_phone := '250788999995') as moves,
+         tests.create_user() as heir;
+grant select on payee to service_role;
+select tests.authenticate_as_service_role();
+create temp table paid as
+  select (public.transfer_funds(p_amount := 1, p_currency := 'RWF', p_to_phone := '+250788999994',
+            p_from_user_id := (select alice from ids), p_idempotency_key := 'retry-1')).id as left_one,
+         (public.transfer_funds(p_amount := 1, p_currency := 'RWF', p_to_phone := '250788999995',
+            p_from_user_id := (select alice from ids), p_idempotency_key := 'retry-2')).id as moved_one;
+select tests.clear_authentication();
+update auth.users set deleted_at = now() where id = (select leaves from payee);
+update auth.users set phone = null where id = (select moves from payee);
+update auth.users set phone = '250788999995' where id = (select heir from payee);
+select tests.authenticate_as_service_role();
+select is((public.transfer_funds(p_amount := 1, p_currency := 'RWF', p_to_phone := '+250788999994',
+  p_from_user_id := (select alice from ids), p_idempotency_key := 'retry-1')).id,
+  (select left_one from paid), 'a retry after the recipient left replays the transfer');
+select is((public.transfer_funds(p_amount := 1, p_currency := 'RWF', p_to_phone := '+250788999995',
+  p_from_user_id := (select alice from ids), p_idempotency_key := 'retry-2')).id,
+  (select moved_one from paid), 'a retry after the phone passed to someone else replays it too');
+select is((select count(*)::int from public.transactions
+           where destination_user_id = (select heir from payee)), 0,
+  'and the phone''s new holder is paid nothing');
+select throws_ok($$select public.transfer_funds(p_amount := 2, p_currency := 'RWF',
+  p_to_phone := '+250788999995', p_from_user_id := (select alice from ids),
+  p_idempotency_key := 'retry-2')$$, 'PT409', 'idempotency_key_reused',
+  'a retry with another amount is still refused');
+select public.create_transaction((select alice from ids), 'debit', 1, 'RWF', 'retry-3');
+select throws_ok($$select public.transfer_funds(p_amount := 1, p_currency := 'RWF',
+  p_to_user_id := (select bob from ids), p_from_user_id := (select alice from ids),
+  p_idempotency_key := 'retry-3')$$, 'PT409', 'idempotency_key_reused',
+  'a key used for a debit is refused for a transfer');
 
 select ok(pg_temp.ledger_ok(), 'ledger sums to zero per currency; balances and holds equal their entries');
 
