@@ -2018,7 +2018,8 @@ begin
     idempotency_key, correlation_id, user_id
   ) values (
     p_job_type, p_job_name, p_payload, p_priority, coalesce(p_run_at, now()),
-    coalesce(p_run_at, now()), coalesce(p_max_attempts, 3), coalesce(p_timeout_seconds, 30),
+    -- a run_at in the past is due now, in turn: not ahead of the jobs already waiting
+    greatest(p_run_at, now()), coalesce(p_max_attempts, 3), coalesce(p_timeout_seconds, 30),
     p_idempotency_key, p_correlation_id, v_user
   )
   on conflict (user_id, idempotency_key) where idempotency_key is not null do nothing
@@ -2033,6 +2034,22 @@ begin
   end if;
   return v_row;
 end;
+$$;
+
+-- Due jobs waiting for a worker, by type, leaving out the given types: after
+-- a run that left nothing it could claim, the jobs no handler takes.
+create or replace function public.due_jobs_by_type(p_exclude_types text[] default null)
+returns table (job_type text, due bigint)
+language sql
+stable
+set search_path = ''
+as $$
+  select j.job_type, count(*)
+  from public.background_jobs j
+  where j.status = 'pending' and j.visible_at <= now()
+    and (p_exclude_types is null or j.job_type <> all (p_exclude_types))
+  group by j.job_type
+  order by j.job_type
 $$;
 
 -- Running jobs past their timeout: retried with backoff, or status timeout
@@ -2259,6 +2276,7 @@ $$;
 revoke all on function public.schedule_job(text, text, jsonb, timestamptz, integer, integer, integer, text, text)
   from public, anon;
 revoke all on function public.timeout_jobs() from public, anon, authenticated;
+revoke all on function public.due_jobs_by_type(text[]) from public, anon, authenticated;
 revoke all on function public.claim_jobs(text[], integer, text) from public, anon, authenticated;
 revoke all on function public.complete_job(bigint, uuid, jsonb) from public, anon, authenticated;
 revoke all on function public.fail_job(bigint, uuid, text, boolean) from public, anon, authenticated;
@@ -2270,6 +2288,7 @@ revoke all on function public.get_job(bigint) from public, anon;
 grant execute on function public.schedule_job(text, text, jsonb, timestamptz, integer, integer, integer, text, text)
   to authenticated, service_role;
 grant execute on function public.timeout_jobs() to service_role;
+grant execute on function public.due_jobs_by_type(text[]) to service_role;
 grant execute on function public.claim_jobs(text[], integer, text) to service_role;
 grant execute on function public.complete_job(bigint, uuid, jsonb) to service_role;
 grant execute on function public.fail_job(bigint, uuid, text, boolean) to service_role;

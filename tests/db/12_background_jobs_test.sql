@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(53);
+select plan(58);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -208,5 +208,20 @@ select throws_ok($$update public.background_jobs set status = 'completed'$$, '42
   'service_role cannot complete jobs past the lease functions');
 select throws_ok($$delete from public.background_jobs$$, '42501', null,
   'service_role cannot delete jobs');
+
+-- A run_at in the past is due now, behind the jobs already waiting.
+select public.schedule_job('fair', 'first', '{}');
+select public.schedule_job('fair', 'backdated', '{}', p_run_at := '1970-01-01');
+select is((select job_name from public.claim_jobs(array['fair'], 1, 'w')), 'first',
+  'a backdated job does not jump the queue');
+select is((select run_at from public.background_jobs where job_name = 'backdated'),
+  '1970-01-01'::timestamptz, 'its run_at is kept as given');
+select is((select count(*)::int from public.due_jobs_by_type(array['fair'])
+           where job_type = 'fair'), 0, 'due_jobs_by_type leaves out the types given');
+select is((select due from public.due_jobs_by_type() where job_type = 'fair'), 1::bigint,
+  'and counts the due jobs of the others');
+select tests.authenticate_as((select alice from ids));
+select throws_ok($$select * from public.due_jobs_by_type()$$, '42501', null,
+  'users cannot count every user''s jobs');
 select * from finish();
 rollback;

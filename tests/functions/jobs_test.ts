@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { app } from "../../supabase/functions/jobs/index.ts";
 import { registerJobHandler } from "../../supabase/functions/jobs/handlers.ts";
+import { MAX_RESULT_BYTES } from "../../supabase/functions/jobs/worker.ts";
 import { resetEnv } from "../../shared/env.ts";
 import {
   anonToken,
@@ -53,6 +54,12 @@ registerJobHandler("test_just_in_time", () => sleep(995).then(() => ({ on_time: 
 let openGate: () => void = () => {};
 const gate = new Promise<void>((r) => (openGate = r));
 registerJobHandler("test_gate", () => gate.then(() => ({ opened: true })));
+registerJobHandler("test_deep", () => {
+  let deep: Record<string, unknown> = {};
+  for (let i = 0; i < 20000; i++) deep = { deep };
+  return Promise.resolve(deep);
+});
+registerJobHandler("test_huge", () => Promise.resolve({ text: "x".repeat(MAX_RESULT_BYTES) }));
 registerJobHandler("test_cancelled", async (job) => {
   await db.sql`select public.cancel_job(${job.id})`;
 });
@@ -66,6 +73,20 @@ const run = async (body: Record<string, unknown>) =>
   await call(app, "POST", "/jobs/run", { token: await serviceToken(), body });
 const job = async (id: string) =>
   (await db.sql`select * from public.background_jobs where id = ${id}`)[0];
+
+// First, while the database holds no other jobs: a run of every type.
+dbTest("due jobs of a type with no handler are reported by the run", async () => {
+  await db.sql`select public.schedule_job(p_job_type := 'payment_processing',
+    p_job_name := 'Process Payment', p_payload := '{"amount": 5000}'::jsonb)`;
+  const ok = await schedule({ job_type: "test_ok", job_name: "OK", payload: { n: 1 } });
+  const summary = await run({});
+  assert.equal(summary.status, 200, JSON.stringify(summary.body));
+  assert.deepEqual([summary.body.completed, summary.body.stopped], [1, "drained"]);
+  assert.deepEqual(summary.body.unhandled, { payment_processing: 1 });
+  assert.equal((await job(ok.body.job.id)).status, "completed");
+  await db.sql`update public.background_jobs set status = 'cancelled'
+               where job_type = 'payment_processing'`;
+});
 
 dbTest("schedule, run and read a job; Idempotency-Key schedules once", async () => {
   const headers = { "idempotency-key": "double-21" };
@@ -270,6 +291,18 @@ dbTest("a result the database refuses fails the attempt, not the run", async () 
   const row = await job(res.body.job.id);
   assert.equal(row.status, "failed");
   assert.match(row.last_error, /^result not stored: /);
+});
+
+dbTest("a result too deep or too large to store fails the attempt, not the run", async () => {
+  const deep = await schedule({ job_type: "test_deep", job_name: "Deep", max_attempts: 1 });
+  const huge = await schedule({ job_type: "test_huge", job_name: "Huge", max_attempts: 1 });
+  const summary = await run({ job_types: ["test_deep", "test_huge"] });
+  assert.equal(summary.status, 200, JSON.stringify(summary.body));
+  assert.equal(summary.body.failed, 2);
+  const [d, h] = await Promise.all([deep, huge].map((r) => job(r.body.job.id)));
+  assert.deepEqual([d.status, h.status], ["failed", "failed"]);
+  assert.match(d.last_error, /nests deeper than 100 levels/);
+  assert.match(h.last_error, /larger than 1048576 bytes/);
 });
 
 dbTest("a result that is not JSON, or an error with a NUL, fails the attempt only", async () => {

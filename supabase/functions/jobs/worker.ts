@@ -9,6 +9,7 @@ import type { Principal } from "../../../shared/auth.ts";
 import { asJson, dbText, type Row, rpc, TextArray } from "../../../shared/db.ts";
 import { HttpError, isInputError } from "../../../shared/errors.ts";
 import { log } from "../../../shared/log.ts";
+import { jsonDepth, MAX_JSON_DEPTH } from "../../../shared/schemas.ts";
 import { type Job, jobHandler, registeredJobTypes } from "./handlers.ts";
 
 export interface RunOptions {
@@ -26,6 +27,8 @@ export interface RunSummary {
   lease_lost: number;
   elapsed_ms: number;
   stopped: "drained" | "budget";
+  /** due jobs of types no handler is registered for, by type (they wait until one is) */
+  unhandled: Record<string, number>;
 }
 
 type Outcome = "completed" | "failed" | "timed_out" | "lease_lost";
@@ -72,16 +75,28 @@ interface Settlement {
   replaced?: boolean;
 }
 
+/** The largest result a job keeps, as JSON text. */
+export const MAX_RESULT_BYTES = 1024 * 1024;
+
 /** Why a handler's result cannot be stored (a JSON object, or nothing), if it cannot. */
 function unstorable(result: unknown): string | undefined {
   if (result === null) return undefined;
   if (typeof result !== "object" || Array.isArray(result)) {
     return "the handler's result must be a JSON object";
   }
+  // Postgres refuses deeper JSON with a stack error, not an input error,
+  // and the settlement would fail: the job stuck running until its lease ends.
+  if (jsonDepth(result) > MAX_JSON_DEPTH) {
+    return `the handler's result nests deeper than ${MAX_JSON_DEPTH} levels`;
+  }
+  let text: string;
   try {
-    JSON.stringify(result);
+    text = JSON.stringify(result);
   } catch (err) {
     return `the handler's result is not JSON: ${errorText(err)}`;
+  }
+  if (new TextEncoder().encode(text).length > MAX_RESULT_BYTES) {
+    return `the handler's result is larger than ${MAX_RESULT_BYTES} bytes`;
   }
 }
 
@@ -133,6 +148,7 @@ export async function runJobs(
     lease_lost: 0,
     elapsed_ms: 0,
     stopped: "drained",
+    unhandled: {},
   };
   const types = opts.jobTypes ?? registeredJobTypes();
   const claim = { job_types: new TextArray(types), limit: 1, worker: opts.workerId };
@@ -212,6 +228,20 @@ export async function runJobs(
       failure ??= { error };
     })));
   if (failure) throw failure.error;
+  // A drained run of every registered type: what is still due has no handler
+  // here (the spec's own payment_processing, say), and would wait unseen.
+  if (summary.stopped === "drained" && !opts.jobTypes) {
+    const waiting = await rpc(who, correlationId, "public.due_jobs_by_type", {
+      exclude_types: new TextArray(types),
+    }, { columns: ["job_type", "due"] });
+    for (const { job_type, due } of waiting) summary.unhandled[job_type as string] = Number(due);
+    if (waiting.length > 0) {
+      log("warn", "due jobs have no handler", {
+        correlation_id: correlationId,
+        unhandled: summary.unhandled,
+      });
+    }
+  }
   summary.elapsed_ms = Math.round(performance.now() - started);
   return summary;
 }
