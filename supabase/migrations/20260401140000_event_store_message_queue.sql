@@ -1972,7 +1972,8 @@ select private.install_leases('public.background_jobs', 'background_jobs', 'job_
 
 -- The spec's call. Users schedule jobs as themselves (user_id forced); an
 -- idempotency key already used by the same scheduler returns that job, and
--- the same key for another job type or payload is a 409.
+-- the same key with any other parameter (type, name, payload, priority,
+-- attempts, timeout, a given run_at) is a 409.
 create or replace function public.schedule_job(
   p_job_type text,
   p_job_name text,
@@ -2027,7 +2028,12 @@ begin
   if v_row.id is null then
     select * into v_row from public.background_jobs j
     where j.user_id is not distinct from v_user and j.idempotency_key = p_idempotency_key;
-    if v_row.job_type <> p_job_type or v_row.payload <> p_payload then
+    -- every parameter the caller gave (a run_at left out is "now" in both calls)
+    if v_row.job_type <> p_job_type or v_row.payload <> p_payload
+       or v_row.job_name is distinct from p_job_name or v_row.priority <> p_priority
+       or v_row.max_attempts <> coalesce(p_max_attempts, 3)
+       or v_row.timeout_seconds <> coalesce(p_timeout_seconds, 30)
+       or v_row.run_at <> p_run_at then
       perform private.raise_error(409, 'idempotency_key_conflict',
         'this idempotency key was used for a different job');
     end if;

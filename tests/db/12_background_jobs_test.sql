@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(58);
+select plan(61);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -15,6 +15,14 @@ select is((public.schedule_job('report', 'Daily report', '{}', p_idempotency_key
   'an idempotency key schedules once');
 select throws_ok($$select public.schedule_job('report', 'Daily report', '{"other": 1}', p_idempotency_key := 'day-1')$$,
   'PT409', 'idempotency_key_conflict', 'a key reused for another job is a conflict');
+select throws_ok($$select public.schedule_job('report', 'Daily report', '{}', p_priority := 9,
+  p_idempotency_key := 'day-1')$$, 'PT409', 'idempotency_key_conflict',
+  'so is one with another priority');
+select throws_ok($$select public.schedule_job('report', 'Weekly report', '{}',
+  p_idempotency_key := 'day-1')$$, 'PT409', 'idempotency_key_conflict', 'or another name');
+select throws_ok($$select public.schedule_job('report', 'Daily report', '{}',
+  p_run_at := '2030-01-01', p_idempotency_key := 'day-1')$$, 'PT409', 'idempotency_key_conflict',
+  'or a run_at other than the job''s');
 select throws_ok($$select public.schedule_job('report', 'x', '[]')$$, 'PT400', 'invalid_payload',
   'a payload must be an object');
 select throws_ok($$select public.schedule_job('report', 'x', '{}', p_priority := -1)$$, 'PT400',
