@@ -833,7 +833,7 @@ declare
   v_to uuid := p_to_user_id;
   v_matches integer;
   v_recipient jsonb;
-  v_stored uuid;
+  v_stored public.transactions;
 begin
   if (p_to_user_id is null) = (p_to_phone is null) then
     perform private.raise_error(400, 'invalid_recipient', 'give exactly one of to_user_id and to_phone');
@@ -859,18 +859,20 @@ begin
   -- replays the same way below; a deleted recipient named by id is checked
   -- in create_transaction after the replay.)
   if (v_to is null or v_matches > 1) and p_idempotency_key is not null then
-    select t.destination_user_id, t.id into v_to, v_stored
+    select t.* into v_stored
     from public.transaction_idempotency_keys k
     join public.transactions t
       on t.id = k.transaction_id and t.created_at = k.transaction_created_at
     where k.user_id = v_from and k.idempotency_key = p_idempotency_key;
-    if found and v_to is null then
+    if v_stored.destination_user_id is not null then
+      v_to := v_stored.destination_user_id;
+      v_matches := 1;
+    elsif v_stored.id is not null then
       -- the key was used for something other than a transfer
       perform private.raise_error(409, 'idempotency_key_reused',
         'this idempotency key was used with other parameters',
-        jsonb_build_object('transaction_id', v_stored));
+        jsonb_build_object('transaction_id', v_stored.id));
     end if;
-    v_matches := case when found then 1 else v_matches end;
   end if;
   if v_matches > 1 then
     perform private.raise_error(409, 'recipient_ambiguous',

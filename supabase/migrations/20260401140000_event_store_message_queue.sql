@@ -376,13 +376,15 @@ set enable_seqscan = off
 set enable_hashjoin = off
 set enable_mergejoin = off
 as $$
+declare
+  v_owner uuid := private.caller_user_id();
 begin
   if (select count(distinct (e ->> 'aggregate_type', e ->> 'aggregate_id'))
       from jsonb_array_elements(p_events) e) < 2 then
     return;
   end if;
   insert into public.event_streams (aggregate_type, aggregate_id, version, owner_id)
-  select distinct e ->> 'aggregate_type', e ->> 'aggregate_id', 0, private.caller_user_id()
+  select distinct e ->> 'aggregate_type', e ->> 'aggregate_id', 0, v_owner
   from jsonb_array_elements(p_events) e
   order by 1, 2
   on conflict do nothing;
