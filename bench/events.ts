@@ -50,7 +50,7 @@ await admin`create index if not exists bench_plain_events_aggregate_idx
 
 // append_event's signature and row type, for the comparison functions
 const SIGNATURE = `(p_aggregate_id text, p_aggregate_type text, p_event_type text,
-  p_payload jsonb, p_expected_version bigint default null, p_metadata jsonb default '{}'::jsonb,
+  p_payload jsonb, p_expected_version bigint default null, p_metadata jsonb default null,
   p_correlation_id text default null, p_causation_id text default null,
   p_user_id uuid default null) returns public.event_store
   language plpgsql security definer set search_path = ''`;

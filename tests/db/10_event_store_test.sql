@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(63);
+select plan(68);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -9,7 +9,7 @@ select is((public.append_event(
   p_aggregate_type := 'trip',
   p_event_type := 'trip_completed',
   p_payload := '{"fare": 5000}'::jsonb
-)).version, 1::bigint, 'append_event works as the spec calls it and starts at version 1');
+)).version::bigint, 1::bigint, 'append_event works as the spec calls it and starts at version 1');
 select is((select count(*)::int from public.get_aggregate_events(
   p_aggregate_type := 'trip',
   p_aggregate_id := 'trip-123'
@@ -17,7 +17,7 @@ select is((select count(*)::int from public.get_aggregate_events(
 
 select is((public.append_event('trip-123', 'trip', 'fare_adjusted', '{"fare": 4500}',
   p_expected_version := 1, p_correlation_id := 'corr-1', p_causation_id := 'cmd-9',
-  p_metadata := '{"source": "test"}')).version, 2::bigint, 'an expected version that matches appends');
+  p_metadata := '{"source": "test"}')).version::bigint, 2::bigint, 'an expected version that matches appends');
 select is((select correlation_id || '/' || causation_id || '/' || (metadata ->> 'source')
            from public.event_store where version = 2 and aggregate_id = 'trip-123'),
   'corr-1/cmd-9/test', 'correlation, causation and metadata are kept');
@@ -28,9 +28,9 @@ select is((select last_value from public.event_store_id_seq), :seq_before::bigin
   'a conflict does not start writing the event (no id taken)');
 select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_expected_version := -1)$$,
   'PT409', 'version_conflict', 'expected version -1 means no events yet');
-select is((public.append_event('trip-new', 'trip', 'trip_created', '{}', p_expected_version := -1)).version,
+select is((public.append_event('trip-new', 'trip', 'trip_created', '{}', p_expected_version := -1)).version::bigint,
   1::bigint, 'expected version -1 starts a new aggregate');
-select is((public.append_event('trip-new', 'trip', 'trip_started', '{}')).version, 2::bigint,
+select is((public.append_event('trip-new', 'trip', 'trip_started', '{}')).version::bigint, 2::bigint,
   'without an expected version an append simply takes the next version');
 select is((select count(*)::int from public.event_store where aggregate_id = 'trip-123'), 2,
   'a conflict writes nothing');
@@ -59,6 +59,10 @@ select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_m
   'PT400', 'invalid_metadata', 'metadata must be an object');
 select throws_ok($$select public.append_event(repeat('x', 257), 'trip', 'x', '{}')$$,
   '23514', null, 'aggregate ids are at most 256 characters');
+select throws_ok($$select public.append_event('trip-123', 'Trip!', 'x', '{}', p_expected_version := 2)$$,
+  '23514', null, 'with an expected version too');
+select throws_ok($$select public.append_event(repeat('x', 257), 'trip', 'x', '{}', p_expected_version := 1)$$,
+  '23514', null, 'aggregate ids as well');
 -- the column rules hold for any writer, not only append_event
 select throws_ok($$insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
                   values ('trip', 'direct', '9lives', 1, '{}')$$,
@@ -66,11 +70,11 @@ select throws_ok($$insert into public.event_store (aggregate_type, aggregate_id,
 select throws_ok($$insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
                   values ('trip', 'direct', 'x', 1, '[]')$$,
   '23514', null, 'payloads are objects on every insert');
-select is((select version from public.event_streams where aggregate_id = 'trip-123'), 2::bigint,
+select is((select version::bigint from public.event_streams where aggregate_id = 'trip-123'), 2::bigint,
   'refused appends leave the stream version alone');
 
 -- batches: atomic, in order, several aggregates
-select is((select array_agg(version order by id) from public.append_events(
+select is((select array_agg(version::bigint order by id) from public.append_events(
   '[{"aggregate_type":"trip","aggregate_id":"b1","event_type":"a","payload":{}},
     {"aggregate_type":"trip","aggregate_id":"b1","event_type":"b","payload":{},"expected_version":1},
     {"aggregate_type":"wallet","aggregate_id":"w1","event_type":"c","payload":{}}]')),
@@ -81,11 +85,11 @@ select throws_ok($$select public.append_events(
   'PT409', 'version_conflict', 'one conflict refuses the whole batch');
 select is((select count(*)::int from public.event_store where aggregate_id in ('b1', 'b2')), 2,
   'nothing of a refused batch is kept');
-select is((select version from public.event_streams where aggregate_id = 'b1'), 2::bigint,
+select is((select version::bigint from public.event_streams where aggregate_id = 'b1'), 2::bigint,
   'the refused batch did not move versions');
 
 -- from a version, in version order
-select is((select array_agg(version) from public.get_aggregate_events('trip', 'b1', p_from_version := 2)),
+select is((select array_agg(version::bigint) from public.get_aggregate_events('trip', 'b1', p_from_version := 2)),
   array[2]::bigint[], 'history from a given version');
 
 -- the global position: sequenced in commit order, dense, after the fact
@@ -130,7 +134,7 @@ select throws_ok($$select public.append_event('t', 'trip', 'x', '{}')$$, '42501'
 
 select tests.authenticate_as_service_role();
 select is((select count(*)::int from public.event_store), 8, 'service_role sees every event');
-select is((select version from public.event_streams where aggregate_id = 'trip-123'), 2::bigint,
+select is((select version::bigint from public.event_streams where aggregate_id = 'trip-123'), 2::bigint,
   'alice''s refused appends left trip-123 at version 2');
 select ok((select user_id from public.append_event('svc-1', 'trip', 'x', '{}',
   p_user_id := (select bob from ids))) = (select bob from ids),
@@ -153,7 +157,7 @@ select throws_ok($$delete from public.event_stream_members$$, '42501', null,
 -- Ownership: bob starts aggregate ids the backend will use later, one alone
 -- and two in a batch; the backend's events for alice never land in them.
 select tests.authenticate_as((select bob from ids));
-select is((public.append_event('trip-squat', 'trip', 'trip_requested', '{"fake": true}')).version,
+select is((public.append_event('trip-squat', 'trip', 'trip_requested', '{"fake": true}')).version::bigint,
   1::bigint, 'a user may start any free aggregate id');
 select is((select count(*)::int from public.append_events(
   '[{"aggregate_type": "trip", "aggregate_id": "squat-1", "event_type": "a", "payload": {}},
@@ -167,12 +171,15 @@ select throws_ok(format($$select public.append_event(p_aggregate_id := 'trip-squ
 select throws_ok($$select public.append_event(p_aggregate_id := 'trip-squat',
   p_aggregate_type := 'trip', p_event_type := 'trip_completed', p_payload := '{"fare": 5000}'::jsonb)$$,
   'PT409', 'aggregate_owned', 'nor an event without a user (bob would read it)');
+select throws_ok(format($$select public.append_event('trip-squat', 'trip', 'trip_completed', '{}',
+  p_expected_version := 1, p_user_id := %L)$$, (select alice from ids)), 'PT409', 'aggregate_owned',
+  'nor with the expected version it is at');
 select throws_ok(format($$select public.append_events(
   '[{"aggregate_type": "trip", "aggregate_id": "squat-2", "event_type": "b", "payload": {},
      "user_id": %s}]')$$, to_json((select alice from ids))), 'PT409', 'aggregate_owned',
   'a stream a user''s batch started is theirs too');
 select is((public.append_event('trip-squat', 'trip', 'fare_set', '{}',
-  p_user_id := (select bob from ids))).version, 2::bigint,
+  p_user_id := (select bob from ids))).version::bigint, 2::bigint,
   'the service role may add the owner''s own events');
 select is((select array_agg(user_id) from public.event_stream_members
            where aggregate_id in ('trip-squat', 'squat-2')),
@@ -185,6 +192,10 @@ select is((select count(*)::int from public.event_store
 -- A batch finds its streams by key however stale the statistics: 20,000
 -- streams the planner has never seen, and the batch does not scan them all.
 reset role;
+select throws_ok($$insert into public.event_streams (aggregate_type, aggregate_id, version)
+  values ('trip', 'negative', -1)$$, '23514', null, 'a stream''s version is never negative');
+select throws_ok($$insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
+  values ('trip', 'zero', 'x', 0, '{}')$$, '23514', null, 'an event''s version is at least 1');
 insert into public.event_streams (aggregate_type, aggregate_id)
 select 'bulk', 'bulk-' || i from generate_series(1, 20000) i;
 discard plans; -- plan the batch afresh, against the table as it is now
@@ -210,13 +221,13 @@ create temp view event_store_pages as
   select sum(pg_stat_get_xact_blocks_fetched(relid))::bigint as n
   from pg_partition_tree('public.event_store') where isleaf;
 create temp table pages as select n from event_store_pages;
-select is((select array_agg(version order by position)
+select is((select array_agg(version::bigint order by position)
            from public.read_event_stream(1000000, 10, p_aggregate_type := 'wallet')),
   array[1, 2, 3]::bigint[], 'a stream read of one aggregate type: its events, in position order');
 select cmp_ok((select n from event_store_pages) - (select n from pages), '<', 20::bigint,
   'and it reads a few pages');
 update pages set n = (select n from event_store_pages);
-select is((select array_agg(version order by position)
+select is((select array_agg(version::bigint order by position)
            from public.read_event_stream(1000000, 10, p_event_type := 'wallet_credited')),
   array[1, 2, 3]::bigint[], 'a stream read of one event type: its events, in position order');
 select cmp_ok((select n from event_store_pages) - (select n from pages), '<', 20::bigint,
