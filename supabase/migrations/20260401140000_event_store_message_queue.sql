@@ -281,24 +281,26 @@ end;
 $$;
 
 -- Why append_event wrote no event (its statement matched no stream row);
--- always raises. p_bumped: the upsert moved the stream one past the version it
--- is at (undone by the raise).
+-- always raises. p_caller: the calling user, null for the service role.
 create or replace function private.refuse_append(
   p_aggregate_type text,
   p_aggregate_id text,
   p_expected_version bigint,
   p_user_id uuid,
-  p_caller uuid,
-  p_bumped boolean
+  p_caller uuid
 ) returns void
 language plpgsql
 set search_path = ''
 as $$
 declare
+  v_author uuid := coalesce(p_caller, p_user_id);
   v_current bigint;
   v_owner uuid;
 begin
-  select s.version - p_bumped::int, s.owner_id into v_current, v_owner
+  -- without an expected version above 0 the upsert moved the stream one past
+  -- the version it is at (undone by the raise)
+  select s.version - (coalesce(p_expected_version, 0) < 1)::int, s.owner_id
+    into v_current, v_owner
   from public.event_streams s
   where s.aggregate_type = p_aggregate_type and s.aggregate_id = p_aggregate_id;
   if not found then
@@ -308,7 +310,7 @@ begin
     v_current := 0;
   end if;
   perform private.require_stream_member(p_aggregate_type, p_aggregate_id, p_caller, v_current);
-  if v_owner is distinct from p_user_id and v_owner is not null then
+  if v_owner is distinct from v_author and v_owner is not null then
     if p_caller is not null then
       perform private.raise_error(404, 'aggregate_not_found', 'no such aggregate');
     end if;
@@ -396,7 +398,7 @@ begin
   end if;
   if not found then
     perform private.refuse_append(p_aggregate_type, p_aggregate_id, p_expected_version,
-      coalesce(v_user, p_user_id), v_user, coalesce(p_expected_version, 0) < 1);
+                                  p_user_id, v_user);
   end if;
   if v_row.user_id is not null then
     perform private.add_stream_member(v_row, v_user is not null);
