@@ -2,7 +2,8 @@
 //   append with expected version (public.append_event, each worker appending
 //   to its own aggregate and passing the version it last wrote) against a
 //   plain insert of the same columns into an unpartitioned table, same
-//   concurrency, same run; appends per second, best of ROUNDS rounds. The
+//   concurrency, same run; appends per second, best of ROUNDS rounds (each
+//   round's rates and the median of its paired ratios are printed too). The
 //   order of the sides rotates from round to round, so noise on the machine
 //   falls on each alike. "ours" runs as service_role, like the API; "plain"
 //   runs as the postgres superuser. The target is judged on the call the
@@ -29,7 +30,7 @@ import { closeAll, connections, percentile, report, spread, startApi } from "./l
 
 const APPENDS = Number(Deno.env.get("BENCH_APPENDS") ?? 4000);
 const WORKERS = Number(Deno.env.get("BENCH_CONCURRENCY") ?? 4);
-const ROUNDS = Number(Deno.env.get("BENCH_ROUNDS") ?? 6);
+const ROUNDS = Number(Deno.env.get("BENCH_ROUNDS") ?? 10);
 const READS = Number(Deno.env.get("BENCH_READS") ?? 500);
 // Aggregate ids unique to this run, so a rerun against the same database starts fresh streams.
 const RUN = Date.now().toString(36);
@@ -128,14 +129,30 @@ async function latencies(read: () => Promise<unknown>): Promise<number[]> {
 console.log(
   `events: ${APPENDS} appends, ${WORKERS} workers, best of ${ROUNDS} rounds; ${READS} reads`,
 );
-const best: Record<Append, number> = { plain: 0, ours: 0, ours_from: 0, insert_only: 0 };
 const sides: Append[] = ["plain", "ours", "ours_from", "insert_only"];
+const rates: Record<Append, number[]> = { plain: [], ours: [], ours_from: [], insert_only: [] };
 for (let r = 0; r < ROUNDS; r++) {
   // round r starts with side r (mod 4): every side takes every place in turn
   for (let k = 0; k < sides.length; k++) {
     const kind = sides[(r + k) % sides.length];
-    best[kind] = Math.max(best[kind], await appendRate(r, kind));
+    rates[kind][r] = await appendRate(r, kind);
   }
+}
+const best = Object.fromEntries(sides.map((s) => [s, Math.max(...rates[s])])) as Record<
+  Append,
+  number
+>;
+// The machine's speed drifts between rounds; a side's rate against the plain
+// insert's in the same round (a few seconds apart) drifts less than the two
+// best rates, which may come from different rounds. Printed beside, as a check.
+for (const side of sides) {
+  const ratios = rates[side].map((rate, r) => rate / rates.plain[r]);
+  console.log(
+    `  ${side.padEnd(11)} per round: ${rates[side].map((x) => x.toFixed(0)).join(" ")}` +
+      (side === "plain"
+        ? ""
+        : ` | ratio to plain, median of rounds ${percentile(ratios, 50).toFixed(2)}`),
+  );
 }
 report(
   "append with expected version, as the spec calls it",

@@ -344,17 +344,18 @@ security definer
 set search_path = ''
 as $$
 declare
-  v_role text := private.caller_role();
   v_user uuid;
   v_row public.event_store;
 begin
-  if v_role <> 'service_role' then
+  if not private.caller_is_service() then
     v_user := private.caller_user_id();
+    if v_user <> p_user_id then
+      perform private.refuse_append_input(p_payload, p_metadata, p_user_id, v_user);
+    end if;
   end if;
   if jsonb_typeof(p_payload) is distinct from 'object'
      or jsonb_typeof(p_metadata) not in ('object', 'null')
-     or p_expected_version < -1
-     or v_user <> p_user_id then
+     or p_expected_version < -1 then
     perform private.refuse_append_input(p_payload, p_metadata, p_user_id, v_user);
   end if;
 

@@ -1,8 +1,8 @@
--- Who is calling: private.caller_role, require_caller, caller_user_id and
--- acting_user over every mix of session role and JWT claims (the weaker one
--- wins), and that the planner inlines the three SQL helpers.
+-- Who is calling: private.caller_role, caller_is_service, require_caller,
+-- caller_user_id and acting_user over every mix of session role and JWT claims
+-- (the weaker one wins), and that the planner inlines the SQL helpers.
 begin;
-select plan(28);
+select plan(30);
 
 -- Security definer wrappers, as the domains call the helpers: the session may
 -- be anon or a user while they run as their owner.
@@ -12,6 +12,8 @@ create function tests.who_required() returns text
 language sql security definer set search_path = '' as $$ select private.require_caller() $$;
 create function tests.who_user() returns uuid
 language sql security definer set search_path = '' as $$ select private.caller_user_id() $$;
+create function tests.who_is_service() returns boolean
+language sql security definer set search_path = '' as $$ select private.caller_is_service() $$;
 create function tests.who_acts_for(p_user_id uuid) returns uuid
 language sql security definer set search_path = ''
 as $$ select private.acting_user(p_user_id, 'user_id') $$;
@@ -90,8 +92,32 @@ select is(tests.who_role(), 'authenticated', 'user claims under the service role
 select tests.call_as('authenticated', '{"role": "service_role"}');
 select tests.needs_login('the user role with service claims and no subject');
 
--- inlined: the plan holds the expression, not a call of the helper
+-- caller_is_service says the same as caller_role for every mix
 select tests.call_as('none', null);
+create function tests.service_disagreements() returns text[]
+language plpgsql as $$
+declare
+  v_role text;
+  v_claims text;
+  v_out text[] := '{}';
+begin
+  foreach v_role in array array['none', 'anon', 'authenticated', 'service_role'] loop
+    foreach v_claims in array array['', '{}', '{"role": "anon"}', '{"role": "authenticated"}',
+                                    '{"role": "service_role"}', '{"role": "other"}'] loop
+      perform set_config('role', v_role, true), set_config('request.jwt.claims', v_claims, true);
+      if tests.who_is_service() is distinct from (tests.who_role() = 'service_role') then
+        v_out := v_out || (v_role || ' ' || v_claims);
+      end if;
+    end loop;
+  end loop;
+  perform set_config('role', 'none', true);
+  return v_out;
+end;
+$$;
+select is(tests.service_disagreements(), '{}'::text[],
+  'caller_is_service is true exactly when caller_role is service_role');
+
+-- inlined: the plan holds the expression, not a call of the helper
 create function tests.plan_of(p_sql text) returns text language plpgsql as $$
 declare
   v_line text;
@@ -109,6 +135,8 @@ select unalike(tests.plan_of('select private.require_caller()'), '%require_calle
   'require_caller is inlined');
 select unalike(tests.plan_of('select private.caller_user_id()'), '%caller_user_id%',
   'caller_user_id is inlined');
+select unalike(tests.plan_of('select private.caller_is_service()'), '%caller_is_service%',
+  'caller_is_service is inlined');
 
 select * from finish();
 rollback;
