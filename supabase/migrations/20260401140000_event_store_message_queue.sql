@@ -328,6 +328,30 @@ begin
 end;
 $$;
 
+-- What follows append_event's statement when it wrote nothing (a refusal) or
+-- wrote an event carrying a user id (the membership): one test on its usual
+-- path instead of two.
+create or replace function private.after_append(
+  p_written boolean,
+  p_event public.event_store,
+  p_aggregate_type text,
+  p_aggregate_id text,
+  p_expected_version bigint,
+  p_user_id uuid,
+  p_caller uuid
+) returns void
+language plpgsql
+set search_path = ''
+as $$
+begin
+  if not p_written then
+    perform private.refuse_append(p_aggregate_type, p_aggregate_id, p_expected_version,
+                                  p_user_id, p_caller);
+  end if;
+  perform private.add_stream_member(p_event, p_caller is not null);
+end;
+$$;
+
 create or replace function public.append_event(
   p_aggregate_id text,
   p_aggregate_type text,
@@ -397,12 +421,9 @@ begin
       and (stream.owner_id is null or stream.owner_id = coalesce(v_user, p_user_id))
     returning * into v_row;
   end if;
-  if not found then
-    perform private.refuse_append(p_aggregate_type, p_aggregate_id, p_expected_version,
-                                  p_user_id, v_user);
-  end if;
-  if v_row.user_id is not null then
-    perform private.add_stream_member(v_row, v_user is not null);
+  if not found or v_row.user_id is not null then
+    perform private.after_append(found, v_row, p_aggregate_type, p_aggregate_id,
+                                 p_expected_version, p_user_id, v_user);
   end if;
   return v_row;
 end;
