@@ -18,7 +18,7 @@
 -- Event store
 --
 -- Versions. event_streams holds each aggregate's current version. An append
--- upserts that row (which row-locks it until commit), so concurrent appends to
+-- moves that row on (which row-locks it until commit), so concurrent appends to
 -- one aggregate run one after the other and each takes the next versions:
 -- unique and gapless across all partitions of event_store, which on its own
 -- could only enforce per-partition uniqueness.
@@ -233,27 +233,6 @@ begin
 end;
 $$;
 
--- After an event carrying a user id: a user appending past the aggregate's
--- first event must be a member already (404 otherwise); a user starting it,
--- or the service role writing a user's event, makes that user a member.
-create or replace function private.add_stream_member(p_event public.event_store, p_by_user boolean)
-returns void
-language plpgsql
-set search_path = ''
-as $$
-begin
-  if p_by_user then
-    perform private.require_stream_member(p_event.aggregate_type, p_event.aggregate_id,
-                                          p_event.user_id, p_event.version - 1);
-  end if;
-  if not p_by_user or p_event.version = 1 then
-    insert into public.event_stream_members (aggregate_type, aggregate_id, user_id)
-    values (p_event.aggregate_type, p_event.aggregate_id, p_event.user_id)
-    on conflict do nothing;
-  end if;
-end;
-$$;
-
 -- Why append_event refused an input it tested as one condition; always raises.
 create or replace function private.refuse_append_input(
   p_payload jsonb,
@@ -280,9 +259,16 @@ begin
 end;
 $$;
 
--- Why append_event wrote no event (its statement matched no stream row);
--- always raises. p_caller: the calling user, null for the service role.
-create or replace function private.refuse_append(
+-- What follows append_event's statement when it wrote nothing or wrote an
+-- event carrying a user id (one test on its usual path instead of two).
+-- Nothing written: works out why and raises. An event carrying a user: a user
+-- appending past the aggregate's first event must be a member already (404
+-- otherwise); a user starting it, or the service role writing a user's event,
+-- makes that user a member. p_caller: the calling user, null for the service
+-- role.
+create or replace function private.after_append(
+  p_written boolean,
+  p_event public.event_store,
   p_aggregate_type text,
   p_aggregate_id text,
   p_expected_version bigint,
@@ -293,10 +279,22 @@ language plpgsql
 set search_path = ''
 as $$
 declare
-  v_author uuid := coalesce(p_caller, p_user_id);
   v_current bigint;
   v_owner uuid;
 begin
+  if p_written then
+    if p_caller is not null then
+      perform private.require_stream_member(p_event.aggregate_type, p_event.aggregate_id,
+                                            p_caller, p_event.version - 1);
+    end if;
+    if p_caller is null or p_event.version = 1 then
+      insert into public.event_stream_members (aggregate_type, aggregate_id, user_id)
+      values (p_event.aggregate_type, p_event.aggregate_id, p_event.user_id)
+      on conflict do nothing;
+    end if;
+    return;
+  end if;
+
   -- without an expected version above 0 the upsert moved the stream one past
   -- the version it is at (undone by the raise)
   select s.version - (coalesce(p_expected_version, 0) < 1)::int, s.owner_id
@@ -310,7 +308,7 @@ begin
     v_current := 0;
   end if;
   perform private.require_stream_member(p_aggregate_type, p_aggregate_id, p_caller, v_current);
-  if v_owner is distinct from v_author and v_owner is not null then
+  if v_owner is distinct from coalesce(p_caller, p_user_id) and v_owner is not null then
     if p_caller is not null then
       perform private.raise_error(404, 'aggregate_not_found', 'no such aggregate');
     end if;
@@ -325,30 +323,6 @@ begin
     jsonb_build_object('aggregate_type', p_aggregate_type, 'aggregate_id', p_aggregate_id,
                        'expected_version', p_expected_version,
                        'current_version', v_current));
-end;
-$$;
-
--- What follows append_event's statement when it wrote nothing (a refusal) or
--- wrote an event carrying a user id (the membership): one test on its usual
--- path instead of two.
-create or replace function private.after_append(
-  p_written boolean,
-  p_event public.event_store,
-  p_aggregate_type text,
-  p_aggregate_id text,
-  p_expected_version bigint,
-  p_user_id uuid,
-  p_caller uuid
-) returns void
-language plpgsql
-set search_path = ''
-as $$
-begin
-  if not p_written then
-    perform private.refuse_append(p_aggregate_type, p_aggregate_id, p_expected_version,
-                                  p_user_id, p_caller);
-  end if;
-  perform private.add_stream_member(p_event, p_caller is not null);
 end;
 $$;
 
@@ -477,7 +451,7 @@ $$;
 -- Locks a batch's streams in key order, so that two batches over the same
 -- aggregates cannot deadlock, creating the missing ones at version 0 (undone
 -- if the batch fails; a user's batch owns those it creates). A batch naming
--- one aggregate has no order to keep: append_event's upsert takes the same
+-- one aggregate has no order to keep: append_event's statement takes the same
 -- lock. The streams are found by key
 -- (index lookups pinned as in send_messages: a hash join here scanned every
 -- stream of the store).
