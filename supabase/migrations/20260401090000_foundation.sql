@@ -242,20 +242,21 @@ language plpgsql
 volatile
 as $$
 declare
-  v_self uuid := private.caller_user_id();
+  v_self uuid;
 begin
-  if v_self is not null then
-    if p_user_id is not null and p_user_id <> v_self then
-      perform private.raise_error(403, 'forbidden',
-        format('users act only for themselves: %s must be your own id or left out', p_field));
+  if private.caller_is_service() then
+    if p_user_id is null then
+      perform private.raise_error(400, 'invalid_user',
+        format('%s is required for the service role', p_field));
     end if;
-    return v_self;
+    return p_user_id;
   end if;
-  if p_user_id is null then
-    perform private.raise_error(400, 'invalid_user',
-      format('%s is required for the service role', p_field));
+  v_self := private.caller_user_id();
+  if p_user_id is not null and p_user_id <> v_self then
+    perform private.raise_error(403, 'forbidden',
+      format('users act only for themselves: %s must be your own id or left out', p_field));
   end if;
-  return p_user_id;
+  return v_self;
 end;
 $$;
 

@@ -747,7 +747,8 @@ begin
     case when v_outgoing then v_other_wallet else v_user_wallet end,
     p_destination_user_id, p_description, coalesce(p_metadata, '{}'::jsonb),
     p_correlation_id, p_idempotency_key,
-    coalesce(private.caller_user_id()::text, 'service_role'),
+    -- a user's p_user_id is their own (acting_user)
+    case when private.caller_is_service() then 'service_role' else p_user_id::text end,
     now(), case when p_settle then now() end, v_created_at, now()
   )
   returning * into v_tx;
@@ -792,7 +793,8 @@ as $$
 declare
   v_user uuid := private.acting_user(p_user_id, 'user_id');
 begin
-  if private.caller_role() = 'authenticated' then
+  -- acting_user refused anon: the caller is a user or the service role
+  if not private.caller_is_service() then
     if not private.is_outgoing(p_type) then
       perform private.raise_error(403, 'type_not_allowed',
         'users may create only debits, payments, fees and transfers',
