@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(179);
+select plan(184);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -91,7 +91,7 @@ select throws_ok($$select public.create_transaction((select alice from ids), 'cr
   'PT400', 'invalid_amount_precision', 'RWF has no minor unit');
 select throws_ok($$select public.create_transaction((select alice from ids), 'credit', 10.005, 'USD')$$,
   'PT400', 'invalid_amount_precision', 'USD has two decimals');
-select is((public.create_transaction((select alice from ids), 'credit', 10.01, 'USD')).amount, 10.01,
+select is((public.create_transaction((select alice from ids), 'credit', 10.01, 'USD')).amount::numeric, 10.01,
   'two decimals are fine for USD');
 select throws_ok($$select public.create_transaction((select alice from ids), 'credit', 1, 'rwf')$$,
   'PT400', 'invalid_currency', 'currency codes are upper-case ISO 4217');
@@ -243,7 +243,7 @@ select ok(not exists (select from public.transaction_idempotency_keys where idem
 select public.update_transaction_status((select id from pay), 'processing');
 select public.update_transaction_status((select id from pay), 'completed');
 select is(pg_temp.funds((select alice from ids)), '700/0', 'completion settles the hold');
-select is((select array_agg(amount order by amount) from public.ledger_entries where transaction_id = (select id from pay)),
+select is((select array_agg(amount::numeric order by amount) from public.ledger_entries where transaction_id = (select id from pay)),
   array[-300, 300]::numeric[], 'settlement writes two balanced entries');
 
 create temp table fee as
@@ -370,6 +370,23 @@ select throws_ok($$update public.wallets set held = balance + 1 where user_id = 
   '23514', null, 'a user wallet never holds more than its balance');
 select throws_ok($$update public.wallets set balance = -1, held = 0 where user_id = (select alice from ids)$$,
   '23514', null, 'a user wallet never goes negative');
+-- single-column rules are domains: they hold for the owner too
+select throws_ok($$update public.transactions set status = 'settled' where user_id = (select alice from ids)$$,
+  '23514', 'value for domain private.transaction_status violates check constraint "transaction_status_check"',
+  'a transaction''s status is one of the six');
+select throws_ok($$update public.transactions set type = 'gift' where user_id = (select alice from ids)$$,
+  '23514', 'value for domain private.transaction_type violates check constraint "transaction_type_check"',
+  'a transaction''s type is one of the seven');
+select throws_ok($$update public.transactions set amount = 0 where user_id = (select alice from ids)$$,
+  '23514', 'value for domain private.positive_amount violates check constraint "positive_amount_check"',
+  'a transaction''s amount is positive');
+select throws_ok($$update public.wallets set kind = 'shared' where user_id = (select alice from ids)$$,
+  '23514', 'value for domain private.wallet_kind violates check constraint "wallet_kind_check"',
+  'a wallet is a user''s or the system''s');
+select throws_ok($$insert into public.ledger_entries (transaction_id, wallet_id, currency, amount, entry_type)
+  values (gen_random_uuid(), (pg_temp.wallet((select alice from ids))).id, 'RWF', 0, 'settlement')$$,
+  '23514', 'value for domain private.ledger_amount violates check constraint "ledger_amount_check"',
+  'a ledger entry moves money');
 
 -- partitions: the last second of a month, two years ahead ---------------------
 create temp table edges as
@@ -382,9 +399,9 @@ select is((select tableoid::regclass::text from public.transactions where id = (
   'transactions_' || to_char(now(), 'YYYY_MM'), 'the last second of a month lands in that month');
 select is((select tableoid::regclass::text from public.transactions where id = (select far from edges)),
   'transactions_default', 'two years ahead lands in DEFAULT');
-select is((select amount from public.get_transaction((select month_end from edges))), 1::numeric,
+select is((select amount::numeric from public.get_transaction((select month_end from edges))), 1::numeric,
   'the month-end transaction is found by id');
-select is((select amount from public.get_transaction((select far from edges))), 2::numeric,
+select is((select amount::numeric from public.get_transaction((select far from edges))), 2::numeric,
   'the far-future transaction is found by id');
 select is((public.update_transaction_status((select far from edges), 'processing')).status, 'processing',
   'the far-future transaction is updated by id');
