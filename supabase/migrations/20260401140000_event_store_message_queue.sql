@@ -183,8 +183,9 @@ create policy event_store_service_select on public.event_store
 -- to its next version, which takes the aggregate's row lock (held to commit),
 -- and the insert writes the event with that version, unless the expected
 -- version does not match. With an expected version above 0 the stream exists
--- and the CTE is an UPDATE conditioned on that version; otherwise it is an
--- upsert, which may have to create it. (The upsert first locks the row it
+-- and the CTE is an UPDATE conditioned on that version; otherwise, and when
+-- that UPDATE matches nothing, it is an upsert, which may have to create the
+-- stream. (The upsert first locks the row it
 -- finds and logs that lock: about 120 bytes of WAL and 5,000 instructions per
 -- append more than the UPDATE. Three statements in two nested functions cost
 -- a third of the append's time; the UPDATE and then a separate insert cost
@@ -295,18 +296,11 @@ begin
     return;
   end if;
 
-  -- without an expected version above 0 the upsert moved the stream one past
-  -- the version it is at (undone by the raise)
-  select s.version - (coalesce(p_expected_version, 0) < 1)::int, s.owner_id
-    into v_current, v_owner
+  -- a refusal follows the upsert, which moved the stream one past the version
+  -- it is at (undone by the raise)
+  select s.version - 1, s.owner_id into v_current, v_owner
   from public.event_streams s
   where s.aggregate_type = p_aggregate_type and s.aggregate_id = p_aggregate_id;
-  if not found then
-    -- no such stream: a malformed key is refused by its domain (as the
-    -- upsert refuses it), not reported as a conflict at version 0
-    perform p_aggregate_type::private.aggregate_type, p_aggregate_id::private.aggregate_id;
-    v_current := 0;
-  end if;
   perform private.require_stream_member(p_aggregate_type, p_aggregate_id, p_caller, v_current);
   if v_owner is distinct from coalesce(p_caller, p_user_id) and v_owner is not null then
     if p_caller is not null then
@@ -375,7 +369,13 @@ begin
            p_causation_id, coalesce(v_user, p_user_id)
     from stream
     returning * into v_row;
-  else
+  end if;
+  -- No expected version above 0, or the UPDATE matched nothing: the upsert.
+  -- On the second path it writes nothing either, but it reaches the stream's
+  -- latest version as the refusal needs it: waiting for an uncommitted
+  -- append, raising 40001 (retryable) where a repeatable read snapshot is
+  -- stale, and refusing a null or malformed key as the columns do.
+  if v_row.id is null then
     with stream as (
       insert into public.event_streams as s (aggregate_type, aggregate_id, version, owner_id)
       values (p_aggregate_type, p_aggregate_id, 1, v_user)
@@ -391,7 +391,7 @@ begin
            coalesce(nullif(p_metadata, 'null'::jsonb), '{}'::jsonb), p_correlation_id,
            p_causation_id, coalesce(v_user, p_user_id)
     from stream
-    where (p_expected_version is null or stream.version = 1)
+    where (p_expected_version is null or stream.version = greatest(p_expected_version, 0) + 1)
       and (stream.owner_id is null or stream.owner_id = coalesce(v_user, p_user_id))
     returning * into v_row;
   end if;

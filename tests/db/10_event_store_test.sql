@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(68);
+select plan(70);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -63,6 +63,10 @@ select throws_ok($$select public.append_event('trip-123', 'Trip!', 'x', '{}', p_
   '23514', null, 'with an expected version too');
 select throws_ok($$select public.append_event(repeat('x', 257), 'trip', 'x', '{}', p_expected_version := 1)$$,
   '23514', null, 'aggregate ids as well');
+select throws_ok($$select public.append_event('trip-123', null, 'x', '{}', p_expected_version := 2)$$,
+  '23502', null, 'a null aggregate type is refused, not a conflict');
+select throws_ok($$select public.append_event(null, 'trip', 'x', '{}', p_expected_version := 2)$$,
+  '23502', null, 'a null aggregate id too');
 -- the column rules hold for any writer, not only append_event
 select throws_ok($$insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload)
                   values ('trip', 'direct', '9lives', 1, '{}')$$,

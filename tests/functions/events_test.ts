@@ -75,6 +75,35 @@ dbTest("50 concurrent appends with the same expected version: one wins, 49 get 4
   assert.deepEqual({ ...row }, { n: 2, v: 2 });
 });
 
+dbTest(
+  "a repeatable read append behind a newer commit is a retryable 40001, not a conflict",
+  async () => {
+    // The stale transaction expects the version that was current when its
+    // snapshot was taken; another append commits first. Under read committed
+    // that is a 409 with the version now current; under repeatable read the
+    // current version is invisible, so it must be a serialization failure
+    // (retried by the functions), never a 409 naming the snapshot's version.
+    const stale = postgres(db.url, { max: 1, onnotice: () => {} });
+    try {
+      await db.sql`select public.append_event('rr-moved', 'trip', 'created', '{}')`;
+      for (const [id, expected] of [["rr-moved", 1], ["rr-new", 1]] as const) {
+        const error = await stale.begin("isolation level repeatable read", async (tx) => {
+          await tx`select count(*) from public.event_streams`; // takes the snapshot
+          await db.sql`select public.append_event(${id}, 'trip', 'next', '{}')`; // commits first
+          return await tx`select public.append_event(${id}, 'trip', 'stale', '{}',
+                          p_expected_version := ${expected})`.then(() => null, (e) => e);
+        }).catch((e) => e);
+        assert.equal(error?.code, "40001", `${id}: ${error?.code} ${error?.message}`);
+      }
+    } finally {
+      await stale.end();
+    }
+    const rows = await db.sql`select aggregate_id, max(version)::int as v from public.event_store
+                            where aggregate_id in ('rr-moved', 'rr-new') group by 1 order by 1`;
+    assert.deepEqual(rows.map((r) => [r.aggregate_id, r.v]), [["rr-moved", 2], ["rr-new", 1]]);
+  },
+);
+
 dbTest("concurrent appends without expected versions get unique gapless versions", async () => {
   const clients = Array.from({ length: 8 }, () => postgres(db.url, { max: 1, onnotice: () => {} }));
   try {
