@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(184);
+select plan(185);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -267,6 +267,7 @@ create temp table direct as
 select * from public.transfer_funds(p_amount := 250, p_currency := 'RWF', p_to_phone := '+250788000002',
   p_from_user_id := (select alice from ids));
 select is((select status from direct), 'completed', 'transfer_funds settles at once');
+select is((select created_by from direct), 'service_role', 'a service-role transfer records the service role');
 select is((select destination_user_id from direct), (select bob from ids), 'recipients are found by phone');
 select is((pg_temp.wallet((select alice from ids))).balance, 450::numeric, 'the sender paid');
 select public.update_transaction_status((select id from direct), 'reversed', p_reason := 'dispute');
@@ -482,8 +483,11 @@ select throws_ok($$select public.purge_transaction_idempotency_keys()$$, '42501'
   'alice cannot purge keys');
 select is((public.create_transaction((select alice from ids), 'payment', 10, 'RWF', 'alice-pay')).status,
   'pending', 'alice can pay from her own wallet');
-select is((public.transfer_funds(p_amount := 10, p_currency := 'RWF', p_to_user_id := (select bob from ids))).user_id,
-  (select alice from ids), 'alice can transfer her own money');
+select is((select array[t.user_id::text, t.created_by]
+           from public.transfer_funds(p_amount := 10, p_currency := 'RWF',
+                                      p_to_user_id := (select bob from ids)) t),
+  array[(select alice from ids)::text, (select alice from ids)::text],
+  'alice can transfer her own money, and the transfer records her as its creator');
 select throws_ok($$select public.transfer_funds(p_amount := 100000, p_currency := 'RWF',
   p_to_user_id := (select bob from ids))$$, 'PT409', 'insufficient_funds', 'alice cannot overdraw');
 select is((select created_by from public.transactions where idempotency_key = 'alice-pay'),
