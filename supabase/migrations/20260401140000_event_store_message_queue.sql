@@ -210,6 +210,10 @@ create policy event_store_service_select on public.event_store
 -- instructions apiece. So the event takes its aggregate type and id from the
 -- stream row, already of their domains and checked there, not from the
 -- parameters, which would be checked again.
+-- Every statement here finds its rows by key, so none may be planned as a
+-- table scan (enable_seqscan off): while event_streams is a page or two, the
+-- planner would rather read all of it, and each append would then read every
+-- dead version the stream updates leave on those pages until they are pruned.
 -- -----------------------------------------------------------------------------
 
 -- 404 unless a user appending to an aggregate that already has events
@@ -334,6 +338,7 @@ create or replace function public.append_event(
 language plpgsql
 security definer
 set search_path = ''
+set enable_seqscan = off
 as $$
 declare
   v_user uuid;
