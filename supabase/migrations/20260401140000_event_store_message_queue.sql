@@ -562,6 +562,9 @@ $$;
 -- optionally of one aggregate type and/or one event type. One query per
 -- filter, so that each is planned for the index that serves it (a single
 -- query with "p_x is null or ..." would be planned for none of them).
+-- It sequences what it can first, except in a read-only transaction (a read
+-- replica, or a caller's `begin read only`), where it reads what the primary's
+-- sequencer has numbered so far instead of failing on the sequencer's writes.
 create or replace function public.read_event_stream(
   p_after_position bigint default 0,
   p_limit integer default 100,
@@ -576,7 +579,9 @@ begin
     perform private.raise_error(400, 'invalid_after_position', 'after_position must be at least 0');
   end if;
   perform private.check_limit(p_limit, 10000);
-  perform public.sequence_events();
+  if current_setting('transaction_read_only') = 'off' then
+    perform public.sequence_events();
+  end if;
   if p_event_type is not null then
     return query
     select e.* from public.event_store e

@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(71);
+select plan(72);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -252,6 +252,14 @@ select is((select array_agg(version::bigint order by position)
   array[1, 2, 3]::bigint[], 'a stream read of one event type: its events, in position order');
 select cmp_ok((select n from event_store_pages) - (select n from pages), '<', 20::bigint,
   'and it reads a few pages');
+
+-- On a read replica, or in a caller's read-only transaction, the reader reads
+-- what is numbered already instead of failing on the sequencer's writes.
+select tests.authenticate_as_service_role();
+set local transaction_read_only = on;
+select is((select array_agg(version::bigint order by position)
+           from public.read_event_stream(1000000, 10, p_aggregate_type := 'wallet')),
+  array[1, 2, 3]::bigint[], 'a read-only transaction reads the numbered stream');
 
 select * from finish();
 rollback;
