@@ -468,12 +468,13 @@ set enable_hashjoin = off
 set enable_mergejoin = off
 as $$
 declare
-  v_owner uuid := private.caller_user_id();
+  v_owner uuid;
 begin
   if (select count(distinct (e ->> 'aggregate_type', e ->> 'aggregate_id'))
       from jsonb_array_elements(p_events) e) < 2 then
     return;
   end if;
+  v_owner := private.caller_user_id(); -- once, not per row
   insert into public.event_streams (aggregate_type, aggregate_id, version, owner_id)
   select distinct e ->> 'aggregate_type', e ->> 'aggregate_id', 0, v_owner
   from jsonb_array_elements(p_events) e
