@@ -597,8 +597,10 @@ $$;
 -- Creating a transaction (shared by create_transaction and transfer_funds)
 --
 -- p_user_id is already resolved by private.acting_user, which never answers
--- null and gives a user only themselves: created_by is that id, or
--- 'service_role'.
+-- null; p_created_by is the caller as created_by records it (the user's id,
+-- or 'service_role'), worked out by the public function that knows it (the
+-- insert asking caller_is_service() itself cost 18,000 of a credit's 990,000
+-- instructions: every function in a statement is set up at each execution).
 --
 -- Idempotency as Stripe defines it: the first call with a key stores the key
 -- with a hash of its parameters in the same database transaction as the
@@ -624,6 +626,7 @@ create or replace function private.create_transaction(
   p_payment_method_id uuid,
   p_created_at timestamptz,
   p_settle boolean,
+  p_created_by text,
   p_recipient jsonb default null
 ) returns public.transactions
 language plpgsql
@@ -763,7 +766,7 @@ begin
     case when v_outgoing then v_other_wallet else v_user_wallet end,
     p_destination_user_id, p_description, coalesce(p_metadata, '{}'::jsonb),
     p_correlation_id, p_idempotency_key,
-    case when private.caller_is_service() then 'service_role' else p_user_id::text end,
+    p_created_by,
     now(), case when p_settle then now() end, v_created_at, now()
   )
   returning * into v_tx;
@@ -823,7 +826,8 @@ begin
   end if;
   return private.create_transaction(
     v_user, p_type, p_amount, p_currency, p_idempotency_key, p_category, p_description,
-    p_metadata, p_correlation_id, p_destination_user_id, p_payment_method_id, p_created_at, false
+    p_metadata, p_correlation_id, p_destination_user_id, p_payment_method_id, p_created_at, false,
+    case when v_by_user then v_user::text else 'service_role' end
   );
 end;
 $$;
@@ -903,7 +907,8 @@ begin
 
   return private.create_transaction(
     v_from, 'transfer', p_amount, p_currency, p_idempotency_key, null, p_description,
-    p_metadata, p_correlation_id, v_to, null, null, true, v_recipient
+    p_metadata, p_correlation_id, v_to, null, null, true,
+    case when private.caller_is_service() then 'service_role' else v_from::text end, v_recipient
   );
 end;
 $$;
