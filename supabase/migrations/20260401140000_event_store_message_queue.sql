@@ -2023,6 +2023,10 @@ create table public.background_jobs (
   lease_token uuid,
   locked_by private.worker_id,
   locked_at timestamptz,
+  -- The lease end of the last run a cancel took away from its worker: that
+  -- run's handler may go on until then, so no retry or cancel makes the job
+  -- due before it (visible_at alone would forget it at the next retry).
+  cancelled_lease_until timestamptz,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
   finished_at timestamptz
@@ -2314,9 +2318,9 @@ end;
 $$;
 
 -- Cancels a pending or running job (a running one's worker loses its lease,
--- so its result is discarded). A running job keeps its lease's end in
--- visible_at: its handler may still be running until then, and a retry waits
--- for it (see retry_job).
+-- so its result is discarded). A running job's handler may still be running
+-- until its lease ends: that end is kept in cancelled_lease_until, and a retry
+-- waits for it (see retry_job).
 create or replace function public.cancel_job(p_job_id bigint) returns public.background_jobs
 language plpgsql
 security definer
@@ -2328,6 +2332,8 @@ begin
   perform private.lock_job(p_job_id, array['pending', 'running'], 'cancelled');
   update public.background_jobs j
      set status = 'cancelled', finished_at = now(), lease_token = null, locked_by = null,
+         cancelled_lease_until = case when j.status = 'running' then j.visible_at
+                                      else j.cancelled_lease_until end,
          visible_at = case when j.status = 'running' then j.visible_at else now() end,
          updated_at = now()
    where j.id = p_job_id
@@ -2338,8 +2344,9 @@ $$;
 
 -- Runs a job again now: a waiting job skips its backoff; a failed, timed out
 -- or cancelled one starts over with a fresh set of attempts. One cancelled
--- while it ran waits for that run's lease to end, so that two runs of a job
--- never overlap.
+-- while it ran waits for that run's lease to end, however often it is retried
+-- or cancelled meanwhile, so that two runs of a job never overlap (greatest
+-- ignores the null of a job no cancel took a run from).
 create or replace function public.retry_job(p_job_id bigint) returns public.background_jobs
 language plpgsql
 security definer
@@ -2351,8 +2358,7 @@ begin
   perform private.lock_job(p_job_id, array['pending', 'failed', 'timeout', 'cancelled'], 'retried');
   update public.background_jobs j
      set status = 'pending', finished_at = null,
-         visible_at = case when j.status = 'cancelled' then greatest(j.visible_at, now())
-                           else now() end,
+         visible_at = greatest(now(), j.cancelled_lease_until),
          attempts = case when j.status = 'pending' then j.attempts else 0 end,
          updated_at = now()
    where j.id = p_job_id

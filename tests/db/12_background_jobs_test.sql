@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(61);
+select plan(65);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -116,6 +116,29 @@ select is((select attempts::integer from public.background_jobs where job_type =
 select is((public.cancel_job((select id from h))).status, 'cancelled', 'a pending job can be cancelled');
 select throws_ok(format($$select public.cancel_job(%s)$$, (select id from h)), 'PT409', 'invalid_state',
   'a cancelled job cannot be cancelled again');
+
+-- A run a cancel took from its worker may go on until its lease ends: no
+-- sequence of retries and cancels makes the job claimable before then.
+create temp table rv as select * from public.schedule_job('revoked', 'Revoked', '{}',
+  p_timeout_seconds := 120);
+create temp table rvc as select * from public.claim_jobs(array['revoked'], 1, 'w-first');
+select public.cancel_job((select id from rv));
+select public.retry_job((select id from rv));
+select public.retry_job((select id from rv));
+select is((select count(*)::int from public.claim_jobs(array['revoked'], 1, 'w-second')), 0,
+  'retrying a job twice does not cut short the lease of a run cancelled under it');
+select public.cancel_job((select id from rv));
+select public.retry_job((select id from rv));
+select is((select count(*)::int from public.claim_jobs(array['revoked'], 1, 'w-second')), 0,
+  'nor does cancelling and retrying it again');
+select is((select visible_at from public.background_jobs where id = (select id from rv)),
+  (select visible_at from rvc), 'it is due when that lease ends');
+-- (time moves: the lease has ended)
+update public.background_jobs set cancelled_lease_until = now() - interval '1 second',
+  visible_at = now() + interval '1 hour' where id = (select id from rv);
+select public.retry_job((select id from rv));
+select is((select locked_by from public.claim_jobs(array['revoked'], 1, 'w-second')), 'w-second',
+  'once it has ended, retry-now runs the job at once');
 
 -- A replayed key is found in a few index pages, not by reading every keyed job
 -- (the scheduler cannot be searched for: the service role's is null).
