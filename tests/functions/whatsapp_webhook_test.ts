@@ -327,6 +327,9 @@ dbTest("fields the database cannot take are mended, and the delivery is stored",
   const odd = {
     long_context: { ...good(), context: { id: "x".repeat(300) } },
     nul_in_text: { ...good(), ...textMessage("a\u0000b") },
+    // half of a surrogate pair, sent escaped ("\ud83d"): jsonb refuses it
+    lone_surrogate: { ...good(), ...textMessage("x\ud83d") },
+    lone_surrogate_elsewhere: { ...good(), extra: { note: "\udc00" } },
     far_timestamp: { ...good(), timestamp: "999999999999" },
   };
   const mate = good();
@@ -346,6 +349,12 @@ dbTest("fields the database cannot take are mended, and the delivery is stored",
     "a context id too long is dropped",
   );
   assert.equal(by.get(odd.nul_in_text.id)?.text_body, "a\uFFFDb", "a NUL becomes U+FFFD");
+  assert.equal(
+    by.get(odd.lone_surrogate.id)?.text_body,
+    "x\uFFFD",
+    "a lone surrogate becomes U+FFFD",
+  );
+  assert.ok(by.has(odd.lone_surrogate_elsewhere.id), "so does one in a field nothing reads");
   assert.equal(by.get(odd.far_timestamp.id)?.past, true, "a time past tomorrow is taken as now");
 
   const longId = { ...good() };

@@ -56,9 +56,13 @@ const str = (v: unknown): string | null => (typeof v === "string" && v.length > 
 const within = (v: string | null, max: number): string | null =>
   v !== null && v.length <= max ? v : null;
 
-/** Postgres text and jsonb hold no NUL: each becomes U+FFFD, in every string of a value. */
+/**
+ * Postgres text and jsonb hold no NUL and no lone UTF-16 surrogate (JSON can
+ * escape half of a pair, "\ud83d"): each becomes U+FFFD, in every string of a
+ * value, keys included.
+ */
 function scrub<T>(value: T): T {
-  if (typeof value === "string") return value.replaceAll("\u0000", "\uFFFD") as T;
+  if (typeof value === "string") return value.replaceAll("\u0000", "\uFFFD").toWellFormed() as T;
   if (Array.isArray(value)) return value.map(scrub) as T;
   if (isObj(value)) {
     return Object.fromEntries(
@@ -66,6 +70,14 @@ function scrub<T>(value: T): T {
     ) as T;
   }
   return value;
+}
+
+/**
+ * Whether a raw JSON body may decode to a NUL or a lone surrogate: JSON carries
+ * either only as a \u escape (raw bytes that are not UTF-8 decode to U+FFFD).
+ */
+export function mayHoldUnstorable(raw: string): boolean {
+  return /\\u(0000|[dD][89a-fA-F])/.test(raw);
 }
 
 /** Meta sends wa_ids as digits without '+'; the schema stores E.164. */
@@ -162,11 +174,11 @@ function status(s: unknown): StatusEvent | null {
 
 /**
  * Walks every entry and change; unknown objects and fields are ignored.
- * `mayHoldNul`: whether the raw body has a \u0000 escape at all; without one
- * the rows need no copy to take NULs out (the common case).
+ * `mayNeedScrub`: whether the raw body may hold what the database refuses
+ * (see mayHoldUnstorable); without it the rows need no copy (the common case).
  */
-export function parseWebhook(body: unknown, mayHoldNul = true): Events {
-  const clean = mayHoldNul ? scrub : <T>(value: T): T => value;
+export function parseWebhook(body: unknown, mayNeedScrub = true): Events {
+  const clean = mayNeedScrub ? scrub : <T>(value: T): T => value;
   const out: Events = { messages: [], statuses: [], contacts: [], errors: [], ignored: 0 };
   if (!isObj(body) || body.object !== "whatsapp_business_account") {
     out.ignored++;

@@ -22,7 +22,7 @@ import {
   whatsappConfig,
 } from "../../../shared/whatsapp.ts";
 import { dispatch, dispatchSoon } from "../../../shared/whatsapp_dispatch.ts";
-import { parseWebhook } from "./events.ts";
+import { mayHoldUnstorable, parseWebhook } from "./events.ts";
 
 const dispatchBody = z.object({
   budget_ms: z.number().int().min(100).max(140_000).optional(),
@@ -57,8 +57,7 @@ app.post("/", async (c) => {
   }
 
   const text = new TextDecoder().decode(raw);
-  // JSON can carry a NUL only escaped
-  const events = parseWebhook(parseJsonText(text), text.includes("\\u0000"));
+  const events = parseWebhook(parseJsonText(text), mayHoldUnstorable(text));
   const correlationId = c.get("correlationId");
   for (const e of events.errors) {
     log("warn", "whatsapp webhook reported an error", { correlation_id: correlationId, ...e });
