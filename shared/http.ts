@@ -190,7 +190,8 @@ export function parseJsonText(text: string): unknown {
   }
   // JSON.parse keeps a "__proto__" key, but copying the object (as zod does)
   // turns it into the copy's prototype: the key would vanish without a word.
-  if (text.includes("__proto__") && hasProtoKey(value)) {
+  // A key may spell any of its characters as a \u escape ("\u005f_proto__").
+  if ((text.includes("__proto__") || text.includes("\\u")) && hasProtoKey(value)) {
     throw badRequest("invalid_json", "the key __proto__ is not accepted");
   }
   return value;

@@ -181,6 +181,15 @@ dbTest("malformed audit input is a 400 or is left out, never a 500 or a lost wri
       `"metadata":{"__proto__":{"env":"prod"},"a":1}}`,
   });
   expectError(proto, 400, "invalid_json");
+  // the same key spelled with escapes is the same key
+  for (const key of ["\\u005f_proto__", "__pro\\u0074o__"]) {
+    const escaped = await call(app, "POST", "/observability/audit", {
+      token,
+      body: `{"actor_type":"user","actor_identifier":"x","action":"deep_probe",` +
+        `"metadata":{"${key}":{"env":"prod"},"a":1}}`,
+    });
+    expectError(escaped, 400, "invalid_json");
+  }
   // the text alone is no reason: a long array beside it is walked, not a 500
   const long = await call(app, "POST", "/observability/audit", {
     token,
