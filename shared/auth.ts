@@ -13,7 +13,7 @@ import {
 } from "jose";
 import type { MiddlewareHandler } from "hono";
 import { env } from "./env.ts";
-import { forbidden, unauthorized } from "./errors.ts";
+import { forbidden, HttpError, unauthorized } from "./errors.ts";
 import type { AppEnv, Ctx } from "./http.ts";
 
 export type Role = "anon" | "authenticated" | "service_role";
@@ -69,6 +69,17 @@ async function loadKeys(): Promise<Keys> {
       : undefined,
     apiKeys,
   };
+}
+
+/**
+ * JWKS_URL could not be fetched or read (unreachable, not 200, not a key set,
+ * too slow): the server's fault, not the token's. A 401 would tell a client to
+ * drop a good session; a 503 tells it to try again.
+ */
+function keySetUnavailable(err: unknown): boolean {
+  return err instanceof joseErrors.JWKSTimeout || err instanceof joseErrors.JWKSInvalid ||
+    (err instanceof joseErrors.JOSEError && err.code === "ERR_JOSE_GENERIC") ||
+    err instanceof TypeError; // fetch's network failure
 }
 
 async function sha256(text: string): Promise<string> {
@@ -142,6 +153,13 @@ async function verifyUncached(token: string): Promise<Principal> {
       throw unauthorized("token_expired", "the bearer token has expired");
     }
     if (err instanceof Error && err.name === "HttpError") throw err;
+    if (keySetUnavailable(err)) {
+      throw new HttpError(
+        503,
+        "auth_unavailable",
+        "the signing keys could not be fetched; try again",
+      );
+    }
     throw unauthorized("invalid_token", "the bearer token could not be verified");
   }
   const role = payload.role;

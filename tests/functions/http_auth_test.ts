@@ -336,3 +336,59 @@ dbTest(
     }
   },
 );
+
+dbTest(
+  "JWKS_URL down, failing or not a key set is 503 auth_unavailable; the token passes once it answers",
+  async () => {
+    const { publicKey, privateKey } = await generateKeyPair("ES256");
+    const jwk = { ...(await exportJWK(publicKey)), kid: "k1", alg: "ES256", use: "sig" };
+    let answer = () => new Response("upstream failed", { status: 500 });
+    const server = Deno.serve({ port: 0, hostname: "127.0.0.1", onListen() {} }, () => answer());
+    const token = await new SignJWT({ role: "service_role" })
+      .setProtectedHeader({ alg: "ES256", kid: "k1" })
+      .setExpirationTime("5m")
+      .sign(privateKey);
+    const useJwksUrl = (url: string) => {
+      Deno.env.set("JWKS_URL", url);
+      resetEnv();
+      resetAuth();
+    };
+    try {
+      // nothing listens on port 1
+      useJwksUrl("http://127.0.0.1:1/jwks");
+      expectError(
+        await call(app, "POST", METRICS, { token, body: metric }),
+        503,
+        "auth_unavailable",
+      );
+      useJwksUrl(`http://127.0.0.1:${server.addr.port}/jwks`);
+      expectError(
+        await call(app, "POST", METRICS, { token, body: metric }),
+        503,
+        "auth_unavailable",
+      );
+      answer = () => Response.json({ no: "keys" });
+      expectError(
+        await call(app, "POST", METRICS, { token, body: metric }),
+        503,
+        "auth_unavailable",
+      );
+      // the same key set, fetched again now that it answers
+      answer = () => Response.json({ keys: [jwk] });
+      const ok = await call(app, "POST", METRICS, { token, body: metric });
+      assert.equal(ok.status, 201, JSON.stringify(ok.body));
+      // a token the keys do not verify is still the token's fault
+      const other = await generateKeyPair("ES256");
+      const forged = await new SignJWT({ role: "service_role" })
+        .setProtectedHeader({ alg: "ES256", kid: "k1" })
+        .setExpirationTime("5m")
+        .sign(other.privateKey);
+      expectError(await call(app, "POST", METRICS, { token: forged, body: metric }), 401);
+    } finally {
+      await server.shutdown();
+      Deno.env.delete("JWKS_URL");
+      resetEnv();
+      resetAuth();
+    }
+  },
+);
