@@ -683,10 +683,12 @@ begin
   end if;
 
   if p_idempotency_key is not null then
+    -- created_at as a UTC time: a timestamptz turns into JSON text in the
+    -- session's time zone, so the same instant from another zone would not match
     v_hash := md5(jsonb_build_array(
       p_settle, p_type, v_amount, p_currency,
       coalesce(p_recipient, to_jsonb(p_destination_user_id)), p_payment_method_id,
-      p_category, p_description, coalesce(p_metadata, '{}'::jsonb), p_created_at
+      p_category, p_description, coalesce(p_metadata, '{}'::jsonb), p_created_at at time zone 'UTC'
     )::text);
     insert into public.transaction_idempotency_keys
       (user_id, idempotency_key, request_hash, transaction_id, transaction_created_at)

@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(185);
+select plan(187);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -138,6 +138,19 @@ select throws_ok($$select public.create_transaction((select carol from ids), 'cr
   p_metadata := '{"a": 2}')$$, 'PT409', 'idempotency_key_reused', 'the same key with other metadata is a 409');
 select is((select count(*)::int from public.transactions where user_id = (select carol from ids)), 1,
   'the conflicts wrote nothing');
+-- the same instant from a session in another time zone is the same request
+set local timezone = 'UTC';
+create temp table idem_tz as
+select (public.create_transaction((select carol from ids), 'credit', 5, 'RWF', 'idem-tz',
+  p_created_at := '2026-11-01 10:00:00+00')).id as first_id;
+set local timezone = 'Africa/Kigali';
+select is((public.create_transaction((select carol from ids), 'credit', 5, 'RWF', 'idem-tz',
+  p_created_at := '2026-11-01 12:00:00+02')).id, (select first_id from idem_tz),
+  'a replay in another time zone returns the original');
+select throws_ok($$select public.create_transaction((select carol from ids), 'credit', 5, 'RWF', 'idem-tz',
+  p_created_at := '2026-11-01 10:00:00+02')$$, 'PT409', 'idempotency_key_reused',
+  'another instant is another request');
+reset timezone;
 select isnt((public.create_transaction((select bob from ids), 'credit', 7, 'RWF', 'idem-1')).id,
   (select first_id from idem), 'keys are scoped per user');
 
