@@ -291,6 +291,25 @@ create table if not exists private.partitioned_tables (
 );
 alter table private.partitioned_tables enable row level security;
 
+-- Whether a table's DEFAULT partition holds rows in [p_from, p_to).
+create or replace function private.default_has_rows(
+  p_schema text,
+  p_table text,
+  p_from timestamptz,
+  p_to timestamptz
+) returns boolean
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_found boolean;
+begin
+  execute format('select exists (select from %I.%I where created_at >= $1 and created_at < $2)',
+    p_schema, p_table || '_default') into v_found using p_from, p_to;
+  return v_found;
+end;
+$$;
+
 -- Creates the partition of p_month if missing, moving that month's rows out of
 -- the DEFAULT partition (Postgres refuses to attach over them). Returns the
 -- number of rows moved, or null when the partition already existed.
@@ -304,6 +323,16 @@ alter table private.partitioned_tables enable row level security;
 -- (under the default deadlock_timeout of 1 s, so the writer is never the one
 -- aborted) and fails with lock_not_available; maintain_partitions reports the
 -- month skipped and the next run makes it.
+--
+-- When DEFAULT holds rows of the month, readers are held off too (ACCESS
+-- EXCLUSIVE on the parent instead): a reader plans with the partitions it
+-- sees, so one that planned before the ATTACH committed and read after it
+-- would look for a moved row in DEFAULT only, and miss it (an idempotent
+-- replay returned an empty row, a status change said 404). That lock is taken
+-- first, before any other on the table, so a transaction that read the table
+-- and then writes to it goes ahead of it instead of deadlocking; it waits for
+-- such a transaction to end (500 ms at most, as above). Creating an empty
+-- month ahead, the usual case, leaves readers alone.
 create or replace function private.create_monthly_partition(
   p_schema text,
   p_table text,
@@ -320,6 +349,7 @@ declare
   v_name text := format('%s_%s', p_table, to_char(p_month, 'YYYY_MM'));
   v_default text := p_table || '_default';
   v_moved bigint;
+  v_has_rows boolean;
 begin
   -- Serialises concurrent creators of partitions of the same table.
   perform pg_advisory_xact_lock(hashtextextended(format('partition:%s.%s', p_schema, p_table), 0));
@@ -328,8 +358,16 @@ begin
     return null;
   end if;
 
-  execute format('lock table %I.%I in share row exclusive mode', p_schema, p_table);
+  v_has_rows := private.default_has_rows(p_schema, p_table, v_from, v_to);
+  execute format('lock table %I.%I in %s mode', p_schema, p_table,
+    case when v_has_rows then 'access exclusive' else 'share row exclusive' end);
   execute format('lock table %I.%I in exclusive mode', p_schema, v_default);
+  -- A row of the month written between the look and the lock would move
+  -- under the weaker lock: the month waits for the next run, which sees it.
+  if not v_has_rows and private.default_has_rows(p_schema, p_table, v_from, v_to) then
+    raise exception 'rows of % reached DEFAULT during maintenance', v_name
+      using errcode = 'lock_not_available';
+  end if;
 
   execute format(
     'create table %I.%I (like %I.%I including defaults including constraints including storage)',
