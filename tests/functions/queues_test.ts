@@ -235,6 +235,27 @@ dbTest("claim, ack and nack over HTTP: backoff, dead letters, lease expiry, metr
   assert.deepEqual(redelivered.body.messages.map((m: { id: string }) => m.id), [a.id]);
 });
 
+dbTest("a path that only starts like an action is 404 and settles nothing", async () => {
+  const token = await serviceToken();
+  await call(app, "POST", "/queues/paths/messages", { token, body: { payload: { a: 1 } } });
+  const claimed = await call(app, "POST", "/queues/paths/claim", { token, body: { limit: 1 } });
+  const [m] = claimed.body.messages;
+  for (
+    const action of ["acknowledge", "ack/x", "nackx", "archive-all", "archive/undo", "redrivex"]
+  ) {
+    expectError(
+      await call(app, "POST", `/queues/paths/messages/${m.id}/${action}`, {
+        token,
+        body: { lease_token: m.lease_token },
+      }),
+      404,
+      "not_found",
+    );
+  }
+  const [row] = await db.sql`select status from public.message_queue where id = ${m.id}`;
+  assert.equal(row.status, "processing");
+});
+
 dbTest("an expired lease makes a message visible again", async () => {
   const token = await serviceToken();
   await call(app, "POST", "/queues/lease/messages", { token, body: { payload: { x: 1 } } });

@@ -27,6 +27,7 @@ import { badRequest } from "../../../shared/errors.ts";
 import {
   createApp,
   createdOrReplayed,
+  type Ctx,
   idempotencyKeyHeader,
   jsonBody,
   pathParams,
@@ -153,12 +154,11 @@ app.post("/:queue/pop", async (c) => {
   return c.json({ messages: rows.map(toMessage) });
 });
 
-app.post("/:queue/messages/:id/:action{ack|nack}", async (c) => {
+// One route per action: Hono anchors only the last word of a pattern such as
+// `:action{ack|nack}`, so ".../acknowledge" or ".../ack/x" would have acked.
+const settle = (action: "ack" | "nack") => async (c: Ctx) => {
   const who = requireService(c);
-  const { queue, id, action } = pathParams(
-    c,
-    messageRoute.extend({ action: z.enum(["ack", "nack"]) }),
-  );
+  const { queue, id } = pathParams(c, messageRoute);
   const body: z.infer<typeof settleBody> = await jsonBody(
     c,
     action === "ack" ? settleBody.pick({ lease_token: true }) : settleBody,
@@ -170,21 +170,22 @@ app.post("/:queue/messages/:id/:action{ack|nack}", async (c) => {
     ...(action === "nack" ? { error: body.error, delay_seconds: body.delay_seconds } : {}),
   });
   return c.json({ message: toMessage(row) });
-});
+};
+app.post("/:queue/messages/:id/ack", settle("ack"));
+app.post("/:queue/messages/:id/nack", settle("nack"));
 
 // an operator's actions on one message, whoever holds it
-app.post("/:queue/messages/:id/:action{archive|redrive}", async (c) => {
+const operate = (action: "archive" | "redrive") => async (c: Ctx) => {
   const who = requireService(c);
-  const { queue, id, action } = pathParams(
-    c,
-    messageRoute.extend({ action: z.enum(["archive", "redrive"]) }),
-  );
+  const { queue, id } = pathParams(c, messageRoute);
   const [row] = await rpc(who, c.get("correlationId"), `public.${action}_message`, {
     queue_name: queue,
     message_id: id,
   });
   return c.json({ message: toMessage(row) });
-});
+};
+app.post("/:queue/messages/:id/archive", operate("archive"));
+app.post("/:queue/messages/:id/redrive", operate("redrive"));
 
 app.delete("/:queue/messages/:id", async (c) => {
   const who = requireService(c);
