@@ -205,7 +205,7 @@ dbTest("malformed audit input is a 400 or is left out, never a 500 or a lost wri
                                where action = 'deep_probe'`;
   assert.equal(n, 0);
   // an address that is no address is left out; the event is written
-  for (const forwarded of ["1.2.3", "dead", "::::"]) {
+  for (const forwarded of ["1.2.3", "dead", "::::", "fe80::1%eth0"]) {
     const res = await call(app, "POST", "/observability/audit", {
       token,
       body: { ...event, action: "odd_address" },

@@ -154,7 +154,8 @@ app.post("/audit", async (c) => {
     old_data: asJson(body.old_data),
     new_data: asJson(body.new_data),
     metadata: body.metadata ?? {},
-    ip_address: ip && isIP(ip) ? ip : undefined,
+    // isIP takes an IPv6 zone id ("fe80::1%eth0"), which inet refuses
+    ip_address: ip && isIP(ip) && !ip.includes("%") ? ip : undefined,
     user_agent: c.req.header("user-agent")?.slice(0, 512),
     correlation_id: correlationId,
   });
