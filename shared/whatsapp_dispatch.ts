@@ -91,12 +91,32 @@ const REASON: Record<Refusal, string> = {
 export function classify(httpStatus: number, code: number | undefined): Outcome {
   if (code !== undefined && TOKEN.has(code)) return "stop";
   if (code !== undefined && ACCOUNT.has(code)) return "refused";
-  if (code === undefined && httpStatus === 401) return "stop";
-  if (code !== undefined && THROTTLED.has(code)) return "throttle";
-  if (code === undefined && httpStatus === 429) return "throttle";
+  // the HTTP status says it whatever Graph code comes with it
+  if (httpStatus === 401) return "stop";
+  if (httpStatus === 429 || (code !== undefined && THROTTLED.has(code))) return "throttle";
   if (code !== undefined && TRANSIENT.has(code)) return "retry";
   if (httpStatus >= 500 || httpStatus === 408) return "retry";
   return "failed";
+}
+
+const accepted = (httpStatus: number) => httpStatus >= 200 && httpStatus < 300;
+
+/**
+ * Meta answered 2xx but the message id never arrived (the body was cut off,
+ * or is not the Cloud API's): Meta has taken the message, so sending it again
+ * would deliver it twice. It ends failed with `unconfirmed_send`, for an
+ * operator to look at, instead of being retried.
+ */
+function unconfirmed(
+  done: (r: Omit<SendResult, "id" | "lease_token" | "duration_ms">) => SendResult,
+  httpStatus: number,
+  what: string,
+): SendResult {
+  return done({
+    outcome: "failed",
+    error_code: "unconfirmed_send",
+    error_message: dbText(`HTTP ${httpStatus} without a message id: ${what}`, 500),
+  });
 }
 
 /** The Cloud API request body for a queued message. */
@@ -130,7 +150,7 @@ export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promi
     duration_ms: Math.round((performance.now() - started) * 10) / 10,
     ...r,
   });
-  let status: number;
+  let status = 0;
   let text: string;
   try {
     const res = await fetch(url, {
@@ -145,6 +165,7 @@ export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promi
     status = res.status;
     text = await res.text();
   } catch (err) {
+    if (accepted(status)) return unconfirmed(done, status, String(err));
     const timeout = err instanceof DOMException &&
       (err.name === "TimeoutError" || err.name === "AbortError");
     return done({
@@ -163,16 +184,10 @@ export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promi
     // a non-JSON answer is classified by its status below
   }
   const wamid = json?.messages?.[0]?.id;
-  if (status >= 200 && status < 300 && typeof wamid === "string" && wamid.length > 0) {
+  if (accepted(status) && typeof wamid === "string" && wamid.length > 0) {
     return done({ outcome: "sent", wamid });
   }
-  if (status >= 200 && status < 300) {
-    return done({
-      outcome: "retry",
-      error_code: "invalid_response",
-      error_message: dbText(text, 500),
-    });
-  }
+  if (accepted(status)) return unconfirmed(done, status, text);
   const rawCode = json?.error?.code;
   const code = typeof rawCode === "number"
     ? rawCode

@@ -257,6 +257,21 @@ dbTest("permanent errors fail at once and keep the code", async () => {
   }
 });
 
+// Meta took the message but its answer was lost before the message id: a
+// retry would deliver it twice.
+dbTest("a send Meta accepted but whose answer was cut off is not sent again", async () => {
+  fake.reset();
+  const to = phone();
+  await openWindow(to);
+  fake.cutNext({ to });
+  const id = await enqueue(to, "text", { text: "once" });
+  await dispatch();
+  const r = await row(id);
+  assert.deepEqual([r.status, r.error_code, r.attempts], ["failed", "unconfirmed_send", 1]);
+  await dispatch();
+  assert.equal(sentTo(to).length, 1, "Meta got it once");
+});
+
 dbTest("a message out of attempts becomes a dead letter", async () => {
   fake.reset();
   const to = phone();
@@ -721,6 +736,10 @@ Deno.test("Cloud API answers are classified as the queue needs them", () => {
     [400, 133010, "refused"],
     [401, undefined, "stop"],
     [400, 0, "stop"],
+    // the HTTP status decides when the Graph code is one not listed
+    [429, 17, "throttle"],
+    [429, 613, "throttle"],
+    [401, 102, "stop"],
   ];
   for (const [status, code, outcome] of cases) {
     assert.equal(classify(status, code), outcome, `${status}/${code}`);

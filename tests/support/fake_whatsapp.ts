@@ -84,12 +84,12 @@ export interface FakeRequest {
   to: string;
   type: string;
   body: Record<string, unknown>;
-  /** what the fake answered: a wamid, an error code, or "dropped" */
+  /** what the fake answered: a wamid (also when the answer was cut), an error code, or "dropped" */
   outcome: string;
 }
 
 interface Rule {
-  kind: "error" | "drop" | "slow";
+  kind: "error" | "drop" | "slow" | "cut";
   code?: number;
   message?: string;
   ms?: number;
@@ -112,6 +112,11 @@ export interface FakeWhatsApp {
   failNext(code: number, opts?: { times?: number; to?: string; message?: string }): void;
   /** close the connection without answering, `times` times */
   dropNext(opts?: { times?: number; to?: string }): void;
+  /**
+   * accept the next `times` sends but lose the answer: 200 and the start of
+   * the body, then the connection closes before the message id
+   */
+  cutNext(opts?: { times?: number; to?: string }): void;
   /** answer the next `times` sends only after `ms` (past the client's timeout, it is one) */
   slowNext(ms: number, opts?: { times?: number; to?: string }): void;
   /**
@@ -220,6 +225,9 @@ export async function startFakeWhatsApp(opts: FakeOptions = {}): Promise<FakeWha
     dropNext(o = {}) {
       rules.push({ kind: "drop", times: o.times ?? 1, to: o.to });
     },
+    cutNext(o = {}) {
+      rules.push({ kind: "cut", times: o.times ?? 1, to: o.to });
+    },
     slowNext(ms, o = {}) {
       rules.push({ kind: "slow", ms, times: o.times ?? 1, to: o.to });
     },
@@ -313,6 +321,12 @@ export async function startFakeWhatsApp(opts: FakeOptions = {}): Promise<FakeWha
       return send(res, e.status, e.body);
     }
     entry.outcome = wamid();
+    if (rule?.kind === "cut") {
+      res.writeHead(200, { "content-type": "application/json", "content-length": "400" });
+      res.write(`{"messaging_product":"whatsapp","contacts":[{"input":"${to}"`);
+      setTimeout(() => req.socket.destroy(), 10);
+      return;
+    }
     if (opts.log) {
       console.log(
         `[whatsapp sandbox] ${entry.type} to +${to}: ${JSON.stringify(body[entry.type])}`,
