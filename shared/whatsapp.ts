@@ -44,6 +44,11 @@ const schema = z.object({
   WHATSAPP_TOKEN_PAUSE_SECONDS: int(1, 86_400, 300),
   WHATSAPP_THROTTLE_PAUSE_SECONDS: int(1, 86_400, 30),
   WHATSAPP_WEBHOOK_MAX_BYTES: int(1024, 10 * 1024 * 1024, 1024 * 1024),
+}).refine((c) => c.WHATSAPP_LEASE_SECONDS * 1000 >= 2 * c.WHATSAPP_SEND_TIMEOUT_MS, {
+  // A lease that can end while its send is still waiting on Meta lets another
+  // dispatcher claim the message and send it a second time.
+  message: "must be at least twice WHATSAPP_SEND_TIMEOUT_MS",
+  path: ["WHATSAPP_LEASE_SECONDS"],
 });
 
 export type WhatsAppConfig = z.infer<typeof schema>;

@@ -488,8 +488,8 @@ dbTest("a dispatcher killed mid-batch loses no message", async () => {
       SUPABASE_DB_URL: db.url,
       JWT_SECRET: TEST_JWT_SECRET,
       LOG_LEVEL: "silent",
-      WHATSAPP_LEASE_SECONDS: "1",
-      WHATSAPP_SEND_TIMEOUT_MS: "10000",
+      WHATSAPP_LEASE_SECONDS: "2",
+      WHATSAPP_SEND_TIMEOUT_MS: "1000",
     },
     stdout: "null",
     stderr: "null",
@@ -507,7 +507,7 @@ dbTest("a dispatcher killed mid-batch loses no message", async () => {
   await child.status;
 
   fake.latencyMs = 0;
-  await new Promise((r) => setTimeout(r, 1200)); // its leases run out
+  await new Promise((r) => setTimeout(r, 2200)); // its leases run out
   const report = await dispatch({ dispatcherId: "survivor" });
   assert.ok(report.sent >= 10);
   for (const id of ids) {
@@ -767,6 +767,16 @@ Deno.test("WhatsApp configuration is validated on its own", async () => {
       (e: Error) => e instanceof ConfigError && e.message.includes(key),
     );
   }
+  // a lease that could end while its send still waits on Meta
+  await configureWhatsApp({
+    ...BASE,
+    WHATSAPP_LEASE_SECONDS: 60,
+    WHATSAPP_SEND_TIMEOUT_MS: 40_000,
+  });
+  assert.throws(
+    () => whatsappConfig(),
+    (e: Error) => e instanceof ConfigError && /WHATSAPP_LEASE_SECONDS.*twice/.test(e.message),
+  );
   await configureWhatsApp({ ...BASE, WHATSAPP_API_VERSION: undefined });
   assert.equal(whatsappConfig().WHATSAPP_RATE_LIMIT_PER_SECOND, 1000);
   assert.equal(whatsappConfig().WHATSAPP_API_VERSION, "v21.0");
