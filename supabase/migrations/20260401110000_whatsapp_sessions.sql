@@ -1043,7 +1043,9 @@ begin
         where e.recipient_phone = q.recipient_phone
           and e.status in ('pending', 'processing')
           and e.scheduled_at <= v_now
-          and (e.priority > q.priority or (e.priority = q.priority and e.id < q.id)))
+          -- a message in flight holds its recipient whatever its priority
+          and (e.status = 'processing' or e.priority > q.priority
+               or (e.priority = q.priority and e.id < q.id)))
       and not exists (
         select from private.whatsapp_pair_pacing p
         where p.business_number = p_business_number and p.recipient_phone = q.recipient_phone

@@ -3,7 +3,7 @@
 -- sessions, secrets, inbound messages, statuses and the queue
 -- (anon, two users matched by their phone claim, a user without one, service_role).
 begin;
-select plan(82);
+select plan(84);
 
 -- the spec's examples, verbatim
 select ok(public.enqueue_whatsapp_message(
@@ -278,6 +278,19 @@ select is((public.complete_whatsapp_messages('disp-late', 'biz-late', jsonb_buil
   'the late sent outcome is recorded');
 select is((select row(status, wamid, error_code, dead_lettered_at)::text from public.whatsapp_message_queue),
   row('sent', 'wamid.LATE', null::text, null::timestamptz)::text, 'as sent, no longer a dead letter');
+
+-- one message in flight per recipient: a higher-priority message enqueued
+-- while a lower one is out waits for it, even with no pair pacing
+delete from public.whatsapp_message_queue;
+insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload, priority)
+values ('+250788666666', 'template', '{"name": "hello_world", "language": "en"}', 1);
+select is(jsonb_array_length(public.claim_whatsapp_messages('disp-one', 'biz-one',
+    p_pair_interval_ms := 0) -> 'messages'), 1, 'the low-priority message goes out');
+insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload, priority)
+values ('+250788666666', 'template', '{"name": "hello_world", "language": "en"}', 10);
+select is(jsonb_array_length(public.claim_whatsapp_messages('disp-one', 'biz-one',
+    p_pair_interval_ms := 0) -> 'messages'), 0,
+  'a higher-priority one to the same recipient waits while the first is in flight');
 
 -- the inbound log and the status history are append-only for the service
 -- role (it passes RLS: only the grants hold it)
