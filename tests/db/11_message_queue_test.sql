@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(116);
+select plan(117);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -82,6 +82,13 @@ select throws_ok(format($$select public.ack_message('leases', %s, %L)$$, (select
   'PT409', 'lease_lost', 'the first consumer can no longer ack');
 select is((public.extend_message_lease('leases', (select id from l2), (select lease_token from l2), 600)).visible_at
   > now() + interval '599 seconds', true, 'the holder can extend its lease');
+-- a late holder whose lease no claim has swept yet still settles: no one else has the message
+select public.send_message('late-ack', '{"x": 1}');
+create temp table la as select * from public.claim_messages('late-ack', 1, 30);
+update public.message_queue set visible_at = now() - interval '1 second' where queue_name = 'late-ack';
+select is((public.ack_message('late-ack', (select id from la), (select lease_token from la))).status,
+  'completed', 'a holder whose lease ended but was not swept still acks');
+select public.purge_queue('late-ack');
 
 -- metrics and purge
 select is((select row(depth, delayed, in_flight, dead, completed, total)::text from public.queue_metrics('emails')),
