@@ -67,6 +67,18 @@ as $$
   end;
 $$;
 
+-- Failures worth another send when Meta reports them by the status webhook:
+-- throttling and transient faults (the codes the dispatcher retries when the
+-- send itself gets them back; see shared/whatsapp_dispatch.ts).
+create or replace function private.whatsapp_failure_retryable(p_error_code text) returns boolean
+language sql
+immutable
+set search_path = ''
+as $$
+  select coalesce(p_error_code in ('130429', '131056', '131048', '80007', '4',
+                                   '131000', '131016', '1', '2'), false)
+$$;
+
 create or replace function private.whatsapp_check_phone(p_phone text, p_field text) returns void
 language plpgsql
 immutable
@@ -867,17 +879,27 @@ begin
     order by i.wamid, i.status
     on conflict (wamid, status) do nothing
   ), best as (
-    select distinct on (i.wamid) i.*
+    select distinct on (i.wamid) i.*,
+           i.status = 'failed' and private.whatsapp_failure_retryable(i.error_code) as retryable
     from incoming i
     order by i.wamid, case i.status when 'read' then 4 when 'delivered' then 3 when 'failed' then 2.5 else 2 end desc
   ), moved as (
+    -- A failure Meta reports later for throttling (the pair limit, 131056,
+    -- mostly arrives this way) or a transient fault is retried like one the
+    -- send got back: pending again after a backoff, as an attempt, without
+    -- the wamid of the send that failed; out of attempts it is final.
     update public.whatsapp_message_queue q set
-      status = b.status,
-      sent_at = coalesce(q.sent_at, b.occurred_at),
+      status = case when b.retryable and q.attempts < q.max_attempts then 'pending' else b.status end,
+      wamid = case when b.retryable and q.attempts < q.max_attempts then null else q.wamid end,
+      visible_at = case when b.retryable and q.attempts < q.max_attempts
+                        then now() + private.backoff_delay(q.attempts, 2, 3600) else q.visible_at end,
+      sent_at = case when b.retryable and q.attempts < q.max_attempts then null
+                     else coalesce(q.sent_at, b.occurred_at) end,
       delivered_at = case when b.status in ('delivered', 'read') then coalesce(q.delivered_at, b.occurred_at)
                           else q.delivered_at end,
       read_at = case when b.status = 'read' then coalesce(q.read_at, b.occurred_at) else q.read_at end,
-      failed_at = case when b.status = 'failed' then coalesce(b.occurred_at, now()) else q.failed_at end,
+      failed_at = case when b.status = 'failed' and not (b.retryable and q.attempts < q.max_attempts)
+                       then coalesce(b.occurred_at, now()) else q.failed_at end,
       error_code = case when b.status = 'failed' then left(b.error_code, 64) else q.error_code end,
       last_error = case when b.status = 'failed' then left(b.error_message, 2000) else q.last_error end
     from best b
@@ -890,10 +912,13 @@ begin
   )
   select count(*),
          coalesce(jsonb_agg(jsonb_build_object(
-           'service_name', 'whatsapp', 'metric_type', 'counter', 'metric_name', 'whatsapp.message.failed',
+           'service_name', 'whatsapp', 'metric_type', 'counter',
+           'metric_name', case when m.status = 'failed' then 'whatsapp.message.failed'
+                               else 'whatsapp.message.retry' end,
            'value', 1, 'tags', jsonb_build_object('message_id', m.id, 'error_code', m.error_code,
                                                   'source', 'webhook', 'attempt', m.attempts),
-           'correlation_id', m.correlation_id)) filter (where m.status = 'failed'), '[]'::jsonb)
+           'correlation_id', m.correlation_id)) filter (where m.status in ('failed', 'pending')),
+           '[]'::jsonb)
   into v_applied, v_metrics
   from moved m;
 
@@ -1535,6 +1560,7 @@ grant execute on function public.list_whatsapp_sessions(text, integer, text) to 
 -- validation helpers (enqueue and ingest are security invoker); the dispatch
 -- helpers run only inside the security definer claim / complete functions.
 revoke all on function private.whatsapp_status_rank(text) from public, anon, authenticated;
+revoke all on function private.whatsapp_failure_retryable(text) from public, anon, authenticated;
 revoke all on function private.whatsapp_check_phone(text, text) from public, anon, authenticated;
 revoke all on function private.whatsapp_payload_error(text, text) from public, anon, authenticated;
 revoke all on function private.whatsapp_text_field(jsonb, text, text, integer, integer, boolean)
@@ -1545,6 +1571,7 @@ revoke all on function private.whatsapp_results(jsonb) from public, anon, authen
 revoke all on function private.whatsapp_metric(text, bigint, integer, text, double precision, text, text)
   from public, anon, authenticated, service_role;
 grant execute on function private.whatsapp_status_rank(text) to service_role;
+grant execute on function private.whatsapp_failure_retryable(text) to service_role;
 grant execute on function private.whatsapp_check_phone(text, text) to service_role;
 grant execute on function private.whatsapp_payload_error(text, text) to service_role;
 grant execute on function private.whatsapp_text_field(jsonb, text, text, integer, integer, boolean) to service_role;

@@ -20,3 +20,9 @@ revoke all on function private.whatsapp_message_queue_lease_expire(text, double 
 revoke all on function private.whatsapp_message_queue_lease_settle(
   bigint[], uuid[], text, text, text, double precision, interval, text, jsonb
 ) from public, anon, authenticated, service_role;
+
+-- public.ingest_whatsapp_events (security invoker, run by the service role)
+-- puts a send that Meta's status webhook reports throttled back with the
+-- shared backoff formula.
+grant execute on function private.backoff_delay(integer, double precision, double precision,
+  double precision) to service_role;

@@ -3,7 +3,7 @@
 -- sessions, secrets, inbound messages, statuses and the queue
 -- (anon, two users matched by their phone claim, a user without one, service_role).
 begin;
-select plan(84);
+select plan(86);
 
 -- the spec's examples, verbatim
 select ok(public.enqueue_whatsapp_message(
@@ -143,6 +143,24 @@ select is((select status || ':' || error_code from public.whatsapp_message_queue
   'failed:131047', 'a sent message can fail with its code');
 select public.ingest_whatsapp_events(p_statuses := '[{"wamid": "wamid.out-2", "status": "delivered"}]');
 select is((select status from public.whatsapp_message_queue where wamid = 'wamid.out-2'), 'failed', 'failed is terminal');
+-- throttling (the pair limit mostly comes this way) or a transient fault that
+-- the webhook reports: sent again after a backoff, until the attempts run out
+insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload, status, wamid,
+  sent_at, attempts, max_attempts)
+values ('+250788000003', 'text', '{"body": "z"}', 'sent', 'wamid.out-3', now(), 1, 2);
+create temp table out3 as select id from public.whatsapp_message_queue where wamid = 'wamid.out-3';
+select public.ingest_whatsapp_events(p_statuses := '[{"wamid": "wamid.out-3", "status": "failed",
+  "error_code": "131056", "error_message": "pair rate limit hit"}]');
+select is((select row(status, wamid, error_code, visible_at > now(), failed_at)::text
+           from public.whatsapp_message_queue where id = (select id from out3)),
+  row('pending', null::text, '131056', true, null::timestamptz)::text,
+  'a throttled send the webhook reports is sent again after a backoff');
+update public.whatsapp_message_queue set status = 'sent', wamid = 'wamid.out-3b', attempts = 2
+where id = (select id from out3);
+select public.ingest_whatsapp_events(p_statuses := '[{"wamid": "wamid.out-3b", "status": "failed",
+  "error_code": "131056"}]');
+select is((select status || ':' || error_code from public.whatsapp_message_queue where id = (select id from out3)),
+  'failed:131056', 'out of attempts it fails for good');
 select throws_ok($$select public.cancel_whatsapp_message((select id from out_ids where wamid = 'wamid.out-1'))$$,
   'PT409', 'message_not_cancellable', 'a read message cannot be cancelled');
 

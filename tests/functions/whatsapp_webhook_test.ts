@@ -282,6 +282,21 @@ dbTest("a failed status keeps Meta's error code; it cannot undo a delivery", asy
   assert.equal(after.status, "delivered");
 });
 
+dbTest("a failed status for the pair limit sends the message again after a backoff", async () => {
+  const to = phone();
+  const m = await enqueueSent(to);
+  const res = await post(
+    statusUpdate(m.wamid, "failed", to, { code: 131056, title: "Pair rate limit hit" }),
+  );
+  assert.equal(res.body.statuses_applied, 1);
+  const [row] = await db.sql`select status, wamid, error_code, visible_at > now() as later
+                             from public.whatsapp_message_queue where id = ${m.id}`;
+  assert.deepEqual(row, { status: "pending", wamid: null, error_code: "131056", later: true });
+  const [metric] = await db.sql`select tags from public.system_metrics
+    where metric_name = 'whatsapp.message.retry' and tags ->> 'message_id' = ${m.id}`;
+  assert.equal(metric?.tags.source, "webhook");
+});
+
 dbTest("several statuses in one delivery apply the furthest one", async () => {
   const to = phone();
   const m = await enqueueSent(to);
