@@ -60,6 +60,19 @@ registerJobHandler("test_deep", () => {
   return Promise.resolve(deep);
 });
 registerJobHandler("test_huge", () => Promise.resolve({ text: "x".repeat(MAX_RESULT_BYTES) }));
+// odd things a handler may throw or return
+registerJobHandler("test_odd_message", () => {
+  const err = new Error("x");
+  (err as { message: unknown }).message = { code: "card_declined" };
+  return Promise.reject(err);
+});
+registerJobHandler("test_bare_throw", () => Promise.reject(Object.create(null)));
+registerJobHandler(
+  "test_plain_throw",
+  () => Promise.reject({ code: "E42", message: "upstream said no" }),
+);
+registerJobHandler("test_date_result", () => Promise.resolve(new Date(0) as never));
+registerJobHandler("test_no_result", () => Promise.resolve());
 registerJobHandler("test_cancelled", async (job) => {
   await db.sql`select public.cancel_job(${job.id})`;
 });
@@ -318,6 +331,43 @@ dbTest("a result that is not JSON, or an error with a NUL, fails the attempt onl
   assert.deepEqual([n.status, n.last_error], ["failed", "badthing"]);
   assert.deepEqual(o.result, { doubled: 4 });
 });
+
+dbTest(
+  "whatever a handler throws or returns fails or settles its attempt, never the run",
+  async () => {
+    const types = [
+      "test_odd_message",
+      "test_bare_throw",
+      "test_plain_throw",
+      "test_date_result",
+      "test_no_result",
+    ];
+    const ids: string[] = [];
+    for (const job_type of types) {
+      ids.push((await schedule({ job_type, job_name: job_type, max_attempts: 1 })).body.job.id);
+    }
+    const summary = await run({ job_types: types });
+    assert.equal(summary.status, 200, JSON.stringify(summary.body));
+    assert.deepEqual([summary.body.failed, summary.body.completed], [4, 1]);
+    const rows = await db.sql`select job_type, status, last_error, result is null as no_result
+                            from public.background_jobs where id = any(${ids}::bigint[])`;
+    const by = Object.fromEntries(rows.map((r) => [r.job_type, r]));
+    assert.deepEqual(
+      [by.test_odd_message.status, by.test_odd_message.last_error],
+      ["failed", '{"code":"card_declined"}'],
+    );
+    assert.deepEqual([by.test_bare_throw.status, by.test_bare_throw.last_error], [
+      "failed",
+      "error",
+    ]);
+    assert.equal(by.test_plain_throw.last_error, "upstream said no");
+    assert.deepEqual(
+      [by.test_date_result.status, by.test_date_result.last_error],
+      ["failed", "the handler's result must be a JSON object"],
+    );
+    assert.deepEqual([by.test_no_result.status, by.test_no_result.no_result], ["completed", true]);
+  },
+);
 
 dbTest("a job that ends just inside its timeout completes while other workers claim", async () => {
   const ids: string[] = [];

@@ -95,14 +95,39 @@ function unstorable(result: unknown): string | undefined {
   } catch (err) {
     return `the handler's result is not JSON: ${errorText(err)}`;
   }
+  // an object whose toJSON gives something else (a Date, a URL, a decimal) is not one
+  if (!text?.startsWith("{")) return "the handler's result must be a JSON object";
   if (new TextEncoder().encode(text).length > MAX_RESULT_BYTES) {
     return `the handler's result is larger than ${MAX_RESULT_BYTES} bytes`;
   }
 }
 
-/** An error as job.last_error keeps it. */
-const errorText = (err: unknown) =>
-  dbText(err instanceof Error ? err.message : String(err), 4000) || "error";
+/**
+ * An error as job.last_error keeps it: its message (as JSON if it is not
+ * text), else the error's JSON, else its text. Whatever a handler throws (an
+ * object without a prototype, a message that is not text, a getter that
+ * throws), this does not: the attempt must fail, not the run.
+ */
+function errorText(err: unknown): string {
+  const message = () => (err as { message?: unknown } | null | undefined)?.message;
+  const readings = [
+    message,
+    () => typeof message() === "string" ? undefined : JSON.stringify(message()),
+    () => typeof err === "string" ? err : JSON.stringify(err),
+    () => String(err),
+  ];
+  for (const read of readings) {
+    try {
+      const text = read();
+      if (typeof text === "string" && text !== "" && text !== "{}") {
+        return dbText(text, 4000) || "error";
+      }
+    } catch {
+      // the next reading
+    }
+  }
+  return "error";
+}
 
 /** Runs a job's handler under its timeout; never throws. */
 async function attempt(job: Job, correlationId: string): Promise<Settlement> {
@@ -167,7 +192,12 @@ export async function runJobs(
     claimNext: boolean,
   ): Promise<{ outcome: Outcome; next?: Row }> => {
     const settlement = s.error === undefined
-      ? { job_id: job.id, lease_token: lease, result: asJson(s.result) }
+      // no result is SQL null, as for a failed or cancelled job, not JSON null
+      ? {
+        job_id: job.id,
+        lease_token: lease,
+        result: s.result === null ? undefined : asJson(s.result),
+      }
       : { job_id: job.id, lease_token: lease, error: s.error, timed_out: s.timedOut ?? false };
     try {
       let next: Row | undefined;
