@@ -543,7 +543,7 @@ begin
     where id = p_tx.source_wallet_id and balance - held >= p_tx.amount;
     if not found then
       perform private.raise_error(409, 'insufficient_funds', 'the wallet does not hold enough funds',
-        jsonb_build_object('currency', p_tx.currency, 'amount', p_tx.amount));
+        jsonb_build_object('currency', p_tx.currency, 'amount', p_tx.amount::text));
     end if;
     return;
   elsif p_phase = 'release' then
@@ -587,8 +587,9 @@ begin
     and (w.id = v_payee or w.kind = 'system' or v_from_hold or w.balance - w.held >= p_tx.amount);
   get diagnostics v_rows = row_count;
   if v_rows <> 2 then
+    -- the amount as text, as the API gives amounts: a JSON number loses cents past 2^53
     perform private.raise_error(409, 'insufficient_funds', 'the wallet does not hold enough funds',
-      jsonb_build_object('currency', p_tx.currency, 'amount', p_tx.amount));
+      jsonb_build_object('currency', p_tx.currency, 'amount', p_tx.amount::text));
   end if;
 end;
 $$;
@@ -672,6 +673,13 @@ begin
   end if;
   if p_metadata is not null and jsonb_typeof(p_metadata) <> 'object' then
     perform private.raise_error(400, 'invalid_metadata', 'metadata must be a JSON object');
+  end if;
+  -- Postgres writes a year past 9999, before 1000 or BC with other than four
+  -- digits, which the API's list cursors (and maintenance) do not take
+  if p_created_at is not null and (not isfinite(p_created_at)
+      or extract(year from p_created_at at time zone 'UTC') not between 1000 and 9999) then
+    perform private.raise_error(400, 'invalid_created_at',
+      'created_at must fall in the years 1000 to 9999 (UTC)');
   end if;
   if p_idempotency_key is not null and char_length(p_idempotency_key) not between 1 and 255 then
     perform private.raise_error(400, 'invalid_idempotency_key', 'idempotency keys have 1 to 255 characters');

@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(187);
+select plan(190);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -118,6 +118,15 @@ select throws_ok($$select public.create_transaction(gen_random_uuid(), 'credit',
 select throws_ok($$select public.create_transaction((select alice from ids), 'credit', 1, 'RWF',
   p_category := repeat('c', 65), p_idempotency_key := 'refused-category')$$,
   'PT400', 'invalid_input', 'text lengths are checked');
+select throws_ok($$select public.create_transaction((select alice from ids), 'credit', 1, 'RWF',
+  p_created_at := '9999-12-31 23:59:59-01', p_idempotency_key := 'refused-year')$$,
+  'PT400', 'invalid_created_at', 'a created_at past the year 9999 (UTC) is refused');
+select throws_ok($$select public.create_transaction((select alice from ids), 'credit', 1, 'RWF',
+  p_created_at := '0001-01-01 00:00:00+01', p_idempotency_key := 'refused-bc')$$,
+  'PT400', 'invalid_created_at', 'so is one before the year 1000');
+select throws_ok($$select public.create_transaction((select alice from ids), 'credit', 1, 'RWF',
+  p_created_at := '-infinity', p_idempotency_key := 'refused-infinity')$$,
+  'PT400', 'invalid_created_at', 'and an infinite one');
 select is((select count(*) from public.transactions), (select txs + 1 from counts),
   'only the valid USD credit was written');
 select is((select count(*) from public.transaction_idempotency_keys), (select keys from counts),

@@ -351,6 +351,14 @@ dbTest(
       409,
       "insufficient_funds",
     );
+    // the refusal gives the amount as text, as amounts are: a JSON number loses the cents
+    const big = await post("/transactions", bobToken, {
+      type: "payment",
+      amount: "99999999999999.99",
+      currency: "USD",
+    });
+    expectError(big, 409, "insufficient_funds");
+    assert.equal(big.body.error.details.amount, "99999999999999.99");
     assert.deepEqual(await counts(), before);
 
     const list = await call(app, "GET", "/transactions", { token: bobToken });
