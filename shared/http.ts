@@ -101,7 +101,8 @@ export function createApp(name: string): Hono<AppEnv> {
         "idempotency-key",
         "x-correlation-id",
       ],
-      exposeHeaders: ["x-correlation-id"],
+      // a browser's client reads these: the request id, and whether a keyed request was a replay
+      exposeHeaders: ["x-correlation-id", "idempotent-replayed"],
       maxAge: 86400,
     }),
   );

@@ -230,6 +230,11 @@ dbTest("CORS preflight is answered without credentials", async () => {
   assert.equal(res.headers.get("access-control-allow-origin"), "*");
   assert.match(res.headers.get("access-control-allow-headers") ?? "", /authorization/);
   assert.match(res.headers.get("access-control-allow-methods") ?? "", /POST/);
+  // and a browser may read the replay marker and the request id of an answer
+  const answer = await app.request(METRICS, { headers: { origin: "https://app.easymo.rw" } });
+  const exposed = answer.headers.get("access-control-expose-headers") ?? "";
+  assert.match(exposed, /idempotent-replayed/);
+  assert.match(exposed, /x-correlation-id/);
 });
 
 dbTest("one JSON log line per request, with no token in it", async () => {
