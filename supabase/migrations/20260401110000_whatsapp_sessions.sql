@@ -547,6 +547,10 @@ alter table public.whatsapp_message_queue enable row level security;
 revoke all on public.whatsapp_message_queue from anon, authenticated, service_role;
 grant select on public.whatsapp_message_queue to authenticated;
 grant select, insert, update, delete on public.whatsapp_message_queue to service_role;
+-- enqueue (security invoker) takes ids as the service role; nobody else
+-- touches the sequence (setval would make new ids collide with old ones)
+revoke all on sequence public.whatsapp_message_queue_id_seq from anon, authenticated, service_role;
+grant usage on sequence public.whatsapp_message_queue_id_seq to service_role;
 
 create policy whatsapp_message_queue_user_select on public.whatsapp_message_queue
   for select to authenticated using (recipient_phone = (select private.whatsapp_jwt_phone()));

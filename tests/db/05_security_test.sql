@@ -1,7 +1,7 @@
 -- Project-wide security invariants, checked over the catalog so that every
 -- table, view and function any migration adds is covered.
 begin;
-select plan(7);
+select plan(8);
 
 select is(
   array(select c.relname::text from pg_class c join pg_namespace n on n.oid = c.relnamespace
@@ -27,6 +27,20 @@ select is(
         order by 1),
   array[]::text[],
   'anon can execute no function'
+);
+
+-- setval on a queue's id sequence would make later rows collide with old ones
+select is(
+  array(select c.oid::regclass::text || ' ' || r.rolname
+        from pg_class c join pg_namespace n on n.oid = c.relnamespace
+        cross join (values ('anon'), ('authenticated')) r(rolname)
+        where n.nspname in ('public', 'private') and c.relkind = 'S'
+          and (has_sequence_privilege(r.rolname, c.oid, 'usage')
+               or has_sequence_privilege(r.rolname, c.oid, 'select')
+               or has_sequence_privilege(r.rolname, c.oid, 'update'))
+        order by 1),
+  array[]::text[],
+  'anon and users hold no privilege on any sequence'
 );
 
 select is(
