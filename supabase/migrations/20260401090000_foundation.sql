@@ -411,7 +411,9 @@ $$;
 
 -- Closes the partitions of the registered tables among p_parents that are
 -- still open to an API role (row level security off, or a grant to PUBLIC,
--- anon, authenticated or service_role), and returns their names.
+-- anon, authenticated or service_role), and returns their names. Every level
+-- of the tree: a partition made by hand may be partitioned again, and its
+-- own partitions hold rows too.
 create or replace function private.close_open_partitions(p_parents oid[])
 returns setof text
 language plpgsql
@@ -425,10 +427,10 @@ begin
     from private.partitioned_tables t
     join pg_catalog.pg_class p
       on p.oid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', t.schema_name, t.table_name))
-    join pg_catalog.pg_inherits i on i.inhparent = p.oid
-    join pg_catalog.pg_class c on c.oid = i.inhrelid
+    cross join lateral pg_catalog.pg_partition_tree(p.oid) tree
+    join pg_catalog.pg_class c on c.oid = tree.relid
     join pg_catalog.pg_namespace n on n.oid = c.relnamespace
-    where p.oid = any (p_parents)
+    where p.oid = any (p_parents) and tree.level > 0
       and (not c.relrowsecurity or exists (
         select from pg_catalog.aclexplode(c.relacl) a
         where a.grantee = 0 or a.grantee in (
@@ -438,6 +440,49 @@ begin
   loop
     perform private.secure_partition(v_part.schema_name, v_part.partition_name);
     return next v_part.partition_name;
+  end loop;
+end;
+$$;
+
+-- Refuses a partition of a registered table that is not one UTC month.
+-- Maintenance names, makes and fills partitions by UTC month; the spec's
+-- recipe run in a session whose time zone is not UTC ('2026-06-01' read as
+-- Kigali's midnight) made one that overlaps the month before: maintenance then
+-- failed that month for good, and its rows stayed in DEFAULT. (Bounds print
+-- in the session's zone with its offset, so they read back as instants.)
+create or replace function private.check_month_partitions(p_parents oid[])
+returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_part record;
+begin
+  for v_part in
+    select i.inhrelid::regclass::text as name,
+           (pg_catalog.regexp_match(b.bound, 'FROM \(''([^'']+)''\)'))[1]::timestamptz as from_at,
+           (pg_catalog.regexp_match(b.bound, 'TO \(''([^'']+)''\)'))[1]::timestamptz as to_at
+    from private.partitioned_tables t
+    join pg_catalog.pg_inherits i
+      on i.inhparent = pg_catalog.to_regclass(pg_catalog.format('%I.%I', t.schema_name, t.table_name))
+    cross join lateral (
+      select pg_catalog.pg_get_expr(c.relpartbound, c.oid) as bound
+      from pg_catalog.pg_class c where c.oid = i.inhrelid
+    ) b
+    where i.inhparent = any (p_parents)
+  loop
+    -- DEFAULT, or MINVALUE / MAXVALUE bounds: nothing to compare
+    continue when v_part.from_at is null or v_part.to_at is null;
+    if v_part.from_at <> pg_catalog.date_trunc('month', v_part.from_at at time zone 'UTC')
+                         at time zone 'UTC'
+       or v_part.to_at <> (pg_catalog.date_trunc('month', v_part.from_at at time zone 'UTC')
+                           + interval '1 month') at time zone 'UTC'
+    then
+      raise exception 'partition % must span one UTC month, not % to %', v_part.name,
+        v_part.from_at at time zone 'UTC', v_part.to_at at time zone 'UTC'
+        using errcode = 'invalid_object_definition',
+          hint = 'give the bounds with their offset: FROM (''2026-06-01 00:00+00'') TO (''2026-07-01 00:00+00'')';
+    end if;
   end loop;
 end;
 $$;
@@ -457,13 +502,13 @@ as $$
 declare
   v_parents oid[];
 begin
-  -- the tables the command made or altered, or their parents
-  select array_agg(distinct coalesce(i.inhparent, d.objid)) into v_parents
+  -- the tables the command made or altered, or the roots of their trees
+  select array_agg(distinct coalesce(pg_catalog.pg_partition_root(d.objid), d.objid)) into v_parents
   from pg_catalog.pg_event_trigger_ddl_commands() d
-  left join pg_catalog.pg_inherits i on i.inhrelid = d.objid
   where d.classid = 'pg_catalog.pg_class'::regclass and d.object_type = 'table';
   if v_parents is not null then
     perform private.close_open_partitions(v_parents);
+    perform private.check_month_partitions(v_parents);
   end if;
 end;
 $$;

@@ -1,7 +1,7 @@
 -- Monthly partitions: any date inserts; maintenance creates partitions ahead
 -- and moves rows out of DEFAULT; only service_role may run it.
 begin;
-select plan(26);
+select plan(30);
 
 select has_function('public', 'maintain_partitions', array[]::text[]);
 select ok(
@@ -81,6 +81,27 @@ alter table public.system_metrics attach partition public.system_metrics_attache
   for values from ('2032-01-01') to ('2032-02-01');
 select is(pg_temp.open_to_api('public.system_metrics_attached'), array[]::text[],
   'a table attached as a partition is closed to the API roles, RLS on');
+
+-- The recipe run in a session whose time zone is not UTC would make a month
+-- that overlaps the one before; refused. With the offset written out it is fine.
+set local timezone = 'Africa/Kigali';
+select throws_ok($$create table public.system_audit_logs_2033_08 partition of public.system_audit_logs
+  for values from ('2033-08-01') to ('2033-09-01')$$, '42P17', null,
+  'a hand-made partition that is not one UTC month is refused');
+select lives_ok($$create table public.system_audit_logs_2033_08 partition of public.system_audit_logs
+  for values from ('2033-08-01 00:00+00') to ('2033-09-01 00:00+00')$$,
+  'one with UTC bounds is made, whatever the session''s time zone');
+reset timezone;
+
+-- a hand-made partition partitioned again: its own partitions are closed too
+create table public.system_audit_logs_2033_09 partition of public.system_audit_logs
+  for values from ('2033-09-01') to ('2033-10-01') partition by range (created_at);
+create table public.system_audit_logs_2033_09_a partition of public.system_audit_logs_2033_09
+  for values from ('2033-09-01') to ('2033-09-16');
+select is(pg_temp.open_to_api('public.system_audit_logs_2033_09_a'), array[]::text[],
+  'a partition of a partition is closed to the API roles, RLS on');
+select is(pg_temp.open_to_api('public.system_audit_logs_2033_09'), array[]::text[],
+  'and so is the partition it belongs to');
 
 -- a grant after the fact (GRANT fires no trigger): maintenance closes it
 grant select on public.transactions_2031_06 to anon;
