@@ -153,6 +153,12 @@ log_timezone = 'UTC'
 CONF
     as_owner mv "$tmp" "$PG_DATA"
   fi
+  # pg_cron runs its jobs in background workers: by default it opens a
+  # password-less connection, which this cluster refuses, and every run failed
+  # ("connection failed"). Also added to clusters made before this line.
+  if ! grep -q '^cron.use_background_workers' "$PG_DATA/postgresql.conf"; then
+    echo "cron.use_background_workers = on" | as_owner tee -a "$PG_DATA/postgresql.conf" >/dev/null
+  fi
   if ! cluster_running; then
     log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
     as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_DATA/../postgres.log" -w -t 60 start >/dev/null \

@@ -123,6 +123,28 @@ dbTest(
   },
 );
 
+// Scheduled is not enough: the local cluster once refused the connection
+// pg_cron opened for each run, and every run failed.
+dbTest("pg_cron's jobs run in the stack's database", async () => {
+  const admin = postgres(ADMIN_URL, { max: 1, onnotice: () => {} });
+  try {
+    const [{ since }] = await admin`select now() as since`;
+    // the sequencer runs every minute: its next run, finished
+    let run: { status: string; return_message: string } | undefined;
+    for (let i = 0; i < 150 && !run; i++) {
+      [run] = await admin`
+        select d.status, d.return_message from cron.job_run_details d join cron.job j using (jobid)
+        where j.jobname = 'sequence-events' and d.start_time >= ${since}
+          and d.status in ('succeeded', 'failed')`;
+      if (!run) await new Promise((r) => setTimeout(r, 500));
+    }
+    assert.ok(run, "sequence-events did not run within 75 s");
+    assert.equal(run.status, "succeeded", run.return_message);
+  } finally {
+    await admin.end();
+  }
+});
+
 dbTest(
   "the stack's database schedules maintenance with pg_cron, as the scheduler does",
   async () => {
