@@ -246,4 +246,10 @@ prepare_database() {
   log "bootstrapping and migrating $(printf '%s' "$DATABASE_URL" | sed 's#//[^@]*@#//#')"
   bootstrap_db "$DATABASE_URL"
   migrate_db "$DATABASE_URL"
+  # pg_cron (1.4) reads its jobs when its scheduler starts or reloads. On a new
+  # cluster it started when the bootstrap made the extension, found no job,
+  # and idled without ever seeing the jobs the migrations then scheduled: no
+  # local run happened until a restart. A reload makes it read them. (Needs a
+  # superuser: on a database named by DATABASE_URL it may be refused, harmlessly.)
+  psql_url "$DATABASE_URL" -qAt -c "select pg_reload_conf()" >/dev/null 2>&1 || true
 }
