@@ -54,9 +54,17 @@ export const bigintId = z.string().regex(/^[1-9][0-9]{0,18}$/);
  */
 export const cursorTimestamp = z.string().regex(/^\d{4}-\d{2}-\d{2}[ T][0-9:.+-]{8,32}$/);
 
+/**
+ * A whole number in a query string, in [min, max], `fallback` when absent.
+ * Written as decimal digits only: coercion took "" for 0 and "0x2" for 2.
+ */
+export const queryInt = (min: number, max: number, fallback: number) =>
+  z.string().regex(/^\d{1,15}$/, "must be a whole number").transform(Number)
+    .pipe(z.number().min(min).max(max)).default(fallback);
+
 /** A page size and an opaque cursor, as every list route takes them. */
 export const pageQuery = {
-  limit: z.coerce.number().int().min(1).max(500).default(50),
+  limit: queryInt(1, 500, 50),
   cursor: z.string().max(200).optional(),
 };
 

@@ -325,3 +325,14 @@ dbTest("the stream never skips an event whose transaction commits late", async (
   assert.deepEqual(positions, [after + 1, after + 2]);
   assert.equal(res.body.next_after_position, after + 2);
 });
+
+dbTest("query numbers are decimal digits: not empty, hex, fractional or negative", async () => {
+  const token = await serviceToken();
+  for (const bad of ["", "0x2", "1.5", "-1", "1e3", "9".repeat(16)]) {
+    for (const path of [`/events/stream?after_position=${bad}`, `/events/stream?limit=${bad}`]) {
+      expectError(await call(app, "GET", path, { token }), 400, "invalid_request");
+    }
+  }
+  const ok = await call(app, "GET", "/events/stream?after_position=0&limit=1", { token });
+  assert.equal(ok.status, 200, JSON.stringify(ok.body));
+});

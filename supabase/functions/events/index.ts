@@ -6,7 +6,7 @@
 //                                         (own aggregates for users, any for the service role)
 //   GET  /events/stream                   all events after a global position (service role)
 import { z } from "zod";
-import { jsonObject, oneOrBatch, text } from "../../../shared/schemas.ts";
+import { jsonObject, oneOrBatch, queryInt, text } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { type Row, rpc } from "../../../shared/db.ts";
 import { notFound } from "../../../shared/errors.ts";
@@ -30,15 +30,15 @@ const event = z.object({
 const appendBody = oneOrBatch(event, "events");
 
 const historyQuery = z.object({
-  from_version: z.coerce.number().int().min(1).default(1),
+  from_version: queryInt(1, Number.MAX_SAFE_INTEGER, 1),
   // One more row than the page is read to see whether another page follows,
   // and get_aggregate_events reads at most 10000.
-  limit: z.coerce.number().int().min(1).max(9999).default(1000),
+  limit: queryInt(1, 9999, 1000),
 }).strict();
 
 const streamQuery = z.object({
-  after_position: z.coerce.number().int().min(0).default(0),
-  limit: z.coerce.number().int().min(1).max(10000).default(100),
+  after_position: queryInt(0, Number.MAX_SAFE_INTEGER, 0),
+  limit: queryInt(1, 10000, 100),
   aggregate_type: aggregateType.optional(),
   event_type: text(128).optional(),
 }).strict();

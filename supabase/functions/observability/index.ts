@@ -13,6 +13,7 @@ import {
   jsonValue,
   oneOrBatch,
   pageQuery,
+  queryInt,
   text,
   timestamp,
 } from "../../../shared/schemas.ts";
@@ -46,7 +47,7 @@ const statsQuery = z.object({
   metric_name: text(128),
   from: timestamp.optional(),
   to: timestamp.optional(),
-  bucket_seconds: z.coerce.number().int().min(1).max(2678400).default(60),
+  bucket_seconds: queryInt(1, 2678400, 60),
 }).strict();
 
 const auditBody = z.object({
