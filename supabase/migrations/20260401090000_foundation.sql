@@ -409,6 +409,36 @@ begin
 end;
 $$;
 
+-- The partitions of the registered tables among p_parents, at every level of
+-- their trees (level 1: the table's own), with their bounds as instants: null
+-- for DEFAULT, MINVALUE and MAXVALUE. (Bounds print in the session's time zone
+-- with its offset, so they read back as the instants they are.)
+create or replace function private.registered_partitions(p_parents oid[])
+returns table (
+  partition_oid oid,
+  schema_name text,
+  partition_name text,
+  level integer,
+  from_at timestamptz,
+  to_at timestamptz
+)
+language sql
+stable
+set search_path = ''
+as $$
+  select c.oid, n.nspname::text, c.relname::text, tree.level,
+         (pg_catalog.regexp_match(b.bound, 'FROM \(''([^'']+)''\)'))[1]::timestamptz,
+         (pg_catalog.regexp_match(b.bound, 'TO \(''([^'']+)''\)'))[1]::timestamptz
+  from private.partitioned_tables t
+  join pg_catalog.pg_class p
+    on p.oid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', t.schema_name, t.table_name))
+  cross join lateral pg_catalog.pg_partition_tree(p.oid) tree
+  join pg_catalog.pg_class c on c.oid = tree.relid
+  join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+  cross join lateral (select pg_catalog.pg_get_expr(c.relpartbound, c.oid) as bound) b
+  where p.oid = any (p_parents) and tree.level > 0
+$$;
+
 -- Closes the partitions of the registered tables among p_parents that are
 -- still open to an API role (row level security off, or a grant to PUBLIC,
 -- anon, authenticated or service_role), and returns their names. Every level
@@ -423,20 +453,15 @@ declare
   v_part record;
 begin
   for v_part in
-    select n.nspname::text as schema_name, c.relname::text as partition_name
-    from private.partitioned_tables t
-    join pg_catalog.pg_class p
-      on p.oid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', t.schema_name, t.table_name))
-    cross join lateral pg_catalog.pg_partition_tree(p.oid) tree
-    join pg_catalog.pg_class c on c.oid = tree.relid
-    join pg_catalog.pg_namespace n on n.oid = c.relnamespace
-    where p.oid = any (p_parents) and tree.level > 0
-      and (not c.relrowsecurity or exists (
+    select r.schema_name, r.partition_name
+    from private.registered_partitions(p_parents) r
+    join pg_catalog.pg_class c on c.oid = r.partition_oid
+    where not c.relrowsecurity or exists (
         select from pg_catalog.aclexplode(c.relacl) a
         where a.grantee = 0 or a.grantee in (
           select r.oid from pg_catalog.pg_roles r
           where r.rolname in ('anon', 'authenticated', 'service_role'))
-      ))
+    )
   loop
     perform private.secure_partition(v_part.schema_name, v_part.partition_name);
     return next v_part.partition_name;
@@ -448,8 +473,7 @@ $$;
 -- Maintenance names, makes and fills partitions by UTC month; the spec's
 -- recipe run in a session whose time zone is not UTC ('2026-06-01' read as
 -- Kigali's midnight) made one that overlaps the month before: maintenance then
--- failed that month for good, and its rows stayed in DEFAULT. (Bounds print
--- in the session's zone with its offset, so they read back as instants.)
+-- failed that month for good, and its rows stayed in DEFAULT.
 create or replace function private.check_month_partitions(p_parents oid[])
 returns void
 language plpgsql
@@ -459,20 +483,11 @@ declare
   v_part record;
 begin
   for v_part in
-    select i.inhrelid::regclass::text as name,
-           (pg_catalog.regexp_match(b.bound, 'FROM \(''([^'']+)''\)'))[1]::timestamptz as from_at,
-           (pg_catalog.regexp_match(b.bound, 'TO \(''([^'']+)''\)'))[1]::timestamptz as to_at
-    from private.partitioned_tables t
-    join pg_catalog.pg_inherits i
-      on i.inhparent = pg_catalog.to_regclass(pg_catalog.format('%I.%I', t.schema_name, t.table_name))
-    cross join lateral (
-      select pg_catalog.pg_get_expr(c.relpartbound, c.oid) as bound
-      from pg_catalog.pg_class c where c.oid = i.inhrelid
-    ) b
-    where i.inhparent = any (p_parents)
-  loop
+    select r.partition_oid::regclass::text as name, r.from_at, r.to_at
+    from private.registered_partitions(p_parents) r
     -- DEFAULT, or MINVALUE / MAXVALUE bounds: nothing to compare
-    continue when v_part.from_at is null or v_part.to_at is null;
+    where r.level = 1 and r.from_at is not null and r.to_at is not null
+  loop
     if v_part.from_at <> pg_catalog.date_trunc('month', v_part.from_at at time zone 'UTC')
                          at time zone 'UTC'
        or v_part.to_at <> (pg_catalog.date_trunc('month', v_part.from_at at time zone 'UTC')
@@ -647,26 +662,21 @@ begin
       v_cutoff := (date_trunc('month', now() at time zone 'UTC')
         - make_interval(months => v_table.retention_months))::timestamp at time zone 'UTC';
       for v_part in
-        select c.relname,
-               (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \(''([^'']+)''\)'))[1]
-                 ::timestamptz as upper_bound
-        from pg_inherits i
-        join pg_class c on c.oid = i.inhrelid
-        where i.inhparent = table_name::regclass
-          and c.relname <> v_table.table_name || '_default'
+        select r.partition_name
+        from private.registered_partitions(array[table_name::regclass::oid]) r
+        -- (DEFAULT has no upper bound)
+        where r.level = 1 and r.to_at <= v_cutoff
       loop
-        if v_part.upper_bound <= v_cutoff then
-          partition_name := v_part.relname;
-          begin
-            perform private.detach_partition(v_table.schema_name, v_table.table_name,
-              v_part.relname);
-            action := 'detached';
-          exception
-            when lock_not_available then
-              action := 'skipped';
-          end;
-          return next;
-        end if;
+        partition_name := v_part.partition_name;
+        begin
+          perform private.detach_partition(v_table.schema_name, v_table.table_name,
+            v_part.partition_name);
+          action := 'detached';
+        exception
+          when lock_not_available then
+            action := 'skipped';
+        end;
+        return next;
       end loop;
     end if;
   end loop;

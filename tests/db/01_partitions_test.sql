@@ -1,7 +1,7 @@
 -- Monthly partitions: any date inserts; maintenance creates partitions ahead
 -- and moves rows out of DEFAULT; only service_role may run it.
 begin;
-select plan(30);
+select plan(32);
 
 select has_function('public', 'maintain_partitions', array[]::text[]);
 select ok(
@@ -120,6 +120,23 @@ select is(
   (select count(*)::int from public.system_metrics where metric_name = 'attached'), 1,
   'the service role still reads the closed partition''s rows through the parent');
 select tests.clear_authentication();
+
+-- retention: months past it are detached (kept as tables), the rest stay
+create table public.retained (id bigint, created_at timestamptz not null)
+  partition by range (created_at);
+select private.register_partitioned_table('public', 'retained', 0, 2);
+create table public.retained_2020_01 partition of public.retained
+  for values from ('2020-01-01 00:00+00') to ('2020-02-01 00:00+00');
+select results_eq(
+  $$select partition_name, action from public.maintain_partitions()
+    where table_name = 'public.retained'$$,
+  $$values ('retained_2020_01'::text, 'detached'::text)$$,
+  'maintenance detaches a month past the table''s retention, and says so');
+select is(
+  (select array_agg(c.relname::text order by c.relname) from pg_inherits i
+   join pg_class c on c.oid = i.inhrelid where i.inhparent = 'public.retained'::regclass),
+  array['retained_' || to_char(now() at time zone 'UTC', 'YYYY_MM'), 'retained_default'],
+  'the current month and DEFAULT stay attached');
 
 select tests.authenticate_as(tests.create_user());
 select throws_ok('select * from public.maintain_partitions()', '42501', null,
