@@ -2334,7 +2334,6 @@ begin
      set status = 'cancelled', finished_at = now(), lease_token = null, locked_by = null,
          cancelled_lease_until = case when j.status = 'running' then j.visible_at
                                       else j.cancelled_lease_until end,
-         visible_at = case when j.status = 'running' then j.visible_at else now() end,
          updated_at = now()
    where j.id = p_job_id
   returning * into v_row;
