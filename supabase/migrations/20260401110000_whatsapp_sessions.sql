@@ -883,26 +883,27 @@ begin
     order by i.wamid, i.status
     on conflict (wamid, status) do nothing
   ), best as (
-    select distinct on (i.wamid) i.*,
-           i.status = 'failed' and private.whatsapp_failure_retryable(i.error_code) as retryable
-    from incoming i
-    order by i.wamid, case i.status when 'read' then 4 when 'delivered' then 3 when 'failed' then 2.5 else 2 end desc
-  ), moved as (
     -- A failure Meta reports later for throttling (the pair limit, 131056,
     -- mostly arrives this way) or a transient fault is retried like one the
     -- send got back: pending again after a backoff, as an attempt, without
     -- the wamid of the send that failed; out of attempts it is final.
+    select distinct on (i.wamid) i.*,
+           i.status = 'failed' and private.whatsapp_failure_retryable(i.error_code) and exists (
+             select from public.whatsapp_message_queue r
+             where r.wamid = i.wamid and r.attempts < r.max_attempts) as requeue
+    from incoming i
+    order by i.wamid, case i.status when 'read' then 4 when 'delivered' then 3 when 'failed' then 2.5 else 2 end desc
+  ), moved as (
     update public.whatsapp_message_queue q set
-      status = case when b.retryable and q.attempts < q.max_attempts then 'pending' else b.status end,
-      wamid = case when b.retryable and q.attempts < q.max_attempts then null else q.wamid end,
-      visible_at = case when b.retryable and q.attempts < q.max_attempts
-                        then now() + private.backoff_delay(q.attempts, 2, 3600) else q.visible_at end,
-      sent_at = case when b.retryable and q.attempts < q.max_attempts then null
-                     else coalesce(q.sent_at, b.occurred_at) end,
+      status = case when b.requeue then 'pending' else b.status end,
+      wamid = case when b.requeue then null else q.wamid end,
+      visible_at = case when b.requeue then now() + private.backoff_delay(q.attempts, 2, 3600)
+                        else q.visible_at end,
+      sent_at = case when b.requeue then null else coalesce(q.sent_at, b.occurred_at) end,
       delivered_at = case when b.status in ('delivered', 'read') then coalesce(q.delivered_at, b.occurred_at)
                           else q.delivered_at end,
       read_at = case when b.status = 'read' then coalesce(q.read_at, b.occurred_at) else q.read_at end,
-      failed_at = case when b.status = 'failed' and not (b.retryable and q.attempts < q.max_attempts)
+      failed_at = case when b.status = 'failed' and not b.requeue
                        then coalesce(b.occurred_at, now()) else q.failed_at end,
       error_code = case when b.status = 'failed' then left(b.error_code, 64) else q.error_code end,
       last_error = case when b.status = 'failed' then left(b.error_message, 2000) else q.last_error end
