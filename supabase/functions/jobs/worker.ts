@@ -81,9 +81,6 @@ export const MAX_RESULT_BYTES = 1024 * 1024;
 /** Why a handler's result cannot be stored (a JSON object, or nothing), if it cannot. */
 function unstorable(result: unknown): string | undefined {
   if (result === null) return undefined;
-  if (typeof result !== "object" || Array.isArray(result)) {
-    return "the handler's result must be a JSON object";
-  }
   // Postgres refuses deeper JSON with a stack error, not an input error,
   // and the settlement would fail: the job stuck running until its lease ends.
   if (jsonDepth(result) > MAX_JSON_DEPTH) {
@@ -95,7 +92,7 @@ function unstorable(result: unknown): string | undefined {
   } catch (err) {
     return `the handler's result is not JSON: ${errorText(err)}`;
   }
-  // an object whose toJSON gives something else (a Date, a URL, a decimal) is not one
+  // by its JSON, not its type: a Date, a URL or a decimal is an object whose JSON is not one
   if (!text?.startsWith("{")) return "the handler's result must be a JSON object";
   if (new TextEncoder().encode(text).length > MAX_RESULT_BYTES) {
     return `the handler's result is larger than ${MAX_RESULT_BYTES} bytes`;
