@@ -48,16 +48,17 @@ dbTest("maintenance gives way to a transaction that read the table and then writ
   const maintainer = postgres(db.url, { max: 1, onnotice: () => {} });
   try {
     const [{ pid }] = await maintainer`select pg_backend_pid() as pid`;
+    let waited = false;
     let hasRead: () => void = () => {};
     const read = new Promise<void>((r) => (hasRead = r));
     const write = reader.begin(async (tx) => {
       await tx`select count(*) from public.system_metrics`;
       hasRead();
       // write only once maintenance waits for this reader: the deadlock's shape
-      for (let i = 0; i < 200; i++) {
+      for (let i = 0; i < 200 && !waited; i++) {
         const [s] = await db.sql`select wait_event_type from pg_stat_activity where pid = ${pid}`;
-        if (s?.wait_event_type === "Lock") break;
-        await new Promise((r) => setTimeout(r, 5));
+        waited = s?.wait_event_type === "Lock";
+        if (!waited) await new Promise((r) => setTimeout(r, 5));
       }
       await tx`insert into public.system_metrics (service_name, metric_type, metric_name, value)
                values ('api', 'gauge', 'reader', 1)`;
@@ -65,6 +66,7 @@ dbTest("maintenance gives way to a transaction that read the table and then writ
     await read;
     const actions = await maintainer`select * from public.maintain_partitions()`;
     await write; // the writer is not the one aborted
+    assert.ok(waited, "maintenance waited for the reader (else there was no deadlock to avoid)");
     // maintenance waited for the reader's transaction to end, then moved the row
     assert.deepEqual(
       actions.map((a) => [a.table_name, a.action, Number(a.rows_moved)]),
@@ -95,6 +97,7 @@ dbTest(
                 'moving-key', p_created_at := '2031-03-15 10:00:00+00')`;
       const [original] = await credit();
       const [{ pid }] = await service`select pg_backend_pid() as pid`;
+      let raced = false;
       let hasMoved: () => void = () => {};
       const movedUncommitted = new Promise<void>((r) => (hasMoved = r));
       const move = mover.begin(async (tx) => {
@@ -107,15 +110,16 @@ dbTest(
         );
         hasMoved();
         // commit only once the replay waits for this move
-        for (let i = 0; i < 400; i++) {
+        for (let i = 0; i < 400 && !raced; i++) {
           const [s] = await db.sql`select wait_event_type from pg_stat_activity where pid = ${pid}`;
-          if (s?.wait_event_type === "Lock") break;
-          await new Promise((r) => setTimeout(r, 5));
+          raced = s?.wait_event_type === "Lock";
+          if (!raced) await new Promise((r) => setTimeout(r, 5));
         }
       });
       await movedUncommitted;
       const [replayed] = await credit();
       await move;
+      assert.ok(raced, "the replay waited for the move (else it raced nothing)");
       assert.deepEqual(replayed, original);
     } finally {
       await Promise.all([service.end(), mover.end()]);
