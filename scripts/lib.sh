@@ -248,8 +248,17 @@ prepare_database() {
   migrate_db "$DATABASE_URL"
   # pg_cron (1.4) reads its jobs when its scheduler starts or reloads. On a new
   # cluster it started when the bootstrap made the extension, found no job,
-  # and idled without ever seeing the jobs the migrations then scheduled: no
-  # local run happened until a restart. A reload makes it read them. (Needs a
-  # superuser: on a database named by DATABASE_URL it may be refused, harmlessly.)
-  psql_url "$DATABASE_URL" -qAt -c "select pg_reload_conf()" >/dev/null 2>&1 || true
+  # and idled without ever seeing the jobs the migrations then scheduled: a
+  # reload makes it read them. A rebuild (the drop above) ended the scheduler,
+  # which comes back only with Postgres: the local cluster is restarted. (The
+  # reload needs a superuser: on a database named by DATABASE_URL it may be
+  # refused, harmlessly.)
+  if [ -n "${LOCAL_DATABASE:-}" ] && [ "$(psql_url "$DATABASE_URL" -At -c \
+    "select count(*) from pg_stat_activity where backend_type = 'pg_cron launcher'")" = 0 ]; then
+    log "restarting PostgreSQL: pg_cron's scheduler ended with the rebuilt database"
+    as_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_DATA/../postgres.log" -m fast -w -t 60 restart \
+      >/dev/null || die "PostgreSQL failed to restart: $(tail -n 3 "$PG_DATA/../postgres.log" | tr '\n' ' ')"
+  else
+    psql_url "$DATABASE_URL" -qAt -c "select pg_reload_conf()" >/dev/null 2>&1 || true
+  fi
 }
