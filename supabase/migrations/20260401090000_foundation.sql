@@ -457,10 +457,10 @@ begin
     from private.registered_partitions(p_parents) r
     join pg_catalog.pg_class c on c.oid = r.partition_oid
     where not c.relrowsecurity or exists (
-        select from pg_catalog.aclexplode(c.relacl) a
-        where a.grantee = 0 or a.grantee in (
-          select r.oid from pg_catalog.pg_roles r
-          where r.rolname in ('anon', 'authenticated', 'service_role'))
+      select from pg_catalog.aclexplode(c.relacl) a
+      where a.grantee = 0 or a.grantee in (
+        select api.oid from pg_catalog.pg_roles api
+        where api.rolname in ('anon', 'authenticated', 'service_role'))
     )
   loop
     perform private.secure_partition(v_part.schema_name, v_part.partition_name);
