@@ -27,13 +27,32 @@ const serviceKey = Deno.env.get("SUPABASE_SERVICE_ROLE_KEY") ??
 Deno.env.set("SUPABASE_ANON_KEY", anonKey);
 Deno.env.set("SUPABASE_SERVICE_ROLE_KEY", serviceKey);
 
-const whatsappSandbox = await startWhatsAppSandbox();
+/** A port another process holds (most often a second npm start) ends the start with one line. */
+function exitIfPortTaken(err: unknown, what: string, portVar: string): never {
+  // Deno.serve throws AddrInUse; the sandbox's node:http server, an error coded EADDRINUSE
+  if (err instanceof Deno.errors.AddrInUse || (err as { code?: string })?.code === "EADDRINUSE") {
+    console.error(
+      `${what}: its port is in use. Is another npm start running? Stop it, or set ${portVar}.`,
+    );
+    Deno.exit(1);
+  }
+  throw err;
+}
+
+const whatsappSandbox = await startWhatsAppSandbox().catch((err) =>
+  exitIfPortTaken(err, "the WhatsApp sandbox", "WHATSAPP_SANDBOX_PORT")
+);
 const apps = await loadFunctions();
 const controller = new AbortController();
-const server = Deno.serve(
-  { port, hostname: "127.0.0.1", signal: controller.signal, onListen: () => {} },
-  createRouter(apps),
-);
+let server: Deno.HttpServer;
+try {
+  server = Deno.serve(
+    { port, hostname: "127.0.0.1", signal: controller.signal, onListen: () => {} },
+    createRouter(apps),
+  );
+} catch (err) {
+  exitIfPortTaken(err, `the API on ${apiUrl}`, "API_PORT");
+}
 
 const redacted = dbUrl.replace(/\/\/([^:@/]+):[^@/]*@/, "//$1:***@");
 console.log(`

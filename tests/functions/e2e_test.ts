@@ -71,6 +71,38 @@ dbTest("the service role records a metric over HTTP; unknown functions are 404",
   assert.equal((await missing.json()).error.code, "function_not_found");
 });
 
+// `npm start` while another stack runs: the local API's process stops at the
+// first port it cannot take, with one line naming the port's variable.
+async function serveWithPortTaken(taken: "API_PORT" | "WHATSAPP_SANDBOX_PORT") {
+  const holder = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const free = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const freePort = (free.addr as Deno.NetAddr).port;
+  free.close();
+  const ports = { API_PORT: String(freePort), WHATSAPP_SANDBOX_PORT: String(freePort) };
+  ports[taken] = String((holder.addr as Deno.NetAddr).port);
+  try {
+    const serve = new URL("../../scripts/serve.ts", import.meta.url).pathname;
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "--quiet", serve],
+      env: { ...ports, DATABASE_URL: db.url, SCHEDULER: "off", WHATSAPP_ACCESS_TOKEN: "" },
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    return { code: out.code, stderr: new TextDecoder().decode(out.stderr).trim() };
+  } finally {
+    holder.close();
+  }
+}
+
+for (const taken of ["API_PORT", "WHATSAPP_SANDBOX_PORT"] as const) {
+  dbTest(`a second local stack whose ${taken} is taken stops with one clear line`, async () => {
+    const { code, stderr } = await serveWithPortTaken(taken);
+    assert.equal(code, 1);
+    assert.match(stderr, new RegExp(`port is in use.*set ${taken}\\.$`));
+    assert.equal(stderr.split("\n").length, 1, stderr);
+  });
+}
+
 dbTest("stop the local API", async () => {
   await api.close();
 });

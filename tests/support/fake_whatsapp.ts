@@ -340,9 +340,10 @@ export async function startFakeWhatsApp(opts: FakeOptions = {}): Promise<FakeWha
   });
   server.keepAliveTimeout = 60_000;
 
-  await new Promise<void>((resolve) =>
-    server.listen(opts.port ?? 0, opts.hostname ?? "127.0.0.1", resolve)
-  );
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(opts.port ?? 0, opts.hostname ?? "127.0.0.1", resolve);
+  });
   const address = server.address() as AddressInfo;
   fake.url = `http://127.0.0.1:${address.port}`;
   return fake;
