@@ -48,8 +48,10 @@
 -- bigint first.
 create domain private.aggregate_type as text
   check (char_length(value) <= 63 and value ~ '^[a-z][a-z0-9_]*$');
+-- "." and ".." are refused: URLs drop them as dot segments, so GET
+-- /events/aggregates/:type/:id could never address such an aggregate.
 create domain private.aggregate_id as text
-  check (char_length(value) between 1 and 256);
+  check (char_length(value) between 1 and 256 and value not in ('.', '..'));
 -- an event's or a message's type: letters first, then letters, digits, _ . : -
 create domain private.type_name as text
   check (char_length(value) <= 128 and value ~ '^[A-Za-z][A-Za-z0-9_.:-]*$');

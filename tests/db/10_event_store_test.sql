@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(72);
+select plan(74);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -59,6 +59,11 @@ select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_m
   'PT400', 'invalid_metadata', 'metadata must be an object');
 select throws_ok($$select public.append_event(repeat('x', 257), 'trip', 'x', '{}')$$,
   '23514', null, 'aggregate ids are at most 256 characters');
+select throws_ok($$select public.append_event('..', 'trip', 'x', '{}')$$,
+  '23514', null, 'an aggregate id of .. is refused (no URL can address it)');
+select throws_ok($$select public.append_events('[{"aggregate_type": "trip", "aggregate_id": ".",
+  "event_type": "x", "payload": {}}]')$$,
+  '23514', null, 'an aggregate id of . is refused, in a batch too');
 select throws_ok($$select public.append_event('trip-123', 'Trip!', 'x', '{}', p_expected_version := 2)$$,
   '23514', null, 'with an expected version too');
 select throws_ok($$select public.append_event(repeat('x', 257), 'trip', 'x', '{}', p_expected_version := 1)$$,

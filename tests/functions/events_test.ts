@@ -219,8 +219,16 @@ dbTest("a batch is atomic and bad input writes nothing", async () => {
     400,
     "invalid_request",
   );
+  for (const id of [".", ".."]) {
+    const dotted = expectError(
+      await call(app, "POST", "/events", { token, body: event(id) }),
+      400,
+      "invalid_request",
+    );
+    assert.deepEqual(paths(dotted), ["aggregate_id"], `${id}: no URL could read it back`);
+  }
   const [row] = await db.sql`select count(*)::int as n from public.event_store
-                             where aggregate_id in ('batch-1', 'batch-2', 'bad')`;
+                             where aggregate_id in ('batch-1', 'batch-2', 'bad', '.', '..')`;
   assert.equal(row.n, 3);
 });
 

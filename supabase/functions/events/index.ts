@@ -13,7 +13,10 @@ import { notFound } from "../../../shared/errors.ts";
 import { createApp, jsonBody, pathParams, queryParams } from "../../../shared/http.ts";
 
 const aggregateType = z.string().regex(/^[a-z][a-z0-9_]{0,62}$/);
-const aggregateId = text(256);
+// "." and ".." are dot segments: no history URL could address them.
+const aggregateId = text(256).refine((id) => id !== "." && id !== "..", {
+  message: 'an aggregate id may not be "." or ".."',
+});
 
 const event = z.object({
   aggregate_type: aggregateType,
