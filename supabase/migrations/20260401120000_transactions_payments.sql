@@ -1024,11 +1024,19 @@ $$;
 
 -- -----------------------------------------------------------------------------
 -- Reads (security invoker: RLS decides)
+--
+-- Volatile, not stable, as they read the partitioned tables by date: a
+-- stable function reads with the snapshot of the statement that called it,
+-- taken before the function waits for a partition maintenance that is moving
+-- a month out of DEFAULT; once the move commits, the function plans against
+-- the new partition, where the moved rows are not in that snapshot, and finds
+-- nothing (a transaction said 404 while it moved). A volatile function takes
+-- its snapshot after that wait.
 -- -----------------------------------------------------------------------------
 create or replace function public.get_transaction(p_transaction_id uuid)
 returns setof public.transactions
 language sql
-stable
+volatile
 set search_path = ''
 as $$
   select t.* from public.transactions t
@@ -1049,7 +1057,7 @@ create or replace function public.list_transactions(
   p_before_id uuid default null
 ) returns setof public.transactions
 language plpgsql
-stable
+volatile
 set search_path = ''
 as $$
 begin
@@ -1079,7 +1087,7 @@ $$;
 create or replace function public.list_transaction_events(p_transaction_id uuid)
 returns setof public.transaction_events
 language plpgsql
-stable
+volatile
 set search_path = ''
 as $$
 begin

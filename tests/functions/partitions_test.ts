@@ -127,6 +127,106 @@ dbTest(
   },
 );
 
+// The API's reads on a warm pooled connection, racing the move of what they
+// read out of DEFAULT: each must find it. As stable functions they ran with
+// the snapshot their calling statement took before waiting for the move, and
+// planned against the new partition, where the moved row is not in that
+// snapshot: GET /transactions/:id said 404 and a listing of the month came
+// back empty.
+type Read = (sql: postgres.Sql) => PromiseLike<readonly unknown[]>;
+
+/** `read` on `reader` once, then again while maintenance moves `partition`'s month: the same rows. */
+async function readRacingTheMove(reader: postgres.Sql, partition: string, read: Read) {
+  const mover = postgres(db.url, { max: 1, onnotice: () => {} });
+  try {
+    const before = (await read(reader)).length;
+    assert.ok(before >= 1, "found before the move");
+    const [{ pid }] = await reader`select pg_backend_pid() as pid`;
+    let raced = false;
+    let hasMoved: () => void = () => {};
+    const movedUncommitted = new Promise<void>((r) => (hasMoved = r));
+    const move = mover.begin(async (tx) => {
+      const actions = await tx`select * from public.maintain_partitions()`;
+      assert.ok(actions.some((a) => a.partition_name === partition), JSON.stringify(actions));
+      hasMoved();
+      for (let n = 0; n < 400 && !raced; n++) {
+        const [s] = await db.sql`select wait_event_type from pg_stat_activity where pid = ${pid}`;
+        raced = s?.wait_event_type === "Lock";
+        if (!raced) await new Promise((r) => setTimeout(r, 5));
+      }
+    });
+    await movedUncommitted;
+    const during = await read(reader);
+    await move;
+    assert.ok(raced, "the read waited for the move (else it raced nothing)");
+    assert.equal(during.length, before, "found while it moved");
+  } finally {
+    await mover.end();
+  }
+}
+
+async function connectAs(role: string, claims: Record<string, unknown>) {
+  const sql = postgres(db.url, { max: 1, onnotice: () => {} });
+  await sql`select set_config('role', ${role}, false),
+                   set_config('request.jwt.claims', ${JSON.stringify({ role, ...claims })}, false)`;
+  return sql;
+}
+
+const TRANSACTION_READS: [string, (id: string, month: string) => Read][] = [
+  ["get_transaction", (id) => (sql) => sql`select id from public.get_transaction(${id})`],
+  [
+    "list_transactions over the month",
+    (_, month) => (sql) =>
+      sql`select id from public.list_transactions(p_from := ${month + "-01 00:00+00"},
+                                                  p_to := ${month + "-28 00:00+00"})`,
+  ],
+  [
+    "list_transaction_events",
+    (id) => (sql) => sql`select id from public.list_transaction_events(${id})`,
+  ],
+];
+for (const [i, [name, readOf]] of TRANSACTION_READS.entries()) {
+  dbTest(
+    `a user's ${name} racing the move of their transaction out of DEFAULT finds it`,
+    async () => {
+      const month = `2032-0${i + 1}`;
+      const [{ user }] = await db.sql`select tests.create_user() as user`;
+      const [{ id }] = await db.sql`select id from public.create_transaction(${user}, 'credit', 5,
+                                    'RWF', p_created_at := ${month + "-15 10:00:00+00"})`;
+      // its history's first event
+      await db.sql`select public.update_transaction_status(${id}, 'processing')`;
+      const reader = await connectAs("authenticated", { sub: user });
+      try {
+        await readRacingTheMove(
+          reader,
+          `transactions_${month.replace("-", "_")}`,
+          readOf(id, month),
+        );
+      } finally {
+        await reader.end();
+      }
+    },
+  );
+}
+
+dbTest("metric stats over a month racing its move out of DEFAULT count its metrics", async () => {
+  await db
+    .sql`insert into public.system_metrics (service_name, metric_type, metric_name, value, created_at)
+               values ('api', 'gauge', 'raced', 1, '2032-05-15 10:00:00+00')`;
+  const reader = await connectAs("service_role", {});
+  try {
+    await readRacingTheMove(
+      reader,
+      "system_metrics_2032_05",
+      (sql) =>
+        sql`select * from public.get_metric_stats('api', 'raced', '2032-05-01 00:00+00',
+                                                '2032-05-28 00:00+00', 86400)`,
+    );
+  } finally {
+    await reader.end();
+  }
+});
+
 // Scheduled is not enough: the local cluster once refused the connection
 // pg_cron opened for each run, and every run failed.
 dbTest("pg_cron's jobs run in the stack's database", async () => {
