@@ -505,6 +505,16 @@ create policy transaction_events_service_select on public.transaction_events
 -- Outgoing types: the user's money leaves their wallet, so it is held from
 -- creation until it completes (or is released), and users may create them.
 -- -----------------------------------------------------------------------------
+-- Whether a user may receive money: they exist and are not (soft) deleted.
+-- Null (a system account receives) is live.
+create or replace function private.user_is_live(p_user_id uuid) returns boolean
+language sql
+stable
+as $$
+  select p_user_id is null
+      or exists (select from auth.users u where u.id = p_user_id and u.deleted_at is null)
+$$;
+
 create or replace function private.is_outgoing(p_type text) returns boolean
 language sql
 immutable
@@ -716,11 +726,15 @@ begin
     end if;
   end if;
 
-  -- a deleted account receives nothing (nor does one that never existed)
-  if p_destination_user_id is not null and not exists (
-    select from auth.users u where u.id = p_destination_user_id and u.deleted_at is null
-  ) then
-    perform private.raise_error(404, 'recipient_not_found', 'no user with that id or phone');
+  -- a deleted account receives nothing (nor does one that never existed):
+  -- not a transfer, nor a credit, refund or commission
+  if p_destination_user_id is not null then
+    if not private.user_is_live(p_destination_user_id) then
+      perform private.raise_error(404, 'recipient_not_found', 'no user with that id or phone');
+    end if;
+  elsif not v_outgoing and not private.user_is_live(p_user_id) then
+    perform private.raise_error(404, 'user_not_found', 'no such user',
+      jsonb_build_object('user_id', p_user_id));
   end if;
 
   -- The method is share-locked until commit: a removal racing this either
@@ -989,6 +1003,15 @@ begin
 
   v_outgoing := private.is_outgoing(v_tx.type);
   if p_new_status = 'completed' then
+    -- the recipient may have left while the transaction waited: a deleted
+    -- account receives nothing, and the transaction is failed or cancelled
+    -- instead (which releases a transfer's hold)
+    if not private.user_is_live(case when v_tx.type = 'transfer' then v_tx.destination_user_id
+                                     when not v_outgoing then v_tx.user_id end) then
+      perform private.raise_error(409, 'recipient_deleted',
+        'the account that would receive this was deleted: fail or cancel the transaction',
+        jsonb_build_object('user_id', coalesce(v_tx.destination_user_id, v_tx.user_id)));
+    end if;
     perform private.move_funds(v_tx, 'settle');
   elsif p_new_status in ('failed', 'cancelled') and v_outgoing then
     perform private.move_funds(v_tx, 'release');

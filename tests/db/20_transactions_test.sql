@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(190);
+select plan(199);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -342,6 +342,47 @@ select throws_ok($$select public.create_transaction((select alice from ids), 'tr
 select throws_ok($$select public.create_transaction((select alice from ids), 'transfer', 1, 'RWF',
   p_destination_user_id := gen_random_uuid())$$,
   'PT404', 'recipient_not_found', 'nor can a user who never existed');
+select throws_ok($$select public.create_transaction((select id from gone), 'credit', 1, 'RWF')$$,
+  'PT404', 'user_not_found', 'nor is a deleted user credited');
+select is((select count(*)::int from public.transactions where user_id = (select id from gone)), 0,
+  'and nothing was written for them');
+
+-- Nor is one paid by a transaction that waited while the account was deleted:
+-- completing it is refused, and failing it releases the sender's hold.
+select tests.clear_authentication();
+create temp table leaving as select tests.create_user() as id;
+grant select on leaving to service_role;
+create temp table held as
+  select null::uuid as transfer, null::uuid as credit, w.held as alice_held
+  from public.wallets w where w.user_id = (select alice from ids) and w.currency = 'RWF';
+grant select, update on held to service_role;
+select tests.authenticate_as_service_role();
+update held set
+  transfer = (public.create_transaction((select alice from ids), 'transfer', 3, 'RWF',
+                p_destination_user_id := (select id from leaving))).id,
+  credit = (public.create_transaction((select id from leaving), 'credit', 4, 'RWF')).id;
+select public.update_transaction_status((select transfer from held), 'processing');
+select public.update_transaction_status((select credit from held), 'processing');
+select tests.clear_authentication();
+update auth.users set deleted_at = now() where id = (select id from leaving);
+select tests.authenticate_as_service_role();
+select throws_ok($$select public.update_transaction_status((select transfer from held), 'completed')$$,
+  'PT409', 'recipient_deleted', 'a transfer to an account deleted while it waited is not completed');
+select throws_ok($$select public.update_transaction_status((select credit from held), 'completed')$$,
+  'PT409', 'recipient_deleted', 'nor a credit to it');
+select is((select coalesce(sum(w.balance), 0) from public.wallets w
+           where w.user_id = (select id from leaving)), 0::numeric,
+  'the deleted account received nothing');
+select is((select status from public.transactions where id = (select transfer from held)),
+  'processing', 'the refused completion changed nothing');
+select is((select w.held from public.wallets w
+           where w.user_id = (select alice from ids) and w.currency = 'RWF'),
+  (select alice_held + 3 from held), 'the sender''s hold stays while it waits');
+select lives_ok($$select public.update_transaction_status((select transfer from held), 'failed')$$,
+  'the transfer can be failed instead');
+select is((select w.held from public.wallets w
+           where w.user_id = (select alice from ids) and w.currency = 'RWF'),
+  (select alice_held from held), 'which releases the sender''s hold');
 
 -- A retry replays the stored transfer whatever has happened to the recipient since.
 select tests.clear_authentication();
@@ -558,7 +599,7 @@ select throws_ok($$select public.create_transaction((select carol from ids), 'cr
 
 -- service role: everything
 select tests.authenticate_as_service_role();
-select is((select count(distinct user_id)::int from public.transactions), 3, 'service_role reads every transaction');
+select is((select count(distinct user_id)::int from public.transactions), 4, 'service_role reads every transaction');
 select ok((select count(*) from public.transaction_summary) > 0, 'service_role reads the summary');
 select ok((select count(*) from public.ledger_entries) > 0, 'service_role reads the ledger');
 select is((public.create_transaction((select carol from ids), 'refund', 5, 'RWF')).type, 'refund',
