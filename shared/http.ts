@@ -181,33 +181,95 @@ export async function readRawBody(c: Ctx, limit = env().MAX_BODY_BYTES): Promise
   return out;
 }
 
-/** Parses JSON text; malformed JSON is a 400. */
-export function parseJsonText(text: string): unknown {
+/**
+ * Parses JSON text; malformed JSON is a 400. `exact` (API bodies) also refuses
+ * what JSON.parse would change without a word: a number it rounds (past 15
+ * significant digits, beyond a double's range, or under it) and a lone UTF-16
+ * surrogate, which Postgres cannot store (a text column would keep U+FFFD in
+ * its place). The WhatsApp webhook parses leniently: Meta signed what it sent,
+ * and refusing it would lose it.
+ */
+export function parseJsonText(text: string, { exact = true } = {}): unknown {
   let value: unknown;
+  let rounded: string | undefined;
   try {
-    value = JSON.parse(text);
+    value = exact && MAY_ROUND.test(text)
+      ? JSON.parse(text, (_key, v, context?: { source?: string }) => {
+        if (typeof v === "number" && rounded === undefined && !keepsDecimal(context?.source, v)) {
+          rounded = context?.source ?? String(v);
+        }
+        return v;
+      })
+      : JSON.parse(text);
   } catch {
     throw badRequest("invalid_json", "the request body is not valid JSON");
   }
+  if (rounded !== undefined) {
+    throw badRequest(
+      "inexact_number",
+      `the number ${rounded.slice(0, 40)} would not be kept exactly (JSON numbers are read as ` +
+        "doubles: at most 15 significant digits, magnitudes 1e-307 to 1e308); send it as a string",
+    );
+  }
   // JSON.parse keeps a "__proto__" key, but copying the object (as zod does)
   // turns it into the copy's prototype: the key would vanish without a word.
-  // A key may spell any of its characters as a \u escape ("\u005f_proto__").
-  if ((text.includes("__proto__") || text.includes("\\u")) && hasProtoKey(value)) {
-    throw badRequest("invalid_json", "the key __proto__ is not accepted");
+  // A key may spell any of its characters as a \u escape ("\u005f_proto__"),
+  // and only an escape makes a lone surrogate.
+  if (text.includes("__proto__") || text.includes("\\u")) {
+    const problem = unkeepableText(value, exact);
+    if (problem === "proto") throw badRequest("invalid_json", "the key __proto__ is not accepted");
+    if (problem === "surrogate") {
+      throw badRequest(
+        "invalid_json",
+        "the request body has a lone UTF-16 surrogate (\\ud800-\\udfff), which no text can hold",
+      );
+    }
   }
   return value;
 }
 
-function hasProtoKey(value: unknown): boolean {
+// A number that JSON.parse may round has at least 16 significant digits, or
+// an exponent of three digits; a body without either takes the fast parse.
+const MAY_ROUND = /\d[\d.]{15}|[eE][+-]?\d{3}/;
+
+/** Whether the double `value` is the decimal `source` spelled (1.50 and 15e-1 are 1.5). */
+function keepsDecimal(source: string | undefined, value: number): boolean {
+  return source !== undefined && decimalKey(source) !== null &&
+    decimalKey(source) === decimalKey(String(value));
+}
+
+/** A decimal as digits and exponent, without leading or trailing zeros ("0" for zero). */
+function decimalKey(text: string): string | null {
+  const m = /^(-?)(\d+)(?:\.(\d+))?(?:[eE]([+-]?\d+))?$/.exec(text);
+  if (!m) return null; // Infinity, NaN
+  const fraction = m[3] ?? "";
+  let digits = (m[2] + fraction).replace(/^0+/, "");
+  if (digits === "") return "0";
+  let exponent = Number(m[4] ?? 0) - fraction.length;
+  const trailing = digits.length - digits.replace(/0+$/, "").length;
+  digits = digits.slice(0, digits.length - trailing);
+  exponent += trailing;
+  return `${m[1]}${digits}e${exponent}`;
+}
+
+/** A "__proto__" key, or (with `exact`) a lone surrogate in a key or string, anywhere in `value`. */
+function unkeepableText(value: unknown, exact: boolean): "proto" | "surrogate" | null {
   const stack = [value];
   while (stack.length > 0) {
     const v = stack.pop();
+    if (typeof v === "string") {
+      if (exact && !v.isWellFormed()) return "surrogate";
+      continue;
+    }
     if (typeof v !== "object" || v === null) continue;
-    if (!Array.isArray(v) && Object.hasOwn(v, "__proto__")) return true;
-    // one push each: spreading a long array as arguments overflows the stack
+    if (!Array.isArray(v)) {
+      if (Object.hasOwn(v, "__proto__")) return "proto";
+      // one push each: spreading a long array as arguments overflows the stack
+      for (const key of Object.keys(v)) stack.push(key);
+    }
     for (const child of Object.values(v)) stack.push(child);
   }
-  return false;
+  return null;
 }
 
 function validate<S extends z.ZodType>(schema: S, value: unknown, what: string): z.infer<S> {
@@ -229,7 +291,13 @@ function validate<S extends z.ZodType>(schema: S, value: unknown, what: string):
 /** Reads, size-checks, parses and validates a JSON body. */
 export async function jsonBody<S extends z.ZodType>(c: Ctx, schema: S): Promise<z.infer<S>> {
   const raw = await readRawBody(c);
-  const text = new TextDecoder().decode(raw);
+  let text: string;
+  try {
+    // JSON is UTF-8; a lenient decoder would store U+FFFD for each bad byte
+    text = new TextDecoder("utf-8", { fatal: true }).decode(raw);
+  } catch {
+    throw badRequest("invalid_json", "the request body is not valid UTF-8");
+  }
   if (text.trim() === "") return validate(schema, undefined, "request body");
   return validate(schema, parseJsonText(text), "request body");
 }

@@ -144,6 +144,89 @@ dbTest("malformed JSON is 400 invalid_json", async () => {
   expectError(res, 400, "invalid_json");
 });
 
+// JSON.parse reads numbers as doubles: these would be stored as other numbers
+// (1e309 as null), so they are refused; a double that spells them is kept.
+dbTest("numbers JSON.parse would round are 400 inexact_number; exact ones are kept", async () => {
+  const token = await serviceToken();
+  const before = await metricCount();
+  for (
+    const [field, number] of [
+      ["tags", "9007199254740993"],
+      ["tags", "12345678901234567891"],
+      ["tags", "1e309"],
+      ["tags", "-1e400"],
+      ["tags", "1e-400"],
+      ["tags", "0.1000000000000000055511151231257827"],
+      ["value", "1.0000000000000000001"],
+    ]
+  ) {
+    const body = field === "tags"
+      ? JSON.stringify({ ...metric, tags: { n: "N" } }).replace('"N"', number)
+      : JSON.stringify({ ...metric, value: "N" }).replace('"N"', number);
+    const err = expectError(
+      await call(app, "POST", METRICS, { token, body }),
+      400,
+      "inexact_number",
+    );
+    assert.match(err.message, new RegExp(number.slice(0, 10).replace(".", "\\.")));
+  }
+  assert.equal(await metricCount(), before, "nothing written");
+
+  const exact = '{"max_safe": 9007199254740991, "double": 0.30000000000000004, "big": 1.5e300, ' +
+    '"tiny": 2.5e-300, "zeros": 1.50, "exp": 15E-1, "neg": -0.000123}';
+  const body = JSON.stringify({ ...metric, metric_name: "exact", tags: "T" }).replace('"T"', exact);
+  const ok = await call(app, "POST", METRICS, { token, body });
+  assert.equal(ok.status, 201, JSON.stringify(ok.body));
+  const [row] = await db.sql`select tags::text as tags from public.system_metrics
+                             where metric_name = 'exact'`;
+  assert.deepEqual(JSON.parse(row.tags), JSON.parse(exact));
+  assert.match(row.tags, /9007199254740991/);
+  assert.match(row.tags, /0\.30000000000000004/);
+  await db.sql`delete from public.system_metrics where metric_name = 'exact'`; // later tests count
+});
+
+dbTest(
+  "a body that is not UTF-8 or holds a lone surrogate is 400, not stored altered",
+  async () => {
+    const token = await serviceToken();
+    const before = await metricCount();
+    const latin1 = new Uint8Array([
+      ...new TextEncoder().encode(JSON.stringify({ ...metric, unit: "caf" }).slice(0, -2)),
+      0xe9,
+      ...new TextEncoder().encode('"}'),
+    ]);
+    const res = await app.request(METRICS, {
+      method: "POST",
+      headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
+      body: latin1,
+    });
+    assert.equal(res.status, 400);
+    assert.equal((await res.json()).error.code, "invalid_json");
+    for (
+      const body of [
+        JSON.stringify({ ...metric, unit: "x" }).replace('"x"', '"\\ud800x"'),
+        JSON.stringify({ ...metric, tags: { k: "x" } }).replace('"x"', '"\\udfff"'),
+        JSON.stringify({ ...metric, tags: { k: 1 } }).replace('"k"', '"\\ud83d"'),
+      ]
+    ) {
+      const err = expectError(
+        await call(app, "POST", METRICS, { token, body }),
+        400,
+        "invalid_json",
+      );
+      assert.match(err.message, /surrogate/, body);
+    }
+    assert.equal(await metricCount(), before, "nothing written");
+    // a surrogate pair written as escapes is one character, and welcome
+    const pair = JSON.stringify({ ...metric, metric_name: "pair", unit: "x" })
+      .replace('"x"', '"\\ud83d\\ude00"');
+    assert.equal((await call(app, "POST", METRICS, { token, body: pair })).status, 201);
+    const [row] = await db.sql`delete from public.system_metrics where metric_name = 'pair'
+                               returning unit`; // later tests count
+    assert.equal(row.unit, "\u{1F600}");
+  },
+);
+
 dbTest("schema violations are 400 with zod issues in details, and nothing is written", async () => {
   const res = await call(app, "POST", METRICS, {
     token: await serviceToken(),

@@ -57,7 +57,7 @@ app.post("/", async (c) => {
   }
 
   const text = new TextDecoder().decode(raw);
-  const events = parseWebhook(parseJsonText(text), mayHoldUnstorable(text));
+  const events = parseWebhook(parseJsonText(text, { exact: false }), mayHoldUnstorable(text));
   const correlationId = c.get("correlationId");
   for (const e of events.errors) {
     log("warn", "whatsapp webhook reported an error", { correlation_id: correlationId, ...e });
