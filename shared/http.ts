@@ -400,6 +400,22 @@ export function idempotencyKeyHeader(
 }
 
 /**
+ * The key of a create that takes it in the body or in the Idempotency-Key
+ * header: the header is checked either way, and the two must agree (a
+ * silently ignored key would leave a retry unkeyed).
+ */
+export function idempotencyKeyOf(c: Ctx, bodyKey: string | undefined): string | undefined {
+  const header = idempotencyKeyHeader(c);
+  if (header !== undefined && bodyKey !== undefined && header !== bodyKey) {
+    throw badRequest(
+      "idempotency_key_mismatch",
+      "the Idempotency-Key header and the body's idempotency_key differ: send one, or the same",
+    );
+  }
+  return bodyKey ?? header;
+}
+
+/**
  * The answer to an idempotent create: 201 when this request created the
  * resource, 200 with `idempotent-replayed: true` when an earlier request with
  * the same key had (the body is that earlier resource).

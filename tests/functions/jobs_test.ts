@@ -101,6 +101,35 @@ dbTest("due jobs of a type with no handler are reported by the run", async () =>
                where job_type = 'payment_processing'`;
 });
 
+dbTest("a job keyed in the header and the body takes one key: a second is 400", async () => {
+  // due long after this file has run: no run below meets it
+  const body = {
+    job_type: "test_ok",
+    job_name: "Two keys",
+    payload: {},
+    run_at: "2031-01-01T00:00:00Z",
+    idempotency_key: "two",
+  };
+  expectError(
+    await schedule(body, undefined, { "idempotency-key": "one" }),
+    400,
+    "idempotency_key_mismatch",
+  );
+  expectError(
+    await schedule(body, undefined, { "idempotency-key": "bad key with spaces" }),
+    400,
+    "invalid_idempotency_key",
+  );
+  const [{ n }] = await db.sql`select count(*)::int as n from public.background_jobs
+                               where job_name = 'Two keys'`;
+  assert.equal(n, 0);
+  const same = await schedule(body, undefined, { "idempotency-key": "two" });
+  assert.equal(same.status, 201, JSON.stringify(same.body));
+  assert.equal((await job(same.body.job.id)).idempotency_key, "two");
+  await db
+    .sql`update public.background_jobs set status = 'cancelled' where id = ${same.body.job.id}`;
+});
+
 dbTest("schedule, run and read a job; Idempotency-Key schedules once", async () => {
   const headers = { "idempotency-key": "double-21" };
   const created = await schedule(

@@ -53,6 +53,22 @@ dbTest("send one message; the same Idempotency-Key returns it", async () => {
   expectError(other, 409, "idempotency_key_conflict");
 });
 
+dbTest("a message keyed in the header and the body takes one key: a second is 400", async () => {
+  const token = await serviceToken();
+  const send = (header: string, key: string) =>
+    call(app, "POST", "/queues/two-keys/messages", {
+      token,
+      headers: { "idempotency-key": header },
+      body: { payload: {}, idempotency_key: key },
+    });
+  expectError(await send("one", "two"), 400, "idempotency_key_mismatch");
+  expectError(await send("bad key with spaces", "two"), 400, "invalid_idempotency_key");
+  assert.equal(await count("two-keys"), 0);
+  const same = await send("one", "one");
+  assert.equal(same.status, 201, JSON.stringify(same.body));
+  assert.equal(same.body.message.idempotency_key, "one");
+});
+
 // 256 is the shared header limit and what message_queue.idempotency_key holds.
 dbTest("an Idempotency-Key header may have 256 characters, not 257", async () => {
   const token = await serviceToken();

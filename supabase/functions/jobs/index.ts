@@ -16,7 +16,7 @@ import {
   createApp,
   createdOrReplayed,
   type Ctx,
-  idempotencyKeyHeader,
+  idempotencyKeyOf,
   jsonBody,
   pathParams,
 } from "../../../shared/http.ts";
@@ -52,7 +52,7 @@ app.use("*", authenticate());
 app.post("/", async (c) => {
   const who = requireUserOrService(c);
   const body = await jsonBody(c, scheduleBody);
-  const key = body.idempotency_key ?? idempotencyKeyHeader(c);
+  const key = idempotencyKeyOf(c, body.idempotency_key);
   const correlationId = c.get("correlationId");
   const [{ created, ...job }] = await rpc(who, correlationId, "public.schedule_job", {
     job_type: body.job_type,

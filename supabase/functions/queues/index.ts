@@ -29,6 +29,7 @@ import {
   createdOrReplayed,
   type Ctx,
   idempotencyKeyHeader,
+  idempotencyKeyOf,
   jsonBody,
   pathParams,
 } from "../../../shared/http.ts";
@@ -95,7 +96,7 @@ app.post("/:queue/messages", async (c) => {
   }
   const messages = batch
     ? items
-    : [{ ...items[0], idempotency_key: items[0].idempotency_key ?? header }];
+    : [{ ...items[0], idempotency_key: idempotencyKeyOf(c, items[0].idempotency_key) }];
   const rows = await rpc(who, c.get("correlationId"), "public.send_messages", {
     queue_name: queue,
     messages,
