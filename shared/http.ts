@@ -302,8 +302,20 @@ export async function jsonBody<S extends z.ZodType>(c: Ctx, schema: S): Promise<
   return validate(schema, parseJsonText(text), "request body");
 }
 
-/** Validates the query string (single values; repeated keys take the last). */
+/** Validates the query string: single values, so a repeated key is a 400 (which one would count?). */
 export function queryParams<S extends z.ZodType>(c: Ctx, schema: S): z.infer<S> {
+  const repeated = Object.entries(c.req.queries()).filter(([, values]) => values.length > 1);
+  if (repeated.length > 0) {
+    throw badRequest(
+      "invalid_request",
+      "the query string is invalid",
+      repeated.map(([key]) => ({
+        path: key,
+        code: "repeated",
+        message: "give this parameter once",
+      })),
+    );
+  }
   return validate(schema, c.req.query(), "query string");
 }
 

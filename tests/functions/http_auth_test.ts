@@ -237,6 +237,23 @@ dbTest("schema violations are 400 with zod issues in details, and nothing is wri
   assert.equal(await metricCount(), 0);
 });
 
+dbTest("a repeated query parameter is 400, whichever value comes first", async () => {
+  const token = await serviceToken();
+  for (const query of ["limit=1&limit=abc", "limit=abc&limit=1", "limit=1&limit=2"]) {
+    const err = expectError(
+      await call(app, "GET", `/observability/audit?${query}`, { token }),
+      400,
+      "invalid_request",
+    );
+    assert.deepEqual(err.details, [{
+      path: "limit",
+      code: "repeated",
+      message: "give this parameter once",
+    }]);
+  }
+  assert.equal((await call(app, "GET", "/observability/audit?limit=1", { token })).status, 200);
+});
+
 dbTest("unknown routes are 404 in the error shape", async () => {
   expectError(
     await call(app, "GET", "/observability/nope", { token: await serviceToken() }),
