@@ -23,14 +23,25 @@ export async function loadFunctions(): Promise<Map<string, FetchApp>> {
 
 export function createRouter(apps: Map<string, FetchApp>): (req: Request) => Promise<Response> {
   return async (req) => {
-    const url = new URL(req.url);
-    const match = /^\/functions\/v1\/([A-Za-z0-9_-]+)(\/.*)?$/.exec(url.pathname);
+    // The path as sent, as the apps read it: new URL() would resolve an
+    // encoded dot segment (%2e%2e) and hand the request to another function,
+    // whose routes could then match none of it.
+    const path = req.url.replace(/^[a-z]+:\/\/[^/]*/i, "").replace(/[?#].*$/s, "");
+    const match = /^\/functions\/v1\/([A-Za-z0-9_-]+)(\/.*)?$/.exec(path);
     const app = match ? apps.get(match[1]) : undefined;
     if (!match || !app) {
       const id = crypto.randomUUID();
       return Response.json(
-        errorBody(new HttpError(404, "function_not_found", `no function at ${url.pathname}`), id),
-        { status: 404, headers: { "x-correlation-id": id } },
+        errorBody(new HttpError(404, "function_not_found", `no function at ${path}`), id),
+        {
+          status: 404,
+          // as the functions answer: a browser may read the error
+          headers: {
+            "x-correlation-id": id,
+            "access-control-allow-origin": "*",
+            "access-control-expose-headers": "x-correlation-id",
+          },
+        },
       );
     }
     return await app.fetch(req);

@@ -68,8 +68,42 @@ dbTest("the service role records a metric over HTTP; unknown functions are 404",
 
   const missing = await fetch(`${api.url}/functions/v1/no-such-function`);
   assert.equal(missing.status, 404);
+  assert.equal(missing.headers.get("access-control-allow-origin"), "*");
   assert.equal((await missing.json()).error.code, "function_not_found");
 });
+
+/** One request with its path exactly as given (fetch would resolve dot segments first). */
+async function rawGet(path: string, token: string): Promise<{ head: string; body: string }> {
+  const { port } = new URL(api.url);
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port: Number(port) });
+  try {
+    await conn.write(
+      new TextEncoder().encode(
+        `GET ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +
+          "Connection: close\r\n\r\n",
+      ),
+    );
+    const text = new TextDecoder().decode(
+      await new Response(conn.readable).arrayBuffer(),
+    );
+    const [head, body] = text.split("\r\n\r\n");
+    return { head: head.toLowerCase(), body };
+  } catch (err) {
+    conn.close();
+    throw err;
+  }
+}
+
+dbTest(
+  "an encoded dot segment stays in the function it was sent to, which answers 404",
+  async () => {
+    // new URL() reads /events/%2e%2e/queues as /queues; the events app sees it as sent
+    const { head, body } = await rawGet("/functions/v1/events/%2e%2e/queues", await serviceToken());
+    assert.match(head, /^http\/1\.1 404/);
+    assert.match(head, /\r\nx-correlation-id: /);
+    assert.match(body, /"code":"not_found"/);
+  },
+);
 
 // `npm start` while another stack runs: the local API's process stops at the
 // first port it cannot take, with one line naming the port's variable.
