@@ -13,10 +13,45 @@ export type Tx = postgres.TransactionSql;
 let pool: Sql | undefined;
 let poolUrl: string | undefined;
 
+// A socket's errors that postgres.js has stopped listening for. When the
+// database goes away mid-query (a crash, a failover) it drops a closed
+// connection's socket listeners, and Deno's node:net may still report an
+// ECONNRESET or ECONNREFUSED for that socket afterwards. Nobody can catch
+// that rejection, and an uncaught one ends the process: every function in the
+// isolate, the dispatcher between a send and its record included. The queries
+// themselves fail on their own and are answered 503; only these orphans are
+// dropped here, with a log line. Any other unhandled rejection still ends the
+// process.
+const ORPHAN_SOCKET_ERRORS = new Set([
+  "ECONNRESET",
+  "ECONNREFUSED",
+  "ECONNABORTED",
+  "EPIPE",
+  "ETIMEDOUT",
+  "ENOTCONN",
+  "ERR_SOCKET_CLOSED",
+]);
+let orphansGuarded = false;
+
+function guardOrphanSocketErrors(): void {
+  if (orphansGuarded) return;
+  orphansGuarded = true;
+  globalThis.addEventListener("unhandledrejection", (event) => {
+    const code = (event.reason as { code?: unknown } | null)?.code;
+    if (typeof code !== "string" || !ORPHAN_SOCKET_ERRORS.has(code)) return;
+    event.preventDefault();
+    log("warn", "database socket error after its connection had closed", {
+      code,
+      error: String(event.reason),
+    });
+  });
+}
+
 /** The isolate's one small pool. `prepare: false` keeps it Supavisor-safe. */
 export function db(): Sql {
   const e = env();
   if (pool && poolUrl === e.SUPABASE_DB_URL) return pool;
+  guardOrphanSocketErrors();
   pool = postgres(e.SUPABASE_DB_URL, {
     prepare: false,
     max: e.DB_POOL_SIZE,

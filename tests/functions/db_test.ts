@@ -234,3 +234,35 @@ dbTest("rpc's settings end with its message: pooled connections come back clean"
   );
   await assertPoolClean();
 });
+
+// When the database dies mid-query, postgres.js drops the closed socket's
+// listeners and Deno's node:net can still reject for it (read ECONNRESET,
+// connect ECONNREFUSED): nobody can catch that, and it ended the whole
+// process (a stack under load lost its API when Postgres was killed: 3 runs
+// in 6). The pool drops those orphans; any other unhandled rejection still
+// ends the process. A child process, as an uncaught rejection ends it.
+async function childWithUnhandled(code: string): Promise<{ status: number; out: string }> {
+  const dbModule = new URL("../../shared/db.ts", import.meta.url).href;
+  const script = `
+    import { db } from ${JSON.stringify(dbModule)};
+    db();
+    Promise.reject(Object.assign(new Error("orphan"), { code: ${JSON.stringify(code)} }));
+    await new Promise((r) => setTimeout(r, 200));
+    console.log("alive");`;
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--ext=ts", script],
+    env: { SUPABASE_DB_URL: db.url, LOG_LEVEL: "silent" },
+    stdout: "piped",
+    stderr: "null",
+  }).output();
+  return { status: out.code, out: new TextDecoder().decode(out.stdout).trim() };
+}
+
+dbTest("an orphan socket error from a dead database does not end the process", async () => {
+  for (const code of ["ECONNRESET", "ECONNREFUSED", "EPIPE"]) {
+    assert.deepEqual(await childWithUnhandled(code), { status: 0, out: "alive" }, code);
+  }
+  const other = await childWithUnhandled("ERR_SOMETHING_ELSE");
+  assert.notEqual(other.status, 0, "an unrelated unhandled rejection still ends the process");
+  assert.equal(other.out, "");
+});
