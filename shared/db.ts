@@ -101,6 +101,55 @@ function claimsStatement(who: Principal, correlationId: string): string {
     `set_config('statement_timeout', '${env().DB_STATEMENT_TIMEOUT_MS}', true)`;
 }
 
+// A request that waited DB_ACQUIRE_TIMEOUT_MS for a connection. postgres.js
+// keeps a query queued while it reconnects, with a backoff that grows to 20 s
+// an attempt, so with the database down requests failed one by one for
+// minutes; now each is a 503 after the deadline.
+const unavailable = () =>
+  new HttpError(503, "database_unavailable", "the database is not answering; try again");
+
+/**
+ * `query`, unless it is still waiting for a connection at the deadline: then
+ * it is taken out of the pool's queue (postgres.js rejects it without sending
+ * it), so the 503 means it was not done. A query already handed to a
+ * connection runs on, bounded by the statement timeout.
+ */
+async function sentWithinDeadline<T extends readonly postgres.MaybeRow[]>(
+  query: postgres.PendingQuery<T>,
+): Promise<T> {
+  let expired = false;
+  const timer = setTimeout(() => {
+    // `state` is set when postgres.js hands the query to a connection
+    if ((query as unknown as { state?: unknown }).state) return;
+    expired = true;
+    query.cancel();
+  }, env().DB_ACQUIRE_TIMEOUT_MS);
+  try {
+    return await query;
+  } catch (err) {
+    throw expired ? unavailable() : err;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** A reserved connection, or a 503 after the deadline (a late one is released at once). */
+async function reserveWithinDeadline(): Promise<postgres.ReservedSql> {
+  const reserving = db().reserve();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      reserving.then((conn) => conn.release(), () => {});
+      reject(unavailable());
+    }, env().DB_ACQUIRE_TIMEOUT_MS);
+  });
+  try {
+    return await Promise.race([reserving, deadline]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /**
  * Runs `attempt` until it succeeds, retrying serialization failures and
  * deadlocks (the whole transaction was rolled back, so a retry is safe).
@@ -133,7 +182,7 @@ export function withClaims<T>(
 ): Promise<T> {
   const setup = `begin; ${claimsStatement(who, correlationId)}`;
   return retrying(correlationId, async () => {
-    const conn = await db().reserve();
+    const conn = await reserveWithinDeadline();
     try {
       const begun = conn.unsafe(setup).then(() => null, (err) => err);
       let result: T;
@@ -198,7 +247,7 @@ export async function rpc<T extends Row = Row>(
   const text = `${claimsStatement(who, correlationId)}; ${callStatement(fn, args, select)}`;
   return await retrying(correlationId, async () => {
     // One result per statement: the settings, then the call.
-    const results = await db().unsafe(text) as unknown as Row[][];
+    const results = await sentWithinDeadline(db().unsafe(text)) as unknown as Row[][];
     return results[1] as T[];
   });
 }
@@ -298,6 +347,23 @@ interface PgError {
 // the caller's input is at fault. The rest of the class (division by zero, a
 // bad array subscript, ...) means our own SQL went wrong on good input, so it
 // is a 500, logged like any other fault.
+// The database went away or would not take the connection: the caller may
+// retry (a write sent before the failure was rolled back unless it committed,
+// which a keyed retry replays). 57P01-03: shut down, crashed, starting up.
+const CONNECTION_FAILURES = new Set([
+  "ECONNREFUSED",
+  "ECONNRESET",
+  "EPIPE",
+  "ETIMEDOUT",
+  "CONNECTION_CLOSED",
+  "CONNECTION_DESTROYED",
+  "CONNECTION_ENDED",
+  "CONNECT_TIMEOUT",
+  "57P01",
+  "57P02",
+  "57P03",
+]);
+
 const CALLER_DATA_EXCEPTIONS = new Set([
   "22001", // string_data_right_truncation
   "22003", // numeric_value_out_of_range
@@ -363,6 +429,14 @@ export function toHttpError(err: unknown, correlationId?: string): HttpError {
     case "40001":
     case "40P01":
       return new HttpError(503, "contention", "too much contention; try again");
+  }
+  if (CONNECTION_FAILURES.has(code) || code.startsWith("08")) {
+    log("warn", "database connection failed", {
+      correlation_id: correlationId,
+      code,
+      error: e.message,
+    });
+    return unavailable();
   }
   log("error", "unexpected database error", {
     correlation_id: correlationId,

@@ -266,3 +266,43 @@ dbTest("an orphan socket error from a dead database does not end the process", a
   assert.notEqual(other.status, 0, "an unrelated unhandled rejection still ends the process");
   assert.equal(other.out, "");
 });
+
+// With the database down, postgres.js keeps queries queued while it retries
+// with a backoff that grows to 20 s: requests failed one by one for minutes
+// (30 of 50 still waiting after 100 s). Each is now a 503 by the deadline.
+dbTest("with the database down, every request is a 503 within the acquire deadline", async () => {
+  const free = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const deadPort = (free.addr as Deno.NetAddr).port;
+  free.close();
+  const dbModule = new URL("../../shared/db.ts", import.meta.url).href;
+  const script = `
+    import { rpc, withClaims } from ${JSON.stringify(dbModule)};
+    const who = { role: "service_role", claims: { role: "service_role" } };
+    const started = performance.now();
+    const outcome = (p) => p.then(() => "ok", (e) => e.status + " " + e.code);
+    const outcomes = await Promise.all([
+      ...Array.from({ length: 30 }, (_, i) => outcome(rpc(who, "c" + i, "public.queue_metrics",
+        { queue_name: "q" }))),
+      ...Array.from({ length: 2 }, () => outcome(withClaims(who, "w", (tx) => tx\`select 1\`))),
+    ]);
+    console.log(JSON.stringify({ outcomes: [...new Set(outcomes)], ms: performance.now() - started }));
+    Deno.exit(0);`;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--ext=ts", "--no-check", script],
+    env: {
+      SUPABASE_DB_URL: `postgresql://postgres:postgres@127.0.0.1:${deadPort}/postgres`,
+      DB_ACQUIRE_TIMEOUT_MS: "500",
+      LOG_LEVEL: "silent",
+    },
+    stdout: "piped",
+    stderr: "null",
+  }).spawn();
+  const killer = setTimeout(() => child.kill("SIGKILL"), 20_000);
+  const out = await child.output();
+  clearTimeout(killer);
+  const text = new TextDecoder().decode(out.stdout).trim();
+  assert.ok(text, "the requests were still waiting after 20 s");
+  const { outcomes, ms } = JSON.parse(text);
+  assert.deepEqual(outcomes, ["503 database_unavailable"]);
+  assert.ok(ms < 5000, `the last answer took ${ms} ms`);
+});
