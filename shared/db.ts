@@ -47,6 +47,11 @@ function guardOrphanSocketErrors(): void {
   });
 }
 
+/** Seconds to wait before the next connection attempt: 50 ms doubling to 1 s, with jitter. */
+function reconnectBackoff(retries: number): number {
+  return Math.min(0.05 * 2 ** retries, 1) * (0.5 + Math.random() / 2);
+}
+
 /** The isolate's one small pool. `prepare: false` keeps it Supavisor-safe. */
 export function db(): Sql {
   const e = env();
@@ -57,6 +62,11 @@ export function db(): Sql {
     max: e.DB_POOL_SIZE,
     idle_timeout: 30,
     connect_timeout: 10,
+    // Seconds before a connection that failed to open tries again. Queued
+    // queries fail one per failed attempt, and postgres.js's own backoff
+    // grows to 20 s, so with the database down requests failed one by one
+    // for minutes, and the pool came back up to 20 s after it did.
+    backoff: reconnectBackoff,
     connection: { application_name: "easymo-functions" },
     onnotice: () => {},
   });
@@ -101,55 +111,6 @@ function claimsStatement(who: Principal, correlationId: string): string {
     `set_config('statement_timeout', '${env().DB_STATEMENT_TIMEOUT_MS}', true)`;
 }
 
-// A request that waited DB_ACQUIRE_TIMEOUT_MS for a connection. postgres.js
-// keeps a query queued while it reconnects, with a backoff that grows to 20 s
-// an attempt, so with the database down requests failed one by one for
-// minutes; now each is a 503 after the deadline.
-const unavailable = () =>
-  new HttpError(503, "database_unavailable", "the database is not answering; try again");
-
-/**
- * `query`, unless it is still waiting for a connection at the deadline: then
- * it is taken out of the pool's queue (postgres.js rejects it without sending
- * it), so the 503 means it was not done. A query already handed to a
- * connection runs on, bounded by the statement timeout.
- */
-async function sentWithinDeadline<T extends readonly postgres.MaybeRow[]>(
-  query: postgres.PendingQuery<T>,
-): Promise<T> {
-  let expired = false;
-  const timer = setTimeout(() => {
-    // `state` is set when postgres.js hands the query to a connection
-    if ((query as unknown as { state?: unknown }).state) return;
-    expired = true;
-    query.cancel();
-  }, env().DB_ACQUIRE_TIMEOUT_MS);
-  try {
-    return await query;
-  } catch (err) {
-    throw expired ? unavailable() : err;
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-/** A reserved connection, or a 503 after the deadline (a late one is released at once). */
-async function reserveWithinDeadline(): Promise<postgres.ReservedSql> {
-  const reserving = db().reserve();
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const deadline = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => {
-      reserving.then((conn) => conn.release(), () => {});
-      reject(unavailable());
-    }, env().DB_ACQUIRE_TIMEOUT_MS);
-  });
-  try {
-    return await Promise.race([reserving, deadline]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
 /**
  * Runs `attempt` until it succeeds, retrying serialization failures and
  * deadlocks (the whole transaction was rolled back, so a retry is safe).
@@ -182,7 +143,7 @@ export function withClaims<T>(
 ): Promise<T> {
   const setup = `begin; ${claimsStatement(who, correlationId)}`;
   return retrying(correlationId, async () => {
-    const conn = await reserveWithinDeadline();
+    const conn = await db().reserve();
     try {
       const begun = conn.unsafe(setup).then(() => null, (err) => err);
       let result: T;
@@ -247,7 +208,7 @@ export async function rpc<T extends Row = Row>(
   const text = `${claimsStatement(who, correlationId)}; ${callStatement(fn, args, select)}`;
   return await retrying(correlationId, async () => {
     // One result per statement: the settings, then the call.
-    const results = await sentWithinDeadline(db().unsafe(text)) as unknown as Row[][];
+    const results = await db().unsafe(text) as unknown as Row[][];
     return results[1] as T[];
   });
 }
@@ -436,7 +397,7 @@ export function toHttpError(err: unknown, correlationId?: string): HttpError {
       code,
       error: e.message,
     });
-    return unavailable();
+    return new HttpError(503, "database_unavailable", "the database is not answering; try again");
   }
   log("error", "unexpected database error", {
     correlation_id: correlationId,

@@ -64,9 +64,6 @@ const schema = z.object({
   SUPABASE_PUBLISHABLE_KEYS: apiKeys("sb_publishable_"),
   DB_POOL_SIZE: z.coerce.number().int().min(1).max(100).default(4),
   DB_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(100).max(150_000).default(10_000),
-  // How long a request waits for a pooled connection (the database down or
-  // the pool saturated) before it is answered 503, its query never sent.
-  DB_ACQUIRE_TIMEOUT_MS: z.coerce.number().int().min(100).max(150_000).default(10_000),
   MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(50 * 1024 * 1024).default(1024 * 1024),
   // The jobs worker (POST /jobs/run) stops claiming after this long; a claimed
   // job may still run up to its timeout_seconds (at most 120 s) past it.
