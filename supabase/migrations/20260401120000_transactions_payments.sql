@@ -1016,6 +1016,12 @@ begin
   elsif p_new_status in ('failed', 'cancelled') and v_outgoing then
     perform private.move_funds(v_tx, 'release');
   elsif p_new_status = 'reversed' then
+    -- a reversal pays the sender back: not a deleted one either
+    if v_outgoing and not private.user_is_live(v_tx.user_id) then
+      perform private.raise_error(409, 'recipient_deleted',
+        'the account that would receive this was deleted: the transaction cannot be reversed',
+        jsonb_build_object('user_id', v_tx.user_id));
+    end if;
     perform private.move_funds(v_tx, 'reverse');
   end if;
 

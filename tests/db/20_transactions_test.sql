@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(199);
+select plan(201);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -383,6 +383,28 @@ select lives_ok($$select public.update_transaction_status((select transfer from 
 select is((select w.held from public.wallets w
            where w.user_id = (select alice from ids) and w.currency = 'RWF'),
   (select alice_held from held), 'which releases the sender''s hold');
+-- Nor is a deleted sender paid back by a reversal.
+select tests.clear_authentication();
+create temp table reverser as select tests.create_user() as id;
+grant select on reverser to service_role;
+create temp table to_reverse (credit uuid, payment uuid);
+grant select, insert, update on to_reverse to service_role;
+select tests.authenticate_as_service_role();
+insert into to_reverse (credit)
+  select (public.create_transaction((select id from reverser), 'credit', 50, 'RWF')).id;
+select public.update_transaction_status((select credit from to_reverse), 'processing');
+select public.update_transaction_status((select credit from to_reverse), 'completed');
+update to_reverse set payment =
+  (public.create_transaction((select id from reverser), 'payment', 20, 'RWF')).id;
+select public.update_transaction_status((select payment from to_reverse), 'processing');
+select public.update_transaction_status((select payment from to_reverse), 'completed');
+select tests.clear_authentication();
+update auth.users set deleted_at = now() where id = (select id from reverser);
+select tests.authenticate_as_service_role();
+select throws_ok($$select public.update_transaction_status((select payment from to_reverse), 'reversed')$$,
+  'PT409', 'recipient_deleted', 'a payment of a deleted account is not reversed to it');
+select is((select w.balance from public.wallets w where w.user_id = (select id from reverser)),
+  30::numeric, 'and its balance is unchanged');
 
 -- A retry replays the stored transfer whatever has happened to the recipient since.
 select tests.clear_authentication();
@@ -599,7 +621,7 @@ select throws_ok($$select public.create_transaction((select carol from ids), 'cr
 
 -- service role: everything
 select tests.authenticate_as_service_role();
-select is((select count(distinct user_id)::int from public.transactions), 4, 'service_role reads every transaction');
+select is((select count(distinct user_id)::int from public.transactions), 5, 'service_role reads every transaction');
 select ok((select count(*) from public.transaction_summary) > 0, 'service_role reads the summary');
 select ok((select count(*) from public.ledger_entries) > 0, 'service_role reads the ledger');
 select is((public.create_transaction((select carol from ids), 'refund', 5, 'RWF')).type, 'refund',
