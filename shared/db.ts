@@ -65,7 +65,9 @@ export function db(): Sql {
     // Seconds before a connection that failed to open tries again. Queued
     // queries fail one per failed attempt, and postgres.js's own backoff
     // grows to 20 s, so with the database down requests failed one by one
-    // for minutes, and the pool came back up to 20 s after it did.
+    // for minutes, and the pool came back up to 20 s after it did. At 1 s,
+    // an isolate fails about DB_POOL_SIZE / 0.75 waiting requests a second
+    // (postgres.js has no safe way to fail its whole queue at once).
     backoff: reconnectBackoff,
     connection: { application_name: "easymo-functions" },
     onnotice: () => {},
@@ -303,28 +305,32 @@ interface PgError {
   column_name?: string;
 }
 
-// The class 22 (data exception) codes a value of the wrong shape raises when
-// validation let it through (bad number, date, JSON, encoding, text, pattern):
-// the caller's input is at fault. The rest of the class (division by zero, a
-// bad array subscript, ...) means our own SQL went wrong on good input, so it
-// is a 500, logged like any other fault.
 // The database went away or would not take the connection: the caller may
 // retry (a write sent before the failure was rolled back unless it committed,
 // which a keyed retry replays). 57P01-03: shut down, crashed, starting up.
 const CONNECTION_FAILURES = new Set([
   "ECONNREFUSED",
+  "ENOTFOUND",
+  "EAI_AGAIN",
+  "EHOSTUNREACH",
+  "ENETUNREACH",
+  "CONNECT_TIMEOUT",
   "ECONNRESET",
   "EPIPE",
   "ETIMEDOUT",
   "CONNECTION_CLOSED",
   "CONNECTION_DESTROYED",
   "CONNECTION_ENDED",
-  "CONNECT_TIMEOUT",
   "57P01",
   "57P02",
   "57P03",
 ]);
 
+// The class 22 (data exception) codes a value of the wrong shape raises when
+// validation let it through (bad number, date, JSON, encoding, text, pattern):
+// the caller's input is at fault. The rest of the class (division by zero, a
+// bad array subscript, ...) means our own SQL went wrong on good input, so it
+// is a 500, logged like any other fault.
 const CALLER_DATA_EXCEPTIONS = new Set([
   "22001", // string_data_right_truncation
   "22003", // numeric_value_out_of_range

@@ -1,7 +1,7 @@
 // shared/db.ts: claims reach SQL exactly as PostgREST sets them, values in
 // rpc() cannot break out of their literals, and failures leave nothing behind.
 import assert from "node:assert/strict";
-import { db as dbPool, rpc, TextArray, withClaims } from "../../shared/db.ts";
+import { db as dbPool, rpc, TextArray, toHttpError, withClaims } from "../../shared/db.ts";
 import type { Principal } from "../../shared/auth.ts";
 import { HttpError } from "../../shared/errors.ts";
 import { createUser, dbTest, freshDatabase } from "../support/harness.ts";
@@ -268,11 +268,12 @@ dbTest("an orphan socket error from a dead database does not end the process", a
 });
 
 // With the database down, postgres.js fails queued queries one per failed
-// connection attempt, and its own backoff between attempts grows to 20 s:
-// requests failed one by one for minutes (12 of 50 still waiting after
-// 120 s), and the pool came back up to 20 s after the database did. The
-// backoff stops at 1 s now. A child process: the database is a port where
-// nothing listens, then a proxy to the test database opens there.
+// connection attempt, and its backoff between attempts grows to 20 s:
+// requests failed one by one for minutes, and the pool came back up to 20 s
+// after the database did. The backoff stops at 1 s now, so 32 waiting
+// requests fail within seconds (a longer queue still takes its time: about 5
+// a second with the default pool). A child process: the database is a port
+// where nothing listens, then a proxy to the test database opens there.
 dbTest(
   "with the database down requests fail fast as 503, and the pool is back at once after",
   async () => {
@@ -328,3 +329,11 @@ dbTest(
     assert.ok(backMs !== null && backMs < 3000, `the pool served again after ${backMs} ms`);
   },
 );
+
+dbTest("a database that cannot be reached is a 503 to retry, not a 500", () => {
+  for (const code of ["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH"]) {
+    const e = toHttpError(Object.assign(new Error(code), { code }));
+    assert.deepEqual([e.status, e.code], [503, "database_unavailable"], code);
+  }
+  return Promise.resolve();
+});
