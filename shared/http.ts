@@ -183,9 +183,8 @@ export async function readRawBody(c: Ctx, limit = env().MAX_BODY_BYTES): Promise
 
 /**
  * Parses JSON text; malformed JSON is a 400. `exact` (API bodies) also refuses
- * what JSON.parse would change without a word: a number it rounds (past 15
- * significant digits, beyond a double's range, or under it) and a lone UTF-16
- * surrogate, which Postgres cannot store (a text column would keep U+FFFD in
+ * what JSON.parse would change without a word: a number it would round (see
+ * keptAsSent) and a lone UTF-16 surrogate, which Postgres cannot store (a text column would keep U+FFFD in
  * its place). The WhatsApp webhook parses leniently: Meta signed what it sent,
  * and refusing it would lose it.
  */
@@ -195,7 +194,7 @@ export function parseJsonText(text: string, { exact = true } = {}): unknown {
   try {
     value = exact && MAY_ROUND.test(text)
       ? JSON.parse(text, (_key, v, context?: { source?: string }) => {
-        if (typeof v === "number" && rounded === undefined && !keepsDecimal(context?.source, v)) {
+        if (typeof v === "number" && rounded === undefined && !keptAsSent(context?.source, v)) {
           rounded = context?.source ?? String(v);
         }
         return v;
@@ -207,8 +206,9 @@ export function parseJsonText(text: string, { exact = true } = {}): unknown {
   if (rounded !== undefined) {
     throw badRequest(
       "inexact_number",
-      `the number ${rounded.slice(0, 40)} would not be kept exactly (JSON numbers are read as ` +
-        "doubles: at most 15 significant digits, magnitudes 1e-307 to 1e308); send it as a string",
+      `the number ${rounded.slice(0, 40)} would not be kept as sent (JSON numbers are read as ` +
+        "doubles: an integer must be exact, as up to 2^53 is, other numbers have at most 17 " +
+        "significant digits, within 1e308 and not so small they become 0); send it as a string",
     );
   }
   // JSON.parse keeps a "__proto__" key, but copying the object (as zod does)
@@ -232,10 +232,20 @@ export function parseJsonText(text: string, { exact = true } = {}): unknown {
 // an exponent of three digits; a body without either takes the fast parse.
 const MAY_ROUND = /\d[\d.]{15}|[eE][+-]?\d{3}/;
 
-/** Whether the double `value` is the decimal `source` spelled (1.50 and 15e-1 are 1.5). */
-function keepsDecimal(source: string | undefined, value: number): boolean {
-  return source !== undefined && decimalKey(source) !== null &&
-    decimalKey(source) === decimalKey(String(value));
+/**
+ * Whether `value`, written back as JSON, is the number the sender wrote as
+ * `source`. An integer must come back with the same digits (an id past 2^53
+ * would not). Other numbers are taken as doubles if written with at most 17
+ * significant digits, as a double's exact spelling needs no more (%.17g
+ * writers send 0.1 as 0.10000000000000001); more digits would be cut. Never
+ * infinite, nor 0 for a number that is not.
+ */
+function keptAsSent(source: string | undefined, value: number): boolean {
+  const sent = source === undefined ? null : decimalKey(source);
+  if (sent === null || !Number.isFinite(value)) return false;
+  if (/^-?\d+$/.test(source!)) return sent === decimalKey(String(value));
+  const digits = sent.replace(/^-/, "").split("e")[0];
+  return (value === 0) === (digits === "0") && digits.length <= 17;
 }
 
 /** A decimal as digits and exponent, without leading or trailing zeros ("0" for zero). */

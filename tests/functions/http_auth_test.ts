@@ -173,7 +173,9 @@ dbTest("numbers JSON.parse would round are 400 inexact_number; exact ones are ke
   assert.equal(await metricCount(), before, "nothing written");
 
   const exact = '{"max_safe": 9007199254740991, "double": 0.30000000000000004, "big": 1.5e300, ' +
-    '"tiny": 2.5e-300, "zeros": 1.50, "exp": 15E-1, "neg": -0.000123}';
+    '"tiny": 2.5e-300, "zeros": 1.50, "exp": 15E-1, "neg": -0.000123, ' +
+    // doubles as %.17g and Java write them: the sender's double, kept
+    '"g17": 0.10000000000000001, "java": 1.9999999999999998E23, "min": 4.9E-324}';
   const body = JSON.stringify({ ...metric, metric_name: "exact", tags: "T" }).replace('"T"', exact);
   const ok = await call(app, "POST", METRICS, { token, body });
   assert.equal(ok.status, 201, JSON.stringify(ok.body));
