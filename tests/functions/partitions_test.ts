@@ -55,11 +55,7 @@ dbTest("maintenance gives way to a transaction that read the table and then writ
       await tx`select count(*) from public.system_metrics`;
       hasRead();
       // write only once maintenance waits for this reader: the deadlock's shape
-      for (let i = 0; i < 200 && !waited; i++) {
-        const [s] = await db.sql`select wait_event_type from pg_stat_activity where pid = ${pid}`;
-        waited = s?.wait_event_type === "Lock";
-        if (!waited) await new Promise((r) => setTimeout(r, 5));
-      }
+      waited = await waitsOnLock(pid);
       await tx`insert into public.system_metrics (service_name, metric_type, metric_name, value)
                values ('api', 'gauge', 'reader', 1)`;
     });
@@ -80,49 +76,70 @@ dbTest("maintenance gives way to a transaction that read the table and then writ
   }
 });
 
+/** Whether backend `pid` comes to wait for a lock within about two seconds. */
+async function waitsOnLock(pid: number): Promise<boolean> {
+  for (let i = 0; i < 400; i++) {
+    const [s] = await db.sql`select wait_event_type from pg_stat_activity where pid = ${pid}`;
+    if (s?.wait_event_type === "Lock") return true;
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  return false;
+}
+
+type Read = (sql: postgres.Sql) => PromiseLike<readonly unknown[]>;
+
+/**
+ * `read` on `reader` once, then again while maintenance moves `partition`'s
+ * month out of DEFAULT (committing only once the read waits for it): the same
+ * rows both times.
+ */
+async function readRacingTheMove(reader: postgres.Sql, partition: string, read: Read) {
+  const mover = postgres(db.url, { max: 1, onnotice: () => {} });
+  try {
+    const before = await read(reader);
+    assert.ok(before.length >= 1, "found before the move");
+    const [{ pid }] = await reader`select pg_backend_pid() as pid`;
+    let raced = false;
+    let hasMoved: () => void = () => {};
+    const movedUncommitted = new Promise<void>((r) => (hasMoved = r));
+    const move = mover.begin(async (tx) => {
+      const actions = await tx`select * from public.maintain_partitions()`;
+      assert.ok(
+        actions.some((a) => a.partition_name === partition && Number(a.rows_moved) >= 1),
+        JSON.stringify(actions),
+      );
+      hasMoved();
+      raced = await waitsOnLock(pid);
+    });
+    await movedUncommitted;
+    const during = await read(reader);
+    await move;
+    assert.ok(raced, "the read waited for the move (else it raced nothing)");
+    assert.deepEqual(during, before, "found while it moved");
+  } finally {
+    await mover.end();
+  }
+}
+
 // A transaction dated in a month without a partition sits in DEFAULT until
 // maintenance moves it. An idempotent replay of it that looked for it during
 // the move came back empty (HTTP 200 with every field null).
 dbTest(
   "an idempotent replay racing the move of its transaction out of DEFAULT finds it",
   async () => {
-    const mover = postgres(db.url, { max: 1, onnotice: () => {} });
-    const service = postgres(db.url, { max: 1, onnotice: () => {} });
+    const service = await connectAs("service_role", {});
     try {
-      await service`select set_config('role', 'service_role', false),
-                         set_config('request.jwt.claims', '{"role": "service_role"}', false)`;
       const [{ user }] = await db.sql`select tests.create_user() as user`;
-      const credit = () =>
-        service`select id, amount from public.create_transaction(${user}, 'credit', 7, 'RWF',
-                'moving-key', p_created_at := '2031-03-15 10:00:00+00')`;
-      const [original] = await credit();
-      const [{ pid }] = await service`select pg_backend_pid() as pid`;
-      let raced = false;
-      let hasMoved: () => void = () => {};
-      const movedUncommitted = new Promise<void>((r) => (hasMoved = r));
-      const move = mover.begin(async (tx) => {
-        const actions = await tx`select * from public.maintain_partitions()`;
-        assert.ok(
-          actions.some((a) =>
-            a.partition_name === "transactions_2031_03" && Number(a.rows_moved) === 1
-          ),
-          JSON.stringify(actions),
-        );
-        hasMoved();
-        // commit only once the replay waits for this move
-        for (let i = 0; i < 400 && !raced; i++) {
-          const [s] = await db.sql`select wait_event_type from pg_stat_activity where pid = ${pid}`;
-          raced = s?.wait_event_type === "Lock";
-          if (!raced) await new Promise((r) => setTimeout(r, 5));
-        }
-      });
-      await movedUncommitted;
-      const [replayed] = await credit();
-      await move;
-      assert.ok(raced, "the replay waited for the move (else it raced nothing)");
-      assert.deepEqual(replayed, original);
+      // the first call creates the transaction, the one racing the move replays it
+      await readRacingTheMove(
+        service,
+        "transactions_2031_03",
+        (sql) =>
+          sql`select id, amount from public.create_transaction(${user}, 'credit', 7, 'RWF',
+                'moving-key', p_created_at := '2031-03-15 10:00:00+00')`,
+      );
     } finally {
-      await Promise.all([service.end(), mover.end()]);
+      await service.end();
     }
   },
 );
@@ -133,38 +150,6 @@ dbTest(
 // planned against the new partition, where the moved row is not in that
 // snapshot: GET /transactions/:id said 404 and a listing of the month came
 // back empty.
-type Read = (sql: postgres.Sql) => PromiseLike<readonly unknown[]>;
-
-/** `read` on `reader` once, then again while maintenance moves `partition`'s month: the same rows. */
-async function readRacingTheMove(reader: postgres.Sql, partition: string, read: Read) {
-  const mover = postgres(db.url, { max: 1, onnotice: () => {} });
-  try {
-    const before = (await read(reader)).length;
-    assert.ok(before >= 1, "found before the move");
-    const [{ pid }] = await reader`select pg_backend_pid() as pid`;
-    let raced = false;
-    let hasMoved: () => void = () => {};
-    const movedUncommitted = new Promise<void>((r) => (hasMoved = r));
-    const move = mover.begin(async (tx) => {
-      const actions = await tx`select * from public.maintain_partitions()`;
-      assert.ok(actions.some((a) => a.partition_name === partition), JSON.stringify(actions));
-      hasMoved();
-      for (let n = 0; n < 400 && !raced; n++) {
-        const [s] = await db.sql`select wait_event_type from pg_stat_activity where pid = ${pid}`;
-        raced = s?.wait_event_type === "Lock";
-        if (!raced) await new Promise((r) => setTimeout(r, 5));
-      }
-    });
-    await movedUncommitted;
-    const during = await read(reader);
-    await move;
-    assert.ok(raced, "the read waited for the move (else it raced nothing)");
-    assert.equal(during.length, before, "found while it moved");
-  } finally {
-    await mover.end();
-  }
-}
-
 async function connectAs(role: string, claims: Record<string, unknown>) {
   const sql = postgres(db.url, { max: 1, onnotice: () => {} });
   await sql`select set_config('role', ${role}, false),
