@@ -544,6 +544,7 @@ as $$
 declare
   v_payer uuid;
   v_payee uuid;
+  v_payee_user uuid;
   v_from_hold boolean := p_phase = 'settle' and private.is_outgoing(p_tx.type);
   v_rows integer;
 begin
@@ -569,6 +570,19 @@ begin
   else
     v_payer := p_tx.source_wallet_id;
     v_payee := p_tx.destination_wallet_id;
+  end if;
+
+  -- A deleted account receives nothing. settle_direct pays whom
+  -- create_transaction has just checked; a settlement or a reversal comes
+  -- later, when the payee may have left: the transaction is then failed or
+  -- cancelled instead (which releases a hold), or stays completed.
+  if p_phase <> 'settle_direct' then
+    select w.user_id into v_payee_user from public.wallets w where w.id = v_payee;
+    if not private.user_is_live(v_payee_user) then
+      perform private.raise_error(409, 'recipient_deleted',
+        'the account this would pay has been deleted',
+        jsonb_build_object('user_id', v_payee_user));
+    end if;
   end if;
 
   -- Entries first: they take no lock, so the wallets stay locked only for
@@ -1003,25 +1017,10 @@ begin
 
   v_outgoing := private.is_outgoing(v_tx.type);
   if p_new_status = 'completed' then
-    -- the recipient may have left while the transaction waited: a deleted
-    -- account receives nothing, and the transaction is failed or cancelled
-    -- instead (which releases a transfer's hold)
-    if not private.user_is_live(case when v_tx.type = 'transfer' then v_tx.destination_user_id
-                                     when not v_outgoing then v_tx.user_id end) then
-      perform private.raise_error(409, 'recipient_deleted',
-        'the account that would receive this was deleted: fail or cancel the transaction',
-        jsonb_build_object('user_id', coalesce(v_tx.destination_user_id, v_tx.user_id)));
-    end if;
     perform private.move_funds(v_tx, 'settle');
   elsif p_new_status in ('failed', 'cancelled') and v_outgoing then
     perform private.move_funds(v_tx, 'release');
   elsif p_new_status = 'reversed' then
-    -- a reversal pays the sender back: not a deleted one either
-    if v_outgoing and not private.user_is_live(v_tx.user_id) then
-      perform private.raise_error(409, 'recipient_deleted',
-        'the account that would receive this was deleted: the transaction cannot be reversed',
-        jsonb_build_object('user_id', v_tx.user_id));
-    end if;
     perform private.move_funds(v_tx, 'reverse');
   end if;
 
