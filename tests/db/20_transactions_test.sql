@@ -363,9 +363,7 @@ update held set
   credit = (public.create_transaction((select id from leaving), 'credit', 4, 'RWF')).id;
 select public.update_transaction_status((select transfer from held), 'processing');
 select public.update_transaction_status((select credit from held), 'processing');
-select tests.clear_authentication();
-update auth.users set deleted_at = now() where id = (select id from leaving);
-select tests.authenticate_as_service_role();
+select tests.delete_user((select id from leaving));
 select throws_ok($$select public.update_transaction_status((select transfer from held), 'completed')$$,
   'PT409', 'recipient_deleted', 'a transfer to an account deleted while it waited is not completed');
 select throws_ok($$select public.update_transaction_status((select credit from held), 'completed')$$,
@@ -385,23 +383,16 @@ select is((select w.held from public.wallets w
   (select alice_held from held), 'which releases the sender''s hold');
 -- Nor is a deleted sender paid back by a reversal.
 select tests.clear_authentication();
-create temp table reverser as select tests.create_user() as id;
-grant select on reverser to service_role;
-create temp table to_reverse (credit uuid, payment uuid);
-grant select, insert, update on to_reverse to service_role;
+create temp table reverser as select tests.create_user() as id, null::uuid as payment;
+grant select, update on reverser to service_role;
 select tests.authenticate_as_service_role();
-insert into to_reverse (credit)
-  select (public.create_transaction((select id from reverser), 'credit', 50, 'RWF')).id;
-select public.update_transaction_status((select credit from to_reverse), 'processing');
-select public.update_transaction_status((select credit from to_reverse), 'completed');
-update to_reverse set payment =
+select tests.complete_transaction(
+  (public.create_transaction((select id from reverser), 'credit', 50, 'RWF')).id);
+update reverser set payment =
   (public.create_transaction((select id from reverser), 'payment', 20, 'RWF')).id;
-select public.update_transaction_status((select payment from to_reverse), 'processing');
-select public.update_transaction_status((select payment from to_reverse), 'completed');
-select tests.clear_authentication();
-update auth.users set deleted_at = now() where id = (select id from reverser);
-select tests.authenticate_as_service_role();
-select throws_ok($$select public.update_transaction_status((select payment from to_reverse), 'reversed')$$,
+select tests.complete_transaction((select payment from reverser));
+select tests.delete_user((select id from reverser));
+select throws_ok($$select public.update_transaction_status((select payment from reverser), 'reversed')$$,
   'PT409', 'recipient_deleted', 'a payment of a deleted account is not reversed to it');
 select is((select w.balance from public.wallets w where w.user_id = (select id from reverser)),
   30::numeric, 'and its balance is unchanged');

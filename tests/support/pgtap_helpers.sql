@@ -27,6 +27,25 @@ begin
 end;
 $$;
 
+-- Soft-deletes a user, as Supabase Auth's soft delete does.
+create or replace function tests.delete_user(p_user_id uuid)
+returns void
+language sql
+security definer
+set search_path = ''
+as $$
+  update auth.users set deleted_at = now() where id = p_user_id;
+$$;
+
+-- Takes a transaction through processing to completed (as the service role).
+create or replace function tests.complete_transaction(p_transaction_id uuid)
+returns void
+language sql
+as $$
+  select public.update_transaction_status(p_transaction_id, 'processing');
+  select public.update_transaction_status(p_transaction_id, 'completed');
+$$;
+
 create or replace function tests.authenticate_as(p_user_id uuid, p_extra jsonb default '{}'::jsonb)
 returns void
 language sql
