@@ -184,9 +184,9 @@ export async function readRawBody(c: Ctx, limit = env().MAX_BODY_BYTES): Promise
 /**
  * Parses JSON text; malformed JSON is a 400. `exact` (API bodies) also refuses
  * what JSON.parse would change without a word: a number it would round (see
- * keptAsSent) and a lone UTF-16 surrogate, which Postgres cannot store (a text column would keep U+FFFD in
- * its place). The WhatsApp webhook parses leniently: Meta signed what it sent,
- * and refusing it would lose it.
+ * keptAsSent) and a lone UTF-16 surrogate, which Postgres cannot store (a text
+ * column would keep U+FFFD in its place). The WhatsApp webhook parses
+ * leniently: Meta signed what it sent, and refusing it would lose it.
  */
 export function parseJsonText(text: string, { exact = true } = {}): unknown {
   let value: unknown;

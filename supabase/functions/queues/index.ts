@@ -28,7 +28,6 @@ import {
   createApp,
   createdOrReplayed,
   type Ctx,
-  idempotencyKeyHeader,
   idempotencyKeyOf,
   jsonBody,
   pathParams,
@@ -87,8 +86,7 @@ app.post("/:queue/messages", async (c) => {
   const { batch, items } = await jsonBody(c, sendBody);
   // the Idempotency-Key header is a single message's key: a batch's
   // messages carry one each, and ignoring the header would send twice
-  const header = idempotencyKeyHeader(c);
-  if (batch && header !== undefined) {
+  if (batch && c.req.header("idempotency-key") !== undefined) {
     throw badRequest(
       "idempotency_key_on_batch",
       "the Idempotency-Key header keys one message: give each message of a batch its idempotency_key",
