@@ -118,66 +118,116 @@ dbTest("100 concurrent sends with one idempotency key make one message", async (
   assert.equal(await count("race"), 1);
 });
 
+/** The lines a child process prints on stdout, as they come. */
+async function* lines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
+  let text = "";
+  for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+    text += chunk;
+    const done = text.split("\n");
+    text = done.pop()!;
+    yield* done;
+  }
+}
+
 dbTest(
-  "4 consumers drain 10,000 messages; a killed consumer's batch comes back after its lease",
+  "4 consumers drain 10,000 messages; one killed mid-batch: its batch comes back after its lease",
   async () => {
     const total = 10_000;
+    const lease = 2; // the killed consumer's, in seconds
     const setup = await consumer();
     try {
       for (let i = 0; i < total; i += 1000) {
         const batch = Array.from({ length: 1000 }, (_, j) => ({ payload: { n: i + j } }));
         await setup`select count(*) from public.send_messages('bulk', ${setup.json(batch)})`;
       }
-      // this consumer claims a batch with a 1 s lease and dies without acking
-      const doomed = await setup`select id from public.claim_messages('bulk', 100, 1, 'doomed')`;
-      assert.equal(doomed.length, 100);
-      const doomedIds = new Set(doomed.map((r) => String(r.id)));
-
-      const processedBy = new Map<string, string[]>();
-      const started = performance.now();
-      const workers = await Promise.all(Array.from({ length: 4 }, consumer));
-      try {
-        await Promise.all(workers.map((sql, w) =>
-          (async () => {
-            while (processedBy.size < total && performance.now() - started < 20_000) {
-              const rows =
-                await sql`select id, lease_token from public.claim_messages('bulk', 100, 30, ${`w${w}`})`;
-              if (rows.length === 0) {
-                await sleep(50);
-                continue;
-              }
-              for (const r of rows) {
-                const id = String(r.id);
-                processedBy.set(id, [...(processedBy.get(id) ?? []), `w${w}`]);
-              }
-              const acked = await sql`select id from public.ack_messages('bulk',
-              ${rows.map((r) => r.id)}::bigint[], ${rows.map((r) => r.lease_token)}::uuid[])`;
-              assert.equal(acked.length, rows.length);
-            }
-          })()
-        ));
-      } finally {
-        await Promise.all(workers.map((c) => c.end()));
-      }
-      const elapsed = performance.now() - started;
-      assert.equal(processedBy.size, total, "every message processed");
-      for (const [id, by] of processedBy) {
-        assert.equal(
-          by.length,
-          1,
-          `message ${id} claimed by ${by}`,
-        );
-      }
-      for (const id of doomedIds) assert.ok(processedBy.has(id), `doomed message ${id} came back`);
-      const [stats] = await db.sql`
-      select count(*) filter (where status = 'completed')::int as completed,
-             count(*) filter (where attempts = 2)::int as second_attempts
-      from public.message_queue where queue_name = 'bulk'`;
-      assert.deepEqual({ ...stats }, { completed: total, second_attempts: 100 });
-      assert.ok(elapsed < 15_000, `took ${Math.round(elapsed)} ms`);
     } finally {
       await setup.end();
     }
+
+    // Consumer 4 is a process of its own; it acks its first batch, half its
+    // second, and is SIGKILLed there while the other three drain the queue
+    // (they start once it holds its first batch, so that it finds messages).
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        ...["run", "-A", new URL("../support/run_queue_consumer.ts", import.meta.url).pathname],
+        ...[db.url, "bulk", String(lease)],
+      ],
+      stdout: "piped",
+      stderr: "null",
+    }).spawn();
+    const childAcked = new Set<string>();
+    let held: string[] = [];
+    let leaseEnds = Infinity; // epoch ms: the killed consumer's lease runs out no earlier
+    let killed = false;
+    const output = lines(child.stdout);
+    assert.equal((await output.next()).value, "claimed");
+    const kill = (async () => {
+      const report = JSON.parse((await output.next()).value ?? "null");
+      child.kill("SIGKILL");
+      const status = await child.status;
+      assert.equal(status.signal, "SIGKILL");
+      report.acked.forEach((id: string) => childAcked.add(id));
+      held = report.held;
+      leaseEnds = report.claimedAfter + lease * 1000;
+      killed = true;
+    })();
+
+    const processedBy = new Map<string, string[]>();
+    const claimedAt = new Map<string, number>();
+    const started = performance.now();
+    const workers = await Promise.all(Array.from({ length: 3 }, consumer));
+    try {
+      await Promise.all([
+        kill,
+        ...workers.map(async (sql, w) => {
+          while (
+            !(killed && processedBy.size + childAcked.size >= total) &&
+            performance.now() - started < 20_000
+          ) {
+            const rows =
+              await sql`select id, lease_token from public.claim_messages('bulk', 100, 30, ${`w${w}`})`;
+            const at = Date.now();
+            if (rows.length === 0) {
+              await sleep(50);
+              continue;
+            }
+            for (const r of rows) {
+              const id = String(r.id);
+              processedBy.set(id, [...(processedBy.get(id) ?? []), `w${w}`]);
+              claimedAt.set(id, at);
+            }
+            const acked = await sql`select id from public.ack_messages('bulk',
+              ${rows.map((r) => r.id)}::bigint[], ${rows.map((r) => r.lease_token)}::uuid[])`;
+            assert.equal(acked.length, rows.length);
+          }
+        }),
+      ]);
+    } finally {
+      await Promise.all(workers.map((c) => c.end()));
+      if (!killed) child.kill("SIGKILL");
+    }
+    const elapsed = performance.now() - started;
+
+    assert.equal(childAcked.size, 150, "the killed consumer acked a batch and a half");
+    assert.equal(held.length, 50, "and held half a batch when it died");
+    assert.equal(processedBy.size + childAcked.size, total, "every message processed");
+    for (const [id, by] of processedBy) {
+      assert.equal(by.length, 1, `message ${id} claimed by ${by}`);
+      assert.ok(!childAcked.has(id), `message ${id} came back after the killed consumer acked it`);
+    }
+    for (const id of held) {
+      assert.ok(processedBy.has(id), `held message ${id} came back`);
+      assert.ok(
+        claimedAt.get(id)! >= leaseEnds,
+        `held message ${id} claimed before the lease ran out`,
+      );
+    }
+    const [stats] = await db.sql`
+      select count(*) filter (where status = 'completed')::int as completed,
+             count(*) filter (where attempts = 2)::int as second_attempts
+      from public.message_queue where queue_name = 'bulk'`;
+    assert.deepEqual({ ...stats }, { completed: total, second_attempts: 50 });
+    assert.ok(elapsed < 15_000, `took ${Math.round(elapsed)} ms`);
   },
 );
 
