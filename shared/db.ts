@@ -6,6 +6,7 @@ import { env } from "./env.ts";
 import { HttpError } from "./errors.ts";
 import type { Principal } from "./auth.ts";
 import { log } from "./log.ts";
+import { Slots } from "./slots.ts";
 
 export type Sql = postgres.Sql;
 export type Tx = postgres.TransactionSql;
@@ -113,6 +114,29 @@ function claimsStatement(who: Principal, correlationId: string): string {
     `set_config('statement_timeout', '${env().DB_STATEMENT_TIMEOUT_MS}', true)`;
 }
 
+// At most DB_POOL_SIZE operations (an rpc() or a withClaims()) use the
+// database at once per isolate; the others wait their turn, first come first
+// served. postgres.js would queue them too, but without a bound: with the pool
+// saturated, or the database down, a request waited as long as the edge
+// function's wall clock let it. One that waits DB_ACQUIRE_TIMEOUT_MS is a 503
+// database_busy instead, and as it never sent a statement it changed nothing,
+// so the client may retry it as it would any 503.
+const slots = new Slots();
+
+function admitted<T>(correlationId: string, op: () => Promise<T>): Promise<T> {
+  const { DB_POOL_SIZE, DB_ACQUIRE_TIMEOUT_MS } = env();
+  return slots.run(DB_POOL_SIZE, DB_ACQUIRE_TIMEOUT_MS, op, (waitedMs) => {
+    log("warn", "database busy: a request waited too long for a connection", {
+      correlation_id: correlationId,
+      waited_ms: Math.round(waitedMs),
+      still_waiting: slots.waiting,
+    });
+    return new HttpError(503, "database_busy", "the database is busy; try again", undefined, {
+      "retry-after": "1",
+    });
+  });
+}
+
 /**
  * Runs `attempt` until it succeeds, retrying serialization failures and
  * deadlocks (the whole transaction was rolled back, so a retry is safe).
@@ -144,28 +168,31 @@ export function withClaims<T>(
   fn: (tx: Tx) => Promise<T>,
 ): Promise<T> {
   const setup = `begin; ${claimsStatement(who, correlationId)}`;
-  return retrying(correlationId, async () => {
-    const conn = await db().reserve();
+  return admitted(correlationId, () => retrying(correlationId, () => inTransaction(setup, fn)));
+}
+
+/** One attempt of withClaims: `setup` (BEGIN and the settings) pipelined ahead of fn, then COMMIT. */
+async function inTransaction<T>(setup: string, fn: (tx: Tx) => Promise<T>): Promise<T> {
+  const conn = await db().reserve();
+  try {
+    const begun = conn.unsafe(setup).then(() => null, (err) => err);
+    let result: T;
     try {
-      const begun = conn.unsafe(setup).then(() => null, (err) => err);
-      let result: T;
-      try {
-        result = await fn(conn as unknown as Tx);
-      } catch (err) {
-        // A failed setup makes every later query fail with 25P02; report the cause.
-        throw (await begun) ?? err;
-      }
-      const setupError = await begun;
-      if (setupError) throw setupError;
-      await conn`commit`;
-      return result;
+      result = await fn(conn as unknown as Tx);
     } catch (err) {
-      await conn`rollback`.catch(() => {});
-      throw err;
-    } finally {
-      conn.release();
+      // A failed setup makes every later query fail with 25P02; report the cause.
+      throw (await begun) ?? err;
     }
-  });
+    const setupError = await begun;
+    if (setupError) throw setupError;
+    await conn`commit`;
+    return result;
+  } catch (err) {
+    await conn`rollback`.catch(() => {});
+    throw err;
+  } finally {
+    conn.release();
+  }
 }
 
 /**
@@ -208,11 +235,12 @@ export async function rpc<T extends Row = Row>(
   select: RpcSelect = "*",
 ): Promise<T[]> {
   const text = `${claimsStatement(who, correlationId)}; ${callStatement(fn, args, select)}`;
-  return await retrying(correlationId, async () => {
-    // One result per statement: the settings, then the call.
-    const results = await db().unsafe(text) as unknown as Row[][];
-    return results[1] as T[];
-  });
+  return await admitted(correlationId, () =>
+    retrying(correlationId, async () => {
+      // One result per statement: the settings, then the call.
+      const results = await db().unsafe(text) as unknown as Row[][];
+      return results[1] as T[];
+    }));
 }
 
 /**

@@ -63,6 +63,9 @@ const schema = z.object({
   SUPABASE_SECRET_KEYS: apiKeys("sb_secret_"),
   SUPABASE_PUBLISHABLE_KEYS: apiKeys("sb_publishable_"),
   DB_POOL_SIZE: z.coerce.number().int().min(1).max(100).default(4),
+  // How long a request waits for one of the pool's connections before it is
+  // answered 503 database_busy (having sent nothing).
+  DB_ACQUIRE_TIMEOUT_MS: z.coerce.number().int().min(100).max(150_000).default(5_000),
   DB_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(100).max(150_000).default(10_000),
   MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(50 * 1024 * 1024).default(1024 * 1024),
   // The jobs worker (POST /jobs/run) stops claiming after this long; a claimed

@@ -314,7 +314,8 @@ dbTest(
     url.port = String(port);
     const child = new Deno.Command(Deno.execPath(), {
       args: ["eval", "--ext=ts", "--no-check", script],
-      env: { SUPABASE_DB_URL: url.href, LOG_LEVEL: "silent" },
+      // waiting for a connection unbounded here: this test is about failing connections
+      env: { SUPABASE_DB_URL: url.href, LOG_LEVEL: "silent", DB_ACQUIRE_TIMEOUT_MS: "60000" },
       stdout: "piped",
       stderr: "null",
     }).spawn();
@@ -327,6 +328,66 @@ dbTest(
     assert.deepEqual(outcomes, ["503 database_unavailable"]);
     assert.ok(downMs < 15_000, `the last of 32 requests failed after ${downMs} ms`);
     assert.ok(backMs !== null && backMs < 3000, `the pool served again after ${backMs} ms`);
+  },
+);
+
+// A saturated pool: requests wait their turn for a connection, but not
+// forever. With one connection held by a slow transaction, a request that
+// waits past DB_ACQUIRE_TIMEOUT_MS is 503 database_busy without having sent
+// anything, and the ones queued after it still get the connection in turn.
+dbTest(
+  "a request that waits too long for a connection is 503 database_busy and sends nothing",
+  async () => {
+    const dbModule = new URL("../../shared/db.ts", import.meta.url).href;
+    const script = `
+    import { rpc, withClaims } from ${JSON.stringify(dbModule)};
+    const who = { role: "service_role", claims: { role: "service_role" } };
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    const outcome = (p) => p.then((v) => "ok " + v, (e) =>
+      e.status + " " + e.code + " retry-after " + e.headers?.["retry-after"]);
+    const t0 = performance.now();
+    let busyRan = false;
+    const slow = outcome(withClaims(who, "slow", async (tx) => {
+      await tx\`select pg_sleep(1)\`;
+      return "slow";
+    }));
+    await sleep(50);
+    const busy = outcome(withClaims(who, "busy", (tx) => {
+      busyRan = true;
+      return tx\`select 1\`;
+    })).then((o) => [o, Math.round(performance.now() - t0)]);
+    await sleep(750); // busy has been refused; these queue behind the slow one
+    const next = outcome(rpc(who, "next", "public.queue_metrics", { queue_name: "q" })
+      .then(() => "rpc"));
+    const last = outcome(withClaims(who, "last", (tx) => tx\`select 'last' as v\`)
+      .then((rows) => rows[0].v));
+    console.log(JSON.stringify({
+      slow: await slow, busy: await busy, busyRan, next: await next, last: await last,
+    }));
+    Deno.exit(0);`;
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["eval", "--ext=ts", "--no-check", script],
+      env: {
+        SUPABASE_DB_URL: db.url,
+        LOG_LEVEL: "silent",
+        DB_POOL_SIZE: "1",
+        DB_ACQUIRE_TIMEOUT_MS: "600",
+      },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const text = new TextDecoder().decode(out.stdout).trim();
+    assert.ok(text, new TextDecoder().decode(out.stderr));
+    const { slow, busy, busyRan, next, last } = JSON.parse(text);
+    assert.equal(slow, "ok slow");
+    assert.equal(busy[0], "503 database_busy retry-after 1");
+    assert.ok(
+      busy[1] >= 640 && busy[1] < 1000,
+      `refused after ${busy[1]} ms, while the slow one ran`,
+    );
+    assert.equal(busyRan, false, "the refused request sent nothing");
+    assert.equal(next, "ok rpc");
+    assert.equal(last, "ok last");
   },
 );
 
