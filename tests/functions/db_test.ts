@@ -347,8 +347,11 @@ dbTest(
       e.status + " " + e.code + " retry-after " + e.headers?.["retry-after"]);
     const t0 = performance.now();
     let busyRan = false;
+    let open;
+    const gate = new Promise((r) => open = r);
     const slow = outcome(withClaims(who, "slow", async (tx) => {
-      await tx\`select pg_sleep(1)\`;
+      await tx\`select 1\`;
+      await gate; // holds the only connection until the others are queued
       return "slow";
     }));
     await sleep(50);
@@ -361,6 +364,7 @@ dbTest(
       .then(() => "rpc"));
     const last = outcome(withClaims(who, "last", (tx) => tx\`select 'last' as v\`)
       .then((rows) => rows[0].v));
+    open();
     console.log(JSON.stringify({
       slow: await slow, busy: await busy, busyRan, next: await next, last: await last,
     }));
