@@ -25,12 +25,14 @@
 //   call itself), and an empty statement.
 //   Reading a 1,000-event aggregate (public.get_aggregate_events) as the
 //   service role and as its owner through RLS: p50 / p99 latency in ms,
-//   against a plain indexed select from the unpartitioned table, and the whole
+//   against a plain indexed select from the unpartitioned table, by a C client
+//   (pgbench; the 5 ms target is judged there), by postgres.js, and the whole
 //   HTTP request through the events function.
 import {
   closeAll,
   connections,
   percentile,
+  pgbench,
   pgbenchLatencies,
   report,
   spread,
@@ -306,12 +308,19 @@ await api.stop();
 const claimsOf = (claims: Record<string, string>) =>
   `-c role=${claims.role} -c request.jwt.claims=${JSON.stringify(claims)}`;
 const readScript = `select * from public.get_aggregate_events('trip', '${BIG}');`;
-const cOurs = await pgbenchLatencies(readScript, READS, claimsOf({ role: "service_role" }));
-const cUser = await pgbenchLatencies(
-  readScript,
-  READS,
-  claimsOf({ role: "authenticated", sub: owner }),
-);
+const asService = claimsOf({ role: "service_role" });
+const asOwner = claimsOf({ role: "authenticated", sub: owner });
+// each role reads the whole aggregate through these settings (else it would read fast)
+for (const options of [asService, asOwner]) {
+  await pgbench(
+    ["-n", "-t", "1"],
+    `select 1 / (count(*) = 1000)::int from public.get_aggregate_events('trip', '${BIG}');`,
+    undefined,
+    options,
+  );
+}
+const cOurs = await pgbenchLatencies(readScript, READS, asService);
+const cUser = await pgbenchLatencies(readScript, READS, asOwner);
 const cPlain = await pgbenchLatencies(
   `select * from public.bench_plain_events
    where aggregate_type = 'trip' and aggregate_id = '${BIG}' order by version;`,
@@ -359,7 +368,7 @@ for (const p of [50, 99]) {
 }
 const p99 = Math.max(percentile(cOurs, 99), percentile(cUser, 99));
 console.log(
-  `read 1,000-event aggregate by a C client, p99 of the slower role ${p99.toFixed(2)} ms ` +
+  `read 1,000-event aggregate by a C client, p99 of the slower role ${p99.toFixed(3)} ms ` +
     `(target < 5 ms: ${p99 < 5 ? "met" : "MISSED"})`,
 );
 await closeAll([admin, service, userSql]);

@@ -130,12 +130,22 @@ export const timed = (clients: number, seconds = BENCH_SECONDS, extra: string[] 
   ...extra,
 ];
 
-/** One pgbench run, with a custom script or a built-in one; transactions per second. */
-export async function pgbench(args: string[], script?: string, url = BENCH_DB): Promise<number> {
+/**
+ * One pgbench run, with a custom script or a built-in one; transactions per
+ * second. `options` become the sessions' settings (PGOPTIONS), e.g. the role
+ * and the JWT claims an API request carries.
+ */
+export async function pgbench(
+  args: string[],
+  script?: string,
+  url = BENCH_DB,
+  options = "",
+): Promise<number> {
   const file = script ? await Deno.makeTempFile({ suffix: ".sql" }) : undefined;
   if (file) await Deno.writeTextFile(file, script!);
   const out = await new Deno.Command(`${PGBIN}/pgbench`, {
     args: [...args, ...(file ? ["-f", file] : []), url],
+    env: { PGOPTIONS: options },
   }).output();
   if (file) await Deno.remove(file);
   const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
@@ -149,31 +159,27 @@ export async function pgbench(args: string[], script?: string, url = BENCH_DB): 
 /**
  * Latencies in ms of `transactions` runs of `script` by one pgbench client (a C
  * client: libpq takes in every row, nothing parses them), after 20 runs on the
- * same connection that are not counted (its caches and plans). `options`
- * become the session's settings (PGOPTIONS), e.g. the role and the JWT claims
- * an API request carries.
+ * same connection that are not counted (its caches and plans), with the
+ * sessions' settings `options` as for pgbench().
  */
 export async function pgbenchLatencies(
   script: string,
   transactions: number,
   options = "",
-  url = BENCH_DB,
 ): Promise<number[]> {
   const WARMUP = 20;
   const dir = await Deno.makeTempDir();
   try {
-    await Deno.writeTextFile(`${dir}/script.sql`, script);
-    const out = await new Deno.Command(`${PGBIN}/pgbench`, {
-      args: [
-        ...["-n", "-c", "1", "-t", String(WARMUP + transactions)],
-        ...["-f", `${dir}/script.sql`, "-l", `--log-prefix=${dir}/log`, url],
-      ],
-      env: { PGOPTIONS: options },
-    }).output();
-    if (!out.success) throw new Error(`pgbench failed:\n${new TextDecoder().decode(out.stderr)}`);
+    const runs = String(WARMUP + transactions);
+    await pgbench(
+      ["-n", "-c", "1", "-t", runs, "-l", `--log-prefix=${dir}/log`],
+      script,
+      BENCH_DB,
+      options,
+    );
     const logs: string[] = [];
     for await (const entry of Deno.readDir(dir)) {
-      if (entry.name.startsWith("log")) logs.push(await Deno.readTextFile(`${dir}/${entry.name}`));
+      logs.push(await Deno.readTextFile(`${dir}/${entry.name}`));
     }
     // one line per transaction, in order: client, transaction, latency in us, ...
     const lines = logs.join("").trim().split("\n");
