@@ -67,8 +67,8 @@ export function db(): Sql {
     // queries fail one per failed attempt, and postgres.js's own backoff
     // grows to 20 s, so with the database down requests failed one by one
     // for minutes, and the pool came back up to 20 s after it did. At 1 s,
-    // an isolate fails about DB_POOL_SIZE / 0.75 waiting requests a second
-    // (postgres.js has no safe way to fail its whole queue at once).
+    // the requests holding slots (see admitted) fail within seconds; those
+    // waiting for a slot are 503 database_busy after DB_ACQUIRE_TIMEOUT_MS.
     backoff: reconnectBackoff,
     connection: { application_name: "easymo-functions" },
     onnotice: () => {},

@@ -271,9 +271,10 @@ dbTest("an orphan socket error from a dead database does not end the process", a
 // connection attempt, and its backoff between attempts grows to 20 s:
 // requests failed one by one for minutes, and the pool came back up to 20 s
 // after the database did. The backoff stops at 1 s now, so 32 waiting
-// requests fail within seconds (a longer queue still takes its time: about 5
-// a second with the default pool). A child process: the database is a port
-// where nothing listens, then a proxy to the test database opens there.
+// requests fail within seconds (the child lifts DB_ACQUIRE_TIMEOUT_MS, so
+// that none of them is refused as busy first). A child process: the database
+// is a port where nothing listens, then a proxy to the test database opens
+// there.
 dbTest(
   "with the database down requests fail fast as 503, and the pool is back at once after",
   async () => {
@@ -359,6 +360,7 @@ dbTest(
       busyRan = true;
       return tx\`select 1\`;
     })).then((o) => [o, Math.round(performance.now() - t0)]);
+    const busyRpc = outcome(rpc(who, "busy-rpc", "public.queue_metrics", { queue_name: "q" }));
     await sleep(750); // busy has been refused; these queue behind the slow one
     const next = outcome(rpc(who, "next", "public.queue_metrics", { queue_name: "q" })
       .then(() => "rpc"));
@@ -366,7 +368,8 @@ dbTest(
       .then((rows) => rows[0].v));
     open();
     console.log(JSON.stringify({
-      slow: await slow, busy: await busy, busyRan, next: await next, last: await last,
+      slow: await slow, busy: await busy, busyRan, busyRpc: await busyRpc, next: await next,
+      last: await last,
     }));
     Deno.exit(0);`;
     const out = await new Deno.Command(Deno.execPath(), {
@@ -382,7 +385,7 @@ dbTest(
     }).output();
     const text = new TextDecoder().decode(out.stdout).trim();
     assert.ok(text, new TextDecoder().decode(out.stderr));
-    const { slow, busy, busyRan, next, last } = JSON.parse(text);
+    const { slow, busy, busyRan, busyRpc, next, last } = JSON.parse(text);
     assert.equal(slow, "ok slow");
     assert.equal(busy[0], "503 database_busy retry-after 1");
     assert.ok(
@@ -390,6 +393,7 @@ dbTest(
       `refused after ${busy[1]} ms, while the slow one ran`,
     );
     assert.equal(busyRan, false, "the refused request sent nothing");
+    assert.equal(busyRpc, "503 database_busy retry-after 1", "an rpc() waits its turn too");
     assert.equal(next, "ok rpc");
     assert.equal(last, "ok last");
   },

@@ -121,6 +121,14 @@ async function readRacingTheMove(reader: postgres.Sql, partition: string, read: 
   }
 }
 
+/** A connection as `role` with these JWT claims, as the API's requests are. */
+async function connectAs(role: string, claims: Record<string, unknown>) {
+  const sql = postgres(db.url, { max: 1, onnotice: () => {} });
+  await sql`select set_config('role', ${role}, false),
+                   set_config('request.jwt.claims', ${JSON.stringify({ role, ...claims })}, false)`;
+  return sql;
+}
+
 // A transaction dated in a month without a partition sits in DEFAULT until
 // maintenance moves it. An idempotent replay of it that looked for it during
 // the move came back empty (HTTP 200 with every field null).
@@ -150,12 +158,6 @@ dbTest(
 // planned against the new partition, where the moved row is not in that
 // snapshot: GET /transactions/:id said 404 and a listing of the month came
 // back empty.
-async function connectAs(role: string, claims: Record<string, unknown>) {
-  const sql = postgres(db.url, { max: 1, onnotice: () => {} });
-  await sql`select set_config('role', ${role}, false),
-                   set_config('request.jwt.claims', ${JSON.stringify({ role, ...claims })}, false)`;
-  return sql;
-}
 
 const TRANSACTION_READS: [string, (id: string, month: string) => Read][] = [
   ["get_transaction", (id) => (sql) => sql`select id from public.get_transaction(${id})`],

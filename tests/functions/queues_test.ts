@@ -160,23 +160,25 @@ dbTest(
     let leaseEnds = Infinity; // epoch ms: the killed consumer's lease runs out no earlier
     let killed = false;
     const output = lines(child.stdout);
-    assert.equal((await output.next()).value, "claimed");
-    const kill = (async () => {
-      const report = JSON.parse((await output.next()).value ?? "null");
-      child.kill("SIGKILL");
-      const status = await child.status;
-      assert.equal(status.signal, "SIGKILL");
-      report.acked.forEach((id: string) => childAcked.add(id));
-      held = report.held;
-      leaseEnds = report.claimedAfter + lease * 1000;
-      killed = true;
-    })();
 
     const processedBy = new Map<string, string[]>();
     const claimedAt = new Map<string, number>();
-    const started = performance.now();
-    const workers = await Promise.all(Array.from({ length: 3 }, consumer));
+    let started = performance.now();
+    const workers: postgres.Sql[] = [];
     try {
+      assert.equal((await output.next()).value, "claimed");
+      started = performance.now();
+      workers.push(...await Promise.all(Array.from({ length: 3 }, consumer)));
+      const kill = (async () => {
+        const report = JSON.parse((await output.next()).value ?? "null");
+        child.kill("SIGKILL");
+        const status = await child.status;
+        assert.equal(status.signal, "SIGKILL");
+        report.acked.forEach((id: string) => childAcked.add(id));
+        held = report.held;
+        leaseEnds = report.claimedAfter + lease * 1000;
+        killed = true;
+      })();
       await Promise.all([
         kill,
         ...workers.map(async (sql, w) => {
@@ -204,11 +206,9 @@ dbTest(
       ]);
     } finally {
       await Promise.all(workers.map((c) => c.end()));
-      if (!killed) {
-        try {
-          child.kill("SIGKILL");
-        } catch { /* it has exited already */ }
-      }
+      try {
+        child.kill("SIGKILL"); // if an assertion ended the test before the kill did
+      } catch { /* it has been killed, or exited, already */ }
     }
     const elapsed = performance.now() - started;
 

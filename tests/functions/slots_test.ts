@@ -9,18 +9,23 @@ const refused = (waitedMs: number) => Object.assign(new Error("refused"), { wait
 
 Deno.test("at most `limit` run at once, and they start in the order they came", async () => {
   const slots = new Slots();
-  const started: number[] = [];
   let running = 0;
   let most = 0;
-  await Promise.all(Array.from({ length: 12 }, (_, i) =>
-    slots.run(3, 5_000, async () => {
-      started.push(i);
-      most = Math.max(most, ++running);
-      await sleep(5 + (i % 4) * 3);
-      running--;
-    }, refused)));
+  const burst = async () => {
+    const started: number[] = [];
+    await Promise.all(Array.from({ length: 12 }, (_, i) =>
+      slots.run(3, 5_000, async () => {
+        started.push(i);
+        most = Math.max(most, ++running);
+        await sleep(5 + (i % 4) * 3);
+        running--;
+      }, refused)));
+    assert.deepEqual(started, Array.from({ length: 12 }, (_, i) => i));
+  };
+  // a second burst: slots handed from one operation to the next are counted right
+  await burst();
+  await burst();
   assert.equal(most, 3);
-  assert.deepEqual(started, Array.from({ length: 12 }, (_, i) => i));
   assert.equal(slots.waiting, 0);
 });
 
@@ -31,7 +36,6 @@ Deno.test("a wait past the bound is refused, never runs, and leaves the slot to 
     ran.push("holder");
     await sleep(300);
   }, refused);
-  const t = performance.now();
   // settled as it happens: the refusal comes while the test sleeps
   const late = slots.run(1, 100, () => {
     ran.push("late");
@@ -45,7 +49,7 @@ Deno.test("a wait past the bound is refused, never runs, and leaves the slot to 
   const refusal = await late;
   assert.equal(refusal?.message, "refused");
   assert.ok(refusal.waitedMs >= 99, `waited ${refusal.waitedMs} ms`);
-  assert.ok(performance.now() - t < 290, "refused while the holder still ran");
+  assert.ok(refusal.waitedMs < 250, "refused while the holder still ran");
   await holder;
   await next;
   assert.deepEqual(ran, ["holder", "next"]);
