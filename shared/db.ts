@@ -131,9 +131,7 @@ function admitted<T>(correlationId: string, op: () => Promise<T>): Promise<T> {
       waited_ms: Math.round(waitedMs),
       still_waiting: slots.waiting,
     });
-    return new HttpError(503, "database_busy", "the database is busy; try again", undefined, {
-      "retry-after": "1",
-    });
+    return tryAgain("database_busy", "the database is busy; try again");
   });
 }
 
@@ -375,6 +373,15 @@ const CALLER_DATA_EXCEPTIONS = new Set([
 ]);
 
 /**
+ * A 503 that the same request may clear if sent again (Retry-After says
+ * when): its transaction never started or was rolled back whole, or, for a
+ * connection lost at commit, may have committed, which a keyed write replays.
+ */
+function tryAgain(code: string, message: string): HttpError {
+  return new HttpError(503, code, message, undefined, { "retry-after": "1" });
+}
+
+/**
  * Maps a Postgres error to HTTP by SQLSTATE. Domain errors raised with
  * private.raise_error carry 'PT' || status, the stable code as MESSAGE and
  * JSON details as HINT; nothing else is read from the text.
@@ -420,10 +427,10 @@ export function toHttpError(err: unknown, correlationId?: string): HttpError {
     case "42501":
       return new HttpError(403, "forbidden", "this role may not do that");
     case "57014":
-      return new HttpError(503, "timeout", "the database took too long; try again");
+      return tryAgain("timeout", "the database took too long; try again");
     case "40001":
     case "40P01":
-      return new HttpError(503, "contention", "too much contention; try again");
+      return tryAgain("contention", "too much contention; try again");
   }
   if (CONNECTION_FAILURES.has(code) || code.startsWith("08")) {
     log("warn", "database connection failed", {
@@ -431,7 +438,7 @@ export function toHttpError(err: unknown, correlationId?: string): HttpError {
       code,
       error: e.message,
     });
-    return new HttpError(503, "database_unavailable", "the database is not answering; try again");
+    return tryAgain("database_unavailable", "the database is not answering; try again");
   }
   log("error", "unexpected database error", {
     correlation_id: correlationId,

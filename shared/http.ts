@@ -101,8 +101,9 @@ export function createApp(name: string): Hono<AppEnv> {
         "idempotency-key",
         "x-correlation-id",
       ],
-      // a browser's client reads these: the request id, and whether a keyed request was a replay
-      exposeHeaders: ["x-correlation-id", "idempotent-replayed"],
+      // a browser's client reads these: the request id, whether a keyed request
+      // was a replay, and when to send a 503's request again
+      exposeHeaders: ["x-correlation-id", "idempotent-replayed", "retry-after"],
       maxAge: 86400,
     }),
   );

@@ -40,7 +40,12 @@ export class Slots {
       };
       const timer = setTimeout(() => {
         this.#waiting.splice(this.#waiting.indexOf(admit), 1);
-        reject(refusal(performance.now() - started));
+        // a refusal that throws still refuses (and does not escape the timer)
+        try {
+          reject(refusal(performance.now() - started));
+        } catch (err) {
+          reject(err);
+        }
       }, timeoutMs);
       this.#waiting.push(admit);
     });

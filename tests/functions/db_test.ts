@@ -402,7 +402,31 @@ dbTest(
 dbTest("a database that cannot be reached is a 503 to retry, not a 500", () => {
   for (const code of ["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH"]) {
     const e = toHttpError(Object.assign(new Error(code), { code }));
-    assert.deepEqual([e.status, e.code], [503, "database_unavailable"], code);
+    assert.deepEqual(
+      [e.status, e.code, e.headers?.["retry-after"]],
+      [503, "database_unavailable", "1"],
+      code,
+    );
+  }
+  return Promise.resolve();
+});
+
+dbTest("every 503 the database causes tells the client when to retry", () => {
+  const cases = [
+    ["57014", "timeout"],
+    ["40001", "contention"],
+    ["40P01", "contention"],
+    ["08006", "database_unavailable"],
+    ["57P01", "database_unavailable"],
+  ];
+  for (const [sqlstate, code] of cases) {
+    const e = toHttpError(Object.assign(new Error(sqlstate), { code: sqlstate }));
+    assert.deepEqual([e.status, e.code, e.headers?.["retry-after"]], [503, code, "1"], sqlstate);
+  }
+  // a fault or bad input is not one to send again unchanged
+  for (const sqlstate of ["23505", "22P02", "XX000"]) {
+    const e = toHttpError(Object.assign(new Error(sqlstate), { code: sqlstate }));
+    assert.equal(e.headers?.["retry-after"], undefined, sqlstate);
   }
   return Promise.resolve();
 });

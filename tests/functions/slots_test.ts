@@ -63,3 +63,17 @@ Deno.test("an operation that fails frees its slot", async () => {
   });
   assert.equal(await slots.run(1, 100, () => Promise.resolve("after"), refused), "after");
 });
+
+Deno.test("a refusal that throws still refuses the waiter and gives up its place", async () => {
+  const slots = new Slots();
+  let release!: () => void;
+  const holder = slots.run(1, 1_000, () => new Promise<void>((r) => release = r), refused);
+  const late = slots.run(1, 50, () => Promise.resolve("ran"), () => {
+    throw new Error("the refusal itself failed");
+  });
+  await assert.rejects(late, { message: "the refusal itself failed" });
+  assert.equal(slots.waiting, 0);
+  release();
+  await holder;
+  assert.equal(await slots.run(1, 100, () => Promise.resolve("after"), refused), "after");
+});
