@@ -67,15 +67,25 @@ as $$
   end;
 $$;
 
--- Failures worth another send when Meta reports them by the status webhook:
--- throttling and transient faults (the codes the dispatcher retries when the
--- send itself gets them back; see shared/whatsapp_dispatch.ts).
-create or replace function private.whatsapp_failure_retryable(p_error_code text) returns boolean
+-- Whether a status Meta reports for a send it took puts the message back to
+-- pending, to go out again after a backoff: a failure worth another send
+-- (throttling and transient faults, the codes the dispatcher retries when the
+-- send itself gets them back; see shared/whatsapp_dispatch.ts) of a message
+-- with attempts left. Any other failure is final. The one rule for a status
+-- that follows the dispatcher's record of the send (ingest_whatsapp_events)
+-- and one that beat it (complete_whatsapp_messages).
+create or replace function private.whatsapp_status_requeues(
+  p_status text,
+  p_error_code text,
+  p_attempts integer,
+  p_max_attempts integer
+) returns boolean
 language sql
 immutable
 set search_path = ''
 as $$
-  select coalesce(p_error_code in ('130429', '131056', '131048', '80007', '4',
+  select p_status = 'failed' and p_attempts < p_max_attempts
+     and coalesce(p_error_code in ('130429', '131056', '131048', '80007', '4',
                                    '131000', '131016', '1', '2'), false)
 $$;
 
@@ -888,9 +898,11 @@ begin
     -- send got back: pending again after a backoff, as an attempt, without
     -- the wamid of the send that failed; out of attempts it is final.
     select distinct on (i.wamid) i.*,
-           i.status = 'failed' and private.whatsapp_failure_retryable(i.error_code) and exists (
+           i.status = 'failed' and exists (
              select from public.whatsapp_message_queue r
-             where r.wamid = i.wamid and r.attempts < r.max_attempts) as requeue
+             where r.wamid = i.wamid
+               and private.whatsapp_status_requeues(i.status, i.error_code, r.attempts,
+                                                    r.max_attempts)) as requeue
     from incoming i
     order by i.wamid, case i.status when 'read' then 4 when 'delivered' then 3 when 'failed' then 2.5 else 2 end desc
   ), moved as (
@@ -900,6 +912,7 @@ begin
       visible_at = case when b.requeue then now() + private.backoff_delay(q.attempts, 2, 3600)
                         else q.visible_at end,
       sent_at = case when b.requeue then null else coalesce(q.sent_at, b.occurred_at) end,
+      finished_at = case when b.requeue then null else q.finished_at end,
       delivered_at = case when b.status in ('delivered', 'read') then coalesce(q.delivered_at, b.occurred_at)
                           else q.delivered_at end,
       read_at = case when b.status = 'read' then coalesce(q.read_at, b.occurred_at) else q.read_at end,
@@ -1249,6 +1262,8 @@ declare
   v_ids bigint[];
   v_group record;
   v_settled bigint[];
+  -- sent, but Meta's failed status for the send came first
+  v_failed_first bigint[];
 begin
   if jsonb_typeof(p_results) is distinct from 'array' or jsonb_array_length(p_results) > 1000 then
     perform private.raise_error(400, 'invalid_results', 'results must be an array of at most 1000 objects');
@@ -1306,7 +1321,7 @@ begin
            -- its lease ran out on its last attempt while the send was out:
            -- Meta has it, so it is sent, not a dead letter
            or (q.status = 'failed' and q.error_code = 'lease_expired'))
-    returning q.id, q.recipient_phone, q.correlation_id, q.attempts, r.duration_ms
+    returning q.id, q.status, q.recipient_phone, q.correlation_id, q.attempts, r.duration_ms
   ), counted as (
     insert into public.whatsapp_sessions as s (phone_number, message_count, last_activity_at)
     select u.recipient_phone, count(*), now() from upd u group by u.recipient_phone order by u.recipient_phone
@@ -1314,9 +1329,33 @@ begin
       message_count = s.message_count + excluded.message_count, last_activity_at = now()
   )
   select count(*), coalesce(jsonb_agg(private.whatsapp_metric('whatsapp.message.sent', u.id, u.attempts, null,
-                                                                u.duration_ms, u.correlation_id)), '[]'::jsonb)
-  into v_sent, v_part from upd u;
+                                                                u.duration_ms, u.correlation_id)), '[]'::jsonb),
+         array_agg(u.id) filter (where u.status = 'failed')
+  into v_sent, v_part, v_failed_first from upd u;
   v_metrics := v_metrics || v_part;
+
+  -- A failed status that beat the record of its send (the pair limit mostly
+  -- reports that way) ends as if it had followed it (ingest_whatsapp_events):
+  -- pending again after the same backoff, without the failed send's wamid,
+  -- when worth another send and attempts are left; else failed for good.
+  if v_failed_first is not null then
+    with requeued as (
+      update public.whatsapp_message_queue q set
+        status = 'pending', wamid = null, sent_at = null, finished_at = null, failed_at = null,
+        visible_at = now() + private.backoff_delay(q.attempts, 2, 3600)
+      where q.id = any(v_failed_first)
+        and private.whatsapp_status_requeues(q.status, q.error_code, q.attempts, q.max_attempts)
+      returning q.id
+    )
+    -- the rows as they were before requeued (same id, attempts, code)
+    select coalesce(jsonb_agg(private.whatsapp_metric(
+             case when r.id is null then 'whatsapp.message.failed' else 'whatsapp.message.retry' end,
+             q.id, q.attempts, q.error_code, null, q.correlation_id)), '[]'::jsonb)
+    into v_part
+    from public.whatsapp_message_queue q left join requeued r on r.id = q.id
+    where q.id = any(v_failed_first);
+    v_metrics := v_metrics || v_part;
+  end if;
 
   -- retry and failed: the generic lease settlement, one call per error
   for v_group in
@@ -1565,7 +1604,8 @@ grant execute on function public.list_whatsapp_sessions(text, integer, text) to 
 -- validation helpers (enqueue and ingest are security invoker); the dispatch
 -- helpers run only inside the security definer claim / complete functions.
 revoke all on function private.whatsapp_status_rank(text) from public, anon, authenticated;
-revoke all on function private.whatsapp_failure_retryable(text) from public, anon, authenticated;
+revoke all on function private.whatsapp_status_requeues(text, text, integer, integer)
+  from public, anon, authenticated;
 revoke all on function private.whatsapp_check_phone(text, text) from public, anon, authenticated;
 revoke all on function private.whatsapp_payload_error(text, text) from public, anon, authenticated;
 revoke all on function private.whatsapp_text_field(jsonb, text, text, integer, integer, boolean)
@@ -1576,7 +1616,8 @@ revoke all on function private.whatsapp_results(jsonb) from public, anon, authen
 revoke all on function private.whatsapp_metric(text, bigint, integer, text, double precision, text, text)
   from public, anon, authenticated, service_role;
 grant execute on function private.whatsapp_status_rank(text) to service_role;
-grant execute on function private.whatsapp_failure_retryable(text) to service_role;
+grant execute on function private.whatsapp_status_requeues(text, text, integer, integer)
+  to service_role;
 grant execute on function private.whatsapp_check_phone(text, text) to service_role;
 grant execute on function private.whatsapp_payload_error(text, text) to service_role;
 grant execute on function private.whatsapp_text_field(jsonb, text, text, integer, integer, boolean) to service_role;

@@ -3,7 +3,7 @@
 -- sessions, secrets, inbound messages, statuses and the queue
 -- (anon, two users matched by their phone claim, a user without one, service_role).
 begin;
-select plan(86);
+select plan(90);
 
 -- the spec's examples, verbatim
 select ok(public.enqueue_whatsapp_message(
@@ -146,14 +146,15 @@ select is((select status from public.whatsapp_message_queue where wamid = 'wamid
 -- throttling (the pair limit mostly comes this way) or a transient fault that
 -- the webhook reports: sent again after a backoff, until the attempts run out
 insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload, status, wamid,
-  sent_at, attempts, max_attempts)
-values ('+250788000003', 'text', '{"body": "z"}', 'sent', 'wamid.out-3', now(), 1, 2);
+  sent_at, finished_at, attempts, max_attempts)
+values ('+250788000003', 'text', '{"body": "z"}', 'sent', 'wamid.out-3', now(), now(), 1, 2);
 create temp table out3 as select id from public.whatsapp_message_queue where wamid = 'wamid.out-3';
 select public.ingest_whatsapp_events(p_statuses := '[{"wamid": "wamid.out-3", "status": "failed",
   "error_code": "131056", "error_message": "pair rate limit hit"}]');
-select is((select row(status, wamid, error_code, visible_at > now(), failed_at)::text
+select is((select row(status, wamid, error_code, visible_at > now(), failed_at, sent_at, finished_at)::text
            from public.whatsapp_message_queue where id = (select id from out3)),
-  row('pending', null::text, '131056', true, null::timestamptz)::text,
+  row('pending', null::text, '131056', true, null::timestamptz, null::timestamptz,
+      null::timestamptz)::text,
   'a throttled send the webhook reports is sent again after a backoff');
 update public.whatsapp_message_queue set status = 'sent', wamid = 'wamid.out-3b', attempts = 2
 where id = (select id from out3);
@@ -296,6 +297,40 @@ select is((public.complete_whatsapp_messages('disp-late', 'biz-late', jsonb_buil
   'the late sent outcome is recorded');
 select is((select row(status, wamid, error_code, dead_lettered_at)::text from public.whatsapp_message_queue),
   row('sent', 'wamid.LATE', null::text, null::timestamptz)::text, 'as sent, no longer a dead letter');
+
+-- Meta's failed status may beat the dispatcher's record of the send: it ends
+-- as it does when it follows the record. Worth another send with attempts
+-- left: pending again after a backoff; on the last attempt: failed for good.
+delete from public.whatsapp_message_queue;
+insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload, max_attempts)
+values ('+250788555551', 'template', '{"name": "hello_world", "language": "en"}', 3),
+       ('+250788555552', 'template', '{"name": "hello_world", "language": "en"}', 1);
+create temp table early as
+  select m from jsonb_array_elements(public.claim_whatsapp_messages('disp-early', 'biz-early',
+    p_pair_interval_ms := 0) -> 'messages') m;
+select public.ingest_whatsapp_events(p_statuses := '[
+  {"wamid": "wamid.EARLY1", "status": "failed", "error_code": "131056", "error_message": "pair rate limit hit"},
+  {"wamid": "wamid.EARLY2", "status": "failed", "error_code": "131056", "error_message": "pair rate limit hit"}]');
+select is((public.complete_whatsapp_messages('disp-early', 'biz-early', (
+    select jsonb_agg(jsonb_build_object('id', m ->> 'id', 'lease_token', m ->> 'lease_token',
+      'outcome', 'sent', 'duration_ms', 5,
+      'wamid', case m ->> 'recipient_phone' when '+250788555551' then 'wamid.EARLY1' else 'wamid.EARLY2' end))
+    from early)) ->> 'sent')::int, 2, 'both sends are recorded');
+select is((select row(status, wamid, error_code, visible_at > now(), sent_at, finished_at, failed_at)::text
+           from public.whatsapp_message_queue where recipient_phone = '+250788555551'),
+  row('pending', null::text, '131056', true, null::timestamptz, null::timestamptz,
+      null::timestamptz)::text,
+  'a throttled send whose failure came first is sent again after a backoff');
+select is((select row(status, wamid, error_code, failed_at is not null)::text
+           from public.whatsapp_message_queue where recipient_phone = '+250788555552'),
+  row('failed', 'wamid.EARLY2', '131056', true)::text,
+  'on its last attempt it fails for good');
+select is((select array_agg(metric_name order by metric_name) from public.system_metrics
+           where tags ->> 'message_id' in (select id::text from public.whatsapp_message_queue
+                                           where recipient_phone like '+25078855555_')),
+  array['whatsapp.message.failed', 'whatsapp.message.retry', 'whatsapp.message.sent',
+        'whatsapp.message.sent'],
+  'each is counted as sent, then as a retry or a failure, as when the status follows');
 
 -- one message in flight per recipient: a higher-priority message enqueued
 -- while a lower one is out waits for it, even with no pair pacing
