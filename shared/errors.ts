@@ -37,12 +37,14 @@ export const payloadTooLarge = (limit: number) =>
   new HttpError(413, "payload_too_large", `request body exceeds ${limit} bytes`, { limit });
 
 export interface ErrorBody {
-  error: { code: string; message: string; details?: unknown };
+  error: { code: string; message: string; details: unknown };
   correlation_id: string;
 }
 
+/** The one error shape; every key always there, `details` null when an error has none. */
 export function errorBody(err: HttpError, correlationId: string): ErrorBody {
-  const error: ErrorBody["error"] = { code: err.code, message: err.message };
-  if (err.details !== undefined) error.details = err.details;
-  return { error, correlation_id: correlationId };
+  return {
+    error: { code: err.code, message: err.message, details: err.details ?? null },
+    correlation_id: correlationId,
+  };
 }

@@ -257,11 +257,12 @@ dbTest("a repeated query parameter is 400, whichever value comes first", async (
 });
 
 dbTest("unknown routes are 404 in the error shape", async () => {
-  expectError(
+  const err = expectError(
     await call(app, "GET", "/observability/nope", { token: await serviceToken() }),
     404,
     "not_found",
   );
+  assert.equal(err.details, null, "an error without details still has the key");
 });
 
 dbTest("a known route with the wrong method is 405 with Allow", async () => {

@@ -151,12 +151,18 @@ export function expectError(
   res: { status: number; body: any },
   status: number,
   code?: string,
-): { code: string; message: string; details?: unknown } {
+): { code: string; message: string; details: unknown } {
   if (res.status !== status) {
     throw new Error(`expected HTTP ${status}, got ${res.status}: ${JSON.stringify(res.body)}`);
   }
   const err = res.body?.error;
-  if (!err || typeof err.code !== "string" || typeof err.message !== "string") {
+  // the one shape, every key present and no other (details null when there are none)
+  const keys = (o: object) => Object.keys(o).sort().join(",");
+  if (
+    !err || typeof err !== "object" || keys(res.body) !== "correlation_id,error" ||
+    keys(err) !== "code,details,message" || typeof err.code !== "string" ||
+    typeof err.message !== "string" || err.details === undefined
+  ) {
     throw new Error(`not the error shape: ${JSON.stringify(res.body)}`);
   }
   if (typeof res.body.correlation_id !== "string") {
