@@ -634,8 +634,9 @@ $$;
 -- hash -> idempotency_key_reused (409). A call that fails stores nothing, so
 -- it may be retried with the same key. The hash covers the recipient as the
 -- caller named it (p_recipient: transfer_funds' id or phone), so a retry
--- replays even after the phone has passed to someone else; the recipient is
--- checked only after that, so a retry replays even if they have left since.
+-- replays even after the phone has passed to someone else (the sender
+-- included); the recipient is checked only after that, so a retry replays
+-- even if they have left since.
 -- -----------------------------------------------------------------------------
 create or replace function private.create_transaction(
   p_user_id uuid,
@@ -692,8 +693,6 @@ begin
     perform private.raise_error(400, 'destination_required', 'a transfer needs a destination user');
   elsif p_type <> 'transfer' and p_destination_user_id is not null then
     perform private.raise_error(400, 'unexpected_destination', 'only transfers have a destination user');
-  elsif p_destination_user_id = p_user_id then
-    perform private.raise_error(400, 'self_transfer', 'a transfer needs another user as destination');
   end if;
   if p_metadata is not null and jsonb_typeof(p_metadata) <> 'object' then
     perform private.raise_error(400, 'invalid_metadata', 'metadata must be a JSON object');
@@ -740,6 +739,10 @@ begin
     end if;
   end if;
 
+  -- after the replay: the phone a retry names may have passed to the sender
+  if p_destination_user_id = p_user_id then
+    perform private.raise_error(400, 'self_transfer', 'a transfer needs another user as destination');
+  end if;
   -- a deleted account receives nothing (nor does one that never existed):
   -- not a transfer, nor a credit, refund or commission
   if p_destination_user_id is not null then

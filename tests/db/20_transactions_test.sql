@@ -2,7 +2,7 @@
 -- (every pair of statuses), holds and the double-entry ledger, partition
 -- edges, maintenance, and the RLS matrix (anon, two users, service_role).
 begin;
-select plan(201);
+select plan(203);
 
 -- fixtures ------------------------------------------------------------------
 create temp table ids as
@@ -428,6 +428,22 @@ select throws_ok($$select public.transfer_funds(p_amount := 2, p_currency := 'RW
   p_to_phone := '+250788999995', p_from_user_id := (select alice from ids),
   p_idempotency_key := 'retry-2')$$, 'PT409', 'idempotency_key_reused',
   'a retry with another amount is still refused');
+-- the phone passes on to the sender: the retry still replays, a new transfer is to oneself
+select tests.clear_authentication();
+update auth.users set phone = null where id = (select heir from payee);
+update auth.users set phone = '250788999995', phone_confirmed_at = now()
+where id = (select alice from ids);
+select tests.authenticate_as_service_role();
+select is((public.transfer_funds(p_amount := 1, p_currency := 'RWF', p_to_phone := '+250788999995',
+  p_from_user_id := (select alice from ids), p_idempotency_key := 'retry-2')).id,
+  (select moved_one from paid), 'a retry after the phone passed to the sender replays too');
+select throws_ok($$select public.transfer_funds(p_amount := 1, p_currency := 'RWF',
+  p_to_phone := '+250788999995', p_from_user_id := (select alice from ids),
+  p_idempotency_key := 'retry-4')$$, 'PT400', 'self_transfer',
+  'while a new transfer to that phone is one to oneself');
+select tests.clear_authentication();
+update auth.users set phone = null, phone_confirmed_at = null where id = (select alice from ids);
+select tests.authenticate_as_service_role();
 select public.create_transaction((select alice from ids), 'debit', 1, 'RWF', 'retry-3');
 select throws_ok($$select public.transfer_funds(p_amount := 1, p_currency := 'RWF',
   p_to_user_id := (select bob from ids), p_from_user_id := (select alice from ids),
