@@ -477,6 +477,23 @@ begin
     return;
   end if;
   v_owner := private.caller_user_id(); -- once, not per row
+  -- A user's batch naming an aggregate that has events and does not carry
+  -- theirs is refused (404) before anything is locked: else it would hold
+  -- that aggregate's lock for its whole run (up to 1,000 events, or waiting
+  -- on another lock) until the loop reached the aggregate and append_event
+  -- refused it, and the aggregate's writers would wait. (A single append
+  -- holds the lock only between its write and its checks.)
+  if v_owner is not null and exists (
+    select from jsonb_array_elements(p_events) e
+    join public.event_streams s
+      on s.aggregate_type = e ->> 'aggregate_type' and s.aggregate_id = e ->> 'aggregate_id'
+    where s.version > 0 and not exists (
+      select from public.event_stream_members m
+      where m.aggregate_type = s.aggregate_type and m.aggregate_id = s.aggregate_id
+        and m.user_id = v_owner)
+  ) then
+    perform private.raise_error(404, 'aggregate_not_found', 'no such aggregate');
+  end if;
   insert into public.event_streams (aggregate_type, aggregate_id, version, owner_id)
   select distinct e ->> 'aggregate_type', e ->> 'aggregate_id', 0, v_owner
   from jsonb_array_elements(p_events) e

@@ -307,6 +307,41 @@ dbTest("users read their own aggregates only; anon nothing", async () => {
   expectError(await call(app, "GET", "/events/stream", { token: anon }), 401);
 });
 
+// A user's batch that names someone else's aggregate is refused before it
+// locks anything. Bob's batch over his own aggregate and alice's would
+// otherwise lock both (in key order, alice's first), and while it waits for
+// his own (held here by another transaction) alice could not append.
+dbTest("a stranger's batch is refused before it locks the other user's aggregate", async () => {
+  const alice = await createUser(db);
+  const bob = await createUser(db);
+  const [aliceToken, bobToken] = [await userToken(alice), await userToken(bob)];
+  const append = (token: string, body: unknown) => call(app, "POST", "/events", { token, body });
+  assert.equal((await append(aliceToken, event("held-a"))).status, 201);
+  assert.equal((await append(bobToken, event("held-b"))).status, 201);
+  const blocker = await db.sql.reserve();
+  try {
+    await blocker`begin`;
+    await blocker`select from public.event_streams where aggregate_id = 'held-b' for update`;
+    const bobs = append(bobToken, { events: [event("held-b"), event("held-a")] });
+    await new Promise((r) => setTimeout(r, 300));
+    const alices = append(aliceToken, event("held-a", { event_type: "fare_changed" }));
+    const first = await Promise.race([
+      alices,
+      new Promise((r) => setTimeout(() => r("still waiting"), 3000)),
+    ]);
+    await blocker`commit`;
+    assert.notEqual(first, "still waiting", "alice waited on bob's refused batch");
+    expectError(await bobs, 404, "aggregate_not_found");
+    assert.equal((await alices).status, 201);
+  } finally {
+    await blocker`rollback`.catch(() => {});
+    blocker.release();
+  }
+  const rows = await db.sql`select aggregate_id, version::int as v from public.event_streams
+                            where aggregate_id in ('held-a', 'held-b') order by 1`;
+  assert.deepEqual(rows.map((r) => [r.aggregate_id, r.v]), [["held-a", 2], ["held-b", 1]]);
+});
+
 dbTest("the stream never skips an event whose transaction commits late", async () => {
   const token = await serviceToken();
   const head = await call(app, "GET", "/events/stream?limit=10000", { token });
