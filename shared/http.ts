@@ -100,6 +100,8 @@ export function createApp(name: string): Hono<AppEnv> {
         "content-type",
         "idempotency-key",
         "x-correlation-id",
+        // supabase-js sends it with a `region` (the gateway's choice of region)
+        "x-region",
       ],
       // a browser's client reads these: the request id, whether a keyed request
       // was a replay, and when to send a 503's request again
@@ -163,7 +165,14 @@ export async function readRawBody(c: Ctx, limit = env().MAX_BODY_BYTES): Promise
   let size = 0;
   const reader = body.getReader();
   for (;;) {
-    const { done, value } = await reader.read();
+    let chunk: ReadableStreamReadResult<Uint8Array>;
+    try {
+      chunk = await reader.read();
+    } catch {
+      // the client went away (or broke its framing) mid-body: its fault, not ours
+      throw badRequest("body_incomplete", "the request body ended before it was complete");
+    }
+    const { done, value } = chunk;
     if (done) break;
     size += value.byteLength;
     if (size > limit) {
@@ -313,9 +322,14 @@ export async function jsonBody<S extends z.ZodType>(c: Ctx, schema: S): Promise<
   return validate(schema, parseJsonText(text), "request body");
 }
 
+// Supabase's gateway reads it to pick the region a function runs in
+// (supabase-js adds it to every call made with a `region`); it is not ours.
+const GATEWAY_QUERY_KEYS = new Set(["forceFunctionRegion"]);
+
 /** Validates the query string: single values, so a repeated key is a 400 (which one would count?). */
 export function queryParams<S extends z.ZodType>(c: Ctx, schema: S): z.infer<S> {
-  const repeated = Object.entries(c.req.queries()).filter(([, values]) => values.length > 1);
+  const queries = Object.entries(c.req.queries()).filter(([key]) => !GATEWAY_QUERY_KEYS.has(key));
+  const repeated = queries.filter(([, values]) => values.length > 1);
   if (repeated.length > 0) {
     throw badRequest(
       "invalid_request",
@@ -327,7 +341,27 @@ export function queryParams<S extends z.ZodType>(c: Ctx, schema: S): z.infer<S> 
       })),
     );
   }
-  return validate(schema, c.req.query(), "query string");
+  return validate(
+    schema,
+    Object.fromEntries(queries.map(([key, values]) => [key, values[0]])),
+    "query string",
+  );
+}
+
+/**
+ * A request header as the text the client sent. Deno hands a header's bytes
+ * over one character per byte; a value that is valid UTF-8 (a user agent
+ * naming "CaféApp") is read as such, any other as the bytes it is.
+ */
+export function headerText(c: Ctx, name: string): string | undefined {
+  const raw = c.req.header(name);
+  if (raw === undefined || !/[\x80-\xff]/.test(raw) || /[^\x00-\xff]/.test(raw)) return raw;
+  try {
+    return new TextDecoder("utf-8", { fatal: true })
+      .decode(Uint8Array.from(raw, (ch) => ch.charCodeAt(0)));
+  } catch {
+    return raw;
+  }
 }
 
 /** Validates path parameters. */

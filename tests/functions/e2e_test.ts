@@ -1,7 +1,7 @@
 // End to end over real HTTP, the way a front-end calls functions: the local
 // router on a real port and supabase-js functions.invoke.
 import assert from "node:assert/strict";
-import { createClient, FunctionsHttpError } from "@supabase/supabase-js";
+import { createClient, FunctionRegion, FunctionsHttpError } from "@supabase/supabase-js";
 import {
   anonToken,
   createUser,
@@ -72,14 +72,18 @@ dbTest("the service role records a metric over HTTP; unknown functions are 404",
   assert.equal((await missing.json()).error.code, "function_not_found");
 });
 
-/** One request with its path exactly as given (fetch would resolve dot segments first). */
-async function rawGet(path: string, token: string): Promise<{ head: string; body: string }> {
+/** One request with its path (and Host) exactly as given (fetch would resolve dot segments first). */
+async function rawGet(
+  path: string,
+  token: string,
+  host = "x",
+): Promise<{ head: string; body: string }> {
   const { port } = new URL(api.url);
   const conn = await Deno.connect({ hostname: "127.0.0.1", port: Number(port) });
   try {
     await conn.write(
       new TextEncoder().encode(
-        `GET ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n` +
+        `GET ${path} HTTP/1.1\r\nHost: ${host}\r\nAuthorization: Bearer ${token}\r\n` +
           "Connection: close\r\n\r\n",
       ),
     );
@@ -104,6 +108,36 @@ dbTest(
     assert.match(body, /"code":"not_found"/);
   },
 );
+
+// Deno builds the request's URL from the Host header unchecked: a Host with a
+// path in it must not choose the function instead of the request's own path.
+dbTest("a Host header that is not a host and port is 400, not routed", async () => {
+  const token = await serviceToken();
+  for (const host of ["127.0.0.1/functions/v1/queues", "x?y", "a@b", "x#y"]) {
+    const { head, body } = await rawGet("/", token, host);
+    assert.match(head, /^http\/1\.1 400/, host);
+    assert.match(body, /"code":"invalid_host"/, host);
+  }
+  for (const host of ["localhost:54321", "[::1]:8080", "api.easymo.rw"]) {
+    const { head } = await rawGet("/functions/v1/queues", token, host);
+    assert.match(head, /^http\/1\.1 200/, host);
+  }
+});
+
+// supabase-js pins a call to a region with ?forceFunctionRegion= and x-region
+dbTest("a call pinned to a region is served like any other", async () => {
+  const uid = await createUser(db);
+  const supabase = createClient(api.url, await anonToken(), {
+    global: { headers: { Authorization: `Bearer ${await userToken(uid)}` } },
+    auth: { persistSession: false, autoRefreshToken: false },
+  });
+  const read = await supabase.functions.invoke("observability/audit?resource_id=none", {
+    method: "GET",
+    region: FunctionRegion.EuWest3,
+  });
+  assert.equal(read.error, null, String(read.error));
+  assert.deepEqual(read.data.data, []);
+});
 
 // `npm start` while another stack runs: the local API's process stops at the
 // first port it cannot take, with one line naming the port's variable.

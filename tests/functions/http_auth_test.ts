@@ -265,6 +265,54 @@ dbTest("unknown routes are 404 in the error shape", async () => {
   assert.equal(err.details, null, "an error without details still has the key");
 });
 
+// supabase-js calls made with a `region` carry ?forceFunctionRegion= (and
+// x-region): Supabase's gateway reads them; a strict query schema must not.
+dbTest("the gateway's forceFunctionRegion parameter is not the function's input", async () => {
+  const token = await serviceToken();
+  const path = "/observability/metrics?service_name=api&metric_name=region_probe";
+  const res = await call(app, "GET", `${path}&forceFunctionRegion=eu-west-3`, { token });
+  assert.equal(res.status, 200, JSON.stringify(res.body));
+  // still one value only, as every query parameter
+  expectError(
+    await call(app, "GET", `${path}&forceFunctionRegion=a&forceFunctionRegion=b&x=1`, { token }),
+    400,
+    "invalid_request",
+  );
+});
+
+// A client that goes away mid-body is its own fault, not a database error.
+dbTest("a body that breaks off is 400 body_incomplete, logged as a request", async () => {
+  Deno.env.set("LOG_LEVEL", "info");
+  resetEnv();
+  const lines: string[] = [];
+  const original = console.log;
+  console.log = (line: string) => lines.push(line);
+  try {
+    const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        controller.enqueue(new TextEncoder().encode('{"service_name": "api", '));
+        controller.error(new Error("connection reset"));
+      },
+    });
+    const res = await app.request(METRICS, {
+      method: "POST",
+      headers: {
+        authorization: `Bearer ${await serviceToken()}`,
+        "content-type": "application/json",
+      },
+      body,
+    });
+    const parsed = { status: res.status, body: await res.json() };
+    expectError(parsed, 400, "body_incomplete");
+  } finally {
+    console.log = original;
+    Deno.env.set("LOG_LEVEL", "silent");
+    resetEnv();
+  }
+  const logged = lines.map((l) => JSON.parse(l)).map((l) => `${l.level} ${l.msg} ${l.status}`);
+  assert.deepEqual(logged, ["info request 400"], "no database error, no 500");
+});
+
 dbTest("a known route with the wrong method is 405 with Allow", async () => {
   const res = await call(app, "DELETE", METRICS, { token: await serviceToken() });
   expectError(res, 405, "method_not_allowed");
@@ -326,12 +374,14 @@ dbTest("CORS preflight is answered without credentials", async () => {
     headers: {
       origin: "https://app.easymo.rw",
       "access-control-request-method": "POST",
-      "access-control-request-headers": "authorization, content-type, x-client-info, apikey",
+      "access-control-request-headers":
+        "authorization, content-type, x-client-info, apikey, x-region",
     },
   });
   assert.equal(res.status, 204);
   assert.equal(res.headers.get("access-control-allow-origin"), "*");
   assert.match(res.headers.get("access-control-allow-headers") ?? "", /authorization/);
+  assert.match(res.headers.get("access-control-allow-headers") ?? "", /x-region/);
   assert.match(res.headers.get("access-control-allow-methods") ?? "", /POST/);
   // and a browser may read the replay marker, the request id and a 503's Retry-After
   const answer = await app.request(METRICS, { headers: { origin: "https://app.easymo.rw" } });

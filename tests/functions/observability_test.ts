@@ -161,6 +161,32 @@ dbTest("a user's audit event is recorded as themselves, whatever they claim", as
   assert.deepEqual(row.new_data, { status: "accepted", fare: 5000 });
 });
 
+// Deno hands header bytes over one character per byte: "CaféApp" sent as
+// UTF-8 arrives as "CafÃ©App" and was stored so. Bytes that are not UTF-8 are
+// kept as they are; a long agent is cut between code points.
+dbTest("a user agent is stored as the text the client sent", async () => {
+  const token = await userToken(await createUser(db));
+  const cases: [string, string][] = [
+    ["Caf\u00c3\u00a9App/1.0 \u00f0\u009f\u009a\u0095", "CaféApp/1.0 \u{1f695}"],
+    ["Caf\u00e9App/1.0", "Caf\u00e9App/1.0"],
+    [
+      "a".repeat(510) + "\u00f0\u009f\u009a\u0095".repeat(3),
+      "a".repeat(510) + "\u{1f695}".repeat(2),
+    ],
+  ];
+  for (const [sent, stored] of cases) {
+    const res = await call(app, "POST", "/observability/audit", {
+      token,
+      body: { actor_type: "user", actor_identifier: "x", action: "ua_probe" },
+      headers: { "user-agent": sent },
+    });
+    assert.equal(res.status, 201, JSON.stringify(res.body));
+    const [row] = await db.sql`select user_agent from public.system_audit_logs
+                               where id = ${res.body.id}`;
+    assert.equal(row.user_agent, stored);
+  }
+});
+
 dbTest("malformed audit input is a 400 or is left out, never a 500 or a lost write", async () => {
   const alice = await createUser(db);
   const token = await userToken(alice);

@@ -20,10 +20,11 @@ import {
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import type { Principal } from "../../../shared/auth.ts";
 import { coalescer } from "../../../shared/coalesce.ts";
-import { asJson, rpc } from "../../../shared/db.ts";
+import { asJson, dbText, rpc } from "../../../shared/db.ts";
 import {
   createApp,
   decodeCursor,
+  headerText,
   jsonBody,
   keysetPage,
   queryParams,
@@ -157,7 +158,7 @@ app.post("/audit", async (c) => {
     metadata: body.metadata ?? {},
     // isIP takes an IPv6 zone id ("fe80::1%eth0"), which inet refuses
     ip_address: ip && isIP(ip) && !ip.includes("%") ? ip : undefined,
-    user_agent: c.req.header("user-agent")?.slice(0, 512),
+    user_agent: dbText(headerText(c, "user-agent") ?? "", 512) || undefined,
     correlation_id: correlationId,
   });
   return c.json({ id: String(row.log_audit_event) }, 201);
