@@ -355,7 +355,7 @@ export function queryParams<S extends z.ZodType>(c: Ctx, schema: S): z.infer<S> 
  */
 export function headerText(c: Ctx, name: string): string | undefined {
   const raw = c.req.header(name);
-  if (raw === undefined || !/[\x80-\xff]/.test(raw) || /[^\x00-\xff]/.test(raw)) return raw;
+  if (raw === undefined || !/[\x80-\xff]/.test(raw) || /[\u0100-\uffff]/.test(raw)) return raw;
   try {
     return new TextDecoder("utf-8", { fatal: true })
       .decode(Uint8Array.from(raw, (ch) => ch.charCodeAt(0)));

@@ -15,12 +15,17 @@ import {
 const db = await freshDatabase();
 const api = await startLocalApi();
 
-dbTest("a signed-in user writes and reads audit events through functions.invoke", async () => {
-  const uid = await createUser(db);
-  const supabase = createClient(api.url, await anonToken(), {
+/** A front-end's client: the anon key, and a signed-in user's token on every call. */
+async function userClient(uid: string) {
+  return createClient(api.url, await anonToken(), {
     global: { headers: { Authorization: `Bearer ${await userToken(uid)}` } },
     auth: { persistSession: false, autoRefreshToken: false },
   });
+}
+
+dbTest("a signed-in user writes and reads audit events through functions.invoke", async () => {
+  const uid = await createUser(db);
+  const supabase = await userClient(uid);
   const written = await supabase.functions.invoke("observability/audit", {
     body: {
       actor_type: "user",
@@ -126,11 +131,7 @@ dbTest("a Host header that is not a host and port is 400, not routed", async () 
 
 // supabase-js pins a call to a region with ?forceFunctionRegion= and x-region
 dbTest("a call pinned to a region is served like any other", async () => {
-  const uid = await createUser(db);
-  const supabase = createClient(api.url, await anonToken(), {
-    global: { headers: { Authorization: `Bearer ${await userToken(uid)}` } },
-    auth: { persistSession: false, autoRefreshToken: false },
-  });
+  const supabase = await userClient(await createUser(db));
   const read = await supabase.functions.invoke("observability/audit?resource_id=none", {
     method: "GET",
     region: FunctionRegion.EuWest3,
