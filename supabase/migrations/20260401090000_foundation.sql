@@ -341,6 +341,10 @@ create or replace function private.create_monthly_partition(
 language plpgsql
 set search_path = ''
 set lock_timeout = '500ms'
+-- the bounds go into the DDL as text: ISO prints an offset, which reads back
+-- whatever the session's DateStyle (SQL style prints a zone abbreviation,
+-- such as Kigali's CAT, that Postgres cannot read back)
+set datestyle = 'ISO, YMD'
 as $$
 declare
   v_from timestamptz := (date_trunc('month', p_month)::timestamp) at time zone 'UTC';
@@ -425,6 +429,7 @@ returns table (
 language sql
 stable
 set search_path = ''
+set datestyle = 'ISO, YMD' -- as create_monthly_partition: the bounds are read from text
 as $$
   select c.oid, n.nspname::text, c.relname::text, tree.level,
          (pg_catalog.regexp_match(b.bound, 'FROM \(''([^'']+)''\)'))[1]::timestamptz,

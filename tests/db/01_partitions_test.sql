@@ -1,7 +1,7 @@
 -- Monthly partitions: any date inserts; maintenance creates partitions ahead
 -- and moves rows out of DEFAULT; only service_role may run it.
 begin;
-select plan(32);
+select plan(34);
 
 select has_function('public', 'maintain_partitions', array[]::text[]);
 select ok(
@@ -39,6 +39,18 @@ select is(
 
 select is((select count(*)::int from public.maintain_partitions()), 0,
   'a second run has nothing to do');
+
+-- under any DateStyle and time zone: SQL style prints Kigali's zone as CAT,
+-- which Postgres cannot read back
+set local datestyle = 'SQL, DMY';
+set local timezone = 'Africa/Kigali';
+insert into public.system_metrics (service_name, metric_type, metric_name, value, created_at)
+values ('api', 'latency', 'styled', 1, now() - interval '6 years');
+select is((select count(*)::int from public.maintain_partitions() where action = 'created'), 1,
+  'maintenance makes a month in another DateStyle and zone');
+select is((select count(*)::int from public.system_metrics_default), 0, 'and moves its row');
+reset datestyle;
+reset timezone;
 
 -- rows no month can hold stay in DEFAULT, and maintenance goes on
 insert into public.system_metrics (service_name, metric_type, metric_name, value, created_at)
