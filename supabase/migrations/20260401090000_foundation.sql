@@ -319,10 +319,11 @@ $$;
 -- to DEFAULT before the attach would otherwise fail). The partition is built
 -- apart and ATTACHed, which needs ACCESS EXCLUSIVE on DEFAULT: a transaction
 -- that read the table and then writes to it holds DEFAULT and waits for the
--- parent, a deadlock. So this gives way: it waits at most 500 ms for a lock
--- (under the default deadlock_timeout of 1 s, so the writer is never the one
--- aborted) and fails with lock_not_available; maintain_partitions reports the
--- month skipped and the next run makes it.
+-- parent, a deadlock. So this gives way: it waits at most p_lock_timeout for
+-- a lock (500 ms, under the default deadlock_timeout of 1 s, so the writer is
+-- never the one aborted; less when the run already holds locks, see
+-- private.maintenance_lock_timeout) and fails with lock_not_available;
+-- maintain_partitions reports the month skipped and the next run makes it.
 --
 -- When DEFAULT holds rows of the month, readers are held off too (ACCESS
 -- EXCLUSIVE on the parent instead): a reader plans with the partitions it
@@ -336,7 +337,8 @@ $$;
 create or replace function private.create_monthly_partition(
   p_schema text,
   p_table text,
-  p_month date
+  p_month date,
+  p_lock_timeout text default '500ms'
 ) returns bigint
 language plpgsql
 set search_path = ''
@@ -355,6 +357,7 @@ declare
   v_moved bigint;
   v_has_rows boolean;
 begin
+  perform set_config('lock_timeout', p_lock_timeout, true); -- until this function returns
   -- Serialises concurrent creators of partitions of the same table.
   perform pg_advisory_xact_lock(hashtextextended(format('partition:%s.%s', p_schema, p_table), 0));
 
@@ -580,15 +583,45 @@ $$;
 
 -- DETACH takes ACCESS EXCLUSIVE on the parent: it gives way like
 -- create_monthly_partition.
-create or replace function private.detach_partition(p_schema text, p_table text, p_name text)
-returns void
+create or replace function private.detach_partition(
+  p_schema text,
+  p_table text,
+  p_name text,
+  p_lock_timeout text default '500ms'
+) returns void
 language plpgsql
 set search_path = ''
 set lock_timeout = '500ms'
 as $$
 begin
+  perform set_config('lock_timeout', p_lock_timeout, true); -- until this function returns
   execute format('alter table %I.%I detach partition %I.%I', p_schema, p_table, p_schema, p_name);
 end;
+$$;
+
+-- How long a maintenance run may wait for its next lock. A run is one
+-- transaction: a partition it makes or detaches keeps its locks until the
+-- whole run commits, and writers of that table queue behind them. If the run
+-- then waited for a lock such a writer holds on another table, each would
+-- wait for the other, and the deadlock check of the one waiting longer, the
+-- writer, fires first: the writer would be aborted. So a run that holds
+-- nothing waits up to 500 ms, and one that has held locks since
+-- p_holding_since ends all its waiting within 80% of deadlock_timeout of
+-- that moment (and then does not wait at all: what it cannot lock at once
+-- is skipped until the next run). A writer that queued behind the run can
+-- only have begun waiting after p_holding_since, so its check comes later,
+-- when the run no longer waits.
+create or replace function private.maintenance_lock_timeout(p_holding_since timestamptz)
+returns text
+language sql
+stable
+set search_path = ''
+as $$
+  select case when p_holding_since is null then '500ms' else
+    greatest(1, least(500, floor(
+      0.8 * extract(epoch from current_setting('deadlock_timeout')::interval) * 1000
+      - extract(epoch from clock_timestamp() - p_holding_since) * 1000)))::int || 'ms'
+  end
 $$;
 
 -- One maintenance pass over every registered table:
@@ -614,6 +647,9 @@ declare
   v_month date;
   v_part record;
   v_cutoff timestamptz;
+  -- since when this run holds locks writers wait for (see maintenance_lock_timeout)
+  v_holding_since timestamptz;
+  v_asked_at timestamptz;
 begin
   perform pg_advisory_xact_lock(hashtextextended('partition:maintenance', 0));
 
@@ -636,9 +672,11 @@ begin
     loop
       partition_name := format('%s_%s', v_table.table_name, to_char(v_month, 'YYYY_MM'));
       begin
-        rows_moved := private.create_monthly_partition(
-          v_table.schema_name, v_table.table_name, v_month);
+        v_asked_at := clock_timestamp();
+        rows_moved := private.create_monthly_partition(v_table.schema_name, v_table.table_name,
+          v_month, private.maintenance_lock_timeout(v_holding_since));
         if rows_moved is not null then
+          v_holding_since := coalesce(v_holding_since, v_asked_at);
           action := 'created';
           return next;
         end if;
@@ -674,8 +712,10 @@ begin
       loop
         partition_name := v_part.partition_name;
         begin
+          v_asked_at := clock_timestamp();
           perform private.detach_partition(v_table.schema_name, v_table.table_name,
-            v_part.partition_name);
+            v_part.partition_name, private.maintenance_lock_timeout(v_holding_since));
+          v_holding_since := coalesce(v_holding_since, v_asked_at);
           action := 'detached';
         exception
           when lock_not_available then

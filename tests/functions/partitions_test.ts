@@ -76,6 +76,78 @@ dbTest("maintenance gives way to a transaction that read the table and then writ
   }
 });
 
+// A run is one transaction, so what it locked on one table stays locked while
+// it waits for others. A writer holding a later table (an inbound WhatsApp
+// message) and queued behind the run's lock on an earlier one (its event)
+// closes a cycle when the run reaches the later table; the deadlock check of
+// the one waiting longer, the writer, fired first, and the writer was
+// aborted. Here a reader keeps the run waiting on two tables in between.
+dbTest("a writer queued behind a maintenance run is never its deadlock victim", async () => {
+  const when = "now() + interval '21 years'"; // a month no other test uses
+  await db.sql.unsafe(`
+    insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload,
+                                    created_at)
+    values ('trip', 'far', 'x', 1, '{}', ${when});
+    insert into public.system_audit_logs (actor_type, actor_identifier, action, created_at)
+    values ('system', 'test', 'far', ${when});
+    insert into public.system_metrics (service_name, metric_type, metric_name, value, created_at)
+    values ('api', 'gauge', 'far', 1, ${when});
+    insert into public.whatsapp_inbound_messages (wamid, from_phone, message_type, payload,
+                                                  sent_at, created_at)
+    values ('wamid.far', '+250788000001', 'text', '{}', now(), ${when})`);
+  const [reader, maintainer, writer] = Array.from(
+    { length: 3 },
+    () => postgres(db.url, { max: 1, onnotice: () => {} }),
+  );
+  try {
+    const [{ pid }] = await maintainer`select pg_backend_pid() as pid`;
+    let release!: () => void;
+    const released = new Promise<void>((r) => (release = r));
+    let hasRead!: () => void;
+    const read = new Promise<void>((r) => (hasRead = r));
+    const reading = reader.begin(async (tx) => {
+      await tx`select count(*) from public.system_audit_logs`;
+      await tx`select count(*) from public.system_metrics`;
+      hasRead();
+      await released;
+    });
+    await read;
+    const run = maintainer`select table_name, action from public.maintain_partitions()
+                           where action <> 'secured'`.execute();
+    // once the run has held event_store's lock for 250 ms, write the later table,
+    // then the earlier: the writer's deadlock check then falls (before the fix)
+    // while the run waits for the later table, 1,000-1,500 ms into the run
+    for (let i = 0; i < 400; i++) {
+      const held = await db.sql`select from pg_locks where pid = ${pid} and granted
+                                and relation = 'public.event_store'::regclass
+                                and mode = 'AccessExclusiveLock'`;
+      if (held.length > 0) break;
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    await new Promise((r) => setTimeout(r, 250));
+    const wrote = await writer.begin(async (tx) => {
+      await tx`insert into public.whatsapp_inbound_messages
+                 (wamid, from_phone, message_type, payload, sent_at)
+               values ('wamid.writer', '+250788000002', 'text', '{}', now())`;
+      await tx`insert into public.event_store (aggregate_type, aggregate_id, event_type, version,
+                                               payload)
+               values ('trip', 'writer', 'x', 1, '{}')`;
+    }).then(() => "committed", (e) => `${e.code} ${e.message}`);
+    const actions = await run;
+    release();
+    await reading;
+    assert.equal(wrote, "committed", "the writer was not aborted");
+    assert.deepEqual(actions.map((a) => [a.table_name, a.action]), [
+      ["public.event_store", "created"],
+      ["public.system_audit_logs", "skipped"],
+      ["public.system_metrics", "skipped"],
+      ["public.whatsapp_inbound_messages", "skipped"],
+    ]);
+  } finally {
+    await Promise.all([reader.end(), maintainer.end(), writer.end()]);
+  }
+});
+
 /** Whether backend `pid` comes to wait for a lock within about two seconds. */
 async function waitsOnLock(pid: number): Promise<boolean> {
   for (let i = 0; i < 400; i++) {
