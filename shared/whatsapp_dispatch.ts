@@ -101,6 +101,9 @@ export function classify(httpStatus: number, code: number | undefined): Outcome 
 
 const accepted = (httpStatus: number) => httpStatus >= 200 && httpStatus < 300;
 
+/** A message id the queue can keep as sent. */
+const WAMID = /^[\x21-\x7e]{1,256}$/;
+
 /**
  * Meta answered 2xx but the message id never arrived (the body was cut off,
  * or is not the Cloud API's): Meta has taken the message, so sending it again
@@ -184,7 +187,10 @@ export async function sendMessage(cfg: WhatsAppConfig, m: ClaimedMessage): Promi
     // a non-JSON answer is classified by its status below
   }
   const wamid = json?.messages?.[0]?.id;
-  if (accepted(status) && typeof wamid === "string" && wamid.length > 0) {
+  // Meta's ids are printable ASCII; any other the queue could not store (a
+  // NUL, a lone surrogate, over 256 characters), and a send it cannot record
+  // would go out again after each lease: that is no readable id either
+  if (accepted(status) && typeof wamid === "string" && WAMID.test(wamid)) {
     return done({ outcome: "sent", wamid });
   }
   if (accepted(status)) return unconfirmed(done, status, text);

@@ -272,6 +272,23 @@ dbTest("a send Meta accepted but whose answer was cut off is not sent again", as
   assert.equal(sentTo(to).length, 1, "Meta got it once");
 });
 
+// An id the queue cannot store would leave the send unrecorded, and the
+// message would go out again after every lease: it is no readable id either.
+dbTest("a send accepted with an id that cannot be stored is not sent again", async () => {
+  fake.reset();
+  for (const id of ["wamid.\u0000nul", "wamid.\ud800", "wamid." + "x".repeat(300), "wamid. "]) {
+    const to = phone();
+    await openWindow(to);
+    fake.idNext(id, { to });
+    const msg = await enqueue(to, "text", { text: "once" });
+    await dispatch();
+    const r = await row(msg);
+    assert.deepEqual([r.status, r.error_code, r.attempts], ["failed", "unconfirmed_send", 1]);
+    await dispatch();
+    assert.equal(sentTo(to).length, 1, "Meta got it once");
+  }
+});
+
 dbTest("a message out of attempts becomes a dead letter", async () => {
   fake.reset();
   const to = phone();

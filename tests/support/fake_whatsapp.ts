@@ -89,7 +89,8 @@ export interface FakeRequest {
 }
 
 interface Rule {
-  kind: "error" | "drop" | "slow" | "cut";
+  kind: "error" | "drop" | "slow" | "cut" | "id";
+  id?: string;
   code?: number;
   message?: string;
   ms?: number;
@@ -119,6 +120,8 @@ export interface FakeWhatsApp {
   cutNext(opts?: { times?: number; to?: string }): void;
   /** answer the next `times` sends only after `ms` (past the client's timeout, it is one) */
   slowNext(ms: number, opts?: { times?: number; to?: string }): void;
+  /** accept the next `times` sends with `id` as the message id (Meta's are printable ASCII) */
+  idNext(id: string, opts?: { times?: number; to?: string }): void;
   /**
    * called as each request arrives, before it is answered; the answer waits
    * for what it returns (errors are ignored)
@@ -231,6 +234,9 @@ export async function startFakeWhatsApp(opts: FakeOptions = {}): Promise<FakeWha
     slowNext(ms, o = {}) {
       rules.push({ kind: "slow", ms, times: o.times ?? 1, to: o.to });
     },
+    idNext(id, o = {}) {
+      rules.push({ kind: "id", id, times: o.times ?? 1, to: o.to });
+    },
     accepted: () => requests.filter((r) => r.outcome.startsWith("wamid.")),
     reset() {
       rules = [];
@@ -320,7 +326,7 @@ export async function startFakeWhatsApp(opts: FakeOptions = {}): Promise<FakeWha
       const e = graphError(rule.code!, rule.message);
       return send(res, e.status, e.body);
     }
-    entry.outcome = wamid();
+    entry.outcome = rule?.kind === "id" ? rule.id! : wamid();
     if (rule?.kind === "cut") {
       res.writeHead(200, { "content-type": "application/json", "content-length": "400" });
       res.write(`{"messaging_product":"whatsapp","contacts":[{"input":"${to}"`);
