@@ -13,7 +13,7 @@ import {
 } from "jose";
 import type { MiddlewareHandler } from "hono";
 import { env } from "./env.ts";
-import { forbidden, HttpError, unauthorized } from "./errors.ts";
+import { forbidden, tryAgain, unauthorized } from "./errors.ts";
 import type { AppEnv, Ctx } from "./http.ts";
 
 export type Role = "anon" | "authenticated" | "service_role";
@@ -154,11 +154,7 @@ async function verifyUncached(token: string): Promise<Principal> {
     }
     if (err instanceof Error && err.name === "HttpError") throw err;
     if (keySetUnavailable(err)) {
-      throw new HttpError(
-        503,
-        "auth_unavailable",
-        "the signing keys could not be fetched; try again",
-      );
+      throw tryAgain("auth_unavailable", "the signing keys could not be fetched; try again");
     }
     throw unauthorized("invalid_token", "the bearer token could not be verified");
   }

@@ -3,7 +3,7 @@
 // PostgREST, so RLS and auth.uid() behave as they do behind Supabase's API.
 import postgres from "postgres";
 import { env } from "./env.ts";
-import { HttpError } from "./errors.ts";
+import { HttpError, tryAgain } from "./errors.ts";
 import type { Principal } from "./auth.ts";
 import { log } from "./log.ts";
 import { Slots } from "./slots.ts";
@@ -371,15 +371,6 @@ const CALLER_DATA_EXCEPTIONS = new Set([
   "22P02", // invalid_text_representation
   "22P05", // untranslatable_character (jsonb's \u0000)
 ]);
-
-/**
- * A 503 that the same request may clear if sent again (Retry-After says
- * when): its transaction never started or was rolled back whole, or, for a
- * connection lost at commit, may have committed, which a keyed write replays.
- */
-function tryAgain(code: string, message: string): HttpError {
-  return new HttpError(503, code, message, undefined, { "retry-after": "1" });
-}
 
 /**
  * Maps a Postgres error to HTTP by SQLSTATE. Domain errors raised with

@@ -35,6 +35,14 @@ export const conflict = (code: string, message: string, details?: unknown) =>
   new HttpError(409, code, message, details);
 export const payloadTooLarge = (limit: number) =>
   new HttpError(413, "payload_too_large", `request body exceeds ${limit} bytes`, { limit });
+/**
+ * A 503 that the same request may clear if sent again (Retry-After says
+ * when): a dependency that did not answer, or a database transaction that
+ * never started or was rolled back whole (or, for a connection lost at
+ * commit, may have committed, which a keyed write replays).
+ */
+export const tryAgain = (code: string, message: string) =>
+  new HttpError(503, code, message, undefined, { "retry-after": "1" });
 
 export interface ErrorBody {
   error: { code: string; message: string; details: unknown };

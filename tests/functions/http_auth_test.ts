@@ -517,11 +517,9 @@ dbTest(
     try {
       // nothing listens on port 1
       useJwksUrl("http://127.0.0.1:1/jwks");
-      expectError(
-        await call(app, "POST", METRICS, { token, body: metric }),
-        503,
-        "auth_unavailable",
-      );
+      const down = await call(app, "POST", METRICS, { token, body: metric });
+      expectError(down, 503, "auth_unavailable");
+      assert.equal(down.headers.get("retry-after"), "1", "a 503 to retry says when");
       useJwksUrl(`http://127.0.0.1:${server.addr.port}/jwks`);
       expectError(
         await call(app, "POST", METRICS, { token, body: metric }),
