@@ -483,16 +483,12 @@ begin
   -- on another lock) until the loop reached the aggregate and append_event
   -- refused it, and the aggregate's writers would wait. (A single append
   -- holds the lock only between its write and its checks.)
-  if v_owner is not null and exists (
-    select from jsonb_array_elements(p_events) e
-    join public.event_streams s
-      on s.aggregate_type = e ->> 'aggregate_type' and s.aggregate_id = e ->> 'aggregate_id'
-    where s.version > 0 and not exists (
-      select from public.event_stream_members m
-      where m.aggregate_type = s.aggregate_type and m.aggregate_id = s.aggregate_id
-        and m.user_id = v_owner)
-  ) then
-    perform private.raise_error(404, 'aggregate_not_found', 'no such aggregate');
+  if v_owner is not null then
+    perform private.require_stream_member(s.aggregate_type, s.aggregate_id, v_owner, s.version)
+    from public.event_streams s
+    where (s.aggregate_type, s.aggregate_id) in (
+      select e ->> 'aggregate_type', e ->> 'aggregate_id' from jsonb_array_elements(p_events) e
+    );
   end if;
   insert into public.event_streams (aggregate_type, aggregate_id, version, owner_id)
   select distinct e ->> 'aggregate_type', e ->> 'aggregate_id', 0, v_owner
