@@ -89,6 +89,19 @@ as $$
                                    '131000', '131016', '1', '2'), false)
 $$;
 
+-- When a message such a status put back goes out again: 2 s, doubling with
+-- each attempt, up to an hour, with jitter. (plpgsql: private.backoff_delay
+-- comes with the leases, in a later migration.)
+create or replace function private.whatsapp_requeue_at(p_attempts integer) returns timestamptz
+language plpgsql
+volatile
+set search_path = ''
+as $$
+begin
+  return now() + private.backoff_delay(p_attempts, 2, 3600);
+end;
+$$;
+
 create or replace function private.whatsapp_check_phone(p_phone text, p_field text) returns void
 language plpgsql
 immutable
@@ -909,7 +922,7 @@ begin
     update public.whatsapp_message_queue q set
       status = case when b.requeue then 'pending' else b.status end,
       wamid = case when b.requeue then null else q.wamid end,
-      visible_at = case when b.requeue then now() + private.backoff_delay(q.attempts, 2, 3600)
+      visible_at = case when b.requeue then private.whatsapp_requeue_at(q.attempts)
                         else q.visible_at end,
       sent_at = case when b.requeue then null else coalesce(q.sent_at, b.occurred_at) end,
       finished_at = case when b.requeue then null else q.finished_at end,
@@ -1342,7 +1355,7 @@ begin
     with requeued as (
       update public.whatsapp_message_queue q set
         status = 'pending', wamid = null, sent_at = null, finished_at = null, failed_at = null,
-        visible_at = now() + private.backoff_delay(q.attempts, 2, 3600)
+        visible_at = private.whatsapp_requeue_at(q.attempts)
       where q.id = any(v_failed_first)
         and private.whatsapp_status_requeues(q.status, q.error_code, q.attempts, q.max_attempts)
       returning q.id
@@ -1606,6 +1619,7 @@ grant execute on function public.list_whatsapp_sessions(text, integer, text) to 
 revoke all on function private.whatsapp_status_rank(text) from public, anon, authenticated;
 revoke all on function private.whatsapp_status_requeues(text, text, integer, integer)
   from public, anon, authenticated;
+revoke all on function private.whatsapp_requeue_at(integer) from public, anon, authenticated;
 revoke all on function private.whatsapp_check_phone(text, text) from public, anon, authenticated;
 revoke all on function private.whatsapp_payload_error(text, text) from public, anon, authenticated;
 revoke all on function private.whatsapp_text_field(jsonb, text, text, integer, integer, boolean)
@@ -1618,6 +1632,7 @@ revoke all on function private.whatsapp_metric(text, bigint, integer, text, doub
 grant execute on function private.whatsapp_status_rank(text) to service_role;
 grant execute on function private.whatsapp_status_requeues(text, text, integer, integer)
   to service_role;
+grant execute on function private.whatsapp_requeue_at(integer) to service_role;
 grant execute on function private.whatsapp_check_phone(text, text) to service_role;
 grant execute on function private.whatsapp_payload_error(text, text) to service_role;
 grant execute on function private.whatsapp_text_field(jsonb, text, text, integer, integer, boolean) to service_role;
