@@ -117,13 +117,12 @@ dbTest("a writer queued behind a maintenance run is never its deadlock victim", 
     // once the run has held event_store's lock for 250 ms, write the later table,
     // then the earlier: the writer's deadlock check then falls (before the fix)
     // while the run waits for the later table, 1,000-1,500 ms into the run
-    for (let i = 0; i < 400; i++) {
-      const held = await db.sql`select from pg_locks where pid = ${pid} and granted
-                                and relation = 'public.event_store'::regclass
-                                and mode = 'AccessExclusiveLock'`;
-      if (held.length > 0) break;
-      await new Promise((r) => setTimeout(r, 5));
-    }
+    const holds = await eventually(async () =>
+      (await db.sql`select from pg_locks where pid = ${pid} and granted
+                    and relation = 'public.event_store'::regclass
+                    and mode = 'AccessExclusiveLock'`).length > 0
+    );
+    assert.ok(holds, "the run took event_store's lock");
     await new Promise((r) => setTimeout(r, 250));
     const wrote = await writer.begin(async (tx) => {
       await tx`insert into public.whatsapp_inbound_messages
@@ -148,14 +147,21 @@ dbTest("a writer queued behind a maintenance run is never its deadlock victim", 
   }
 });
 
-/** Whether backend `pid` comes to wait for a lock within about two seconds. */
-async function waitsOnLock(pid: number): Promise<boolean> {
+/** Whether `check` comes true within about two seconds. */
+async function eventually(check: () => Promise<boolean>): Promise<boolean> {
   for (let i = 0; i < 400; i++) {
-    const [s] = await db.sql`select wait_event_type from pg_stat_activity where pid = ${pid}`;
-    if (s?.wait_event_type === "Lock") return true;
+    if (await check()) return true;
     await new Promise((r) => setTimeout(r, 5));
   }
   return false;
+}
+
+/** Whether backend `pid` comes to wait for a lock within about two seconds. */
+function waitsOnLock(pid: number): Promise<boolean> {
+  return eventually(async () => {
+    const [s] = await db.sql`select wait_event_type from pg_stat_activity where pid = ${pid}`;
+    return s?.wait_event_type === "Lock";
+  });
 }
 
 type Read = (sql: postgres.Sql) => PromiseLike<readonly unknown[]>;
