@@ -361,7 +361,14 @@ begin
   -- Serialises concurrent creators of partitions of the same table.
   perform pg_advisory_xact_lock(hashtextextended(format('partition:%s.%s', p_schema, p_table), 0));
 
-  if to_regclass(format('%I.%I', p_schema, v_name)) is not null then
+  -- The month is there already: made by an earlier run, or by hand under
+  -- another name (check_month_partitions holds every partition to one UTC
+  -- month, so a month's partition is the one that starts with it).
+  if to_regclass(format('%I.%I', p_schema, v_name)) is not null or exists (
+    select from private.registered_partitions(
+      array[to_regclass(format('%I.%I', p_schema, p_table))::oid]) r
+    where r.level = 1 and r.from_at = v_from
+  ) then
     return null;
   end if;
 

@@ -2092,6 +2092,29 @@ select private.install_leases('public.background_jobs', 'background_jobs', 'job_
 -- idempotency key already used by the same scheduler returns that job, and
 -- the same key with any other parameter (type, name, payload, priority,
 -- attempts, timeout, a given run_at) is a 409.
+-- 403 unless users may run jobs of p_job_type at p_priority (an operator may
+-- close a type, or lower its cap, at any time: a user's retry asks again).
+create or replace function private.require_user_job_type(p_job_type text, p_priority integer)
+returns void
+language plpgsql
+stable
+set search_path = ''
+as $$
+declare
+  v_max_priority integer;
+begin
+  select u.max_priority into v_max_priority from private.user_job_types u
+  where u.job_type = p_job_type;
+  if not found then
+    perform private.raise_error(403, 'job_type_not_allowed',
+      format('users may not run jobs of type %s', p_job_type));
+  elsif p_priority > v_max_priority then
+    perform private.raise_error(403, 'priority_not_allowed',
+      format('users may run %s jobs at priority %s at most', p_job_type, v_max_priority));
+  end if;
+end;
+$$;
+
 create or replace function public.schedule_job(
   p_job_type text,
   p_job_name text,
@@ -2110,7 +2133,6 @@ as $$
 declare
   v_user uuid := private.caller_user_id();
   v_row public.background_jobs;
-  v_max_priority integer;
 begin
   if jsonb_typeof(p_payload) is distinct from 'object' then
     perform private.raise_error(400, 'invalid_payload', 'payload must be a JSON object');
@@ -2122,15 +2144,7 @@ begin
     perform private.raise_error(400, 'invalid_run_at', 'run_at must be a finite timestamp');
   end if;
   if v_user is not null then
-    select u.max_priority into v_max_priority from private.user_job_types u
-    where u.job_type = p_job_type;
-    if not found then
-      perform private.raise_error(403, 'job_type_not_allowed',
-        format('users may not schedule jobs of type %s', p_job_type));
-    elsif p_priority > v_max_priority then
-      perform private.raise_error(403, 'priority_not_allowed',
-        format('users may schedule %s jobs at priority %s at most', p_job_type, v_max_priority));
-    end if;
+    perform private.require_user_job_type(p_job_type, p_priority);
   end if;
   insert into public.background_jobs as j (
     job_type, job_name, payload, priority, run_at, visible_at, max_attempts, timeout_seconds,
@@ -2309,10 +2323,10 @@ begin
 end;
 $$;
 
--- Locks a job the caller may act on (own job, or any for the service role)
--- and checks that it is in one of the states the action accepts.
+-- Locks a job the caller may act on (own job, or any for the service role),
+-- checks that it is in one of the states the action accepts, and returns it.
 create or replace function private.lock_job(p_job_id bigint, p_states text[], p_action text)
-returns void
+returns public.background_jobs
 language plpgsql
 set search_path = ''
 as $$
@@ -2329,6 +2343,7 @@ begin
       format('a %s job cannot be %s', v_row.status, p_action),
       jsonb_build_object('status', v_row.status));
   end if;
+  return v_row;
 end;
 $$;
 
@@ -2360,7 +2375,8 @@ $$;
 -- or cancelled one starts over with a fresh set of attempts. One cancelled
 -- while it ran waits for that run's lease to end, however often it is retried
 -- or cancelled meanwhile, so that two runs of a job never overlap (greatest
--- ignores the null of a job no cancel took a run from).
+-- ignores the null of a job no cancel took a run from). A user retries only
+-- jobs of a type still open to them, at a priority still allowed.
 create or replace function public.retry_job(p_job_id bigint) returns public.background_jobs
 language plpgsql
 security definer
@@ -2369,7 +2385,11 @@ as $$
 declare
   v_row public.background_jobs;
 begin
-  perform private.lock_job(p_job_id, array['pending', 'failed', 'timeout', 'cancelled'], 'retried');
+  v_row := private.lock_job(p_job_id, array['pending', 'failed', 'timeout', 'cancelled'],
+                            'retried');
+  if not private.caller_is_service() then
+    perform private.require_user_job_type(v_row.job_type, v_row.priority);
+  end if;
   update public.background_jobs j
      set status = 'pending', finished_at = null,
          visible_at = greatest(now(), j.cancelled_lease_until),

@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(65);
+select plan(68);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -225,6 +225,27 @@ select throws_ok(format($$select public.cancel_job(%s)$$, (select id from f)), '
 select throws_ok($$select public.claim_jobs()$$, '42501', null, 'users cannot claim jobs');
 select throws_ok(format($$select public.settle_and_claim_jobs(%s, %L)$$, (select id from s3),
     (select lease_token from s3)), '42501', null, 'users cannot settle jobs');
+
+-- a retry asks again: a type closed since, or a cap lowered below the job's
+-- priority, no longer runs for a user
+create temp table ak as select * from public.schedule_job('export', 'Capped', '{}', p_priority := 10);
+grant select on ak to authenticated, anon, service_role;
+select public.cancel_job((select id from ak));
+select tests.clear_authentication();
+update private.user_job_types set max_priority = 5 where job_type = 'export';
+select tests.authenticate_as((select alice from ids));
+select throws_ok(format($$select public.retry_job(%s)$$, (select id from ak)),
+  'PT403', 'priority_not_allowed', 'a user cannot retry a job above the type''s priority now');
+select tests.clear_authentication();
+delete from private.user_job_types where job_type = 'export';
+select tests.authenticate_as((select alice from ids));
+select throws_ok(format($$select public.retry_job(%s)$$, (select id from ak)),
+  'PT403', 'job_type_not_allowed', 'nor one of a type closed to users since');
+select tests.clear_authentication();
+insert into private.user_job_types (job_type, max_priority) values ('export', 10);
+select tests.authenticate_as((select alice from ids));
+select is((select status from public.retry_job((select id from ak))), 'pending',
+  'reopened, the job is retried');
 
 select tests.authenticate_as((select bob from ids));
 select throws_ok(format($$select public.get_job(%s)$$, (select id from aj)), 'PT404', 'job_not_found',
