@@ -4,21 +4,28 @@ import { z } from "zod";
 
 const optionalUrl = z.string().url().optional();
 
+/** What a JSON variable's reader answers for a value of the wrong shape. */
+const INVALID = Symbol("invalid");
+
 /**
  * An optional variable holding JSON: `read` turns the parsed value into the
- * setting, or undefined when it has the wrong shape (a configuration error
+ * setting, or INVALID when it has the wrong shape (a configuration error
  * naming the variable, saying `expected`). Unset gives `unset`.
  */
-function jsonVariable<T>(expected: string, unset: T, read: (parsed: unknown) => T | undefined) {
+function jsonVariable<T>(
+  expected: string,
+  unset: T,
+  read: (parsed: unknown) => T | typeof INVALID,
+) {
   return z.string().optional().transform((raw, ctx) => {
     if (raw === undefined) return unset;
-    let value: T | undefined;
+    let value: T | typeof INVALID;
     try {
       value = read(JSON.parse(raw));
     } catch {
-      value = undefined;
+      value = INVALID;
     }
-    if (value === undefined) {
+    if (value === INVALID) {
       ctx.addIssue({ code: "custom", message: `must be ${expected}` });
       return z.NEVER;
     }
@@ -26,26 +33,31 @@ function jsonVariable<T>(expected: string, unset: T, read: (parsed: unknown) => 
   });
 }
 
-/** A JSON Web Key Set, `{"keys": [...]}` or the bare array; read as `{"keys": [...]}`. */
+/**
+ * A JSON Web Key Set, `{"keys": [...]}` or the bare array; read as `{"keys": [...]}`.
+ * An empty set counts as unset: Supabase provides the set its Auth serves,
+ * which is empty for a project still signing with the legacy JWT secret.
+ */
 const jwks = jsonVariable<string | undefined>(
   'a JSON key set: {"keys": [JWK, ...]}',
   undefined,
   (parsed) => {
     const keys = Array.isArray(parsed) ? parsed : (parsed as { keys?: unknown } | null)?.keys;
-    const valid = Array.isArray(keys) && keys.length > 0 &&
-      keys.every((k) => k && typeof k === "object" && typeof k.kty === "string");
-    return valid ? JSON.stringify({ keys }) : undefined;
+    if (!Array.isArray(keys)) return INVALID;
+    if (keys.length === 0) return undefined;
+    const valid = keys.every((k) => k && typeof k === "object" && typeof k.kty === "string");
+    return valid ? JSON.stringify({ keys }) : INVALID;
   },
 );
 
 /** A JSON object of named API keys, each starting with `prefix`; the keys alone. */
 const apiKeys = (prefix: string) =>
   jsonVariable<string[]>(`a JSON object of keys that start with ${prefix}`, [], (parsed) => {
-    if (!parsed || typeof parsed !== "object" || Array.isArray(parsed)) return undefined;
+    if (!parsed || typeof parsed !== "object" || Array.isArray(parsed)) return INVALID;
     const keys = Object.values(parsed);
     const valid = keys.length > 0 &&
       keys.every((k) => typeof k === "string" && k.startsWith(prefix));
-    return valid ? keys as string[] : undefined;
+    return valid ? keys as string[] : INVALID;
   });
 
 const schema = z.object({

@@ -96,15 +96,30 @@ Deno.test("API keys are read from Supabase's JSON objects; anything else is refu
   }
 });
 
+Deno.test("an empty SUPABASE_JWKS counts as unset (a project on the legacy JWT secret)", () => {
+  const base = { SUPABASE_DB_URL: "postgresql://u:p@localhost/db", JWKS_URL: undefined };
+  for (const empty of [JSON.stringify({ keys: [] }), "[]"]) {
+    withEnv({ ...base, JWT_SECRET: "x".repeat(32), SUPABASE_JWKS: empty }, () => {
+      assert.equal(env().SUPABASE_JWKS, undefined, empty);
+      assert.equal(env().JWT_SECRET, "x".repeat(32));
+    });
+    withEnv({ ...base, JWT_SECRET: undefined, SUPABASE_JWKS: empty }, () => {
+      assert.throws(
+        () => env(),
+        (e: unknown) => e instanceof ConfigError && /JWT_SECRET .* is required/.test(e.message),
+        empty,
+      );
+    });
+  }
+});
+
 Deno.test("SUPABASE_JWKS must be a key set; the bare array form is read as one", () => {
   const base = { SUPABASE_DB_URL: "postgresql://u:p@localhost/db", JWT_SECRET: undefined };
   const jwk = { kty: "EC", crv: "P-256", x: "x", y: "y", kid: "k1" };
   withEnv({ ...base, SUPABASE_JWKS: JSON.stringify([jwk]) }, () => {
     assert.deepEqual(JSON.parse(env().SUPABASE_JWKS!), { keys: [jwk] });
   });
-  for (
-    const bad of ["{not json", "{}", JSON.stringify({ keys: [] }), JSON.stringify({ keys: [1] })]
-  ) {
+  for (const bad of ["{not json", "{}", JSON.stringify({ keys: [1] })]) {
     withEnv({ ...base, SUPABASE_JWKS: bad }, () => {
       assert.throws(
         () => env(),
