@@ -506,13 +506,46 @@ create policy transaction_events_service_select on public.transaction_events
 -- creation until it completes (or is released), and users may create them.
 -- -----------------------------------------------------------------------------
 -- Whether a user may receive money: they exist and are not (soft) deleted.
--- Null (a system account receives) is live.
+-- Null (a system account receives) is live. A plain read: enough where
+-- nothing is paid yet (a pending credit or transfer), as its completion
+-- checks again, with private.lock_live_user.
 create or replace function private.user_is_live(p_user_id uuid) returns boolean
 language sql
 stable
 as $$
   select p_user_id is null
       or exists (select from auth.users u where u.id = p_user_id and u.deleted_at is null)
+$$;
+
+-- The same check where money is paid (an immediate transfer, a completion, a
+-- reversal). A plain read would not do: a payment checks its payee long
+-- before it can lock the wallets (it may queue behind other payments there),
+-- and a deletion committing in between would be paid all the same. So the check share-locks
+-- the payee's auth.users row until commit, and it orders payment and deletion
+-- either way:
+--   - a deletion (soft: an UPDATE of deleted_at, which takes FOR NO KEY
+--     UPDATE; or hard: a DELETE, FOR UPDATE) that comes later waits for the
+--     payment, which pays a live account; FOR SHARE, not FOR KEY SHARE, since
+--     KEY SHARE does not conflict with an UPDATE of a non-key column;
+--   - a deletion already under way makes the check wait for it; once it
+--     commits, the lock re-reads the newest row (read committed), finds it
+--     deleted or gone, and the payment is refused having paid no one.
+-- Lock order: the payee's auth.users row, then the wallets (in id order).
+-- Payments share-lock only, so they never wait on each other here; a
+-- deletion that then moves the account's money (deletion first, then its
+-- balance) takes the same order, and cannot deadlock with a payment. The lock
+-- is held through the wallet wait, so an update of that auth.users row (a
+-- deletion, GoTrue's sign-in bookkeeping) waits for the payments in flight to
+-- it: milliseconds, as long as the payment itself.
+-- Volatile: a locking read is not allowed in a stable function.
+create or replace function private.lock_live_user(p_user_id uuid) returns boolean
+language sql
+volatile
+set search_path = ''
+as $$
+  select p_user_id is null
+      or exists (select from auth.users u where u.id = p_user_id and u.deleted_at is null
+                 for share of u)
 $$;
 
 create or replace function private.is_outgoing(p_type text) returns boolean
@@ -573,12 +606,15 @@ begin
   end if;
 
   -- A deleted account receives nothing. settle_direct pays whom
-  -- create_transaction has just checked; a settlement or a reversal comes
-  -- later, when the payee may have left: the transaction is then failed or
-  -- cancelled instead (which releases a hold), or stays completed.
+  -- create_transaction has just checked (and share-locked); a settlement or a
+  -- reversal comes later, when the payee may have left: the transaction is
+  -- then failed or cancelled instead (which releases a hold), or stays
+  -- completed. The check share-locks the payee's auth.users row before the
+  -- wallets below, so a deletion racing this payment either committed first
+  -- (refused here) or waits for it (see private.lock_live_user).
   if p_phase <> 'settle_direct' then
     select w.user_id into v_payee_user from public.wallets w where w.id = v_payee;
-    if not private.user_is_live(v_payee_user) then
+    if not private.lock_live_user(v_payee_user) then
       perform private.raise_error(409, 'recipient_deleted',
         'the account this would pay has been deleted',
         jsonb_build_object('user_id', v_payee_user));
@@ -744,9 +780,16 @@ begin
     perform private.raise_error(400, 'self_transfer', 'a transfer needs another user as destination');
   end if;
   -- a deleted account receives nothing (nor does one that never existed):
-  -- not a transfer, nor a credit, refund or commission
+  -- not a transfer, nor a credit, refund or commission. An immediate
+  -- transfer (p_settle) pays now, so its check share-locks the recipient's
+  -- auth.users row until commit, before the wallets are created or locked:
+  -- it waits here for a deletion under way, or a later deletion waits for it
+  -- (see private.lock_live_user). A transfer_funds recipient found by phone
+  -- is checked here too, by the id the phone resolved to. A pending one pays
+  -- nothing yet: a plain read, and its completion checks under the lock.
   if p_destination_user_id is not null then
-    if not private.user_is_live(p_destination_user_id) then
+    if not (case when p_settle then private.lock_live_user(p_destination_user_id)
+                 else private.user_is_live(p_destination_user_id) end) then
       perform private.raise_error(404, 'recipient_not_found', 'no user with that id or phone');
     end if;
   elsif not v_outgoing and not private.user_is_live(p_user_id) then

@@ -106,3 +106,233 @@ dbTest(
     assert.equal(unbalanced, 0, "every transfer wrote exactly two balanced entries");
   },
 );
+
+// -----------------------------------------------------------------------------
+// A deleted account receives nothing, whatever the interleaving. Each race is
+// staged with explicit transactions held open on their own connections, and a
+// step waits until a backend is seen blocked on a lock (pg_stat_activity), so
+// the outcome does not depend on timing.
+// -----------------------------------------------------------------------------
+
+/** A transaction on its own connection, kept open until release(). */
+async function hold(statements: (tx: postgres.TransactionSql) => Promise<unknown>) {
+  const sql = postgres(db.url, { max: 1, prepare: false, onnotice: () => {} });
+  const [{ pid }] = await sql`select pg_backend_pid() as pid`;
+  let release!: () => void;
+  const released = new Promise<void>((resolve) => release = resolve);
+  let entered!: () => void;
+  const ready = new Promise<void>((resolve) => entered = resolve);
+  const done = sql.begin(async (tx) => {
+    await statements(tx);
+    entered();
+    await released;
+  }).finally(() => sql.end());
+  // a failure before ready would otherwise leave the caller waiting forever
+  await Promise.race([ready, done]);
+  return { pid: pid as number, release, done };
+}
+
+/** One statement on its own connection, started now; pid is its backend. */
+async function start<T>(run: (sql: postgres.Sql) => Promise<T>) {
+  const sql = postgres(db.url, { max: 1, prepare: false, onnotice: () => {} });
+  const [{ pid }] = await sql`select pg_backend_pid() as pid`;
+  const result = run(sql).then(
+    (value) => ({ ok: true as const, value }),
+    (error: { code?: string; message?: string }) => ({ ok: false as const, error }),
+  ).finally(() => sql.end());
+  return { pid: pid as number, result };
+}
+
+/** Waits until backend pid waits on a lock ("waiting") or `settled` has settled ("done"). */
+async function blockedOrDone(pid: number, settled: Promise<unknown>): Promise<"waiting" | "done"> {
+  let finished = false;
+  settled.finally(() => finished = true);
+  const deadline = performance.now() + 20_000;
+  while (performance.now() < deadline) {
+    if (finished) return "done";
+    const [row] = await db.sql`select wait_event_type from pg_stat_activity where pid = ${pid}`;
+    if (row?.wait_event_type === "Lock") return "waiting";
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  throw new Error(`backend ${pid} neither finished nor waited on a lock in 20 s`);
+}
+
+async function fundedUser(amount: number, phone?: string): Promise<string> {
+  const user = await createUser(db, phone);
+  const [tx] = await db
+    .sql`select id from public.create_transaction(${user}, 'credit', ${amount}, 'RWF')`;
+  await db.sql`select public.update_transaction_status(${tx.id}, 'processing')`;
+  await db.sql`select public.update_transaction_status(${tx.id}, 'completed')`;
+  return user;
+}
+
+async function funds(user: string): Promise<string | null> {
+  const [row] = await db.sql`select balance::text || '/' || held::text as funds
+                             from public.wallets where user_id = ${user} and currency = 'RWF'`;
+  return row?.funds ?? null;
+}
+
+const transfer = (from: string, to: { id?: string; phone?: string }, key: string) =>
+  start((sql) =>
+    sql`select id, status from public.transfer_funds(
+          p_amount := 10, p_currency := 'RWF', p_to_user_id := ${to.id ?? null},
+          p_to_phone := ${
+      to.phone ?? null
+    }, p_from_user_id := ${from}, p_idempotency_key := ${key})`
+  );
+const softDelete = (user: string) => (sql: postgres.Sql | postgres.TransactionSql) =>
+  sql`update auth.users set deleted_at = now() where id = ${user}`;
+
+dbTest(
+  "a recipient deleted while an immediate transfer waits for a wallet: the deletion waits for it",
+  async () => {
+    const sender = await fundedUser(100);
+    const recipient = await createUser(db);
+    // another payment holds the sender's wallet: the transfer has checked the
+    // recipient and waits for that lock
+    const wallet = await hold((tx) =>
+      tx`select from public.wallets where user_id = ${sender} for no key update`
+    );
+    const paying = await transfer(sender, { id: recipient }, "deleted-while-waiting");
+    assert.equal(await blockedOrDone(paying.pid, paying.result), "waiting");
+
+    const deleting = await start(softDelete(recipient));
+    const deletion = await blockedOrDone(deleting.pid, deleting.result);
+    wallet.release();
+    await wallet.done;
+    const paid = await paying.result;
+    const deleted = await deleting.result;
+
+    assert.ok(deleted.ok, JSON.stringify(deleted));
+    assert.ok(paid.ok, JSON.stringify(paid));
+    assert.equal(
+      deletion,
+      "waiting",
+      `the deletion committed while a payment to the account was in flight, which then paid it: ${
+        JSON.stringify(paid.value)
+      }, recipient funds ${await funds(recipient)}`,
+    );
+    // the payment came first and the deletion after it: the account was live when paid
+    assert.equal(paid.value[0].status, "completed");
+    assert.equal(await funds(recipient), "10/0");
+  },
+);
+
+dbTest(
+  "an immediate transfer meeting a deletion in progress waits for it and pays no one (by id, by phone, hard delete)",
+  async () => {
+    const sender = await fundedUser(100);
+    const cases: [string, string, { id?: string; phone?: string }, string][] = [];
+    const byId = await createUser(db);
+    cases.push(["soft-deleted, by id", byId, { id: byId }, "update"]);
+    const byPhone = await createUser(db, "250788700001");
+    cases.push(["soft-deleted, by phone", byPhone, { phone: "+250788700001" }, "update"]);
+    // never paid, so no wallet yet: a hard delete is not refused by wallets' foreign key
+    const erased = await createUser(db);
+    cases.push(["hard-deleted", erased, { id: erased }, "delete"]);
+
+    for (const [label, user, to, how] of cases) {
+      const deleting = await hold((tx) =>
+        how === "update" ? softDelete(user)(tx) : tx`delete from auth.users where id = ${user}`
+      );
+      const paying = await transfer(sender, to, `in-progress-${label}`);
+      const seen = await blockedOrDone(paying.pid, paying.result);
+      deleting.release();
+      await deleting.done;
+      const paid = await paying.result;
+      assert.equal(
+        seen,
+        "waiting",
+        `${label}: the transfer did not wait for the deletion: ${JSON.stringify(paid)}`,
+      );
+      assert.ok(!paid.ok, `${label}: a deleted account was paid: ${JSON.stringify(paid)}`);
+      assert.deepEqual(
+        { code: paid.error.code, message: paid.error.message },
+        { code: "PT404", message: "recipient_not_found" },
+        label,
+      );
+      assert.equal(await funds(user), null, `${label}: the deleted account received nothing`);
+    }
+    assert.equal(await funds(sender), "100/0", "the sender paid nothing");
+    const [{ keys }] = await db
+      .sql`select count(*)::int as keys from public.transaction_idempotency_keys
+                                    where user_id = ${sender}`;
+    assert.equal(keys, 0, "the refused transfers stored no idempotency key");
+  },
+);
+
+dbTest(
+  "a recipient deleted while the completion of a transfer waits for a wallet: the deletion waits for it",
+  async () => {
+    const sender = await fundedUser(100);
+    const recipient = await createUser(db);
+    const [pending] = await db
+      .sql`select id from public.create_transaction(${sender}, 'transfer', 10,
+                                     'RWF', p_destination_user_id := ${recipient})`;
+    await db.sql`select public.update_transaction_status(${pending.id}, 'processing')`;
+
+    const wallet = await hold((tx) =>
+      tx`select from public.wallets where user_id = ${sender} for no key update`
+    );
+    const completing = await start((sql) =>
+      sql`select status from public.update_transaction_status(${pending.id}, 'completed')`
+    );
+    assert.equal(await blockedOrDone(completing.pid, completing.result), "waiting");
+
+    const deleting = await start(softDelete(recipient));
+    const deletion = await blockedOrDone(deleting.pid, deleting.result);
+    wallet.release();
+    await wallet.done;
+    const completed = await completing.result;
+    const deleted = await deleting.result;
+
+    assert.ok(deleted.ok, JSON.stringify(deleted));
+    assert.ok(completed.ok, JSON.stringify(completed));
+    assert.equal(
+      deletion,
+      "waiting",
+      `the deletion committed while a completion paying the account was in flight, which then paid it: ${
+        JSON.stringify(completed.value)
+      }, recipient funds ${await funds(recipient)}`,
+    );
+    assert.equal(completed.value[0].status, "completed");
+    assert.equal(await funds(recipient), "10/0");
+    assert.equal(await funds(sender), "90/0");
+  },
+);
+
+dbTest(
+  "completing a transfer while its recipient's deletion is in progress waits for it, then is a 409",
+  async () => {
+    const sender = await fundedUser(100);
+    const recipient = await createUser(db);
+    const [pending] = await db
+      .sql`select id from public.create_transaction(${sender}, 'transfer', 10,
+                                     'RWF', p_destination_user_id := ${recipient})`;
+    await db.sql`select public.update_transaction_status(${pending.id}, 'processing')`;
+
+    const deleting = await hold(softDelete(recipient));
+    const completing = await start((sql) =>
+      sql`select status from public.update_transaction_status(${pending.id}, 'completed')`
+    );
+    const seen = await blockedOrDone(completing.pid, completing.result);
+    deleting.release();
+    await deleting.done;
+    const completed = await completing.result;
+
+    assert.equal(
+      seen,
+      "waiting",
+      `the completion did not wait for the deletion: ${JSON.stringify(completed)}`,
+    );
+    assert.ok(!completed.ok, `a deleted account was paid: ${JSON.stringify(completed)}`);
+    assert.deepEqual(
+      { code: completed.error.code, message: completed.error.message },
+      { code: "PT409", message: "recipient_deleted" },
+    );
+    const [tx] = await db.sql`select status from public.transactions where id = ${pending.id}`;
+    assert.equal(tx.status, "processing", "the refused completion changed nothing");
+    assert.equal(await funds(recipient), "0/0", "the deleted account received nothing");
+    assert.equal(await funds(sender), "100/10", "the sender's hold stays until it is failed");
+  },
+);
