@@ -654,9 +654,10 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 --   queue_name, background_jobs' job types).
 --
 -- private.install_leases(table, prefix, lane column, lane set, in-flight
--- status) writes three functions for such a table from the one template below,
--- as static SQL (a generic function running dynamic SQL parses and plans
--- every call, which cost more than the work itself). Claim and settle always
+-- status, optional filter column) writes three functions for such a table
+-- from the one template below, as static SQL (a generic function running
+-- dynamic SQL parses and plans every call, which cost more than the work
+-- itself). Claim and settle always
 -- run one plan: walk the claim index in order, priority by priority from each
 -- one's due rows, stopping after p_limit rows, and reach each row by primary
 -- key. They pin it with planner settings and
@@ -694,18 +695,27 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- Each lane locks up to the limit, so rows another lane outranks stay locked,
 -- unclaimed, until the claim commits. No lane column: one queue.
 --
--- Compared with pgmq (send, send_batch, read with vt and qty, read_with_poll,
--- pop, set_vt, archive, delete, purge_queue, metrics, metrics_all,
--- list_queues): claim = read (plus priority, per-message attempt limits and
--- dead letters, which pgmq leaves to the caller), the HTTP claim's
--- wait_seconds = read_with_poll, pop = pop, ack = archive by the lease holder
--- (the row stays, status completed, until purged), nack = explicit retry with
--- backoff (pgmq: wait for vt), extend = set_vt (for the lease holder only),
--- lease expiry makes a message visible again exactly like vt does;
--- archive_messages and delete_messages act by id whoever holds the message,
--- as pgmq's do; list_queues = metrics_all; group_key = pgmq's FIFO groups
--- (x-pgmq-group, see "FIFO groups" below); headers = headers. Queues need no
--- create or drop: a name is a queue.
+-- Filter. Given a jsonb filter column (message_queue: payload), the claim of
+-- one lane takes an optional p_filter jsonb: rows whose column contains it
+-- (@>), in the same order, in a statement of its own; without p_filter the
+-- claim runs the same statement and plan as a table without the option.
+--
+-- Compared with pgmq (send, send_batch, read with vt, qty and conditional,
+-- read_with_poll, pop, set_vt, archive, delete, purge_queue, metrics,
+-- metrics_all, list_queues): claim = read (plus priority, per-message attempt
+-- limits and dead letters, which pgmq leaves to the caller; p_filter = read's
+-- conditional, payload @> filter), the HTTP claim's wait_seconds =
+-- read_with_poll (with its filter too; no SQL form, see "The rest of pgmq's
+-- operations"), pop = pop, ack = archive by the lease holder (the row stays,
+-- status completed, until purged), nack = explicit retry with backoff (pgmq:
+-- wait for vt), set_message(s)_visibility = set_vt by id whoever holds the
+-- message (pending, delayed, blocked or in flight) and extend_message_lease
+-- its lease holder's form, lease expiry makes a message visible again exactly
+-- like vt does; archive_messages and delete_messages act by id whoever holds
+-- the message, as pgmq's do; queue_metrics' total_messages = metrics'
+-- total_messages (every message ever sent); list_queues = metrics_all;
+-- group_key = pgmq's FIFO groups (x-pgmq-group, see "FIFO groups" below);
+-- headers = headers. Queues need no create or drop: a name is a queue.
 -- -----------------------------------------------------------------------------
 create or replace function private.backoff_delay(
   p_attempt integer,
@@ -729,7 +739,8 @@ create or replace function private.install_leases(
   p_prefix text,
   p_lane_column text,
   p_lane_set boolean,
-  p_in_flight text
+  p_in_flight text,
+  p_filter_column text default null
 ) returns void
 language plpgsql
 set search_path = ''
@@ -743,6 +754,7 @@ declare
   v_scan text;    -- one lane's due rows in claim order, locked as they are read
   v_merged text;  -- v_scan over each row of `lanes`, merged in claim order
   v_claim text;   -- the claim's statement(s), each ending in the update
+  v_lane text;    -- the lane condition of a claim that names one lane (or none)
 begin
   -- Priority by priority, highest first (a loose index scan), each the range
   -- of its due rows: one ordered scan would walk every not-yet-due row of a
@@ -764,25 +776,40 @@ begin
         ) pr
         cross join lateral (
           select t.id, t.priority, t.visible_at from %1$s t
-          where t.status = 'pending' and %%1$s and t.priority = pr.p and t.visible_at <= now()
+          where t.status = 'pending' and %%1$s and t.priority = pr.p and t.visible_at <= now()%%2$s
           order by t.visible_at, t.id
           limit p_limit
           for update skip locked
         ) c
         limit p_limit$sql$, p_table);
-  if p_lane_column is null then
-    v_claim := format('return query with picked as (%s) %%1$s;', format(v_scan, 'true'));
-  elsif not p_lane_set then
-    v_claim := format('return query with picked as (%s) %%1$s;',
-                      format(v_scan, format('t.%I = p_lane', p_lane_column)));
+  if not p_lane_set then
+    v_lane := case when p_lane_column is null then 'true'
+                   else format('t.%I = p_lane', p_lane_column) end;
+    v_claim := format('return query with picked as (%s) %%1$s;', format(v_scan, v_lane, ''));
+    -- A content filter (p_filter_column): a claim given p_filter takes only
+    -- rows whose column contains it (@>), read in the same order, non-matching
+    -- rows passed over unlocked. A statement of its own, so that a claim
+    -- without a filter runs exactly the plan it runs without the option.
+    if p_filter_column is not null then
+      v_claim := format($sql$
+      if p_filter is null then
+        %1$s
+      else
+        return query with picked as (%2$s) %%1$s;
+      end if;$sql$, v_claim,
+        format(v_scan, v_lane, format(' and t.%I @> p_filter', p_filter_column)));
+    end if;
   else
+    if p_filter_column is not null then
+      raise exception 'install_leases: a content filter needs a claim of one lane';
+    end if;
     v_merged := format($sql$
       picked as (
         select c.id from lanes l
         cross join lateral (%1$s) c
         order by c.priority desc, c.visible_at, c.id
         limit p_limit
-      )$sql$, format(v_scan, format('t.%I = l.lane', p_lane_column)));
+      )$sql$, format(v_scan, format('t.%I = l.lane', p_lane_column), ''));
     -- One lane: its scan alone. Several: lane by lane. None given: every
     -- lane with pending rows, found one index probe each (a loose index scan).
     v_claim := format($sql$
@@ -802,7 +829,7 @@ begin
         ),
         %2$s %%1$s;
       end if;$sql$,
-      format(v_scan, format('t.%I = p_lane[1]', p_lane_column)), v_merged, p_lane_column,
+      format(v_scan, format('t.%I = p_lane[1]', p_lane_column), ''), v_merged, p_lane_column,
       p_table);
   end if;
   if exists (select from pg_attribute where attrelid = p_table and attname = 'timeout_seconds'
@@ -816,7 +843,7 @@ begin
 
   execute format($tpl$
     create or replace function private.%2$I(
-      p_lane %3$s, p_limit integer, p_lease interval, p_worker text
+      p_lane %3$s, p_limit integer, p_lease interval, p_worker text%6$s
     ) returns setof %1$s
     language plpgsql
     set search_path = ''
@@ -847,7 +874,8 @@ begin
   -- Merging a set of lanes sorts, which enable_sort = off prices at 1e10:
   -- over jit_above_cost, so every such claim compiled itself with LLVM
   -- (0.4 s a claim).
-  case when p_lane_set then 'set jit = off' else '' end);
+  case when p_lane_set then 'set jit = off' else '' end,
+  case when p_filter_column is not null then ', p_filter jsonb default null' else '' end);
 
   execute format($tpl$
     create or replace function private.%2$I(
@@ -1039,7 +1067,7 @@ create policy message_queue_service_select on public.message_queue
   for select to service_role using (true);
 
 select private.install_leases('public.message_queue', 'message_queue', 'queue_name', false,
-  'processing');
+  'processing', 'payload');
 
 -- The queues users may send to, and at what priority at most. A message
 -- reaches a consumer that acts on it, so a queue is closed to users until an
@@ -1357,12 +1385,18 @@ $$;
 -- longest visible (a retried or delayed message by when it became visible),
 -- hidden from other consumers for p_visibility_timeout_seconds. Messages of a
 -- consumer that died come back once their lease ends (as a new attempt; after
--- max_attempts they are dead-lettered instead).
+-- max_attempts they are dead-lettered instead). p_filter (pgmq's read
+-- conditional): only messages whose payload contains it (payload @> p_filter),
+-- in the same order; '{}' or null: every message. There is no index on the
+-- payload (it would cost every send): a filtered claim reads the queue's due
+-- messages in claim order, passing over those that do not match, until it has
+-- p_limit of them, as pgmq's read does.
 create or replace function public.claim_messages(
   p_queue_name text,
   p_limit integer default 10,
   p_visibility_timeout_seconds double precision default 30,
-  p_consumer text default null
+  p_consumer text default null,
+  p_filter jsonb default null
 ) returns setof public.message_queue
 language plpgsql
 security definer
@@ -1378,13 +1412,17 @@ begin
     perform private.raise_error(400, 'invalid_visibility_timeout',
       'visibility_timeout_seconds must be between 0.1 and 43200');
   end if;
+  if jsonb_typeof(p_filter) <> 'object' then
+    perform private.raise_error(400, 'invalid_filter', 'filter must be a JSON object');
+  end if;
   v_expired := private.message_queue_lease_expire('dead', 0, 'lease expired before ack');
   if cardinality(v_expired) > 0 then
     perform private.promote_expired_message_groups(v_expired);
   end if;
   return query
   select c.* from private.message_queue_lease_claim(p_queue_name, p_limit,
-    make_interval(secs => p_visibility_timeout_seconds), p_consumer) c
+    make_interval(secs => p_visibility_timeout_seconds), p_consumer,
+    nullif(p_filter, '{}'::jsonb)) c
   order by c.priority desc, c.id;
 end;
 $$;
@@ -1589,6 +1627,28 @@ begin
 end;
 $$;
 
+-- How many messages each queue has had deleted (purge_queue, delete_messages:
+-- the only ways a message leaves the table), so that metrics count every
+-- message a queue was ever sent (pgmq's total_messages) as the messages
+-- stored plus these. Written by operators' deletes, never by a send: a
+-- counter row per queue that every send moved would hold each send to that
+-- queue behind the one before it until commit.
+create table private.queue_removed_messages (
+  queue_name private.queue_name primary key,
+  removed bigint not null default 0
+);
+alter table private.queue_removed_messages enable row level security;
+
+create or replace function private.count_removed_messages(p_queue_name text, p_count bigint)
+returns void
+language sql
+set search_path = ''
+as $$
+  insert into private.queue_removed_messages as r (queue_name, removed)
+  select p_queue_name, p_count where p_count > 0
+  on conflict (queue_name) do update set removed = r.removed + excluded.removed;
+$$;
+
 -- Deletes a queue's messages (all, or those in one status). Returns how many.
 create or replace function public.purge_queue(
   p_queue_name text,
@@ -1619,15 +1679,18 @@ begin
          array_agg(p.group_key) filter (where p.status in ('pending', 'processing'))
   into v_count, v_groups
   from purged p;
+  perform private.count_removed_messages(p_queue_name, v_count);
   perform private.promote_message_groups(p_queue_name, v_groups);
   return v_count;
 end;
 $$;
 
 -- Per-queue metrics: depth (visible now), delayed, blocked (behind an earlier
--- message of their group), in flight, dead, completed (not yet purged), total,
--- and the ages of the oldest and newest waiting message (pgmq's queue_length /
--- oldest / newest age, split by state).
+-- message of their group), in flight, dead, completed (not yet purged), total
+-- (stored now, in any state), total_messages (every message ever sent to the
+-- queue: stored or since purged or deleted, pgmq's total_messages), and the
+-- ages of the oldest and newest waiting message (pgmq's queue_length / oldest
+-- / newest age, split by state).
 create type public.queue_stats as (
   queue_name text,
   depth bigint,
@@ -1637,6 +1700,7 @@ create type public.queue_stats as (
   dead bigint,
   completed bigint,
   total bigint,
+  total_messages bigint,
   oldest_age_seconds double precision,
   newest_age_seconds double precision,
   scrape_time timestamptz
@@ -1660,6 +1724,8 @@ begin
          count(*) filter (where q.status = 'dead'),
          count(*) filter (where q.status = 'completed'),
          count(*),
+         count(*) + coalesce((select r.removed from private.queue_removed_messages r
+                              where r.queue_name = p_queue_name), 0),
          extract(epoch from now() - min(q.created_at)
            filter (where q.status in ('pending', 'processing', 'blocked')))::double precision,
          extract(epoch from now() - max(q.created_at)
@@ -1671,13 +1737,18 @@ end;
 $$;
 
 -- -----------------------------------------------------------------------------
--- The rest of pgmq's operations: pop, archive and delete by id, every queue's
--- metrics
+-- The rest of pgmq's operations: pop, archive, delete and set_vt by id, every
+-- queue's metrics
 --
 -- pgmq's read_with_poll is the HTTP claim's wait_seconds, a loop of claims
--- with a pause between them: a poll inside one SQL call would never see a
--- message sent after the call began, since now() stands still for the whole
--- transaction and a claim compares visible_at with it.
+-- with a pause between them, each its own transaction; a SQL caller loops
+-- claim_messages the same way. There is no SQL poll, by choice: pgmq's holds a
+-- connection and its transaction for the whole wait (a pooled Supavisor
+-- connection per waiting consumer), and it compares vt with clock_timestamp().
+-- A claim compares visible_at with now(), which stands still in a transaction,
+-- because now() can bound the claim index's range and clock_timestamp(),
+-- volatile, cannot: the claim would filter every not-yet-due message instead
+-- of stopping at the first. A poll here would need a claim of its own.
 -- -----------------------------------------------------------------------------
 
 -- Claims and acks in one step (pgmq's pop): delivery at most once, for
@@ -1816,12 +1887,15 @@ set search_path = ''
 as $$
 declare
   v_groups text[];
+  v_count bigint;
 begin
   v_groups := private.checked_message_groups(p_queue_name, p_message_ids);
   return query
   delete from public.message_queue q
   where q.id = any (p_message_ids) and q.queue_name = p_queue_name
   returning q.id;
+  get diagnostics v_count = row_count;
+  perform private.count_removed_messages(p_queue_name, v_count);
   perform private.promote_message_groups(p_queue_name, v_groups);
 end;
 $$;
@@ -1891,6 +1965,62 @@ begin
 end;
 $$;
 
+-- Sets when messages become visible, whoever holds them (pgmq's set_vt): now
+-- plus p_visible_in_seconds (0: at once). A pending message, delayed or not,
+-- is claimable from then on; a blocked one once it also heads its group. For
+-- an in-flight message it is when its lease ends: its holder keeps the lease
+-- until then, and after it the lease rules apply (the next claim takes the
+-- message back as an expired lease, pending again or dead after its last
+-- attempt, and the holder's ack or nack is then 409 lease_lost). The lease
+-- holder's own way is extend_message_lease. Returns the messages set; ids not
+-- in the queue, completed or dead are left out. A claim in progress is waited
+-- for, then its message set all the same.
+create or replace function public.set_messages_visibility(
+  p_queue_name text,
+  p_message_ids bigint[],
+  p_visible_in_seconds double precision
+) returns setof public.message_queue
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  perform private.checked_message_groups(p_queue_name, p_message_ids);
+  if p_visible_in_seconds is null or p_visible_in_seconds not between 0 and 31536000 then
+    perform private.raise_error(400, 'invalid_visibility',
+      'visible_in_seconds must be between 0 and 31536000');
+  end if;
+  return query
+  update public.message_queue q
+     set visible_at = now() + make_interval(secs => p_visible_in_seconds),
+         updated_at = now()
+   where q.id = any (p_message_ids) and q.queue_name = p_queue_name
+     and q.status in ('pending', 'processing', 'blocked')
+  returning q.*;
+end;
+$$;
+
+-- One message's visibility set, or why not: 404 message_not_found, 409
+-- message_finished (completed or dead).
+create or replace function public.set_message_visibility(
+  p_queue_name text,
+  p_message_id bigint,
+  p_visible_in_seconds double precision
+) returns public.message_queue
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  v_done boolean;
+begin
+  select true into v_done
+  from public.set_messages_visibility(p_queue_name, array[p_message_id], p_visible_in_seconds);
+  return private.message_after(p_queue_name, p_message_id, v_done, 'message_finished',
+                               'finished already');
+end;
+$$;
+
 -- Every queue's metrics, by name (pgmq's list_queues and metrics_all). A
 -- queue is named by its messages: once all are purged or deleted it is gone.
 -- The names come one index probe per queue from the pending and the finished
@@ -1949,7 +2079,7 @@ revoke all on function public.send_messages(text, jsonb, text) from public, anon
 revoke all on function
   public.send_message(text, jsonb, text, integer, integer, integer, text, text, text, jsonb)
   from public, anon;
-revoke all on function public.claim_messages(text, integer, double precision, text)
+revoke all on function public.claim_messages(text, integer, double precision, text, jsonb)
   from public, anon, authenticated;
 revoke all on function public.ack_message(text, bigint, uuid) from public, anon, authenticated;
 revoke all on function public.ack_messages(text, bigint[], uuid[]) from public, anon, authenticated;
@@ -1963,7 +2093,8 @@ grant execute on function public.send_messages(text, jsonb, text) to authenticat
 grant execute on function
   public.send_message(text, jsonb, text, integer, integer, integer, text, text, text, jsonb)
   to authenticated, service_role;
-grant execute on function public.claim_messages(text, integer, double precision, text) to service_role;
+grant execute on function public.claim_messages(text, integer, double precision, text, jsonb)
+  to service_role;
 grant execute on function public.ack_message(text, bigint, uuid) to service_role;
 grant execute on function public.ack_messages(text, bigint[], uuid[]) to service_role;
 grant execute on function public.nack_message(text, bigint, uuid, text, double precision)
@@ -1991,6 +2122,14 @@ revoke all on function public.redrive_messages(text, bigint[]) from public, anon
 revoke all on function public.redrive_message(text, bigint) from public, anon, authenticated;
 grant execute on function public.redrive_messages(text, bigint[]) to service_role;
 grant execute on function public.redrive_message(text, bigint) to service_role;
+revoke all on function public.set_messages_visibility(text, bigint[], double precision)
+  from public, anon, authenticated;
+revoke all on function public.set_message_visibility(text, bigint, double precision)
+  from public, anon, authenticated;
+grant execute on function public.set_messages_visibility(text, bigint[], double precision)
+  to service_role;
+grant execute on function public.set_message_visibility(text, bigint, double precision)
+  to service_role;
 
 -- -----------------------------------------------------------------------------
 -- background_jobs

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(117);
+select plan(156);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -379,6 +379,116 @@ select is((select array_agg(payload ->> 'n' || ':' || status order by id) from p
   'the redriven message of the group goes once the head is done');
 delete from public.message_queue where queue_name = 'redrive';
 
+-- content-filtered claims (pgmq's read conditional): payload @> filter
+create temp table cf as select * from public.send_messages('filtered', '[
+  {"payload": {"kind": "email"}},
+  {"payload": {"kind": "sms", "to": "a"}},
+  {"payload": {"kind": "sms", "to": "b"}, "priority": 5},
+  {"payload": {"kind": "sms", "to": "c"}, "delay_seconds": 3600},
+  {"payload": {"kind": "push", "meta": {"region": "kigali", "zone": 1}}}]');
+select is((select array_agg(payload ->> 'to') from public.claim_messages('filtered', 1, 30, 'f',
+  '{"kind": "sms"}')), array['b'], 'a filtered claim takes the first matching message in claim order');
+select is((select array_agg(payload ->> 'to') from public.claim_messages('filtered', 1, 30, 'f',
+  '{"kind": "sms"}')), array['a'],
+  'its limit counts matching messages: an older one that does not match is passed over');
+select is((select count(*)::int from public.claim_messages('filtered', 10, 30, 'f', '{"kind": "sms"}')),
+  0, 'a filtered claim skips delayed messages too');
+select is((select array_agg(payload ->> 'kind') from public.claim_messages('filtered', 10, 30, 'f',
+  '{"meta": {"region": "kigali"}}')), array['push'], 'a filter may match inside nested objects');
+select is((select array_agg(payload ->> 'kind' || coalesce(payload ->> 'to', '') || ':' || status
+                            || ':' || attempts order by id)
+           from public.message_queue where queue_name = 'filtered'),
+  array['email:pending:0', 'smsa:processing:1', 'smsb:processing:1', 'smsc:pending:0',
+        'push:processing:1'], 'messages a filter passed over are left as they were');
+select throws_ok($$select public.claim_messages('filtered', 10, 30, 'f', '[{"kind": "email"}]')$$,
+  'PT400', 'invalid_filter', 'a filter must be a JSON object, not an array');
+select throws_ok($$select public.claim_messages('filtered', 10, 30, 'f', '"email"')$$,
+  'PT400', 'invalid_filter', 'nor a string');
+select throws_ok($$select public.claim_messages('filtered', 10, 30, 'f', 'null'::jsonb)$$,
+  'PT400', 'invalid_filter', 'nor JSON null');
+select is((select status || ':' || attempts from public.message_queue
+           where queue_name = 'filtered' and payload ->> 'kind' = 'email'), 'pending:0',
+  'a refused filter claims nothing');
+select is((select array_agg(payload ->> 'kind') from public.claim_messages('filtered', 10, 30, 'f',
+  '{}')), array['email'], 'an empty filter claims every message');
+delete from public.message_queue where queue_name = 'filtered';
+
+-- set_vt: when a message becomes visible, whoever holds it
+create temp table vt as select * from public.send_messages('vt', '[
+  {"payload": {"n": 1}, "delay_seconds": 3600}, {"payload": {"n": 2}}, {"payload": {"n": 3}},
+  {"payload": {"n": 4}}, {"payload": {"n": 5}, "max_attempts": 1},
+  {"payload": {"n": 6}, "group_key": "g"}, {"payload": {"n": 7}, "group_key": "g"}]');
+create temp table vtid as select (payload ->> 'n')::int as n, id from vt;
+select is((select visible_at from public.set_message_visibility('vt', (select id from vtid where n = 1), 0)),
+  now(), 'set_vt 0 makes a delayed message visible now');
+select is((select visible_at from public.set_message_visibility('vt', (select id from vtid where n = 2), 600)),
+  now() + interval '600 seconds', 'set_vt re-times a pending message');
+select is((select visible_at from public.set_message_visibility('vt', (select id from vtid where n = 7), 60.5)),
+  now() + interval '60.5 seconds', 'and a blocked one (it waits for its group as well)');
+create temp table vt1 as select * from public.claim_messages('vt', 10, 30, 'vt-1');
+select is((select array_agg(payload ->> 'n' order by id) from vt1), array['1', '3', '4', '5', '6'],
+  'a claim takes the message made visible, and not the one re-timed');
+select is((select row(status, visible_at, lease_token)::text from public.set_message_visibility('vt',
+    (select id from vtid where n = 3), 0)),
+  (select row('processing'::text, now(), lease_token)::text from vt1 where payload ->> 'n' = '3'),
+  'set_vt of an in-flight message ends its lease then; it stays with its holder until swept');
+select is((select visible_at from public.set_message_visibility('vt', (select id from vtid where n = 4), 3600)),
+  now() + interval '3600 seconds', 'set_vt extends an in-flight message''s lease');
+select is((select row(payload ->> 'n', attempts)::text from public.claim_messages('vt', 10, 30, 'vt-2')),
+  '(3,2)', 'the next claim sweeps the ended lease and takes the message again, a new attempt');
+select throws_ok(format($$select public.ack_message('vt', %s, %L)$$, (select id from vtid where n = 3),
+  (select lease_token from vt1 where payload ->> 'n' = '3')), 'PT409', 'lease_lost',
+  'its first holder''s ack then fails: lease_lost');
+select is((public.ack_message('vt', (select id from vtid where n = 4),
+  (select lease_token from vt1 where payload ->> 'n' = '4'))).status::text, 'completed',
+  'the holder of an extended lease still acks');
+select public.nack_message('vt', id, lease_token, 'broken') from vt1 where payload ->> 'n' = '5';
+select throws_ok(format($$select public.set_message_visibility('vt', %s, 0)$$,
+  (select id from vtid where n = 4)), 'PT409', 'message_finished', 'a completed message is not re-timed');
+select throws_ok(format($$select public.set_message_visibility('vt', %s, 0)$$,
+  (select id from vtid where n = 5)), 'PT409', 'message_finished', 'nor a dead one');
+select throws_ok(format($$select public.set_message_visibility('emails', %s, 0)$$,
+  (select id from vtid where n = 2)), 'PT404', 'message_not_found', 'set_vt acts in its own queue only');
+select is((select array_agg(payload ->> 'n' order by id) from public.set_messages_visibility('vt',
+  (select array_agg(id) from vtid where n in (2, 4, 5)) || 0::bigint, 0)), array['2'],
+  'the batch form returns the messages set, leaving out finished and unknown ones');
+create temp table vt_before as select id, visible_at, updated_at from public.message_queue where queue_name = 'vt';
+select throws_ok(format($$select public.set_message_visibility('vt', %s, -1)$$,
+  (select id from vtid where n = 2)), 'PT400', 'invalid_visibility', 'a negative time is refused');
+select throws_ok(format($$select public.set_message_visibility('vt', %s, 31536001)$$,
+  (select id from vtid where n = 2)), 'PT400', 'invalid_visibility', 'more than a year is refused');
+select throws_ok(format($$select public.set_message_visibility('vt', %s, 'NaN')$$,
+  (select id from vtid where n = 2)), 'PT400', 'invalid_visibility', 'NaN is refused');
+select throws_ok(format($$select public.set_message_visibility('vt', %s, null)$$,
+  (select id from vtid where n = 2)), 'PT400', 'invalid_visibility', 'a time is required');
+select throws_ok($$select public.set_messages_visibility('vt', '{}', 0)$$, 'PT400',
+  'invalid_message_ids', 'the batch form needs ids');
+select throws_ok($$select public.set_message_visibility('Bad Queue', 1, 0)$$, 'PT400',
+  'invalid_queue_name', 'queue names are checked');
+select is((select count(*)::int from public.message_queue q join vt_before b using (id)
+           where q.visible_at = b.visible_at and q.updated_at = b.updated_at),
+  (select count(*)::int from vt_before), 'refused set_vt calls change nothing');
+delete from public.message_queue where queue_name = 'vt';
+
+-- total_messages: every message a queue was sent, stored or since purged or deleted
+create temp table tm as select * from public.send_messages('counted', '[{"payload": {}}, {"payload": {}},
+  {"payload": {}}, {"payload": {}}]');
+select is((select row(total, total_messages)::text from public.queue_metrics('counted')), '(4,4)',
+  'total_messages counts the messages sent');
+select public.delete_message('counted', (select min(id) from tm));
+select public.delete_messages('counted', array[(select min(id) from tm), (select id from vtid where n = 1)]);
+select public.pop_messages('counted', 1);
+select public.purge_queue('counted', 'completed');
+select is((select row(total, total_messages)::text from public.queue_metrics('counted')), '(2,4)',
+  'and keeps counting those deleted or purged (ids not deleted are not counted)');
+select public.purge_queue('counted');
+select public.send_message('counted', '{}');
+select is((select row(total, total_messages)::text from public.list_queues() where queue_name = 'counted'),
+  '(1,5)', 'every queue''s metrics count them too');
+select is((select total_messages from public.queue_metrics('never-sent')), 0::bigint,
+  'a queue never sent to has none');
+select public.purge_queue('counted');
+
 -- RLS matrix
 create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;
 grant select on ids to authenticated, anon, service_role;
@@ -395,6 +505,14 @@ select is((public.send_message('uploads', '{"f": 1}', p_idempotency_key := 'same
   (select alice from ids), 'a user''s message carries their id');
 select is((select count(*)::int from public.message_queue), 1, 'alice sees only her own messages');
 select throws_ok($$select public.claim_messages('uploads')$$, '42501', null, 'users cannot claim');
+select throws_ok($$select public.claim_messages('uploads', 10, 30, null, '{"f": 1}')$$, '42501', null,
+  'nor claim with a filter');
+select throws_ok(format($$select public.set_message_visibility('uploads', %s, 0)$$,
+  (select id from public.message_queue where queue_name = 'uploads')), '42501', null,
+  'users cannot set when a message becomes visible, not even their own');
+select throws_ok(format($$select public.set_messages_visibility('uploads', array[%s], 0)$$,
+  (select id from public.message_queue where queue_name = 'uploads')), '42501', null,
+  'nor in a batch');
 select throws_ok($$select public.pop_messages('uploads')$$, '42501', null, 'users cannot pop');
 select throws_ok($$select public.list_queues()$$, '42501', null, 'users cannot list the queues');
 select throws_ok($$select public.redrive_messages('uploads', '{1}')$$, '42501', null,
@@ -415,6 +533,10 @@ select is((public.send_message('ordered', '{"f": 4}', p_group_key := repeat('k',
 
 select tests.authenticate_as_anon();
 select throws_ok($$select public.send_message('uploads', '{}')$$, '42501', null, 'anon cannot send');
+select throws_ok($$select public.set_message_visibility('uploads', 1, 0)$$, '42501', null,
+  'anon cannot set visibility');
+select throws_ok($$select public.claim_messages('uploads', 10, 30, null, '{}')$$, '42501', null,
+  'nor claim with a filter');
 
 
 select tests.authenticate_as_service_role();

@@ -837,3 +837,218 @@ dbTest("FIFO groups need READ COMMITTED", async () => {
   assert.match(err.message, /read_committed_required|READ COMMITTED/);
   assert.equal(await count("rr"), 0);
 });
+
+dbTest("a claim with a filter takes only messages whose payload contains it", async () => {
+  const token = await serviceToken();
+  const sent = await call(app, "POST", "/queues/filtered/messages", {
+    token,
+    body: {
+      messages: [
+        { payload: { kind: "email", to: "a@example.com" } },
+        { payload: { kind: "sms", to: "+250788000001" } },
+        { payload: { kind: "sms", to: "+250788000002", meta: { region: "kigali" } }, priority: 3 },
+        { payload: { kind: "sms", to: "+250788000003" }, delay_seconds: 3600 },
+      ],
+    },
+  });
+  assert.equal(sent.status, 201, JSON.stringify(sent.body));
+  const payloads = (r: { body: { messages: { payload: Record<string, unknown> }[] } }) =>
+    r.body.messages.map((m) => m.payload.to);
+
+  const nested = await call(app, "POST", "/queues/filtered/claim", {
+    token,
+    body: { filter: { meta: { region: "kigali" } } },
+  });
+  assert.equal(nested.status, 200, JSON.stringify(nested.body));
+  assert.deepEqual(payloads(nested), ["+250788000002"]);
+  const sms = await call(app, "POST", "/queues/filtered/claim", {
+    token,
+    body: { limit: 10, filter: { kind: "sms" } },
+  });
+  assert.deepEqual(payloads(sms), ["+250788000001"], "the due sms only, not the delayed one");
+  const none = await call(app, "POST", "/queues/filtered/claim", {
+    token,
+    body: { filter: { kind: "push" } },
+  });
+  assert.deepEqual(none.body, { messages: [] });
+
+  // bad filters are 400 and claim nothing
+  const state = () =>
+    db.sql`select id, status, attempts from public.message_queue
+           where queue_name = 'filtered' order by id`;
+  const before = await state();
+  for (const filter of [["sms"], "sms", null, 5]) {
+    expectError(
+      await call(app, "POST", "/queues/filtered/claim", { token, body: { filter } }),
+      400,
+      "invalid_request",
+    );
+  }
+  assert.deepEqual(await state(), before);
+  assert.ok(before.some((r) => r.status === "pending" && r.attempts === 0), "one was claimable");
+
+  // a long poll's claims all take the filter: an email sent meanwhile is left
+  const waiting = call(app, "POST", "/queues/filtered/claim", {
+    token,
+    body: { wait_seconds: 5, poll_interval_ms: 50, filter: { kind: "sms" } },
+  });
+  await sleep(200);
+  await call(app, "POST", "/queues/filtered/messages", {
+    token,
+    body: { payload: { kind: "email", to: "b@example.com" } },
+  });
+  await sleep(300);
+  await call(app, "POST", "/queues/filtered/messages", {
+    token,
+    body: { payload: { kind: "sms", to: "+250788000004" } },
+  });
+  const polled = await waiting;
+  assert.equal(polled.status, 200, JSON.stringify(polled.body));
+  assert.deepEqual(payloads(polled), ["+250788000004"]);
+  const [left] = await db.sql`select count(*)::int as n from public.message_queue
+    where queue_name = 'filtered' and status = 'pending' and payload ->> 'kind' = 'email'`;
+  assert.equal(left.n, 2, "the emails are still pending");
+
+  // an empty filter claims every message
+  const all = await call(app, "POST", "/queues/filtered/claim", {
+    token,
+    body: { limit: 10, filter: {} },
+  });
+  assert.deepEqual(payloads(all), ["a@example.com", "b@example.com"]);
+
+  const user = await userToken(await createUser(db));
+  expectError(
+    await call(app, "POST", "/queues/filtered/claim", { token: user, body: { filter: {} } }),
+    403,
+  );
+  expectError(
+    await call(app, "POST", "/queues/filtered/claim", {
+      token: await anonToken(),
+      body: { filter: {} },
+    }),
+    401,
+  );
+});
+
+dbTest("set_vt over HTTP: a message visible when an operator says, whoever holds it", async () => {
+  const token = await serviceToken();
+  const sent = await call(app, "POST", "/queues/vt/messages", {
+    token,
+    body: {
+      messages: [
+        { payload: { n: 1 }, delay_seconds: 3600 },
+        { payload: { n: 2 } },
+        { payload: { n: 3 } },
+      ],
+    },
+  });
+  assert.equal(sent.status, 201, JSON.stringify(sent.body));
+  const [delayed, second, third] = sent.body.messages;
+  const setVt = (id: string, body: unknown, who = token, queue = "vt") =>
+    call(app, "POST", `/queues/${queue}/messages/${id}/visibility`, { token: who, body });
+
+  const now = await setVt(delayed.id, { visible_in_seconds: 0 });
+  assert.equal(now.status, 200, JSON.stringify(now.body));
+  assert.equal(now.body.message.status, "pending");
+  assert.ok(Date.parse(now.body.message.visible_at) <= Date.now() + 1000);
+  const later = await setVt(second.id, { visible_in_seconds: 600 });
+  const wait = Date.parse(later.body.message.visible_at) - Date.now();
+  assert.ok(wait > 590_000 && wait < 610_000, `re-timed to ${wait} ms from now`);
+
+  const claimed = await call(app, "POST", "/queues/vt/claim", {
+    token,
+    body: { limit: 10, visibility_timeout_seconds: 60 },
+  });
+  assert.deepEqual(
+    claimed.body.messages.map((m: { id: string }) => m.id),
+    [delayed.id, third.id],
+    "the delayed message is due now; the re-timed one is not",
+  );
+  const held = claimed.body.messages.find((m: { id: string }) => m.id === third.id);
+
+  // in flight: the lease ends then; the next claim takes the message again
+  const ended = await setVt(third.id, { visible_in_seconds: 0 });
+  assert.equal(ended.body.message.status, "processing");
+  assert.equal(ended.body.message.lease_token, held.lease_token);
+  const again = await call(app, "POST", "/queues/vt/claim", { token, body: {} });
+  assert.deepEqual(
+    again.body.messages.map((m: { id: string; attempts: number }) => [m.id, m.attempts]),
+    [[third.id, 2]],
+  );
+  expectError(
+    await call(app, "POST", `/queues/vt/messages/${third.id}/ack`, {
+      token,
+      body: { lease_token: held.lease_token },
+    }),
+    409,
+    "lease_lost",
+  );
+  const acked = await call(app, "POST", `/queues/vt/messages/${third.id}/ack`, {
+    token,
+    body: { lease_token: again.body.messages[0].lease_token },
+  });
+  assert.equal(acked.body.message.status, "completed");
+  expectError(await setVt(third.id, { visible_in_seconds: 0 }), 409, "message_finished");
+  expectError(
+    await setVt(second.id, { visible_in_seconds: 0 }, token, "other"),
+    404,
+    "message_not_found",
+  );
+  expectError(await setVt("999999999", { visible_in_seconds: 0 }), 404, "message_not_found");
+
+  // bad input, other users and anon change nothing
+  const state = () =>
+    db.sql`select id, status, visible_at, updated_at from public.message_queue
+           where queue_name = 'vt' order by id`;
+  const before = await state();
+  for (
+    const body of [
+      {},
+      { visible_in_seconds: -1 },
+      { visible_in_seconds: 31536001 },
+      { visible_in_seconds: "0" },
+      { visible_in_seconds: null },
+      { visible_in_seconds: 0, lease_token: crypto.randomUUID() },
+    ]
+  ) {
+    expectError(await setVt(second.id, body), 400, "invalid_request");
+  }
+  expectError(await setVt("abc", { visible_in_seconds: 0 }), 400, "invalid_request");
+  expectError(
+    await setVt(second.id, { visible_in_seconds: 0 }, token, "Bad"),
+    400,
+    "invalid_request",
+  );
+  const alice = await createUser(db);
+  await db.sql`insert into private.user_queues (queue_name) values ('vt')`;
+  const aliceToken = await userToken(alice);
+  const hers = await call(app, "POST", "/queues/vt/messages", {
+    token: aliceToken,
+    body: { payload: { n: 4 }, delay_seconds: 3600 },
+  });
+  assert.equal(hers.status, 201);
+  const withHers = await state();
+  expectError(await setVt(hers.body.message.id, { visible_in_seconds: 0 }, aliceToken), 403);
+  expectError(await setVt(second.id, { visible_in_seconds: 0 }, aliceToken), 403);
+  expectError(await setVt(second.id, { visible_in_seconds: 0 }, await anonToken()), 401);
+  assert.deepEqual(await state(), withHers);
+  assert.deepEqual(withHers.filter((r) => r.id !== hers.body.message.id), [...before]);
+});
+
+dbTest("metrics count every message a queue was sent, as pgmq's total_messages", async () => {
+  const token = await serviceToken();
+  const sent = await call(app, "POST", "/queues/counted/messages", {
+    token,
+    body: { messages: [{ payload: {} }, { payload: {} }, { payload: {} }] },
+  });
+  assert.equal(sent.status, 201);
+  await call(app, "DELETE", `/queues/counted/messages/${sent.body.messages[0].id}`, { token });
+  await call(app, "POST", "/queues/counted/pop", { token, body: {} });
+  await db.sql`select public.purge_queue('counted', 'completed')`;
+  const metrics = await call(app, "GET", "/queues/counted/metrics", { token });
+  assert.equal(metrics.status, 200);
+  assert.deepEqual([metrics.body.total, metrics.body.total_messages], [1, 3]);
+  const all = await call(app, "GET", "/queues", { token });
+  const counted = all.body.queues.find((q: { queue_name: string }) => q.queue_name === "counted");
+  assert.deepEqual([counted.total, counted.total_messages], [1, 3]);
+});

@@ -4,7 +4,8 @@
 //                                             (user or service role; a user's messages carry
 //                                             their user id and their idempotency keys)
 //   POST /queues/:queue/claim                 claim a batch with a visibility timeout, waiting
-//                                             up to wait_seconds for one (service role)
+//                                             up to wait_seconds for one, only messages whose
+//                                             payload contains `filter` if given (service role)
 //   POST /queues/:queue/pop                   claim and ack at once: at most once (service role)
 //   POST /queues/:queue/messages/:id/ack      done (service role, lease holder)
 //   POST /queues/:queue/messages/:id/nack     give back: retry with backoff or dead letter
@@ -12,6 +13,9 @@
 //   POST /queues/:queue/messages/:id/archive  complete a message not yet finished, whoever
 //                                             holds it (service role)
 //   POST /queues/:queue/messages/:id/redrive  a dead letter due again, attempts at 0 (service role)
+//   POST /queues/:queue/messages/:id/visibility
+//                                             visible in visible_in_seconds, whoever holds it
+//                                             (pgmq's set_vt; service role)
 //   DELETE /queues/:queue/messages/:id        delete a message in any state (service role)
 //   GET  /queues/:queue/metrics               depth, in flight, dead, oldest age (service role)
 //   GET  /queues                              every queue's metrics (service role)
@@ -57,16 +61,23 @@ const message = z.object({
 const sendBody = oneOrBatch(message, "messages");
 
 // wait_seconds: pgmq's read_with_poll. Up to 20 s, as SQS's long poll, well
-// inside the edge function's wall clock.
+// inside the edge function's wall clock. filter: pgmq's conditional (payload
+// contains it), for every claim of the wait.
 const claimBody = z.object({
   limit: z.number().int().min(1).max(1000).default(10),
   visibility_timeout_seconds: z.number().min(0.1).max(43200).default(30),
   consumer: text(128).optional(),
   wait_seconds: z.number().min(0).max(20).default(0),
   poll_interval_ms: z.number().int().min(50).max(5000).default(250),
+  filter: jsonObject.optional(),
 }).strict();
 
 const popBody = z.object({ limit: z.number().int().min(1).max(1000).default(1) }).strict();
+
+// set_vt: when the message becomes visible, from now (0: at once)
+const visibilityBody = z.object({
+  visible_in_seconds: z.number().min(0).max(31536000),
+}).strict();
 
 // ack takes the lease token only; nack may add an error and a delay.
 const settleBody = z.object({
@@ -109,9 +120,10 @@ app.post("/:queue/messages", async (c) => {
 });
 
 // A long poll claims, and while it finds nothing and time is left, pauses and
-// claims again: each claim is its own transaction (one inside a single SQL
-// call would never see later messages: now() stands still in a transaction),
-// and no connection is held during the pauses. It stops claiming once the
+// claims again: each claim is its own transaction (a claim compares
+// visible_at with now(), fixed for a transaction, so that it can bound the
+// claim index; a loop inside one SQL call would not see later messages), and
+// no connection is held during the pauses. It stops claiming once the
 // client has gone, and hands back what a claim took while it left (attempt
 // not counted), so no message waits out a lease held by nobody.
 app.post("/:queue/claim", async (c) => {
@@ -127,6 +139,7 @@ app.post("/:queue/claim", async (c) => {
       limit: body.limit,
       visibility_timeout_seconds: body.visibility_timeout_seconds,
       consumer: body.consumer,
+      filter: body.filter,
     });
     if (rows.length > 0 && gone.aborted) {
       await rpc(who, c.get("correlationId"), "public.release_messages", {
@@ -186,6 +199,18 @@ const operate = (action: "archive" | "redrive") => async (c: Ctx) => {
 app.post("/:queue/messages/:id/archive", operate("archive"));
 app.post("/:queue/messages/:id/redrive", operate("redrive"));
 
+app.post("/:queue/messages/:id/visibility", async (c) => {
+  const who = requireService(c);
+  const { queue, id } = pathParams(c, messageRoute);
+  const body = await jsonBody(c, visibilityBody);
+  const [row] = await rpc(who, c.get("correlationId"), "public.set_message_visibility", {
+    queue_name: queue,
+    message_id: id,
+    visible_in_seconds: body.visible_in_seconds,
+  });
+  return c.json({ message: toMessage(row) });
+});
+
 app.delete("/:queue/messages/:id", async (c) => {
   const who = requireService(c);
   const { queue, id } = pathParams(c, messageRoute);
@@ -206,6 +231,7 @@ const toStats = (m: Row) => ({
   dead: Number(m.dead),
   completed: Number(m.completed),
   total: Number(m.total),
+  total_messages: Number(m.total_messages),
 });
 
 app.get("/:queue/metrics", async (c) => {
