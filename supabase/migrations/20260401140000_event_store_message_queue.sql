@@ -692,8 +692,14 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- index range in claim order, merged and cut to the limit: filtering one
 -- ordered scan of every lane instead read each pending row of the other
 -- lanes first (20,000 jobs of a type no worker handles: 11-16 ms a claim).
--- Each lane locks up to the limit, so rows another lane outranks stay locked,
--- unclaimed, until the claim commits. No lane column: one queue.
+-- The lanes' candidates are read unlocked and then locked one by one, in
+-- claim order, skipping those another claim holds, until the claim has its
+-- limit: locking each lane's rows as they were read held every lane's first
+-- rows until commit, though the claim took only its limit, and a worker
+-- claiming beside it found nothing while jobs of other types were due (its
+-- slots stopped early). Only when another claim holds every candidate do the
+-- lanes' scans lock as they read, to pass over those rows. No lane column:
+-- one queue.
 --
 -- Filter. Given a jsonb filter column (message_queue: payload), the claim of
 -- one lane takes an optional p_filter jsonb: rows whose column contains it
@@ -751,8 +757,10 @@ declare
   v_lane_type text := case when p_lane_set then 'text[]' else 'text' end;
   -- Built in two steps: each of these holds a %1$s placeholder, filled in
   -- afterwards (v_scan: the lane's condition; v_claim: the shared update).
-  v_scan text;    -- one lane's due rows in claim order, locked as they are read
+  v_scan text;    -- one lane's due rows in claim order (locked as they are read: v_lock)
+  v_lock text := 'for update skip locked';
   v_merged text;  -- v_scan over each row of `lanes`, merged in claim order
+  v_pick text;    -- v_merged's candidates unlocked, then locked one by one in that order
   v_claim text;   -- the claim's statement(s), each ending in the update
   v_lane text;    -- the lane condition of a claim that names one lane (or none)
 begin
@@ -779,13 +787,13 @@ begin
           where t.status = 'pending' and %%1$s and t.priority = pr.p and t.visible_at <= now()%%2$s
           order by t.visible_at, t.id
           limit p_limit
-          for update skip locked
+          %%3$s
         ) c
         limit p_limit$sql$, p_table);
   if not p_lane_set then
     v_lane := case when p_lane_column is null then 'true'
                    else format('t.%I = p_lane', p_lane_column) end;
-    v_claim := format('return query with picked as (%s) %%1$s;', format(v_scan, v_lane, ''));
+    v_claim := format('return query with picked as (%s) %%1$s;', format(v_scan, v_lane, '', v_lock));
     -- A content filter (p_filter_column): a claim given p_filter takes only
     -- rows whose column contains it (@>), read in the same order, non-matching
     -- rows passed over unlocked. A statement of its own, so that a claim
@@ -797,7 +805,7 @@ begin
       else
         return query with picked as (%2$s) %%1$s;
       end if;$sql$, v_claim,
-        format(v_scan, v_lane, format(' and t.%I @> p_filter', p_filter_column)));
+        format(v_scan, v_lane, format(' and t.%I @> p_filter', p_filter_column), v_lock));
     end if;
   else
     if p_filter_column is not null then
@@ -809,28 +817,50 @@ begin
         cross join lateral (%1$s) c
         order by c.priority desc, c.visible_at, c.id
         limit p_limit
-      )$sql$, format(v_scan, format('t.%I = l.lane', p_lane_column), ''));
-    -- One lane: its scan alone. Several: lane by lane. None given: every
-    -- lane with pending rows, found one index probe each (a loose index scan).
+      )$sql$, format(v_scan, format('t.%I = l.lane', p_lane_column), '', v_lock));
+    v_pick := format($sql$
+      candidates as (
+        select c.id from lanes l
+        cross join lateral (%1$s) c
+        order by c.priority desc, c.visible_at, c.id
+      ),
+      picked as (
+        select t.id from candidates cand
+        cross join lateral (
+          select t.id from %2$s t
+          where t.id = cand.id and t.status = 'pending' and t.visible_at <= now()
+          for update skip locked
+        ) t
+        limit p_limit
+      )$sql$, format(v_scan, format('t.%I = l.lane', p_lane_column), '', ''), p_table);
+    -- One lane: its scan alone. Several: lane by lane (v_pick, and v_merged
+    -- when another claim holds every candidate). None given: every lane with
+    -- pending rows, found one index probe each (a loose index scan).
     v_claim := format($sql$
       if cardinality(p_lane) = 1 then
         return query with picked as (%1$s) %%1$s;
       elsif p_lane is not null then
         return query with lanes(lane) as (select distinct u.lane from unnest(p_lane) u(lane)),
-        %2$s %%1$s;
+        %3$s %%1$s;
+        if not found then
+          return query with lanes(lane) as (select distinct u.lane from unnest(p_lane) u(lane)),
+          %2$s %%1$s;
+        end if;
       else
-        return query with recursive lanes(lane) as (
-          (select t.%3$I from %4$s t where t.status = 'pending' order by t.%3$I limit 1)
-          union all
-          select (select t.%3$I from %4$s t
-                  where t.status = 'pending' and t.%3$I > l.lane
-                  order by t.%3$I limit 1)
-          from lanes l where l.lane is not null
-        ),
-        %2$s %%1$s;
+        return query with recursive lanes(lane) as (%4$s), %3$s %%1$s;
+        if not found then
+          return query with recursive lanes(lane) as (%4$s), %2$s %%1$s;
+        end if;
       end if;$sql$,
-      format(v_scan, format('t.%I = p_lane[1]', p_lane_column), ''), v_merged, p_lane_column,
-      p_table);
+      format(v_scan, format('t.%I = p_lane[1]', p_lane_column), '', v_lock), v_merged, v_pick,
+      format($sql$
+          (select t.%1$I from %2$s t where t.status = 'pending' order by t.%1$I limit 1)
+          union all
+          select (select t.%1$I from %2$s t
+                  where t.status = 'pending' and t.%1$I > l.lane
+                  order by t.%1$I limit 1)
+          from lanes l where l.lane is not null
+        $sql$, p_lane_column, p_table));
   end if;
   if exists (select from pg_attribute where attrelid = p_table and attname = 'timeout_seconds'
              and not attisdropped) then

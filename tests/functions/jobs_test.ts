@@ -73,6 +73,9 @@ registerJobHandler(
 );
 registerJobHandler("test_date_result", () => Promise.resolve(new Date(0) as never));
 registerJobHandler("test_no_result", () => Promise.resolve());
+// quick jobs of three types, for claims of several types at once
+const PICK_TYPES = ["test_pick_a", "test_pick_b", "test_pick_c"];
+for (const type of PICK_TYPES) registerJobHandler(type, () => Promise.resolve({ type }));
 registerJobHandler("test_cancelled", async (job) => {
   await db.sql`select public.cancel_job(${job.id})`;
 });
@@ -550,4 +553,30 @@ dbTest("bad input gets 400 and schedules nothing", async () => {
   assert.equal(unknownType.code, "unknown_job_type");
   const [after] = await db.sql`select count(*)::int as n from public.background_jobs`;
   assert.equal(after.n, before.n);
+});
+
+dbTest("a claim of several types leaves the jobs it does not take to other claims", async () => {
+  // A claim of several types used to lock each type's first due job until it
+  // committed, though it took one: a claim beside it found nothing, and a
+  // worker slot stopped, while jobs were due.
+  for (const type of PICK_TYPES) await schedule({ job_type: type, job_name: type });
+  await db.sql.begin(async (held) => {
+    const [taken] = await held`select job_type from public.claim_jobs(${PICK_TYPES}, 1, 'held')`;
+    assert.equal(taken.job_type, "test_pick_a", "the longest-due job");
+    const beside = await db.sql`select job_type from public.claim_jobs(${PICK_TYPES}, 1, 'beside')`;
+    assert.deepEqual(beside.map((r) => r.job_type), ["test_pick_b"], "a claim beside it");
+    const summary = await run({ job_types: PICK_TYPES, concurrency: 2 });
+    assert.deepEqual(
+      [summary.body.claimed, summary.body.completed, summary.body.stopped],
+      [1, 1, "drained"],
+      JSON.stringify(summary.body),
+    );
+  });
+  const rows = await db.sql`select job_type, status, locked_by from public.background_jobs
+                            where job_type = any(${PICK_TYPES}) order by job_type`;
+  assert.deepEqual(rows.map((r) => [r.job_type, r.status, r.locked_by]), [
+    ["test_pick_a", "running", "held"],
+    ["test_pick_b", "running", "beside"],
+    ["test_pick_c", "completed", null],
+  ]);
 });
