@@ -693,12 +693,10 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- ordered scan of every lane instead read each pending row of the other
 -- lanes first (20,000 jobs of a type no worker handles: 11-16 ms a claim).
 -- The lanes' candidates are read unlocked and then locked one by one, in
--- claim order, skipping those another claim holds, until the claim has its
--- limit: locking each lane's rows as they were read held every lane's first
--- rows until commit, though the claim took only its limit, and a worker
--- claiming beside it found nothing while jobs of other types were due (its
--- slots stopped early). Only when another claim holds every candidate do the
--- lanes' scans lock as they read, to pass over those rows. No lane column:
+-- claim order, until the claim has its limit: locking each lane's rows as
+-- they were read held every lane's first rows until commit, though the claim
+-- took only its limit, and a worker claiming beside it found nothing while
+-- jobs of other types were due (its slots stopped early). No lane column:
 -- one queue.
 --
 -- Filter. Given a jsonb filter column (message_queue: payload), the claim of
@@ -759,10 +757,11 @@ declare
   -- afterwards (v_scan: the lane's condition; v_claim: the shared update).
   v_scan text;    -- one lane's due rows in claim order (locked as they are read: v_lock)
   v_lock text := 'for update skip locked';
-  v_merged text;  -- v_scan over each row of `lanes`, merged in claim order
-  v_pick text;    -- v_merged's candidates unlocked, then locked one by one in that order
+  v_pick text;    -- several lanes' candidates unlocked, then locked one by one in claim order
+  v_id_type text := (select format_type(a.atttypid, a.atttypmod) from pg_attribute a
+                     where a.attrelid = p_table and a.attname = 'id');
   v_claim text;   -- the claim's statement(s), each ending in the update
-  v_lane text;    -- the lane condition of a claim that names one lane (or none)
+  v_lane text;    -- the lane condition of a claim of one lane (or none); several: their scan
 begin
   -- Priority by priority, highest first (a loose index scan), each the range
   -- of its due rows: one ordered scan would walk every not-yet-due row of a
@@ -811,56 +810,62 @@ begin
     if p_filter_column is not null then
       raise exception 'install_leases: a content filter needs a claim of one lane';
     end if;
-    v_merged := format($sql$
-      picked as (
-        select c.id from lanes l
-        cross join lateral (%1$s) c
-        order by c.priority desc, c.visible_at, c.id
-        limit p_limit
-      )$sql$, format(v_scan, format('t.%I = l.lane', p_lane_column), '', v_lock));
-    v_pick := format($sql$
-      candidates as (
-        select c.id from lanes l
-        cross join lateral (%1$s) c
-        order by c.priority desc, c.visible_at, c.id
-      ),
-      picked as (
-        select t.id from candidates cand
-        cross join lateral (
-          select t.id from %2$s t
-          where t.id = cand.id and t.status = 'pending' and t.visible_at <= now()
-          for update skip locked
-        ) t
-        limit p_limit
-      )$sql$, format(v_scan, format('t.%I = l.lane', p_lane_column), '', ''), p_table);
-    -- One lane: its scan alone. Several: lane by lane (v_pick, and v_merged
-    -- when another claim holds every candidate). None given: every lane with
-    -- pending rows, found one index probe each (a loose index scan).
+    v_lane := format(v_scan, format('t.%I = l.lane', p_lane_column), ' and t.id <> all (v_seen)',
+                     '');
+    -- Several lanes, named by the CTE lanes(lane). Candidates, each lane's
+    -- first p_limit due rows read unlocked, are locked one by one in claim
+    -- order. One held by another claim (or taken since) is passed over, and
+    -- the candidates are read again without it, since its lane's later rows
+    -- may now outrank the rest: so the claim takes the first rows no other
+    -- claim holds, in claim order, and locks no row it does not take.
+    v_pick := $sql$
+        declare
+          v_cand record;
+          v_id %5$s;
+          v_ids %5$s[] := '{}';   -- locked here, in claim order
+          v_seen %5$s[] := '{}';  -- candidates tried
+          v_again boolean := true;
+        begin
+          while v_again and cardinality(v_ids) < p_limit loop
+            v_again := false;
+            for v_cand in
+              with recursive lanes(lane) as (%4$s)
+              select c.id from lanes l
+              cross join lateral (%1$s) c
+              order by c.priority desc, c.visible_at, c.id
+            loop
+              v_seen := v_seen || v_cand.id;
+              select t.id into v_id from %2$s t
+              where t.id = v_cand.id and t.status = 'pending' and t.visible_at <= now()
+              for update skip locked;
+              v_again := v_id is null;
+              exit when v_again;
+              v_ids := v_ids || v_id;
+              exit when cardinality(v_ids) = p_limit;
+            end loop;
+          end loop;
+          return query with picked as (select unnest(v_ids) as id) %%1$s;
+        end;$sql$;
+    -- One lane: its scan alone. Several: v_pick over the lanes given, or
+    -- over every lane with pending rows, found one index probe each (a loose
+    -- index scan).
     v_claim := format($sql$
       if cardinality(p_lane) = 1 then
         return query with picked as (%1$s) %%1$s;
-      elsif p_lane is not null then
-        return query with lanes(lane) as (select distinct u.lane from unnest(p_lane) u(lane)),
-        %3$s %%1$s;
-        if not found then
-          return query with lanes(lane) as (select distinct u.lane from unnest(p_lane) u(lane)),
-          %2$s %%1$s;
-        end if;
-      else
-        return query with recursive lanes(lane) as (%4$s), %3$s %%1$s;
-        if not found then
-          return query with recursive lanes(lane) as (%4$s), %2$s %%1$s;
-        end if;
+      elsif p_lane is not null then%2$s
+      else%3$s
       end if;$sql$,
-      format(v_scan, format('t.%I = p_lane[1]', p_lane_column), '', v_lock), v_merged, v_pick,
-      format($sql$
-          (select t.%1$I from %2$s t where t.status = 'pending' order by t.%1$I limit 1)
-          union all
-          select (select t.%1$I from %2$s t
-                  where t.status = 'pending' and t.%1$I > l.lane
-                  order by t.%1$I limit 1)
-          from lanes l where l.lane is not null
-        $sql$, p_lane_column, p_table));
+      format(v_scan, format('t.%I = p_lane[1]', p_lane_column), '', v_lock),
+      format(v_pick, v_lane, p_table, null, 'select distinct u.lane from unnest(p_lane) u(lane)',
+             v_id_type),
+      format(v_pick, v_lane, p_table, null, format($sql$
+              (select t.%1$I from %2$s t where t.status = 'pending' order by t.%1$I limit 1)
+              union all
+              select (select t.%1$I from %2$s t
+                      where t.status = 'pending' and t.%1$I > l.lane
+                      order by t.%1$I limit 1)
+              from lanes l where l.lane is not null$sql$, p_lane_column, p_table),
+             v_id_type));
   end if;
   if exists (select from pg_attribute where attrelid = p_table and attname = 'timeout_seconds'
              and not attisdropped) then

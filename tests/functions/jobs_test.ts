@@ -580,3 +580,29 @@ dbTest("a claim of several types leaves the jobs it does not take to other claim
     ["test_pick_c", "completed", null],
   ]);
 });
+
+dbTest("a claim of several types keeps the claim order past jobs another claim holds", async () => {
+  await db.sql`delete from public.background_jobs where job_type = any(${PICK_TYPES})`;
+  for (const name of ["a1", "a2", "a3"]) {
+    await schedule({ job_type: "test_pick_a", job_name: name, priority: 5 });
+  }
+  await schedule({ job_type: "test_pick_b", job_name: "b1" });
+  const names = (rows: { job_name: string }[]) => rows.map((r) => r.job_name);
+  await db.sql.begin(async (held) => {
+    assert.deepEqual(
+      names(await held`select job_name from public.claim_jobs(${PICK_TYPES}, 1, 'held')`),
+      ["a1"],
+    );
+    // a1 held: the next of its type still outranks b1
+    await db.sql.begin(async (beside) => {
+      assert.deepEqual(
+        names(await beside`select job_name from public.claim_jobs(${PICK_TYPES}, 1, 'beside')`),
+        ["a2"],
+      );
+      assert.deepEqual(
+        names(await db.sql`select job_name from public.claim_jobs(${PICK_TYPES}, 2, 'third')`),
+        ["a3", "b1"],
+      );
+    });
+  });
+});
