@@ -1,6 +1,7 @@
-// Prints the SQL that schedules every entry of scripts/schedules.ts on a
-// hosted project with pg_cron + pg_net, reading the project URL and the
-// service_role key from Supabase Vault (never from the job text).
+// Prints the SQL that schedules, on a hosted project with pg_cron + pg_net,
+// every entry of scripts/schedules.ts the migrations do not already schedule
+// in the database, reading the project URL and the service_role key from
+// Supabase Vault (never from the job text).
 //
 //   deno run scripts/cron_sql.ts | psql "$SUPABASE_DB_URL"
 import { SCHEDULES } from "./schedules.ts";

@@ -1,6 +1,6 @@
 // What cron triggers. On a hosted project pg_cron + pg_net call these
-// endpoints with the service_role key (see README, "Cron"); locally the
-// stack's scheduler calls them on the same cadence.
+// endpoints with the service_role key (see README, "Deploying to a Supabase
+// project"); locally the stack's scheduler calls them on the same cadence.
 export interface Schedule {
   name: string;
   /** cron expression used on the hosted project */

@@ -205,14 +205,6 @@ export function principal(c: Ctx): Principal {
   return p;
 }
 
-/** A signed-in user; anon is told to sign in (401), the service role is refused (403). */
-export function requireUser(c: Ctx): Principal & { userId: string } {
-  const p = principal(c);
-  if (p.role === "anon") throw unauthorized("login_required", "sign in to do this");
-  if (p.role !== "authenticated" || !p.userId) throw forbidden("only a signed-in user may do this");
-  return p as Principal & { userId: string };
-}
-
 /** The service role (backends, cron). */
 export function requireService(c: Ctx): Principal {
   const p = principal(c);

@@ -609,9 +609,8 @@ begin
   -- create_transaction has just checked (and share-locked); a settlement or a
   -- reversal comes later, when the payee may have left: the transaction is
   -- then failed or cancelled instead (which releases a hold), or stays
-  -- completed. The check share-locks the payee's auth.users row before the
-  -- wallets below, so a deletion racing this payment either committed first
-  -- (refused here) or waits for it (see private.lock_live_user).
+  -- completed. Checked under the payee's share lock, before the wallets (see
+  -- private.lock_live_user).
   if p_phase <> 'settle_direct' then
     select w.user_id into v_payee_user from public.wallets w where w.id = v_payee;
     if not private.lock_live_user(v_payee_user) then
@@ -621,8 +620,7 @@ begin
     end if;
   end if;
 
-  -- Entries first: they take no lock, so the wallets stay locked only for
-  -- the update below and the commit.
+  -- Entries first: they take no wallet lock.
   insert into public.ledger_entries (transaction_id, wallet_id, currency, amount, entry_type)
   values
     (p_tx.id, v_payer, p_tx.currency, -p_tx.amount,
@@ -781,12 +779,10 @@ begin
   end if;
   -- a deleted account receives nothing (nor does one that never existed):
   -- not a transfer, nor a credit, refund or commission. An immediate
-  -- transfer (p_settle) pays now, so its check share-locks the recipient's
-  -- auth.users row until commit, before the wallets are created or locked:
-  -- it waits here for a deletion under way, or a later deletion waits for it
-  -- (see private.lock_live_user). A transfer_funds recipient found by phone
-  -- is checked here too, by the id the phone resolved to. A pending one pays
-  -- nothing yet: a plain read, and its completion checks under the lock.
+  -- transfer (p_settle) pays now: checked under the recipient's share lock,
+  -- before the wallets are created or locked (see private.lock_live_user),
+  -- by id, or by the id its phone resolved to. A pending one pays nothing
+  -- yet: a plain read, and its completion checks under the lock.
   if p_destination_user_id is not null then
     if not (case when p_settle then private.lock_live_user(p_destination_user_id)
                  else private.user_is_live(p_destination_user_id) end) then

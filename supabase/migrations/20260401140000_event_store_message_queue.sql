@@ -9,8 +9,8 @@
 --   background_jobs       scheduled jobs run by the `jobs` function's worker
 --
 -- The queue and the jobs share one lease mechanism (private.install_leases and
--- private.backoff_delay), written once against a column contract so the
--- WhatsApp outbound queue and the notifications can adopt it too (see
+-- private.backoff_delay), written once against a column contract; the
+-- WhatsApp outbound queue uses its lease expiry and settlement too (see
 -- "Leases" below).
 -- =============================================================================
 
@@ -657,11 +657,11 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- status, optional filter column) writes three functions for such a table
 -- from the one template below, as static SQL (a generic function running
 -- dynamic SQL parses and plans every call, which cost more than the work
--- itself). Claim and settle always
--- run one plan: walk the claim index in order, priority by priority from each
--- one's due rows, stopping after p_limit rows, and reach each row by primary
--- key. They pin it with planner settings and
--- use it as a generic plan: left to choose, Postgres planned these statements
+-- itself). A claim of one lane and a settlement each run one plan: walk the
+-- claim index in order, priority by priority from each one's due rows,
+-- stopping after p_limit rows, and reach each row by primary key (a filtered
+-- claim and a claim of several lanes: see "Filter" and "Lanes"). They pin it
+-- with planner settings and use it as a generic plan: left to choose, Postgres planned these statements
 -- afresh on every call (a generic plan, costed for a limit of 10% of the
 -- table, looked dearer than a custom one), a quarter of a claim's time, and
 -- with stale statistics (a queue that just filled up) it liked to fetch every
@@ -681,9 +681,10 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 --                                   exhausted after max_attempts
 --
 -- and private.backoff_delay is the one backoff formula. message_queue and
--- background_jobs install it below; the WhatsApp outbound queue and the
--- notifications adopt it the same way: give the table these columns, call
--- install_leases once in their migration, and wrap the three functions.
+-- background_jobs install it below and wrap the three functions; the WhatsApp
+-- outbound queue installs it too (20260401140500_whatsapp_leases.sql) and
+-- uses the expiry and the settlement, with a claim of its own. Another table
+-- adopts it the same way: give it these columns and call install_leases once.
 --
 -- Lanes. The claim index leads with the lane column, so a claim reads only
 -- its lane's rows. A claim names one lane (message_queue: p_lane text), or a
@@ -704,22 +705,8 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- (@>), in the same order, in a statement of its own; without p_filter the
 -- claim runs the same statement and plan as a table without the option.
 --
--- Compared with pgmq (send, send_batch, read with vt, qty and conditional,
--- read_with_poll, pop, set_vt, archive, delete, purge_queue, metrics,
--- metrics_all, list_queues): claim = read (plus priority, per-message attempt
--- limits and dead letters, which pgmq leaves to the caller; p_filter = read's
--- conditional, payload @> filter), the HTTP claim's wait_seconds =
--- read_with_poll (with its filter too; no SQL form, see "The rest of pgmq's
--- operations"), pop = pop, ack = archive by the lease holder (the row stays,
--- status completed, until purged), nack = explicit retry with backoff (pgmq:
--- wait for vt), set_message(s)_visibility = set_vt by id whoever holds the
--- message (pending, delayed, blocked or in flight) and extend_message_lease
--- its lease holder's form, lease expiry makes a message visible again exactly
--- like vt does; archive_messages and delete_messages act by id whoever holds
--- the message, as pgmq's do; queue_metrics' total_messages = metrics'
--- total_messages (every message ever sent); list_queues = metrics_all;
--- group_key = pgmq's FIFO groups (x-pgmq-group, see "FIFO groups" below);
--- headers = headers. Queues need no create or drop: a name is a queue.
+-- These functions do at least what pgmq's do; docs/api/queues.md compares
+-- them operation by operation (the one copy of that comparison).
 -- -----------------------------------------------------------------------------
 create or replace function private.backoff_delay(
   p_attempt integer,
@@ -753,15 +740,21 @@ declare
   v_lease text := 'p_lease';
   v_result text := '';
   v_lane_type text := case when p_lane_set then 'text[]' else 'text' end;
-  -- Built in two steps: each of these holds a %1$s placeholder, filled in
-  -- afterwards (v_scan: the lane's condition; v_claim: the shared update).
-  v_scan text;    -- one lane's due rows in claim order (locked as they are read: v_lock)
+  -- Templates, filled in by format() afterwards:
+  --   v_scan   one lane's due rows in claim order: %1$s the lane's condition,
+  --            %2$s a further condition (the filter, or the candidates tried),
+  --            %3$s the lock clause (v_lock, or none)
+  --   v_pick   a claim of several lanes: %1$s their scan (v_candidates), %2$s
+  --            the table, %3$s the lanes' CTE, %4$s the id type
+  --   v_claim  the claim's statements: %1$s the shared update
+  v_scan text;
   v_lock text := 'for update skip locked';
-  v_pick text;    -- several lanes' candidates unlocked, then locked one by one in claim order
+  v_pick text;
+  v_candidates text; -- v_scan of the lane l, passing over the candidates tried
   v_id_type text := (select format_type(a.atttypid, a.atttypmod) from pg_attribute a
                      where a.attrelid = p_table and a.attname = 'id');
   v_claim text;   -- the claim's statement(s), each ending in the update
-  v_lane text;    -- the lane condition of a claim of one lane (or none); several: their scan
+  v_lane text;    -- the lane condition of a claim of one lane (or none)
 begin
   -- Priority by priority, highest first (a loose index scan), each the range
   -- of its due rows: one ordered scan would walk every not-yet-due row of a
@@ -810,8 +803,8 @@ begin
     if p_filter_column is not null then
       raise exception 'install_leases: a content filter needs a claim of one lane';
     end if;
-    v_lane := format(v_scan, format('t.%I = l.lane', p_lane_column), ' and t.id <> all (v_seen)',
-                     '');
+    v_candidates := format(v_scan, format('t.%I = l.lane', p_lane_column),
+                           ' and t.id <> all (v_seen)', '');
     -- Several lanes, named by the CTE lanes(lane). Candidates, each lane's
     -- first p_limit due rows read unlocked, are locked one by one in claim
     -- order. One held by another claim (or taken since) is passed over, and
@@ -821,15 +814,15 @@ begin
     v_pick := $sql$
         declare
           v_cand record;
-          v_id %5$s;
-          v_ids %5$s[] := '{}';   -- locked here, in claim order
-          v_seen %5$s[] := '{}';  -- candidates tried
+          v_id %4$s;
+          v_ids %4$s[] := '{}';   -- locked here, in claim order
+          v_seen %4$s[] := '{}';  -- candidates tried
           v_again boolean := true;
         begin
           while v_again and cardinality(v_ids) < p_limit loop
             v_again := false;
             for v_cand in
-              with recursive lanes(lane) as (%4$s)
+              with recursive lanes(lane) as (%3$s)
               select c.id from lanes l
               cross join lateral (%1$s) c
               order by c.priority desc, c.visible_at, c.id
@@ -856,9 +849,9 @@ begin
       else%3$s
       end if;$sql$,
       format(v_scan, format('t.%I = p_lane[1]', p_lane_column), '', v_lock),
-      format(v_pick, v_lane, p_table, null, 'select distinct u.lane from unnest(p_lane) u(lane)',
+      format(v_pick, v_candidates, p_table, 'select distinct u.lane from unnest(p_lane) u(lane)',
              v_id_type),
-      format(v_pick, v_lane, p_table, null, format($sql$
+      format(v_pick, v_candidates, p_table, format($sql$
               (select t.%1$I from %2$s t where t.status = 'pending' order by t.%1$I limit 1)
               union all
               select (select t.%1$I from %2$s t
@@ -1629,7 +1622,8 @@ begin
 end;
 $$;
 
--- Extends (or shortens) a held lease, as pgmq's set_vt.
+-- Extends (or shortens) a held lease: the lease holder's form of pgmq's set_vt
+-- (whoever holds the message: set_message_visibility).
 create or replace function public.extend_message_lease(
   p_queue_name text,
   p_message_id bigint,
@@ -1724,8 +1718,8 @@ $$;
 -- message of their group), in flight, dead, completed (not yet purged), total
 -- (stored now, in any state), total_messages (every message ever sent to the
 -- queue: stored or since purged or deleted, pgmq's total_messages), and the
--- ages of the oldest and newest waiting message (pgmq's queue_length / oldest
--- / newest age, split by state).
+-- ages of the oldest and newest unfinished message (pgmq's queue_length /
+-- oldest / newest age, split by state).
 create type public.queue_stats as (
   queue_name text,
   depth bigint,
@@ -1775,15 +1769,9 @@ $$;
 -- The rest of pgmq's operations: pop, archive, delete and set_vt by id, every
 -- queue's metrics
 --
--- pgmq's read_with_poll is the HTTP claim's wait_seconds, a loop of claims
--- with a pause between them, each its own transaction; a SQL caller loops
--- claim_messages the same way. There is no SQL poll, by choice: pgmq's holds a
--- connection and its transaction for the whole wait (a pooled Supavisor
--- connection per waiting consumer), and it compares vt with clock_timestamp().
--- A claim compares visible_at with now(), which stands still in a transaction,
--- because now() can bound the claim index's range and clock_timestamp(),
--- volatile, cannot: the claim would filter every not-yet-due message instead
--- of stopping at the first. A poll here would need a claim of its own.
+-- pgmq's read_with_poll is the HTTP claim's wait_seconds, a loop of claims,
+-- each its own transaction; there is no SQL poll, by choice (why: "Long
+-- polls" in docs/api/queues.md).
 -- -----------------------------------------------------------------------------
 
 -- Claims and acks in one step (pgmq's pop): delivery at most once, for
@@ -1839,12 +1827,11 @@ begin
 end;
 $$;
 
--- The input of an operation on messages by id, checked (400s), and the groups
--- of those messages: finishing a group's head promotes its next message.
-create or replace function private.checked_message_groups(p_queue_name text, p_message_ids bigint[])
-returns text[]
+-- The input of an operation on messages by id, checked (400s).
+create or replace function private.check_message_ids(p_queue_name text, p_message_ids bigint[])
+returns void
 language plpgsql
-stable
+immutable
 set search_path = ''
 as $$
 begin
@@ -1854,6 +1841,19 @@ begin
     perform private.raise_error(400, 'invalid_message_ids',
       'message_ids must be an array of 1 to 1000 ids');
   end if;
+end;
+$$;
+
+-- The input checked, and the groups of those messages: finishing a group's
+-- head promotes its next message.
+create or replace function private.checked_message_groups(p_queue_name text, p_message_ids bigint[])
+returns text[]
+language plpgsql
+stable
+set search_path = ''
+as $$
+begin
+  perform private.check_message_ids(p_queue_name, p_message_ids);
   return array(
     select distinct q.group_key from public.message_queue q
     where q.id = any (p_message_ids) and q.queue_name = p_queue_name and q.group_key is not null);
@@ -2020,7 +2020,7 @@ security definer
 set search_path = ''
 as $$
 begin
-  perform private.checked_message_groups(p_queue_name, p_message_ids);
+  perform private.check_message_ids(p_queue_name, p_message_ids);
   if p_visible_in_seconds is null or p_visible_in_seconds not between 0 and 31536000 then
     perform private.raise_error(400, 'invalid_visibility',
       'visible_in_seconds must be between 0 and 31536000');
@@ -2057,7 +2057,8 @@ end;
 $$;
 
 -- Every queue's metrics, by name (pgmq's list_queues and metrics_all). A
--- queue is named by its messages: once all are purged or deleted it is gone.
+-- queue is named by its messages: once all are purged or deleted it is not
+-- listed here (queue_metrics still counts its total_messages).
 -- The names come one index probe per queue from the pending and the finished
 -- index (a loose index scan), and from the in-flight rows, few by nature.
 create or replace function public.list_queues()
@@ -2221,7 +2222,7 @@ create table public.background_jobs (
   finished_at timestamptz
 );
 
--- The job types users may schedule, and at what priority at most. A job runs
+-- The job types users may schedule and retry, and at what priority at most. A job runs
 -- its type's handler with the payload it was given, so a type is closed to
 -- users until an operator lists it here; the service role schedules any.
 create table private.user_job_types (
@@ -2262,12 +2263,9 @@ create policy background_jobs_service_select on public.background_jobs
 select private.install_leases('public.background_jobs', 'background_jobs', 'job_type', true,
   'running');
 
--- The spec's call. Users schedule jobs as themselves (user_id forced); an
--- idempotency key already used by the same scheduler returns that job, and
--- the same key with any other parameter (type, name, payload, priority,
--- attempts, timeout, a given run_at) is a 409.
--- 403 unless users may run jobs of p_job_type at p_priority (an operator may
--- close a type, or lower its cap, at any time: a user's retry asks again).
+-- For a user, 403 unless users may run jobs of p_job_type at p_priority (an
+-- operator may close a type, or lower its cap, at any time: a user's retry
+-- asks again); nothing for the service role, which runs any.
 create or replace function private.require_user_job_type(p_job_type text, p_priority integer)
 returns void
 language plpgsql
@@ -2277,6 +2275,9 @@ as $$
 declare
   v_max_priority integer;
 begin
+  if private.caller_user_id() is null then
+    return;
+  end if;
   select u.max_priority into v_max_priority from private.user_job_types u
   where u.job_type = p_job_type;
   if not found then
@@ -2289,6 +2290,10 @@ begin
 end;
 $$;
 
+-- The spec's call. Users schedule jobs as themselves (user_id forced); an
+-- idempotency key already used by the same scheduler returns that job, and
+-- the same key with any other parameter (type, name, payload, priority,
+-- attempts, timeout, a given run_at) is a 409.
 create or replace function public.schedule_job(
   p_job_type text,
   p_job_name text,
@@ -2317,9 +2322,7 @@ begin
   if not isfinite(p_run_at) then
     perform private.raise_error(400, 'invalid_run_at', 'run_at must be a finite timestamp');
   end if;
-  if v_user is not null then
-    perform private.require_user_job_type(p_job_type, p_priority);
-  end if;
+  perform private.require_user_job_type(p_job_type, p_priority);
   insert into public.background_jobs as j (
     job_type, job_name, payload, priority, run_at, visible_at, max_attempts, timeout_seconds,
     idempotency_key, correlation_id, user_id
@@ -2561,9 +2564,7 @@ declare
 begin
   v_row := private.lock_job(p_job_id, array['pending', 'failed', 'timeout', 'cancelled'],
                             'retried');
-  if not private.caller_is_service() then
-    perform private.require_user_job_type(v_row.job_type, v_row.priority);
-  end if;
+  perform private.require_user_job_type(v_row.job_type, v_row.priority);
   update public.background_jobs j
      set status = 'pending', finished_at = null,
          visible_at = greatest(now(), j.cancelled_lease_until),

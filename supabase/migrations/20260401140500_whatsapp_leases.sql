@@ -7,7 +7,8 @@
 -- right after 20260401140000, writes
 --   private.whatsapp_message_queue_lease_claim / _lease_expire / _lease_settle
 -- for it. The WhatsApp claim keeps its own query (head of line per recipient,
--- pair pacing and rate slots); lease expiry and the settlement of retries and
+-- pair pacing and rate slots), so the generated claim goes unused (revoked
+-- below, like the others); lease expiry and the settlement of retries and
 -- failures use these.
 -- =============================================================================
 select private.install_leases('public.whatsapp_message_queue', 'whatsapp_message_queue',

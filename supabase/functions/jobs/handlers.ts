@@ -26,15 +26,13 @@ export type JobHandler = (job: Job, ctx: JobContext) => Promise<Record<string, u
 
 const registry = new Map<string, JobHandler>();
 
+/** A job type's name, as private.job_type holds it. */
+export const JOB_TYPE = /^[a-z][a-z0-9_.-]{0,62}$/;
+
 /** Registers (or replaces) the handler of a job type. */
 export function registerJobHandler(jobType: string, handler: JobHandler): void {
-  if (!/^[a-z][a-z0-9_.-]{0,62}$/.test(jobType)) throw new Error(`invalid job type ${jobType}`);
+  if (!JOB_TYPE.test(jobType)) throw new Error(`invalid job type ${jobType}`);
   registry.set(jobType, handler);
-}
-
-/** Removes a handler (tests). */
-export function unregisterJobHandler(jobType: string): void {
-  registry.delete(jobType);
 }
 
 export function jobHandler(jobType: string): JobHandler | undefined {

@@ -20,10 +20,10 @@ import {
   jsonBody,
   pathParams,
 } from "../../../shared/http.ts";
-import { registeredJobTypes } from "./handlers.ts";
+import { JOB_TYPE, registeredJobTypes } from "./handlers.ts";
 import { runJobs } from "./worker.ts";
 
-const jobType = z.string().regex(/^[a-z][a-z0-9_.-]{0,62}$/);
+const jobType = z.string().regex(JOB_TYPE);
 const jobId = z.object({ id: bigintId });
 
 const scheduleBody = z.object({

@@ -17,7 +17,8 @@
 //                                             visible in visible_in_seconds, whoever holds it
 //                                             (pgmq's set_vt; service role)
 //   DELETE /queues/:queue/messages/:id        delete a message in any state (service role)
-//   GET  /queues/:queue/metrics               depth, in flight, dead, oldest age (service role)
+//   GET  /queues/:queue/metrics               depth, in flight, dead, oldest age, total_messages
+//                                             (service role)
 //   GET  /queues                              every queue's metrics (service role)
 //
 // Consumers are backends: claiming, settling, operating on messages by id and
