@@ -4,7 +4,7 @@
 // Supabase Vault (never from the job text).
 //
 //   deno run scripts/cron_sql.ts | psql "$SUPABASE_DB_URL"
-import { SCHEDULES } from "./schedules.ts";
+import { type HttpSchedule, SCHEDULES } from "./schedules.ts";
 
 const secret = (name: string) =>
   `(select decrypted_secret from vault.decrypted_secrets where name = '${name}')`;
@@ -14,7 +14,7 @@ const lines = [
   "create extension if not exists pg_cron with schema pg_catalog;",
   "create extension if not exists pg_net with schema extensions;",
 ];
-for (const s of SCHEDULES.filter((s) => !s.inDatabase)) {
+for (const s of SCHEDULES.filter((s): s is HttpSchedule => "path" in s && !s.inDatabase)) {
   lines.push(
     `select cron.schedule('fn-${s.name}', '${s.cron}', $job$
   select net.http_post(

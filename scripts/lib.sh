@@ -243,7 +243,7 @@ prepare_database() {
     psql_url "$(db_url_for template1)" -c "drop database if exists \"$name\" with (force)" \
       -c "create database \"$name\"" >/dev/null
   fi
-  log "bootstrapping and migrating $(printf '%s' "$DATABASE_URL" | sed 's#//[^@]*@#//#')"
+  log "bootstrapping and migrating $(printf '%s' "$DATABASE_URL" | sed -E 's#//[^@/]*@#//#; s#([?&]password=)[^&]*#\1***#gI')"
   bootstrap_db "$DATABASE_URL"
   migrate_db "$DATABASE_URL"
   # pg_cron (1.4) reads its jobs when its scheduler starts or reloads. On a new

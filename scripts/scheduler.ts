@@ -1,13 +1,15 @@
 // The local stand-in for pg_cron + pg_net: POSTs each scheduled endpoint with
-// the service_role key. One run of a schedule at a time; failures are logged
-// and the next tick tries again.
+// the service_role key, and runs the SQL jobs pg_cron does not run in this
+// database. One run of a schedule at a time; failures are logged and the next
+// tick tries again.
 import { log } from "../shared/log.ts";
 import { type Schedule, SCHEDULES } from "./schedules.ts";
 
 export function startScheduler(
   apiUrl: string,
   serviceKey: string,
-  schedules = SCHEDULES,
+  runSql: (sql: string) => Promise<unknown>,
+  schedules: Schedule[] = SCHEDULES,
 ): () => void {
   const timers: ReturnType<typeof setTimeout>[] = [];
   const running = new Set<string>();
@@ -17,6 +19,14 @@ export function startScheduler(
     running.add(s.name);
     const started = performance.now();
     try {
+      if ("sql" in s) {
+        await runSql(s.sql);
+        log("info", "schedule ran", {
+          schedule: s.name,
+          duration_ms: Math.round(performance.now() - started),
+        });
+        return;
+      }
       const res = await fetch(`${apiUrl}/functions/v1/${s.path}`, {
         method: "POST",
         headers: { authorization: `Bearer ${serviceKey}`, "content-type": "application/json" },

@@ -1,12 +1,17 @@
 // What cron triggers. On a hosted project pg_cron + pg_net call these
 // endpoints with the service_role key (see README, "Deploying to a Supabase
 // project"); locally the stack's scheduler calls them on the same cadence.
-export interface Schedule {
+interface Every {
+  /** the pg_cron job name */
   name: string;
   /** cron expression used on the hosted project */
   cron: string;
   /** interval the local scheduler uses */
   everyMs: number;
+}
+
+/** A function endpoint, POSTed with the service role's key. */
+export interface HttpSchedule extends Every {
   /** function path below /functions/v1 */
   path: string;
   /**
@@ -17,6 +22,17 @@ export interface Schedule {
   inDatabase?: boolean;
 }
 
+/**
+ * A statement a migration schedules with pg_cron under `name`. The local
+ * scheduler runs it only where pg_cron does not (a database other than
+ * cron.database_name, or one without the extension).
+ */
+export interface SqlSchedule extends Every {
+  sql: string;
+}
+
+export type Schedule = HttpSchedule | SqlSchedule;
+
 export const SCHEDULES: Schedule[] = [
   {
     name: "maintain-partitions",
@@ -24,6 +40,18 @@ export const SCHEDULES: Schedule[] = [
     everyMs: 24 * 3600_000,
     path: "observability/maintenance",
     inDatabase: true,
+  },
+  {
+    name: "sequence-events",
+    cron: "* * * * *",
+    everyMs: 60_000,
+    sql: "select public.sequence_events()",
+  },
+  {
+    name: "purge-transaction-idempotency-keys",
+    cron: "25 * * * *",
+    everyMs: 3600_000,
+    sql: "select public.purge_transaction_idempotency_keys()",
   },
   {
     name: "run-jobs",

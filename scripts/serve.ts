@@ -1,9 +1,12 @@
 // The local API: every function under /functions/v1/<name> on 127.0.0.1:54321,
 // the scheduler, and the keys printed the way `supabase status` prints them.
-import { closeDb } from "../shared/db.ts";
+import { closeDb, db } from "../shared/db.ts";
+import { ConfigError, env } from "../shared/env.ts";
+import { whatsappConfig } from "../shared/whatsapp.ts";
 import { LOCAL_JWT_SECRET, signKey } from "./keys.ts";
 import { createRouter, loadFunctions } from "./router.ts";
 import { startScheduler } from "./scheduler.ts";
+import { type Schedule, SCHEDULES } from "./schedules.ts";
 import { startWhatsAppSandbox } from "./whatsapp_sandbox.ts";
 
 const port = Number(Deno.env.get("API_PORT") ?? "54321");
@@ -39,28 +42,63 @@ function exitIfPortTaken(err: unknown, what: string, portVar: string): never {
   throw err;
 }
 
+/**
+ * Ends the start with one line when the functions could not serve a request:
+ * a malformed variable (read lazily by the functions, so it would otherwise
+ * surface as a 500 on every request) or a database URL their client cannot
+ * use (psql and the Supabase CLI read some that postgres.js does not).
+ */
+async function exitUnlessReady(): Promise<void> {
+  try {
+    env();
+    whatsappConfig();
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err;
+    console.error(err.message);
+    Deno.exit(1);
+  }
+  try {
+    await db()`select 1`;
+  } catch (err) {
+    console.error(`the functions cannot use DATABASE_URL: ${(err as Error).message}`);
+    Deno.exit(1);
+  }
+}
+
+/** The schedules to run here: every endpoint, and the SQL jobs pg_cron does not run in this database. */
+async function localSchedules(): Promise<Schedule[]> {
+  const [{ cron }] = await db()`select to_regclass('cron.job') is not null as cron`;
+  const scheduled = new Set(
+    cron ? (await db()`select jobname from cron.job`).map((j) => j.jobname as string) : [],
+  );
+  return SCHEDULES.filter((s) => !("sql" in s) || !scheduled.has(s.name));
+}
+
 const whatsappSandbox = await startWhatsAppSandbox().catch((err) =>
   exitIfPortTaken(err, "the WhatsApp sandbox", "WHATSAPP_SANDBOX_PORT")
 );
+await exitUnlessReady();
+const schedules = await localSchedules();
 const apps = await loadFunctions();
-const controller = new AbortController();
 let server: Deno.HttpServer;
 try {
-  server = Deno.serve(
-    { port, hostname: "127.0.0.1", signal: controller.signal, onListen: () => {} },
-    createRouter(apps),
-  );
+  server = Deno.serve({ port, hostname: "127.0.0.1", onListen: () => {} }, createRouter(apps));
 } catch (err) {
   exitIfPortTaken(err, `the API on ${apiUrl}`, "API_PORT");
 }
 
-const redacted = dbUrl.replace(/\/\/([^:@/]+):[^@/]*@/, "//$1:***@");
+const redacted = dbUrl.replace(/\/\/([^:@/]+):[^@/]*@/, "//$1:***@")
+  .replace(/([?&]password=)[^&]*/gi, "$1***");
+const scheduled = Deno.env.get("SCHEDULER") === "off"
+  ? "off"
+  : schedules.map((s) => s.name).join(", ");
 console.log(`
 EasyMO local stack is running.
 
          API URL: ${apiUrl}
    Functions URL: ${apiUrl}/functions/v1/{${[...apps.keys()].join(",")}}
           DB URL: ${redacted}
+       Scheduler: ${scheduled}
       JWT secret: ${secret === LOCAL_JWT_SECRET ? LOCAL_JWT_SECRET : "(from JWT_SECRET)"}
         anon key: ${anonKey}
 service_role key: ${serviceKey}
@@ -70,17 +108,32 @@ Press Ctrl-C to stop.
 
 const stopScheduler = Deno.env.get("SCHEDULER") === "off"
   ? () => {}
-  : startScheduler(apiUrl, serviceKey);
+  : startScheduler(apiUrl, serviceKey, (sql) => db().unsafe(sql), schedules);
+
+// Requests in flight get this long to finish on Ctrl-C: a jobs run cut off
+// would leave its job running until its lease ends, like a crash.
+const GRACE_MS = 10_000;
 
 let stopping = false;
 async function shutdown(signal: string) {
-  if (stopping) return;
+  if (stopping) {
+    console.log(`${signal} again: stopping now`);
+    Deno.exit(1);
+  }
   stopping = true;
-  console.log(`\n${signal}: stopping the API`);
+  console.log(
+    `\n${signal}: stopping the API (up to ${
+      GRACE_MS / 1000
+    } s for requests in flight; ${signal} again to stop now)`,
+  );
   stopScheduler();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  await Promise.race([
+    server.shutdown(),
+    new Promise((done) => (timer = setTimeout(done, GRACE_MS))),
+  ]);
+  clearTimeout(timer);
   await whatsappSandbox?.close();
-  controller.abort();
-  await server.finished.catch(() => {});
   await closeDb();
   Deno.exit(0);
 }

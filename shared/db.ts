@@ -2,7 +2,7 @@
 // transaction that first sets role and request.jwt.claims exactly like
 // PostgREST, so RLS and auth.uid() behave as they do behind Supabase's API.
 import postgres from "postgres";
-import { env } from "./env.ts";
+import { ConfigError, env } from "./env.ts";
 import { HttpError, tryAgain } from "./errors.ts";
 import type { Principal } from "./auth.ts";
 import { log } from "./log.ts";
@@ -379,6 +379,11 @@ const CALLER_DATA_EXCEPTIONS = new Set([
  */
 export function toHttpError(err: unknown, correlationId?: string): HttpError {
   if (err instanceof HttpError) return err;
+  if (err instanceof ConfigError) {
+    // (npm start refuses to start so; a deployed function meets it here)
+    log("error", "invalid configuration", { correlation_id: correlationId, error: err.message });
+    return new HttpError(500, "internal_error", "something went wrong on our side");
+  }
   const e = err as PgError;
   const code = e.code ?? "";
   if (/^PT[45]\d\d$/.test(code)) {

@@ -172,6 +172,94 @@ for (const taken of ["API_PORT", "WHATSAPP_SANDBOX_PORT"] as const) {
   });
 }
 
+/** Two free local ports. */
+function freePorts(): [number, number] {
+  const a = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const b = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const ports: [number, number] = [(a.addr as Deno.NetAddr).port, (b.addr as Deno.NetAddr).port];
+  a.close();
+  b.close();
+  return ports;
+}
+const SERVE = new URL("../../scripts/serve.ts", import.meta.url).pathname;
+
+dbTest("a malformed variable stops the local stack before it starts, naming it", async () => {
+  const [api, sandbox] = freePorts();
+  for (const [name, value] of [["DB_POOL_SIZE", "abc"], ["LOG_LEVEL", "verbose"]]) {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "--quiet", SERVE],
+      env: {
+        API_PORT: String(api),
+        WHATSAPP_SANDBOX_PORT: String(sandbox),
+        DATABASE_URL: db.url,
+        SCHEDULER: "off",
+        [name]: value,
+      },
+      stdout: "piped",
+      stderr: "piped",
+      signal: AbortSignal.timeout(20_000), // a stack that starts anyway runs until stopped
+    }).output();
+    const stderr = new TextDecoder().decode(out.stderr).trim();
+    assert.equal(out.code, 1, stderr);
+    assert.match(stderr, new RegExp(`^invalid configuration: ${name}: `));
+    assert.equal(stderr.split("\n").length, 1, stderr);
+    assert.doesNotMatch(new TextDecoder().decode(out.stdout), /running/);
+  }
+});
+
+dbTest(
+  "Ctrl-C lets a request in flight finish; SQL jobs pg_cron does not run are scheduled here",
+  async () => {
+    const [api, sandbox] = freePorts();
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", "--quiet", SERVE],
+      env: { API_PORT: String(api), WHATSAPP_SANDBOX_PORT: String(sandbox), DATABASE_URL: db.url },
+      stdout: "piped",
+      stderr: "null",
+      signal: AbortSignal.timeout(30_000),
+    }).spawn();
+    let banner = "";
+    const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    while (!banner.includes("Press Ctrl-C")) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      banner += value;
+    }
+    const serviceKey = banner.match(/service_role key: (\S+)/)?.[1];
+    assert.ok(serviceKey, banner);
+    // the test database is not pg_cron's: its SQL jobs run from the local scheduler
+    const [{ cron }] = await db.sql`select to_regclass('cron.job') is not null as cron`;
+    const scheduler = banner.match(/Scheduler: (.*)/)?.[1].split(", ");
+    assert.deepEqual(
+      scheduler,
+      cron ? ["maintain-partitions", "run-jobs", "whatsapp-dispatch"] : [
+        "maintain-partitions",
+        "sequence-events",
+        "purge-transaction-idempotency-keys",
+        "run-jobs",
+        "whatsapp-dispatch",
+      ],
+    );
+    // a long poll waits 2 s for a message; Ctrl-C comes after half a second
+    const started = performance.now();
+    const inFlight = fetch(`http://127.0.0.1:${api}/functions/v1/queues/e2e-stop/claim`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${serviceKey}`, "content-type": "application/json" },
+      body: JSON.stringify({ wait_seconds: 2 }),
+    });
+    await new Promise((r) => setTimeout(r, 500));
+    child.kill("SIGINT");
+    const res = await inFlight;
+    assert.equal(res.status, 200);
+    assert.deepEqual((await res.json()).messages, []);
+    assert.ok(performance.now() - started >= 1900, "it waited out its poll");
+    const { code } = await child.status;
+    assert.equal(code, 0);
+    reader.releaseLock();
+    await child.stdout.cancel().catch(() => {});
+  },
+);
+
 dbTest("stop the local API", async () => {
   await api.close();
 });
