@@ -322,12 +322,15 @@ dbTest(
     // cadence must be the one the local scheduler and the hosted cron use.
     const admin = postgres(ADMIN_URL, { max: 1, onnotice: () => {} });
     try {
-      const inDatabase = SCHEDULES.filter((s) => s.inDatabase);
+      // and the SQL jobs the local scheduler runs where pg_cron does not
+      const inDatabase = SCHEDULES.filter((s) => "sql" in s || s.inDatabase);
       assert.ok(inDatabase.some((s) => s.name === "maintain-partitions"));
+      assert.ok(inDatabase.some((s) => s.name === "sequence-events"));
       for (const s of inDatabase) {
         const jobs = await admin`select schedule, command from cron.job where jobname = ${s.name}`;
         assert.equal(jobs.length, 1, s.name);
         assert.equal(jobs[0].schedule, s.cron, s.name);
+        if ("sql" in s) assert.equal(jobs[0].command, s.sql, s.name);
       }
       const [job] = await admin`select command from cron.job where jobname = 'maintain-partitions'`;
       assert.match(job.command, /public\.maintain_partitions\(\)/);
