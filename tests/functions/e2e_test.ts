@@ -207,6 +207,30 @@ dbTest("a malformed variable stops the local stack before it starts, naming it",
   }
 });
 
+dbTest("a database URL the functions cannot use stops the start, its password hidden", async () => {
+  // psql and the Supabase CLI read a password from the query string; postgres.js does not
+  const u = new URL(db.url);
+  const url = `postgresql://${u.host}${u.pathname}?user=${u.username}&password=${u.password}`;
+  const [api, sandbox] = freePorts();
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "--quiet", SERVE],
+    env: {
+      API_PORT: String(api),
+      WHATSAPP_SANDBOX_PORT: String(sandbox),
+      DATABASE_URL: url,
+      PGPASSWORD: "",
+      SCHEDULER: "off",
+    },
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout(20_000),
+  }).output();
+  const printed = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 1, printed);
+  assert.match(printed, /^the functions cannot use DATABASE_URL: /m);
+  assert.ok(!printed.includes(`password=${u.password}`), printed);
+});
+
 dbTest(
   "Ctrl-C lets a request in flight finish; SQL jobs pg_cron does not run are scheduled here",
   async () => {
