@@ -1409,6 +1409,21 @@ begin
 end;
 $$;
 
+-- 400 unless a lease (a claim's or an extension's) is 0.1 s to 12 hours.
+create or replace function private.check_visibility_timeout(p_seconds double precision)
+returns void
+language plpgsql
+immutable
+set search_path = ''
+as $$
+begin
+  if p_seconds is null or p_seconds < 0.1 or p_seconds > 43200 then
+    perform private.raise_error(400, 'invalid_visibility_timeout',
+      'visibility_timeout_seconds must be between 0.1 and 43200');
+  end if;
+end;
+$$;
+
 -- Claims up to p_limit visible messages, highest priority first, then the
 -- longest visible (a retried or delayed message by when it became visible),
 -- hidden from other consumers for p_visibility_timeout_seconds. Messages of a
@@ -1435,11 +1450,7 @@ declare
 begin
   perform private.check_queue_name(p_queue_name);
   perform private.check_limit(p_limit, 1000);
-  if p_visibility_timeout_seconds is null or p_visibility_timeout_seconds < 0.1
-     or p_visibility_timeout_seconds > 43200 then
-    perform private.raise_error(400, 'invalid_visibility_timeout',
-      'visibility_timeout_seconds must be between 0.1 and 43200');
-  end if;
+  perform private.check_visibility_timeout(p_visibility_timeout_seconds);
   if jsonb_typeof(p_filter) <> 'object' then
     perform private.raise_error(400, 'invalid_filter', 'filter must be a JSON object');
   end if;
@@ -1638,11 +1649,7 @@ declare
   v_row public.message_queue;
 begin
   perform private.check_queue_name(p_queue_name);
-  if p_visibility_timeout_seconds is null or p_visibility_timeout_seconds < 0.1
-     or p_visibility_timeout_seconds > 43200 then
-    perform private.raise_error(400, 'invalid_visibility_timeout',
-      'visibility_timeout_seconds must be between 0.1 and 43200');
-  end if;
+  perform private.check_visibility_timeout(p_visibility_timeout_seconds);
   update public.message_queue q
      set visible_at = now() + make_interval(secs => p_visibility_timeout_seconds),
          updated_at = now()
