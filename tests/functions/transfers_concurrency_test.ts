@@ -182,26 +182,65 @@ const transfer = (from: string, to: { id?: string; phone?: string }, key: string
   );
 const softDelete = (user: string) => (sql: postgres.Sql | postgres.TransactionSql) =>
   sql`update auth.users set deleted_at = now() where id = ${user}`;
+const complete = (id: string) =>
+  start((sql) => sql`select status from public.update_transaction_status(${id}, 'completed')`);
+type Payment = Awaited<ReturnType<typeof start<postgres.RowList<postgres.Row[]>>>>;
+
+/** A transfer from sender to recipient, created and moved to processing. */
+async function processingTransfer(sender: string, recipient: string): Promise<string> {
+  const [pending] = await db
+    .sql`select id from public.create_transaction(${sender}, 'transfer', 10,
+                                     'RWF', p_destination_user_id := ${recipient})`;
+  await db.sql`select public.update_transaction_status(${pending.id}, 'processing')`;
+  return pending.id;
+}
+
+/**
+ * The recipient's deletion begun while a payment to them waits for the
+ * sender's wallet (another transaction holds it): whether the deletion had to
+ * wait, and how both ended.
+ */
+async function deleteWhilePaymentWaits(
+  sender: string,
+  recipient: string,
+  pay: () => Promise<Payment>,
+) {
+  const wallet = await hold((tx) =>
+    tx`select from public.wallets where user_id = ${sender} for no key update`
+  );
+  const paying = await pay();
+  assert.equal(await blockedOrDone(paying.pid, paying.result), "waiting", "the payment waits");
+  const deleting = await start(softDelete(recipient));
+  const deletion = await blockedOrDone(deleting.pid, deleting.result);
+  wallet.release();
+  await wallet.done;
+  return { deletion, paid: await paying.result, deleted: await deleting.result };
+}
+
+/** A payment begun while a deletion is in progress: whether it had to wait, and how it ended. */
+async function payWhileDeleting(
+  deletion: (tx: postgres.TransactionSql) => Promise<unknown>,
+  pay: () => Promise<Payment>,
+) {
+  const deleting = await hold(deletion);
+  const paying = await pay();
+  const seen = await blockedOrDone(paying.pid, paying.result);
+  deleting.release();
+  await deleting.done;
+  return { seen, paid: await paying.result };
+}
 
 dbTest(
   "a recipient deleted while an immediate transfer waits for a wallet: the deletion waits for it",
   async () => {
     const sender = await fundedUser(100);
     const recipient = await createUser(db);
-    // another payment holds the sender's wallet: the transfer has checked the
-    // recipient and waits for that lock
-    const wallet = await hold((tx) =>
-      tx`select from public.wallets where user_id = ${sender} for no key update`
+    // the transfer has checked the recipient and waits for the sender's wallet
+    const { deletion, paid, deleted } = await deleteWhilePaymentWaits(
+      sender,
+      recipient,
+      () => transfer(sender, { id: recipient }, "deleted-while-waiting"),
     );
-    const paying = await transfer(sender, { id: recipient }, "deleted-while-waiting");
-    assert.equal(await blockedOrDone(paying.pid, paying.result), "waiting");
-
-    const deleting = await start(softDelete(recipient));
-    const deletion = await blockedOrDone(deleting.pid, deleting.result);
-    wallet.release();
-    await wallet.done;
-    const paid = await paying.result;
-    const deleted = await deleting.result;
 
     assert.ok(deleted.ok, JSON.stringify(deleted));
     assert.ok(paid.ok, JSON.stringify(paid));
@@ -232,14 +271,11 @@ dbTest(
     cases.push(["hard-deleted", erased, { id: erased }, "delete"]);
 
     for (const [label, user, to, how] of cases) {
-      const deleting = await hold((tx) =>
-        how === "update" ? softDelete(user)(tx) : tx`delete from auth.users where id = ${user}`
+      const { seen, paid } = await payWhileDeleting(
+        (tx) =>
+          how === "update" ? softDelete(user)(tx) : tx`delete from auth.users where id = ${user}`,
+        () => transfer(sender, to, `in-progress-${label}`),
       );
-      const paying = await transfer(sender, to, `in-progress-${label}`);
-      const seen = await blockedOrDone(paying.pid, paying.result);
-      deleting.release();
-      await deleting.done;
-      const paid = await paying.result;
       assert.equal(
         seen,
         "waiting",
@@ -266,25 +302,12 @@ dbTest(
   async () => {
     const sender = await fundedUser(100);
     const recipient = await createUser(db);
-    const [pending] = await db
-      .sql`select id from public.create_transaction(${sender}, 'transfer', 10,
-                                     'RWF', p_destination_user_id := ${recipient})`;
-    await db.sql`select public.update_transaction_status(${pending.id}, 'processing')`;
-
-    const wallet = await hold((tx) =>
-      tx`select from public.wallets where user_id = ${sender} for no key update`
+    const id = await processingTransfer(sender, recipient);
+    const { deletion, paid: completed, deleted } = await deleteWhilePaymentWaits(
+      sender,
+      recipient,
+      () => complete(id),
     );
-    const completing = await start((sql) =>
-      sql`select status from public.update_transaction_status(${pending.id}, 'completed')`
-    );
-    assert.equal(await blockedOrDone(completing.pid, completing.result), "waiting");
-
-    const deleting = await start(softDelete(recipient));
-    const deletion = await blockedOrDone(deleting.pid, deleting.result);
-    wallet.release();
-    await wallet.done;
-    const completed = await completing.result;
-    const deleted = await deleting.result;
 
     assert.ok(deleted.ok, JSON.stringify(deleted));
     assert.ok(completed.ok, JSON.stringify(completed));
@@ -306,19 +329,11 @@ dbTest(
   async () => {
     const sender = await fundedUser(100);
     const recipient = await createUser(db);
-    const [pending] = await db
-      .sql`select id from public.create_transaction(${sender}, 'transfer', 10,
-                                     'RWF', p_destination_user_id := ${recipient})`;
-    await db.sql`select public.update_transaction_status(${pending.id}, 'processing')`;
-
-    const deleting = await hold(softDelete(recipient));
-    const completing = await start((sql) =>
-      sql`select status from public.update_transaction_status(${pending.id}, 'completed')`
+    const id = await processingTransfer(sender, recipient);
+    const { seen, paid: completed } = await payWhileDeleting(
+      softDelete(recipient),
+      () => complete(id),
     );
-    const seen = await blockedOrDone(completing.pid, completing.result);
-    deleting.release();
-    await deleting.done;
-    const completed = await completing.result;
 
     assert.equal(
       seen,
@@ -330,7 +345,7 @@ dbTest(
       { code: completed.error.code, message: completed.error.message },
       { code: "PT409", message: "recipient_deleted" },
     );
-    const [tx] = await db.sql`select status from public.transactions where id = ${pending.id}`;
+    const [tx] = await db.sql`select status from public.transactions where id = ${id}`;
     assert.equal(tx.status, "processing", "the refused completion changed nothing");
     assert.equal(await funds(recipient), "0/0", "the deleted account received nothing");
     assert.equal(await funds(sender), "100/10", "the sender's hold stays until it is failed");
