@@ -755,14 +755,15 @@ begin
       coalesce(p_recipient, to_jsonb(p_destination_user_id)), p_payment_method_id,
       p_category, p_description, coalesce(p_metadata, '{}'::jsonb), p_created_at at time zone 'UTC'
     )::text);
-    insert into public.transaction_idempotency_keys
+    -- An earlier call's key comes back from the insert itself, locked: a
+    -- read after a DO NOTHING could find it purged (a day old) in between.
+    insert into public.transaction_idempotency_keys as k
       (user_id, idempotency_key, request_hash, transaction_id, transaction_created_at)
     values (p_user_id, p_idempotency_key, v_hash, v_id, v_created_at)
-    on conflict do nothing;
-    if not found then
-      select k.* into v_key from public.transaction_idempotency_keys k
-      where k.user_id = p_user_id and k.idempotency_key = p_idempotency_key;
-      if v_key.request_hash is distinct from v_hash then
+    on conflict (user_id, idempotency_key) do update set request_hash = k.request_hash
+    returning k.* into v_key;
+    if v_key.transaction_id <> v_id then
+      if v_key.request_hash <> v_hash then
         perform private.raise_error(409, 'idempotency_key_reused',
           'this idempotency key was used with other parameters',
           jsonb_build_object('transaction_id', v_key.transaction_id));
