@@ -935,7 +935,6 @@ begin
       last_error = case when b.status = 'failed' then left(b.error_message, 2000) else q.last_error end
     from best b
     where q.wamid = b.wamid
-      and q.wamid = any(array(select x ->> 'wamid' from jsonb_array_elements(coalesce(p_statuses, '[]')) x))
       and ((b.status in ('sent', 'delivered', 'read') and q.status in ('processing', 'sent', 'delivered')
             and private.whatsapp_status_rank(q.status) < private.whatsapp_status_rank(b.status))
         or (b.status = 'failed' and q.status in ('processing', 'sent')))

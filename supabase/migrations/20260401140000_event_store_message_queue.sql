@@ -28,14 +28,18 @@
 -- whose transaction commits after a later-numbered one. Taking the number from
 -- a counter row locked until commit would fix that but serialise every append
 -- in the system behind one row (measured here: under half the insert rate at 4
--- clients). Instead events are written without a position, stamped with their
--- transaction id, and public.sequence_events() numbers them afterwards, under a
--- lock, in transaction order, but only events whose transaction id is below
--- the oldest transaction still running (pg_snapshot_xmin): those are final,
--- every later event will get a larger number, so positions are dense, commit
--- safe and never assigned "behind" a reader. The stream reader sequences before
--- it reads, and pg_cron runs it every minute; a still-open transaction older
--- than an event delays that event's position, never reorders it.
+-- clients). Instead events are written without a position, and
+-- public.sequence_events() numbers them afterwards, one sequencer at a time:
+-- the committed events its snapshot sees, so an event committed later gets a
+-- larger number and none is ever numbered behind a reader. Within a run they
+-- go in id order, and an append takes its id after it holds its aggregate's
+-- stream row. So an aggregate's next version, written once the transaction
+-- that wrote the previous one has ended (or by that same transaction), has the
+-- larger id and becomes visible no sooner: it is numbered after the previous
+-- version, in the same run or a later one. Each aggregate's events come in
+-- version order and each transaction's in append order; a transaction still
+-- open delays only its own events. The stream reader sequences before it
+-- reads, and pg_cron runs it every minute.
 -- -----------------------------------------------------------------------------
 
 -- Column rules. A table's CHECK constraints are read from the catalogue and
@@ -124,7 +128,7 @@ create index event_store_aggregate_type_position_idx
 create index event_store_event_type_position_idx
   on public.event_store (event_type, position) where position is not null;
 create index event_store_unsequenced_idx
-  on public.event_store (tx_id, id) where position is null;
+  on public.event_store (id) where position is null;
 create index event_store_correlation_idx
   on public.event_store (correlation_id) where correlation_id is not null;
 create index event_store_user_idx on public.event_store (user_id) where user_id is not null;
@@ -550,11 +554,12 @@ begin
     return 0;
   end if;
   with pending as (
-    select e.id, e.created_at, row_number() over (order by e.tx_id, e.id) as rn
+    select e.id, e.created_at, row_number() over (order by e.id) as rn
     from public.event_store e
     where e.position is null
-      and e.tx_id < pg_snapshot_xmin(pg_current_snapshot())
-    order by e.tx_id, e.id
+      -- a caller's own events wait for its commit, as everyone else's do
+      and e.tx_id <> pg_current_xact_id()
+    order by e.id
     limit greatest(p_max, 1)
   ), numbered as (
     update public.event_store e
@@ -568,7 +573,8 @@ begin
   -- out again
   select count(*), max(n.rn) into v_count, v_last from numbered n;
   if v_count > 0 then
-    update private.event_stream_head set position = v_head + v_last;
+    -- where true: an unqualified update is refused where safeupdate is loaded
+    update private.event_stream_head set position = v_head + v_last where true;
   end if;
   return v_count;
 end;

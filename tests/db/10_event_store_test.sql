@@ -101,7 +101,7 @@ select is((select version::bigint from public.event_streams where aggregate_id =
 select is((select array_agg(version::bigint) from public.get_aggregate_events('trip', 'b1', p_from_version := 2)),
   array[2]::bigint[], 'history from a given version');
 
--- the global position: sequenced in commit order, dense, after the fact
+-- the global position: numbered after commit, dense
 select is((select count(*)::int from public.event_store where position is null), 7,
   'events are written without a position');
 select is(public.sequence_events(), 0, 'events of a running transaction are not numbered yet');

@@ -342,32 +342,96 @@ dbTest("a stranger's batch is refused before it locks the other user's aggregate
   assert.deepEqual(rows.map((r) => [r.aggregate_id, r.v]), [["held-a", 2], ["held-b", 1]]);
 });
 
+/** A transaction on its own connection, begun and left open: commit() ends it. */
+async function openTransaction() {
+  const conn = await db.sql.reserve();
+  await conn`begin`;
+  return {
+    sql: conn,
+    commit: async () => {
+      await conn`commit`;
+      conn.release();
+    },
+  };
+}
+
+const streamAfter = async (after: number) => {
+  const res = await call(app, "GET", `/events/stream?after_position=${after}`, {
+    token: await serviceToken(),
+  });
+  assert.equal(res.status, 200);
+  return res.body.events as { aggregate_id: string; version: number; position: number }[];
+};
+
+const headPosition = async () =>
+  (await call(app, "GET", "/events/stream?limit=10000", { token: await serviceToken() }))
+    .body.next_after_position as number;
+
 dbTest("the stream never skips an event whose transaction commits late", async () => {
   const token = await serviceToken();
-  const head = await call(app, "GET", "/events/stream?limit=10000", { token });
-  const after = head.body.next_after_position as number;
+  const after = await headPosition();
 
-  const slow = await db.sql.reserve();
+  const slow = await openTransaction();
   try {
-    await slow`begin`;
-    await slow`select public.append_event('late', 'trip', 'slow_one', '{}')`;
-    // a later transaction commits first
+    await slow.sql`select public.append_event('late', 'trip', 'slow_one', '{}')`;
+    // a later transaction commits first: numbered at once, the open one waits
     assert.equal((await call(app, "POST", "/events", { token, body: event("early") })).status, 201);
-    const meanwhile = await call(app, "GET", `/events/stream?after_position=${after}`, { token });
-    assert.deepEqual(meanwhile.body.events, [], "nothing is numbered past the open transaction");
-    await slow`commit`;
+    assert.deepEqual((await streamAfter(after)).map((e) => [e.aggregate_id, e.position]), [
+      ["early", after + 1],
+    ]);
   } finally {
-    slow.release();
+    await slow.commit();
   }
-  const res = await call(app, "GET", `/events/stream?after_position=${after}`, { token });
-  assert.deepEqual(res.body.events.map((e: { aggregate_id: string }) => e.aggregate_id), [
-    "late",
-    "early",
+  // a reader that stopped at after + 1 finds the late one next
+  assert.deepEqual((await streamAfter(after + 1)).map((e) => [e.aggregate_id, e.position]), [
+    ["late", after + 2],
   ]);
-  const positions = res.body.events.map((e: { position: number }) => e.position);
-  assert.deepEqual(positions, [after + 1, after + 2]);
-  assert.equal(res.body.next_after_position, after + 2);
 });
+
+// A transaction takes its id at its first write, which may come before it
+// waits for an aggregate another transaction is appending to: the aggregate's
+// later version then belongs to the transaction with the smaller id. The
+// stream must still give the aggregate's versions in order.
+dbTest(
+  "the stream gives an aggregate's versions in order, whichever transaction began first",
+  async () => {
+    const after = await headPosition();
+    const first = await openTransaction();
+    try {
+      // the first transaction writes elsewhere, so holds the smaller id ...
+      await first.sql`select public.append_event('elsewhere', 'trip', 'other', '{}')`;
+      // ... while a second one appends version 1 and commits
+      await db.sql`select public.append_event('contested', 'trip', 'trip_created', '{}')`;
+      await first.sql`select public.append_event('contested', 'trip', 'trip_completed', '{}')`;
+    } finally {
+      await first.commit();
+    }
+    const events = (await streamAfter(after)).filter((e) => e.aggregate_id === "contested");
+    assert.deepEqual(events.map((e) => e.version), [1, 2]);
+  },
+);
+
+// The event's id is taken once the append holds the aggregate: an append that
+// waited for it comes after everything numbered meanwhile.
+dbTest(
+  "an append that waited for its aggregate is numbered after the events written meanwhile",
+  async () => {
+    const after = await headPosition();
+    const holder = await openTransaction();
+    let waiting: Promise<unknown> | undefined;
+    try {
+      await holder.sql`select public.append_event('held', 'trip', 'a', '{}')`;
+      waiting = db.sql`select public.append_event('held', 'trip', 'b', '{}')`.execute();
+      await new Promise((r) => setTimeout(r, 200));
+      await db.sql`select public.append_event('meanwhile', 'trip', 'c', '{}')`;
+    } finally {
+      await holder.commit();
+    }
+    await waiting;
+    const events = (await streamAfter(after)).map((e) => `${e.aggregate_id}/${e.version}`);
+    assert.deepEqual(events, ["held/1", "meanwhile/1", "held/2"]);
+  },
+);
 
 dbTest("query numbers are decimal digits: not empty, hex, fractional or negative", async () => {
   const token = await serviceToken();
