@@ -21,7 +21,9 @@ create table public.system_metrics (
   service_name text not null check (char_length(service_name) <= 63 and service_name ~ '^[a-z0-9][a-z0-9_.-]*$'),
   metric_type text not null check (char_length(metric_type) <= 32 and metric_type ~ '^[a-z][a-z0-9_]*$'),
   metric_name text not null check (char_length(metric_name) <= 128 and metric_name ~ '^[a-zA-Z][a-zA-Z0-9_.:/-]*$'),
-  value double precision not null check (value not in ('NaN', 'Infinity', '-Infinity')),
+  -- finite and bounded (which also refuses NaN and infinities): a window's
+  -- avg and percentiles sum and subtract values, and must not overflow
+  value double precision not null check (value between -1e300 and 1e300),
   unit text check (char_length(unit) between 1 and 32),
   tags jsonb not null default '{}'::jsonb check (jsonb_typeof(tags) = 'object'),
   correlation_id text check (char_length(correlation_id) <= 128),
@@ -233,7 +235,8 @@ begin
   return query
   select to_timestamp(floor(extract(epoch from m.created_at) / p_bucket_seconds) * p_bucket_seconds),
          count(*),
-         avg(m.value),
+         -- a float8 avg also sums squares, which overflow past 1e154
+         avg(m.value::numeric)::double precision,
          min(m.value),
          max(m.value),
          percentile_cont(0.95) within group (order by m.value)

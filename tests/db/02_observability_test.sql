@@ -1,7 +1,7 @@
 -- Observability: the spec's calls, validation, and the RLS matrix for
 -- system_metrics and system_audit_logs (anon, two users, service_role).
 begin;
-select plan(39);
+select plan(42);
 
 -- the spec's example, verbatim
 select ok(public.record_metric(
@@ -19,6 +19,15 @@ select throws_ok($$select public.record_metric('API!', 'latency', 'x', 1)$$,
   '23514', null, 'service names are checked');
 select throws_ok($$select public.record_metric('api', 'latency', 'x', 'NaN')$$,
   '23514', null, 'NaN is not a value');
+select throws_ok($$select public.record_metric('api', 'latency', 'x', 1e301)$$,
+  '23514', null, 'a value beyond 1e300 is refused');
+select lives_ok($$select public.record_metric('api', 'gauge', 'huge', 1e300),
+                         public.record_metric('api', 'gauge', 'huge', 1e300),
+                         public.record_metric('api', 'gauge', 'huge', -1e300)$$,
+  'values up to 1e300 either way are kept');
+select is((select max from public.get_metric_stats('api', 'huge', now() - interval '1 hour',
+                                                     now() + interval '1 minute', 3600)),
+  1e300::double precision, 'the stats of the largest values do not overflow');
 select is(public.record_metrics('[{"service_name":"api","metric_type":"gauge","metric_name":"q","value":1},
                                   {"service_name":"api","metric_type":"gauge","metric_name":"q","value":3}]'::jsonb),
   2, 'record_metrics inserts a batch');

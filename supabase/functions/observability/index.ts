@@ -34,7 +34,8 @@ const metric = z.object({
   service_name: z.string().regex(/^[a-z0-9][a-z0-9_.-]{0,62}$/),
   metric_type: z.string().regex(/^[a-z][a-z0-9_]{0,31}$/),
   metric_name: z.string().regex(/^[a-zA-Z][a-zA-Z0-9_.:/-]{0,127}$/),
-  value: z.number().finite(),
+  // bounded as system_metrics.value is: a window's stats must not overflow
+  value: z.number().min(-1e300).max(1e300),
   unit: text(32).optional(),
   tags: jsonObject.optional(),
   correlation_id: text(128).optional(),
