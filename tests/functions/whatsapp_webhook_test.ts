@@ -388,3 +388,38 @@ dbTest("fields the database cannot take are mended, and the delivery is stored",
                                 where wamid = ${longId.id}`;
   assert.equal(stored.phone_number_id, null, "a phone_number_id too long is dropped");
 });
+
+// Deeper than any stack: the message is kept without its body, and the rest
+// of the delivery is stored (with or without a NUL elsewhere, which makes
+// every string of the delivery be copied).
+dbTest("a message nested thousands of levels deep is kept without its body", async () => {
+  for (const nul of ["", "\u0000"]) {
+    const mate = {
+      from: "250788123450",
+      id: wamid(),
+      timestamp: "1700000000",
+      ...textMessage(`ok${nul}`),
+    };
+    const deep = {
+      from: "250788123450",
+      id: wamid(),
+      timestamp: "1700000000",
+      type: "text",
+      text: { body: "DEEP" },
+    };
+    const depth = 10_000;
+    const body = JSON.stringify(webhook({ messages: [mate, deep] }))
+      .replace('"DEEP"', "[".repeat(depth) + "]".repeat(depth));
+    const res = await post(body);
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    const rows = await db.sql`select wamid, payload from public.whatsapp_inbound_messages
+                              where wamid in (${mate.id}, ${deep.id})`;
+    const by = new Map(rows.map((r) => [r.wamid, r.payload]));
+    assert.ok(by.has(mate.id), "the batch-mate is stored");
+    assert.deepEqual(by.get(deep.id), {
+      id: deep.id,
+      type: "text",
+      truncated: "nested deeper than 100 levels",
+    });
+  }
+});

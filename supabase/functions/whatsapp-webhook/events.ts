@@ -7,6 +7,7 @@
 // retries for days, and the good messages in it would never be stored.
 
 import { dbText } from "../../../shared/db.ts";
+import { jsonDepth, MAX_JSON_DEPTH } from "../../../shared/schemas.ts";
 
 export interface InboundMessage {
   wamid: string;
@@ -152,7 +153,12 @@ function message(m: unknown, phoneNumberId: string | null): InboundMessage | nul
     phone_number_id: phoneNumberId,
     text_body: textOf(type, m),
     context_wamid: isObj(m.context) ? within(str(m.context.id), 256) : null,
-    payload: m,
+    // A message nested deeper than the API takes is kept without its body:
+    // copying or encoding it would recurse past the stack, and the delivery
+    // (with its good messages) would fail on every retry.
+    payload: jsonDepth(m) > MAX_JSON_DEPTH
+      ? { id: wamid, type, truncated: `nested deeper than ${MAX_JSON_DEPTH} levels` }
+      : m,
   };
 }
 
