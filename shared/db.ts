@@ -436,7 +436,8 @@ export function toHttpError(err: unknown, correlationId?: string): HttpError {
     });
     return tryAgain("database_unavailable", "the database is not answering; try again");
   }
-  log("error", "unexpected database error", {
+  // no SQLSTATE: thrown in this process (encoding the call, say), not by Postgres
+  log("error", code ? "unexpected database error" : "unexpected error making a database call", {
     correlation_id: correlationId,
     sqlstate: code || undefined,
     error: e.message,
