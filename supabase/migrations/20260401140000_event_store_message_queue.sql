@@ -2332,8 +2332,10 @@ begin
   if p_priority is null or p_priority not between 0 and 1000 then
     perform private.raise_error(400, 'invalid_priority', 'priority must be between 0 and 1000');
   end if;
-  if not isfinite(p_run_at) then
-    perform private.raise_error(400, 'invalid_run_at', 'run_at must be a finite timestamp');
+  -- years as transactions take them: Postgres writes a year BC or past 9999
+  -- in a form clients do not read back (a job's run_at came back null)
+  if not isfinite(p_run_at) or extract(year from p_run_at at time zone 'UTC') not between 1000 and 9999 then
+    perform private.raise_error(400, 'invalid_run_at', 'run_at must fall in the years 1000 to 9999 (UTC)');
   end if;
   perform private.require_user_job_type(p_job_type, p_priority);
   insert into public.background_jobs as j (

@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(68);
+select plan(70);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -29,6 +29,10 @@ select throws_ok($$select public.schedule_job('report', 'x', '{}', p_priority :=
   'invalid_priority', 'negative priorities are refused');
 select throws_ok($$select public.schedule_job('report', 'x', '{}', p_run_at := '-infinity')$$, 'PT400',
   'invalid_run_at', 'an infinite run_at is refused');
+select throws_ok($$select public.schedule_job('report', 'x', '{}', p_run_at := '0001-01-01 00:00:00+01')$$,
+  'PT400', 'invalid_run_at', 'a run_at in a year BC (UTC) is refused');
+select throws_ok($$select public.schedule_job('report', 'x', '{}', p_run_at := '10000-01-01 00:00:00+00')$$,
+  'PT400', 'invalid_run_at', 'a run_at past the year 9999 is refused');
 select throws_ok($$select public.schedule_job('report', 'x', '{}', p_timeout_seconds := 600)$$, '23514', null,
   'timeouts are capped so a worker run fits the edge limit');
 select is((select count(*)::int from public.background_jobs), 2, 'refused jobs are not kept');
