@@ -99,6 +99,8 @@ create index event_stream_members_user_idx on public.event_stream_members (user_
 create table public.event_store (
   id bigserial not null,
   position bigint,
+  -- the writing transaction: a sequencer leaves its own caller's events to
+  -- a run after that caller commits (see "Global position")
   tx_id xid8 not null default pg_current_xact_id(),
   aggregate_type private.aggregate_type not null,
   aggregate_id private.aggregate_id not null,
