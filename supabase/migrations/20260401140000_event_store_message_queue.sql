@@ -708,6 +708,19 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- jobs of other types were due (its slots stopped early). No lane column:
 -- one queue.
 --
+-- Due. Priority by priority, a claim visits each priority with rows in its
+-- claim index; with rows due later in that index, a claim behind 20,000 of
+-- them over every priority (0-1000) walked all 1,001 (6-7 ms, an empty claim
+-- included). A table with a boolean due column keeps only its due rows there
+-- (index predicate: status = 'pending' and due) and the rest in a second
+-- partial index on (lane, visible_at) where not due. The writers that make a
+-- row pending and visible at once set due (sends, schedules, retries, and the
+-- expiry and settlement below); every other pending row, a row written
+-- directly included, starts not due, and each claim first marks its lanes'
+-- rows whose time has come, a probe of that index when there are none. So
+-- due is only ever late, never wrong: a row is claimed by its visible_at
+-- alone, and one marked late waits at most for the next claim of its lane.
+--
 -- Filter. Given a jsonb filter column (message_queue: payload), the claim of
 -- one lane takes an optional p_filter jsonb: rows whose column contains it
 -- (@>), in the same order, in a statement of its own; without p_filter the
@@ -763,20 +776,28 @@ declare
                      where a.attrelid = p_table and a.attname = 'id');
   v_claim text;   -- the claim's statement(s), each ending in the update
   v_lane text;    -- the lane condition of a claim of one lane (or none)
+  v_due boolean := exists (select from pg_attribute where attrelid = p_table
+                           and attname = 'due' and not attisdropped);
+  v_pending text; -- the rows the claim index holds
+  v_mark text := ''; -- a claim's first statement: mark the rows now due
+  v_set_due text := ''; -- the expiry's and the settlement's due, when kept
 begin
+  v_pending := case when v_due then 't.status = ''pending'' and t.due'
+                    else 't.status = ''pending''' end;
   -- Priority by priority, highest first (a loose index scan), each the range
   -- of its due rows: one ordered scan would walk every not-yet-due row of a
   -- higher priority first (20,000 delayed messages: 124 index pages and 1.6 ms
-  -- an empty claim, against 11 and 0.16). The nested loop hands rows on in
-  -- claim order.
+  -- an empty claim, against 11 and 0.16). With a due column the index holds
+  -- no row due later, and each priority visited has rows to take (see "Due").
+  -- The nested loop hands rows on in claim order.
   v_scan := format($sql$
         select c.id, c.priority, c.visible_at from (
           with recursive priorities(p) as (
-            (select t.priority from %1$s t where t.status = 'pending' and %%1$s
+            (select t.priority from %1$s t where %2$s and %%1$s
              order by t.priority desc limit 1)
             union all
             select (select t.priority from %1$s t
-                    where t.status = 'pending' and %%1$s and t.priority < prev.p
+                    where %2$s and %%1$s and t.priority < prev.p
                     order by t.priority desc limit 1)
             from priorities prev where prev.p is not null
           )
@@ -784,12 +805,12 @@ begin
         ) pr
         cross join lateral (
           select t.id, t.priority, t.visible_at from %1$s t
-          where t.status = 'pending' and %%1$s and t.priority = pr.p and t.visible_at <= now()%%2$s
+          where %2$s and %%1$s and t.priority = pr.p and t.visible_at <= now()%%2$s
           order by t.visible_at, t.id
           limit p_limit
           %%3$s
         ) c
-        limit p_limit$sql$, p_table);
+        limit p_limit$sql$, p_table, v_pending);
   if not p_lane_set then
     v_lane := case when p_lane_column is null then 'true'
                    else format('t.%I = p_lane', p_lane_column) end;
@@ -860,13 +881,68 @@ begin
       format(v_pick, v_candidates, p_table, 'select distinct u.lane from unnest(p_lane) u(lane)',
              v_id_type),
       format(v_pick, v_candidates, p_table, format($sql$
-              (select t.%1$I from %2$s t where t.status = 'pending' order by t.%1$I limit 1)
+              (select t.%1$I from %2$s t where %3$s order by t.%1$I limit 1)
               union all
               select (select t.%1$I from %2$s t
-                      where t.status = 'pending' and t.%1$I > l.lane
+                      where %3$s and t.%1$I > l.lane
                       order by t.%1$I limit 1)
-              from lanes l where l.lane is not null$sql$, p_lane_column, p_table),
+              from lanes l where l.lane is not null$sql$, p_lane_column, p_table, v_pending),
              v_id_type));
+  end if;
+  if v_due then
+    if p_lane_column is null then
+      raise exception 'install_leases: a due column needs a lane column';
+    end if;
+    -- One lane's rows now due (%%1$s: the lane), the oldest first and a
+    -- thousand at most, so that a flood falling due together is marked over a
+    -- few claims rather than held locked by one. One index probe when none is,
+    -- as for the lease expiry.
+    v_mark := format($sql$
+      perform from %1$s t
+      where t.%2$I = %%1$s and t.status = 'pending' and not t.due and t.visible_at <= now()
+      order by t.visible_at
+      limit 1;
+      if found then
+        update %1$s t
+           set due = true
+          from (select d.id from %1$s d
+                where d.%2$I = %%1$s and d.status = 'pending' and not d.due
+                  and d.visible_at <= now()
+                order by d.visible_at
+                limit 1000
+                for update skip locked) d
+         where t.id = d.id;
+      end if;$sql$, p_table, p_lane_column);
+    if not p_lane_set then
+      v_mark := format(v_mark, 'p_lane');
+    else
+      -- Each lane asked for, or each lane with rows not yet due (a loose
+      -- index scan).
+      v_mark := format($sql$
+      declare
+        v_mark_lane text;
+      begin
+        for v_mark_lane in
+          select distinct u.lane from unnest(coalesce(p_lane, array(
+            with recursive lanes(lane) as (
+              (select t.%2$I from %1$s t where t.status = 'pending' and not t.due
+               order by t.%2$I limit 1)
+              union all
+              select (select t.%2$I from %1$s t
+                      where t.status = 'pending' and not t.due and t.%2$I > l.lane
+                      order by t.%2$I limit 1)
+              from lanes l where l.lane is not null
+            )
+            select l.lane from lanes l where l.lane is not null))) u(lane)
+        loop
+          %3$s
+        end loop;
+      end;$sql$, p_table, p_lane_column, format(v_mark, 'v_mark_lane'));
+    end if;
+    -- Pending again and visible at once: due. Backoffs are never zero, a
+    -- base of zero aside.
+    v_set_due := $sql$,
+             due = t.attempts < t.max_attempts and %1$s$sql$;
   end if;
   if exists (select from pg_attribute where attrelid = p_table and attname = 'timeout_seconds'
              and not attisdropped) then
@@ -890,6 +966,7 @@ begin
     %5$s
     as $fn$
     begin
+      %7$s
       %4$s
     end;
     $fn$
@@ -911,7 +988,8 @@ begin
   -- over jit_above_cost, so every such claim compiled itself with LLVM
   -- (0.4 s a claim).
   case when p_lane_set then 'set jit = off' else '' end,
-  case when p_filter_column is not null then ', p_filter jsonb default null' else '' end);
+  case when p_filter_column is not null then ', p_filter jsonb default null' else '' end,
+  v_mark);
 
   execute format($tpl$
     create or replace function private.%2$I(
@@ -951,7 +1029,7 @@ begin
                last_error = p_error,
                lease_token = null,
                locked_by = null,
-               updated_at = now()
+               updated_at = now()%4$s
           from expired
          where t.id = expired.id
         returning t.id
@@ -960,7 +1038,8 @@ begin
       return v_ids;
     end;
     $fn$
-  $tpl$, p_table, p_prefix || '_lease_expire', p_in_flight);
+  $tpl$, p_table, p_prefix || '_lease_expire', p_in_flight,
+  format(v_set_due, 'not coalesce(p_retry_base_seconds > 0, false)'));
 
   execute format($tpl$
     create or replace function private.%2$I(
@@ -991,13 +1070,15 @@ begin
              last_error = case when p_outcome = 'done' then t.last_error else p_error end,
              lease_token = null,
              locked_by = null,
-             updated_at = now()%4$s
+             updated_at = now()%4$s%5$s
         from unnest(p_ids, p_lease_tokens) as l(id, token)
        where t.id = l.id and t.lease_token = l.token and t.status = %3$L
       returning t.*;
     end;
     $fn$
-  $tpl$, p_table, p_prefix || '_lease_settle', p_in_flight, v_result);
+  $tpl$, p_table, p_prefix || '_lease_settle', p_in_flight, v_result,
+  format(v_set_due, $sql$p_outcome = 'retry'
+               and coalesce(p_delay <= interval '0', not coalesce(p_retry_base_seconds > 0, false))$sql$));
 end;
 $gen$;
 
@@ -1033,6 +1114,18 @@ as $$
   select p_status = 'pending' or p_status = 'processing' or p_status = 'completed'
     or p_status = 'dead' or p_status = 'blocked'
 $$;
+-- The same, for a message row: its pending messages are in two partial
+-- indexes (claim: due, delayed: not yet), and the planner matches an index to
+-- each arm of the OR only when the arm says which.
+create or replace function private.message_in_any_state(p_status text, p_due boolean)
+returns boolean
+language sql
+immutable
+as $$
+  select (p_status = 'pending' and p_due) or (p_status = 'pending' and not p_due)
+    or p_status = 'processing' or p_status = 'completed' or p_status = 'dead'
+    or p_status = 'blocked'
+$$;
 
 create table public.message_queue (
   id bigserial primary key,
@@ -1056,7 +1149,9 @@ create table public.message_queue (
   finished_at timestamptz,
   group_key private.group_key,
   -- free-form metadata beside the payload (pgmq's headers)
-  headers private.json_object
+  headers private.json_object,
+  -- pending and due: in the claim index ("Due" at install_leases)
+  due boolean not null default false
 );
 
 -- The key before the sender: lookups match the sender with IS NOT DISTINCT
@@ -1066,13 +1161,14 @@ create table public.message_queue (
 create unique index message_queue_idempotency_idx
   on public.message_queue (queue_name, idempotency_key, user_id) nulls not distinct
   where idempotency_key is not null;
--- claim order: priority, then when the message became visible, then id. Rows
--- not yet visible (delayed, or waiting out a backoff) sort after the visible
--- ones of their priority, and a claim starts each priority at its due rows,
--- so it never walks them; ordered by id alone, an empty claim read every
--- delayed message.
+-- claim order: priority, then when the message became visible, then id; due
+-- messages only. Those due later (delayed, or waiting out a backoff) are in
+-- the delayed index until a claim marks them due ("Due" at install_leases).
 create index message_queue_claim_idx
-  on public.message_queue (queue_name, priority desc, visible_at, id) where status = 'pending';
+  on public.message_queue (queue_name, priority desc, visible_at, id)
+  where status = 'pending' and due;
+create index message_queue_delayed_idx
+  on public.message_queue (queue_name, visible_at) where status = 'pending' and not due;
 create index message_queue_lease_idx
   on public.message_queue (visible_at) where status = 'processing';
 -- Finished messages by queue (metrics, purge). Deliberately no index on
@@ -1189,6 +1285,7 @@ begin
   )
   update public.message_queue t
      set status = 'pending',
+         due = t.visible_at <= now(),
          updated_at = now()
     from headless g
    cross join lateral (
@@ -1323,11 +1420,12 @@ begin
 
   -- a message of a group starts blocked; the group's first becomes pending below
   insert into public.message_queue (
-    id, queue_name, message_type, payload, priority, visible_at, max_attempts,
+    id, queue_name, message_type, payload, priority, visible_at, due, max_attempts,
     idempotency_key, correlation_id, user_id, group_key, headers, status
   )
   select v_ids[a.ord], p_queue_name, coalesce(m.message_type, 'message'), m.payload,
          coalesce(m.priority, 0), now() + make_interval(secs => coalesce(m.delay_seconds, 0)),
+         coalesce(m.delay_seconds, 0) <= 0,
          coalesce(m.max_attempts, 5), m.idempotency_key,
          coalesce(m.correlation_id, p_correlation_id), v_user,
          private.sender_group_key(v_user, m.group_key),
@@ -1715,7 +1813,7 @@ begin
   -- an earlier look saw): their groups' next messages go.
   with purged as (
     delete from public.message_queue q
-    where q.queue_name = p_queue_name and private.message_in_any_status(q.status)
+    where q.queue_name = p_queue_name and private.message_in_any_state(q.status, q.due)
       and (p_status is null or q.status = p_status)
     returning q.group_key, q.status
   )
@@ -1776,7 +1874,7 @@ begin
            filter (where q.status in ('pending', 'processing', 'blocked')))::double precision,
          now()
   from public.message_queue q
-  where q.queue_name = p_queue_name and private.message_in_any_status(q.status);
+  where q.queue_name = p_queue_name and private.message_in_any_state(q.status, q.due);
 end;
 $$;
 
@@ -1832,6 +1930,7 @@ begin
      set status = 'pending',
          attempts = t.attempts - 1,
          visible_at = now(),
+         due = true,
          lease_token = null,
          locked_by = null,
          updated_at = now()
@@ -1990,6 +2089,7 @@ begin
      set status = case when q.group_key is null then 'pending' else 'blocked' end,
          attempts = 0,
          visible_at = now(),
+         due = true,
          finished_at = null,
          updated_at = now()
    where q.id = any (p_message_ids) and q.queue_name = p_queue_name and q.status = 'dead'
@@ -2043,6 +2143,7 @@ begin
   return query
   update public.message_queue q
      set visible_at = now() + make_interval(secs => p_visible_in_seconds),
+         due = p_visible_in_seconds = 0,
          updated_at = now()
    where q.id = any (p_message_ids) and q.queue_name = p_queue_name
      and q.status in ('pending', 'processing', 'blocked')
@@ -2074,8 +2175,9 @@ $$;
 -- Every queue's metrics, by name (pgmq's list_queues and metrics_all). A
 -- queue is named by its messages: once all are purged or deleted it is not
 -- listed here (queue_metrics still counts its total_messages).
--- The names come one index probe per queue from the pending and the finished
--- index (a loose index scan), and from the in-flight rows, few by nature.
+-- The names come one index probe per queue from the claim, delayed, finished
+-- and blocked indexes (a loose index scan), and from the in-flight rows, few
+-- by nature.
 create or replace function public.list_queues()
 returns setof public.queue_stats
 language plpgsql
@@ -2087,12 +2189,21 @@ begin
   return query
   with recursive pending(name) as (
     (select q.queue_name::text from public.message_queue q
-     where q.status = 'pending' order by q.queue_name limit 1)
+     where q.status = 'pending' and q.due order by q.queue_name limit 1)
     union all
     select (select q.queue_name::text from public.message_queue q
-            where q.status = 'pending' and q.queue_name > p.name
+            where q.status = 'pending' and q.due and q.queue_name > p.name
             order by q.queue_name limit 1)
     from pending p where p.name is not null
+  ),
+  delayed(name) as (
+    (select q.queue_name::text from public.message_queue q
+     where q.status = 'pending' and not q.due order by q.queue_name limit 1)
+    union all
+    select (select q.queue_name::text from public.message_queue q
+            where q.status = 'pending' and not q.due and q.queue_name > d.name
+            order by q.queue_name limit 1)
+    from delayed d where d.name is not null
   ),
   finished(name) as (
     (select q.queue_name::text from public.message_queue q
@@ -2114,6 +2225,8 @@ begin
   ),
   names(name) as (
     select p.name from pending p where p.name is not null
+    union
+    select d.name from delayed d where d.name is not null
     union
     select f.name from finished f where f.name is not null
     union
@@ -2234,7 +2347,9 @@ create table public.background_jobs (
   cancelled_lease_until timestamptz,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
-  finished_at timestamptz
+  finished_at timestamptz,
+  -- pending and due: in the claim index ("Due" at install_leases)
+  due boolean not null default false
 );
 
 -- The job types users may schedule and retry, and at what priority at most. A job runs
@@ -2250,12 +2365,13 @@ alter table private.user_job_types enable row level security;
 create unique index background_jobs_idempotency_idx
   on public.background_jobs (idempotency_key, user_id) nulls not distinct
   where idempotency_key is not null;
--- claim order as for message_queue_claim_idx, by job type (the claim's lane):
--- jobs due later (run_at, or a retry's backoff) sort after the due ones of
--- their priority (ordered by id alone, an empty claim with 100,000 jobs due
--- tomorrow took 30 ms, not 0.3)
+-- claim order as for message_queue_claim_idx, by job type (the claim's lane);
+-- jobs due later (run_at, or a retry's backoff) wait in the delayed index
 create index background_jobs_claim_idx
-  on public.background_jobs (job_type, priority desc, visible_at, id) where status = 'pending';
+  on public.background_jobs (job_type, priority desc, visible_at, id)
+  where status = 'pending' and due;
+create index background_jobs_delayed_idx
+  on public.background_jobs (job_type, visible_at) where status = 'pending' and not due;
 create index background_jobs_running_idx
   on public.background_jobs (visible_at) where status = 'running';
 create index background_jobs_user_idx
@@ -2341,12 +2457,13 @@ begin
   end if;
   perform private.require_user_job_type(p_job_type, p_priority);
   insert into public.background_jobs as j (
-    job_type, job_name, payload, priority, run_at, visible_at, max_attempts, timeout_seconds,
-    idempotency_key, correlation_id, user_id
+    job_type, job_name, payload, priority, run_at, visible_at, due, max_attempts,
+    timeout_seconds, idempotency_key, correlation_id, user_id
   ) values (
     p_job_type, p_job_name, p_payload, p_priority, coalesce(p_run_at, now()),
     -- a run_at in the past is due now, in turn: not ahead of the jobs already waiting
-    greatest(p_run_at, now()), coalesce(p_max_attempts, 3), coalesce(p_timeout_seconds, 30),
+    greatest(p_run_at, now()), coalesce(p_run_at <= now(), true),
+    coalesce(p_max_attempts, 3), coalesce(p_timeout_seconds, 30),
     p_idempotency_key, p_correlation_id, v_user
   )
   on conflict (user_id, idempotency_key) where idempotency_key is not null do nothing
@@ -2378,7 +2495,9 @@ set search_path = ''
 as $$
   select j.job_type, count(*)
   from public.background_jobs j
-  where j.status = 'pending' and j.visible_at <= now()
+  where ((j.status = 'pending' and j.due)
+         or (j.status = 'pending' and not j.due and j.visible_at <= now()))
+    and j.visible_at <= now()
     and (p_exclude_types is null or j.job_type <> all (p_exclude_types))
   group by j.job_type
   order by j.job_type
@@ -2585,6 +2704,7 @@ begin
   update public.background_jobs j
      set status = 'pending', finished_at = null,
          visible_at = greatest(now(), j.cancelled_lease_until),
+         due = coalesce(j.cancelled_lease_until <= now(), true),
          attempts = case when j.status = 'pending' then j.attempts else 0 end,
          updated_at = now()
    where j.id = p_job_id

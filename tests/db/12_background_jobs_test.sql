@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(70);
+select plan(77);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -185,6 +185,28 @@ select cmp_ok(tests.blocks_read('public.background_jobs_claim_idx', 'public.back
   'without reading them');
 delete from public.background_jobs where job_type = 'bulk';
 
+-- Nor the delayed jobs of many priorities: 20,000 jobs due tomorrow spread over
+-- every priority (0-1000), one due now at the lowest, claimed alone and with
+-- another type beside it. A claim that went priority by priority read each of
+-- the 1,001 priorities to find it.
+insert into public.background_jobs (job_type, job_name, priority, run_at, visible_at)
+select 'bulk', 'Spread tomorrow', i % 1001, now() + interval '1 day', now() + interval '1 day'
+from generate_series(1, 20000) i;
+select public.schedule_job('bulk', 'Now', '{}');
+select public.schedule_job('bulk', 'Now too', '{}');
+delete from pages;
+insert into pages select tests.blocks_read(variadic array(
+  select indexrelid::regclass from pg_index where indrelid = 'public.background_jobs'::regclass));
+select is((select job_name from public.claim_jobs(array['bulk'], 1)), 'Now',
+  'the due job is claimed past delayed jobs of every priority');
+select is((select job_name from public.claim_jobs(array['bulk', 'other'], 1)), 'Now too',
+  'and so in the merged form');
+select cmp_ok(tests.blocks_read(variadic array(
+  select indexrelid::regclass from pg_index where indrelid = 'public.background_jobs'::regclass))
+  - (select n from pages), '<', 80::bigint,
+  'two claims read a few index pages, not one per priority');
+delete from public.background_jobs where job_type = 'bulk';
+
 -- A claim for some job types does not walk the jobs of others: 20,000 due jobs
 -- of a type no worker handles, ahead of one the worker asks for.
 insert into public.background_jobs (job_type, job_name)
@@ -207,6 +229,26 @@ select is((select array_agg(job_type || '/' || job_name)
            from public.claim_jobs(null, 2)),
   array['orphan/Orphan', 'orphan/Orphan'], 'no types claims the longest-due jobs of any type');
 delete from public.background_jobs where job_type in ('orphan', 'wanted', 'other');
+
+-- Due: a job scheduled for later waits outside the claim index; a claim marks
+-- it once its time has come. A failure's backoff takes a job out again, and a
+-- retry-now puts it back.
+select public.schedule_job('due-check', 'Later', '{}', p_run_at := now() + interval '1 hour');
+select public.schedule_job('due-check', 'Now', '{}');
+select is((select array_agg(job_name || ':' || due order by id) from public.background_jobs
+           where job_type = 'due-check'),
+  array['Later:false', 'Now:true'], 'a job is marked due at once only when it may run now');
+update public.background_jobs set visible_at = now() - interval '1 second'
+where job_type = 'due-check' and job_name = 'Later'; -- its time has come
+create temp table due_claim as select * from public.claim_jobs(array['due-check'], 5);
+select is((select array_agg(job_name::text order by visible_at) from due_claim),
+  array['Later', 'Now'], 'a claim marks the jobs whose time has come and takes them in claim order');
+select is((public.fail_job((select id from due_claim where job_name = 'Later'),
+                           (select lease_token from due_claim where job_name = 'Later'), 'boom')).due,
+  false, 'a failure waiting out its backoff is not due');
+select is((public.retry_job((select id from due_claim where job_name = 'Later'))).due, true,
+  'a retry-now is due at once');
+delete from public.background_jobs where job_type = 'due-check';
 
 -- RLS matrix
 create temp table ids as select tests.create_user() as alice, tests.create_user() as bob;

@@ -43,8 +43,11 @@ const runBody = z.object({
   job_types: z.array(jobType).min(1).max(100).optional(),
 }).strict();
 
-/** A job as the API shows it: the lease token is the running worker's alone. */
-const toJob = ({ lease_token: _, ...r }: Row) => ({ ...r, id: String(r.id) });
+/**
+ * A job as the API shows it: the lease token is the running worker's alone,
+ * and `due` is the claim index's bookkeeping (see install_leases).
+ */
+const toJob = ({ lease_token: _, due: _due, ...r }: Row) => ({ ...r, id: String(r.id) });
 
 export const app = createApp("jobs");
 app.use("*", authenticate());

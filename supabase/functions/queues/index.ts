@@ -87,7 +87,8 @@ const settleBody = z.object({
   delay_seconds: z.number().min(0).max(31536000).optional(),
 }).strict();
 
-const toMessage = (r: Row) => ({ ...r, id: String(r.id) });
+/** A message as the API shows it: `due` is the claim index's bookkeeping (see install_leases). */
+const toMessage = ({ due: _, ...r }: Row) => ({ ...r, id: String(r.id) });
 
 export const app = createApp("queues");
 app.use("*", authenticate());
