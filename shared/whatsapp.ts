@@ -43,7 +43,10 @@ const schema = z.object({
   WHATSAPP_RETRY_BASE_MS: int(1, 3_600_000, 2000),
   WHATSAPP_TOKEN_PAUSE_SECONDS: int(1, 86_400, 300),
   WHATSAPP_THROTTLE_PAUSE_SECONDS: int(1, 86_400, 30),
-  WHATSAPP_WEBHOOK_MAX_BYTES: int(1024, 10 * 1024 * 1024, 1024 * 1024),
+  // Meta sends webhook payloads of up to 3 MB, and retries for days one that
+  // is refused: 4 MiB takes the largest with room to spare, and still bounds
+  // what an unsigned sender can make us read before the signature check.
+  WHATSAPP_WEBHOOK_MAX_BYTES: int(1024, 10 * 1024 * 1024, 4 * 1024 * 1024),
 }).refine((c) => c.WHATSAPP_LEASE_SECONDS * 1000 >= 2 * c.WHATSAPP_SEND_TIMEOUT_MS, {
   // A lease that can end while its send is still waiting on Meta lets another
   // dispatcher claim the message and send it a second time.

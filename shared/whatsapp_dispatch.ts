@@ -70,9 +70,12 @@ const TOKEN = new Set([0, 190]);
 /**
  * The business account cannot send at all (permissions, locked, payment,
  * number not registered, policy block): kept and paused as for a refused
- * token, for every message would fail alike.
+ * token, for every message would fail alike. Graph's permission errors are
+ * 3 (a capability the app lacks; it comes with HTTP 500, so it must not be
+ * taken for a transient fault), 10 and the whole 200-299 family.
  */
-const ACCOUNT = new Set([10, 200, 368, 131031, 131042, 133010]);
+const ACCOUNT = new Set([3, 10, 368, 131031, 131042, 133010]);
+const isAccountRefusal = (code: number) => ACCOUNT.has(code) || (code >= 200 && code <= 299);
 
 /** The outcomes that stop sending and pause the number, and why (as SQL names the pause). */
 type Refusal = "stop" | "refused" | "throttle";
@@ -90,7 +93,7 @@ const REASON: Record<Refusal, string> = {
 /** Maps a Cloud API answer to what the queue should do with the message. */
 export function classify(httpStatus: number, code: number | undefined): Outcome {
   if (code !== undefined && TOKEN.has(code)) return "stop";
-  if (code !== undefined && ACCOUNT.has(code)) return "refused";
+  if (code !== undefined && isAccountRefusal(code)) return "refused";
   // the HTTP status says it whatever Graph code comes with it
   if (httpStatus === 401) return "stop";
   if (httpStatus === 429 || (code !== undefined && THROTTLED.has(code))) return "throttle";

@@ -182,6 +182,7 @@ declare
   v_i integer := 0;
   v_j integer;
   v_media text;
+  v_preview jsonb;
 begin
   if p_type is null or p_type not in ('text', 'template', 'media', 'interactive', 'location') then
     perform private.raise_error(400, 'invalid_message_type',
@@ -197,18 +198,32 @@ begin
 
   if p_type = 'text' then
     -- {"text": "Hello!"} (the spec's form), {"body": "..."} or {"text": {"body": "..."}}
+    -- (the Cloud API's), with preview_url beside the text or, in the Cloud
+    -- API's form, inside it
     if jsonb_typeof(p_payload -> 'text') = 'object' then
       v_text := private.whatsapp_text_field(p_payload -> 'text', 'body', 'text.body', 1, 4096);
+      if p_payload -> 'text' ? 'preview_url' then
+        v_preview := p_payload -> 'text' -> 'preview_url';
+        if jsonb_typeof(v_preview) <> 'boolean' then
+          perform private.whatsapp_payload_error('text.preview_url', 'must be a boolean');
+        end if;
+      end if;
     elsif p_payload ? 'text' then
       v_text := private.whatsapp_text_field(p_payload, 'text', 'text', 1, 4096);
     else
       v_text := private.whatsapp_text_field(p_payload, 'body', 'text', 1, 4096);
     end if;
-    if p_payload ? 'preview_url' and jsonb_typeof(p_payload -> 'preview_url') <> 'boolean' then
-      perform private.whatsapp_payload_error('preview_url', 'must be a boolean');
+    if p_payload ? 'preview_url' then
+      if jsonb_typeof(p_payload -> 'preview_url') <> 'boolean' then
+        perform private.whatsapp_payload_error('preview_url', 'must be a boolean');
+      end if;
+      -- given twice, a silent pick would send what one of them did not ask for
+      if v_preview is not null and v_preview <> p_payload -> 'preview_url' then
+        perform private.whatsapp_payload_error('preview_url', 'disagrees with text.preview_url');
+      end if;
+      v_preview := p_payload -> 'preview_url';
     end if;
-    return jsonb_build_object('body', v_text,
-      'preview_url', coalesce((p_payload ->> 'preview_url')::boolean, false));
+    return jsonb_build_object('body', v_text, 'preview_url', coalesce(v_preview, 'false'::jsonb));
 
   elsif p_type = 'template' then
     v_text := private.whatsapp_text_field(p_payload, 'name', 'name', 1, 512);
@@ -834,6 +849,14 @@ begin
     perform private.raise_error(400, 'invalid_events', 'an inbound message lacks a wamid, sender, type or payload');
   end if;
 
+  -- The statuses' wamid locks (see the statuses below) come first, before any
+  -- session row: complete_whatsapp_messages takes its wamids' locks and then
+  -- its recipients' sessions, and a delivery with a message from a user and a
+  -- status of a send to them, taking them the other way round, would deadlock
+  -- with the record of that send.
+  perform private.lock_key_buckets('whatsapp/wamid', array(
+    select x ->> 'wamid' from jsonb_array_elements(coalesce(p_statuses, '[]')) x));
+
   -- contacts: the sender's profile name
   with c as (
     select distinct on (x.phone) x.phone, left(x.display_name, 256) as display_name
@@ -887,10 +910,9 @@ begin
   -- statuses: every event kept once; queue rows move forward only. A status
   -- and the dispatcher's record of its send (Meta reports within a second)
   -- each look for the other's row, and two overlapping transactions would
-  -- each miss the other's, leaving a failed message shown as sent: both take
-  -- their wamids' locks first, so whichever commits second sees the first.
-  perform private.lock_key_buckets('whatsapp/wamid', array(
-    select x ->> 'wamid' from jsonb_array_elements(coalesce(p_statuses, '[]')) x));
+  -- each miss the other's, leaving a failed message shown as sent: both hold
+  -- their wamids' locks (taken above) before they look, so whichever commits
+  -- second sees the first.
   with incoming as (
     select x.* from jsonb_to_recordset(coalesce(p_statuses, '[]')) as x(
       wamid text, status text, occurred_at timestamptz, recipient_phone text, error_code text,
@@ -1302,7 +1324,8 @@ begin
   v_ids := array(select (e ->> 'id')::bigint from jsonb_array_elements(p_results) e);
 
   -- sent: adopt any status event that beat us here (forward only), under the
-  -- wamids' locks (see ingest_whatsapp_events)
+  -- wamids' locks (see ingest_whatsapp_events), taken before any session row
+  -- as the ingest takes them
   perform private.lock_key_buckets('whatsapp/wamid', array(
     select e ->> 'wamid' from jsonb_array_elements(p_results) e where e ->> 'outcome' = 'sent'));
   with results as materialized (select * from private.whatsapp_results(p_results)),

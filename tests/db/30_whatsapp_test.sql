@@ -3,7 +3,7 @@
 -- sessions, secrets, inbound messages, statuses and the queue
 -- (anon, two users matched by their phone claim, a user without one, service_role).
 begin;
-select plan(90);
+select plan(99);
 
 -- the spec's examples, verbatim
 select ok(public.enqueue_whatsapp_message(
@@ -22,6 +22,26 @@ select is((select last_inbound_at from public.whatsapp_sessions where phone_numb
   'activity alone does not open the 24-hour window');
 select is((select message_payload from public.whatsapp_message_queue where recipient_phone = '+250788123456'),
   '{"body": "Hello!", "preview_url": false}'::jsonb, 'a text payload is stored in the Cloud API form');
+
+-- preview_url, in each form a text takes: a boolean, carried to what is sent
+select is(private.whatsapp_validate_payload('text', '{"text": {"body": "https://easymo.rw", "preview_url": true}}'),
+  '{"body": "https://easymo.rw", "preview_url": true}'::jsonb, 'a nested preview_url is kept');
+select is(private.whatsapp_validate_payload('text', '{"text": {"body": "hi"}}'),
+  '{"body": "hi", "preview_url": false}'::jsonb, 'no preview_url is false');
+select is(private.whatsapp_validate_payload('text', '{"text": "https://easymo.rw", "preview_url": true}'),
+  '{"body": "https://easymo.rw", "preview_url": true}'::jsonb, 'a preview_url beside the text is kept');
+select is(private.whatsapp_validate_payload('text', '{"text": {"body": "hi", "preview_url": false}, "preview_url": false}'),
+  '{"body": "hi", "preview_url": false}'::jsonb, 'the same preview_url in both places is fine');
+select throws_ok($$select private.whatsapp_validate_payload('text', '{"text": {"body": "hi", "preview_url": "true"}}')$$,
+  'PT400', 'invalid_payload', 'a nested preview_url must be a boolean, not a string');
+select throws_ok($$select private.whatsapp_validate_payload('text', '{"text": {"body": "hi", "preview_url": 1}}')$$,
+  'PT400', 'invalid_payload', 'nor a number');
+select throws_ok($$select private.whatsapp_validate_payload('text', '{"text": {"body": "hi", "preview_url": null}}')$$,
+  'PT400', 'invalid_payload', 'nor null');
+select throws_ok($$select private.whatsapp_validate_payload('text', '{"text": "hi", "preview_url": "false"}')$$,
+  'PT400', 'invalid_payload', 'nor one beside the text');
+select throws_ok($$select private.whatsapp_validate_payload('text', '{"text": {"body": "hi", "preview_url": true}, "preview_url": false}')$$,
+  'PT400', 'invalid_payload', 'two preview_urls that disagree are refused, not one picked');
 
 -- ---------------------------------------------------------------------------
 -- validation: stable codes, nothing written

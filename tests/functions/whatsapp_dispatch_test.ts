@@ -107,6 +107,16 @@ dbTest("a text goes out in the Cloud API's format and is marked sent", async () 
   assert.equal(Number(s.message_count), 1);
 });
 
+dbTest("a text's preview_url goes to the Cloud API as enqueued", async () => {
+  fake.reset();
+  const to = phone();
+  await openWindow(to);
+  await enqueue(to, "text", { text: { body: "https://easymo.rw/t/7", preview_url: true } });
+  await dispatch();
+  const [req] = sentTo(to);
+  assert.deepEqual(req.body.text, { body: "https://easymo.rw/t/7", preview_url: true });
+});
+
 dbTest("every message type is sent in its Cloud API shape", async () => {
   fake.reset();
   const cases: [string, unknown, string, unknown][] = [
@@ -349,6 +359,31 @@ dbTest("a refused business account keeps the messages, pauses and raises an aler
   await db.sql`update private.whatsapp_send_windows set paused_until = null`;
   await db.sql`update public.whatsapp_message_queue set status = 'cancelled', cancelled_at = now()
                where id = any(${ids}::bigint[])`;
+  fake.reset();
+});
+
+// Graph's code 3 (a capability or permission the app lacks, sent with HTTP
+// 500) and 200-299 (API permissions, HTTP 403) refuse every message alike:
+// retried, they would spend every attempt; failed, all would be lost.
+dbTest("permission errors (3, 200-299) pause the number like a refused account", async () => {
+  for (const code of [3, 200, 230, 299]) {
+    fake.reset();
+    await db.sql`update private.whatsapp_send_windows set paused_until = null`;
+    const { ids } = await textsToNewRecipients(2, `permission ${code}`);
+    fake.failNext(code, { times: 100 });
+    const report = await dispatch();
+    assert.equal(report.paused, "account_refused", `${code}: ${JSON.stringify(report)}`);
+    assert.deepEqual([report.failed, report.retried], [0, 0], `${code}: ${JSON.stringify(report)}`);
+    for (const id of ids) {
+      const r = await row(id);
+      assert.deepEqual([r.status, r.attempts], ["pending", 0], `${code}: kept, no attempt spent`);
+    }
+    const [w] = await db.sql`select pause_reason from private.whatsapp_send_windows`;
+    assert.equal(w.pause_reason, `account_refused:${code}`);
+    await db.sql`update public.whatsapp_message_queue set status = 'cancelled', cancelled_at = now()
+                 where id = any(${ids}::bigint[])`;
+  }
+  await db.sql`update private.whatsapp_send_windows set paused_until = null`;
   fake.reset();
 });
 
@@ -743,6 +778,12 @@ Deno.test("Cloud API answers are classified as the queue needs them", () => {
     [400, 131031, "refused"],
     [403, 10, "refused"],
     [400, 133010, "refused"],
+    // Graph's permission family: 3 comes with HTTP 500, 200-299 with 403
+    [500, 3, "refused"],
+    [403, 200, "refused"],
+    [403, 230, "refused"],
+    [403, 299, "refused"],
+    [400, 300, "failed"],
     [401, undefined, "stop"],
     [400, 0, "stop"],
     // the HTTP status decides when the Graph code is one not listed

@@ -74,6 +74,36 @@ dbTest("Idempotency-Key: a retry returns the original; other content is a 409", 
   assert.equal(results.filter((r) => r.status === 201).length, 1);
 });
 
+dbTest(
+  "a text's preview_url is kept in the Cloud API's nested form, and must be a boolean",
+  async () => {
+    const ok = await enqueue({
+      recipient_phone: ALICE,
+      message_type: "text",
+      message_payload: { text: { body: "Track it: https://easymo.rw/t/42", preview_url: true } },
+    });
+    assert.equal(ok.status, 201, JSON.stringify(ok.body));
+    assert.deepEqual(ok.body.message_payload, {
+      body: "Track it: https://easymo.rw/t/42",
+      preview_url: true,
+    });
+    const before = await queueCount();
+    for (const preview_url of ["true", 1, null, {}]) {
+      const res = await enqueue({
+        recipient_phone: ALICE,
+        message_type: "text",
+        message_payload: { text: { body: "x", preview_url } },
+      });
+      const err = expectError(res, 400, "invalid_payload");
+      assert.deepEqual(err.details, {
+        field: "message_payload.text.preview_url",
+        reason: "must be a boolean",
+      });
+    }
+    assert.equal(await queueCount(), before, "nothing written");
+  },
+);
+
 dbTest("bad input is a 400 with a stable code and writes nothing", async () => {
   const before = await queueCount();
   const cases: [Record<string, unknown>, string][] = [

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { app } from "../../supabase/functions/whatsapp-webhook/index.ts";
-import { signWebhook } from "../../shared/whatsapp.ts";
+import { signWebhook, whatsappConfig } from "../../shared/whatsapp.ts";
 import {
   call,
   createUser,
@@ -207,6 +207,64 @@ dbTest("a body over the size limit is a 413", async () => {
   } finally {
     await configureWhatsApp({ WHATSAPP_WEBHOOK_MAX_BYTES: undefined });
   }
+});
+
+/** A delivery of 4,000-character texts from `from`, as long as fits in `bytes`. */
+function bigDelivery(from: string, bytes: number): { body: string; ids: string[] } {
+  const message = () => ({
+    from,
+    id: wamid(),
+    timestamp: String(Math.floor(Date.now() / 1000)),
+    ...textMessage("m".repeat(4000)),
+  });
+  const messages = [message()];
+  const size = JSON.stringify(webhook({ messages })).length;
+  const each = JSON.stringify(messages[0]).length + 1;
+  while (size + (messages.length + 1) * each <= bytes) messages.push(message());
+  const body = JSON.stringify(webhook({ messages }));
+  return { body, ids: messages.map((m) => m.id) };
+}
+
+// Meta documents webhook payloads of up to 3 MB: a delivery refused for its
+// size is retried for days and never stored.
+dbTest("a delivery of Meta's largest size (3 MB) is stored with the default limit", async () => {
+  const { body, ids } = bigDelivery(phone(), 3 * 1024 * 1024);
+  assert.ok(body.length > 3_000_000 && body.length <= 3 * 1024 * 1024, String(body.length));
+  const res = await post(body);
+  assert.equal(res.status, 200, JSON.stringify(res.body));
+  assert.equal(res.body.messages_stored, ids.length);
+  const [{ n }] = await db.sql`select count(*)::int as n from public.whatsapp_inbound_messages
+                               where wamid = any(${ids})`;
+  assert.equal(n, ids.length);
+});
+
+dbTest("a body over the default limit is a 413 and stores nothing, streamed or not", async () => {
+  const limit = whatsappConfig().WHATSAPP_WEBHOOK_MAX_BYTES;
+  const { body, ids } = bigDelivery(phone(), limit + 8192);
+  assert.ok(body.length > limit);
+  expectError(await post(body), 413, "payload_too_large");
+  // announced by its length, and streamed without one (chunked): cut off either way
+  const bytes = new TextEncoder().encode(body);
+  for (const declared of [true, false]) {
+    const stream = new ReadableStream<Uint8Array>({
+      start(controller) {
+        for (let i = 0; i < bytes.length; i += 65536) {
+          controller.enqueue(bytes.subarray(i, i + 65536));
+        }
+        controller.close();
+      },
+    });
+    const headers: Record<string, string> = {
+      "content-type": "application/json",
+      "x-hub-signature-256": signWebhook(body, SECRET),
+    };
+    if (declared) headers["content-length"] = String(bytes.length);
+    const res = await app.request("/whatsapp-webhook", { method: "POST", headers, body: stream });
+    expectError({ status: res.status, body: await res.json() }, 413, "payload_too_large");
+  }
+  const [{ n }] = await db.sql`select count(*)::int as n from public.whatsapp_inbound_wamids
+                               where wamid = any(${ids})`;
+  assert.equal(n, 0);
 });
 
 dbTest("without an app secret the webhook refuses everything", async () => {

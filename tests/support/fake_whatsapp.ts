@@ -19,6 +19,11 @@ export const CLOUD_API_ERRORS: Record<number, { status: number; title: string; d
       title: "Service temporarily unavailable",
       details: "Temporary due to downtime or overload.",
     },
+    3: {
+      status: 500,
+      title: "API Method",
+      details: "Capability or permissions issue.",
+    },
     100: {
       status: 400,
       title: "Invalid parameter",
@@ -143,8 +148,16 @@ export interface FakeOptions {
   log?: boolean;
 }
 
+/** Graph's 200-299 are one family: the app lacks a permission (HTTP 403). */
+const API_PERMISSION = {
+  status: 403,
+  title: "API Permission",
+  details: "Permission is either not granted or has been removed.",
+};
+
 function graphError(code: number, message?: string) {
   const known = CLOUD_API_ERRORS[code] ??
+    (code >= 200 && code <= 299 ? API_PERMISSION : undefined) ??
     { status: 400, title: "Unknown error", details: "unknown" };
   return {
     status: known.status,
