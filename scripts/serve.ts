@@ -1,9 +1,10 @@
 // The local API: every function under /functions/v1/<name> on 127.0.0.1:54321,
 // the scheduler, and the keys printed the way `supabase status` prints them.
+import { verifyToken } from "../shared/auth.ts";
 import { closeDb, db } from "../shared/db.ts";
 import { ConfigError, env } from "../shared/env.ts";
 import { whatsappConfig } from "../shared/whatsapp.ts";
-import { LOCAL_JWT_SECRET, signKey } from "./keys.ts";
+import { LOCAL_JWT_SECRET, type StackKeys, stackKeys } from "./keys.ts";
 import { createRouter, loadFunctions } from "./router.ts";
 import { startScheduler } from "./scheduler.ts";
 import { type Schedule, SCHEDULES } from "./schedules.ts";
@@ -23,12 +24,7 @@ if (!Deno.env.get("JWT_SECRET") && !Deno.env.get("SUPABASE_JWKS") && !Deno.env.g
 const apiUrl = `http://127.0.0.1:${port}`;
 Deno.env.set("SUPABASE_URL", Deno.env.get("SUPABASE_URL") ?? apiUrl);
 
-const secret = Deno.env.get("JWT_SECRET");
-const anonKey = Deno.env.get("SUPABASE_ANON_KEY") ?? (secret ? await signKey("anon", secret) : "");
-const serviceKey = Deno.env.get("SUPABASE_SERVICE_ROLE_KEY") ??
-  (secret ? await signKey("service_role", secret) : "");
-Deno.env.set("SUPABASE_ANON_KEY", anonKey);
-Deno.env.set("SUPABASE_SERVICE_ROLE_KEY", serviceKey);
+const schedulerOn = Deno.env.get("SCHEDULER") !== "off";
 
 /** A port another process holds (most often a second npm start) ends the start with one line. */
 function exitIfPortTaken(err: unknown, what: string, portVar: string): never {
@@ -65,6 +61,36 @@ async function exitUnlessReady(): Promise<void> {
   }
 }
 
+/**
+ * The scheduler calls the endpoints as the service role: without a key the
+ * functions accept (only a JWKS, nothing to sign one with), every tick would
+ * be a 401 in the log. The start stops instead, saying what to set.
+ */
+async function schedulerKeyOrExit(keys: StackKeys): Promise<string> {
+  if (!keys.service) {
+    console.error(
+      "the scheduler has no service_role key: with SUPABASE_JWKS or JWKS_URL and no JWT_SECRET, " +
+        "set SUPABASE_SERVICE_ROLE_KEY or SUPABASE_SECRET_KEYS (or SCHEDULER=off)",
+    );
+    Deno.exit(1);
+  }
+  let problem: string | undefined;
+  try {
+    const { role } = await verifyToken(keys.service);
+    if (role !== "service_role") problem = `it is a key for ${role}`;
+  } catch (err) {
+    problem = (err as Error).message;
+  }
+  if (problem) {
+    console.error(
+      `the scheduler's service_role key (${keys.serviceFrom}) is refused by the functions: ` +
+        `${problem} (set a key they accept, or SCHEDULER=off)`,
+    );
+    Deno.exit(1);
+  }
+  return keys.service;
+}
+
 /** The schedules to run here: every endpoint, and the SQL jobs pg_cron does not run in this database. */
 async function localSchedules(): Promise<Schedule[]> {
   const [{ cron }] = await db()`select to_regclass('cron.job') is not null as cron`;
@@ -78,6 +104,14 @@ const whatsappSandbox = await startWhatsAppSandbox().catch((err) =>
   exitIfPortTaken(err, "the WhatsApp sandbox", "WHATSAPP_SANDBOX_PORT")
 );
 await exitUnlessReady();
+const keys = await stackKeys({
+  ...env(),
+  anonKey: Deno.env.get("SUPABASE_ANON_KEY") || undefined,
+  serviceRoleKey: Deno.env.get("SUPABASE_SERVICE_ROLE_KEY") || undefined,
+});
+if (keys.anon) Deno.env.set("SUPABASE_ANON_KEY", keys.anon);
+if (keys.service) Deno.env.set("SUPABASE_SERVICE_ROLE_KEY", keys.service);
+const schedulerKey = schedulerOn ? await schedulerKeyOrExit(keys) : undefined;
 const schedules = await localSchedules();
 const apps = await loadFunctions();
 let server: Deno.HttpServer;
@@ -89,9 +123,7 @@ try {
 
 const redacted = dbUrl.replace(/\/\/([^:@/]+):[^@/]*@/, "//$1:***@")
   .replace(/([?&]password=)[^&]*/gi, "$1***");
-const scheduled = Deno.env.get("SCHEDULER") === "off"
-  ? "off"
-  : schedules.map((s) => s.name).join(", ");
+const scheduled = schedulerOn ? schedules.map((s) => s.name).join(", ") : "off";
 console.log(`
 EasyMO local stack is running.
 
@@ -99,16 +131,18 @@ EasyMO local stack is running.
    Functions URL: ${apiUrl}/functions/v1/{${[...apps.keys()].join(",")}}
           DB URL: ${redacted}
        Scheduler: ${scheduled}
-      JWT secret: ${secret === LOCAL_JWT_SECRET ? LOCAL_JWT_SECRET : "(from JWT_SECRET)"}
-        anon key: ${anonKey}
-service_role key: ${serviceKey}
+      JWT secret: ${keys.secret}
+${keys.jwks ? `            JWKS: ${keys.jwks}\n` : ""}        anon key: ${
+  keys.anon ?? "(none: set SUPABASE_ANON_KEY or SUPABASE_PUBLISHABLE_KEYS)"
+}
+service_role key: ${keys.service ?? "(none: set SUPABASE_SERVICE_ROLE_KEY or SUPABASE_SECRET_KEYS)"}
 ${whatsappSandbox ? "\n" + whatsappSandbox.banner + "\n" : ""}
 Press Ctrl-C to stop.
 `);
 
-const stopScheduler = Deno.env.get("SCHEDULER") === "off"
-  ? () => {}
-  : startScheduler(apiUrl, serviceKey, (sql) => db().unsafe(sql), schedules);
+const stopScheduler = schedulerKey
+  ? startScheduler(apiUrl, schedulerKey, (sql) => db().unsafe(sql), schedules)
+  : () => {};
 
 // Requests in flight get this long to finish on Ctrl-C: a jobs run cut off
 // would leave its job running until its lease ends, like a crash.

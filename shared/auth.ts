@@ -5,7 +5,6 @@
 // role they need.
 import {
   createLocalJWKSet,
-  createRemoteJWKSet,
   decodeProtectedHeader,
   errors as joseErrors,
   type JWTPayload,
@@ -15,6 +14,7 @@ import type { MiddlewareHandler } from "hono";
 import { env } from "./env.ts";
 import { forbidden, tryAgain, unauthorized } from "./errors.ts";
 import type { AppEnv, Ctx } from "./http.ts";
+import { log } from "./log.ts";
 
 export type Role = "anon" | "authenticated" | "service_role";
 
@@ -28,10 +28,13 @@ export interface Principal {
 const ROLES = new Set<Role>(["anon", "authenticated", "service_role"]);
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
-type KeySet = ReturnType<typeof createLocalJWKSet> | ReturnType<typeof createRemoteJWKSet>;
+type KeySet = ReturnType<typeof createLocalJWKSet>;
 interface Keys {
   secret?: CryptoKey;
+  /** SUPABASE_JWKS: fixed for the isolate's life, as the secret is */
   jwks?: KeySet;
+  /** JWKS_URL: read again as it ages */
+  remote?: RemoteKeySet;
   /** SHA-256 (hex) of each API key -> the role it speaks for */
   apiKeys: Map<string, Role>;
 }
@@ -62,24 +65,134 @@ async function loadKeys(): Promise<Keys> {
         ["verify"],
       )
       : undefined,
-    jwks: e.SUPABASE_JWKS
-      ? createLocalJWKSet(JSON.parse(e.SUPABASE_JWKS))
-      : e.JWKS_URL
-      ? createRemoteJWKSet(new URL(e.JWKS_URL))
+    jwks: e.SUPABASE_JWKS ? createLocalJWKSet(JSON.parse(e.SUPABASE_JWKS)) : undefined,
+    remote: !e.SUPABASE_JWKS && e.JWKS_URL
+      ? new RemoteKeySet(new URL(e.JWKS_URL), e.JWKS_MAX_AGE_SECONDS * 1000)
       : undefined,
     apiKeys,
   };
 }
 
 /**
- * JWKS_URL could not be fetched or read (unreachable, not 200, not a key set,
- * too slow): the server's fault, not the token's. A 401 would tell a client to
- * drop a good session; a 503 tells it to try again.
+ * The key set could not be used (a key in it that cannot be imported): the
+ * server's fault, not the token's. A 401 would tell a client to drop a good
+ * session; a 503 tells it to try again.
  */
 function keySetUnavailable(err: unknown): boolean {
   return err instanceof joseErrors.JWKSTimeout || err instanceof joseErrors.JWKSInvalid ||
     (err instanceof joseErrors.JOSEError && err.code === "ERR_JOSE_GENERIC") ||
-    err instanceof TypeError; // fetch's network failure
+    err instanceof TypeError;
+}
+
+// ---------------------------------------------------------------------------
+// JWKS_URL
+// ---------------------------------------------------------------------------
+
+const JWKS_TIMEOUT_MS = 5_000;
+/** Tokens naming a kid the set lacks read it again at most this often (as jose's default). */
+const JWKS_COOLDOWN_MS = 30_000;
+
+/** A key set as JWKS_URL served it, and when it was asked for. */
+interface ReadKeySet {
+  at: number;
+  keys: KeySet;
+}
+
+/**
+ * The key set behind JWKS_URL. jose's createRemoteJWKSet keeps a set for ten
+ * minutes and does not tell when it read it; here each read's time is known,
+ * so a token is remembered no longer than the set that verified it is trusted
+ * (JWKS_MAX_AGE_SECONDS), and a key taken out of the set is refused within
+ * that time. One read at a time; a failed read is not kept (the next request
+ * reads again) and a stale set is never used: 503 until the URL answers.
+ */
+class RemoteKeySet {
+  #current?: ReadKeySet;
+  #pending?: Promise<ReadKeySet>;
+
+  constructor(readonly url: URL, readonly maxAgeMs: number) {}
+
+  /** The set, read again once it is maxAgeMs old. */
+  fresh(): Promise<ReadKeySet> {
+    const current = this.#current;
+    return current && Date.now() - current.at < this.maxAgeMs
+      ? Promise.resolve(current)
+      : this.#read();
+  }
+
+  /**
+   * For a token whose kid `seen` lacks: a set read since, or one read now
+   * unless `seen` is younger than the cooldown (made-up kids must not turn
+   * every request into a read); undefined when there is none.
+   */
+  async newer(seen: ReadKeySet): Promise<ReadKeySet | undefined> {
+    if (this.#current && this.#current !== seen) return this.#current;
+    if (Date.now() - seen.at < Math.min(JWKS_COOLDOWN_MS, this.maxAgeMs)) return undefined;
+    return await this.#read();
+  }
+
+  #read(): Promise<ReadKeySet> {
+    this.#pending ??= readKeySet(this.url)
+      .then((read) => (this.#current = read))
+      .finally(() => (this.#pending = undefined));
+    return this.#pending;
+  }
+}
+
+/**
+ * Unreachable, not 200, not a key set, too slow: the server's fault, not the
+ * token's, so 503 auth_unavailable (see keySetUnavailable). Redirects are not
+ * followed, as jose does not follow them.
+ */
+async function readKeySet(url: URL): Promise<ReadKeySet> {
+  // the set speaks for the URL from the moment it was asked for
+  const at = Date.now();
+  try {
+    const res = await fetch(url, {
+      redirect: "manual",
+      headers: { accept: "application/jwk-set+json, application/json" },
+      signal: AbortSignal.timeout(JWKS_TIMEOUT_MS),
+    });
+    if (res.status !== 200) {
+      await res.body?.cancel();
+      throw new Error(`answered HTTP ${res.status}`);
+    }
+    return { at, keys: createLocalJWKSet(await res.json()) };
+  } catch (err) {
+    log("warn", "JWKS_URL could not be read", { error: String(err) });
+    throw tryAgain("auth_unavailable", "the signing keys could not be fetched; try again");
+  }
+}
+
+/** Verifies with the remote set, reading it again for an unknown kid; says until when the answer holds. */
+async function verifyRemote(
+  token: string,
+  remote: RemoteKeySet,
+): Promise<{ payload: JWTPayload; trustedUntil: number }> {
+  let set = await remote.fresh();
+  try {
+    return {
+      payload: await verifyAsymmetric(token, set.keys),
+      trustedUntil: set.at + remote.maxAgeMs,
+    };
+  } catch (err) {
+    if (!(err instanceof joseErrors.JWKSNoMatchingKey)) throw err;
+    const newer = await remote.newer(set);
+    if (!newer) throw err;
+    set = newer;
+    return {
+      payload: await verifyAsymmetric(token, set.keys),
+      trustedUntil: set.at + remote.maxAgeMs,
+    };
+  }
+}
+
+async function verifyAsymmetric(token: string, keys: KeySet): Promise<JWTPayload> {
+  const { payload } = await jwtVerify(token, keys, {
+    algorithms: ["RS256", "ES256", "EdDSA"],
+    requiredClaims: ["exp"],
+  });
+  return payload;
 }
 
 async function sha256(text: string): Promise<string> {
@@ -102,7 +215,10 @@ export function resetAuth(): void {
 }
 
 // Clients reuse one token for many calls; a verified token is remembered
-// (bounded, and never past its expiry) so the signature is checked once.
+// (bounded) so the signature is checked once: never past its expiry, nor,
+// for JWKS_URL, past the life of the key set that verified it. The secret, the
+// API keys and SUPABASE_JWKS change only with the isolate, which starts with
+// an empty cache.
 const VERIFIED_MAX = 1000;
 const verified = new Map<string, { principal: Principal; expiresAt: number }>();
 
@@ -114,34 +230,37 @@ export async function verifyToken(token: string): Promise<Principal> {
     if (Date.now() < hit.expiresAt) return hit.principal;
     verified.delete(token);
   }
-  const principal = await verifyUncached(token);
+  const { principal, trustedUntil } = await verifyUncached(token);
   // jose has checked that exp is there and is a number (requiredClaims).
-  const expiresAt = principal.claims.exp! * 1000;
+  const expiresAt = Math.min(principal.claims.exp! * 1000, trustedUntil);
   if (verified.size >= VERIFIED_MAX) verified.delete(verified.keys().next().value!);
   verified.set(token, { principal, expiresAt });
   return principal;
 }
 
-async function verifyUncached(token: string): Promise<Principal> {
+async function verifyUncached(
+  token: string,
+): Promise<{ principal: Principal; trustedUntil: number }> {
   let alg: string | undefined;
   try {
     alg = decodeProtectedHeader(token).alg;
   } catch {
     throw unauthorized("invalid_token", "the bearer token is not a JWT");
   }
-  const { secret, jwks } = await keys();
+  const { secret, jwks, remote } = await keys();
+  const asymmetric = alg === "RS256" || alg === "ES256" || alg === "EdDSA";
   let payload: JWTPayload;
+  let trustedUntil = Infinity;
   try {
     if (alg === "HS256" && secret) {
       ({ payload } = await jwtVerify(token, secret, {
         algorithms: ["HS256"],
         requiredClaims: ["exp"],
       }));
-    } else if (jwks && (alg === "RS256" || alg === "ES256" || alg === "EdDSA")) {
-      ({ payload } = await jwtVerify(token, jwks, {
-        algorithms: ["RS256", "ES256", "EdDSA"],
-        requiredClaims: ["exp"],
-      }));
+    } else if (jwks && asymmetric) {
+      payload = await verifyAsymmetric(token, jwks);
+    } else if (remote && asymmetric) {
+      ({ payload, trustedUntil } = await verifyRemote(token, remote));
     } else {
       throw unauthorized(
         "invalid_token",
@@ -172,11 +291,12 @@ async function verifyUncached(token: string): Promise<Principal> {
   if (role === "authenticated" && !audiences.includes("authenticated")) {
     throw unauthorized("invalid_token", "a user token must be for the audience authenticated");
   }
-  return {
+  const principal: Principal = {
     role: role as Role,
     userId: role === "authenticated" ? payload.sub : undefined,
     claims: payload as Principal["claims"],
   };
+  return { principal, trustedUntil };
 }
 
 function bearer(c: Ctx): string | undefined {

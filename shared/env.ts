@@ -69,6 +69,10 @@ const schema = z.object({
   JWT_SECRET: z.string().min(32, "must be at least 32 characters").optional(),
   SUPABASE_JWKS: jwks,
   JWKS_URL: optionalUrl,
+  // A key set read from JWKS_URL, and every token verified with it, is
+  // trusted this long before the URL is read again: a key taken out of the
+  // set (rotation after a leak) is refused within this time.
+  JWKS_MAX_AGE_SECONDS: z.coerce.number().int().min(1).max(600).default(60),
   // Supabase's API keys, as it provides them: JSON objects of name -> key. A
   // secret key (sb_secret_...) speaks for the service role, a publishable key
   // (sb_publishable_...) for anon; neither is a JWT.

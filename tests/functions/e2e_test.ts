@@ -6,6 +6,7 @@ import {
   anonToken,
   createUser,
   dbTest,
+  freePorts,
   freshDatabase,
   serviceToken,
   startLocalApi,
@@ -172,15 +173,6 @@ for (const taken of ["API_PORT", "WHATSAPP_SANDBOX_PORT"] as const) {
   });
 }
 
-/** Two free local ports. */
-function freePorts(): [number, number] {
-  const a = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const b = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const ports: [number, number] = [(a.addr as Deno.NetAddr).port, (b.addr as Deno.NetAddr).port];
-  a.close();
-  b.close();
-  return ports;
-}
 const SERVE = new URL("../../scripts/serve.ts", import.meta.url).pathname;
 
 dbTest("a malformed variable stops the local stack before it starts, naming it", async () => {

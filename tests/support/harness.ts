@@ -173,3 +173,13 @@ export function expectError(
   }
   return err;
 }
+
+/** Two free local ports. */
+export function freePorts(): [number, number] {
+  const a = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const b = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const ports: [number, number] = [(a.addr as Deno.NetAddr).port, (b.addr as Deno.NetAddr).port];
+  a.close();
+  b.close();
+  return ports;
+}
