@@ -5,7 +5,8 @@
 --   * private.raise_error: the one way SQL reports a domain error
 --   * private.set_updated_at: trigger keeping updated_at current
 --   * monthly range partitions: registry, creation (moving rows out of the
---     DEFAULT partition), retention, and public.maintain_partitions()
+--     DEFAULT partition), retention, and public.maintain_partitions() (with
+--     partition_backlog and maintain_partition_month, its steps over HTTP)
 --   * pg_cron, where the database can run it
 -- =============================================================================
 
@@ -316,7 +317,22 @@ $$;
 
 -- Creates the partition of p_month if missing, moving that month's rows out of
 -- the DEFAULT partition (Postgres refuses to attach over them). Returns the
--- number of rows moved, or null when the partition already existed.
+-- number of rows moved, or null when the partition already existed (or, with
+-- p_move false, when rows of the month wait in DEFAULT: the month is left
+-- for a move of its own, see maintain_partitions).
+--
+-- A month exists only as an attached partition of the table spanning it
+-- exactly. Anything else in its way is a clash, raised as duplicate_table
+-- (maintain_partitions reports it): a table keeping the month's name, such
+-- as a month retention detached for archiving, or a partition overlapping
+-- the month. Taking such a name for the month made rows arriving late for a
+-- detached month stay in DEFAULT unseen for good; they still stay there (read
+-- through the parent like every row in DEFAULT), but every run says so.
+--
+-- Months are UTC months whatever the session's time zone: date_trunc of a
+-- date works in the session's zone, and in one whose month can begin without
+-- a midnight (Cuba's 2012-04-01 began at 01:00) the bounds came out an hour
+-- off, a partition the month check refuses, so the month failed on every run.
 --
 -- Writers are held off for the moment of the move by a SHARE ROW EXCLUSIVE
 -- lock on the parent, taken before anything else (a writer that routed a row
@@ -342,22 +358,27 @@ create or replace function private.create_monthly_partition(
   p_schema text,
   p_table text,
   p_month date,
-  p_lock_timeout text default '500ms'
+  p_lock_timeout text default '500ms',
+  p_move boolean default true
 ) returns bigint
 language plpgsql
 set search_path = ''
 set lock_timeout = '500ms'
+set timezone = 'UTC'
 -- the bounds go into the DDL as text: ISO prints an offset, which reads back
 -- whatever the session's DateStyle (SQL style prints a zone abbreviation,
 -- such as Kigali's CAT, that Postgres cannot read back)
 set datestyle = 'ISO, YMD'
 as $$
 declare
-  v_from timestamptz := (date_trunc('month', p_month)::timestamp) at time zone 'UTC';
-  v_to timestamptz := ((date_trunc('month', p_month) + interval '1 month')::timestamp)
-    at time zone 'UTC';
-  v_name text := format('%s_%s', p_table, to_char(p_month, 'YYYY_MM'));
+  -- a date cast to timestamp (no zone) is the same month start in any zone
+  v_start timestamp := date_trunc('month', p_month::timestamp);
+  v_from timestamptz := v_start at time zone 'UTC';
+  v_to timestamptz := (v_start + interval '1 month') at time zone 'UTC';
+  v_name text := format('%s_%s', p_table, to_char(v_start, 'YYYY_MM'));
   v_default text := p_table || '_default';
+  v_parent oid := to_regclass(format('%I.%I', p_schema, p_table));
+  v_in_way text;
   v_moved bigint;
   v_has_rows boolean;
 begin
@@ -366,17 +387,32 @@ begin
   perform pg_advisory_xact_lock(hashtextextended(format('partition:%s.%s', p_schema, p_table), 0));
 
   -- The month is there already: made by an earlier run, or by hand under
-  -- another name (check_month_partitions holds every partition to one UTC
-  -- month, so a month's partition is the one that starts with it).
-  if to_regclass(format('%I.%I', p_schema, v_name)) is not null or exists (
-    select from private.registered_partitions(
-      array[to_regclass(format('%I.%I', p_schema, p_table))::oid]) r
-    where r.level = 1 and r.from_at = v_from
+  -- another name.
+  if exists (
+    select from private.registered_partitions(array[v_parent]) r
+    where r.level = 1 and r.from_at = v_from and r.to_at = v_to
   ) then
     return null;
   end if;
 
+  select r.partition_oid::regclass::text into v_in_way
+  from private.registered_partitions(array[v_parent]) r
+  where r.level = 1 and r.from_at < v_to and r.to_at > v_from;
+  if v_in_way is not null then
+    raise exception 'month % of %.% cannot be made: partition % overlaps it; the month''s rows stay in DEFAULT',
+      to_char(v_start, 'YYYY-MM'), p_schema, p_table, v_in_way
+      using errcode = 'duplicate_table';
+  end if;
+  if to_regclass(format('%I.%I', p_schema, v_name)) is not null then
+    raise exception 'month % of %.% cannot be made: %.% exists but is no partition of it (a month retention detached keeps its name until it is archived and dropped); the month''s rows stay in DEFAULT',
+      to_char(v_start, 'YYYY-MM'), p_schema, p_table, p_schema, v_name
+      using errcode = 'duplicate_table';
+  end if;
+
   v_has_rows := private.default_has_rows(p_schema, p_table, v_from, v_to);
+  if v_has_rows and not p_move then
+    return null;
+  end if;
   execute format('lock table %I.%I in %s mode', p_schema, p_table,
     case when v_has_rows then 'access exclusive' else 'share row exclusive' end);
   execute format('lock table %I.%I in exclusive mode', p_schema, v_default);
@@ -488,35 +524,47 @@ begin
 end;
 $$;
 
--- Refuses a partition of a registered table that is not one UTC month.
--- Maintenance names, makes and fills partitions by UTC month; the spec's
--- recipe run in a session whose time zone is not UTC ('2026-06-01' read as
--- Kigali's midnight) made one that overlaps the month before: maintenance then
--- failed that month for good, and its rows stayed in DEFAULT.
+-- The partitions of the registered tables among p_parents that are not one
+-- UTC month (their own partitions, level 1; DEFAULT and MINVALUE / MAXVALUE
+-- bounds have nothing to compare). Maintenance names, makes and fills
+-- partitions by UTC month; the spec's recipe run in a session whose time zone
+-- is not UTC ('2026-06-01' read as Kigali's midnight) made one that overlaps
+-- the month before: maintenance then failed that month for good, and its rows
+-- stayed in DEFAULT.
+create or replace function private.misaligned_partitions(p_parents oid[])
+returns table (partition_oid oid, schema_name text, partition_name text, from_at timestamptz,
+               to_at timestamptz)
+language sql
+stable
+set search_path = ''
+set timezone = 'UTC'
+as $$
+  select r.partition_oid, r.schema_name, r.partition_name, r.from_at, r.to_at
+  from private.registered_partitions(p_parents) r
+  where r.level = 1 and r.from_at is not null and r.to_at is not null
+    and (r.from_at <> pg_catalog.date_trunc('month', r.from_at at time zone 'UTC') at time zone 'UTC'
+         or r.to_at <> (pg_catalog.date_trunc('month', r.from_at at time zone 'UTC')
+                        + interval '1 month') at time zone 'UTC')
+  order by r.from_at
+$$;
+
+-- Refuses a partition of a registered table that is not one UTC month (the
+-- event trigger's check, in the statement that made it).
 create or replace function private.check_month_partitions(p_parents oid[])
 returns void
 language plpgsql
 set search_path = ''
+set timezone = 'UTC'
 as $$
 declare
   v_part record;
 begin
-  for v_part in
-    select r.partition_oid::regclass::text as name, r.from_at, r.to_at
-    from private.registered_partitions(p_parents) r
-    -- DEFAULT, or MINVALUE / MAXVALUE bounds: nothing to compare
-    where r.level = 1 and r.from_at is not null and r.to_at is not null
-  loop
-    if v_part.from_at <> pg_catalog.date_trunc('month', v_part.from_at at time zone 'UTC')
-                         at time zone 'UTC'
-       or v_part.to_at <> (pg_catalog.date_trunc('month', v_part.from_at at time zone 'UTC')
-                           + interval '1 month') at time zone 'UTC'
-    then
-      raise exception 'partition % must span one UTC month, not % to %', v_part.name,
-        v_part.from_at at time zone 'UTC', v_part.to_at at time zone 'UTC'
-        using errcode = 'invalid_object_definition',
-          hint = 'give the bounds with their offset: FROM (''2026-06-01 00:00+00'') TO (''2026-07-01 00:00+00'')';
-    end if;
+  for v_part in select * from private.misaligned_partitions(p_parents) limit 1 loop
+    raise exception 'partition % must span one UTC month, not % to %',
+      v_part.partition_oid::regclass::text, v_part.from_at at time zone 'UTC',
+      v_part.to_at at time zone 'UTC'
+      using errcode = 'invalid_object_definition',
+        hint = 'give the bounds with their offset: FROM (''2026-06-01 00:00+00'') TO (''2026-07-01 00:00+00'')';
   end loop;
 end;
 $$;
@@ -549,8 +597,9 @@ $$;
 
 -- Creating an event trigger takes a superuser, or on Supabase the privileged
 -- role supautils names (postgres, on current images). Where neither holds, the
--- migration goes on without it: maintain_partitions() closes and checks new
--- partitions on its daily run instead.
+-- migration goes on without it: maintain_partitions() closes new partitions on
+-- its daily run instead, and reports by name those that are not one UTC month
+-- (action 'misaligned'; it cannot refuse them after the fact).
 do $$
 begin
   drop event trigger if exists secure_new_partitions;
@@ -572,6 +621,7 @@ create or replace function private.register_partitioned_table(
 ) returns void
 language plpgsql
 set search_path = ''
+set timezone = 'UTC' -- months are UTC months, whatever the session's zone
 as $$
 declare
   v_month date;
@@ -645,28 +695,108 @@ as $$
   end
 $$;
 
+-- What one month of a table needs, as a maintenance action: 'created' (with
+-- the rows moved out of DEFAULT), 'skipped' (locks busy: the next run makes
+-- it), 'clash' (something else holds the month's name or range: its rows stay
+-- in DEFAULT until someone acts, see create_monthly_partition) or 'failed';
+-- no row when the month is there already (or, p_move false, when its rows
+-- wait in DEFAULT for a move of their own). Clashes and failures are raised
+-- as warnings too, for pg_cron's log.
+create or replace function private.maintain_month(
+  p_schema text,
+  p_table text,
+  p_month date,
+  p_lock_timeout text,
+  p_move boolean
+) returns table (action text, rows_moved bigint, detail text)
+language plpgsql
+set search_path = ''
+as $$
+begin
+  rows_moved := private.create_monthly_partition(p_schema, p_table, p_month, p_lock_timeout,
+    p_move);
+  if rows_moved is not null then
+    action := 'created';
+    return next;
+  end if;
+exception
+  when lock_not_available then
+    action := 'skipped';
+    rows_moved := 0;
+    return next;
+  when duplicate_table then
+    raise warning 'maintain_partitions: %', sqlerrm;
+    action := 'clash';
+    rows_moved := 0;
+    detail := sqlerrm;
+    return next;
+  when others then
+    raise warning 'maintain_partitions: %_% of %.% failed: %', p_table, to_char(p_month, 'YYYY_MM'),
+      p_schema, p_table, sqlerrm;
+    action := 'failed';
+    rows_moved := 0;
+    detail := sqlerrm;
+    return next;
+end;
+$$;
+
+-- The rows a table's DEFAULT partition holds, by UTC month: years 1000-9999
+-- only, as rows dated outside them (or at +-infinity) fit no partition.
+create or replace function private.default_months(p_schema text, p_table text)
+returns table (month date, rows bigint)
+language plpgsql
+stable
+set search_path = ''
+set timezone = 'UTC'
+as $$
+begin
+  return query execute format(
+    'select m::date, count(*)
+     from (select date_trunc(''month'', created_at at time zone ''UTC'') as m
+           from %I.%I where isfinite(created_at)) d
+     where extract(year from m) between 1000 and 9999
+     group by m
+     order by m',
+    p_schema, p_table || '_default'
+  );
+end;
+$$;
+
 -- One maintenance pass over every registered table:
 --   1. partitions for the current month and months_ahead months ahead;
---   2. a partition for every month that has rows in DEFAULT (rows moved),
---      years 1000-9999 only: rows dated outside them (or at +-infinity) stay
---      in DEFAULT, where they are still read and written;
+--   2. with p_move_backlog, a partition for every month that has rows in
+--      DEFAULT (rows moved; see default_months for the months that can);
 --   3. partitions still open to an API role (made by hand) closed;
---   4. partitions older than retention_months detached (kept as plain tables
+--   4. partitions that are not one UTC month reported 'misaligned' (made by
+--      hand where the event trigger that refuses them is missing);
+--   5. partitions older than retention_months detached (kept as plain tables
 --      for archiving; never dropped here).
 -- Each step on each partition stands alone: a month whose locks are busy is
 -- reported 'skipped', one that fails 'failed' (with a warning), and the rest
 -- of the pass goes on, so one bad month cannot stop maintenance for good.
 -- Safe to run concurrently: runs serialise on an advisory lock.
-create or replace function public.maintain_partitions()
-returns table (table_name text, partition_name text, action text, rows_moved bigint)
+--
+-- The pass is one transaction. pg_cron runs it whole (its session has none of
+-- the API's statement timeout). The HTTP route (observability/maintenance) runs under the API's
+-- statement timeout, where a big DEFAULT backlog moved in one go was
+-- cancelled and took everything with it, the months ahead too: it calls this
+-- with p_move_backlog false (a month ahead whose rows already wait in DEFAULT
+-- is left for its move), then moves the backlog (partition_backlog) a month
+-- per transaction with maintain_partition_month.
+create or replace function public.maintain_partitions(p_move_backlog boolean default true)
+returns table (table_name text, partition_name text, action text, rows_moved bigint,
+               detail text)
 language plpgsql
 security definer
 set search_path = ''
+set timezone = 'UTC'
 as $$
 declare
   v_table record;
+  v_parent oid;
   v_month date;
   v_part record;
+  v_names text[];
   v_cutoff timestamptz;
   -- since when this run holds locks writers wait for (see maintenance_lock_timeout)
   v_holding_since timestamptz;
@@ -676,6 +806,16 @@ begin
 
   for v_table in select * from private.partitioned_tables order by schema_name, table_name loop
     table_name := format('%I.%I', v_table.schema_name, v_table.table_name);
+    v_parent := to_regclass(table_name);
+    if v_parent is null then
+      raise warning 'maintain_partitions: % is registered but does not exist', table_name;
+      partition_name := null;
+      action := 'failed';
+      rows_moved := 0;
+      detail := 'the table does not exist';
+      return next;
+      continue;
+    end if;
 
     for v_month in
       select generate_series(
@@ -685,51 +825,72 @@ begin
         interval '1 month'
       )::date
       union
-      select distinct date_trunc('month', d.created_at at time zone 'UTC')::date
-      from private.default_partition_timestamps(v_table.schema_name, v_table.table_name) d
-      where isfinite(d.created_at)
-        and extract(year from d.created_at at time zone 'UTC') between 1000 and 9999
+      select d.month
+      from private.default_months(v_table.schema_name, v_table.table_name) d
+      where p_move_backlog
       order by 1
     loop
       partition_name := format('%s_%s', v_table.table_name, to_char(v_month, 'YYYY_MM'));
-      begin
-        v_asked_at := clock_timestamp();
-        rows_moved := private.create_monthly_partition(v_table.schema_name, v_table.table_name,
-          v_month, private.maintenance_lock_timeout(v_holding_since));
-        if rows_moved is not null then
+      v_asked_at := clock_timestamp();
+      for action, rows_moved, detail in
+        select * from private.maintain_month(v_table.schema_name, v_table.table_name, v_month,
+          private.maintenance_lock_timeout(v_holding_since), p_move_backlog)
+      loop
+        if action = 'created' then
           v_holding_since := coalesce(v_holding_since, v_asked_at);
-          action := 'created';
-          return next;
         end if;
-      exception
-        when lock_not_available then
-          action := 'skipped';
-          rows_moved := 0;
-          return next;
-        when others then
-          raise warning 'maintain_partitions: % of % failed: %', partition_name, table_name, sqlerrm;
-          action := 'failed';
-          rows_moved := 0;
-          return next;
-      end;
+        return next;
+      end loop;
     end loop;
 
+    -- Closing and checking read and alter only what is already there; each
+    -- stands alone all the same, so neither can stop the steps after it.
     rows_moved := 0;
+    detail := null;
+    begin
+      v_names := array(select * from private.close_open_partitions(array[v_parent]));
+    exception when others then
+      raise warning 'maintain_partitions: closing the partitions of % failed: %', table_name, sqlerrm;
+      v_names := array[]::text[];
+      partition_name := null;
+      action := 'failed';
+      detail := sqlerrm;
+      return next;
+      detail := null;
+    end;
     action := 'secured';
-    for partition_name in
-      select * from private.close_open_partitions(array[table_name::regclass::oid])
-    loop
+    foreach partition_name in array v_names loop
       return next;
     end loop;
+
+    begin
+      for v_part in select * from private.misaligned_partitions(array[v_parent]) loop
+        raise warning 'maintain_partitions: partition %.% of % is not one UTC month',
+          v_part.schema_name, v_part.partition_name, table_name;
+        partition_name := v_part.partition_name;
+        action := 'misaligned';
+        detail := format('spans %s to %s (UTC), not one UTC month; its rows are read, but the months it overlaps cannot be made',
+          v_part.from_at at time zone 'UTC', v_part.to_at at time zone 'UTC');
+        return next;
+      end loop;
+    exception when others then
+      raise warning 'maintain_partitions: checking the partitions of % failed: %', table_name, sqlerrm;
+      partition_name := null;
+      action := 'failed';
+      detail := sqlerrm;
+      return next;
+    end;
+    detail := null;
 
     if v_table.retention_months is not null then
       v_cutoff := (date_trunc('month', now() at time zone 'UTC')
         - make_interval(months => v_table.retention_months))::timestamp at time zone 'UTC';
       for v_part in
         select r.partition_name
-        from private.registered_partitions(array[table_name::regclass::oid]) r
+        from private.registered_partitions(array[v_parent]) r
         -- (DEFAULT has no upper bound)
         where r.level = 1 and r.to_at <= v_cutoff
+        order by r.from_at
       loop
         partition_name := v_part.partition_name;
         begin
@@ -741,33 +902,106 @@ begin
         exception
           when lock_not_available then
             action := 'skipped';
+          when others then
+            raise warning 'maintain_partitions: detaching % of % failed: %', partition_name,
+              table_name, sqlerrm;
+            action := 'failed';
+            detail := sqlerrm;
         end;
         return next;
+        detail := null;
       end loop;
     end if;
   end loop;
 end;
 $$;
 
--- Timestamps present in a table's DEFAULT partition (a set-returning helper so
--- maintain_partitions can union them with the months ahead).
-create or replace function private.default_partition_timestamps(p_schema text, p_table text)
-returns table (created_at timestamptz)
+revoke all on function public.maintain_partitions(boolean) from public, anon, authenticated;
+grant execute on function public.maintain_partitions(boolean) to service_role;
+
+-- The months with rows waiting in DEFAULT, of every registered table, in the
+-- order maintenance moves them: what a run with p_move_backlog false leaves
+-- to maintain_partition_month.
+create or replace function public.partition_backlog()
+returns table (table_name text, partition_name text, month date, rows bigint)
 language plpgsql
-stable
+security definer
 set search_path = ''
+set timezone = 'UTC'
 as $$
+declare
+  v_table record;
 begin
-  return query execute format(
-    'select distinct date_trunc(''month'', created_at at time zone ''UTC'') at time zone ''UTC''
-     from %I.%I',
-    p_schema, p_table || '_default'
-  );
+  for v_table in
+    select t.* from private.partitioned_tables t
+    where to_regclass(format('%I.%I', t.schema_name, t.table_name)) is not null
+    order by t.schema_name, t.table_name
+  loop
+    return query
+      select format('%I.%I', v_table.schema_name, v_table.table_name),
+             format('%s_%s', v_table.table_name, to_char(d.month, 'YYYY_MM')), d.month, d.rows
+      from private.default_months(v_table.schema_name, v_table.table_name) d;
+  end loop;
 end;
 $$;
 
-revoke all on function public.maintain_partitions() from public, anon, authenticated;
-grant execute on function public.maintain_partitions() to service_role;
+revoke all on function public.partition_backlog() from public, anon, authenticated;
+grant execute on function public.partition_backlog() to service_role;
+
+-- Makes one month of one registered table (p_table_name as maintenance names
+-- it, schema-qualified), moving its rows out of DEFAULT, in the caller's
+-- transaction: the HTTP route's unit of backlog, so that a big backlog moves
+-- a month per transaction, each within the statement timeout, and what one
+-- move leaves undone (a timeout, busy locks) holds up no other month. The
+-- month's action as maintain_partitions reports it; no row when it is there
+-- already, or when it is neither ahead nor waiting in DEFAULT. An unknown
+-- table is 404 table_not_found; a missing month, or one outside years
+-- 1000-9999, 400 invalid_month.
+create or replace function public.maintain_partition_month(p_table_name text, p_month date)
+returns table (table_name text, partition_name text, action text, rows_moved bigint,
+               detail text)
+language plpgsql
+security definer
+set search_path = ''
+set timezone = 'UTC'
+as $$
+declare
+  v_table private.partitioned_tables;
+  v_month date := date_trunc('month', p_month::timestamp)::date;
+begin
+  select t.* into v_table from private.partitioned_tables t
+  where format('%I.%I', t.schema_name, t.table_name) = p_table_name
+    and to_regclass(p_table_name) is not null;
+  if not found then
+    perform private.raise_error(404, 'table_not_found',
+      'table_name must name a table partition maintenance keeps, as schema.table');
+  end if;
+  if v_month is null or extract(year from v_month) not between 1000 and 9999 then
+    perform private.raise_error(400, 'invalid_month', 'month must be a date in years 1000-9999');
+  end if;
+
+  -- only what a pass would make: a month with rows waiting, or one ahead
+  -- (an empty month anywhere else is a partition nobody needs)
+  if v_month not between date_trunc('month', now() at time zone 'UTC')::date
+       and (date_trunc('month', now() at time zone 'UTC')
+            + make_interval(months => v_table.months_ahead))::date
+     and not private.default_has_rows(v_table.schema_name, v_table.table_name,
+       v_month::timestamp at time zone 'UTC',
+       (v_month + interval '1 month')::timestamp at time zone 'UTC')
+  then
+    return;
+  end if;
+
+  table_name := p_table_name;
+  partition_name := format('%s_%s', v_table.table_name, to_char(v_month, 'YYYY_MM'));
+  return query
+    select table_name, partition_name, m.action, m.rows_moved, m.detail
+    from private.maintain_month(v_table.schema_name, v_table.table_name, v_month, '500ms', true) m;
+end;
+$$;
+
+revoke all on function public.maintain_partition_month(text, date) from public, anon, authenticated;
+grant execute on function public.maintain_partition_month(text, date) to service_role;
 
 -- -----------------------------------------------------------------------------
 -- Scheduling

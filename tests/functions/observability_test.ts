@@ -408,6 +408,8 @@ dbTest("the maintenance route moves DEFAULT rows into new partitions", async () 
   });
   assert.equal(res.status, 200, JSON.stringify(res.body));
   assert.ok(res.body.actions.some((a: { rows_moved: number }) => a.rows_moved === 1));
+  assert.equal(res.body.stopped, "drained");
+  assert.deepEqual(res.body.remaining, []);
   const [row] = await db.sql`select count(*)::int as n from public.system_metrics_default`;
   assert.equal(row.n, 0);
   const user = await createUser(db);
@@ -415,4 +417,21 @@ dbTest("the maintenance route moves DEFAULT rows into new partitions", async () 
     await call(app, "POST", "/observability/maintenance", { token: await userToken(user) }),
     403,
   );
+});
+
+dbTest("the maintenance route refuses a malformed body", async () => {
+  const token = await serviceToken();
+  const bodies = [
+    { budget_ms: 0 },
+    { budget_ms: 600_000 },
+    { budget_ms: "1000" },
+    { budget_ms: 1000.5 },
+    { budgetMs: 1000 },
+    [],
+    "not json",
+  ];
+  for (const body of bodies) {
+    const res = await call(app, "POST", "/observability/maintenance", { token, body });
+    expectError(res, 400);
+  }
 });

@@ -2,8 +2,15 @@
 // writers keep inserting rows dated in months that have no partition yet.
 import assert from "node:assert/strict";
 import postgres from "postgres";
-import { ADMIN_URL, dbTest, freshDatabase } from "../support/harness.ts";
+import {
+  ADMIN_URL,
+  dbTest,
+  freshDatabase,
+  serviceToken,
+  startLocalApi,
+} from "../support/harness.ts";
 import { SCHEDULES } from "../../scripts/schedules.ts";
+import { resetEnv } from "../../shared/env.ts";
 
 const db = await freshDatabase();
 
@@ -336,6 +343,132 @@ dbTest(
       assert.match(job.command, /public\.maintain_partitions\(\)/);
     } finally {
       await admin.end();
+    }
+  },
+);
+
+// The maintenance route, as the local scheduler calls it, under a short
+// statement timeout and with more rows in DEFAULT than one statement moves
+// within it. It ran the whole pass as one statement: cancelled (503), it
+// rolled back everything, the months ahead too, so next month's rows went on
+// piling up in DEFAULT. Now the months ahead are made first and committed,
+// and the backlog moves a month at a time, each in its own transaction.
+dbTest(
+  "HTTP maintenance under a short statement timeout makes the months ahead and drains a big backlog",
+  async () => {
+    Deno.env.set("DB_STATEMENT_TIMEOUT_MS", "1500");
+    resetEnv();
+    const api = await startLocalApi();
+    try {
+      // next month's partitions missing, as if no run had made them yet
+      const [{ next, next_start }] = await db.sql`
+      select to_char(m, 'YYYY_MM') as next, (m at time zone 'UTC')::text as next_start
+      from (select date_trunc('month', now() at time zone 'UTC') + interval '1 month' as m) n`;
+      await db.sql.unsafe(`drop table public.system_metrics_${next};
+                         drop table public.system_audit_logs_${next}`);
+      // 300,000 rows in DEFAULT: 1,000 of next month, the rest over 30 months far ahead
+      await db.sql`
+      insert into public.system_metrics (service_name, metric_type, metric_name, value, created_at)
+      select 'api', 'gauge', 'backlog', g,
+             case when g <= 1000 then ${next_start}::timestamptz + make_interval(secs => g)
+                  else '2040-01-01 00:00+00'::timestamptz + make_interval(months => g % 30)
+                       + make_interval(secs => g % 86400) end
+      from generate_series(1, 300000) g`;
+      const count = async () =>
+        (await db.sql`select count(*)::int as n, sum(value)::bigint as s from public.system_metrics
+                    where metric_name = 'backlog'`)[0];
+      const before = await count();
+      const token = await serviceToken();
+      const maintain = async (body: unknown) => {
+        const res = await fetch(`${api.url}/functions/v1/observability/maintenance`, {
+          method: "POST",
+          headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
+          body: JSON.stringify(body),
+        });
+        const answer = await res.json();
+        assert.equal(res.status, 200, JSON.stringify(answer));
+        return answer;
+      };
+
+      // a small budget: the first call moves what it can and says what remains
+      const first = await maintain({ budget_ms: 100 });
+      assert.equal(first.stopped, "budget");
+      assert.ok(first.remaining.length > 0, "months remain for the next call");
+      for (const r of first.remaining) {
+        assert.equal(r.table_name, "public.system_metrics");
+        assert.match(r.partition_name, /^system_metrics_204[0-2]_\d\d$/);
+        assert.ok(r.rows > 0);
+      }
+      const made = (table: string) =>
+        first.actions.find((a: { partition_name: string; action: string }) =>
+          a.partition_name === `${table}_${next}` && a.action === "created"
+        )?.rows_moved;
+      assert.equal(made("system_audit_logs"), 0, "next month's audit partition was made");
+      assert.equal(made("system_metrics"), 1000, "next month's metrics moved out of DEFAULT");
+      const [{ attached }] = await db.sql`
+      select count(*)::int as attached from pg_inherits
+      where inhrelid in (${"public.system_metrics_" + next}::regclass,
+                         ${"public.system_audit_logs_" + next}::regclass)`;
+      assert.equal(attached, 2, "next month's partitions are attached");
+
+      // the next calls drain the rest; no row is lost or doubled
+      let last = first;
+      for (let i = 0; i < 30 && last.stopped !== "drained"; i++) last = await maintain({});
+      assert.equal(last.stopped, "drained");
+      assert.deepEqual(last.remaining, []);
+      assert.deepEqual(await count(), before);
+      const [{ left }] = await db
+        .sql`select count(*)::int as left from public.system_metrics_default`;
+      assert.equal(left, 0);
+    } finally {
+      await api.close();
+      Deno.env.delete("DB_STATEMENT_TIMEOUT_MS");
+      resetEnv();
+    }
+  },
+);
+
+dbTest(
+  "HTTP maintenance reports a month too big for the statement timeout and moves the rest",
+  async () => {
+    Deno.env.set("DB_STATEMENT_TIMEOUT_MS", "400");
+    resetEnv();
+    const api = await startLocalApi();
+    try {
+      // one month far too big to move within 400 ms, and a small one after it
+      await db.sql`
+      insert into public.system_metrics (service_name, metric_type, metric_name, value, created_at)
+      select 'api', 'gauge', 'big', g, '2045-01-01 00:00+00'::timestamptz + make_interval(secs => g)
+      from generate_series(1, 150000) g
+      union all
+      select 'api', 'gauge', 'small', 1, '2045-02-10 00:00+00'`;
+      const res = await fetch(`${api.url}/functions/v1/observability/maintenance`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${await serviceToken()}` },
+      });
+      const answer = await res.json();
+      assert.equal(res.status, 200, JSON.stringify(answer));
+      const of = (name: string) =>
+        answer.actions.filter((a: { partition_name: string }) => a.partition_name === name)
+          .map((a: { action: string; rows_moved: number }) => [a.action, a.rows_moved]);
+      assert.deepEqual(of("system_metrics_2045_01"), [["failed", 0]]);
+      assert.deepEqual(of("system_metrics_2045_02"), [["created", 1]]);
+      assert.deepEqual(answer.remaining, [
+        {
+          table_name: "public.system_metrics",
+          partition_name: "system_metrics_2045_01",
+          rows: 150000,
+        },
+      ]);
+      assert.equal(answer.stopped, "drained");
+      // pg_cron's run, with no statement timeout, moves it whole
+      const moved = await db.sql`select action, rows_moved::int from public.maintain_partitions()
+                               where partition_name = 'system_metrics_2045_01'`;
+      assert.deepEqual(moved.map((a) => [a.action, a.rows_moved]), [["created", 150000]]);
+    } finally {
+      await api.close();
+      Deno.env.delete("DB_STATEMENT_TIMEOUT_MS");
+      resetEnv();
     }
   },
 );
