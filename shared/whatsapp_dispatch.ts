@@ -61,10 +61,13 @@ export interface DispatchReport {
 /**
  * Throttling: stop sending for a while and put the messages back without
  * spending an attempt (a spell of throttling must not dead-letter a backlog).
+ * So is 131057, the business account in maintenance mode (Meta names a
+ * throughput upgrade as one cause): it passes, and meanwhile every send
+ * would fail alike.
  */
-const THROTTLED = new Set([4, 80007, 130429, 131048, 131056]);
-/** Meta-side trouble that is worth another try. */
-const TRANSIENT = new Set([1, 2, 131000, 131016]);
+const THROTTLED = new Set([4, 80007, 130429, 131048, 131056, 131057]);
+/** Meta-side trouble that is worth another try (133004: server temporarily unavailable). */
+const TRANSIENT = new Set([1, 2, 131000, 131016, 133004]);
 /** The token is expired or invalid: stop sending, alert, keep the messages. */
 const TOKEN = new Set([0, 190]);
 /**

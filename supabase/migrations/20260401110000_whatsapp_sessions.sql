@@ -85,8 +85,8 @@ immutable
 set search_path = ''
 as $$
   select p_status = 'failed' and p_attempts < p_max_attempts
-     and coalesce(p_error_code in ('130429', '131056', '131048', '80007', '4',
-                                   '131000', '131016', '1', '2'), false)
+     and coalesce(p_error_code in ('130429', '131056', '131048', '80007', '4', '131057',
+                                   '131000', '131016', '133004', '1', '2'), false)
 $$;
 
 -- When a message such a status put back goes out again: 2 s, doubling with
@@ -813,6 +813,22 @@ $$;
 --
 -- Inbound messages are stored once per wamid and update the sender's session
 -- once; statuses move queue rows forward only.
+--
+-- At most 5,000 items a call, the four arrays together, so one statement's
+-- cost stays bounded. The webhook stores a larger delivery in several calls,
+-- each its own transaction, and answers 200 only once all are stored: a call
+-- that fails leaves those before it committed, and Meta's retry of the whole
+-- delivery repeats them. That is safe because a call applied twice changes
+-- nothing the second time: a message is stored only if its wamid is new
+-- (whatsapp_inbound_wamids), and only a stored one counts on its sender's
+-- session; a status is kept once per (wamid, status) and moves a queue row
+-- only forward (read, delivered and sent never go back; failed only from
+-- processing or sent; one that put the message back cleared its wamid, so
+-- it matches no row again); a contact sets the display name it set before
+-- (a later delivery's name is set back, as by any replay of an old one).
+-- Only the whatsapp.webhook.error metrics of p_errors are counted again, as
+-- for any delivery Meta sends twice. A webhook keeps a message's statuses in
+-- one call, so the furthest of them wins as it would in a single call.
 -- -----------------------------------------------------------------------------
 create or replace function public.ingest_whatsapp_events(
   p_messages jsonb default '[]'::jsonb,
@@ -835,8 +851,10 @@ begin
      or jsonb_typeof(coalesce(p_contacts, '[]')) <> 'array' or jsonb_typeof(coalesce(p_errors, '[]')) <> 'array' then
     perform private.raise_error(400, 'invalid_events', 'messages, statuses, contacts and errors must be arrays');
   end if;
-  if jsonb_array_length(coalesce(p_messages, '[]')) + jsonb_array_length(coalesce(p_statuses, '[]')) > 5000 then
-    perform private.raise_error(413, 'too_many_events', 'at most 5000 events per delivery');
+  if jsonb_array_length(coalesce(p_messages, '[]')) + jsonb_array_length(coalesce(p_statuses, '[]'))
+     + jsonb_array_length(coalesce(p_contacts, '[]')) + jsonb_array_length(coalesce(p_errors, '[]')) > 5000 then
+    perform private.raise_error(413, 'too_many_events',
+      'at most 5000 messages, statuses, contacts and errors per call');
   end if;
 
   select e ->> 'from_phone' into v_bad
@@ -856,6 +874,23 @@ begin
   -- with the record of that send.
   perform private.lock_key_buckets('whatsapp/wamid', array(
     select x ->> 'wamid' from jsonb_array_elements(coalesce(p_statuses, '[]')) x));
+
+  -- Every session row this call may write (its contacts' and its senders',
+  -- of duplicates too), locked in one statement in phone order, and made here
+  -- when new, as complete_whatsapp_messages takes its own: each statement
+  -- below locks in phone order too, but contacts and then senders, one
+  -- statement after the other, could take two sessions in the opposite order
+  -- to another call's (a deadlock). The update that does nothing only locks;
+  -- the statements below fill a row made here as they would have made it.
+  insert into public.whatsapp_sessions (phone_number)
+  select p.phone from (
+    select x.phone from jsonb_to_recordset(coalesce(p_contacts, '[]')) as x(phone text, display_name text)
+    where x.phone ~ '^\+[1-9][0-9]{6,14}$' and x.display_name is not null
+    union
+    select m ->> 'from_phone' from jsonb_array_elements(coalesce(p_messages, '[]')) m
+  ) p
+  order by p.phone
+  on conflict (phone_number) do update set phone_number = excluded.phone_number where false;
 
   -- contacts: the sender's profile name
   with c as (
@@ -1328,6 +1363,26 @@ begin
   -- as the ingest takes them
   perform private.lock_key_buckets('whatsapp/wamid', array(
     select e ->> 'wamid' from jsonb_array_elements(p_results) e where e ->> 'outcome' = 'sent'));
+
+  -- Every session row this call may write, locked in one statement in phone
+  -- order, and made here when new, as the ingest takes its own: the sends'
+  -- recipients and then each failure group's, one statement after the other,
+  -- could take two sessions in the opposite order to another call's (a
+  -- deadlock). They are the recipients of the sends it records and of the
+  -- messages it fails for good (failed, or a retry on the last attempt), as
+  -- far as the unlocked rows tell: one that changes meanwhile costs a lock,
+  -- or an empty session. The update that does nothing only locks.
+  insert into public.whatsapp_sessions (phone_number)
+  select distinct q.recipient_phone
+  from private.whatsapp_results(p_results) r
+  join public.whatsapp_message_queue q on q.id = r.id
+  where q.id = any(v_ids)
+    and ((r.outcome = 'sent' and q.wamid is null)
+      or (r.outcome in ('retry', 'failed') and q.status = 'processing' and q.lease_token = r.lease_token
+          and (r.outcome = 'failed' or q.attempts >= q.max_attempts)))
+  order by q.recipient_phone
+  on conflict (phone_number) do update set phone_number = excluded.phone_number where false;
+
   with results as materialized (select * from private.whatsapp_results(p_results)),
   upd as (
     update public.whatsapp_message_queue q set

@@ -3,7 +3,7 @@
 -- sessions, secrets, inbound messages, statuses and the queue
 -- (anon, two users matched by their phone claim, a user without one, service_role).
 begin;
-select plan(99);
+select plan(103);
 
 -- the spec's examples, verbatim
 select ok(public.enqueue_whatsapp_message(
@@ -182,6 +182,25 @@ select public.ingest_whatsapp_events(p_statuses := '[{"wamid": "wamid.out-3b", "
   "error_code": "131056"}]');
 select is((select status || ':' || error_code from public.whatsapp_message_queue where id = (select id from out3)),
   'failed:131056', 'out of attempts it fails for good');
+-- Meta's passing faults the webhook may report: the account in maintenance
+-- mode (a throughput upgrade) and the server temporarily unavailable
+select ok(private.whatsapp_status_requeues('failed', '131057', 1, 5),
+  'a send failed for the account''s maintenance mode goes again');
+select ok(private.whatsapp_status_requeues('failed', '133004', 1, 5),
+  'a send failed for a server temporarily unavailable goes again');
+
+-- at most 5,000 events a call, of every kind together: the cost of one
+-- statement stays bounded (the webhook splits a larger delivery)
+select throws_ok($$select public.ingest_whatsapp_events(
+  p_statuses := (select jsonb_agg(jsonb_build_object('wamid', 'wamid.cap-' || g, 'status', 'sent'))
+                 from generate_series(1, 4000) g),
+  p_contacts := (select jsonb_agg(jsonb_build_object('phone', '+25079900' || lpad(g::text, 4, '0'),
+                                                     'display_name', 'Cap'))
+                 from generate_series(1, 1001) g))$$,
+  'PT413', 'too_many_events', 'contacts count toward the cap');
+select throws_ok($$select public.ingest_whatsapp_events(
+  p_errors := (select jsonb_agg(jsonb_build_object('code', 131000)) from generate_series(1, 5001) g))$$,
+  'PT413', 'too_many_events', 'and so do errors');
 select throws_ok($$select public.cancel_whatsapp_message((select id from out_ids where wamid = 'wamid.out-1'))$$,
   'PT409', 'message_not_cancellable', 'a read message cannot be cancelled');
 

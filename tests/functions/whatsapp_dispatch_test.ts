@@ -770,6 +770,13 @@ Deno.test("Cloud API answers are classified as the queue needs them", () => {
     [500, 131000, "retry"],
     [503, undefined, "retry"],
     [502, 2, "retry"],
+    // Meta's server temporarily unavailable: the code decides, whatever the status
+    [503, 133004, "retry"],
+    [400, 133004, "retry"],
+    // the account in maintenance mode (a throughput upgrade; Meta answers 500):
+    // every send would fail alike, so the number pauses and no attempt is spent
+    [500, 131057, "throttle"],
+    [400, 131057, "throttle"],
     [400, 131026, "failed"],
     [400, 131047, "failed"],
     [400, 100, "failed"],

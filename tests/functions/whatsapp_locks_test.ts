@@ -167,3 +167,157 @@ dbTest(
     }
   },
 );
+
+// --- session rows: every call takes all of its own in one statement --------------
+//
+// Each statement locks its session rows in phone order, but a call of several
+// statements (the ingest: contacts, then senders; the completion: recipients
+// of sends, then of each failure group) could take two sessions in opposite
+// orders to another call's. The interleavings below force that: a third
+// transaction holds the completion's failed message, so it stops between its
+// two statements.
+
+/** The webhook's ingest, as the service role: messages from `from`, contacts of `names`. */
+function ingestFrom(sql: postgres.Sql, from: string, names: string[]) {
+  return sql.begin(async (tx) => {
+    await tx`set local role service_role`;
+    await tx`select public.ingest_whatsapp_events(
+      p_messages := ${
+      tx.json([{
+        wamid: wamid(),
+        from_phone: from,
+        message_type: "text",
+        sent_at: new Date().toISOString(),
+        text_body: "where are you?",
+        payload: { type: "text", text: { body: "where are you?" } },
+      }])
+    },
+      p_contacts := ${tx.json(names.map((phone) => ({ phone, display_name: "Rider" })))})`;
+  });
+}
+
+type Result = { id: number; lease_token: string; outcome: string; wamid?: string };
+
+/** A dispatcher's record of several outcomes. */
+function completeAll(sql: postgres.Sql, business: string, results: Result[]) {
+  return sql.begin(async (tx) => {
+    await tx`set local role service_role`;
+    await tx`select public.complete_whatsapp_messages('locks', ${business}, ${
+      tx.json(results.map((r) => ({ error_code: "131026", duration_ms: 1, ...r })))
+    })`;
+  });
+}
+
+/** A wamid whose lock bucket (private.lock_key_buckets) is not that of `other`. */
+async function wamidBesides(other: string): Promise<string> {
+  for (;;) {
+    const w = wamid();
+    const [{ same }] = await db
+      .sql`select (hashtext(${w}) & 63) = (hashtext(${other}) & 63) as same`;
+    if (!same) return w;
+  }
+}
+
+/**
+ * Runs `first`, which stops on the locked message `held`, then `second`,
+ * until it waits too; then lets `first` go. Returns both calls' errors.
+ */
+async function interleaved(
+  held: number,
+  first: (sql: postgres.Sql) => Promise<unknown>,
+  second: (sql: postgres.Sql) => Promise<unknown>,
+): Promise<string[]> {
+  const [a, b] = [await connection(), await connection()];
+  const holder = await db.sql.reserve();
+  try {
+    const [pidA, pidB] = [await pidOf(a), await pidOf(b)];
+    await holder`begin`;
+    await holder`select 1 from public.whatsapp_message_queue where id = ${held} for update`;
+    const one = first(a);
+    await waitsOnLock(pidA);
+    const two = second(b);
+    await waitsOnLock(pidB);
+    await holder`commit`;
+    return failures(await Promise.allSettled([one, two]));
+  } finally {
+    holder.release();
+    await Promise.all([a.end(), b.end()]);
+  }
+}
+
+dbTest("a completion and an ingest touching the same two sessions do not deadlock", async () => {
+  const [alice, bob] = [phone(), phone()];
+  const sent = await claimedMessage(alice, "biz-locks-2a");
+  const failed = await claimedMessage(bob, "biz-locks-2b");
+  const w = wamid();
+  // the completion records alice's send (her session), then stops on bob's
+  // failed message; the ingest, a message from alice with bob's contact, takes
+  // bob's session and then waits for alice's
+  const errors = await interleaved(
+    failed.id,
+    (sql) =>
+      completeAll(sql, "biz-locks-2a", [
+        { ...sent, outcome: "sent", wamid: w },
+        { ...failed, outcome: "failed" },
+      ]),
+    (sql) => ingestFrom(sql, alice, [bob]),
+  );
+  assert.deepEqual(errors, [], "no deadlock");
+  const sessions = await db.sql`select phone_number, message_count::int as sent_or_received,
+                                       error_count::int as errors, display_name
+                                from public.whatsapp_sessions
+                                where phone_number in (${alice}, ${bob}) order by phone_number`;
+  const by = new Map(sessions.map((s) => [s.phone_number, s]));
+  assert.deepEqual(
+    [by.get(alice)?.sent_or_received, by.get(bob)?.errors, by.get(bob)?.display_name],
+    [2, 1, "Rider"],
+  );
+});
+
+dbTest("two completions touching the same two sessions do not deadlock", async () => {
+  const [alice, bob] = [phone(), phone()];
+  for (const p of [alice, bob]) {
+    await db.sql`select public.update_whatsapp_session_activity(p_phone_number := ${p},
+                   p_inbound_at := now())`;
+  }
+  // Two messages in flight to each (a lease that ran out while its send was
+  // out, claimed again by another dispatcher): made directly, as the claim
+  // hands out one per recipient at a time.
+  const inFlight = async (to: string) => {
+    const [row] = await db.sql`
+      insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload,
+        status, attempts, lease_token, locked_by, locked_at, visible_at)
+      values (${to}, 'text', '{"body": "hi", "preview_url": false}', 'processing', 1,
+              gen_random_uuid(), 'locks', now(), now() + interval '1 minute')
+      returning id, lease_token`;
+    return row as { id: number; lease_token: string };
+  };
+  const [toAlice1, toBob1, toBob2, toAlice2] = [
+    await inFlight(alice),
+    await inFlight(bob),
+    await inFlight(bob),
+    await inFlight(alice),
+  ];
+  const w1 = wamid();
+  const w2 = await wamidBesides(w1);
+  // the first records alice's send and stops on bob's failed message; the
+  // second records bob's send and alice's failure: bob's session, then alice's
+  const errors = await interleaved(
+    toBob1.id,
+    (sql) =>
+      completeAll(sql, "biz-locks-3", [
+        { ...toAlice1, outcome: "sent", wamid: w1 },
+        { ...toBob1, outcome: "failed" },
+      ]),
+    (sql) =>
+      completeAll(sql, "biz-locks-3", [
+        { ...toBob2, outcome: "sent", wamid: w2 },
+        { ...toAlice2, outcome: "failed" },
+      ]),
+  );
+  assert.deepEqual(errors, [], "no deadlock");
+  const sessions = await db.sql`select message_count::int as sent, error_count::int as errors
+                                from public.whatsapp_sessions
+                                where phone_number in (${alice}, ${bob}) order by phone_number`;
+  assert.deepEqual(sessions.map((s) => [s.sent, s.errors]), [[1, 1], [1, 1]]);
+});

@@ -7,6 +7,7 @@ import {
   dbTest,
   expectError,
   freshDatabase,
+  startLocalApi,
   userToken,
 } from "../support/harness.ts";
 import { configureWhatsApp } from "../support/fake_whatsapp.ts";
@@ -481,3 +482,167 @@ dbTest("a message nested thousands of levels deep is kept without its body", asy
     });
   }
 });
+
+// --- deliveries of more events than one ingest call takes -----------------------
+
+/** Posts a signed body over real HTTP, as Meta does. */
+async function postHttp(url: string, body: string) {
+  const res = await fetch(`${url}/functions/v1/whatsapp-webhook`, {
+    method: "POST",
+    headers: {
+      "content-type": "application/json",
+      "x-hub-signature-256": signWebhook(body, SECRET),
+    },
+    body,
+  });
+  return { status: res.status, body: await res.json() };
+}
+
+/**
+ * A delivery of 6,110 statuses and 50 messages from 5 senders with their
+ * contacts (6,165 events; public.ingest_whatsapp_events takes 5,000 a call): 2,000 sent
+ * messages reported delivered and then read, 10 more reported failed early in
+ * the delivery and delivered at its end, 2,090 statuses of messages the queue
+ * does not know.
+ */
+async function manyEvents(tag: string) {
+  const to = phone();
+  const known = await db.sql`
+    insert into public.whatsapp_message_queue (recipient_phone, message_type, message_payload, status, wamid, sent_at)
+    select ${"+" + to}, 'text', '{"body": "hi", "preview_url": false}', 'sent',
+           ${`wamid.${tag}-`} || g, now()
+    from generate_series(1, 2010) g
+    returning id, wamid`;
+  const wamids = known.map((r) => r.wamid as string);
+  const [readOnes, flipped] = [wamids.slice(0, 2000), wamids.slice(2000)];
+  const ts = String(Math.floor(Date.now() / 1000));
+  const status = (id: string, s: string, errors?: unknown) => ({
+    id,
+    status: s,
+    timestamp: ts,
+    recipient_id: to,
+    ...(errors ? { errors } : {}),
+  });
+  const undeliverable = [{ code: 131026, title: "Message undeliverable" }];
+  const statuses = [
+    ...flipped.map((w) => status(w, "failed", undeliverable)),
+    ...readOnes.map((w) => status(w, "delivered")),
+    ...Array.from({ length: 2090 }, (_, i) => status(`wamid.${tag}-unknown-${i}`, "sent")),
+    ...readOnes.map((w) => status(w, "read")),
+    ...flipped.map((w) => status(w, "delivered")),
+  ];
+  const senders = Array.from({ length: 5 }, () => phone());
+  const messages = Array.from({ length: 50 }, (_, i) => ({
+    from: senders[i % 5],
+    id: wamid(),
+    timestamp: ts,
+    ...textMessage(`message ${i}`),
+  }));
+  const contacts = senders.map((s, i) => ({ profile: { name: `Sender ${i}` }, wa_id: s }));
+  const body = JSON.stringify(webhook({ contacts, messages, statuses }));
+  return { body, to, known, readOnes, flipped, senders, messages, statuses };
+}
+
+/** What a delivery from manyEvents left in the database. */
+async function storedOf(d: Awaited<ReturnType<typeof manyEvents>>) {
+  const [{ inbound }] = await db.sql`select count(*)::int as inbound
+    from public.whatsapp_inbound_messages where wamid = any(${d.messages.map((m) => m.id)})`;
+  const [{ events }] = await db.sql`select count(*)::int as events
+    from public.whatsapp_message_statuses where wamid = any(${[
+    ...new Set(d.statuses.map((s) => s.id)),
+  ]})`;
+  const queue = await db.sql`select status, count(*)::int as n from public.whatsapp_message_queue
+    where id = any(${d.known.map((r) => r.id)}) group by status order by status`;
+  const sessions = await db.sql`select phone_number, display_name, message_count::int as n
+    from public.whatsapp_sessions where phone_number = any(${d.senders.map((s) => "+" + s)})
+    order by phone_number`;
+  return { inbound, events, queue: [...queue], sessions: [...sessions] };
+}
+
+/** What a delivery from manyEvents should leave, stored once whatever the calls. */
+function wantStored(d: Awaited<ReturnType<typeof manyEvents>>) {
+  return {
+    inbound: 50,
+    events: 6110,
+    queue: [{ status: "delivered", n: 10 }, { status: "read", n: 2000 }],
+    sessions: d.senders.map((s, i) => ({
+      phone_number: "+" + s,
+      display_name: `Sender ${i}`,
+      n: 10,
+    })).sort((a, b) => a.phone_number < b.phone_number ? -1 : 1),
+  };
+}
+
+// Meta refuses nothing it signed for its count, and retries a refused delivery
+// for days before dropping it: one within the byte limit is stored whole,
+// however many events it holds, each once.
+dbTest("a delivery of more events than one ingest call takes is stored, each once", async () => {
+  const d = await manyEvents("bulk");
+  assert.ok(d.body.length < whatsappConfig().WHATSAPP_WEBHOOK_MAX_BYTES, String(d.body.length));
+  const api = await startLocalApi();
+  try {
+    const res = await postHttp(api.url, d.body);
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    assert.equal(res.body.messages_received, 50);
+    assert.equal(res.body.messages_stored, 50);
+    assert.equal(res.body.statuses_received, 6110);
+    // one move per known message: a message's statuses are applied together,
+    // as in a single call
+    assert.equal(res.body.statuses_applied, 2010);
+    // delivered after failed in the same delivery: the furthest wins
+    assert.deepEqual(await storedOf(d), wantStored(d));
+
+    // Meta's retry of the same delivery: nothing new
+    const again = await postHttp(api.url, d.body);
+    assert.equal(again.status, 200, JSON.stringify(again.body));
+    assert.equal(again.body.messages_stored, 0);
+    assert.equal(again.body.duplicates, 50);
+    assert.equal(again.body.statuses_applied, 0);
+    assert.deepEqual(await storedOf(d), wantStored(d));
+  } finally {
+    await api.close();
+  }
+});
+
+// Each part of a large delivery is its own transaction: one that fails leaves
+// the parts before it stored and answers 5xx, so Meta retries the delivery,
+// and the retry stores the rest and nothing twice.
+dbTest(
+  "a large delivery that fails part way is a 5xx, and its retry completes it once",
+  async () => {
+    const d = await manyEvents("partial");
+    // a fault the database raises on the last status of a message the queue
+    // does not know (the delivery's last part)
+    const last = "wamid.partial-unknown-2089";
+    await db.sql.unsafe(`
+    create function public.test_fail_status() returns trigger language plpgsql as $$
+    begin
+      if new.wamid = '${last}' then raise exception 'injected fault'; end if;
+      return new;
+    end $$;
+    grant execute on function public.test_fail_status() to service_role;
+    create trigger test_fail_status before insert on public.whatsapp_message_statuses
+      for each row execute function public.test_fail_status();`);
+    const api = await startLocalApi();
+    try {
+      const res = await postHttp(api.url, d.body);
+      assert.ok(res.status >= 500, JSON.stringify(res.body));
+      const partly = await storedOf(d);
+      assert.equal(partly.inbound, 50, "the first part (messages first) was stored");
+      assert.ok(partly.events > 0 && partly.events < 6110, String(partly.events));
+
+      await db.sql.unsafe(`drop trigger test_fail_status on public.whatsapp_message_statuses;
+                         drop function public.test_fail_status();`);
+      const retried = await postHttp(api.url, d.body);
+      assert.equal(retried.status, 200, JSON.stringify(retried.body));
+      assert.equal(retried.body.messages_stored, 0);
+      assert.deepEqual(await storedOf(d), wantStored(d));
+    } finally {
+      await api.close();
+      await db.sql.unsafe(
+        `drop trigger if exists test_fail_status on public.whatsapp_message_statuses;
+                         drop function if exists public.test_fail_status();`,
+      );
+    }
+  },
+);

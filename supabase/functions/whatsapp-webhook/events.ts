@@ -226,3 +226,46 @@ export function parseWebhook(body: unknown, mayNeedScrub = true): Events {
   }
   return out;
 }
+
+/** The per-call cap of public.ingest_whatsapp_events (messages, statuses, contacts and errors together). */
+export const INGEST_MAX_EVENTS = 5000;
+
+/** The rows of one ingest call. */
+export type Batch = Omit<Events, "ignored">;
+
+/**
+ * Splits a delivery into ingest calls of at most `max` rows: Meta signs
+ * deliveries of any count within the byte limit, and one it is refused is
+ * retried for days and then dropped. Contacts go first (a sender's session
+ * gets its name as it is made), errors last; a message's statuses stay in one
+ * call, so the furthest of them wins as it would in a single call (only a
+ * message with more than `max` statuses, all of them repeats, is cut).
+ */
+export function batches(events: Events, max = INGEST_MAX_EVENTS): Batch[] {
+  const out: Batch[] = [];
+  let batch: Batch = { messages: [], statuses: [], contacts: [], errors: [] };
+  let size = 0;
+  /** Starts a new batch unless `n` more rows fit in this one. */
+  const room = (n: number) => {
+    if (size > 0 && size + n > max) {
+      out.push(batch);
+      batch = { messages: [], statuses: [], contacts: [], errors: [] };
+      size = 0;
+    }
+  };
+  const add = <K extends keyof Batch>(kind: K, row: Batch[K][number]) => {
+    room(1);
+    (batch[kind] as Batch[K][number][]).push(row);
+    size++;
+  };
+  for (const c of events.contacts) add("contacts", c);
+  for (const m of events.messages) add("messages", m);
+  const byMessage = Map.groupBy(events.statuses, (s) => s.wamid);
+  for (const statuses of byMessage.values()) {
+    room(statuses.length);
+    for (const s of statuses) add("statuses", s);
+  }
+  for (const e of events.errors) add("errors", e);
+  if (size > 0) out.push(batch);
+  return out;
+}

@@ -7,6 +7,11 @@
 //
 // Events are stored before the 200 (a 200 tells Meta to stop retrying, so
 // answering first could lose them); sending replies happens after the answer.
+// A delivery of more events than one ingest call takes is stored in several,
+// one after the other, each its own transaction: the 200 comes only when all
+// are stored. One that fails is a 5xx, and Meta retries the whole delivery;
+// the parts stored already change nothing the second time (see
+// public.ingest_whatsapp_events).
 import { z } from "zod";
 import { authenticate, requireService } from "../../../shared/auth.ts";
 import { rpc } from "../../../shared/db.ts";
@@ -22,7 +27,7 @@ import {
   whatsappConfig,
 } from "../../../shared/whatsapp.ts";
 import { dispatch, dispatchSoon } from "../../../shared/whatsapp_dispatch.ts";
-import { mayHoldUnstorable, parseWebhook } from "./events.ts";
+import { batches, mayHoldUnstorable, parseWebhook } from "./events.ts";
 
 const dispatchBody = z.object({
   budget_ms: z.number().int().min(100).max(140_000).optional(),
@@ -69,14 +74,16 @@ app.post("/", async (c) => {
     return c.json({ received: true, ignored: events.ignored });
   }
 
-  const [row] = await rpc(SERVICE_PRINCIPAL, correlationId, "public.ingest_whatsapp_events", {
-    messages: events.messages,
-    statuses: events.statuses,
-    contacts: events.contacts,
-    errors: events.errors,
-    correlation_id: correlationId,
-  });
-  const summary = row.ingest_whatsapp_events as Record<string, number>;
+  const summary: Record<string, number> = {};
+  for (const batch of batches(events)) {
+    const [row] = await rpc(SERVICE_PRINCIPAL, correlationId, "public.ingest_whatsapp_events", {
+      ...batch,
+      correlation_id: correlationId,
+    });
+    for (const [key, n] of Object.entries(row.ingest_whatsapp_events as Record<string, number>)) {
+      summary[key] = (summary[key] ?? 0) + n;
+    }
+  }
 
   if (summary.messages_stored > 0) {
     dispatchSoon(correlationId);
