@@ -916,28 +916,32 @@ begin
     if not p_lane_set then
       v_mark := format(v_mark, 'p_lane');
     else
-      -- Each lane asked for, or each lane with rows not yet due (a loose
-      -- index scan).
+      -- One lane (a worker with one handler) directly; else each lane asked
+      -- for, or each lane with rows not yet due (a loose index scan).
       v_mark := format($sql$
-      declare
-        v_mark_lane text;
-      begin
-        for v_mark_lane in
-          select distinct u.lane from unnest(coalesce(p_lane, array(
-            with recursive lanes(lane) as (
-              (select t.%2$I from %1$s t where t.status = 'pending' and not t.due
-               order by t.%2$I limit 1)
-              union all
-              select (select t.%2$I from %1$s t
-                      where t.status = 'pending' and not t.due and t.%2$I > l.lane
-                      order by t.%2$I limit 1)
-              from lanes l where l.lane is not null
-            )
-            select l.lane from lanes l where l.lane is not null))) u(lane)
-        loop
-          %3$s
-        end loop;
-      end;$sql$, p_table, p_lane_column, format(v_mark, 'v_mark_lane'));
+      if cardinality(p_lane) = 1 then
+        %4$s
+      else
+        declare
+          v_mark_lane text;
+        begin
+          for v_mark_lane in
+            select distinct u.lane from unnest(coalesce(p_lane, array(
+              with recursive lanes(lane) as (
+                (select t.%2$I from %1$s t where t.status = 'pending' and not t.due
+                 order by t.%2$I limit 1)
+                union all
+                select (select t.%2$I from %1$s t
+                        where t.status = 'pending' and not t.due and t.%2$I > l.lane
+                        order by t.%2$I limit 1)
+                from lanes l where l.lane is not null
+              )
+              select l.lane from lanes l where l.lane is not null))) u(lane)
+          loop
+            %3$s
+          end loop;
+        end;
+      end if;$sql$, p_table, p_lane_column, format(v_mark, 'v_mark_lane'), format(v_mark, 'p_lane[1]'));
     end if;
     -- Pending again and visible at once: due. Backoffs are never zero, a
     -- base of zero aside.
