@@ -37,8 +37,24 @@ async function claimedMessage(to: string, business: string) {
   return m as { id: number; lease_token: string };
 }
 
-/** The webhook's ingest, as the service role: a message from `from` and a status of `w`. */
-function ingest(sql: postgres.Sql, from: string, w: string) {
+/**
+ * The webhook's ingest, as the service role: a message from `from`, with a
+ * delivered status of the send `delivered` to them, or the given contacts.
+ */
+function ingest(
+  sql: postgres.Sql,
+  from: string,
+  also: { delivered?: string; contacts?: string[] },
+) {
+  const statuses = also.delivered
+    ? [{
+      wamid: also.delivered,
+      status: "delivered",
+      occurred_at: new Date().toISOString(),
+      recipient_phone: from,
+    }]
+    : [];
+  const contacts = (also.contacts ?? []).map((phone) => ({ phone, display_name: "Rider" }));
   return sql.begin(async (tx) => {
     await tx`set local role service_role`;
     await tx`select public.ingest_whatsapp_events(
@@ -52,14 +68,8 @@ function ingest(sql: postgres.Sql, from: string, w: string) {
         payload: { type: "text", text: { body: "I am outside" } },
       }])
     },
-      p_statuses := ${
-      tx.json([{
-        wamid: w,
-        status: "delivered",
-        occurred_at: new Date().toISOString(),
-        recipient_phone: from,
-      }])
-    })`;
+      p_statuses := ${tx.json(statuses)},
+      p_contacts := ${tx.json(contacts)})`;
   });
 }
 
@@ -110,7 +120,7 @@ dbTest("an ingest and a completion queued on one session both finish", async () 
     const [pidA, pidB] = [await pidOf(a), await pidOf(b)];
     await holder`begin`;
     await holder`select 1 from public.whatsapp_sessions where phone_number = ${to} for update`;
-    const ingested = ingest(a, to, w);
+    const ingested = ingest(a, to, { delivered: w });
     await waitsOnLock(pidA);
     const completed = complete(b, "biz-locks-1", m, w);
     await waitsOnLock(pidB);
@@ -153,7 +163,7 @@ dbTest(
           setups.push({ to, business, m: await claimedMessage(to, business), w: wamid() });
         }
         const work = setups.flatMap(({ to, business, m, w }, i) => [
-          ingest(conns[2 * i], to, w),
+          ingest(conns[2 * i], to, { delivered: w }),
           complete(conns[2 * i + 1], business, m, w),
         ]);
         seen.push(...failures(await Promise.allSettled(work)));
@@ -176,25 +186,6 @@ dbTest(
 // orders to another call's. The interleavings below force that: a third
 // transaction holds the completion's failed message, so it stops between its
 // two statements.
-
-/** The webhook's ingest, as the service role: messages from `from`, contacts of `names`. */
-function ingestFrom(sql: postgres.Sql, from: string, names: string[]) {
-  return sql.begin(async (tx) => {
-    await tx`set local role service_role`;
-    await tx`select public.ingest_whatsapp_events(
-      p_messages := ${
-      tx.json([{
-        wamid: wamid(),
-        from_phone: from,
-        message_type: "text",
-        sent_at: new Date().toISOString(),
-        text_body: "where are you?",
-        payload: { type: "text", text: { body: "where are you?" } },
-      }])
-    },
-      p_contacts := ${tx.json(names.map((phone) => ({ phone, display_name: "Rider" })))})`;
-  });
-}
 
 type Result = { id: number; lease_token: string; outcome: string; wamid?: string };
 
@@ -260,7 +251,7 @@ dbTest("a completion and an ingest touching the same two sessions do not deadloc
         { ...sent, outcome: "sent", wamid: w },
         { ...failed, outcome: "failed" },
       ]),
-    (sql) => ingestFrom(sql, alice, [bob]),
+    (sql) => ingest(sql, alice, { contacts: [bob] }),
   );
   assert.deepEqual(errors, [], "no deadlock");
   const sessions = await db.sql`select phone_number, message_count::int as sent_or_received,
