@@ -169,21 +169,18 @@ async function verifyRemote(
   token: string,
   remote: RemoteKeySet,
 ): Promise<{ payload: JWTPayload; trustedUntil: number }> {
-  let set = await remote.fresh();
+  const withSet = async (set: ReadKeySet) => ({
+    payload: await verifyAsymmetric(token, set.keys),
+    trustedUntil: set.at + remote.maxAgeMs,
+  });
+  const set = await remote.fresh();
   try {
-    return {
-      payload: await verifyAsymmetric(token, set.keys),
-      trustedUntil: set.at + remote.maxAgeMs,
-    };
+    return await withSet(set);
   } catch (err) {
     if (!(err instanceof joseErrors.JWKSNoMatchingKey)) throw err;
     const newer = await remote.newer(set);
     if (!newer) throw err;
-    set = newer;
-    return {
-      payload: await verifyAsymmetric(token, set.keys),
-      trustedUntil: set.at + remote.maxAgeMs,
-    };
+    return await withSet(newer);
   }
 }
 

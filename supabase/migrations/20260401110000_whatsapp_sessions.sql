@@ -800,6 +800,28 @@ begin
 end;
 $$;
 
+-- Locks the session rows of p_phones in one statement, in phone order, and
+-- makes the missing ones (empty: the caller's statements fill them as they
+-- would have made them). The ingest and the record of sends each write
+-- several sessions over several statements, each in phone order; taken that
+-- way, two calls could take two sessions in opposite orders (a deadlock), so
+-- both take all of theirs here first. The update that does nothing only locks.
+create or replace function private.lock_whatsapp_sessions(p_phones text[])
+returns void
+language sql
+set search_path = ''
+as $$
+  insert into public.whatsapp_sessions (phone_number)
+  select distinct p.phone from unnest(p_phones) p(phone)
+  where p.phone is not null
+  order by p.phone
+  on conflict (phone_number) do update set phone_number = excluded.phone_number where false;
+$$;
+
+-- run as its callers' role (the service role's ingest and record of sends)
+revoke all on function private.lock_whatsapp_sessions(text[]) from public, anon, authenticated;
+grant execute on function private.lock_whatsapp_sessions(text[]) to service_role;
+
 -- -----------------------------------------------------------------------------
 -- ingest_whatsapp_events: one verified webhook delivery, already flattened by
 -- the webhook function, applied in one transaction.
@@ -875,22 +897,13 @@ begin
   perform private.lock_key_buckets('whatsapp/wamid', array(
     select x ->> 'wamid' from jsonb_array_elements(coalesce(p_statuses, '[]')) x));
 
-  -- Every session row this call may write (its contacts' and its senders',
-  -- of duplicates too), locked in one statement in phone order, and made here
-  -- when new, as complete_whatsapp_messages takes its own: each statement
-  -- below locks in phone order too, but contacts and then senders, one
-  -- statement after the other, could take two sessions in the opposite order
-  -- to another call's (a deadlock). The update that does nothing only locks;
-  -- the statements below fill a row made here as they would have made it.
-  insert into public.whatsapp_sessions (phone_number)
-  select p.phone from (
+  -- every session row this call may write, its contacts' and its senders'
+  -- (of duplicates too), first (see lock_whatsapp_sessions)
+  perform private.lock_whatsapp_sessions(array(
     select x.phone from jsonb_to_recordset(coalesce(p_contacts, '[]')) as x(phone text, display_name text)
     where x.phone ~ '^\+[1-9][0-9]{6,14}$' and x.display_name is not null
     union
-    select m ->> 'from_phone' from jsonb_array_elements(coalesce(p_messages, '[]')) m
-  ) p
-  order by p.phone
-  on conflict (phone_number) do update set phone_number = excluded.phone_number where false;
+    select m ->> 'from_phone' from jsonb_array_elements(coalesce(p_messages, '[]')) m));
 
   -- contacts: the sender's profile name
   with c as (
@@ -1364,24 +1377,19 @@ begin
   perform private.lock_key_buckets('whatsapp/wamid', array(
     select e ->> 'wamid' from jsonb_array_elements(p_results) e where e ->> 'outcome' = 'sent'));
 
-  -- Every session row this call may write, locked in one statement in phone
-  -- order, and made here when new, as the ingest takes its own: the sends'
-  -- recipients and then each failure group's, one statement after the other,
-  -- could take two sessions in the opposite order to another call's (a
-  -- deadlock). They are the recipients of the sends it records and of the
-  -- messages it fails for good (failed, or a retry on the last attempt), as
-  -- far as the unlocked rows tell: one that changes meanwhile costs a lock,
-  -- or an empty session. The update that does nothing only locks.
-  insert into public.whatsapp_sessions (phone_number)
-  select distinct q.recipient_phone
-  from private.whatsapp_results(p_results) r
-  join public.whatsapp_message_queue q on q.id = r.id
-  where q.id = any(v_ids)
-    and ((r.outcome = 'sent' and q.wamid is null)
-      or (r.outcome in ('retry', 'failed') and q.status = 'processing' and q.lease_token = r.lease_token
-          and (r.outcome = 'failed' or q.attempts >= q.max_attempts)))
-  order by q.recipient_phone
-  on conflict (phone_number) do update set phone_number = excluded.phone_number where false;
+  -- Every session row this call may write, first (see lock_whatsapp_sessions):
+  -- the recipients of the sends it records and of the messages it fails for
+  -- good (failed, or a retry on the last attempt), as far as the unlocked rows
+  -- tell: one that changes meanwhile costs a lock, or an empty session.
+  perform private.lock_whatsapp_sessions(array(
+    select q.recipient_phone
+    from private.whatsapp_results(p_results) r
+    join public.whatsapp_message_queue q on q.id = r.id
+    where q.id = any(v_ids)
+      and ((r.outcome = 'sent' and q.wamid is null)
+        or (r.outcome in ('retry', 'failed') and q.status = 'processing'
+            and q.lease_token = r.lease_token
+            and (r.outcome = 'failed' or q.attempts >= q.max_attempts)))));
 
   with results as materialized (select * from private.whatsapp_results(p_results)),
   upd as (

@@ -2499,8 +2499,8 @@ set search_path = ''
 as $$
   select j.job_type, count(*)
   from public.background_jobs j
-  where ((j.status = 'pending' and j.due)
-         or (j.status = 'pending' and not j.due and j.visible_at <= now()))
+  -- both arms spelled out, so each finds its index (claim and delayed)
+  where ((j.status = 'pending' and j.due) or (j.status = 'pending' and not j.due))
     and j.visible_at <= now()
     and (p_exclude_types is null or j.job_type <> all (p_exclude_types))
   group by j.job_type

@@ -275,12 +275,10 @@ delete from public.message_queue where queue_name = 'later';
 insert into public.message_queue (queue_name, payload, priority, visible_at)
 select 'later', '{}', i % 1001, now() + interval '1 hour' from generate_series(1, 20000) i;
 select public.send_message('later', '{"due": true}', p_priority := 0);
-create temp table spread_pages as select tests.blocks_read(variadic array(
-  select indexrelid::regclass from pg_index where indrelid = 'public.message_queue'::regclass)) as n;
+create temp table spread_pages as select tests.index_blocks_read('public.message_queue') as n;
 select is((select array_agg(payload ->> 'due') from public.claim_messages('later', 10, 30)), array['true'],
   'the due message is claimed past delayed ones of every priority');
-select cmp_ok(tests.blocks_read(variadic array(
-  select indexrelid::regclass from pg_index where indrelid = 'public.message_queue'::regclass))
+select cmp_ok(tests.index_blocks_read('public.message_queue')
   - (select n from spread_pages), '<', 40::bigint,
   'reading a few index pages, not one per priority');
 delete from public.message_queue where queue_name = 'later';

@@ -195,14 +195,12 @@ from generate_series(1, 20000) i;
 select public.schedule_job('bulk', 'Now', '{}');
 select public.schedule_job('bulk', 'Now too', '{}');
 delete from pages;
-insert into pages select tests.blocks_read(variadic array(
-  select indexrelid::regclass from pg_index where indrelid = 'public.background_jobs'::regclass));
+insert into pages select tests.index_blocks_read('public.background_jobs');
 select is((select job_name from public.claim_jobs(array['bulk'], 1)), 'Now',
   'the due job is claimed past delayed jobs of every priority');
 select is((select job_name from public.claim_jobs(array['bulk', 'other'], 1)), 'Now too',
   'and so in the merged form');
-select cmp_ok(tests.blocks_read(variadic array(
-  select indexrelid::regclass from pg_index where indrelid = 'public.background_jobs'::regclass))
+select cmp_ok(tests.index_blocks_read('public.background_jobs')
   - (select n from pages), '<', 80::bigint,
   'two claims read a few index pages, not one per priority');
 delete from public.background_jobs where job_type = 'bulk';

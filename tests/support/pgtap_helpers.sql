@@ -108,3 +108,14 @@ as $$
   select sum(pg_stat_get_xact_blocks_fetched(r))::bigint from unnest(p_relations) r
 $$;
 grant execute on function tests.blocks_read(regclass[]) to anon, authenticated, service_role;
+
+-- The same over every index of p_table: a claim's reads whichever index it
+-- takes.
+create or replace function tests.index_blocks_read(p_table regclass) returns bigint
+language sql
+stable
+as $$
+  select tests.blocks_read(variadic array(
+    select i.indexrelid::regclass from pg_catalog.pg_index i where i.indrelid = p_table))
+$$;
+grant execute on function tests.index_blocks_read(regclass) to anon, authenticated, service_role;
