@@ -12,7 +12,18 @@ export function startScheduler(
   schedules: Schedule[] = SCHEDULES,
 ): () => void {
   const timers: ReturnType<typeof setTimeout>[] = [];
+  const followUps = new Set<ReturnType<typeof setTimeout>>();
   const running = new Set<string>();
+  let stopped = false;
+
+  function later(run: () => void, ms: number) {
+    if (stopped) return;
+    const timer = setTimeout(() => {
+      followUps.delete(timer);
+      run();
+    }, ms);
+    followUps.add(timer);
+  }
 
   async function tick(s: Schedule) {
     if (running.has(s.name)) return;
@@ -33,12 +44,19 @@ export function startScheduler(
         body: "{}",
         signal: AbortSignal.timeout(150_000),
       });
-      await res.body?.cancel();
+      let more = false;
+      if (res.ok && s.moreAfterMs !== undefined) {
+        more = leftWork(await res.json().catch(() => null));
+      } else {
+        await res.body?.cancel();
+      }
       log(res.ok ? "info" : "warn", "schedule ran", {
         schedule: s.name,
         status: res.status,
         duration_ms: Math.round(performance.now() - started),
+        ...(more ? { again_in_ms: s.moreAfterMs } : {}),
       });
+      if (more) later(() => tick(s), s.moreAfterMs!);
     } catch (err) {
       log("warn", "schedule failed", { schedule: s.name, error: String(err) });
     } finally {
@@ -50,5 +68,14 @@ export function startScheduler(
     timers.push(setTimeout(() => tick(s), 1000));
     timers.push(setInterval(() => tick(s), s.everyMs));
   }
-  return () => timers.forEach((t) => clearTimeout(t));
+  return () => {
+    stopped = true;
+    [...timers, ...followUps].forEach((t) => clearTimeout(t));
+  };
+}
+
+/** An answer that says it left work for a later call (`remaining`, non-empty). */
+function leftWork(body: unknown): boolean {
+  const remaining = (body as { remaining?: unknown } | null)?.remaining;
+  return Array.isArray(remaining) && remaining.length > 0;
 }

@@ -20,6 +20,11 @@ export interface HttpSchedule extends Every {
    * pg_cron; the hosted cron SQL (scripts/cron_sql.ts) leaves it out.
    */
   inDatabase?: boolean;
+  /**
+   * The local scheduler calls again after this long, not at the next
+   * interval, while the answer lists work it left (a non-empty `remaining`).
+   */
+  moreAfterMs?: number;
 }
 
 /**
@@ -40,6 +45,8 @@ export const SCHEDULES: Schedule[] = [
     everyMs: 24 * 3600_000,
     path: "observability/maintenance",
     inDatabase: true,
+    // a backlog bigger than one call's time budget drains within minutes, not days
+    moreAfterMs: 60_000,
   },
   {
     name: "sequence-events",

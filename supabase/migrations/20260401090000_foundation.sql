@@ -776,12 +776,13 @@ $$;
 -- of the pass goes on, so one bad month cannot stop maintenance for good.
 -- Safe to run concurrently: runs serialise on an advisory lock.
 --
--- The pass is one transaction. pg_cron runs it whole (its session has none of
--- the API's statement timeout). The HTTP route (observability/maintenance) runs under the API's
--- statement timeout, where a big DEFAULT backlog moved in one go was
--- cancelled and took everything with it, the months ahead too: it calls this
--- with p_move_backlog false (a month ahead whose rows already wait in DEFAULT
--- is left for its move), then moves the backlog (partition_backlog) a month
+-- The pass is one transaction: a big DEFAULT backlog moved in one go can be
+-- cancelled (a statement timeout) and take everything with it, the months
+-- ahead too. So neither scheduled caller runs it whole: pg_cron calls
+-- private.run_partition_maintenance() and the HTTP route
+-- (observability/maintenance) does the same steps within its time budget:
+-- this with p_move_backlog false (a month ahead whose rows already wait in
+-- DEFAULT is left for its move), then the backlog (partition_backlog) a month
 -- per transaction with maintain_partition_month.
 create or replace function public.maintain_partitions(p_move_backlog boolean default true)
 returns table (table_name text, partition_name text, action text, rows_moved bigint,
@@ -1003,6 +1004,35 @@ $$;
 revoke all on function public.maintain_partition_month(text, date) from public, anon, authenticated;
 grant execute on function public.maintain_partition_month(text, date) to service_role;
 
+-- pg_cron's pass, a step per transaction, the way the HTTP route steps: the
+-- months ahead, closing, checking and retention first (maintain_partitions
+-- without the backlog), then each month waiting in DEFAULT on its own. Run as
+-- one transaction, a pass cancelled part-way (a statement timeout set for the
+-- role or the database, a restart) took everything with it, the months ahead
+-- too, and next month's rows then piled up in DEFAULT; now a cancel loses only
+-- the month it was moving, and the next run goes on from there. It must be
+-- pg_cron's whole command (`call ...` and nothing else): only then may a
+-- procedure commit, in pg_cron's client and background-worker modes alike.
+-- A procedure that commits can have no SET clause, so every name here is
+-- qualified and nothing depends on the caller's search_path.
+create or replace procedure private.run_partition_maintenance()
+language plpgsql
+as $$
+declare
+  v_month record;
+begin
+  perform public.maintain_partitions(false);
+  commit;
+  -- (the loop's cursor is kept across the commits)
+  for v_month in select b.table_name, b.month from public.partition_backlog() b loop
+    perform public.maintain_partition_month(v_month.table_name, v_month.month);
+    commit;
+  end loop;
+end;
+$$;
+
+revoke all on procedure private.run_partition_maintenance() from public, anon, authenticated;
+
 -- -----------------------------------------------------------------------------
 -- Scheduling
 --
@@ -1024,5 +1054,5 @@ $$;
 select private.schedule_cron(
   'maintain-partitions',
   '15 0 * * *',
-  'select public.maintain_partitions()'
+  'call private.run_partition_maintenance()'
 );
