@@ -404,7 +404,8 @@ begin
            coalesce(nullif(p_metadata, 'null'::jsonb), '{}'::jsonb), p_correlation_id,
            p_causation_id, coalesce(v_user, p_user_id)
     from stream
-    where (p_expected_version is null or stream.version = greatest(p_expected_version, 0) + 1)
+    -- (compared as version - 1: the largest bigint expected is a conflict, not an overflow)
+    where (p_expected_version is null or stream.version - 1 = greatest(p_expected_version, 0))
       and (stream.owner_id is null or stream.owner_id = coalesce(v_user, p_user_id))
     returning * into v_row;
   end if;

@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(74);
+select plan(76);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -28,6 +28,12 @@ select is((select last_value from public.event_store_id_seq), :seq_before::bigin
   'a conflict does not start writing the event (no id taken)');
 select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_expected_version := -1)$$,
   'PT409', 'version_conflict', 'expected version -1 means no events yet');
+select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}',
+                    p_expected_version := 9223372036854775807)$$,
+  'PT409', 'version_conflict', 'the largest expected version is a conflict, not an overflow');
+select throws_ok($$select public.append_event('trip-huge', 'trip', 'x', '{}',
+                    p_expected_version := 9223372036854775807)$$,
+  'PT409', 'version_conflict', 'so it is for an aggregate with no events yet');
 select is((public.append_event('trip-new', 'trip', 'trip_created', '{}', p_expected_version := -1)).version::bigint,
   1::bigint, 'expected version -1 starts a new aggregate');
 select is((public.append_event('trip-new', 'trip', 'trip_started', '{}')).version::bigint, 2::bigint,
