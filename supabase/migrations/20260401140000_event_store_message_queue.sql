@@ -1592,6 +1592,10 @@ begin
   if cardinality(p_message_ids) is distinct from cardinality(p_lease_tokens) then
     perform private.raise_error(400, 'invalid_acks', 'one lease token per message id');
   end if;
+  -- a claim hands out at most 1,000; more in one call is a mistake or an attack
+  if cardinality(p_message_ids) > 1000 then
+    perform private.raise_error(400, 'invalid_acks', 'at most 1000 message ids at once');
+  end if;
 end;
 $$;
 

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(162);
+select plan(164);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -351,6 +351,14 @@ select is((select count(*)::int from public.claim_messages('rel', 1, 30)), 1,
   'and claimable at once');
 select throws_ok($$select public.release_messages('rel', array[1, 2], array[gen_random_uuid()])$$,
   'PT400', 'invalid_acks', 'one token per id');
+select throws_ok($$select public.release_messages('rel',
+    array(select g::bigint from generate_series(1, 1001) g),
+    array(select gen_random_uuid() from generate_series(1, 1001)))$$,
+  'PT400', 'invalid_acks', 'release takes at most 1,000 ids, as a claim hands out');
+select throws_ok($$select public.ack_messages('rel',
+    array(select g::bigint from generate_series(1, 1001) g),
+    array(select gen_random_uuid() from generate_series(1, 1001)))$$,
+  'PT400', 'invalid_acks', 'and so does ack');
 
 -- a send of 1,000 groups takes at most 64 advisory locks (one a bucket of the
 -- queue's groups), not one a group: the cluster's lock table is shared
