@@ -44,8 +44,9 @@ export function startScheduler(
         body: "{}",
         signal: AbortSignal.timeout(150_000),
       });
+      const again = s.moreAfterMs;
       let more = false;
-      if (res.ok && s.moreAfterMs !== undefined) {
+      if (res.ok && again !== undefined) {
         more = leftWork(await res.json().catch(() => null));
       } else {
         await res.body?.cancel();
@@ -54,9 +55,9 @@ export function startScheduler(
         schedule: s.name,
         status: res.status,
         duration_ms: Math.round(performance.now() - started),
-        ...(more ? { again_in_ms: s.moreAfterMs } : {}),
+        ...(more ? { again_in_ms: again } : {}),
       });
-      if (more) later(() => tick(s), s.moreAfterMs!);
+      if (more && again !== undefined) later(() => tick(s), again);
     } catch (err) {
       log("warn", "schedule failed", { schedule: s.name, error: String(err) });
     } finally {

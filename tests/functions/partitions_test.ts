@@ -14,6 +14,14 @@ import { resetEnv } from "../../shared/env.ts";
 
 const db = await freshDatabase();
 
+/** Next UTC month: its partitions' suffix (YYYY_MM) and its first instant. */
+async function nextMonth(): Promise<{ next: string; next_start: string }> {
+  const [row] = await db.sql`
+    select to_char(m, 'YYYY_MM') as next, (m at time zone 'UTC')::text as next_start
+    from (select date_trunc('month', now() at time zone 'UTC') + interval '1 month' as m) n`;
+  return { next: row.next, next_start: row.next_start };
+}
+
 dbTest("concurrent maintenance runs and writers lose nothing and fail nothing", async () => {
   const clients = Array.from({ length: 6 }, () => postgres(db.url, { max: 1, onnotice: () => {} }));
   try {
@@ -355,9 +363,7 @@ dbTest(
 dbTest("pg_cron's maintenance cancelled part-way keeps the steps before the cancel", async () => {
   // leftovers of other tests first, so that only this test's months wait
   await db.sql`select * from public.maintain_partitions()`;
-  const [{ next, next_start }] = await db.sql`
-    select to_char(m, 'YYYY_MM') as next, (m at time zone 'UTC')::text as next_start
-    from (select date_trunc('month', now() at time zone 'UTC') + interval '1 month' as m) n`;
+  const { next, next_start } = await nextMonth();
   await db.sql.unsafe(`drop table public.system_metrics_${next}`);
   await db.sql`
     insert into public.system_metrics (service_name, metric_type, metric_name, value, created_at)
@@ -404,9 +410,7 @@ dbTest(
     const api = await startLocalApi();
     try {
       // next month's partitions missing, as if no run had made them yet
-      const [{ next, next_start }] = await db.sql`
-      select to_char(m, 'YYYY_MM') as next, (m at time zone 'UTC')::text as next_start
-      from (select date_trunc('month', now() at time zone 'UTC') + interval '1 month' as m) n`;
+      const { next, next_start } = await nextMonth();
       await db.sql.unsafe(`drop table public.system_metrics_${next};
                          drop table public.system_audit_logs_${next}`);
       // 300,000 rows in DEFAULT: 1,000 of next month, the rest over 30 months far ahead
