@@ -894,10 +894,18 @@ begin
     if p_lane_column is null then
       raise exception 'install_leases: a due column needs a lane column';
     end if;
-    -- One lane's rows now due (%%1$s: the lane), the oldest first and a
-    -- thousand at most, so that a flood falling due together is marked over a
-    -- few claims rather than held locked by one. One index probe when none is,
-    -- as for the lease expiry.
+    -- One lane's rows now due (%%1$s: the lane), a thousand at most, so that
+    -- a flood falling due together is marked over a few claims rather than
+    -- held locked by one; one index probe when none is, as for the lease
+    -- expiry. In claim order, and only rows matching a claim's filter: then
+    -- every row left unmarked ranks below a thousand marked ones, and a claim
+    -- (a thousand at most) takes exactly the rows it would take were all
+    -- marked. Marked oldest first, a due high-priority row waited behind a
+    -- flood of older ones for several claims, and a filtered claim found
+    -- nothing while its matches waited unmarked. The marked rows are locked
+    -- until the claim's transaction ends, like the rows it takes: a claim
+    -- should be a transaction of its own (the functions' routes and the
+    -- worker claim so).
     v_mark := format($sql$
       perform from %1$s t
       where t.%2$I = %%1$s and t.status = 'pending' and not t.due and t.visible_at <= now()
@@ -908,12 +916,14 @@ begin
            set due = true
           from (select d.id from %1$s d
                 where d.%2$I = %%1$s and d.status = 'pending' and not d.due
-                  and d.visible_at <= now()
-                order by d.visible_at
+                  and d.visible_at <= now()%3$s
+                order by d.priority desc, d.visible_at, d.id
                 limit 1000
                 for update skip locked) d
          where t.id = d.id;
-      end if;$sql$, p_table, p_lane_column);
+      end if;$sql$, p_table, p_lane_column,
+      case when p_filter_column is not null
+           then format(' and (p_filter is null or d.%I @> p_filter)', p_filter_column) else '' end);
     if not p_lane_set then
       v_mark := format(v_mark, 'p_lane');
     else
@@ -989,10 +999,10 @@ begin
         from picked
        where t.id = picked.id
       returning t.*$sql$, p_table, p_in_flight, v_lease)),
-  -- Merging a set of lanes sorts, which enable_sort = off prices at 1e10:
-  -- over jit_above_cost, so every such claim compiled itself with LLVM
-  -- (0.4 s a claim).
-  case when p_lane_set then 'set jit = off' else '' end,
+  -- Merging a set of lanes, and marking rows due in claim order, sort, which
+  -- enable_sort = off prices at 1e10: over jit_above_cost, so every such
+  -- claim compiled itself with LLVM (0.4 s a claim).
+  case when p_lane_set or v_due then 'set jit = off' else '' end,
   case when p_filter_column is not null then ', p_filter jsonb default null' else '' end,
   v_mark);
 

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(164);
+select plan(166);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -303,6 +303,21 @@ select is((public.set_message_visibility('due-check',
              (select id from due_claim where payload ->> 'n' = '1'), 0)).due,
   true, 'made visible at once, it is due');
 delete from public.message_queue where queue_name = 'due-check';
+-- A flood falling due together is marked in claim order: in two queues,
+-- 1,500 messages of priority 0 whose time came before two more. A claim takes
+-- the priority-9 message first, and a claim filtered on the content finds its
+-- one match behind the 1,500.
+insert into public.message_queue (queue_name, payload, priority, visible_at)
+select q, '{"k": "a"}', 0, now() - interval '1 hour' + i * interval '1 ms'
+from generate_series(1, 1500) i, unnest(array['flood-1', 'flood-2']) q;
+insert into public.message_queue (queue_name, payload, priority, visible_at)
+select q, v.payload, v.priority, now() - interval '1 second'
+from unnest(array['flood-1', 'flood-2']) q, (values ('{"k": "b"}'::jsonb, 9), ('{"k": "c"}', 0)) v(payload, priority);
+select is((select array_agg(payload ->> 'k') from public.claim_messages('flood-1', 1, 30)), array['b'],
+  'of a flood falling due together, the highest priority is claimed first');
+select is((select array_agg(payload ->> 'k') from public.claim_messages('flood-2', 1, 30, 'w', '{"k": "c"}')),
+  array['c'], 'a filtered claim finds its match behind a flood falling due');
+delete from public.message_queue where queue_name like 'flood-_';
 -- a long group is never walked by a claim: its blocked messages are not in the claim index
 insert into public.message_queue (queue_name, payload, group_key, status)
 select 'fifo-long', jsonb_build_object('i', i), 'long', 'blocked' from generate_series(1, 20000) i;

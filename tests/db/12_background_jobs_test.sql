@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(77);
+select plan(79);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -204,6 +204,22 @@ select cmp_ok(tests.index_blocks_read('public.background_jobs')
   - (select n from pages), '<', 80::bigint,
   'two claims read a few index pages, not one per priority');
 delete from public.background_jobs where job_type = 'bulk';
+
+-- A flood falling due together is marked in claim order (see install_leases):
+-- 1,500 ordinary jobs whose time came before an urgent one's. Claimed alone
+-- and in the merged form, the urgent job goes first.
+insert into public.background_jobs (job_type, job_name, priority, run_at, visible_at)
+select t, 'Flood', 0, now() - interval '1 hour' + i * interval '1 ms',
+       now() - interval '1 hour' + i * interval '1 ms'
+from generate_series(1, 1500) i, unnest(array['flood-1', 'flood-2']) t;
+insert into public.background_jobs (job_type, job_name, priority, run_at, visible_at)
+select t, 'Urgent', 9, now() - interval '1 second', now() - interval '1 second'
+from unnest(array['flood-1', 'flood-2']) t;
+select is((select job_name from public.claim_jobs(array['flood-1'], 1)), 'Urgent',
+  'of a flood falling due together, the urgent job is claimed first');
+select is((select job_name from public.claim_jobs(array['flood-2', 'other'], 1)), 'Urgent',
+  'and so in the merged form');
+delete from public.background_jobs where job_type like 'flood-_';
 
 -- A claim for some job types does not walk the jobs of others: 20,000 due jobs
 -- of a type no worker handles, ahead of one the worker asks for.
