@@ -587,9 +587,18 @@ $$;
 -- optionally of one aggregate type and/or one event type. One query per
 -- filter, so that each is planned for the index that serves it (a single
 -- query with "p_x is null or ..." would be planned for none of them).
--- It sequences what it can first, except in a read-only transaction (a read
--- replica, or a caller's `begin read only`), where it reads what the primary's
--- sequencer has numbered so far instead of failing on the sequencer's writes.
+-- It sequences what it can first when it is a transaction of its own: the
+-- sequencer's row stays locked until the numbering commits (a later commit
+-- must not take lower numbers), so a reader in a longer transaction (a
+-- projection that applies what it read, then commits) held it for as long,
+-- and nothing written meanwhile was numbered for anyone. A statement that is
+-- its own transaction started it: statement_timestamp() = now() (also for
+-- the claims and the call the routes send as one plain-SQL message). Others,
+-- and a read-only transaction (a read replica, or `begin read only`, where
+-- the sequencer's writes would fail), read what is numbered so far: by the
+-- routes, by cron every minute, or by a `select public.sequence_events()` of
+-- the caller's own before its transaction. (A prepared statement's execution
+-- starts after its transaction, so it is counted among the others.)
 create or replace function public.read_event_stream(
   p_after_position bigint default 0,
   p_limit integer default 100,
@@ -604,7 +613,7 @@ begin
     perform private.raise_error(400, 'invalid_after_position', 'after_position must be at least 0');
   end if;
   perform private.check_limit(p_limit, 10000);
-  if current_setting('transaction_read_only') = 'off' then
+  if statement_timestamp() = now() and current_setting('transaction_read_only') = 'off' then
     perform public.sequence_events();
   end if;
   if p_event_type is not null then

@@ -433,6 +433,24 @@ dbTest(
   },
 );
 
+// Numbering holds the sequencer until its transaction ends: a reader in a
+// longer transaction (a projection applying what it read before it commits)
+// must not hold it, or nothing written meanwhile is numbered for anyone.
+dbTest("a reader in an open transaction does not stop the stream for others", async () => {
+  const after = await headPosition();
+  const reader = await openTransaction();
+  try {
+    await reader.sql`select count(*) from public.read_event_stream(0, 1)`;
+    const token = await serviceToken();
+    assert.equal((await call(app, "POST", "/events", { token, body: event("meanwhile") })).status, 201);
+    assert.deepEqual((await streamAfter(after)).map((e) => [e.aggregate_id, e.position]), [
+      ["meanwhile", after + 1],
+    ]);
+  } finally {
+    await reader.commit();
+  }
+});
+
 dbTest("query numbers are decimal digits: not empty, hex, fractional or negative", async () => {
   const token = await serviceToken();
   for (const bad of ["", "0x2", "1.5", "-1", "1e3", "9".repeat(16)]) {
