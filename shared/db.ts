@@ -248,24 +248,45 @@ export async function rpc<T extends Row = Row>(
  *   * "cursor": created_at as text, for keyset cursors (a JS Date would drop
  *     the microseconds the cursor compares);
  *   * "created": whether this call created the row (`<column> = now()`), for
- *     idempotent creates that answer a replay with 200 instead of 201.
+ *     idempotent creates that answer a replay with 200 instead of 201;
+ *   * "pageBytes": the rows, in the function's order, while the JSON text of
+ *     the named columns in the rows before stays under `max` bytes (the first
+ *     row always), each with `page_bytes`, that text's length up to and
+ *     including it. A page of rows whose size the caller does not control
+ *     (events of up to a megabyte each) is cut before it reaches the network.
  */
 export type RpcSelect =
   | "*"
   | "cursor"
   | { created: "created_at" | "initiated_at" }
-  | { columns: readonly string[] };
+  | { columns: readonly string[] }
+  | { pageBytes: { max: number; of: readonly string[] } };
 
-function selectList(select: RpcSelect): string {
-  if (select === "*") return "*";
-  if (select === "cursor") return "*, created_at::text as cursor_ts";
-  if ("created" in select) return `*, ${select.created} = now() as created`;
-  // only the columns a caller uses: a whole row costs a round of text output
-  // and parsing per column
-  for (const c of select.columns) {
+function checkColumns(columns: readonly string[]): readonly string[] {
+  for (const c of columns) {
     if (!IDENTIFIER.test(c)) throw new Error(`rpc: ${c} is not a column name`);
   }
-  return select.columns.join(", ");
+  return columns;
+}
+
+function selectFrom(select: RpcSelect, call: string): string {
+  if (select === "*") return `select * from ${call}`;
+  if (select === "cursor") return `select *, created_at::text as cursor_ts from ${call}`;
+  if ("created" in select) return `select *, ${select.created} = now() as created from ${call}`;
+  if ("pageBytes" in select) {
+    const { max, of } = select.pageBytes;
+    if (!Number.isSafeInteger(max) || max < 1) throw new Error(`rpc: ${max} is not a byte budget`);
+    const bytes = checkColumns(of).map((c) => `coalesce(octet_length(f.${c}::text), 0)`).join(
+      " + ",
+    );
+    // ordinality keeps the function's order through the window and out
+    return `select * from (select f.*, sum(b.row_bytes) over (order by f.ordinality) as page_bytes, b.row_bytes
+      from ${call} with ordinality f cross join lateral (select ${bytes} as row_bytes) b) p
+      where p.page_bytes - p.row_bytes < ${max} order by p.ordinality`;
+  }
+  // only the columns a caller uses: a whole row costs a round of text output
+  // and parsing per column
+  return `select ${checkColumns(select.columns).join(", ")} from ${call}`;
 }
 
 function callStatement(fn: string, args: Record<string, unknown>, select: RpcSelect): string {
@@ -277,7 +298,7 @@ function callStatement(fn: string, args: Record<string, unknown>, select: RpcSel
     if (!IDENTIFIER.test(key)) throw new Error(`rpc: ${key} is not a parameter name`);
     params.push(`p_${key} := ${sqlValue(value)}`);
   }
-  return `select ${selectList(select)} from ${schema}.${name}(${params.join(", ")})`;
+  return selectFrom(select, `${schema}.${name}(${params.join(", ")})`);
 }
 
 /** Marks a value for a json/jsonb parameter, so strings and numbers go as JSON. */

@@ -254,6 +254,49 @@ dbTest("history is in version order from a version, with paging", async () => {
   expectError(await call(app, "GET", "/events/aggregates/trip/nothing-here", { token }), 404);
 });
 
+// Pages are bounded in bytes as well as rows: 13 events of 300 kB each (a
+// payload that compresses to almost nothing in storage), read 4 a page,
+// about 1.2 MB, never all at once.
+dbTest("history and stream pages stop at about a megabyte of payloads", async () => {
+  const token = await serviceToken();
+  const after = await headPosition();
+  await db
+    .sql`select public.append_event('heavy', 'trip', 'x', jsonb_build_object('blob', repeat('x', 300000), 'i', i))
+               from generate_series(1, 13) i`;
+  const versions: number[][] = [];
+  let from: number | null = 1;
+  while (from !== null) {
+    const res = await call(app, "GET", `/events/aggregates/trip/heavy?from_version=${from}`, {
+      token,
+    });
+    assert.equal(res.status, 200);
+    assert.ok(JSON.stringify(res.body).length < 1_300_000, "a history page of about a megabyte");
+    versions.push(res.body.events.map((e: { version: number }) => e.version));
+    from = res.body.next_from_version;
+  }
+  assert.deepEqual(versions, [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13]]);
+  const stream = await call(app, "GET", `/events/stream?after_position=${after}&limit=10000`, {
+    token,
+  });
+  assert.equal(stream.status, 200);
+  assert.deepEqual(stream.body.events.map((e: { version: number }) => e.version), [1, 2, 3, 4]);
+  assert.equal(stream.body.next_after_position, after + 4);
+  assert.deepEqual(Object.keys(stream.body.events[0]).sort(), [
+    "aggregate_id",
+    "aggregate_type",
+    "causation_id",
+    "correlation_id",
+    "created_at",
+    "event_type",
+    "id",
+    "metadata",
+    "payload",
+    "position",
+    "user_id",
+    "version",
+  ]);
+});
+
 dbTest("users read their own aggregates only; anon nothing", async () => {
   const alice = await createUser(db);
   const bob = await createUser(db);
@@ -363,9 +406,19 @@ const streamAfter = async (after: number) => {
   return res.body.events as { aggregate_id: string; version: number; position: number }[];
 };
 
-const headPosition = async () =>
-  (await call(app, "GET", "/events/stream?limit=10000", { token: await serviceToken() }))
-    .body.next_after_position as number;
+/** The stream's last position: pages followed to the end (a page holds about a megabyte). */
+async function headPosition(): Promise<number> {
+  const token = await serviceToken();
+  let after = 0;
+  for (;;) {
+    const res = await call(app, "GET", `/events/stream?after_position=${after}&limit=10000`, {
+      token,
+    });
+    assert.equal(res.status, 200);
+    if (res.body.events.length === 0) return after;
+    after = res.body.next_after_position;
+  }
+}
 
 dbTest("the stream never skips an event whose transaction commits late", async () => {
   const token = await serviceToken();
@@ -442,7 +495,10 @@ dbTest("a reader in an open transaction does not stop the stream for others", as
   try {
     await reader.sql`select count(*) from public.read_event_stream(0, 1)`;
     const token = await serviceToken();
-    assert.equal((await call(app, "POST", "/events", { token, body: event("meanwhile") })).status, 201);
+    assert.equal(
+      (await call(app, "POST", "/events", { token, body: event("meanwhile") })).status,
+      201,
+    );
     assert.deepEqual((await streamAfter(after)).map((e) => [e.aggregate_id, e.position]), [
       ["meanwhile", after + 1],
     ]);

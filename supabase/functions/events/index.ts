@@ -46,8 +46,18 @@ const streamQuery = z.object({
   event_type: text(128).optional(),
 }).strict();
 
+// A page's events stop once their payloads and metadata reach a megabyte
+// (the first always comes, however large): a page of 1,000 one-megabyte
+// events was a gigabyte through the function's memory.
+const PAGE_BYTES = 1024 * 1024;
+const paged = { pageBytes: { max: PAGE_BYTES, of: ["payload", "metadata"] } } as const;
+
+/** Whether a page read with `paged` stopped at its byte budget, not at its end. */
+const cutByBytes = (rows: Row[]) =>
+  rows.length > 0 && Number(rows[rows.length - 1].page_bytes) >= PAGE_BYTES;
+
 /** The API shape of an event row: numbers for versions and positions, no internals. */
-function toEvent({ tx_id: _, ...r }: Row) {
+function toEvent({ tx_id: _, ordinality: _o, page_bytes: _p, row_bytes: _b, ...r }: Row) {
   return {
     ...r,
     id: String(r.id),
@@ -80,14 +90,15 @@ app.get("/aggregates/:type/:id", async (c) => {
     aggregate_id: id,
     from_version: q.from_version,
     limit: q.limit + 1,
-  });
+  }, paged);
   if (rows.length === 0 && q.from_version === 1) throw notFound("no such aggregate");
   const page = rows.slice(0, q.limit).map(toEvent);
+  const more = rows.length > q.limit || cutByBytes(rows);
   return c.json({
     aggregate_type: type,
     aggregate_id: id,
     events: page,
-    next_from_version: rows.length > q.limit ? page[page.length - 1].version + 1 : null,
+    next_from_version: more ? page[page.length - 1].version + 1 : null,
   });
 });
 
@@ -99,7 +110,7 @@ app.get("/stream", async (c) => {
     limit: q.limit,
     aggregate_type: q.aggregate_type,
     event_type: q.event_type,
-  });
+  }, paged);
   const events = rows.map(toEvent);
   return c.json({
     events,
