@@ -87,6 +87,10 @@ const schema = z.object({
   // The jobs worker (POST /jobs/run) stops claiming after this long; a claimed
   // job may still run up to its timeout_seconds (at most 120 s) past it.
   JOBS_RUN_BUDGET_MS: z.coerce.number().int().min(1000).max(25_000).default(25_000),
+  // ... or once the process has spent this much CPU since the run began: the
+  // hosted edge runtime ends a request after 2 s of CPU, and quick jobs spend
+  // CPU faster than the clock runs out (19,624 trivial jobs: 2.7 s).
+  JOBS_RUN_CPU_BUDGET_MS: z.coerce.number().int().min(100).max(1_500).default(1_000),
   LOG_LEVEL: z.enum(["debug", "info", "warn", "error", "silent"]).default("info"),
 });
 

@@ -83,6 +83,7 @@ app.post("/run", async (c) => {
   }
   const summary = await runJobs(who, c.get("correlationId"), {
     budgetMs: body.budget_ms ?? env().JOBS_RUN_BUDGET_MS,
+    cpuBudgetMs: env().JOBS_RUN_CPU_BUDGET_MS,
     concurrency: body.concurrency,
     jobTypes: body.job_types,
     workerId: `jobs-run:${c.get("correlationId")}`.slice(0, 128),
