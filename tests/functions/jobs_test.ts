@@ -3,6 +3,8 @@ import { app } from "../../supabase/functions/jobs/index.ts";
 import { registerJobHandler } from "../../supabase/functions/jobs/handlers.ts";
 import { MAX_RESULT_BYTES } from "../../supabase/functions/jobs/worker.ts";
 import { resetEnv } from "../../shared/env.ts";
+import type { Principal } from "../../shared/auth.ts";
+import { withClaims } from "../../shared/db.ts";
 import {
   anonToken,
   call,
@@ -73,6 +75,14 @@ registerJobHandler(
 );
 registerJobHandler("test_date_result", () => Promise.resolve(new Date(0) as never));
 registerJobHandler("test_no_result", () => Promise.resolve());
+// takes the isolate's only database slot for 600 ms as it returns (see the
+// settlement test below)
+let hog: Promise<unknown> = Promise.resolve();
+registerJobHandler("test_hogs", () => {
+  const service: Principal = { role: "service_role", claims: { role: "service_role" } };
+  hog = withClaims(service, "hog", (tx) => tx`select pg_sleep(0.6)`);
+  return Promise.resolve({ hogged: true });
+});
 // spends 5 ms of CPU
 registerJobHandler("test_burns", () => {
   const until = performance.now() + 5;
@@ -277,6 +287,30 @@ dbTest("the worker stops claiming when its CPU budget is spent", async () => {
     resetEnv();
     await db.sql`delete from public.background_jobs where job_type = 'test_burns'`;
   }
+});
+
+// A settlement the database could not take at once (503: no connection
+// free, or none answering) is sent again until the job's lease would end:
+// given up, the job ran again after its lease, though it had completed.
+dbTest("a settlement the database is too busy for is sent again", async () => {
+  const scheduled = await schedule({ job_type: "test_hogs", job_name: "Hogs" });
+  Deno.env.set("DB_POOL_SIZE", "1");
+  Deno.env.set("DB_ACQUIRE_TIMEOUT_MS", "100");
+  resetEnv();
+  try {
+    const summary = await run({ job_types: ["test_hogs"], concurrency: 1 });
+    assert.equal(summary.status, 200, JSON.stringify(summary.body));
+    assert.equal(summary.body.completed, 1);
+    await hog;
+  } finally {
+    Deno.env.delete("DB_POOL_SIZE");
+    Deno.env.delete("DB_ACQUIRE_TIMEOUT_MS");
+    resetEnv();
+  }
+  const done = await job(scheduled.body.job.id);
+  assert.equal(done.status, "completed");
+  assert.deepEqual(done.result, { hogged: true });
+  assert.equal(done.attempts, 1);
 });
 
 dbTest("a slow job holds up only its own slot", async () => {

@@ -39,6 +39,14 @@ type Outcome = "completed" | "failed" | "timed_out" | "lease_lost";
 
 const TIMED_OUT = Symbol("timed out");
 
+/** A job's lease is its timeout plus this (install_leases: time for the holder to report). */
+const LEASE_GRACE_S = 10;
+/** A settlement refused with 503 is sent again after 100 ms, doubling to 2 s ... */
+const SETTLE_RETRY_MS = 100;
+const SETTLE_RETRY_MAX_MS = 2_000;
+/** ... while it would still arrive this long before the lease ends. */
+const SETTLE_RETRY_MARGIN_MS = 2_000;
+
 /** What the worker reads of a claimed job: toJob's fields and the lease token. */
 export const CLAIMED_COLUMNS = [
   "id",
@@ -201,12 +209,18 @@ export async function runJobs(
   const claiming = async (fn: string, args: Record<string, unknown>) =>
     (await rpc(who, correlationId, fn, args, { columns: CLAIMED_COLUMNS }))[0];
 
-  /** Settles an attempt and, while the budget lasts, claims the slot's next job in the same call. */
+  /**
+   * Settles an attempt and, while the budget lasts, claims the slot's next
+   * job in the same call. `leaseEnds` (performance.now() time) bounds the
+   * retries of a settlement the database could not take (503).
+   */
   const settle = async (
     job: Job,
     lease: string,
     s: Settlement,
     claimNext: boolean,
+    leaseEnds: number,
+    retries = 0,
   ): Promise<{ outcome: Outcome; next?: Row }> => {
     const settlement = s.error === undefined
       // no result is SQL null, as for a failed or cancelled job, not JSON null
@@ -248,7 +262,24 @@ export async function runJobs(
       if (isInputError(err) && !s.replaced) {
         const what = s.error === undefined ? "result" : "error";
         const error = `${what} not stored: ${(err as HttpError).code}`;
-        return await settle(job, lease, { error, timedOut: s.timedOut, replaced: true }, claimNext);
+        const replaced = { error, timedOut: s.timedOut, replaced: true };
+        return await settle(job, lease, replaced, claimNext, leaseEnds);
+      }
+      // No connection free, or none answering: sent again while the lease
+      // holds, since a job whose settlement is given up runs again after its
+      // lease, its work done twice. (One that committed before its answer was
+      // lost is then lease_lost: its outcome is stored all the same.)
+      if (err instanceof HttpError && err.status === 503) {
+        const pause = Math.min(SETTLE_RETRY_MAX_MS, SETTLE_RETRY_MS * 2 ** retries);
+        if (performance.now() + pause < leaseEnds - SETTLE_RETRY_MARGIN_MS) {
+          log("warn", "job settlement failed; sending it again", {
+            correlation_id: correlationId,
+            job_id: job.id,
+            error: err.code,
+          });
+          await new Promise((r) => setTimeout(r, pause));
+          return await settle(job, lease, s, claimNext, leaseEnds, retries + 1);
+        }
       }
       throw err;
     }
@@ -261,9 +292,12 @@ export async function runJobs(
     while (row) {
       summary.claimed++;
       const job = toJob(row);
+      // the lease began before the claim answered: this end is a little late
+      const leaseEnds = performance.now() + (job.timeout_seconds + LEASE_GRACE_S) * 1000;
       const s = await attempt(job, correlationId);
       claimNext = inBudget();
-      const { outcome, next } = await settle(job, row.lease_token as string, s, claimNext);
+      const lease = row.lease_token as string;
+      const { outcome, next } = await settle(job, lease, s, claimNext, leaseEnds);
       summary[outcome]++;
       row = next;
     }
