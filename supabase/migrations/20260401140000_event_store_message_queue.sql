@@ -2369,10 +2369,12 @@ create table public.background_jobs (
   lease_token uuid,
   locked_by private.worker_id,
   locked_at timestamptz,
-  -- The lease end of the last run a cancel took away from its worker: that
-  -- run's handler may go on until then, so no retry or cancel makes the job
-  -- due before it (visible_at alone would forget it at the next retry).
-  cancelled_lease_until timestamptz,
+  -- The lease end of the last run abandoned while its handler may still be
+  -- going: one a cancel took away from its worker, or one its worker timed
+  -- out (it stops waiting; the handler may not stop). No backoff, retry or
+  -- cancel makes the job due before it (visible_at alone would forget it at
+  -- the next retry).
+  abandoned_lease_until timestamptz,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
   finished_at timestamptz,
@@ -2581,7 +2583,12 @@ set search_path = ''
 as $$
 declare
   v_row public.background_jobs;
+  v_lease_ends timestamptz;
 begin
+  if p_timed_out then
+    select j.visible_at into v_lease_ends from public.background_jobs j
+    where j.id = p_job_id and j.lease_token = p_lease_token and j.status = 'running';
+  end if;
   select * into v_row
   from private.background_jobs_lease_settle(array[p_job_id], array[p_lease_token],
     case when p_failed then 'retry' else 'done' end, 'completed',
@@ -2593,6 +2600,17 @@ begin
     end if;
     perform private.raise_error(409, 'lease_lost',
       'this lease token does not hold the job (finished, cancelled or timed out)');
+  end if;
+  -- A run its worker timed out may go on until its lease ends (see
+  -- abandoned_lease_until): its retry waits for that, too.
+  if p_timed_out then
+    update public.background_jobs j
+       set abandoned_lease_until = v_lease_ends,
+           visible_at = case when j.status = 'pending' then greatest(j.visible_at, v_lease_ends)
+                             else j.visible_at end,
+           due = j.due and v_lease_ends <= now()
+     where j.id = p_job_id
+    returning * into v_row;
   end if;
   return v_row;
 end;
@@ -2690,7 +2708,7 @@ $$;
 
 -- Cancels a pending or running job (a running one's worker loses its lease,
 -- so its result is discarded). A running job's handler may still be running
--- until its lease ends: that end is kept in cancelled_lease_until, and a retry
+-- until its lease ends: that end is kept in abandoned_lease_until, and a retry
 -- waits for it (see retry_job).
 create or replace function public.cancel_job(p_job_id bigint) returns public.background_jobs
 language plpgsql
@@ -2703,8 +2721,8 @@ begin
   perform private.lock_job(p_job_id, array['pending', 'running'], 'cancelled');
   update public.background_jobs j
      set status = 'cancelled', finished_at = now(), lease_token = null, locked_by = null,
-         cancelled_lease_until = case when j.status = 'running' then j.visible_at
-                                      else j.cancelled_lease_until end,
+         abandoned_lease_until = case when j.status = 'running' then j.visible_at
+                                      else j.abandoned_lease_until end,
          updated_at = now()
    where j.id = p_job_id
   returning * into v_row;
@@ -2714,9 +2732,10 @@ $$;
 
 -- Runs a job again now: a waiting job skips its backoff; a failed, timed out
 -- or cancelled one starts over with a fresh set of attempts. One cancelled
--- while it ran waits for that run's lease to end, however often it is retried
--- or cancelled meanwhile, so that two runs of a job never overlap (greatest
--- ignores the null of a job no cancel took a run from). A user retries only
+-- while it ran, or timed out by its worker, waits for that run's lease to end,
+-- however often it is retried or cancelled meanwhile, so that two runs of a
+-- job never overlap (greatest ignores the null of a job no run was abandoned
+-- by). A user retries only
 -- jobs of a type still open to them, at a priority still allowed.
 create or replace function public.retry_job(p_job_id bigint) returns public.background_jobs
 language plpgsql
@@ -2731,8 +2750,8 @@ begin
   perform private.require_user_job_type(v_row.job_type, v_row.priority);
   update public.background_jobs j
      set status = 'pending', finished_at = null,
-         visible_at = greatest(now(), j.cancelled_lease_until),
-         due = coalesce(j.cancelled_lease_until <= now(), true),
+         visible_at = greatest(now(), j.abandoned_lease_until),
+         due = coalesce(j.abandoned_lease_until <= now(), true),
          attempts = case when j.status = 'pending' then j.attempts else 0 end,
          updated_at = now()
    where j.id = p_job_id

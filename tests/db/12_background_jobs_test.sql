@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(79);
+select plan(83);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -138,11 +138,30 @@ select is((select count(*)::int from public.claim_jobs(array['revoked'], 1, 'w-s
 select is((select visible_at from public.background_jobs where id = (select id from rv)),
   (select visible_at from rvc), 'it is due when that lease ends');
 -- (time moves: the lease has ended)
-update public.background_jobs set cancelled_lease_until = now() - interval '1 second',
+update public.background_jobs set abandoned_lease_until = now() - interval '1 second',
   visible_at = now() + interval '1 hour' where id = (select id from rv);
 select public.retry_job((select id from rv));
 select is((select locked_by from public.claim_jobs(array['revoked'], 1, 'w-second')), 'w-second',
   'once it has ended, retry-now runs the job at once');
+
+-- So may a run its worker timed out (it stops waiting; the handler may not
+-- stop): neither its backoff nor a retry-now makes the job due before that
+-- run's lease ends.
+create temp table slow as select * from public.schedule_job('slow-handler', 'Slow', '{}',
+  p_timeout_seconds := 30, p_max_attempts := 2);
+create temp table slowc as select * from public.claim_jobs(array['slow-handler'], 1, 'w-slow');
+select is((public.fail_job((select id from slow), (select lease_token from slowc), 'timed out',
+                           true)).visible_at,
+  (select visible_at from slowc), 'a timed-out attempt is retried no sooner than its lease ends');
+select is((public.retry_job((select id from slow))).visible_at, (select visible_at from slowc),
+  'nor does retry-now run it sooner');
+update public.background_jobs set visible_at = now(), due = true where id = (select id from slow);
+create temp table slowc2 as select * from public.claim_jobs(array['slow-handler'], 1, 'w-slow');
+select is((public.fail_job((select id from slow), (select lease_token from slowc2), 'timed out',
+                           true)).status, 'timeout', 'its last attempt timed out');
+select is((public.retry_job((select id from slow))).visible_at, (select visible_at from slowc2),
+  'and a retry of the timed-out job waits for that run''s lease too');
+delete from public.background_jobs where job_type = 'slow-handler';
 
 -- A replayed key is found in a few index pages, not by reading every keyed job
 -- (the scheduler cannot be searched for: the service role's is null).
