@@ -989,8 +989,15 @@ begin
     set enable_mergejoin = off
     %5$s
     as $fn$
+    declare
+      -- A lease runs from when its rows are taken, not from the transaction's
+      -- start (now()): a claim that waited first (for a FIFO group lock, say)
+      -- handed out leases already ended, and another consumer could take the
+      -- same rows at once.
+      v_taken timestamptz;
     begin
       %7$s
+      v_taken := pg_catalog.clock_timestamp();
       %4$s
     end;
     $fn$
@@ -1002,8 +1009,8 @@ begin
              attempts = t.attempts + 1,
              lease_token = pg_catalog.gen_random_uuid(),
              locked_by = p_worker,
-             locked_at = now(),
-             visible_at = now() + %3$s,
+             locked_at = v_taken,
+             visible_at = v_taken + %3$s,
              updated_at = now()
         from picked
        where t.id = picked.id
@@ -1785,7 +1792,7 @@ begin
   perform private.check_queue_name(p_queue_name);
   perform private.check_visibility_timeout(p_visibility_timeout_seconds);
   update public.message_queue q
-     set visible_at = now() + make_interval(secs => p_visibility_timeout_seconds),
+     set visible_at = clock_timestamp() + make_interval(secs => p_visibility_timeout_seconds),
          updated_at = now()
    where q.id = p_message_id and q.queue_name = p_queue_name
      and q.lease_token = p_lease_token and q.status = 'processing'

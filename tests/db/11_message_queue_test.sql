@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(166);
+select plan(168);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -303,6 +303,19 @@ select is((public.set_message_visibility('due-check',
              (select id from due_claim where payload ->> 'n' = '1'), 0)).due,
   true, 'made visible at once, it is due');
 delete from public.message_queue where queue_name = 'due-check';
+-- A lease runs from when the claim takes the message, not from when its
+-- transaction began: a claim that waited (here, 0.3 s; in life, for another
+-- queue's FIFO group lock) handed out leases already ending or ended.
+select public.send_message('lease-start', '{}');
+select pg_sleep(0.3);
+select cmp_ok((select visible_at from public.claim_messages('lease-start', 1, 0.5)),
+  '>=', clock_timestamp() + interval '0.4 seconds', 'a claim that waited still hands out its whole lease');
+select cmp_ok((public.extend_message_lease('lease-start',
+                 (select id from public.message_queue where queue_name = 'lease-start'),
+                 (select lease_token from public.message_queue where queue_name = 'lease-start'),
+                 0.5)).visible_at,
+  '>=', clock_timestamp() + interval '0.4 seconds', 'and so does an extension');
+delete from public.message_queue where queue_name = 'lease-start';
 -- A flood falling due together is marked in claim order: in two queues,
 -- 1,500 messages of priority 0 whose time came before two more. A claim takes
 -- the priority-9 message first, and a claim filtered on the content finds its
