@@ -1396,6 +1396,7 @@ declare
   v_keys text[] := array['payload', 'message_type', 'priority', 'delay_seconds', 'max_attempts',
     'idempotency_key', 'correlation_id', 'group_key', 'headers'];
   v_max_priority integer;
+  v_returned bigint;
 begin
   perform private.check_queue_name(p_queue_name);
   if jsonb_typeof(p_messages) is distinct from 'array' or jsonb_array_length(p_messages) = 0 then
@@ -1506,6 +1507,14 @@ begin
          and k.idempotency_key = a.elem ->> 'idempotency_key'),
       v_ids[a.ord])
   order by a.ord;
+  -- A replayed message deleted (purged, say) since the insert passed over it
+  -- is found by neither lookup: the send is retried whole (the routes retry
+  -- 40001), when its key is free again, rather than answered without it.
+  get diagnostics v_returned = row_count;
+  if v_returned < jsonb_array_length(p_messages) then
+    raise exception using errcode = '40001',
+      message = 'a replayed message was deleted while it was sent; send it again';
+  end if;
 end;
 $$;
 

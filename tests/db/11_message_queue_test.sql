@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(168);
+select plan(169);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -12,6 +12,24 @@ select is((select count(*)::int from public.message_queue where idempotency_key 
   'an idempotency key sends once');
 select throws_ok($$select public.send_message('emails', '{"n": 2}', p_idempotency_key := 'k1')$$,
   'PT409', 'idempotency_key_conflict', 'a key reused for another message is a conflict');
+
+-- A replay whose message is deleted (purged, say) between the send's insert
+-- and its read finds nothing to return: a serialization failure, which the
+-- routes retry (the key is free then, and the message is sent anew), not an
+-- empty answer. A statement trigger stands in for the racing delete.
+select public.send_message('race-del', '{"n": 1}', p_idempotency_key := 'gone');
+create function pg_temp.delete_replayed() returns trigger language plpgsql as $fn$
+begin
+  delete from public.message_queue where queue_name = 'race-del';
+  return null;
+end;
+$fn$;
+create trigger delete_replayed after insert on public.message_queue
+  for each statement execute function pg_temp.delete_replayed();
+select throws_ok($$select public.send_message('race-del', '{"n": 1}', p_idempotency_key := 'gone')$$,
+  '40001', null, 'a replay whose message was deleted meanwhile is a serialization failure');
+drop trigger delete_replayed on public.message_queue;
+delete from public.message_queue where queue_name = 'race-del';
 
 -- bad input is refused and sends nothing
 select throws_ok($$select public.send_message('Bad Queue!', '{}')$$, 'PT400', 'invalid_queue_name',
