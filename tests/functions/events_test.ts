@@ -16,6 +16,22 @@ import {
 Deno.env.set("DB_POOL_SIZE", "16");
 const db = await freshDatabase();
 
+/** The fields of an event as the API shows it, sorted. */
+const EVENT_FIELDS = [
+  "aggregate_id",
+  "aggregate_type",
+  "causation_id",
+  "correlation_id",
+  "created_at",
+  "event_type",
+  "id",
+  "metadata",
+  "payload",
+  "position",
+  "user_id",
+  "version",
+];
+
 const event = (id: string, extra: Record<string, unknown> = {}) => ({
   aggregate_type: "trip",
   aggregate_id: id,
@@ -40,20 +56,7 @@ dbTest("the service role appends one event and reads it back", async () => {
     events: [res.body.event],
     next_from_version: null,
   });
-  assert.deepEqual(Object.keys(res.body.event).sort(), [
-    "aggregate_id",
-    "aggregate_type",
-    "causation_id",
-    "correlation_id",
-    "created_at",
-    "event_type",
-    "id",
-    "metadata",
-    "payload",
-    "position",
-    "user_id",
-    "version",
-  ]);
+  assert.deepEqual(Object.keys(res.body.event).sort(), EVENT_FIELDS);
 });
 
 dbTest("50 concurrent appends with the same expected version: one wins, 49 get 409", async () => {
@@ -281,20 +284,7 @@ dbTest("history and stream pages stop at about a megabyte of payloads", async ()
   assert.equal(stream.status, 200);
   assert.deepEqual(stream.body.events.map((e: { version: number }) => e.version), [1, 2, 3, 4]);
   assert.equal(stream.body.next_after_position, after + 4);
-  assert.deepEqual(Object.keys(stream.body.events[0]).sort(), [
-    "aggregate_id",
-    "aggregate_type",
-    "causation_id",
-    "correlation_id",
-    "created_at",
-    "event_type",
-    "id",
-    "metadata",
-    "payload",
-    "position",
-    "user_id",
-    "version",
-  ]);
+  assert.deepEqual(Object.keys(stream.body.events[0]).sort(), EVENT_FIELDS);
 });
 
 dbTest("users read their own aggregates only; anon nothing", async () => {
