@@ -276,12 +276,12 @@ function selectFrom(select: RpcSelect, call: string): string {
   if ("pageBytes" in select) {
     const { max, of } = select.pageBytes;
     if (!Number.isSafeInteger(max) || max < 1) throw new Error(`rpc: ${max} is not a byte budget`);
-    const bytes = checkColumns(of).map((c) => `coalesce(octet_length(f.${c}::text), 0)`).join(
-      " + ",
-    );
+    const sizes = checkColumns(of).map((c) => `coalesce(octet_length(f.${c}::text), 0)`);
     // ordinality keeps the function's order through the window and out
-    return `select * from (select f.*, sum(b.row_bytes) over (order by f.ordinality) as page_bytes, b.row_bytes
-      from ${call} with ordinality f cross join lateral (select ${bytes} as row_bytes) b) p
+    return `select * from (
+        select f.*, sum(b.row_bytes) over (order by f.ordinality) as page_bytes, b.row_bytes
+        from ${call} with ordinality f
+        cross join lateral (select ${sizes.join(" + ")} as row_bytes) b) p
       where p.page_bytes - p.row_bytes < ${max} order by p.ordinality`;
   }
   // only the columns a caller uses: a whole row costs a round of text output

@@ -177,6 +177,13 @@ function cpuMs(): number | undefined {
   }
 }
 
+/** Whether the process has spent less than `budgetMs` of CPU since this was called (no budget: always). */
+function cpuBudget(budgetMs: number | undefined): () => boolean {
+  const start = budgetMs === undefined ? undefined : cpuMs();
+  if (budgetMs === undefined || start === undefined) return () => true;
+  return () => (cpuMs() ?? start) - start < budgetMs;
+}
+
 const outcomeOf = (s: Settlement): Outcome =>
   s.error === undefined ? "completed" : s.timedOut ? "timed_out" : "failed";
 
@@ -187,9 +194,7 @@ export async function runJobs(
   opts: RunOptions,
 ): Promise<RunSummary> {
   const started = performance.now();
-  const cpuStarted = opts.cpuBudgetMs === undefined ? undefined : cpuMs();
-  const cpuLeft = () =>
-    cpuStarted === undefined || (cpuMs() ?? cpuStarted) - cpuStarted < opts.cpuBudgetMs!;
+  const cpuLeft = cpuBudget(opts.cpuBudgetMs);
   const summary: RunSummary = {
     claimed: 0,
     completed: 0,
