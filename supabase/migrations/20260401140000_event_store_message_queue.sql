@@ -2501,7 +2501,6 @@ begin
   if not isfinite(p_run_at) or extract(year from p_run_at at time zone 'UTC') not between 1000 and 9999 then
     perform private.raise_error(400, 'invalid_run_at', 'run_at must fall in the years 1000 to 9999 (UTC)');
   end if;
-  perform private.require_user_job_type(p_job_type, p_priority);
   insert into public.background_jobs as j (
     job_type, job_name, payload, priority, run_at, visible_at, due, max_attempts,
     timeout_seconds, idempotency_key, correlation_id, user_id
@@ -2514,7 +2513,12 @@ begin
   )
   on conflict (user_id, idempotency_key) where idempotency_key is not null do nothing
   returning * into v_row;
-  if v_row.id is null then
+  -- A user's new job must be of a type open to them (the raise undoes the
+  -- insert); a replay schedules nothing, and answers with its job even once
+  -- the type has closed.
+  if v_row.id is not null then
+    perform private.require_user_job_type(p_job_type, p_priority);
+  else
     select * into v_row from public.background_jobs j
     where j.user_id is not distinct from v_user and j.idempotency_key = p_idempotency_key;
     -- every parameter the caller gave (a run_at left out is "now" in both calls)

@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(83);
+select plan(85);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -315,11 +315,19 @@ update private.user_job_types set max_priority = 5 where job_type = 'export';
 select tests.authenticate_as((select alice from ids));
 select throws_ok(format($$select public.retry_job(%s)$$, (select id from ak)),
   'PT403', 'priority_not_allowed', 'a user cannot retry a job above the type''s priority now');
+create temp table ek as select * from public.schedule_job('export', 'Keyed', '{}',
+  p_idempotency_key := 'ek');
+grant select on ek to authenticated, anon, service_role;
 select tests.clear_authentication();
 delete from private.user_job_types where job_type = 'export';
 select tests.authenticate_as((select alice from ids));
 select throws_ok(format($$select public.retry_job(%s)$$, (select id from ak)),
   'PT403', 'job_type_not_allowed', 'nor one of a type closed to users since');
+-- a replay schedules nothing: it answers with its job, closed type or not
+select is((public.schedule_job('export', 'Keyed', '{}', p_idempotency_key := 'ek')).id,
+  (select id from ek), 'a keyed replay returns its job though the type has closed since');
+select throws_ok($$select public.schedule_job('export', 'Keyed', '{}', p_idempotency_key := 'ek2')$$,
+  'PT403', 'job_type_not_allowed', 'a new key for the closed type is refused');
 select tests.clear_authentication();
 insert into private.user_job_types (job_type, max_priority) values ('export', 10);
 select tests.authenticate_as((select alice from ids));
