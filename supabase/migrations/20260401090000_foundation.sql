@@ -239,6 +239,19 @@ begin
 end;
 $$;
 
+-- Whether a JSON value is over a megabyte as stored (jsonb, before
+-- compression). Payloads, metadata and headers are facts and instructions,
+-- not files: past this a write is refused (413 payload_too_large), also over
+-- SQL, where no request body limit applies, so that no page of them outgrows
+-- what a function's memory holds. SQL without SET, so it is inlined.
+create or replace function private.json_too_large(p_value jsonb) returns boolean
+language sql
+immutable
+parallel safe
+as $$
+  select pg_catalog.pg_column_size(p_value) > 1048576
+$$;
+
 -- The user an operation acts for: a signed-in user acts for themselves
 -- (naming anyone else is 403); the service role must name one (400).
 -- p_field is the parameter's name as the caller knows it.

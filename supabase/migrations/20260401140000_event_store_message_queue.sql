@@ -267,6 +267,10 @@ begin
   if jsonb_typeof(p_metadata) not in ('object', 'null') then
     perform private.raise_error(400, 'invalid_metadata', 'metadata must be a JSON object');
   end if;
+  if private.json_too_large(p_payload) or private.json_too_large(p_metadata) then
+    perform private.raise_error(413, 'payload_too_large',
+      'payload and metadata are at most 1048576 bytes each (as jsonb)');
+  end if;
   perform private.raise_error(400, 'invalid_expected_version',
     'expected_version must be an integer of at least -1');
 end;
@@ -360,7 +364,8 @@ begin
   end if;
   if jsonb_typeof(p_payload) is distinct from 'object'
      or jsonb_typeof(p_metadata) not in ('object', 'null')
-     or p_expected_version < -1 then
+     or p_expected_version < -1
+     or private.json_too_large(p_payload) or private.json_too_large(p_metadata) then
     perform private.refuse_append_input(p_payload, p_metadata, p_user_id, v_user);
   end if;
 
@@ -1413,6 +1418,8 @@ begin
          bool_or(jsonb_typeof(m -> 'group_key') not in ('string', 'null')
                  or char_length(m ->> 'group_key') not between 1 and 128) as bad_group,
          bool_or(m ->> 'group_key' is not null) as has_group,
+         bool_or(private.json_too_large(m -> 'payload') or private.json_too_large(m -> 'headers'))
+           as too_large,
          bool_or(case when jsonb_typeof(m) = 'object' then m - v_keys <> '{}'::jsonb end)
            as unknown_key,
          coalesce(max((m ->> 'priority')::integer), 0) as top_priority
@@ -1429,6 +1436,9 @@ begin
   elsif v_shape.bad_group then
     perform private.raise_error(400, 'invalid_group_key',
       'group_key must be a string of 1 to 128 characters');
+  elsif v_shape.too_large then
+    perform private.raise_error(413, 'payload_too_large',
+      'payload and headers are at most 1048576 bytes each (as jsonb)');
   end if;
   if v_shape.unknown_key then
     perform private.check_json_keys(p_messages, v_keys, 'invalid_messages');
@@ -2492,6 +2502,10 @@ declare
 begin
   if jsonb_typeof(p_payload) is distinct from 'object' then
     perform private.raise_error(400, 'invalid_payload', 'payload must be a JSON object');
+  end if;
+  if private.json_too_large(p_payload) then
+    perform private.raise_error(413, 'payload_too_large',
+      'payload is at most 1048576 bytes (as jsonb)');
   end if;
   if p_priority is null or p_priority not between 0 and 1000 then
     perform private.raise_error(400, 'invalid_priority', 'priority must be between 0 and 1000');

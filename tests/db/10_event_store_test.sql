@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(76);
+select plan(79);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -57,6 +57,19 @@ select throws_ok($$select public.append_events('[{"aggregate_type": "trip", "agg
   'an unknown key (a misspelled expected_version) is refused, not dropped');
 select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '[1]')$$,
   'PT400', 'invalid_payload', 'a payload must be an object');
+-- a megabyte at most, as stored, for the payload and for the metadata (an
+-- event is a fact, not a file; a page of history must not pass gigabytes)
+select throws_ok($$select public.append_event('big-1', 'trip', 'x',
+    jsonb_build_object('blob', repeat('x', 1048576)))$$,
+  'PT413', 'payload_too_large', 'a payload over a megabyte is refused');
+select throws_ok($$select public.append_event('big-1', 'trip', 'x', '{}',
+    p_metadata := jsonb_build_object('blob', repeat('x', 1048576)))$$,
+  'PT413', 'payload_too_large', 'and so is metadata over a megabyte');
+select lives_ok($$select public.append_event('big-2', 'trip', 'x',
+    jsonb_build_object('blob', repeat('x', 1000000)))$$, 'a payload just under a megabyte is fine');
+delete from public.event_store where aggregate_id = 'big-2';
+delete from public.event_stream_members where aggregate_id = 'big-2';
+delete from public.event_streams where aggregate_id = 'big-2';
 select throws_ok($$select public.append_event('trip-123', 'trip', 'x', '{}', p_expected_version := -2)$$,
   'PT400', 'invalid_expected_version', 'expected versions below -1 are refused');
 select throws_ok($$select public.append_event('trip-123', 'Trip!', 'x', '{}')$$,

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(169);
+select plan(171);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -41,6 +41,12 @@ select throws_ok(format($$select public.send_message(%L, '{}')$$, 'q' || repeat(
   'PT400', 'invalid_queue_name', 'a 64-character queue name is one too long');
 select throws_ok($$select public.send_message('emails', '[1]')$$, 'PT400', 'invalid_payload',
   'a payload must be an object');
+select throws_ok($$select public.send_messages('emails', jsonb_build_array('{"payload": {}}'::jsonb,
+    jsonb_build_object('payload', jsonb_build_object('blob', repeat('x', 1048576)))))$$,
+  'PT413', 'payload_too_large', 'a payload over a megabyte refuses the batch');
+select throws_ok($$select public.send_message('emails', '{}',
+    p_headers := jsonb_build_object('blob', repeat('x', 1048576)))$$,
+  'PT413', 'payload_too_large', 'and so do headers over a megabyte');
 select throws_ok($$select public.send_message('emails', '{}', p_priority := -1)$$, 'PT400', 'invalid_priority',
   'negative priorities are refused');
 select throws_ok($$select public.send_messages('emails', '[{"payload":{}}, {"payload":3}]')$$,
