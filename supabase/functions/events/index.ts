@@ -47,7 +47,7 @@ const streamQuery = z.object({
 }).strict();
 
 // A page's events stop once their payloads and metadata reach a megabyte
-// (the first always comes, however large): a page of 1,000 one-megabyte
+// (the first always comes: each is at most a megabyte): a page of 1,000 one-megabyte
 // events was a gigabyte through the function's memory.
 const PAGE_BYTES = 1024 * 1024;
 const paged = { pageBytes: { max: PAGE_BYTES, of: ["payload", "metadata"] } } as const;
