@@ -239,17 +239,22 @@ begin
 end;
 $$;
 
--- Whether a JSON value is over a megabyte as stored (jsonb, before
--- compression). Payloads, metadata and headers are facts and instructions,
+-- Whether a JSON value is over a megabyte as its text, which is what every
+-- reader is sent. Payloads, metadata and headers are facts and instructions,
 -- not files: past this a write is refused (413 payload_too_large), also over
 -- SQL, where no request body limit applies, so that no page of them outgrows
--- what a function's memory holds. SQL without SET, so it is inlined.
+-- what a function's memory holds. The text is measured, not the stored jsonb:
+-- a 22-byte number such as 1e131071 prints as 131 KB and an escaped control
+-- character as six bytes. The stored size goes first so that a plainly
+-- oversized value is refused without printing it. SQL without SET, so it is
+-- inlined.
 create or replace function private.json_too_large(p_value jsonb) returns boolean
 language sql
 immutable
 parallel safe
 as $$
   select pg_catalog.pg_column_size(p_value) > 1048576
+      or pg_catalog.octet_length(p_value::text) > 1048576
 $$;
 
 -- The user an operation acts for: a signed-in user acts for themselves

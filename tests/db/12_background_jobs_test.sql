@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(86);
+select plan(87);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -28,6 +28,9 @@ select throws_ok($$select public.schedule_job('report', 'x', '[]')$$, 'PT400', '
 select throws_ok($$select public.schedule_job('report', 'x',
     jsonb_build_object('blob', repeat('x', 1048576)))$$,
   'PT413', 'payload_too_large', 'a payload over a megabyte is refused');
+select throws_ok($$select public.schedule_job('report', 'x',
+    jsonb_build_object('blob', repeat(chr(1), 200000)))$$,
+  'PT413', 'payload_too_large', 'a payload is measured as its text, not as stored');
 select throws_ok($$select public.schedule_job('report', 'x', '{}', p_priority := -1)$$, 'PT400',
   'invalid_priority', 'negative priorities are refused');
 select throws_ok($$select public.schedule_job('report', 'x', '{}', p_run_at := '-infinity')$$, 'PT400',
