@@ -14,35 +14,58 @@ export type Tx = postgres.TransactionSql;
 let pool: Sql | undefined;
 let poolUrl: string | undefined;
 
-// A socket's errors that postgres.js has stopped listening for. When the
-// database goes away mid-query (a crash, a failover) it drops a closed
-// connection's socket listeners, and Deno's node:net may still report an
-// ECONNRESET or ECONNREFUSED for that socket afterwards. Nobody can catch
-// that rejection, and an uncaught one ends the process: every function in the
-// isolate, the dispatcher between a send and its record included. The queries
-// themselves fail on their own and are answered 503; only these orphans are
-// dropped here, with a log line. Any other unhandled rejection still ends the
-// process.
-const ORPHAN_SOCKET_ERRORS = new Set([
-  "ECONNRESET",
+// The database went away or would not take the connection: the caller may
+// retry (a write sent before the failure was rolled back unless it committed,
+// which a keyed retry replays). Socket and postgres.js codes, SQLSTATE class
+// 08, and 57P01-03: shut down, crashed, starting up.
+const CONNECTION_FAILURES = new Set([
   "ECONNREFUSED",
+  "ECONNRESET",
   "ECONNABORTED",
+  "ENOTFOUND",
+  "EAI_AGAIN",
+  "EHOSTUNREACH",
+  "ENETUNREACH",
+  "ENOTCONN",
   "EPIPE",
   "ETIMEDOUT",
-  "ENOTCONN",
   "ERR_SOCKET_CLOSED",
+  "CONNECT_TIMEOUT",
+  "CONNECTION_CLOSED",
+  "CONNECTION_DESTROYED",
+  "CONNECTION_ENDED",
+  "57P01",
+  "57P02",
+  "57P03",
 ]);
+
+/** Whether an error means the connection is gone (rather than a statement failed). */
+function connectionLost(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === "string" && (CONNECTION_FAILURES.has(code) || code.startsWith("08"));
+}
+
+// Errors of a connection that postgres.js has stopped listening for. When the
+// database goes away mid-query (a crash, a failover, a terminated backend)
+// it drops a closed connection's socket listeners, and Deno's node:net may
+// still report an ECONNRESET or ECONNREFUSED for that socket afterwards; and
+// a backend that ends while postgres.js fetches array types on a new
+// connection rejects that internal query, which nothing awaits. Nobody can
+// catch those rejections, and an uncaught one ends the process: every
+// function in the isolate, the dispatcher between a send and its record
+// included. The queries themselves fail on their own and are answered 503;
+// only these orphans are dropped here, with a log line. Any other unhandled
+// rejection still ends the process.
 let orphansGuarded = false;
 
 function guardOrphanSocketErrors(): void {
   if (orphansGuarded) return;
   orphansGuarded = true;
   globalThis.addEventListener("unhandledrejection", (event) => {
-    const code = (event.reason as { code?: unknown } | null)?.code;
-    if (typeof code !== "string" || !ORPHAN_SOCKET_ERRORS.has(code)) return;
+    if (!connectionLost(event.reason)) return;
     event.preventDefault();
-    log("warn", "database socket error after its connection had closed", {
-      code,
+    log("warn", "database connection error after its connection had closed", {
+      code: (event.reason as { code: string }).code,
       error: String(event.reason),
     });
   });
@@ -172,6 +195,7 @@ export function withClaims<T>(
 /** One attempt of withClaims: `setup` (BEGIN and the settings) pipelined ahead of fn, then COMMIT. */
 async function inTransaction<T>(setup: string, fn: (tx: Tx) => Promise<T>): Promise<T> {
   const conn = await db().reserve();
+  let lost = false;
   try {
     const begun = conn.unsafe(setup).then(() => null, (err) => err);
     let result: T;
@@ -186,10 +210,17 @@ async function inTransaction<T>(setup: string, fn: (tx: Tx) => Promise<T>): Prom
     await conn`commit`;
     return result;
   } catch (err) {
-    await conn`rollback`.catch(() => {});
+    // A connection that is gone is not written to or handed back: postgres.js
+    // has already put it among its closed ones, where it reconnects, and a
+    // query on it (this rollback) or releasing it into the open ones (the
+    // next request's query) writes to a socket it has dropped, which throws
+    // where nothing can catch it and ends the process. Its transaction ended
+    // with the session.
+    lost = connectionLost(err);
+    if (!lost) await conn`rollback`.catch((e) => void (lost = connectionLost(e)));
     throw err;
   } finally {
-    conn.release();
+    if (!lost) conn.release();
   }
 }
 
@@ -352,27 +383,6 @@ interface PgError {
   column_name?: string;
 }
 
-// The database went away or would not take the connection: the caller may
-// retry (a write sent before the failure was rolled back unless it committed,
-// which a keyed retry replays). 57P01-03: shut down, crashed, starting up.
-const CONNECTION_FAILURES = new Set([
-  "ECONNREFUSED",
-  "ENOTFOUND",
-  "EAI_AGAIN",
-  "EHOSTUNREACH",
-  "ENETUNREACH",
-  "CONNECT_TIMEOUT",
-  "ECONNRESET",
-  "EPIPE",
-  "ETIMEDOUT",
-  "CONNECTION_CLOSED",
-  "CONNECTION_DESTROYED",
-  "CONNECTION_ENDED",
-  "57P01",
-  "57P02",
-  "57P03",
-]);
-
 // The class 22 (data exception) codes a value of the wrong shape raises when
 // validation let it through (bad number, date, JSON, encoding, text, pattern):
 // the caller's input is at fault. The rest of the class (division by zero, a
@@ -449,7 +459,7 @@ export function toHttpError(err: unknown, correlationId?: string): HttpError {
     case "40P01":
       return tryAgain("contention", "too much contention; try again");
   }
-  if (CONNECTION_FAILURES.has(code) || code.startsWith("08")) {
+  if (connectionLost(e)) {
     log("warn", "database connection failed", {
       correlation_id: correlationId,
       code,

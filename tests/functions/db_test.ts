@@ -430,3 +430,75 @@ dbTest("every 503 the database causes tells the client when to retry", () => {
   }
   return Promise.resolve();
 });
+
+// A backend that ends under a request (pg_terminate_backend, a failover)
+// ended the whole process twice over: withClaims sent its rollback on the
+// dead connection and released it among the open ones, and postgres.js wrote
+// to the socket it had dropped, a TypeError nothing can catch; and a backend
+// ended while postgres.js fetched array types on a new connection rejected
+// that internal query with nothing awaiting it. A child process, as either
+// ends it: the database is behind a proxy that ends the backend the first
+// time it sees the type fetch, and a withClaims transaction's backend is
+// ended mid-statement. Both requests are 503; the pool serves the next ones.
+dbTest("a backend ended under a request is a 503, and the process and pool live on", async () => {
+  const dbModule = new URL("../../shared/db.ts", import.meta.url).href;
+  const target = new URL(db.url);
+  const script = `
+    import postgres from "postgres";
+    import { rpc, withClaims } from ${JSON.stringify(dbModule)};
+    const admin = postgres(${JSON.stringify(db.url)}, { max: 1, onnotice: () => {} });
+    const endBackends = () => admin\`select pg_terminate_backend(pid) from pg_stat_activity
+      where application_name = 'easymo-functions' and datname = current_database()\`;
+    let typeFetchesEnded = 0;
+    const proxy = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    (async () => {
+      for await (const client of proxy) {
+        const server = await Deno.connect({ hostname: "127.0.0.1", port: ${Number(target.port)} });
+        server.readable.pipeTo(client.writable).catch(() => {});
+        client.readable.pipeThrough(new TransformStream({
+          async transform(chunk, out) {
+            if (typeFetchesEnded === 0 && new TextDecoder().decode(chunk).includes("typcategory")) {
+              typeFetchesEnded++;
+              await endBackends();
+            }
+            out.enqueue(chunk);
+          },
+        })).pipeTo(server.writable).catch(() => {});
+      }
+    })();
+    const url = new URL(${JSON.stringify(db.url)});
+    url.port = String(proxy.addr.port);
+    Deno.env.set("SUPABASE_DB_URL", url.href);
+    const who = { role: "service_role", claims: { role: "service_role" } };
+    const outcome = (p) => p.then(() => "ok", (e) => e.status + " " + e.code);
+    const call = () => outcome(rpc(who, "c", "public.queue_metrics", { queue_name: "q" }));
+    const typeFetch = await call();
+    const sleeping = outcome(withClaims(who, "w", (tx) => tx\`select pg_sleep(5)\`));
+    await new Promise((r) => setTimeout(r, 300));
+    await endBackends();
+    const midTransaction = await sleeping;
+    await new Promise((r) => setTimeout(r, 300));
+    const after = await Promise.all([
+      call(), call(), outcome(withClaims(who, "w", (tx) => tx\`select 1\`)),
+    ]);
+    console.log(JSON.stringify({ typeFetchesEnded, typeFetch, midTransaction, after }));
+    await admin.end();
+    Deno.exit(0);`;
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--ext=ts", "--no-check", script],
+    env: { LOG_LEVEL: "silent", JWT_SECRET: "x".repeat(40) },
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const killer = setTimeout(() => child.kill("SIGKILL"), 60_000);
+  const out = await child.output();
+  clearTimeout(killer);
+  const text = new TextDecoder().decode(out.stdout).trim();
+  assert.ok(text, `the child ended: ${new TextDecoder().decode(out.stderr).slice(0, 2000)}`);
+  assert.deepEqual(JSON.parse(text), {
+    typeFetchesEnded: 1,
+    typeFetch: "503 database_unavailable",
+    midTransaction: "503 database_unavailable",
+    after: ["ok", "ok", "ok"],
+  });
+});
