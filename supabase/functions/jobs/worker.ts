@@ -44,8 +44,10 @@ const LEASE_GRACE_S = 10;
 /** A settlement refused with 503 is sent again after 100 ms, doubling to 2 s ... */
 const SETTLE_RETRY_MS = 100;
 const SETTLE_RETRY_MAX_MS = 2_000;
-/** ... while it would still arrive this long before the lease ends. */
+/** ... while it would still arrive this long before the lease ends ... */
 const SETTLE_RETRY_MARGIN_MS = 2_000;
+/** ... and before this much of the run has passed: the edge runtime ends a request at 150 s. */
+const RUN_DEADLINE_MS = 145_000;
 
 /** What the worker reads of a claimed job: toJob's fields and the lease token. */
 export const CLAIMED_COLUMNS = [
@@ -177,11 +179,22 @@ function cpuMs(): number | undefined {
   }
 }
 
-/** Whether the process has spent less than `budgetMs` of CPU since this was called (no budget: always). */
-function cpuBudget(budgetMs: number | undefined): () => boolean {
+/**
+ * Whether one more job fits in `budgetMs` of process CPU from now on (no
+ * budget: always): the CPU spent so far, plus the jobs in hand and the one to
+ * claim at the CPU a finished job has taken on average. A check of the spent
+ * CPU alone let the jobs in the other slots overrun the budget by the slots
+ * times a job's CPU.
+ */
+function cpuBudget(
+  budgetMs: number | undefined,
+): (inHand: number, finished: number) => boolean {
   const start = budgetMs === undefined ? undefined : cpuMs();
   if (budgetMs === undefined || start === undefined) return () => true;
-  return () => (cpuMs() ?? start) - start < budgetMs;
+  return (inHand, finished) => {
+    const spent = (cpuMs() ?? start) - start;
+    return spent + (inHand + 1) * (spent / Math.max(finished, 1)) < budgetMs;
+  };
 }
 
 const outcomeOf = (s: Settlement): Outcome =>
@@ -210,7 +223,12 @@ export async function runJobs(
   // The first slot to fail stops the others claiming; they finish the job in
   // hand, and the run reports the failure only then, so no slot outlives it.
   let failure: { error: unknown } | undefined;
-  const inBudget = () => !failure && performance.now() - started < opts.budgetMs && cpuLeft();
+  // jobs claimed and not yet settled, over all slots
+  let inHand = 0;
+  const finished = () =>
+    summary.completed + summary.failed + summary.timed_out + summary.lease_lost;
+  const inBudget = () =>
+    !failure && performance.now() - started < opts.budgetMs && cpuLeft(inHand, finished());
   const claiming = async (fn: string, args: Record<string, unknown>) =>
     (await rpc(who, correlationId, fn, args, { columns: CLAIMED_COLUMNS }))[0];
 
@@ -226,7 +244,7 @@ export async function runJobs(
     claimNext: boolean,
     leaseEnds: number,
     retries = 0,
-  ): Promise<{ outcome: Outcome; next?: Row }> => {
+  ): Promise<{ outcome: Outcome; next?: Row; looked: boolean }> => {
     const settlement = s.error === undefined
       // no result is SQL null, as for a failed or cancelled job, not JSON null
       ? {
@@ -252,13 +270,14 @@ export async function runJobs(
           error: s.error,
         });
       }
-      return { outcome: outcomeOf(s), next };
+      return { outcome: outcomeOf(s), next, looked: claimNext };
     } catch (err) {
       if (err instanceof HttpError && err.code === "lease_lost") {
         // cancelled, or timed out and reclaimed while it ran: its result is dropped
         return {
           outcome: "lease_lost",
           next: claimNext ? await claiming("public.claim_jobs", claim) : undefined,
+          looked: claimNext,
         };
       }
       // A result or error the database refuses (a NUL inside a result's
@@ -271,19 +290,22 @@ export async function runJobs(
         return await settle(job, lease, replaced, claimNext, leaseEnds);
       }
       // No connection free, or none answering: sent again while the lease
-      // holds, since a job whose settlement is given up runs again after its
-      // lease, its work done twice. (One that committed before its answer was
-      // lost is then lease_lost: its outcome is stored all the same.)
+      // holds and the run may last, since a job whose settlement is given up
+      // runs again after its lease, its work done twice. (One that committed
+      // before its answer was lost is then lease_lost: its outcome is stored
+      // all the same.) The retry claims a next job only if the budget still
+      // allows one now: the time spent retrying may have used it up.
       if (err instanceof HttpError && err.status === 503) {
         const pause = Math.min(SETTLE_RETRY_MAX_MS, SETTLE_RETRY_MS * 2 ** retries);
-        if (performance.now() + pause < leaseEnds - SETTLE_RETRY_MARGIN_MS) {
+        const until = Math.min(leaseEnds - SETTLE_RETRY_MARGIN_MS, started + RUN_DEADLINE_MS);
+        if (performance.now() + pause < until) {
           log("warn", "job settlement failed; sending it again", {
             correlation_id: correlationId,
             job_id: job.id,
             error: err.code,
           });
           await new Promise((r) => setTimeout(r, pause));
-          return await settle(job, lease, s, claimNext, leaseEnds, retries + 1);
+          return await settle(job, lease, s, claimNext && inBudget(), leaseEnds, retries + 1);
         }
       }
       throw err;
@@ -292,22 +314,25 @@ export async function runJobs(
 
   const slot = async () => {
     if (types.length === 0) return;
-    let claimNext = inBudget();
-    let row = claimNext ? await claiming("public.claim_jobs", claim) : undefined;
+    // whether the slot last looked for a job, or stopped for the budget
+    let looked = inBudget();
+    let row = looked ? await claiming("public.claim_jobs", claim) : undefined;
     while (row) {
       summary.claimed++;
+      inHand++;
       const job = toJob(row);
       // the lease began before the claim answered: this end is a little late
       const leaseEnds = performance.now() + (job.timeout_seconds + LEASE_GRACE_S) * 1000;
       const s = await attempt(job, correlationId);
-      claimNext = inBudget();
       const lease = row.lease_token as string;
-      const { outcome, next } = await settle(job, lease, s, claimNext, leaseEnds);
-      summary[outcome]++;
-      row = next;
+      inHand--;
+      const settled = await settle(job, lease, s, inBudget(), leaseEnds);
+      summary[settled.outcome]++;
+      row = settled.next;
+      looked = settled.looked;
     }
     // a slot that stopped without looking for more jobs left them to the next run
-    if (!claimNext) summary.stopped = "budget";
+    if (!looked) summary.stopped = "budget";
   };
   await Promise.all(Array.from({ length: opts.concurrency }, () =>
     slot().catch((error) => {
