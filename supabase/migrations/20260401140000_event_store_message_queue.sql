@@ -516,30 +516,82 @@ begin
 end;
 $$;
 
--- History of one aggregate in version order (never by time). security
+-- A page of events, read from an open cursor in its order while the JSON
+-- text of the payloads and metadata before each stays under p_max_bytes (the
+-- first always comes; each event's are at most a megabyte); null: no bound.
+-- The readers below open the cursor: a plain `return query` of theirs ran its
+-- whole limit into a result set before anyone could stop it, so 1,000
+-- two-megabyte events were two gigabytes and a statement timeout however few
+-- the function's caller kept.
+create or replace function private.events_within_bytes(p_events refcursor, p_max_bytes integer)
+returns setof public.event_store
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_event public.event_store;
+  v_bytes bigint := 0;
+begin
+  if p_max_bytes < 1 then
+    perform private.raise_error(400, 'invalid_max_bytes', 'max_bytes must be at least 1');
+  end if;
+  loop
+    fetch p_events into v_event;
+    exit when not found;
+    return next v_event;
+    if p_max_bytes is not null then
+      v_bytes := v_bytes + coalesce(octet_length(v_event.payload::text), 0)
+        + coalesce(octet_length(v_event.metadata::text), 0);
+      exit when v_bytes >= p_max_bytes;
+    end if;
+  end loop;
+  close p_events;
+end;
+$$;
+-- the readers run as their caller
+grant execute on function private.events_within_bytes(refcursor, integer)
+  to authenticated, service_role;
+
+-- History of one aggregate in version order (never by time), optionally a
+-- page of at most p_max_bytes (see private.events_within_bytes). security
 -- invoker: RLS decides whether the caller may see it.
 create or replace function public.get_aggregate_events(
   p_aggregate_type text,
   p_aggregate_id text,
   p_from_version bigint default 1,
-  p_limit integer default 1000
+  p_limit integer default 1000,
+  p_max_bytes integer default null
 ) returns setof public.event_store
 language plpgsql
 stable
 set search_path = ''
 as $$
+declare
+  v_events refcursor;
 begin
   if p_from_version is null or p_from_version < 1 then
     perform private.raise_error(400, 'invalid_from_version', 'from_version must be at least 1');
   end if;
   perform private.check_limit(p_limit, 10000);
-  return query
+  if p_max_bytes is null then
+    -- the common read in one statement, without a cursor's row-by-row fetch
+    return query
+    select e.* from public.event_store e
+    where e.aggregate_type = p_aggregate_type
+      and e.aggregate_id = p_aggregate_id
+      and e.version >= p_from_version
+    order by e.version
+    limit p_limit;
+    return;
+  end if;
+  open v_events no scroll for
   select e.* from public.event_store e
   where e.aggregate_type = p_aggregate_type
     and e.aggregate_id = p_aggregate_id
     and e.version >= p_from_version
   order by e.version
   limit p_limit;
+  return query select * from private.events_within_bytes(v_events, p_max_bytes);
 end;
 $$;
 
@@ -608,11 +660,14 @@ create or replace function public.read_event_stream(
   p_after_position bigint default 0,
   p_limit integer default 100,
   p_aggregate_type text default null,
-  p_event_type text default null
+  p_event_type text default null,
+  p_max_bytes integer default null
 ) returns setof public.event_store
 language plpgsql
 set search_path = ''
 as $$
+declare
+  v_events refcursor;
 begin
   if p_after_position is null or p_after_position < 0 then
     perform private.raise_error(400, 'invalid_after_position', 'after_position must be at least 0');
@@ -622,42 +677,45 @@ begin
     perform public.sequence_events();
   end if;
   if p_event_type is not null then
-    return query
+    open v_events no scroll for
     select e.* from public.event_store e
     where e.event_type = p_event_type and e.position > p_after_position
       and (p_aggregate_type is null or e.aggregate_type = p_aggregate_type)
     order by e.position
     limit p_limit;
   elsif p_aggregate_type is not null then
-    return query
+    open v_events no scroll for
     select e.* from public.event_store e
     where e.aggregate_type = p_aggregate_type and e.position > p_after_position
     order by e.position
     limit p_limit;
   else
-    return query
+    open v_events no scroll for
     select e.* from public.event_store e
     where e.position > p_after_position
     order by e.position
     limit p_limit;
   end if;
+  return query select * from private.events_within_bytes(v_events, p_max_bytes);
 end;
 $$;
 
 revoke all on function public.append_event(text, text, text, jsonb, bigint, jsonb, text, text, uuid)
   from public, anon;
 revoke all on function public.append_events(jsonb, text) from public, anon;
-revoke all on function public.get_aggregate_events(text, text, bigint, integer) from public, anon;
+revoke all on function public.get_aggregate_events(text, text, bigint, integer, integer)
+  from public, anon;
 revoke all on function public.sequence_events(integer) from public, anon, authenticated;
-revoke all on function public.read_event_stream(bigint, integer, text, text)
+revoke all on function public.read_event_stream(bigint, integer, text, text, integer)
   from public, anon, authenticated;
 grant execute on function public.append_event(text, text, text, jsonb, bigint, jsonb, text, text, uuid)
   to authenticated, service_role;
 grant execute on function public.append_events(jsonb, text) to authenticated, service_role;
-grant execute on function public.get_aggregate_events(text, text, bigint, integer)
+grant execute on function public.get_aggregate_events(text, text, bigint, integer, integer)
   to authenticated, service_role;
 grant execute on function public.sequence_events(integer) to service_role;
-grant execute on function public.read_event_stream(bigint, integer, text, text) to service_role;
+grant execute on function public.read_event_stream(bigint, integer, text, text, integer)
+  to service_role;
 
 select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequence_events()');
 

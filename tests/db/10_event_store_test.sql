@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(81);
+select plan(86);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -284,6 +284,28 @@ select is((select array_agg(version::bigint order by position)
   array[1, 2, 3]::bigint[], 'a stream read of one event type: its events, in position order');
 select cmp_ok((select n from event_store_pages) - (select n from pages), '<', 20::bigint,
   'and it reads a few pages');
+
+-- A page of at most max_bytes: events in order while the JSON text of the
+-- payloads and metadata before each is under it (the first always comes).
+-- The reader stops fetching there, instead of reading its whole limit first.
+reset role;
+insert into public.event_store (aggregate_type, aggregate_id, event_type, version, payload, position)
+select 'ledger', 'l-big', 'posted', i, jsonb_build_object('blob', repeat('x', 400000)), 1030000 + i
+from generate_series(1, 4) i;
+select tests.authenticate_as_service_role();
+select is((select array_agg(version::bigint order by version)
+           from public.get_aggregate_events('ledger', 'l-big', p_max_bytes := 1048576)),
+  array[1, 2, 3]::bigint[], 'a history page ends with the event that takes it past max_bytes');
+select is((select array_agg(version::bigint order by position)
+           from public.read_event_stream(1000000, 10, 'ledger', p_max_bytes := 1048576)),
+  array[1, 2, 3]::bigint[], 'and so does a page of the stream');
+select is((select array_agg(version::bigint)
+           from public.get_aggregate_events('ledger', 'l-big', p_max_bytes := 1)),
+  array[1]::bigint[], 'the first event always comes');
+select is((select count(*)::int from public.get_aggregate_events('ledger', 'l-big')), 4,
+  'without max_bytes a page is its limit');
+select throws_ok($$select * from public.read_event_stream(0, 10, p_max_bytes := 0)$$,
+  'PT400', 'invalid_max_bytes', 'max_bytes below 1 is refused');
 
 -- On a read replica, or in a caller's read-only transaction, the reader reads
 -- what is numbered already instead of failing on the sequencer's writes.

@@ -47,8 +47,10 @@ const streamQuery = z.object({
 }).strict();
 
 // A page's events stop once their payloads and metadata reach a megabyte
-// (the first always comes: each is at most a megabyte): a page of 1,000 one-megabyte
-// events was a gigabyte through the function's memory.
+// (the first always comes: each is at most a megabyte): a page of 1,000
+// one-megabyte events was a gigabyte through the function's memory. The
+// reader stops there (max_bytes), and the select measures the same text, so
+// the route knows whether the budget cut the page.
 const PAGE_BYTES = 1024 * 1024;
 const paged = { pageBytes: { max: PAGE_BYTES, of: ["payload", "metadata"] } } as const;
 
@@ -90,6 +92,7 @@ app.get("/aggregates/:type/:id", async (c) => {
     aggregate_id: id,
     from_version: q.from_version,
     limit: q.limit + 1,
+    max_bytes: PAGE_BYTES,
   }, paged);
   if (rows.length === 0 && q.from_version === 1) throw notFound("no such aggregate");
   const page = rows.slice(0, q.limit).map(toEvent);
@@ -110,6 +113,7 @@ app.get("/stream", async (c) => {
     limit: q.limit,
     aggregate_type: q.aggregate_type,
     event_type: q.event_type,
+    max_bytes: PAGE_BYTES,
   }, paged);
   const events = rows.map(toEvent);
   return c.json({
