@@ -785,14 +785,15 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- claim index; with rows due later in that index, a claim behind 20,000 of
 -- them over every priority (0-1000) walked all 1,001 (6-7 ms, an empty claim
 -- included). A table with a boolean due column keeps only its due rows there
--- (index predicate: status = 'pending' and due) and the rest in a second
--- partial index on (lane, visible_at) where not due. The writers that make a
--- row pending and visible at once set due (sends, schedules, retries, and the
--- expiry and settlement below); every other pending row, a row written
--- directly included, starts not due, and each claim first marks its lanes'
--- rows whose time has come, a probe of that index when there are none. So
--- due is only ever late, never wrong: a row is claimed by its visible_at
--- alone, and one marked late waits at most for the next claim of its lane.
+-- (index predicate: status = 'pending' and due) and the rest in two partial
+-- indexes where not due: on (lane, visible_at), and on the claim index's
+-- columns. The writers that make a row pending and visible at once set due
+-- (sends, schedules, retries, and the expiry and settlement below); every
+-- other pending row, a row written directly included, starts not due, and
+-- each claim first marks the best of its lanes' rows whose time has come, as
+-- many as it claims, a probe of the first index when there are none. So due
+-- is only ever late, never wrong: a row is claimed by its visible_at alone,
+-- and one marked late waits at most for the next claim of its lane.
 --
 -- Filter. Given a jsonb filter column (message_queue: payload), the claim of
 -- one lane takes an optional p_filter jsonb: rows whose column contains it
@@ -842,6 +843,7 @@ declare
   --            the table, %3$s the lanes' CTE, %4$s the id type
   --   v_claim  the claim's statements: %1$s the shared update
   v_scan text;
+  v_scan_unmarked text; -- v_scan over the rows now due but not yet marked (see "Due")
   v_lock text := 'for update skip locked';
   v_pick text;
   v_candidates text; -- v_scan of the lane l, passing over the candidates tried
@@ -862,8 +864,10 @@ begin
   -- higher priority first (20,000 delayed messages: 124 index pages and 1.6 ms
   -- an empty claim, against 11 and 0.16). With a due column the index holds
   -- no row due later, and each priority visited has rows to take (see "Due").
-  -- The nested loop hands rows on in claim order.
-  v_scan := format($sql$
+  -- The nested loop hands rows on in claim order. %%1$s is the rows the scan
+  -- reads: those in the claim index, or (with a due column) those waiting
+  -- to be marked due.
+  v_scan := $sql$
         select c.id, c.priority, c.visible_at from (
           with recursive priorities(p) as (
             (select t.priority from %1$s t where %2$s and %%1$s
@@ -883,7 +887,9 @@ begin
           limit p_limit
           %%3$s
         ) c
-        limit p_limit$sql$, p_table, v_pending);
+        limit p_limit$sql$;
+  v_scan_unmarked := format(v_scan, p_table, 't.status = ''pending'' and not t.due');
+  v_scan := format(v_scan, p_table, v_pending);
   if not p_lane_set then
     v_lane := case when p_lane_column is null then 'true'
                    else format('t.%I = p_lane', p_lane_column) end;
@@ -966,18 +972,19 @@ begin
     if p_lane_column is null then
       raise exception 'install_leases: a due column needs a lane column';
     end if;
-    -- One lane's rows now due (%%1$s: the lane), a thousand at most, so that
-    -- a flood falling due together is marked over a few claims rather than
-    -- held locked by one; one index probe when none is, as for the lease
-    -- expiry. In claim order, and only rows matching a claim's filter: then
-    -- every row left unmarked ranks below a thousand marked ones, and a claim
-    -- (a thousand at most) takes exactly the rows it would take were all
-    -- marked. Marked oldest first, a due high-priority row waited behind a
-    -- flood of older ones for several claims, and a filtered claim found
-    -- nothing while its matches waited unmarked. The marked rows are locked
-    -- until the claim's transaction ends, like the rows it takes: a claim
-    -- should be a transaction of its own (the functions' routes and the
-    -- worker claim so).
+    -- One lane's rows now due (%%1$s: the lane): a probe of the delayed index
+    -- when none is, as for the lease expiry; else the claim's own limit of
+    -- them, in claim order, read like the claim's scan from the index of the
+    -- rows waiting to be marked, and only rows matching a claim's filter.
+    -- Then the claim's scan takes exactly the rows it would take were all
+    -- marked: its limit from the due rows and the best of the rest. The
+    -- marked rows are locked until the claim's transaction ends, like the
+    -- rows it takes, so marking more than a claim takes held them from the
+    -- claims beside it: marking a thousand, a claim beside it found nothing
+    -- while 990 waited, and its worker's slot stopped early. Sorting all the
+    -- rows now due to mark them in claim order took 150 ms a claim behind
+    -- 500,000 of them. A claim should be a transaction of its own (the
+    -- functions' routes and the worker claim so).
     v_mark := format($sql$
       perform from %1$s t
       where t.%2$I = %%1$s and t.status = 'pending' and not t.due and t.visible_at <= now()
@@ -986,16 +993,14 @@ begin
       if found then
         update %1$s t
            set due = true
-          from (select d.id from %1$s d
-                where d.%2$I = %%1$s and d.status = 'pending' and not d.due
-                  and d.visible_at <= now()%3$s
-                order by d.priority desc, d.visible_at, d.id
-                limit 1000
-                for update skip locked) d
+          from (%3$s) d
          where t.id = d.id;
       end if;$sql$, p_table, p_lane_column,
-      case when p_filter_column is not null
-           then format(' and (p_filter is null or d.%I @> p_filter)', p_filter_column) else '' end);
+      format(v_scan_unmarked, format('t.%I = %%1$s', p_lane_column),
+             case when p_filter_column is not null
+                  then format(' and (p_filter is null or t.%I @> p_filter)', p_filter_column)
+                  else '' end,
+             v_lock));
     if not p_lane_set then
       v_mark := format(v_mark, 'p_lane');
     else
@@ -1078,10 +1083,10 @@ begin
         from picked
        where t.id = picked.id
       returning t.*$sql$, p_table, p_in_flight, v_lease)),
-  -- Merging a set of lanes, and marking rows due in claim order, sort, which
-  -- enable_sort = off prices at 1e10: over jit_above_cost, so every such
-  -- claim compiled itself with LLVM (0.4 s a claim).
-  case when p_lane_set or v_due then 'set jit = off' else '' end,
+  -- A claim is a few index probes, never worth compiling with LLVM; and
+  -- merging a set of lanes sorts, which enable_sort = off prices at 1e10,
+  -- over jit_above_cost: every such claim compiled itself (0.4 s a claim).
+  'set jit = off',
   case when p_filter_column is not null then ', p_filter jsonb default null' else '' end,
   v_mark);
 
@@ -1257,12 +1262,17 @@ create unique index message_queue_idempotency_idx
   where idempotency_key is not null;
 -- claim order: priority, then when the message became visible, then id; due
 -- messages only. Those due later (delayed, or waiting out a backoff) are in
--- the delayed index until a claim marks them due ("Due" at install_leases).
+-- the delayed indexes until a claim marks them due ("Due" at install_leases):
+-- by time, for the probe whether any has fallen due, and in claim order, for
+-- marking those that have.
 create index message_queue_claim_idx
   on public.message_queue (queue_name, priority desc, visible_at, id)
   where status = 'pending' and due;
 create index message_queue_delayed_idx
   on public.message_queue (queue_name, visible_at) where status = 'pending' and not due;
+create index message_queue_delayed_claim_idx
+  on public.message_queue (queue_name, priority desc, visible_at, id)
+  where status = 'pending' and not due;
 create index message_queue_lease_idx
   on public.message_queue (visible_at) where status = 'processing';
 -- Finished messages by queue (metrics, purge). Deliberately no index on
@@ -2480,12 +2490,15 @@ create unique index background_jobs_idempotency_idx
   on public.background_jobs (idempotency_key, user_id) nulls not distinct
   where idempotency_key is not null;
 -- claim order as for message_queue_claim_idx, by job type (the claim's lane);
--- jobs due later (run_at, or a retry's backoff) wait in the delayed index
+-- jobs due later (run_at, or a retry's backoff) wait in the delayed indexes
 create index background_jobs_claim_idx
   on public.background_jobs (job_type, priority desc, visible_at, id)
   where status = 'pending' and due;
 create index background_jobs_delayed_idx
   on public.background_jobs (job_type, visible_at) where status = 'pending' and not due;
+create index background_jobs_delayed_claim_idx
+  on public.background_jobs (job_type, priority desc, visible_at, id)
+  where status = 'pending' and not due;
 create index background_jobs_running_idx
   on public.background_jobs (visible_at) where status = 'running';
 create index background_jobs_user_idx

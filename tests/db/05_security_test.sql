@@ -47,7 +47,7 @@ select is(
   array(select p.proname::text from pg_proc p join pg_namespace n on n.oid = p.pronamespace
         where n.nspname = 'private' and has_function_privilege('authenticated', p.oid, 'execute')
         order by 1),
-  array['check_limit', 'raise_error', 'transaction_created_at', 'whatsapp_jwt_phone'],
+  array['check_limit', 'events_within_bytes', 'raise_error', 'transaction_created_at', 'whatsapp_jwt_phone'],
   'users can execute only the private helpers granted to them'
 );
 

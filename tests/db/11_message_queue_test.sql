@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(172);
+select plan(175);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -357,6 +357,18 @@ select is((select array_agg(payload ->> 'k') from public.claim_messages('flood-1
   'of a flood falling due together, the highest priority is claimed first');
 select is((select array_agg(payload ->> 'k') from public.claim_messages('flood-2', 1, 30, 'w', '{"k": "c"}')),
   array['c'], 'a filtered claim finds its match behind a flood falling due');
+-- A claim marks as many as it takes, so none is left marked and locked from
+-- the claims beside it; and it reads them in claim order from an index,
+-- where sorting the whole flood read every one of its rows.
+select is((select count(*)::int from public.message_queue
+           where queue_name like 'flood-_' and status = 'pending' and due), 0,
+  'a claim marks only the messages it takes');
+update pages set n = tests.blocks_read('public.message_queue')
+  + tests.index_blocks_read('public.message_queue');
+select is((select array_agg(payload ->> 'k') from public.claim_messages('flood-1', 2, 30)),
+  array['a', 'a'], 'then the oldest of the flood');
+select cmp_ok(tests.blocks_read('public.message_queue') + tests.index_blocks_read('public.message_queue')
+  - (select n from pages), '<', 150::bigint, 'reading a few pages of its 1,500 messages');
 delete from public.message_queue where queue_name like 'flood-_';
 -- a long group is never walked by a claim: its blocked messages are not in the claim index
 insert into public.message_queue (queue_name, payload, group_key, status)

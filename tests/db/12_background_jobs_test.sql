@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(87);
+select plan(88);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -244,6 +244,9 @@ select is((select job_name from public.claim_jobs(array['flood-1'], 1)), 'Urgent
   'of a flood falling due together, the urgent job is claimed first');
 select is((select job_name from public.claim_jobs(array['flood-2', 'other'], 1)), 'Urgent',
   'and so in the merged form');
+select is((select count(*)::int from public.background_jobs
+           where job_type like 'flood-_' and status = 'pending' and due), 0,
+  'a claim marks only the jobs it takes');
 delete from public.background_jobs where job_type like 'flood-_';
 
 -- A claim for some job types does not walk the jobs of others: 20,000 due jobs

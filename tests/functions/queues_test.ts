@@ -1052,3 +1052,37 @@ dbTest("metrics count every message a queue was sent, as pgmq's total_messages",
   const counted = all.body.queues.find((q: { queue_name: string }) => q.queue_name === "counted");
   assert.deepEqual([counted.total, counted.total_messages], [1, 3]);
 });
+
+// Messages whose time came while no claim looked are marked due by the next
+// claim, and the marks hold their rows locked until that claim commits. A
+// claim marked a thousand of them and took one: a claim beside it, before
+// the first committed, found none of the other 49 and answered empty (a
+// worker's slot stops there). A claim marks what it takes now; the one
+// beside it takes the next in claim order.
+dbTest("a claim beside one that marks fallen-due messages takes the next of them", async () => {
+  const queue = "fallen-due";
+  await db.sql`insert into public.message_queue (queue_name, payload, visible_at)
+               select ${queue}, jsonb_build_object('n', i), now() - interval '1 minute' + i * interval '1 ms'
+               from generate_series(1, 50) i`;
+  const a = await consumer();
+  const b = await consumer();
+  try {
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    let first: unknown;
+    const firstTx = a.begin(async (tx) => {
+      first = (await tx`select payload ->> 'n' as n from public.claim_messages(${queue}, 1, 30)`)
+        .map((r) => r.n);
+      await held;
+    });
+    while (first === undefined) await sleep(10);
+    const beside = await b`select payload ->> 'n' as n from public.claim_messages(${queue}, 1, 30)`;
+    release();
+    await firstTx;
+    assert.deepEqual(first, ["1"]);
+    assert.deepEqual(beside.map((r) => r.n), ["2"]);
+  } finally {
+    await a.end();
+    await b.end();
+  }
+});
