@@ -945,6 +945,8 @@ begin
               exit when cardinality(v_ids) = p_limit;
             end loop;
           end loop;
+          -- the leases start once the rows are picked, however long that took
+          v_taken := pg_catalog.clock_timestamp();
           return query with picked as (select unnest(v_ids) as id) %%1$s;
         end;$sql$;
     -- One lane: its scan alone. Several: v_pick over the lanes given, or
@@ -2671,6 +2673,25 @@ begin
 end;
 $$;
 
+-- The jobs a worker holds, running under a lease that has not ended, with
+-- their lease tokens. A worker whose settle-and-claim committed but whose
+-- answer was lost (the connection dropped after the commit) finds here the
+-- job that call claimed for it: else that job waited out its lease unrun and
+-- counted as an attempt timed out, the last one of a job allowed one.
+-- p_worker is the name a claim was made under (each slot of the jobs
+-- function claims under its own).
+create or replace function public.claimed_jobs(p_worker text)
+returns setof public.background_jobs
+language sql
+stable
+security definer
+set search_path = ''
+as $$
+  select j.* from public.background_jobs j
+  where j.status = 'running' and j.locked_by = p_worker and j.visible_at > now()
+  order by j.id
+$$;
+
 -- Settles one attempt of a job for the holder of its lease (409 lease_lost
 -- otherwise): completed with p_result, or failed (retried with backoff, or
 -- failed / timeout after max_attempts). The one mapping of an attempt's end to
@@ -2887,6 +2908,7 @@ revoke all on function public.schedule_job(text, text, jsonb, timestamptz, integ
 revoke all on function public.timeout_jobs() from public, anon, authenticated;
 revoke all on function public.due_jobs_by_type(text[]) from public, anon, authenticated;
 revoke all on function public.claim_jobs(text[], integer, text) from public, anon, authenticated;
+revoke all on function public.claimed_jobs(text) from public, anon, authenticated;
 revoke all on function public.complete_job(bigint, uuid, jsonb) from public, anon, authenticated;
 revoke all on function public.fail_job(bigint, uuid, text, boolean) from public, anon, authenticated;
 revoke all on function public.settle_and_claim_jobs(bigint, uuid, jsonb, text, boolean, text[], integer, text)
@@ -2899,6 +2921,7 @@ grant execute on function public.schedule_job(text, text, jsonb, timestamptz, in
 grant execute on function public.timeout_jobs() to service_role;
 grant execute on function public.due_jobs_by_type(text[]) to service_role;
 grant execute on function public.claim_jobs(text[], integer, text) to service_role;
+grant execute on function public.claimed_jobs(text) to service_role;
 grant execute on function public.complete_job(bigint, uuid, jsonb) to service_role;
 grant execute on function public.fail_job(bigint, uuid, text, boolean) to service_role;
 grant execute on function public.settle_and_claim_jobs(bigint, uuid, jsonb, text, boolean, text[], integer, text)

@@ -14,6 +14,7 @@ import {
   expectError,
   freshDatabase,
   serviceToken,
+  useDatabase,
   userToken,
 } from "../support/harness.ts";
 
@@ -27,6 +28,12 @@ registerJobHandler("test_throws", () => {
   return Promise.reject(new Error(`boom ${throwsCalls}`));
 });
 registerJobHandler("test_hangs", () => new Promise(() => {}));
+// records which jobs ran (the lost-answer test below)
+const lostRuns: string[] = [];
+registerJobHandler("test_lost", (job) => {
+  lostRuns.push(job.job_name);
+  return Promise.resolve();
+});
 registerJobHandler("test_slow", () => sleep(200).then(() => ({ slept: 200 })));
 // test_waits finishes only once three test_counts jobs have run meanwhile
 let counted = 0;
@@ -335,6 +342,94 @@ dbTest("a settlement the database is too busy for is sent again", async () => {
   const waiting = await job(after.body.job.id);
   assert.deepEqual([waiting.status, waiting.attempts], ["pending", 0]);
   await db.sql`delete from public.background_jobs where id = ${after.body.job.id}`;
+});
+
+/**
+ * A proxy to the test database that, the first time a query containing
+ * `marker` passes, lets the database run it and drops the connection before
+ * its answer: a commit whose answer is lost.
+ */
+function answerDroppingProxy(marker: string): { url: string; close: () => void } {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const target = new URL(db.url);
+  const open = new Set<() => void>();
+  let armed = true;
+  (async () => {
+    for await (const client of listener) {
+      const server = await Deno.connect({ hostname: "127.0.0.1", port: Number(target.port) });
+      let tripped = false;
+      const drop = () => {
+        open.delete(drop);
+        for (const conn of [client, server]) {
+          try {
+            conn.close();
+          } catch { /* closed already */ }
+        }
+      };
+      open.add(drop);
+      client.readable.pipeThrough(
+        new TransformStream({
+          transform(chunk, out) {
+            if (armed && new TextDecoder().decode(chunk).includes(marker)) {
+              armed = false;
+              tripped = true;
+            }
+            out.enqueue(chunk);
+          },
+        }),
+      ).pipeTo(server.writable).catch(() => {}).finally(drop);
+      server.readable.pipeThrough(
+        new TransformStream({
+          transform(chunk, out) {
+            if (tripped) drop();
+            else out.enqueue(chunk);
+          },
+        }),
+      ).pipeTo(client.writable).catch(() => {}).finally(drop);
+    }
+  })();
+  const url = new URL(db.url);
+  url.port = String((listener.addr as Deno.NetAddr).port);
+  return {
+    url: url.href,
+    close: () => {
+      listener.close();
+      for (const drop of open) drop();
+    },
+  };
+}
+
+// A settle-and-claim that commits but whose answer is lost is sent again and
+// finds its job settled (lease_lost). The job the first call claimed is held
+// under the slot's name: the slot takes it up. It used to claim another
+// instead, and the held job waited out its lease unrun and ended timed out,
+// its one attempt spent.
+dbTest("a job claimed by a settlement whose answer was lost still runs", async () => {
+  for (const name of ["A", "B", "C"]) {
+    await schedule({ job_type: "test_lost", job_name: name, max_attempts: 1, priority: 5 });
+  }
+  const proxy = answerDroppingProxy("settle_and_claim_jobs");
+  await useDatabase(proxy.url);
+  try {
+    const summary = await run({ job_types: ["test_lost"], concurrency: 1 });
+    assert.equal(summary.status, 200, JSON.stringify(summary.body));
+    assert.deepEqual(
+      [summary.body.claimed, summary.body.completed, summary.body.lease_lost],
+      [3, 2, 1],
+      JSON.stringify(summary.body),
+    );
+  } finally {
+    proxy.close();
+    await useDatabase(db.url);
+  }
+  assert.deepEqual(lostRuns, ["A", "B", "C"]);
+  const rows = await db.sql`select job_name, status, attempts from public.background_jobs
+                            where job_type = 'test_lost' order by job_name`;
+  assert.deepEqual(rows.map((r) => [r.job_name, r.status, r.attempts]), [
+    ["A", "completed", 1],
+    ["B", "completed", 1],
+    ["C", "completed", 1],
+  ]);
 });
 
 dbTest("a slow job holds up only its own slot", async () => {

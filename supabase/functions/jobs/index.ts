@@ -86,7 +86,8 @@ app.post("/run", async (c) => {
     cpuBudgetMs: env().JOBS_RUN_CPU_BUDGET_MS,
     concurrency: body.concurrency,
     jobTypes: body.job_types,
-    workerId: `jobs-run:${c.get("correlationId")}`.slice(0, 128),
+    // locked_by holds 128 characters: room for the slot's "/n"
+    workerId: `jobs-run:${c.get("correlationId")}`.slice(0, 120),
   });
   return c.json(summary);
 });

@@ -197,6 +197,9 @@ function cpuBudget(
   };
 }
 
+/** A slot's claim: the job types, one job, and the slot's name. */
+type Claim = { job_types: TextArray; limit: number; worker: string };
+
 const outcomeOf = (s: Settlement): Outcome =>
   s.error === undefined ? "completed" : s.timedOut ? "timed_out" : "failed";
 
@@ -219,7 +222,7 @@ export async function runJobs(
     unhandled: {},
   };
   const types = opts.jobTypes ?? registeredJobTypes();
-  const claim = { job_types: new TextArray(types), limit: 1, worker: opts.workerId };
+  const jobTypes = new TextArray(types);
   // The first slot to fail stops the others claiming; they finish the job in
   // hand, and the run reports the failure only then, so no slot outlives it.
   let failure: { error: unknown } | undefined;
@@ -234,17 +237,17 @@ export async function runJobs(
 
   /**
    * Settles an attempt and, while the budget lasts, claims the slot's next
-   * job in the same call. `leaseEnds` (performance.now() time) bounds the
-   * retries of a settlement the database could not take (503).
+   * job in the same call (`claim`: the slot's claim). `leaseEnds`
+   * (performance.now() time) bounds the retries of a settlement the database
+   * could not take (503).
    */
   const settle = async (
-    job: Job,
-    lease: string,
+    { job, lease, leaseEnds, claim }: { job: Job; lease: string; leaseEnds: number; claim: Claim },
     s: Settlement,
     claimNext: boolean,
-    leaseEnds: number,
     retries = 0,
   ): Promise<{ outcome: Outcome; next?: Row; looked: boolean }> => {
+    const held = { job, lease, leaseEnds, claim };
     const settlement = s.error === undefined
       // no result is SQL null, as for a failed or cancelled job, not JSON null
       ? {
@@ -273,12 +276,16 @@ export async function runJobs(
       return { outcome: outcomeOf(s), next, looked: claimNext };
     } catch (err) {
       if (err instanceof HttpError && err.code === "lease_lost") {
-        // cancelled, or timed out and reclaimed while it ran: its result is dropped
-        return {
-          outcome: "lease_lost",
-          next: claimNext ? await claiming("public.claim_jobs", claim) : undefined,
-          looked: claimNext,
-        };
+        // Cancelled, or timed out and reclaimed while it ran: its result is
+        // dropped. Or, for a settlement sent again, the first one committed
+        // and only its answer was lost: the job it claimed is held under the
+        // slot's name, and is taken up here, not left to wait out its lease.
+        let next: Row | undefined;
+        if (claimNext && retries > 0) {
+          next = await claiming("public.claimed_jobs", { worker: claim.worker });
+        }
+        if (claimNext && !next) next = await claiming("public.claim_jobs", claim);
+        return { outcome: "lease_lost", next, looked: claimNext };
       }
       // A result or error the database refuses (a NUL inside a result's
       // string, say) is settled once more with a plain error in its place:
@@ -287,7 +294,7 @@ export async function runJobs(
         const what = s.error === undefined ? "result" : "error";
         const error = `${what} not stored: ${(err as HttpError).code}`;
         const replaced = { error, timedOut: s.timedOut, replaced: true };
-        return await settle(job, lease, replaced, claimNext, leaseEnds);
+        return await settle(held, replaced, claimNext);
       }
       // No connection free, or none answering: sent again while the lease
       // holds and the run may last, since a job whose settlement is given up
@@ -305,15 +312,17 @@ export async function runJobs(
             error: err.code,
           });
           await new Promise((r) => setTimeout(r, pause));
-          return await settle(job, lease, s, claimNext && inBudget(), leaseEnds, retries + 1);
+          return await settle(held, s, claimNext && inBudget(), retries + 1);
         }
       }
       throw err;
     }
   };
 
-  const slot = async () => {
+  const slot = async (n: number) => {
     if (types.length === 0) return;
+    // each slot claims under a name of its own (see public.claimed_jobs)
+    const claim = { job_types: jobTypes, limit: 1, worker: `${opts.workerId}/${n}` };
     // whether the slot last looked for a job, or stopped for the budget
     let looked = inBudget();
     let row = looked ? await claiming("public.claim_jobs", claim) : undefined;
@@ -326,7 +335,7 @@ export async function runJobs(
       const s = await attempt(job, correlationId);
       const lease = row.lease_token as string;
       inHand--;
-      const settled = await settle(job, lease, s, inBudget(), leaseEnds);
+      const settled = await settle({ job, lease, leaseEnds, claim }, s, inBudget());
       summary[settled.outcome]++;
       row = settled.next;
       looked = settled.looked;
@@ -334,10 +343,12 @@ export async function runJobs(
     // a slot that stopped without looking for more jobs left them to the next run
     if (!looked) summary.stopped = "budget";
   };
-  await Promise.all(Array.from({ length: opts.concurrency }, () =>
-    slot().catch((error) => {
-      failure ??= { error };
-    })));
+  await Promise.all(
+    Array.from({ length: opts.concurrency }, (_, n) =>
+      slot(n + 1).catch((error) => {
+        failure ??= { error };
+      })),
+  );
   if (failure) throw failure.error;
   // A drained run of every registered type: what is still due has no handler
   // here (the spec's own payment_processing, say), and would wait unseen.
