@@ -200,6 +200,14 @@ function cpuBudget(
 /** A slot's claim: the job types, one job, and the slot's name. */
 type Claim = { job_types: TextArray; limit: number; worker: string };
 
+/** A job a slot holds: its lease token, when the lease ends (performance.now() time), the slot's claim. */
+interface Held {
+  job: Job;
+  lease: string;
+  leaseEnds: number;
+  claim: Claim;
+}
+
 const outcomeOf = (s: Settlement): Outcome =>
   s.error === undefined ? "completed" : s.timedOut ? "timed_out" : "failed";
 
@@ -237,17 +245,16 @@ export async function runJobs(
 
   /**
    * Settles an attempt and, while the budget lasts, claims the slot's next
-   * job in the same call (`claim`: the slot's claim). `leaseEnds`
-   * (performance.now() time) bounds the retries of a settlement the database
-   * could not take (503).
+   * job in the same call. The lease's end bounds the retries of a settlement
+   * the database could not take (503).
    */
   const settle = async (
-    { job, lease, leaseEnds, claim }: { job: Job; lease: string; leaseEnds: number; claim: Claim },
+    held: Held,
     s: Settlement,
     claimNext: boolean,
     retries = 0,
   ): Promise<{ outcome: Outcome; next?: Row; looked: boolean }> => {
-    const held = { job, lease, leaseEnds, claim };
+    const { job, lease, leaseEnds, claim } = held;
     const settlement = s.error === undefined
       // no result is SQL null, as for a failed or cancelled job, not JSON null
       ? {
