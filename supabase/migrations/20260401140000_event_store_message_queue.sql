@@ -2673,23 +2673,34 @@ begin
 end;
 $$;
 
--- The jobs a worker holds, running under a lease that has not ended, with
--- their lease tokens. A worker whose settle-and-claim committed but whose
--- answer was lost (the connection dropped after the commit) finds here the
--- job that call claimed for it: else that job waited out its lease unrun and
--- counted as an attempt timed out, the last one of a job allowed one.
--- p_worker is the name a claim was made under (each slot of the jobs
--- function claims under its own).
-create or replace function public.claimed_jobs(p_worker text)
-returns setof public.background_jobs
+-- The jobs a worker holds, running under a lease that has not ended, taken up
+-- again: a fresh lease (token, and the job's timeout plus 10 s from now) for
+-- each, the attempt unchanged. A worker whose settle-and-claim committed but
+-- whose answer was lost (the connection dropped after the commit) finds here
+-- the job that call claimed for it: else that job waited out its lease unrun
+-- and counted as an attempt timed out, the last one of a job allowed one. The
+-- lease starts again because the worker gives the handler its whole timeout,
+-- and part of the first lease went by in the lost call and its retries.
+-- Only jobs whose timeout is at most p_max_timeout_seconds: the time the
+-- worker has left. p_worker is the name a claim was made under (each slot of
+-- the jobs function claims under its own, unique to its run).
+create or replace function public.reclaim_held_jobs(
+  p_worker text,
+  p_max_timeout_seconds integer default 120
+) returns setof public.background_jobs
 language sql
-stable
+volatile
 security definer
 set search_path = ''
 as $$
-  select j.* from public.background_jobs j
-  where j.status = 'running' and j.locked_by = p_worker and j.visible_at > now()
-  order by j.id
+  update public.background_jobs j
+     set lease_token = pg_catalog.gen_random_uuid(),
+         locked_at = pg_catalog.clock_timestamp(),
+         visible_at = pg_catalog.clock_timestamp() + make_interval(secs => j.timeout_seconds + 10),
+         updated_at = now()
+   where j.status = 'running' and j.locked_by = p_worker and j.visible_at > now()
+     and j.timeout_seconds <= p_max_timeout_seconds
+  returning j.*
 $$;
 
 -- Settles one attempt of a job for the holder of its lease (409 lease_lost
@@ -2908,7 +2919,7 @@ revoke all on function public.schedule_job(text, text, jsonb, timestamptz, integ
 revoke all on function public.timeout_jobs() from public, anon, authenticated;
 revoke all on function public.due_jobs_by_type(text[]) from public, anon, authenticated;
 revoke all on function public.claim_jobs(text[], integer, text) from public, anon, authenticated;
-revoke all on function public.claimed_jobs(text) from public, anon, authenticated;
+revoke all on function public.reclaim_held_jobs(text, integer) from public, anon, authenticated;
 revoke all on function public.complete_job(bigint, uuid, jsonb) from public, anon, authenticated;
 revoke all on function public.fail_job(bigint, uuid, text, boolean) from public, anon, authenticated;
 revoke all on function public.settle_and_claim_jobs(bigint, uuid, jsonb, text, boolean, text[], integer, text)
@@ -2921,7 +2932,7 @@ grant execute on function public.schedule_job(text, text, jsonb, timestamptz, in
 grant execute on function public.timeout_jobs() to service_role;
 grant execute on function public.due_jobs_by_type(text[]) to service_role;
 grant execute on function public.claim_jobs(text[], integer, text) to service_role;
-grant execute on function public.claimed_jobs(text) to service_role;
+grant execute on function public.reclaim_held_jobs(text, integer) to service_role;
 grant execute on function public.complete_job(bigint, uuid, jsonb) to service_role;
 grant execute on function public.fail_job(bigint, uuid, text, boolean) to service_role;
 grant execute on function public.settle_and_claim_jobs(bigint, uuid, jsonb, text, boolean, text[], integer, text)

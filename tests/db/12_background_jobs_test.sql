@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(91);
+select plan(93);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -76,11 +76,19 @@ select throws_ok(format($$select public.settle_and_claim_jobs(%s, %L, p_limit :=
   'PT400', 'invalid_limit', 'the claim''s limit is checked before anything is settled');
 select is((select string_agg(status, ',' order by id) from public.background_jobs where job_type = 'sac'),
   'completed,running,pending', 'refused calls settle and claim nothing');
--- a worker whose answer was lost finds the job claimed under its name
-select is((select array_agg(id || ':' || lease_token) from public.claimed_jobs('w2')),
-  (select array_agg(id || ':' || lease_token) from s2), 'claimed_jobs: the jobs a worker holds');
-select is((select count(*)::int from public.claimed_jobs('w1-other')), 0,
+-- a worker whose answer was lost takes up the job claimed under its name,
+-- on a fresh lease
+create temp table r as select * from public.reclaim_held_jobs('w2');
+select is((select array_agg(id) from r), (select array_agg(id) from s2),
+  'reclaim_held_jobs: the jobs a worker holds');
+select ok((select r.lease_token <> s2.lease_token and r.visible_at > s2.visible_at
+                  and r.attempts = s2.attempts from r, s2),
+  'each on a fresh lease, its attempt unchanged');
+select is((select count(*)::int from public.reclaim_held_jobs('w1-other')), 0,
   'and none held under another name');
+select is((select count(*)::int from public.reclaim_held_jobs('w2', 10)), 0,
+  'nor one whose timeout is longer than the time the worker has left');
+update s2 set lease_token = (select lease_token from r);
 create temp table s3 as select * from public.settle_and_claim_jobs((select id from s2),
   (select lease_token from s2), p_error := 'boom', p_job_types := array['sac']);
 select is((select status || ':' || last_error || ':' || (visible_at > now() + interval '5 seconds')
@@ -316,8 +324,8 @@ select is((select count(*)::int from public.background_jobs), 1, 'alice sees onl
 select throws_ok(format($$select public.cancel_job(%s)$$, (select id from f)), 'PT404', 'job_not_found',
   'alice cannot cancel someone else''s job');
 select throws_ok($$select public.claim_jobs()$$, '42501', null, 'users cannot claim jobs');
-select throws_ok($$select public.claimed_jobs('w2')$$, '42501', null,
-  'or read the jobs a worker holds');
+select throws_ok($$select public.reclaim_held_jobs('w2')$$, '42501', null,
+  'or take up the jobs a worker holds');
 select throws_ok(format($$select public.settle_and_claim_jobs(%s, %L)$$, (select id from s3),
     (select lease_token from s3)), '42501', null, 'users cannot settle jobs');
 

@@ -86,8 +86,9 @@ app.post("/run", async (c) => {
     cpuBudgetMs: env().JOBS_RUN_CPU_BUDGET_MS,
     concurrency: body.concurrency,
     jobTypes: body.job_types,
-    // locked_by holds 128 characters: room for the slot's "/n"
-    workerId: `jobs-run:${c.get("correlationId")}`.slice(0, 120),
+    // Unique to the run, not the caller's correlation id (which callers
+    // choose and pass along): a slot takes up jobs held under its name.
+    workerId: `jobs-run:${crypto.randomUUID()}`,
   });
   return c.json(summary);
 });

@@ -234,7 +234,9 @@ export async function runJobs(
   // The first slot to fail stops the others claiming; they finish the job in
   // hand, and the run reports the failure only then, so no slot outlives it.
   let failure: { error: unknown } | undefined;
-  // jobs claimed and not yet settled, over all slots
+  // Jobs claimed and not yet done, over all slots, and the claims on their
+  // way: a claim counts from the moment a slot decides on it, or the slots
+  // deciding while it travels overran the CPU budget by a job each.
   let inHand = 0;
   const finished = () =>
     summary.completed + summary.failed + summary.timed_out + summary.lease_lost;
@@ -284,12 +286,19 @@ export async function runJobs(
     } catch (err) {
       if (err instanceof HttpError && err.code === "lease_lost") {
         // Cancelled, or timed out and reclaimed while it ran: its result is
-        // dropped. Or, for a settlement sent again, the first one committed
-        // and only its answer was lost: the job it claimed is held under the
-        // slot's name, and is taken up here, not left to wait out its lease.
+        // dropped. Or, for a settlement sent again, an earlier send committed
+        // and only its answer was lost: its outcome is stored, and a job it
+        // claimed is held under the slot's name. That job is taken up on a
+        // fresh lease, budget or not (it was claimed within the budget), if
+        // its timeout fits in the run's time left; else it waits out its
+        // lease.
         let next: Row | undefined;
-        if (claimNext && retries > 0) {
-          next = await claiming("public.claimed_jobs", { worker: claim.worker });
+        const secondsLeft = Math.floor((started + RUN_DEADLINE_MS - performance.now()) / 1000);
+        if (retries > 0 && secondsLeft > 0) {
+          next = await claiming("public.reclaim_held_jobs", {
+            worker: claim.worker,
+            max_timeout_seconds: secondsLeft,
+          });
         }
         if (claimNext && !next) next = await claiming("public.claim_jobs", claim);
         return { outcome: "lease_lost", next, looked: claimNext };
@@ -328,21 +337,31 @@ export async function runJobs(
 
   const slot = async (n: number) => {
     if (types.length === 0) return;
-    // each slot claims under a name of its own (see public.claimed_jobs)
+    // each slot claims under a name of its own (see public.reclaim_held_jobs)
     const claim = { job_types: jobTypes, limit: 1, worker: `${opts.workerId}/${n}` };
+    /** Whether to claim a job now; if so, it is in hand from now. */
+    const decide = () => {
+      const yes = inBudget();
+      if (yes) inHand++;
+      return yes;
+    };
     // whether the slot last looked for a job, or stopped for the budget
-    let looked = inBudget();
+    let looked = decide();
     let row = looked ? await claiming("public.claim_jobs", claim) : undefined;
+    if (looked && !row) inHand--;
     while (row) {
       summary.claimed++;
-      inHand++;
       const job = toJob(row);
       // the lease began before the claim answered: this end is a little late
       const leaseEnds = performance.now() + (job.timeout_seconds + LEASE_GRACE_S) * 1000;
       const s = await attempt(job, correlationId);
       const lease = row.lease_token as string;
       inHand--;
-      const settled = await settle({ job, lease, leaseEnds, claim }, s, inBudget());
+      const claimNext = decide();
+      const settled = await settle({ job, lease, leaseEnds, claim }, s, claimNext);
+      // a claim that found nothing (or was dropped on a retry) is no job; a
+      // job taken up without one is
+      inHand += (settled.next ? 1 : 0) - (claimNext ? 1 : 0);
       summary[settled.outcome]++;
       row = settled.next;
       looked = settled.looked;
