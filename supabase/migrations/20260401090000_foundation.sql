@@ -244,17 +244,23 @@ $$;
 -- not files: past this a write is refused (413 payload_too_large), also over
 -- SQL, where no request body limit applies, so that no page of them outgrows
 -- what a function's memory holds. The text is measured, not the stored jsonb:
--- a 22-byte number such as 1e131071 prints as 131 KB and an escaped control
--- character as six bytes. Immutable SQL without SET, calling only immutable
--- functions, so it is inlined into its callers' expressions: a call of a SQL
--- function that is not (pg_column_size is only stable) cost an append 5-15
--- us, more than printing its payload.
+-- an escaped control character prints as six bytes, a number as its digits.
+-- A number beyond a double's range (JSON from JavaScript never holds one) is
+-- refused before anything is printed: 1e131071 is 22 bytes stored and 131 KB
+-- printed, so 8,000 of them in a 90 KB call printed a gigabyte (7 s and a
+-- gigabyte of the backend's memory, past any statement timeout, to refuse
+-- it). Immutable SQL without SET, calling only immutable functions, so it is
+-- inlined into its callers' expressions: a call of a SQL function that is
+-- not cost an append 5-15 us.
 create or replace function private.json_too_large(p_value jsonb) returns boolean
 language sql
 immutable
 parallel safe
 as $$
-  select pg_catalog.octet_length(p_value::text) > 1048576
+  select pg_catalog.jsonb_path_exists(p_value,
+           'strict $.** ? (@.type() == "number"
+                           && (@ >= 1e309 || @ <= -1e309 || (@ != 0 && @ > -1e-325 && @ < 1e-325)))')
+      or pg_catalog.octet_length(p_value::text) > 1048576
 $$;
 
 -- The user an operation acts for: a signed-in user acts for themselves

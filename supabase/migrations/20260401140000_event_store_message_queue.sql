@@ -269,7 +269,8 @@ begin
   end if;
   if private.json_too_large(p_payload) or private.json_too_large(p_metadata) then
     perform private.raise_error(413, 'payload_too_large',
-      'payload and metadata are at most 1048576 bytes each (as jsonb)');
+      'payload and metadata are at most 1048576 bytes each as JSON text, '
+      || 'their numbers within a double''s range');
   end if;
   perform private.raise_error(400, 'invalid_expected_version',
     'expected_version must be an integer of at least -1');
@@ -1508,7 +1509,8 @@ begin
       'group_key must be a string of 1 to 128 characters');
   elsif v_shape.too_large then
     perform private.raise_error(413, 'payload_too_large',
-      'payload and headers are at most 1048576 bytes each (as jsonb)');
+      'payload and headers are at most 1048576 bytes each as JSON text, '
+      || 'their numbers within a double''s range');
   end if;
   if v_shape.unknown_key then
     perform private.check_json_keys(p_messages, v_keys, 'invalid_messages');
@@ -2578,7 +2580,7 @@ begin
   end if;
   if private.json_too_large(p_payload) then
     perform private.raise_error(413, 'payload_too_large',
-      'payload is at most 1048576 bytes (as jsonb)');
+      'payload is at most 1048576 bytes as JSON text, its numbers within a double''s range');
   end if;
   if p_priority is null or p_priority not between 0 and 1000 then
     perform private.raise_error(400, 'invalid_priority', 'priority must be between 0 and 1000');

@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(86);
+select plan(89);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -73,6 +73,21 @@ select throws_ok($$select public.append_event('big-1', 'trip', 'x',
 select throws_ok($$select public.append_event('big-1', 'trip', 'x', '{}',
     p_metadata := jsonb_build_object('blob', repeat(chr(1), 200000)))$$,
   'PT413', 'payload_too_large', 'and so is metadata whose escapes print as over a megabyte');
+-- a number beyond a double's range is refused before anything is printed: 8,000
+-- of 1e131071 printed a gigabyte, past the statement timeout
+set local statement_timeout = '1s';
+select throws_ok($$select public.append_event('big-1', 'trip', 'x',
+    ('{"a": [' || (select string_agg('1e131071', ',') from generate_series(1, 8000)) || ']}')::jsonb)$$,
+  'PT413', 'payload_too_large', 'a payload of numbers beyond a double''s range is refused at once');
+reset statement_timeout;
+select throws_ok($$select public.append_event('big-1', 'trip', 'x', '{"tiny": 1e-400}')$$,
+  'PT413', 'payload_too_large', 'and so is one too small for a double');
+select lives_ok($$select public.append_event('big-3', 'trip', 'x',
+    '{"max": 1.7976931348623157e308, "min": 5e-324, "neg": -1e300}')$$,
+  'numbers a double holds are fine');
+delete from public.event_store where aggregate_id = 'big-3';
+delete from public.event_stream_members where aggregate_id = 'big-3';
+delete from public.event_streams where aggregate_id = 'big-3';
 select lives_ok($$select public.append_event('big-2', 'trip', 'x',
     jsonb_build_object('blob', repeat('x', 1000000)))$$, 'a payload just under a megabyte is fine');
 delete from public.event_store where aggregate_id = 'big-2';
