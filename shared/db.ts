@@ -100,6 +100,17 @@ export function db(): Sql {
   return pool;
 }
 
+/**
+ * Drops the pool for a new one on the next db(): the old one ends, its
+ * connections with it, once what runs on it is done or a second has passed.
+ */
+function retirePool(): void {
+  const old = pool;
+  pool = undefined;
+  poolUrl = undefined;
+  old?.end({ timeout: 1 }).catch(() => {});
+}
+
 /** Closes the pool (tests and graceful shutdown). */
 export async function closeDb(): Promise<void> {
   const p = pool;
@@ -148,14 +159,47 @@ const slots = new Slots();
 
 function admitted<T>(correlationId: string, op: () => Promise<T>): Promise<T> {
   const { DB_POOL_SIZE, DB_ACQUIRE_TIMEOUT_MS } = env();
-  return slots.run(DB_POOL_SIZE, DB_ACQUIRE_TIMEOUT_MS, op, (waitedMs) => {
-    log("warn", "database busy: a request waited too long for a connection", {
-      correlation_id: correlationId,
-      waited_ms: Math.round(waitedMs),
-      still_waiting: slots.waiting,
-    });
-    return tryAgain("database_busy", "the database is busy; try again");
+  return slots.run(
+    DB_POOL_SIZE,
+    DB_ACQUIRE_TIMEOUT_MS,
+    () => bounded(correlationId, op),
+    (waitedMs) => {
+      log("warn", "database busy: a request waited too long for a connection", {
+        correlation_id: correlationId,
+        waited_ms: Math.round(waitedMs),
+        still_waiting: slots.waiting,
+      });
+      return tryAgain("database_busy", "the database is busy; try again");
+    },
+  );
+}
+
+// postgres.js can lose a request when connections die around it (killed
+// backends, a failover): a reserve() handed to a reconnect forgets it, and a
+// connection handed to a reserve() that had already failed is stranded. The
+// request then waited forever with its slot, and once every slot was held so,
+// every later request was 503 database_busy for good. An operation that takes
+// DB_OPERATION_TIMEOUT_MS in all is answered 503 (a client retries it like
+// any 503; a keyed write replays) and the pool is replaced, so the stranded
+// connections end with the old one.
+async function bounded<T>(correlationId: string, op: () => Promise<T>): Promise<T> {
+  const limitMs = env().DB_OPERATION_TIMEOUT_MS;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const expired = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      log("error", "database operation never finished: replacing the pool", {
+        correlation_id: correlationId,
+        limit_ms: limitMs,
+      });
+      retirePool();
+      reject(tryAgain("database_unavailable", "the database is not answering; try again"));
+    }, limitMs);
   });
+  try {
+    return await Promise.race([op(), expired]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /**

@@ -83,6 +83,10 @@ const schema = z.object({
   // answered 503 database_busy (having sent nothing).
   DB_ACQUIRE_TIMEOUT_MS: z.coerce.number().int().min(100).max(150_000).default(5_000),
   DB_STATEMENT_TIMEOUT_MS: z.coerce.number().int().min(100).max(150_000).default(10_000),
+  // How long one database operation (an rpc, or a whole withClaims
+  // transaction) may take in all before it is answered 503 and the pool is
+  // replaced (see shared/db.ts, bounded).
+  DB_OPERATION_TIMEOUT_MS: z.coerce.number().int().min(1000).max(150_000).default(30_000),
   MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(50 * 1024 * 1024).default(1024 * 1024),
   // The jobs worker (POST /jobs/run) stops claiming after this long; a claimed
   // job may still run up to its timeout_seconds (at most 120 s) past it.

@@ -502,3 +502,91 @@ dbTest("a backend ended under a request is a 503, and the process and pool live 
     after: ["ok", "ok", "ok"],
   });
 });
+
+// postgres.js can lose a request when connections die around it: a
+// reserve() handed to a reconnect was forgotten, and a connection handed to a
+// reserve() that had already failed was stranded. Requests then waited
+// forever holding their slots, and once all were held every later request
+// was 503 database_busy for good. A child process runs six clients of rpc()
+// and withClaims() (some rolling back) for 6 s while half its backends are
+// ended every 40 ms or so (those behind its own proxy, found by port): every
+// request is answered within the operation timeout, and afterwards the pool
+// serves again.
+dbTest(
+  "requests under backends ended at random are all answered, and the pool recovers",
+  async () => {
+    const dbModule = new URL("../../shared/db.ts", import.meta.url).href;
+    const target = new URL(db.url);
+    const script = `
+    import postgres from "postgres";
+    import { rpc, withClaims } from ${JSON.stringify(dbModule)};
+    const admin = postgres(${JSON.stringify(db.url)}, { max: 1, onnotice: () => {} });
+    const ports = new Set();
+    const proxy = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    (async () => {
+      for await (const client of proxy) {
+        const server = await Deno.connect({ hostname: "127.0.0.1", port: ${Number(target.port)} });
+        ports.add(server.localAddr.port);
+        server.readable.pipeTo(client.writable).catch(() => {});
+        client.readable.pipeTo(server.writable).catch(() => {});
+      }
+    })();
+    const url = new URL(${JSON.stringify(db.url)});
+    url.port = String(proxy.addr.port);
+    Deno.env.set("SUPABASE_DB_URL", url.href);
+    const who = { role: "service_role", claims: { role: "service_role" } };
+    const outcome = (p) => p.then(() => "ok", (e) => e.status + " " + e.code);
+    const audit = { actor_type: "service", actor_identifier: "svc", action: "fuzz" };
+    let stop = false;
+    const unanswered = [];
+    const client = async () => {
+      for (let n = 0; !stop; n++) {
+        const op = [
+          () => rpc(who, "r", "public.log_audit_event", audit),
+          () => withClaims(who, "w", async (tx) => { await tx\`select 1\`; await tx\`select pg_sleep(0.005)\`; }),
+          () => withClaims(who, "w", async (tx) => { await tx\`select 1\`; await tx\`select 1 / 0\`; }),
+        ][n % 3];
+        const answer = await Promise.race([
+          outcome(op()),
+          new Promise((r) => setTimeout(() => r("unanswered"), 10000)),
+        ]);
+        if (answer === "unanswered") unanswered.push(n % 3);
+      }
+    };
+    const killer = async () => {
+      while (!stop) {
+        await new Promise((r) => setTimeout(r, Math.random() * 80));
+        await admin\`select pg_terminate_backend(pid) from pg_stat_activity
+          where client_port = any(\${[...ports]}::int[]) and random() < 0.5\`.catch(() => {});
+      }
+    };
+    const clients = Array.from({ length: 6 }, client);
+    const killing = killer();
+    await new Promise((r) => setTimeout(r, 6000));
+    stop = true;
+    await killing;
+    await Promise.all(clients);
+    const after = await Promise.all(Array.from({ length: 8 }, () =>
+      outcome(rpc(who, "a", "public.log_audit_event", audit))));
+    console.log(JSON.stringify({ unanswered, after: [...new Set(after)] }));
+    await admin.end();
+    Deno.exit(0);`;
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["eval", "--ext=ts", "--no-check", script],
+      env: {
+        LOG_LEVEL: "silent",
+        JWT_SECRET: "x".repeat(40),
+        DB_POOL_SIZE: "2",
+        DB_OPERATION_TIMEOUT_MS: "3000",
+      },
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const killer = setTimeout(() => child.kill("SIGKILL"), 90_000);
+    const out = await child.output();
+    clearTimeout(killer);
+    const text = new TextDecoder().decode(out.stdout).trim();
+    assert.ok(text, `the child ended: ${new TextDecoder().decode(out.stderr).slice(0, 2000)}`);
+    assert.deepEqual(JSON.parse(text), { unanswered: [], after: ["ok"] });
+  },
+);
