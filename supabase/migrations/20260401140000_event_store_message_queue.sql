@@ -761,6 +761,8 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 --   private.<prefix>_lease_settle   for the holders of the given tokens only:
 --                                   done, or retry after a delay / backoff, or
 --                                   exhausted after max_attempts
+--   private.<prefix>_lease_mark_due with a due column: pending rows whose
+--                                   time has come -> due (see "Due")
 --
 -- and private.backoff_delay is the one backoff formula. message_queue and
 -- background_jobs install it below and wrap the three functions; the WhatsApp
@@ -790,11 +792,15 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- indexes where not due: on (lane, visible_at), and on the claim index's
 -- columns. The writers that make a row pending and visible at once set due
 -- (sends, schedules, retries, and the expiry and settlement below); every
--- other pending row, a row written directly included, starts not due, and
--- each claim first marks the best of its lanes' rows whose time has come, as
--- many as it claims, a probe of the first index when there are none. So due
--- is only ever late, never wrong: a row is claimed by its visible_at alone,
--- and one marked late waits at most for the next claim of its lane.
+-- other pending row, a row written directly included, starts not due. A
+-- claim probes the first delayed index for rows of its lanes whose time has
+-- come; when there are some, it picks from them and its due rows together,
+-- read unlocked in claim order from the claim index and the second delayed
+-- index and locked one by one (as a claim of several lanes does), so it
+-- takes exactly what it would were every row marked due and locks nothing
+-- else. pg_cron marks such rows due each minute (<prefix>_lease_mark_due),
+-- so that claims go back to the plain scan. So due is only ever late, never
+-- wrong: a row is claimed by its visible_at alone.
 --
 -- Filter. Given a jsonb filter column (message_queue: payload), the claim of
 -- one lane takes an optional p_filter jsonb: rows whose column contains it
@@ -821,6 +827,34 @@ as $$
   ));
 $$;
 
+-- A claim of one lane, for install_leases: with a due column, its plain
+-- statement (p_fast) when none of the lane's rows waits unmarked past its
+-- time (a probe of the delayed index by time, as for the lease expiry; in
+-- that order, or it may walk the other delayed index), else the pick
+-- over its due rows and those (p_pick; see "Due"). Without one, p_fast.
+create or replace function private.gated_claim(
+  p_table regclass,
+  p_lane_column text,
+  p_due boolean,
+  p_lane text,
+  p_fast text,
+  p_pick text
+) returns text
+language sql
+immutable
+set search_path = ''
+as $$
+  select case when not p_due then p_fast else format($sql$
+      perform from %1$s t
+      where t.%2$I = %3$s and t.status = 'pending' and not t.due and t.visible_at <= now()
+      order by t.visible_at
+      limit 1;
+      if not found then
+        %4$s
+      else%5$s
+      end if;$sql$, p_table, p_lane_column, p_lane, p_fast, p_pick) end
+$$;
+
 create or replace function private.install_leases(
   p_table regclass,
   p_prefix text,
@@ -844,7 +878,7 @@ declare
   --            the table, %3$s the lanes' CTE, %4$s the id type
   --   v_claim  the claim's statements: %1$s the shared update
   v_scan text;
-  v_scan_unmarked text; -- v_scan over the rows now due but not yet marked (see "Due")
+  v_scan_unmarked text; -- v_scan over the rows due now but not marked due (see "Due")
   v_lock text := 'for update skip locked';
   v_pick text;
   v_candidates text; -- v_scan of the lane l, passing over the candidates tried
@@ -855,7 +889,8 @@ declare
   v_due boolean := exists (select from pg_attribute where attrelid = p_table
                            and attname = 'due' and not attisdropped);
   v_pending text; -- the rows the claim index holds
-  v_mark text := ''; -- a claim's first statement: mark the rows now due
+  v_filter text;  -- a claim's content filter, as a further condition of its scans
+  v_lanes text;   -- the lanes with rows of a kind (see below)
   v_set_due text := ''; -- the expiry's and the settlement's due, when kept
 begin
   v_pending := case when v_due then 't.status = ''pending'' and t.due'
@@ -865,9 +900,9 @@ begin
   -- higher priority first (20,000 delayed messages: 124 index pages and 1.6 ms
   -- an empty claim, against 11 and 0.16). With a due column the index holds
   -- no row due later, and each priority visited has rows to take (see "Due").
-  -- The nested loop hands rows on in claim order. %%1$s is the rows the scan
-  -- reads: those in the claim index, or (with a due column) those waiting
-  -- to be marked due.
+  -- The nested loop hands rows on in claim order. %2$s is the rows the scan
+  -- reads: those in the claim index, or (with a due column) those whose time
+  -- came while they waited in the delayed indexes (see "Due").
   v_scan := $sql$
         select c.id, c.priority, c.visible_at from (
           with recursive priorities(p) as (
@@ -891,36 +926,59 @@ begin
         limit p_limit$sql$;
   v_scan_unmarked := format(v_scan, p_table, 't.status = ''pending'' and not t.due');
   v_scan := format(v_scan, p_table, v_pending);
-  if not p_lane_set then
-    v_lane := case when p_lane_column is null then 'true'
-                   else format('t.%I = p_lane', p_lane_column) end;
-    v_claim := format('return query with picked as (%s) %%1$s;', format(v_scan, v_lane, '', v_lock));
-    -- A content filter (p_filter_column): a claim given p_filter takes only
-    -- rows whose column contains it (@>), read in the same order, non-matching
-    -- rows passed over unlocked. A statement of its own, so that a claim
-    -- without a filter runs exactly the plan it runs without the option.
-    if p_filter_column is not null then
-      v_claim := format($sql$
-      if p_filter is null then
-        %1$s
-      else
-        return query with picked as (%2$s) %%1$s;
-      end if;$sql$, v_claim,
-        format(v_scan, v_lane, format(' and t.%I @> p_filter', p_filter_column), v_lock));
-    end if;
-  else
-    if p_filter_column is not null then
-      raise exception 'install_leases: a content filter needs a claim of one lane';
-    end if;
+  -- The lanes with rows matching %3$s, one index probe each (a loose index
+  -- scan): %1$s the lane column, %2$s the table.
+  v_lanes := $sql$
+                with recursive lanes(lane) as (
+                  (select t.%1$I from %2$s t where %3$s order by t.%1$I limit 1)
+                  union all
+                  select (select t.%1$I from %2$s t
+                          where %3$s and t.%1$I > l.lane
+                          order by t.%1$I limit 1)
+                  from lanes l where l.lane is not null
+                )
+                select l.lane from lanes l where l.lane is not null$sql$;
+  if v_due and p_lane_column is null then
+    raise exception 'install_leases: a due column needs a lane column';
+  end if;
+  if p_filter_column is not null and p_lane_set then
+    raise exception 'install_leases: a content filter needs a claim of one lane';
+  end if;
+  v_filter := case when p_filter_column is not null
+                   then format(' and (p_filter is null or t.%I @> p_filter)', p_filter_column)
+                   else '' end;
+  -- Candidates of the lane l (of a CTE lanes(lane)), read unlocked, in claim
+  -- order, passing over those tried (v_seen): the lane's first due rows and,
+  -- with a due column, its first rows whose time came while they waited in
+  -- the delayed indexes ("Due"), read only when the first of those says any
+  -- did.
+  if p_lane_column is not null then
     v_candidates := format(v_scan, format('t.%I = l.lane', p_lane_column),
-                           ' and t.id <> all (v_seen)', '');
-    -- Several lanes, named by the CTE lanes(lane). Candidates, each lane's
-    -- first p_limit due rows read unlocked, are locked one by one in claim
-    -- order. One held by another claim (or taken since) is passed over, and
-    -- the candidates are read again without it, since its lane's later rows
-    -- may now outrank the rest: so the claim takes the first rows no other
-    -- claim holds, in claim order, and locks no row it does not take.
-    v_pick := $sql$
+                           v_filter || ' and t.id <> all (v_seen)', '');
+  end if;
+  if v_due then
+    -- (the probe as the outer side of a lateral join: the scan runs only
+    -- for a lane it finds rows of, as a filter on the scan's result did not)
+    v_candidates := format($sql$(%1$s)
+              union all
+              select f.* from (
+                select from %3$s t
+                where t.%4$I = l.lane and t.status = 'pending' and not t.due
+                  and t.visible_at <= now()
+                order by t.visible_at
+                limit 1) probe
+              cross join lateral (%2$s) f$sql$,
+      v_candidates,
+      format(v_scan_unmarked, format('t.%I = l.lane', p_lane_column),
+             v_filter || ' and t.id <> all (v_seen)', ''),
+      p_table, p_lane_column);
+  end if;
+  -- Candidates are locked one by one in claim order. One held by another
+  -- claim (or taken since) is passed over, and the candidates are read again
+  -- without it, since its lane's later rows may now outrank the rest: so the
+  -- claim takes the first rows no other claim holds, in claim order, and
+  -- locks no row it does not take.
+  v_pick := $sql$
         declare
           v_cand record;
           v_id %4$s;
@@ -950,90 +1008,50 @@ begin
           v_taken := pg_catalog.clock_timestamp();
           return query with picked as (select unnest(v_ids) as id) %%1$s;
         end;$sql$;
+  if not p_lane_set then
+    v_lane := case when p_lane_column is null then 'true'
+                   else format('t.%I = p_lane', p_lane_column) end;
+    v_claim := format('return query with picked as (%s) %%1$s;', format(v_scan, v_lane, '', v_lock));
+    -- A content filter (p_filter_column): a claim given p_filter takes only
+    -- rows whose column contains it (@>), read in the same order, non-matching
+    -- rows passed over unlocked. A statement of its own, so that a claim
+    -- without a filter runs exactly the plan it runs without the option.
+    if p_filter_column is not null then
+      v_claim := format($sql$
+      if p_filter is null then
+        %1$s
+      else
+        return query with picked as (%2$s) %%1$s;
+      end if;$sql$, v_claim,
+        format(v_scan, v_lane, format(' and t.%I @> p_filter', p_filter_column), v_lock));
+    end if;
+    v_claim := private.gated_claim(p_table, p_lane_column, v_due, 'p_lane', v_claim,
+      format(v_pick, v_candidates, p_table, 'select p_lane', v_id_type));
+  else
     -- One lane: its scan alone. Several: v_pick over the lanes given, or
     -- over every lane with pending rows, found one index probe each (a loose
-    -- index scan).
+    -- index scan of each pending index).
     v_claim := format($sql$
       if cardinality(p_lane) = 1 then
-        return query with picked as (%1$s) %%1$s;
+        %1$s
       elsif p_lane is not null then%2$s
       else%3$s
       end if;$sql$,
-      format(v_scan, format('t.%I = p_lane[1]', p_lane_column), '', v_lock),
+      private.gated_claim(p_table, p_lane_column, v_due, 'p_lane[1]',
+        format('return query with picked as (%s) %%1$s;',
+               format(v_scan, format('t.%I = p_lane[1]', p_lane_column), '', v_lock)),
+        format(v_pick, v_candidates, p_table, 'select p_lane[1]', v_id_type)),
       format(v_pick, v_candidates, p_table, 'select distinct u.lane from unnest(p_lane) u(lane)',
              v_id_type),
-      format(v_pick, v_candidates, p_table, format($sql$
-              (select t.%1$I from %2$s t where %3$s order by t.%1$I limit 1)
-              union all
-              select (select t.%1$I from %2$s t
-                      where %3$s and t.%1$I > l.lane
-                      order by t.%1$I limit 1)
-              from lanes l where l.lane is not null$sql$, p_lane_column, p_table, v_pending),
+      format(v_pick, v_candidates, p_table,
+             format('select x.lane from (%s) x', format(v_lanes, p_lane_column, p_table, v_pending))
+             || case when v_due
+                     then format(' union select y.lane from (%s) y', format(v_lanes, p_lane_column,
+                                 p_table, 't.status = ''pending'' and not t.due'))
+                     else '' end,
              v_id_type));
   end if;
   if v_due then
-    if p_lane_column is null then
-      raise exception 'install_leases: a due column needs a lane column';
-    end if;
-    -- One lane's rows now due (%%1$s: the lane): a probe of the delayed index
-    -- when none is, as for the lease expiry; else the claim's own limit of
-    -- them, in claim order, read like the claim's scan from the index of the
-    -- rows waiting to be marked, and only rows matching a claim's filter.
-    -- Then the claim's scan takes exactly the rows it would take were all
-    -- marked: its limit from the due rows and the best of the rest. The
-    -- marked rows are locked until the claim's transaction ends, like the
-    -- rows it takes, so marking more than a claim takes held them from the
-    -- claims beside it: marking a thousand, a claim beside it found nothing
-    -- while 990 waited, and its worker's slot stopped early. Sorting all the
-    -- rows now due to mark them in claim order took 150 ms a claim behind
-    -- 500,000 of them. A claim should be a transaction of its own (the
-    -- functions' routes and the worker claim so).
-    v_mark := format($sql$
-      perform from %1$s t
-      where t.%2$I = %%1$s and t.status = 'pending' and not t.due and t.visible_at <= now()
-      order by t.visible_at
-      limit 1;
-      if found then
-        update %1$s t
-           set due = true
-          from (%3$s) d
-         where t.id = d.id;
-      end if;$sql$, p_table, p_lane_column,
-      format(v_scan_unmarked, format('t.%I = %%1$s', p_lane_column),
-             case when p_filter_column is not null
-                  then format(' and (p_filter is null or t.%I @> p_filter)', p_filter_column)
-                  else '' end,
-             v_lock));
-    if not p_lane_set then
-      v_mark := format(v_mark, 'p_lane');
-    else
-      -- One lane (a worker with one handler) directly; else each lane asked
-      -- for, or each lane with rows not yet due (a loose index scan).
-      v_mark := format($sql$
-      if cardinality(p_lane) = 1 then
-        %4$s
-      else
-        declare
-          v_mark_lane text;
-        begin
-          for v_mark_lane in
-            select distinct u.lane from unnest(coalesce(p_lane, array(
-              with recursive lanes(lane) as (
-                (select t.%2$I from %1$s t where t.status = 'pending' and not t.due
-                 order by t.%2$I limit 1)
-                union all
-                select (select t.%2$I from %1$s t
-                        where t.status = 'pending' and not t.due and t.%2$I > l.lane
-                        order by t.%2$I limit 1)
-                from lanes l where l.lane is not null
-              )
-              select l.lane from lanes l where l.lane is not null))) u(lane)
-          loop
-            %3$s
-          end loop;
-        end;
-      end if;$sql$, p_table, p_lane_column, format(v_mark, 'v_mark_lane'), format(v_mark, 'p_lane[1]'));
-    end if;
     -- Pending again and visible at once: due. Backoffs are never zero, a
     -- base of zero aside.
     v_set_due := $sql$,
@@ -1067,7 +1085,6 @@ begin
       -- same rows at once.
       v_taken timestamptz;
     begin
-      %7$s
       v_taken := pg_catalog.clock_timestamp();
       %4$s
     end;
@@ -1090,8 +1107,7 @@ begin
   -- merging a set of lanes sorts, which enable_sort = off prices at 1e10,
   -- over jit_above_cost: every such claim compiled itself (0.4 s a claim).
   'set jit = off',
-  case when p_filter_column is not null then ', p_filter jsonb default null' else '' end,
-  v_mark);
+  case when p_filter_column is not null then ', p_filter jsonb default null' else '' end);
 
   execute format($tpl$
     create or replace function private.%2$I(
@@ -1181,6 +1197,45 @@ begin
   $tpl$, p_table, p_prefix || '_lease_settle', p_in_flight, v_result,
   format(v_set_due, $sql$p_outcome = 'retry'
                and coalesce(p_delay <= interval '0', not coalesce(p_retry_base_seconds > 0, false))$sql$));
+
+  if v_due then
+    -- Rows whose time came while no claim took them, marked due in batches
+    -- of p_limit a lane, oldest first, in a transaction of the caller's (pg_cron
+    -- each minute): claims take such rows as they are, but each claim that
+    -- finds some reads every priority of the lane's delayed rows to rank
+    -- them (10 ms behind 20,000 due tomorrow over all 1,001 priorities), so
+    -- they are not left there. Rows a claim holds are passed over. Returns how
+    -- many it marked.
+    execute format($tpl$
+      create or replace function private.%2$I(p_limit integer default 1000) returns bigint
+      language plpgsql
+      set search_path = ''
+      as $fn$
+      declare
+        v_lane text;
+        v_marked bigint := 0;
+        v_count bigint;
+      begin
+        for v_lane in %4$s
+        loop
+          update %1$s t
+             set due = true
+            from (select d.id from %1$s d
+                  where d.%3$I = v_lane and d.status = 'pending' and not d.due
+                    and d.visible_at <= now()
+                  order by d.visible_at
+                  limit p_limit
+                  for update skip locked) d
+           where t.id = d.id;
+          get diagnostics v_count = row_count;
+          v_marked := v_marked + v_count;
+        end loop;
+        return v_marked;
+      end;
+      $fn$
+    $tpl$, p_table, p_prefix || '_lease_mark_due', p_lane_column,
+    format(v_lanes, p_lane_column, p_table, 't.status = ''pending'' and not t.due'));
+  end if;
 end;
 $gen$;
 
@@ -2524,6 +2579,21 @@ create policy background_jobs_service_select on public.background_jobs
 -- A null lane claims jobs of any type.
 select private.install_leases('public.background_jobs', 'background_jobs', 'job_type', true,
   'running');
+
+-- The rows of both queues whose time came while no claim took them, marked
+-- due (see install_leases' mark_due), by pg_cron each minute.
+create or replace function private.mark_due_rows() returns bigint
+language sql
+set search_path = ''
+as $$
+  select private.message_queue_lease_mark_due() + private.background_jobs_lease_mark_due()
+$$;
+revoke all on function private.mark_due_rows() from public, anon, authenticated, service_role;
+revoke all on function private.message_queue_lease_mark_due(integer)
+  from public, anon, authenticated, service_role;
+revoke all on function private.background_jobs_lease_mark_due(integer)
+  from public, anon, authenticated, service_role;
+select private.schedule_cron('mark-due-rows', '* * * * *', 'select private.mark_due_rows()');
 
 -- For a user, 403 unless users may run jobs of p_job_type at p_priority (an
 -- operator may close a type, or lower its cap, at any time: a user's retry

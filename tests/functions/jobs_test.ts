@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import process from "node:process";
+import type postgres from "postgres";
 import { app } from "../../supabase/functions/jobs/index.ts";
 import { registerJobHandler } from "../../supabase/functions/jobs/handlers.ts";
 import { MAX_RESULT_BYTES } from "../../supabase/functions/jobs/worker.ts";
@@ -820,4 +821,48 @@ dbTest("a claim of several types keeps the claim order past jobs another claim h
       );
     });
   });
+});
+
+// Jobs whose time came while no claim looked wait outside the claim index
+// until one takes them. Claims marked them due first, each as many as its
+// limit in every type it asked for, and held the marks locked until they
+// committed: a claim of one job over three types locked a job of each, and
+// the claims beside it found none while two waited. The same with one type,
+// where a claim marked its best waiting job but took a better due one. A
+// claim now locks only the jobs it takes.
+dbTest("claims beside one that finds jobs past their time take the other jobs", async () => {
+  await db.sql`delete from public.background_jobs where job_type = any(${PICK_TYPES})`;
+  await db.sql`insert into public.background_jobs (job_type, job_name, run_at, visible_at)
+               select t, t || '-late', now() - interval '1 minute', now() - interval '1 minute'
+               from unnest(${PICK_TYPES}::text[]) t`;
+  const names = (rows: readonly Record<string, unknown>[]) =>
+    rows.map((r) => r.job_name as string).sort();
+  const claim = (sql: postgres.Sql | postgres.TransactionSql, worker: string) =>
+    sql`select job_name from public.claim_jobs(${PICK_TYPES}, 1, ${worker})`;
+  await db.sql.begin(async (held) => {
+    const first = names(
+      await held`select job_name from public.claim_jobs(${PICK_TYPES}, 1, 'held')`,
+    );
+    const beside = await Promise.all([claim(db.sql, "b"), claim(db.sql, "c")]);
+    assert.deepEqual(
+      [...first, ...beside.flatMap((rows) => names(rows))].sort(),
+      PICK_TYPES.map((t) => `${t}-late`),
+    );
+  });
+  // one type: a due job above one past its time
+  await db.sql`delete from public.background_jobs where job_type = any(${PICK_TYPES})`;
+  await schedule({ job_type: "test_pick_a", job_name: "due", priority: 10 });
+  await db.sql`insert into public.background_jobs (job_type, job_name, run_at, visible_at)
+               values ('test_pick_a', 'late', now() - interval '1 minute', now() - interval '1 minute')`;
+  await db.sql.begin(async (held) => {
+    assert.deepEqual(
+      names(await held`select job_name from public.claim_jobs(array['test_pick_a'], 1, 'held')`),
+      ["due"],
+    );
+    assert.deepEqual(
+      names(await db.sql`select job_name from public.claim_jobs(array['test_pick_a'], 1, 'b')`),
+      ["late"],
+    );
+  });
+  await db.sql`delete from public.background_jobs where job_type = any(${PICK_TYPES})`;
 });
