@@ -252,7 +252,7 @@ $$;
 -- it). Immutable SQL without SET, calling only immutable functions, so it is
 -- inlined into its callers' expressions: a call of a SQL function that is
 -- not cost an append 5-15 us.
-create or replace function private.json_too_large(p_value jsonb) returns boolean
+create or replace function private.json_has_huge_number(p_value jsonb) returns boolean
 language sql
 immutable
 parallel safe
@@ -260,7 +260,24 @@ as $$
   select pg_catalog.jsonb_path_exists(p_value,
            'strict $.** ? (@.type() == "number"
                            && (@ >= 1e309 || @ <= -1e309 || (@ != 0 && @ > -1e-325 && @ < 1e-325)))')
-      or pg_catalog.octet_length(p_value::text) > 1048576
+$$;
+
+create or replace function private.json_text_too_large(p_value jsonb) returns boolean
+language sql
+immutable
+parallel safe
+as $$
+  select pg_catalog.octet_length(p_value::text) > 1048576
+$$;
+
+-- A batch checks its numbers once, for all its values (a call per value cost
+-- a send of 100 messages a fifth of its time), then each value's text.
+create or replace function private.json_too_large(p_value jsonb) returns boolean
+language sql
+immutable
+parallel safe
+as $$
+  select private.json_has_huge_number(p_value) or private.json_text_too_large(p_value)
 $$;
 
 -- The user an operation acts for: a signed-in user acts for themselves

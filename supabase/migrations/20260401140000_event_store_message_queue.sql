@@ -1536,6 +1536,12 @@ begin
   if jsonb_array_length(p_messages) > 1000 then
     perform private.raise_error(413, 'too_many_messages', 'at most 1000 messages per send');
   end if;
+  -- numbers first, once for the batch: each value's text is measured below
+  if private.json_has_huge_number(p_messages) then
+    perform private.raise_error(413, 'payload_too_large',
+      'payload and headers are at most 1048576 bytes each as JSON text, '
+      || 'their numbers within a double''s range');
+  end if;
   select bool_or(jsonb_typeof(m) <> 'object' or jsonb_typeof(m -> 'payload') is distinct from 'object')
            as bad_payload,
          bool_or((m ->> 'priority')::integer not between 0 and 1000) as bad_priority,
@@ -1544,8 +1550,8 @@ begin
          bool_or(jsonb_typeof(m -> 'group_key') not in ('string', 'null')
                  or char_length(m ->> 'group_key') not between 1 and 128) as bad_group,
          bool_or(m ->> 'group_key' is not null) as has_group,
-         bool_or(private.json_too_large(m -> 'payload') or private.json_too_large(m -> 'headers'))
-           as too_large,
+         bool_or(private.json_text_too_large(m -> 'payload')
+                 or private.json_text_too_large(m -> 'headers')) as too_large,
          bool_or(case when jsonb_typeof(m) = 'object' then m - v_keys <> '{}'::jsonb end)
            as unknown_key,
          coalesce(max((m ->> 'priority')::integer), 0) as top_priority

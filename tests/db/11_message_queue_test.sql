@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(175);
+select plan(176);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -50,6 +50,11 @@ select throws_ok($$select public.send_message('emails', '{}',
 select throws_ok($$select public.send_message('emails',
     (select jsonb_object_agg(i::text, 1e131071) from generate_series(1, 9) i))$$,
   'PT413', 'payload_too_large', 'a payload is measured as its text, not as stored');
+set local statement_timeout = '1s';
+select throws_ok($$select public.send_messages('emails', jsonb_build_array(jsonb_build_object('payload',
+    ('{"a": [' || (select string_agg('1e131071', ',') from generate_series(1, 8000)) || ']}')::jsonb)))$$,
+  'PT413', 'payload_too_large', 'a number beyond a double''s range is refused before any is printed');
+reset statement_timeout;
 select throws_ok($$select public.send_message('emails', '{}', p_priority := -1)$$, 'PT400', 'invalid_priority',
   'negative priorities are refused');
 select throws_ok($$select public.send_messages('emails', '[{"payload":{}}, {"payload":3}]')$$,
