@@ -102,13 +102,14 @@ export function db(): Sql {
 
 /**
  * Drops the pool for a new one on the next db(): the old one ends, its
- * connections with it, once what runs on it is done or a second has passed.
+ * connections with it, once what runs on it is done or a statement timeout
+ * has passed (what is stuck is cut then).
  */
 function retirePool(): void {
   const old = pool;
   pool = undefined;
   poolUrl = undefined;
-  old?.end({ timeout: 1 }).catch(() => {});
+  old?.end({ timeout: Math.ceil(env().DB_STATEMENT_TIMEOUT_MS / 1000) }).catch(() => {});
 }
 
 /** Closes the pool (tests and graceful shutdown). */
@@ -184,6 +185,9 @@ function admitted<T>(correlationId: string, op: () => Promise<T>): Promise<T> {
 // connections end with the old one.
 async function bounded<T>(correlationId: string, op: () => Promise<T>): Promise<T> {
   const limitMs = env().DB_OPERATION_TIMEOUT_MS;
+  // the pool this operation runs on: only it is replaced, not a newer one
+  // that the requests after an earlier replacement run on
+  const mine = db();
   let timer: ReturnType<typeof setTimeout> | undefined;
   const expired = new Promise<never>((_, reject) => {
     timer = setTimeout(() => {
@@ -191,7 +195,7 @@ async function bounded<T>(correlationId: string, op: () => Promise<T>): Promise<
         correlation_id: correlationId,
         limit_ms: limitMs,
       });
-      retirePool();
+      if (pool === mine) retirePool();
       reject(tryAgain("database_unavailable", "the database is not answering; try again"));
     }, limitMs);
   });

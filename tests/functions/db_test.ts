@@ -590,3 +590,42 @@ dbTest(
     assert.deepEqual(JSON.parse(text), { unanswered: [], after: ["ok"] });
   },
 );
+
+// An operation past DB_OPERATION_TIMEOUT_MS replaces the pool it ran on, not
+// whichever pool is current: two stuck operations on one pool replaced the
+// new pool too, and cut the healthy requests on it (answered 503 though their
+// writes went on to commit).
+dbTest("a stuck operation replaces only its own pool", async () => {
+  const dbModule = new URL("../../shared/db.ts", import.meta.url).href;
+  const script = `
+    import { withClaims } from ${JSON.stringify(dbModule)};
+    const who = { role: "service_role", claims: { role: "service_role" } };
+    const outcome = (p) => p.then(() => "ok", (e) => e.status + " " + e.code);
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    const sleeping = (s) => outcome(withClaims(who, "s", (tx) => tx\`select pg_sleep(\${s})\`));
+    const a = sleeping(6);
+    await sleep(500);
+    const d = sleeping(6);
+    await sleep(1700); // a has replaced the first pool
+    const c = sleeping(1.5); // on the second; then d, on the first, runs out
+    console.log(JSON.stringify({ a: await a, d: await d, c: await c }));
+    Deno.exit(0);`;
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--ext=ts", "--no-check", script],
+    env: {
+      SUPABASE_DB_URL: db.url,
+      LOG_LEVEL: "silent",
+      JWT_SECRET: "x".repeat(40),
+      DB_OPERATION_TIMEOUT_MS: "2000",
+    },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = new TextDecoder().decode(out.stdout).trim();
+  assert.ok(text, `the child ended: ${new TextDecoder().decode(out.stderr).slice(0, 2000)}`);
+  assert.deepEqual(JSON.parse(text), {
+    a: "503 database_unavailable",
+    d: "503 database_unavailable",
+    c: "ok",
+  });
+});
