@@ -55,12 +55,6 @@ export const SCHEDULES: Schedule[] = [
     sql: "select public.sequence_events()",
   },
   {
-    name: "mark-due-rows",
-    cron: "* * * * *",
-    everyMs: 60_000,
-    sql: "select private.mark_due_rows()",
-  },
-  {
     name: "purge-transaction-idempotency-keys",
     cron: "25 * * * *",
     everyMs: 3600_000,

@@ -761,8 +761,6 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 --   private.<prefix>_lease_settle   for the holders of the given tokens only:
 --                                   done, or retry after a delay / backoff, or
 --                                   exhausted after max_attempts
---   private.<prefix>_lease_mark_due with a due column: pending rows whose
---                                   time has come -> due (see "Due")
 --
 -- and private.backoff_delay is the one backoff formula. message_queue and
 -- background_jobs install it below and wrap the three functions; the WhatsApp
@@ -798,8 +796,9 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- read unlocked in claim order from the claim index and the second delayed
 -- index and locked one by one (as a claim of several lanes does), so it
 -- takes exactly what it would were every row marked due and locks nothing
--- else. pg_cron marks such rows due each minute (<prefix>_lease_mark_due),
--- so that claims go back to the plain scan. So due is only ever late, never
+-- else. Such rows are not marked due: marking them, by claims or by pg_cron,
+-- held the marked rows locked until the marker committed, and the claims
+-- beside it found nothing while they waited. So due is only ever late, never
 -- wrong: a row is claimed by its visible_at alone.
 --
 -- Filter. Given a jsonb filter column (message_queue: payload), the claim of
@@ -1198,44 +1197,6 @@ begin
   format(v_set_due, $sql$p_outcome = 'retry'
                and coalesce(p_delay <= interval '0', not coalesce(p_retry_base_seconds > 0, false))$sql$));
 
-  if v_due then
-    -- Rows whose time came while no claim took them, marked due in batches
-    -- of p_limit a lane, oldest first, in a transaction of the caller's (pg_cron
-    -- each minute): claims take such rows as they are, but each claim that
-    -- finds some reads every priority of the lane's delayed rows to rank
-    -- them (10 ms behind 20,000 due tomorrow over all 1,001 priorities), so
-    -- they are not left there. Rows a claim holds are passed over. Returns how
-    -- many it marked.
-    execute format($tpl$
-      create or replace function private.%2$I(p_limit integer default 1000) returns bigint
-      language plpgsql
-      set search_path = ''
-      as $fn$
-      declare
-        v_lane text;
-        v_marked bigint := 0;
-        v_count bigint;
-      begin
-        for v_lane in %4$s
-        loop
-          update %1$s t
-             set due = true
-            from (select d.id from %1$s d
-                  where d.%3$I = v_lane and d.status = 'pending' and not d.due
-                    and d.visible_at <= now()
-                  order by d.visible_at
-                  limit p_limit
-                  for update skip locked) d
-           where t.id = d.id;
-          get diagnostics v_count = row_count;
-          v_marked := v_marked + v_count;
-        end loop;
-        return v_marked;
-      end;
-      $fn$
-    $tpl$, p_table, p_prefix || '_lease_mark_due', p_lane_column,
-    format(v_lanes, p_lane_column, p_table, 't.status = ''pending'' and not t.due'));
-  end if;
 end;
 $gen$;
 
@@ -2585,21 +2546,6 @@ create policy background_jobs_service_select on public.background_jobs
 -- A null lane claims jobs of any type.
 select private.install_leases('public.background_jobs', 'background_jobs', 'job_type', true,
   'running');
-
--- The rows of both queues whose time came while no claim took them, marked
--- due (see install_leases' mark_due), by pg_cron each minute.
-create or replace function private.mark_due_rows() returns bigint
-language sql
-set search_path = ''
-as $$
-  select private.message_queue_lease_mark_due() + private.background_jobs_lease_mark_due()
-$$;
-revoke all on function private.mark_due_rows() from public, anon, authenticated, service_role;
-revoke all on function private.message_queue_lease_mark_due(integer)
-  from public, anon, authenticated, service_role;
-revoke all on function private.background_jobs_lease_mark_due(integer)
-  from public, anon, authenticated, service_role;
-select private.schedule_cron('mark-due-rows', '* * * * *', 'select private.mark_due_rows()');
 
 -- For a user, 403 unless users may run jobs of p_job_type at p_priority (an
 -- operator may close a type, or lower its cap, at any time: a user's retry

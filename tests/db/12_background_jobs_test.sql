@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(95);
+select plan(93);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -261,19 +261,6 @@ select is((select count(*)::int from public.background_jobs
            where job_type like 'flood-_' and status = 'pending' and due), 0,
   'a claim marks only the jobs it takes');
 delete from public.background_jobs where job_type like 'flood-_';
--- pg_cron marks due, each minute, the rows whose time came while no claim
--- took them, so that claims need not rank them from the delayed indexes
-insert into public.background_jobs (job_type, job_name, run_at, visible_at)
-select 'marks', 'Late ' || i, now() - interval '1 minute', now() - interval '1 minute'
-from generate_series(1, 3) i;
-insert into public.background_jobs (job_type, job_name, run_at, visible_at)
-values ('marks', 'Tomorrow', now() + interval '1 day', now() + interval '1 day');
-select cmp_ok(private.mark_due_rows(), '>=', 3::bigint,
-  'mark_due_rows marks the rows whose time came');
-select is((select array_agg(job_name || ':' || due order by job_name) from public.background_jobs
-           where job_type = 'marks'),
-  array['Late 1:true', 'Late 2:true', 'Late 3:true', 'Tomorrow:false'], 'and only those');
-delete from public.background_jobs where job_type = 'marks';
 
 -- A claim for some job types does not walk the jobs of others: 20,000 due jobs
 -- of a type no worker handles, ahead of one the worker asks for.

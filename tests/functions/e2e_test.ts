@@ -251,7 +251,6 @@ dbTest(
       cron ? ["maintain-partitions", "run-jobs", "whatsapp-dispatch"] : [
         "maintain-partitions",
         "sequence-events",
-        "mark-due-rows",
         "purge-transaction-idempotency-keys",
         "run-jobs",
         "whatsapp-dispatch",
