@@ -462,6 +462,38 @@ for (const pastBudget of [false, true]) {
   );
 }
 
+// The same for a claim on its own (a slot's first, or one after a refused
+// settlement): answered 503 after it committed, the job it took was left to
+// wait out its lease, and ended timed out, never run.
+dbTest("a job claimed by a claim whose answer was lost still runs", async () => {
+  lostRuns.length = 0;
+  for (const name of ["A", "B"]) {
+    await schedule({ job_type: "test_lost", job_name: name, max_attempts: 1, priority: 5 });
+  }
+  const proxy = answerDroppingProxy("public.claim_jobs(");
+  await useDatabase(proxy.url);
+  try {
+    const summary = await run({ job_types: ["test_lost"], concurrency: 1 });
+    assert.equal(summary.status, 200, JSON.stringify(summary.body));
+    assert.deepEqual(
+      [summary.body.claimed, summary.body.completed],
+      [2, 2],
+      JSON.stringify(summary.body),
+    );
+  } finally {
+    proxy.close();
+    await useDatabase(db.url);
+  }
+  assert.deepEqual(lostRuns, ["A", "B"]);
+  const rows = await db.sql`select job_name, status, attempts from public.background_jobs
+                            where job_type = 'test_lost' order by job_name`;
+  assert.deepEqual(rows.map((r) => [r.job_name, r.status, r.attempts]), [
+    ["A", "completed", 1],
+    ["B", "completed", 1],
+  ]);
+  await db.sql`delete from public.background_jobs where job_type = 'test_lost'`;
+});
+
 dbTest("a slow job holds up only its own slot", async () => {
   await schedule({ job_type: "test_waits", job_name: "Waits", priority: 10, timeout_seconds: 3 });
   for (let i = 0; i < 3; i++) await schedule({ job_type: "test_counts", job_name: `Count ${i}` });

@@ -244,6 +244,31 @@ export async function runJobs(
     !failure && performance.now() - started < opts.budgetMs && cpuLeft(inHand, finished());
   const claiming = async (fn: string, args: Record<string, unknown>) =>
     (await rpc(who, correlationId, fn, args, { columns: CLAIMED_COLUMNS }))[0];
+  /** A job held under the slot's name, taken up on a fresh lease if its timeout fits the run's time left. */
+  const reclaimHeld = async (claim: Claim) => {
+    const secondsLeft = Math.floor((started + RUN_DEADLINE_MS - performance.now()) / 1000);
+    if (secondsLeft <= 0) return undefined;
+    return await claiming("public.reclaim_held_jobs", {
+      worker: claim.worker,
+      max_timeout_seconds: secondsLeft,
+    });
+  };
+  /**
+   * Claims the slot's next job. A claim answered 503 may have committed, its
+   * answer lost: the job it took is held under the slot's name and is taken
+   * up, not left to wait out its lease (a job allowed one attempt ended
+   * timed out, never run). Else the claim is sent once more; a second 503
+   * ends the run.
+   */
+  const claimJob = async (claim: Claim): Promise<Row | undefined> => {
+    try {
+      return await claiming("public.claim_jobs", claim);
+    } catch (err) {
+      if (!(err instanceof HttpError && err.status === 503)) throw err;
+      await new Promise((r) => setTimeout(r, SETTLE_RETRY_MS));
+      return await reclaimHeld(claim) ?? await claiming("public.claim_jobs", claim);
+    }
+  };
 
   /**
    * Settles an attempt and, while the budget lasts, claims the slot's next
@@ -292,15 +317,8 @@ export async function runJobs(
         // fresh lease, budget or not (it was claimed within the budget), if
         // its timeout fits in the run's time left; else it waits out its
         // lease.
-        let next: Row | undefined;
-        const secondsLeft = Math.floor((started + RUN_DEADLINE_MS - performance.now()) / 1000);
-        if (retries > 0 && secondsLeft > 0) {
-          next = await claiming("public.reclaim_held_jobs", {
-            worker: claim.worker,
-            max_timeout_seconds: secondsLeft,
-          });
-        }
-        if (claimNext && !next) next = await claiming("public.claim_jobs", claim);
+        let next = retries > 0 ? await reclaimHeld(claim) : undefined;
+        if (claimNext && !next) next = await claimJob(claim);
         return { outcome: "lease_lost", next, looked: claimNext };
       }
       // A result or error the database refuses (a NUL inside a result's
@@ -347,7 +365,7 @@ export async function runJobs(
     };
     // whether the slot last looked for a job, or stopped for the budget
     let looked = decide();
-    let row = looked ? await claiming("public.claim_jobs", claim) : undefined;
+    let row = looked ? await claimJob(claim) : undefined;
     if (looked && !row) inHand--;
     while (row) {
       summary.claimed++;
