@@ -431,6 +431,30 @@ dbTest("every 503 the database causes tells the client when to retry", () => {
   return Promise.resolve();
 });
 
+/**
+ * Runs `script` in a child process (`env` added to its environment) and
+ * returns the JSON it prints: the child can end in ways this process must
+ * not. Killed after `limitMs`.
+ */
+async function childResult(
+  script: string,
+  env: Record<string, string>,
+  limitMs: number,
+): Promise<unknown> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--ext=ts", "--no-check", script],
+    env: { LOG_LEVEL: "silent", JWT_SECRET: "x".repeat(40), ...env },
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const killer = setTimeout(() => child.kill("SIGKILL"), limitMs);
+  const out = await child.output();
+  clearTimeout(killer);
+  const text = new TextDecoder().decode(out.stdout).trim();
+  assert.ok(text, `the child ended: ${new TextDecoder().decode(out.stderr).slice(0, 2000)}`);
+  return JSON.parse(text);
+}
+
 // A backend that ends under a request (pg_terminate_backend, a failover)
 // ended the whole process twice over: withClaims sent its rollback on the
 // dead connection and released it among the open ones, and postgres.js wrote
@@ -484,18 +508,7 @@ dbTest("a backend ended under a request is a 503, and the process and pool live 
     console.log(JSON.stringify({ typeFetchesEnded, typeFetch, midTransaction, after }));
     await admin.end();
     Deno.exit(0);`;
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["eval", "--ext=ts", "--no-check", script],
-    env: { LOG_LEVEL: "silent", JWT_SECRET: "x".repeat(40) },
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const killer = setTimeout(() => child.kill("SIGKILL"), 60_000);
-  const out = await child.output();
-  clearTimeout(killer);
-  const text = new TextDecoder().decode(out.stdout).trim();
-  assert.ok(text, `the child ended: ${new TextDecoder().decode(out.stderr).slice(0, 2000)}`);
-  assert.deepEqual(JSON.parse(text), {
+  assert.deepEqual(await childResult(script, {}, 60_000), {
     typeFetchesEnded: 1,
     typeFetch: "503 database_unavailable",
     midTransaction: "503 database_unavailable",
@@ -571,23 +584,8 @@ dbTest(
     console.log(JSON.stringify({ unanswered, after: [...new Set(after)] }));
     await admin.end();
     Deno.exit(0);`;
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["eval", "--ext=ts", "--no-check", script],
-      env: {
-        LOG_LEVEL: "silent",
-        JWT_SECRET: "x".repeat(40),
-        DB_POOL_SIZE: "2",
-        DB_OPERATION_TIMEOUT_MS: "3000",
-      },
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    const killer = setTimeout(() => child.kill("SIGKILL"), 90_000);
-    const out = await child.output();
-    clearTimeout(killer);
-    const text = new TextDecoder().decode(out.stdout).trim();
-    assert.ok(text, `the child ended: ${new TextDecoder().decode(out.stderr).slice(0, 2000)}`);
-    assert.deepEqual(JSON.parse(text), { unanswered: [], after: ["ok"] });
+    const env = { DB_POOL_SIZE: "2", DB_OPERATION_TIMEOUT_MS: "3000" };
+    assert.deepEqual(await childResult(script, env, 90_000), { unanswered: [], after: ["ok"] });
   },
 );
 
@@ -610,20 +608,8 @@ dbTest("a stuck operation replaces only its own pool", async () => {
     const c = sleeping(1.5); // on the second; then d, on the first, runs out
     console.log(JSON.stringify({ a: await a, d: await d, c: await c }));
     Deno.exit(0);`;
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["eval", "--ext=ts", "--no-check", script],
-    env: {
-      SUPABASE_DB_URL: db.url,
-      LOG_LEVEL: "silent",
-      JWT_SECRET: "x".repeat(40),
-      DB_OPERATION_TIMEOUT_MS: "2000",
-    },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const text = new TextDecoder().decode(out.stdout).trim();
-  assert.ok(text, `the child ended: ${new TextDecoder().decode(out.stderr).slice(0, 2000)}`);
-  assert.deepEqual(JSON.parse(text), {
+  const env = { SUPABASE_DB_URL: db.url, DB_OPERATION_TIMEOUT_MS: "2000" };
+  assert.deepEqual(await childResult(script, env, 60_000), {
     a: "503 database_unavailable",
     d: "503 database_unavailable",
     c: "ok",
