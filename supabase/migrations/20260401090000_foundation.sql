@@ -275,8 +275,8 @@ $$;
 -- and 16 KB printed; 30,000 of them printed half a gigabyte to be refused).
 -- The numbers are read as numeric, which prints nothing; jsonpath cannot see
 -- a number's scale. Not inlined (it reads the numbers as rows), so it is
--- asked only of values with over 64 numbers: 64 such numbers print a
--- megabyte, which the text check measures quickly enough.
+-- asked only of values over 2 KB stored: below that such numbers print a few
+-- megabytes at most, and the text check refuses them.
 create or replace function private.json_has_long_number(p_value jsonb) returns boolean
 language sql
 immutable
@@ -289,25 +289,22 @@ as $$
 $$;
 
 -- Whether a JSON value holds a number refused before printing: beyond a
--- double's range, or (among over 64 numbers) with a long scale. Immutable
--- SQL calling immutable functions, so it is inlined: a check that was not
--- (pg_column_size is only stable) cost an append 10 us.
+-- double's range, or (over 2 KB stored) with a long scale. Stable, as
+-- pg_column_size is: still inlined.
 create or replace function private.json_numbers_too_long(p_value jsonb) returns boolean
 language sql
-immutable
+stable
 parallel safe
 as $$
   select private.json_has_huge_number(p_value)
-      or (pg_catalog.jsonb_array_length(pg_catalog.jsonb_path_query_array(p_value,
-            'strict $.** ? (@.type() == "number")')) > 64
-          and private.json_has_long_number(p_value))
+      or (pg_catalog.pg_column_size(p_value) > 2048 and private.json_has_long_number(p_value))
 $$;
 
 -- A batch checks its numbers once, for all its values (a call per value cost
 -- a send of 100 messages a fifth of its time), then each value's text.
 create or replace function private.json_too_large(p_value jsonb) returns boolean
 language sql
-immutable
+stable
 parallel safe
 as $$
   select private.json_numbers_too_long(p_value) or private.json_text_too_large(p_value)
