@@ -270,44 +270,14 @@ as $$
   select pg_catalog.octet_length(p_value::text) > 1048576
 $$;
 
--- Whether a JSON value holds a number printed far longer than it is stored:
--- one with more than 340 digits after the point (0e-16383 is 8 bytes stored
--- and 16 KB printed; 30,000 of them printed half a gigabyte to be refused).
--- The numbers are read as numeric, which prints nothing; jsonpath cannot see
--- a number's scale. Not inlined (it reads the numbers as rows), so it is
--- asked only of values over 2 KB stored: below that such numbers print a few
--- megabytes at most, and the text check refuses them.
-create or replace function private.json_has_long_number(p_value jsonb) returns boolean
-language sql
-immutable
-parallel safe
-set search_path = ''
-as $$
-  select exists (
-    select from pg_catalog.jsonb_path_query(p_value, 'strict $.** ? (@.type() == "number")') n
-    where pg_catalog.scale(n::numeric) > 340)
-$$;
-
--- Whether a JSON value holds a number refused before printing: beyond a
--- double's range, or (over 2 KB stored) with a long scale. Stable, as
--- pg_column_size is: still inlined.
-create or replace function private.json_numbers_too_long(p_value jsonb) returns boolean
-language sql
-stable
-parallel safe
-as $$
-  select private.json_has_huge_number(p_value)
-      or (pg_catalog.pg_column_size(p_value) > 2048 and private.json_has_long_number(p_value))
-$$;
-
 -- A batch checks its numbers once, for all its values (a call per value cost
 -- a send of 100 messages a fifth of its time), then each value's text.
 create or replace function private.json_too_large(p_value jsonb) returns boolean
 language sql
-stable
+immutable
 parallel safe
 as $$
-  select private.json_numbers_too_long(p_value) or private.json_text_too_large(p_value)
+  select private.json_has_huge_number(p_value) or private.json_text_too_large(p_value)
 $$;
 
 -- The user an operation acts for: a signed-in user acts for themselves

@@ -1498,7 +1498,7 @@ begin
     perform private.raise_error(413, 'too_many_messages', 'at most 1000 messages per send');
   end if;
   -- numbers first, once for the batch: each value's text is measured below
-  if private.json_numbers_too_long(p_messages) then
+  if private.json_has_huge_number(p_messages) then
     perform private.raise_error(413, 'payload_too_large',
       'payload and headers are at most 1048576 bytes each as JSON text, '
       || 'their numbers within a double''s range');

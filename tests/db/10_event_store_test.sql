@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(90);
+select plan(89);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -82,13 +82,6 @@ select throws_ok($$select public.append_event('big-1', 'trip', 'x',
 reset statement_timeout;
 select throws_ok($$select public.append_event('big-1', 'trip', 'x', '{"tiny": 1e-400}')$$,
   'PT413', 'payload_too_large', 'and so is one too small for a double');
--- and numbers with 16,383 digits after the point, 8 bytes stored and 16 KB
--- printed each: 30,000 of them printed half a gigabyte to be refused
-set local statement_timeout = '1s';
-select throws_ok($$select public.append_event('big-1', 'trip', 'x',
-    ('{"a": [' || (select string_agg('0e-16383', ',') from generate_series(1, 30000)) || ']}')::jsonb)$$,
-  'PT413', 'payload_too_large', 'a payload of numbers with a long scale is refused at once');
-reset statement_timeout;
 select lives_ok($$select public.append_event('big-3', 'trip', 'x',
     '{"max": 1.7976931348623157e308, "min": 5e-324, "neg": -1e300}')$$,
   'numbers a double holds are fine');
