@@ -1281,9 +1281,9 @@ create unique index message_queue_idempotency_idx
   where idempotency_key is not null;
 -- claim order: priority, then when the message became visible, then id; due
 -- messages only. Those due later (delayed, or waiting out a backoff) are in
--- the delayed indexes until a claim marks them due ("Due" at install_leases):
--- by time, for the probe whether any has fallen due, and in claim order, for
--- marking those that have.
+-- the delayed indexes until claimed ("Due" at install_leases): by time, for
+-- the probe whether any has fallen due, and in claim order, for ranking those
+-- that have beside the due ones.
 create index message_queue_claim_idx
   on public.message_queue (queue_name, priority desc, visible_at, id)
   where status = 'pending' and due;

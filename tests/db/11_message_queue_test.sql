@@ -315,8 +315,8 @@ select cmp_ok(tests.index_blocks_read('public.message_queue')
   'reading a few index pages, not one per priority');
 delete from public.message_queue where queue_name = 'later';
 -- Due (see install_leases): a delayed send waits outside the claim index and a
--- claim marks it once its time has come; a nack's delay takes it out again,
--- and making it visible at once puts it back.
+-- claim takes it from the delayed index once its time has come; a nack's
+-- delay takes it out again, and making it visible at once puts it back.
 select public.send_message('due-check', '{"n": 1}', p_delay_seconds := 60);
 select public.send_message('due-check', '{"n": 2}');
 select is((select array_agg((payload ->> 'n') || ':' || due order by id) from public.message_queue
@@ -326,7 +326,7 @@ update public.message_queue set visible_at = now() - interval '1 second'
 where queue_name = 'due-check' and payload ->> 'n' = '1'; -- its time has come
 create temp table due_claim as select * from public.claim_messages('due-check', 10, 30);
 select is((select array_agg(payload ->> 'n' order by visible_at) from due_claim),
-  array['1', '2'], 'a claim marks the messages whose time has come and takes them in claim order');
+  array['1', '2'], 'a claim takes the messages whose time has come beside the due ones, in claim order');
 select is((public.nack_message('due-check', (select id from due_claim where payload ->> 'n' = '1'),
                                (select lease_token from due_claim where payload ->> 'n' = '1'),
                                'later', 30)).due,
@@ -348,7 +348,7 @@ select cmp_ok((public.extend_message_lease('lease-start',
                  0.5)).visible_at,
   '>=', clock_timestamp() + interval '0.4 seconds', 'and so does an extension');
 delete from public.message_queue where queue_name = 'lease-start';
--- A flood falling due together is marked in claim order: in two queues,
+-- A flood falling due together is claimed in claim order: in two queues,
 -- 1,500 messages of priority 0 whose time came before two more. A claim takes
 -- the priority-9 message first, and a claim filtered on the content finds its
 -- one match behind the 1,500.
@@ -362,12 +362,12 @@ select is((select array_agg(payload ->> 'k') from public.claim_messages('flood-1
   'of a flood falling due together, the highest priority is claimed first');
 select is((select array_agg(payload ->> 'k') from public.claim_messages('flood-2', 1, 30, 'w', '{"k": "c"}')),
   array['c'], 'a filtered claim finds its match behind a flood falling due');
--- A claim marks as many as it takes, so none is left marked and locked from
--- the claims beside it; and it reads them in claim order from an index,
+-- A claim marks none of them (marked rows stayed locked from the claims beside
+-- it until it committed); and it reads them in claim order from an index,
 -- where sorting the whole flood read every one of its rows.
 select is((select count(*)::int from public.message_queue
            where queue_name like 'flood-_' and status = 'pending' and due), 0,
-  'a claim marks only the messages it takes');
+  'a claim marks none of the flood due');
 update pages set n = tests.blocks_read('public.message_queue')
   + tests.index_blocks_read('public.message_queue');
 select is((select array_agg(payload ->> 'k') from public.claim_messages('flood-1', 2, 30)),
@@ -388,7 +388,7 @@ delete from public.message_queue where queue_name = 'fifo-long';
 -- a lease expiry promotes the groups of the heads it dead-lettered, and reads
 -- nothing of the 2,000 other groups waiting behind heads in flight (their
 -- rows fill 66 table pages; the claim reads about 40 pages in all, 2 more since
--- a claim's first step marks its queue's rows that fell due)
+-- a claim's first step probes its queue's delayed rows)
 insert into public.message_queue (queue_name, payload, group_key, status, visible_at, attempts,
                                   lease_token)
 select 'fifo-many', '{}', 'g' || i, s.status, now() + interval '1 hour', s.attempts, s.token

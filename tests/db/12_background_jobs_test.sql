@@ -243,7 +243,7 @@ select cmp_ok(tests.index_blocks_read('public.background_jobs')
   'two claims read a few index pages, not one per priority');
 delete from public.background_jobs where job_type = 'bulk';
 
--- A flood falling due together is marked in claim order (see install_leases):
+-- A flood falling due together is claimed in claim order (see install_leases):
 -- 1,500 ordinary jobs whose time came before an urgent one's. Claimed alone
 -- and in the merged form, the urgent job goes first.
 insert into public.background_jobs (job_type, job_name, priority, run_at, visible_at)
@@ -259,7 +259,7 @@ select is((select job_name from public.claim_jobs(array['flood-2', 'other'], 1))
   'and so in the merged form');
 select is((select count(*)::int from public.background_jobs
            where job_type like 'flood-_' and status = 'pending' and due), 0,
-  'a claim marks only the jobs it takes');
+  'a claim marks none of the flood due');
 delete from public.background_jobs where job_type like 'flood-_';
 
 -- A claim for some job types does not walk the jobs of others: 20,000 due jobs
@@ -285,9 +285,9 @@ select is((select array_agg(job_type || '/' || job_name)
   array['orphan/Orphan', 'orphan/Orphan'], 'no types claims the longest-due jobs of any type');
 delete from public.background_jobs where job_type in ('orphan', 'wanted', 'other');
 
--- Due: a job scheduled for later waits outside the claim index; a claim marks
--- it once its time has come. A failure's backoff takes a job out again, and a
--- retry-now puts it back.
+-- Due: a job scheduled for later waits outside the claim index; a claim takes
+-- it from the delayed index once its time has come. A failure's backoff takes
+-- a job out again, and a retry-now puts it back.
 select public.schedule_job('due-check', 'Later', '{}', p_run_at := now() + interval '1 hour');
 select public.schedule_job('due-check', 'Now', '{}');
 select is((select array_agg(job_name || ':' || due order by id) from public.background_jobs
@@ -297,7 +297,7 @@ update public.background_jobs set visible_at = now() - interval '1 second'
 where job_type = 'due-check' and job_name = 'Later'; -- its time has come
 create temp table due_claim as select * from public.claim_jobs(array['due-check'], 5);
 select is((select array_agg(job_name::text order by visible_at) from due_claim),
-  array['Later', 'Now'], 'a claim marks the jobs whose time has come and takes them in claim order');
+  array['Later', 'Now'], 'a claim takes the jobs whose time has come beside the due ones, in claim order');
 select is((public.fail_job((select id from due_claim where job_name = 'Later'),
                            (select lease_token from due_claim where job_name = 'Later'), 'boom')).due,
   false, 'a failure waiting out its backoff is not due');

@@ -1053,13 +1053,13 @@ dbTest("metrics count every message a queue was sent, as pgmq's total_messages",
   assert.deepEqual([counted.total, counted.total_messages], [1, 3]);
 });
 
-// Messages whose time came while no claim looked are marked due by the next
-// claim, and the marks hold their rows locked until that claim commits. A
-// claim marked a thousand of them and took one: a claim beside it, before
-// the first committed, found none of the other 49 and answered empty (a
-// worker's slot stops there). A claim marks what it takes now; the one
-// beside it takes the next in claim order.
-dbTest("a claim beside one that marks fallen-due messages takes the next of them", async () => {
+// Messages whose time came while no claim looked wait in the delayed index.
+// Claims marked them due first and held the marks locked until they
+// committed: a claim marked a thousand of them and took one, and a claim
+// beside it, before the first committed, found none of the other 49 and
+// answered empty (a worker's slot stops there). A claim now takes them as
+// they are, locking only what it takes; the one beside it takes the next.
+dbTest("a claim beside one that takes fallen-due messages takes the next of them", async () => {
   const queue = "fallen-due";
   await db.sql`insert into public.message_queue (queue_name, payload, visible_at)
                select ${queue}, jsonb_build_object('n', i), now() - interval '1 minute' + i * interval '1 ms'
