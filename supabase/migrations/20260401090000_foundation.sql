@@ -270,6 +270,23 @@ as $$
   select pg_catalog.octet_length(p_value::text) > 1048576
 $$;
 
+-- Whether a JSON field of a batch item is absent, null, or a whole number
+-- between p_low and p_high: what a typed parameter would accept, checked
+-- before any cast so that SQL callers get the 400 the HTTP route gives
+-- instead of a cast error. 1.0 counts as whole, as it does in JavaScript.
+create or replace function private.json_integer_within(p_value jsonb, p_low integer, p_high integer)
+returns boolean
+language sql
+immutable
+parallel safe
+as $$
+  select case pg_catalog.jsonb_typeof(p_value)
+           when 'number' then p_value::numeric between p_low and p_high
+                              and p_value::numeric = pg_catalog.trunc(p_value::numeric)
+           else p_value is null or pg_catalog.jsonb_typeof(p_value) = 'null'
+         end
+$$;
+
 -- A batch checks its numbers once, for all its values (a call per value cost
 -- a send of 100 messages a fifth of its time), then each value's text.
 create or replace function private.json_too_large(p_value jsonb) returns boolean

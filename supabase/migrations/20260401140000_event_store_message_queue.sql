@@ -1505,8 +1505,12 @@ begin
   end if;
   select bool_or(jsonb_typeof(m) <> 'object' or jsonb_typeof(m -> 'payload') is distinct from 'object')
            as bad_payload,
-         bool_or((m ->> 'priority')::integer not between 0 and 1000) as bad_priority,
-         bool_or((m ->> 'delay_seconds')::integer not between 0 and 31536000) as bad_delay,
+         bool_or(not private.json_integer_within(m -> 'priority', 0, 1000)) as bad_priority,
+         bool_or(not private.json_integer_within(m -> 'delay_seconds', 0, 31536000)) as bad_delay,
+         bool_or(not private.json_integer_within(m -> 'max_attempts', 1, 100)) as bad_attempts,
+         bool_or(jsonb_typeof(m -> 'message_type') not in ('string', 'null')
+                 or jsonb_typeof(m -> 'idempotency_key') not in ('string', 'null')
+                 or jsonb_typeof(m -> 'correlation_id') not in ('string', 'null')) as bad_text,
          bool_or(jsonb_typeof(m -> 'headers') not in ('object', 'null')) as bad_headers,
          bool_or(jsonb_typeof(m -> 'group_key') not in ('string', 'null')
                  or char_length(m ->> 'group_key') not between 1 and 128) as bad_group,
@@ -1515,7 +1519,9 @@ begin
                  or private.json_text_too_large(m -> 'headers')) as too_large,
          bool_or(case when jsonb_typeof(m) = 'object' then m - v_keys <> '{}'::jsonb end)
            as unknown_key,
-         coalesce(max((m ->> 'priority')::integer), 0) as top_priority
+         -- read only once every priority is known to be whole and in range
+         coalesce(max(case when jsonb_typeof(m -> 'priority') = 'number'
+                           then (m -> 'priority')::numeric end), 0) as top_priority
   into v_shape
   from jsonb_array_elements(p_messages) m;
   if v_shape.bad_payload then
@@ -1524,6 +1530,11 @@ begin
     perform private.raise_error(400, 'invalid_priority', 'priority must be between 0 and 1000');
   elsif v_shape.bad_delay then
     perform private.raise_error(400, 'invalid_delay', 'delay_seconds must be between 0 and 31536000');
+  elsif v_shape.bad_attempts then
+    perform private.raise_error(400, 'invalid_max_attempts', 'max_attempts must be between 1 and 100');
+  elsif v_shape.bad_text then
+    perform private.raise_error(400, 'invalid_messages',
+      'message_type, idempotency_key and correlation_id must be strings');
   elsif v_shape.bad_headers then
     perform private.raise_error(400, 'invalid_headers', 'headers must be a JSON object');
   elsif v_shape.bad_group then
@@ -1560,17 +1571,18 @@ begin
     idempotency_key, correlation_id, user_id, group_key, headers, status
   )
   select v_ids[a.ord], p_queue_name, coalesce(m.message_type, 'message'), m.payload,
-         coalesce(m.priority, 0), now() + make_interval(secs => coalesce(m.delay_seconds, 0)),
+         coalesce(m.priority, 0)::integer,
+         now() + make_interval(secs => coalesce(m.delay_seconds, 0)::integer),
          coalesce(m.delay_seconds, 0) <= 0,
-         coalesce(m.max_attempts, 5), m.idempotency_key,
+         coalesce(m.max_attempts, 5)::integer, m.idempotency_key,
          coalesce(m.correlation_id, p_correlation_id), v_user,
          private.sender_group_key(v_user, m.group_key),
          nullif(m.headers, 'null'::jsonb),
          case when m.group_key is null then 'pending' else 'blocked' end
   from jsonb_array_elements(p_messages) with ordinality a(elem, ord),
        jsonb_to_record(a.elem) as m(
-         payload jsonb, message_type text, priority integer, delay_seconds integer,
-         max_attempts integer, idempotency_key text, correlation_id text, group_key text,
+         payload jsonb, message_type text, priority numeric, delay_seconds numeric,
+         max_attempts numeric, idempotency_key text, correlation_id text, group_key text,
          headers jsonb)
   order by a.ord
   on conflict (queue_name, user_id, idempotency_key) where idempotency_key is not null

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(176);
+select plan(188);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -59,7 +59,35 @@ select throws_ok($$select public.send_message('emails', '{}', p_priority := -1)$
   'negative priorities are refused');
 select throws_ok($$select public.send_messages('emails', '[{"payload":{}}, {"payload":3}]')$$,
   'PT400', 'invalid_payload', 'one bad message refuses the batch');
+-- over SQL the batch's fields are checked as the HTTP route checks them:
+-- a clear 400 for each, never a cast error
+select throws_ok($$select public.send_messages('emails', '[{"payload": {}, "priority": 1.5}]')$$,
+  'PT400', 'invalid_priority', 'a fractional priority is refused');
+select throws_ok($$select public.send_messages('emails', '[{"payload": {}, "priority": "5"}]')$$,
+  'PT400', 'invalid_priority', 'a priority given as a string is refused');
+select throws_ok($$select public.send_messages('emails', '[{"payload": {}, "priority": 99999999999}]')$$,
+  'PT400', 'invalid_priority', 'a priority beyond an integer is refused');
+select throws_ok($$select public.send_messages('emails', '[{"payload": {}, "delay_seconds": 1e12}]')$$,
+  'PT400', 'invalid_delay', 'a delay beyond an integer is refused');
+select throws_ok($$select public.send_messages('emails', '[{"payload": {}, "delay_seconds": 0.5}]')$$,
+  'PT400', 'invalid_delay', 'a fractional delay is refused');
+select throws_ok($$select public.send_messages('emails', '[{"payload": {}, "max_attempts": 2.5}]')$$,
+  'PT400', 'invalid_max_attempts', 'a fractional max_attempts is refused');
+select throws_ok($$select public.send_messages('emails', '[{"payload": {}, "max_attempts": 0}]')$$,
+  'PT400', 'invalid_max_attempts', 'max_attempts below 1 is refused');
+select throws_ok($$select public.send_message('emails', '{}', p_max_attempts := 101)$$,
+  'PT400', 'invalid_max_attempts', 'max_attempts above 100 is refused by the one-message form too');
+select throws_ok($$select public.send_messages('emails', '[{"payload": {}, "idempotency_key": ["x"]}]')$$,
+  'PT400', 'invalid_messages', 'an idempotency key that is not a string is refused');
+select throws_ok($$select public.send_messages('emails', '[{"payload": {}, "message_type": 7}]')$$,
+  'PT400', 'invalid_messages', 'a message type that is not a string is refused');
+select throws_ok($$select public.send_messages('emails', '[{"payload": {}, "correlation_id": {}}]')$$,
+  'PT400', 'invalid_messages', 'a correlation id that is not a string is refused');
 select is((select count(*)::int from public.message_queue), 1, 'nothing of refused sends was kept');
+select is((select row(priority, max_attempts)::text from public.send_messages('whole',
+    '[{"payload": {}, "priority": 2.0, "max_attempts": 3e0}]')), '(2,3)',
+  'a whole number written with a fraction or an exponent is taken as the integer');
+delete from public.message_queue where queue_name = 'whole';
 
 select is((select array_agg(priority::integer order by id) from public.send_messages('emails',
   '[{"payload":{"n":2}}, {"payload":{"n":3},"priority":5}, {"payload":{"n":4},"delay_seconds":3600}]')),
