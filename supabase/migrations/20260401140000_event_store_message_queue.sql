@@ -776,11 +776,11 @@ select private.schedule_cron('sequence-events', '* * * * *', 'select public.sequ
 -- ordered scan of every lane instead read each pending row of the other
 -- lanes first (20,000 jobs of a type no worker handles: 11-16 ms a claim).
 -- The lanes' candidates are read unlocked and then locked one by one, in
--- claim order, until the claim has its limit: locking each lane's rows as
--- they were read held every lane's first rows until commit, though the claim
--- took only its limit, and a worker claiming beside it found nothing while
--- jobs of other types were due (its slots stopped early). No lane column:
--- one queue.
+-- claim order, until the claim has its limit (see v_pick): locking each
+-- lane's rows as they were read held every lane's first rows until commit,
+-- though the claim took only its limit, and a worker claiming beside it
+-- found nothing while jobs of other types were due (its slots stopped
+-- early). No lane column: one queue.
 --
 -- Due. Priority by priority, a claim visits each priority with rows in its
 -- claim index; with rows due later in that index, a claim behind 20,000 of
@@ -877,10 +877,11 @@ declare
   --            the table, %3$s the lanes' CTE, %4$s the id type
   --   v_claim  the claim's statements: %1$s the shared update
   v_scan text;
-  v_scan_unmarked text; -- v_scan over the rows due now but not marked due (see "Due")
+  v_scan_window text;   -- v_scan reading v_window rows, not p_limit (v_pick's candidates)
+  v_scan_unmarked text; -- v_scan_window over the rows due now but not marked due (see "Due")
   v_lock text := 'for update skip locked';
   v_pick text;
-  v_candidates text; -- v_scan of the lane l, passing over the candidates tried
+  v_candidates text; -- v_scan_window of the lane l, each row tagged with its scan
   v_id_type text := (select format_type(a.atttypid, a.atttypmod) from pg_attribute a
                      where a.attrelid = p_table and a.attname = 'id');
   v_claim text;   -- the claim's statement(s), each ending in the update
@@ -919,12 +920,13 @@ begin
           select t.id, t.priority, t.visible_at from %1$s t
           where %2$s and %%1$s and t.priority = pr.p and t.visible_at <= now()%%2$s
           order by t.visible_at, t.id
-          limit p_limit
+          limit %3$s
           %%3$s
         ) c
-        limit p_limit$sql$;
-  v_scan_unmarked := format(v_scan, p_table, 't.status = ''pending'' and not t.due');
-  v_scan := format(v_scan, p_table, v_pending);
+        limit %3$s$sql$;
+  v_scan_unmarked := format(v_scan, p_table, 't.status = ''pending'' and not t.due', 'v_window');
+  v_scan_window := format(v_scan, p_table, v_pending, 'v_window');
+  v_scan := format(v_scan, p_table, v_pending, 'p_limit');
   -- The lanes with rows matching %3$s, one index probe each (a loose index
   -- scan): %1$s the lane column, %2$s the table.
   v_lanes := $sql$
@@ -947,20 +949,21 @@ begin
                    then format(' and (p_filter is null or t.%I @> p_filter)', p_filter_column)
                    else '' end;
   -- Candidates of the lane l (of a CTE lanes(lane)), read unlocked, in claim
-  -- order, passing over those tried (v_seen): the lane's first due rows and,
-  -- with a due column, its first rows whose time came while they waited in
-  -- the delayed indexes ("Due"), read only when the first of those says any
-  -- did.
+  -- order, v_window of each scan, tagged with it (src): the lane's first due
+  -- rows (0) and, with a due column, its first rows whose time came while
+  -- they waited in the delayed indexes (1, see "Due"), read only when the
+  -- first of those says any did.
   if p_lane_column is not null then
-    v_candidates := format(v_scan, format('t.%I = l.lane', p_lane_column),
-                           v_filter || ' and t.id <> all (v_seen)', '');
+    v_candidates := format('select 0 as src, s.* from (%s) s',
+                           format(v_scan_window, format('t.%I = l.lane', p_lane_column), v_filter,
+                                  ''));
   end if;
   if v_due then
     -- (the probe as the outer side of a lateral join: the scan runs only
     -- for a lane it finds rows of, as a filter on the scan's result did not)
-    v_candidates := format($sql$(%1$s)
+    v_candidates := format($sql$%1$s
               union all
-              select f.* from (
+              select 1 as src, f.* from (
                 select from %3$s t
                 where t.%4$I = l.lane and t.status = 'pending' and not t.due
                   and t.visible_at <= now()
@@ -968,40 +971,63 @@ begin
                 limit 1) probe
               cross join lateral (%2$s) f$sql$,
       v_candidates,
-      format(v_scan_unmarked, format('t.%I = l.lane', p_lane_column),
-             v_filter || ' and t.id <> all (v_seen)', ''),
+      format(v_scan_unmarked, format('t.%I = l.lane', p_lane_column), v_filter, ''),
       p_table, p_lane_column);
   end if;
-  -- Candidates are locked one by one in claim order. One held by another
-  -- claim (or taken since) is passed over, and the candidates are read again
-  -- without it, since its lane's later rows may now outrank the rest: so the
-  -- claim takes the first rows no other claim holds, in claim order, and
-  -- locks no row it does not take.
+  -- The candidates are read unlocked, in claim order, and locked one by one
+  -- by primary key, passing over those another claim holds (skip locked),
+  -- until the claim has p_limit. A scan read to its end (v_window rows) may
+  -- have more rows that rank before candidates of other scans: only the
+  -- candidates up to the first such end (the horizon) are known to be the
+  -- first in claim order, and only they are tried. Short of p_limit with a
+  -- horizon, the claim reads again, four times as far (the rows it locked are
+  -- its own and lock again at once). So it takes the first rows no other
+  -- claim holds, in claim order, and locks no row it does not take. Reading
+  -- the candidates again after each held one spun 21 s of CPU behind 3,000
+  -- held rows; locking them all in one statement was at the mercy of the
+  -- join order the planner chose (a scan of the table per candidate, 2 s).
   v_pick := $sql$
         declare
+          v_window integer := p_limit;
           v_cand record;
+          v_cut boolean;          -- whether the candidates stopped at a horizon
           v_id %4$s;
-          v_ids %4$s[] := '{}';   -- locked here, in claim order
-          v_seen %4$s[] := '{}';  -- candidates tried
-          v_again boolean := true;
+          v_ids %4$s[];           -- locked here, in claim order
         begin
-          while v_again and cardinality(v_ids) < p_limit loop
-            v_again := false;
+          loop
+            v_ids := '{}';
+            v_cut := false;
             for v_cand in
-              with recursive lanes(lane) as (%3$s)
-              select c.id from lanes l
-              cross join lateral (%1$s) c
-              order by c.priority desc, c.visible_at, c.id
+              with recursive lanes(lane) as (%3$s),
+              candidates as materialized (
+                select l.lane, c.src, c.id,
+                       pg_catalog.row_number() over (order by c.priority desc, c.visible_at, c.id)
+                         as ord
+                from lanes l
+                cross join lateral (%1$s) c
+              ),
+              horizon as materialized (
+                select min(s.last) as ord from (
+                  select max(c.ord) as last from candidates c
+                  group by c.lane, c.src
+                  having pg_catalog.count(*) >= v_window) s
+              )
+              select c.id, h.ord is not null as cut
+              from candidates c, horizon h
+              where c.ord <= coalesce(h.ord, c.ord)
+              order by c.ord
             loop
-              v_seen := v_seen || v_cand.id;
+              v_cut := v_cand.cut;
               select t.id into v_id from %2$s t
               where t.id = v_cand.id and t.status = 'pending' and t.visible_at <= now()
               for update skip locked;
-              v_again := v_id is null;
-              exit when v_again;
-              v_ids := v_ids || v_id;
-              exit when cardinality(v_ids) = p_limit;
+              if v_id is not null then
+                v_ids := v_ids || v_id;
+                exit when cardinality(v_ids) = p_limit;
+              end if;
             end loop;
+            exit when cardinality(v_ids) = p_limit or not v_cut;
+            v_window := v_window * 4;
           end loop;
           -- the leases start once the rows are picked, however long that took
           v_taken := pg_catalog.clock_timestamp();
