@@ -141,12 +141,57 @@ function literal(value: string): string {
   return `${tag}${value}${tag}`;
 }
 
-/** The PostgREST-style settings, transaction-local, as one statement. */
-function claimsStatement(who: Principal, correlationId: string): string {
+/**
+ * The PostgREST-style settings, transaction-local, as one statement, with
+ * the statement timeout (DB_STATEMENT_TIMEOUT_MS, or less when the caller has
+ * less time).
+ */
+function claimsStatement(who: Principal, correlationId: string, timeoutMs?: number): string {
+  // never 0, which is no timeout at all
+  const statementMs = Math.max(
+    1,
+    Math.ceil(Math.min(env().DB_STATEMENT_TIMEOUT_MS, timeoutMs ?? Infinity)),
+  );
   return `select set_config('role', ${literal(who.role)}, true), ` +
     `set_config('request.jwt.claims', ${literal(JSON.stringify(who.claims))}, true), ` +
     `set_config('request.correlation_id', ${literal(correlationId)}, true), ` +
-    `set_config('statement_timeout', '${env().DB_STATEMENT_TIMEOUT_MS}', true)`;
+    `set_config('statement_timeout', '${statementMs}', true)`;
+}
+
+/**
+ * A call's own time limit, shorter than DB_OPERATION_TIMEOUT_MS: a caller
+ * that must answer by a deadline of its own (the jobs worker, inside the
+ * edge runtime's 150 s) gives up on the call then, a 503, and the database
+ * gives up on it at about the same time (its statement timeout is the same
+ * limit), so it does not commit unseen long after. The wait for a
+ * connection counts. The pool is not replaced: nothing says it is stuck.
+ */
+async function within<T>(
+  correlationId: string,
+  limitMs: number,
+  call: () => Promise<T>,
+): Promise<T> {
+  const outOfTime = () =>
+    tryAgain("deadline_exceeded", "the call did not finish in the time its caller had left");
+  if (!(limitMs >= 1)) throw outOfTime();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const running = call();
+  const expired = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      log("warn", "database call cut off at its caller's deadline", {
+        correlation_id: correlationId,
+        limit_ms: Math.round(limitMs),
+      });
+      // its own outcome comes later and is no one's
+      running.catch(() => {});
+      reject(outOfTime());
+    }, limitMs);
+  });
+  try {
+    return await Promise.race([running, expired]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 // At most DB_POOL_SIZE operations (an rpc() or a withClaims()) use the
@@ -303,6 +348,9 @@ const QUALIFIED = /^([a-z_][a-z0-9_]*)\.([a-z_][a-z0-9_]*)$/;
  * Values are sent as dollar-quoted literals of unknown type, which Postgres
  * converts to each parameter's declared type exactly as it would a bound
  * parameter; objects and arrays become JSON text for jsonb parameters.
+ *
+ * `limitMs`: the time the caller has left for the call, if it has a deadline
+ * of its own (see within); none, or less than 1 ms, is a 503 at once.
  */
 export async function rpc<T extends Row = Row>(
   who: Principal,
@@ -310,14 +358,21 @@ export async function rpc<T extends Row = Row>(
   fn: string,
   args: Record<string, unknown> = {},
   select: RpcSelect = "*",
+  limitMs?: number,
 ): Promise<T[]> {
-  const text = `${claimsStatement(who, correlationId)}; ${callStatement(fn, args, select)}`;
-  return await admitted(correlationId, () =>
-    retrying(correlationId, async () => {
-      // One result per statement: the settings, then the call.
-      const results = await db().unsafe(text) as unknown as Row[][];
-      return results[1] as T[];
-    }));
+  const statement = callStatement(fn, args, select);
+  const deadline = limitMs === undefined ? undefined : performance.now() + limitMs;
+  const call = () =>
+    admitted(correlationId, () =>
+      retrying(correlationId, async () => {
+        // the time left when it is sent, after any wait for a connection
+        const left = deadline === undefined ? undefined : deadline - performance.now();
+        const text = `${claimsStatement(who, correlationId, left)}; ${statement}`;
+        // One result per statement: the settings, then the call.
+        const results = await db().unsafe(text) as unknown as Row[][];
+        return results[1] as T[];
+      }));
+  return await (limitMs === undefined ? call() : within(correlationId, limitMs, call));
 }
 
 /**

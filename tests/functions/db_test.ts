@@ -152,6 +152,36 @@ dbTest("rpc can select only the columns a caller reads", async () => {
   assert.equal(job.status, "pending");
 });
 
+dbTest("an rpc given a time limit is a 503 then, and the database ends the call too", async () => {
+  await db.sql`create function public.test_sleep(p_seconds double precision) returns void
+               language sql as $$ select pg_sleep(p_seconds) $$`;
+  await db.sql`grant execute on function public.test_sleep(double precision) to service_role`;
+  const sleeping = async () =>
+    (await db.sql`select count(*)::int as n from pg_stat_activity
+                  where datname = current_database() and pid <> pg_backend_pid()
+                    and state = 'active' and query like '%public.test_sleep(%'`)[0].n;
+  const started = performance.now();
+  const call = rpc(service, "limited", "public.test_sleep", { seconds: 5 }, "*", 400);
+  await new Promise((r) => setTimeout(r, 150));
+  assert.equal(await sleeping(), 1, "the call is running");
+  await assert.rejects(call, httpError(503, "deadline_exceeded"));
+  const ms = performance.now() - started;
+  assert.ok(ms >= 390 && ms < 1500, `cut off after ${ms.toFixed(0)} ms`);
+  // the database's own timeout is the same limit: it does not sleep on
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(await sleeping(), 0, "the database ended the call");
+  // no time left: nothing is sent
+  await assert.rejects(
+    rpc(service, "none", "public.test_sleep", { seconds: 0 }, "*", 0),
+    httpError(503, "deadline_exceeded"),
+  );
+  // a limit longer than the call changes nothing
+  assert.deepEqual(
+    [...await rpc(service, "roomy", "public.test_sleep", { seconds: 0.01 }, "*", 5_000)],
+    [{ test_sleep: "" }],
+  );
+});
+
 dbTest("a failing rpc writes nothing and the pool stays usable", async () => {
   const bad = [{ service_name: "api", metric_type: "gauge", metric_name: "q", value: 1 }, {
     service_name: "api",

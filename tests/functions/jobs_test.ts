@@ -3,7 +3,8 @@ import process from "node:process";
 import type postgres from "postgres";
 import { app } from "../../supabase/functions/jobs/index.ts";
 import { registerJobHandler } from "../../supabase/functions/jobs/handlers.ts";
-import { MAX_RESULT_BYTES } from "../../supabase/functions/jobs/worker.ts";
+import { MAX_RESULT_BYTES, runJobs } from "../../supabase/functions/jobs/worker.ts";
+import { HttpError } from "../../shared/errors.ts";
 import { resetEnv } from "../../shared/env.ts";
 import type { Principal } from "../../shared/auth.ts";
 import { withClaims } from "../../shared/db.ts";
@@ -102,6 +103,21 @@ registerJobHandler("test_burns", () => {
   const until = processCpuMs() + 5;
   while (processCpuMs() < until) { /* busy */ }
   return Promise.resolve();
+});
+// test_settles_late: its job's row is locked by another transaction until
+// the test lets go, so its settlement waits
+let releaseLateSettle: () => void = () => {};
+let lateSettleHeld: Promise<unknown> = Promise.resolve();
+registerJobHandler("test_settles_late", async (job) => {
+  let locked: () => void = () => {};
+  const isLocked = new Promise<void>((r) => (locked = r));
+  const released = new Promise<void>((r) => (releaseLateSettle = r));
+  lateSettleHeld = db.sql.begin(async (tx) => {
+    await tx`select from public.background_jobs where id = ${job.id} for update`;
+    locked();
+    await released;
+  });
+  await isLocked;
 });
 // quick jobs of three types, for claims of several types at once
 const PICK_TYPES = ["test_pick_a", "test_pick_b", "test_pick_c"];
@@ -313,6 +329,39 @@ dbTest("the worker stops claiming when its CPU budget would be spent", async () 
 // retries outlast the run's 300 ms budget, and a retry claims no next job
 // then: it used to claim one with the budget's answer from before the
 // retries, and could start it past the edge runtime's limit.
+// A settlement sent at 142 s could take until the statement timeout (or
+// DB_OPERATION_TIMEOUT_MS), past the edge runtime's 150 s: the run was cut
+// off without an answer. Every call of a run now has only the run's time left.
+dbTest(
+  "a settlement still waiting at the run's end is cut off there, in the database too",
+  async () => {
+    const { id } = (await schedule({ job_type: "test_settles_late", job_name: "Late" })).body.job;
+    const started = performance.now();
+    await assert.rejects(
+      runJobs({ role: "service_role", claims: { role: "service_role" } }, "late", {
+        budgetMs: 200,
+        concurrency: 1,
+        jobTypes: ["test_settles_late"],
+        workerId: "late",
+        endMs: 1_000,
+      }),
+      (e: unknown) => e instanceof HttpError && e.status === 503,
+    );
+    const ms = performance.now() - started;
+    assert.ok(ms < 1_500, `the run ended after ${ms.toFixed(0)} ms`);
+    await new Promise((r) => setTimeout(r, 200));
+    const [waiting] = await db.sql`select count(*)::int as n from pg_stat_activity
+    where datname = current_database() and state = 'active'
+      and query like '%settle_and_claim_jobs(%' and pid <> pg_backend_pid()`;
+    assert.equal(waiting.n, 0, "the database gave the settlement up too");
+    releaseLateSettle();
+    await lateSettleHeld;
+    // never settled: it waits out its lease, as after any lost worker
+    assert.equal((await job(id)).status, "running");
+    await db.sql`delete from public.background_jobs where id = ${id}`;
+  },
+);
+
 dbTest("a settlement the database is too busy for is sent again", async () => {
   const scheduled = await schedule({ job_type: "test_hogs", job_name: "Hogs", priority: 5 });
   const after = await schedule({ job_type: "test_ok", job_name: "After", payload: { n: 1 } });

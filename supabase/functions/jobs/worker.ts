@@ -4,8 +4,9 @@
 // same call (public.settle_and_claim_jobs): one round trip per job, and a slow
 // job holds up only its own slot. Slots stop claiming once the time budget
 // is spent, so a cron-triggered run ends well inside the edge runtime's 150 s:
-// the budget (at most 25 s) plus the longest job timeout (at most 120 s);
-// or once the CPU budget is, inside the runtime's 2 s of CPU a request.
+// the budget (at most 25 s) plus the longest job timeout (at most 120 s),
+// with every database call cut off at 148 s; or once the CPU budget is,
+// inside the runtime's 2 s of CPU a request.
 import process from "node:process";
 import type { Principal } from "../../../shared/auth.ts";
 import { asJson, dbText, type Row, rpc, TextArray } from "../../../shared/db.ts";
@@ -21,6 +22,8 @@ export interface RunOptions {
   concurrency: number;
   jobTypes?: string[];
   workerId: string;
+  /** How long the run may last in all, its database calls cut off there (default RUN_END_MS) */
+  endMs?: number;
 }
 
 export interface RunSummary {
@@ -46,8 +49,14 @@ const SETTLE_RETRY_MS = 100;
 const SETTLE_RETRY_MAX_MS = 2_000;
 /** ... while it would still arrive this long before the lease ends ... */
 const SETTLE_RETRY_MARGIN_MS = 2_000;
-/** ... and before this much of the run has passed: the edge runtime ends a request at 150 s. */
-const RUN_DEADLINE_MS = 145_000;
+/**
+ * The edge runtime ends a request at 150 s: a run's database calls are cut
+ * off (503) this long after it started, answered or not, so that it answers
+ * itself ...
+ */
+const RUN_END_MS = 148_000;
+/** ... and settlements are sent again, and held jobs taken up, only this long before that. */
+const RUN_END_MARGIN_MS = 3_000;
 
 /** What the worker reads of a claimed job: toJob's fields and the lease token. */
 export const CLAIMED_COLUMNS = [
@@ -218,6 +227,11 @@ export async function runJobs(
   opts: RunOptions,
 ): Promise<RunSummary> {
   const started = performance.now();
+  const ends = started + (opts.endMs ?? RUN_END_MS);
+  /** The time a database call has left: no call outlives the run. */
+  const left = () => ends - performance.now();
+  const call = (fn: string, args: Record<string, unknown>, columns: readonly string[]) =>
+    rpc(who, correlationId, fn, args, { columns }, left());
   const cpuLeft = cpuBudget(opts.cpuBudgetMs);
   const summary: RunSummary = {
     claimed: 0,
@@ -243,10 +257,10 @@ export async function runJobs(
   const inBudget = () =>
     !failure && performance.now() - started < opts.budgetMs && cpuLeft(inHand, finished());
   const claiming = async (fn: string, args: Record<string, unknown>) =>
-    (await rpc(who, correlationId, fn, args, { columns: CLAIMED_COLUMNS }))[0];
+    (await call(fn, args, CLAIMED_COLUMNS))[0];
   /** A job held under the slot's name, taken up on a fresh lease if its timeout fits the run's time left. */
   const reclaimHeld = async (claim: Claim) => {
-    const secondsLeft = Math.floor((started + RUN_DEADLINE_MS - performance.now()) / 1000);
+    const secondsLeft = Math.floor((left() - RUN_END_MARGIN_MS) / 1000);
     if (secondsLeft <= 0) return undefined;
     return await claiming("public.reclaim_held_jobs", {
       worker: claim.worker,
@@ -296,7 +310,7 @@ export async function runJobs(
         next = await claiming("public.settle_and_claim_jobs", { ...settlement, ...claim });
       } else {
         const fn = s.error === undefined ? "public.complete_job" : "public.fail_job";
-        await rpc(who, correlationId, fn, settlement, { columns: SETTLED_COLUMNS });
+        await call(fn, settlement, SETTLED_COLUMNS);
       }
       if (s.error !== undefined) {
         log("warn", "job attempt failed", {
@@ -338,7 +352,7 @@ export async function runJobs(
       // allows one now: the time spent retrying may have used it up.
       if (err instanceof HttpError && err.status === 503) {
         const pause = Math.min(SETTLE_RETRY_MAX_MS, SETTLE_RETRY_MS * 2 ** retries);
-        const until = Math.min(leaseEnds - SETTLE_RETRY_MARGIN_MS, started + RUN_DEADLINE_MS);
+        const until = Math.min(leaseEnds - SETTLE_RETRY_MARGIN_MS, ends - RUN_END_MARGIN_MS);
         if (performance.now() + pause < until) {
           log("warn", "job settlement failed; sending it again", {
             correlation_id: correlationId,
@@ -397,9 +411,9 @@ export async function runJobs(
   // A drained run of every registered type: what is still due has no handler
   // here (the spec's own payment_processing, say), and would wait unseen.
   if (summary.stopped === "drained" && !opts.jobTypes) {
-    const waiting = await rpc(who, correlationId, "public.due_jobs_by_type", {
+    const waiting = await call("public.due_jobs_by_type", {
       exclude_types: new TextArray(types),
-    }, { columns: ["job_type", "due"] });
+    }, ["job_type", "due"]);
     for (const { job_type, due } of waiting) summary.unhandled[job_type as string] = Number(due);
     if (waiting.length > 0) {
       log("warn", "due jobs have no handler", {
