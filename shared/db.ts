@@ -285,21 +285,83 @@ export function withClaims<T>(
   return admitted(correlationId, () => retrying(correlationId, () => inTransaction(setup, fn)));
 }
 
+/**
+ * A reserved connection's hold on its session. postgres.js does not stop a
+ * reserved connection's queries once the connection has closed under it (a
+ * backend ended between two of a transaction's queries, or before its
+ * COMMIT): the next one is written to the dropped socket, which throws where
+ * nothing can catch it and ended the process; and had the connection
+ * reconnected for someone else by then, it would have run in their session.
+ * The mark reserve() leaves on the connection (its `reserved` callback, which
+ * a close clears and a new reservation replaces) is read as the first query
+ * executes, and each later query, COMMIT, ROLLBACK and the release first
+ * check that it is still there. (postgres.js internals, pinned by the lock
+ * file: where the mark cannot be read, queries go as before.)
+ */
+class Hold {
+  #connection?: { reserved?: unknown };
+  #mark: unknown;
+
+  /** Query options for the first query: remembers the connection it runs on. */
+  readonly first = {
+    onexecute: (connection: { reserved?: unknown }) => {
+      this.#connection = connection;
+      this.#mark = connection.reserved;
+      // what execute would return without the option: the connection takes more
+      return true;
+    },
+  };
+
+  get lost(): boolean {
+    return this.#connection !== undefined && this.#connection.reserved !== this.#mark;
+  }
+
+  /** Throws a connection error (a 503, no rollback needed) if the session is gone. */
+  check(): void {
+    if (this.lost) {
+      throw Object.assign(new Error("the database connection closed during the transaction"), {
+        code: "CONNECTION_CLOSED",
+      });
+    }
+  }
+
+  /** `conn`, refusing every query once the session is gone. */
+  guard(conn: Sql): Tx {
+    const check = () => this.check();
+    return new Proxy(conn, {
+      apply(target, self, args) {
+        check();
+        return Reflect.apply(target, self, args);
+      },
+      get(target, key, receiver) {
+        const value = Reflect.get(target, key, receiver);
+        if (key !== "unsafe" || typeof value !== "function") return value;
+        return (...args: unknown[]) => {
+          check();
+          return Reflect.apply(value, target, args);
+        };
+      },
+    }) as unknown as Tx;
+  }
+}
+
 /** One attempt of withClaims: `setup` (BEGIN and the settings) pipelined ahead of fn, then COMMIT. */
 async function inTransaction<T>(setup: string, fn: (tx: Tx) => Promise<T>): Promise<T> {
   const conn = await db().reserve();
+  const hold = new Hold();
   let lost = false;
   try {
-    const begun = conn.unsafe(setup).then(() => null, (err) => err);
+    const begun = conn.unsafe(setup, [], hold.first as never).then(() => null, (err) => err);
     let result: T;
     try {
-      result = await fn(conn as unknown as Tx);
+      result = await fn(hold.guard(conn));
     } catch (err) {
       // A failed setup makes every later query fail with 25P02; report the cause.
       throw (await begun) ?? err;
     }
     const setupError = await begun;
     if (setupError) throw setupError;
+    hold.check();
     await conn`commit`;
     return result;
   } catch (err) {
@@ -309,11 +371,11 @@ async function inTransaction<T>(setup: string, fn: (tx: Tx) => Promise<T>): Prom
     // next request's query) writes to a socket it has dropped, which throws
     // where nothing can catch it and ends the process. Its transaction ended
     // with the session.
-    lost = connectionLost(err);
+    lost = connectionLost(err) || hold.lost;
     if (!lost) await conn`rollback`.catch((e) => void (lost = connectionLost(e)));
     throw err;
   } finally {
-    if (!lost) conn.release();
+    if (!lost && !hold.lost) conn.release();
   }
 }
 

@@ -546,6 +546,53 @@ dbTest("a backend ended under a request is a 503, and the process and pool live 
   });
 });
 
+// A backend ended while a withClaims callback waited between its queries, or
+// before its COMMIT, ended the process: postgres.js wrote the next query to
+// the socket it had dropped. The transaction is now a 503, writes nothing,
+// and the process and pool live on.
+dbTest("a backend ended between a transaction's queries is a 503 and writes nothing", async () => {
+  const dbModule = new URL("../../shared/db.ts", import.meta.url).href;
+  const script = `
+    import postgres from "postgres";
+    import { rpc, withClaims } from ${JSON.stringify(dbModule)};
+    const admin = postgres(${JSON.stringify(db.url)}, { max: 1, onnotice: () => {} });
+    const endBackends = () => admin\`select pg_terminate_backend(pid) from pg_stat_activity
+      where application_name = 'easymo-functions' and datname = current_database()\`;
+    const who = { role: "service_role", claims: { role: "service_role" } };
+    const outcome = (p) => p.then(() => "ok", (e) => e.status + " " + e.code);
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    const metric = (tx, name) => tx\`select public.record_metric(p_service_name := 'api',
+      p_metric_type := 'gauge', p_metric_name := \${name}, p_value := 1)\`;
+    await rpc(who, "warm", "public.queue_metrics", { queue_name: "q" });
+    const ended = [];
+    for (const [name, between] of [["hold-between", true], ["hold-before-commit", false]]) {
+      const tx = outcome(withClaims(who, name, async (tx) => {
+        await metric(tx, name);
+        await sleep(400);
+        if (between) await metric(tx, name + "-2");
+      }));
+      await sleep(150);
+      await endBackends();
+      ended.push(await tx);
+    }
+    await sleep(300);
+    const after = await Promise.all([
+      outcome(rpc(who, "c", "public.queue_metrics", { queue_name: "q" })),
+      outcome(withClaims(who, "w", (tx) => metric(tx, "hold-after"))),
+    ]);
+    const kept = (await admin\`select metric_name from public.system_metrics
+                                where metric_name like 'hold-%'\`).map((r) => r.metric_name);
+    console.log(JSON.stringify({ ended, after, kept }));
+    await admin.end();
+    Deno.exit(0);`;
+  assert.deepEqual(await childResult(script, { SUPABASE_DB_URL: db.url }, 60_000), {
+    ended: ["503 database_unavailable", "503 database_unavailable"],
+    after: ["ok", "ok"],
+    kept: ["hold-after"],
+  });
+  await db.sql`delete from public.system_metrics where metric_name like 'hold-%'`;
+});
+
 // postgres.js can lose a request when connections die around it: a
 // reserve() handed to a reconnect was forgotten, and a connection handed to a
 // reserve() that had already failed was stranded. Requests then waited
