@@ -245,11 +245,18 @@ $$;
 -- SQL, where no request body limit applies, so that no page of them outgrows
 -- what a function's memory holds. The text is measured, not the stored jsonb:
 -- an escaped control character prints as six bytes, a number as its digits.
--- A number beyond a double's range (JSON from JavaScript never holds one) is
--- refused before anything is printed: 1e131071 is 22 bytes stored and 131 KB
--- printed, so 8,000 of them in a 90 KB call printed a gigabyte (7 s and a
--- gigabyte of the backend's memory, past any statement timeout, to refuse
--- it). Immutable SQL without SET, calling only immutable functions, so it is
+-- Numbers that print far longer than they are stored are refused before
+-- anything is printed (JSON from JavaScript never holds one):
+--   * beyond a double's range: 1e131071 is 22 bytes stored and 131 KB
+--     printed, so 8,000 of them in a 90 KB call printed a gigabyte (7 s and a
+--     gigabyte of the backend's memory, past any statement timeout);
+--   * with more than 400 decimal places (a double's smallest prints with
+--     324): 0e-16383 is 8 bytes stored and 16 KB printed, 30,000 of them 490
+--     MB. Its scale is seen through a division, whose result has the
+--     dividend's scale: (x * 0 + 1) / 3 is 0.333..., one 3 per decimal place
+--     of x (at least 16), so it passes 400 threes exactly when x has more
+--     than 400 places. About half a microsecond a number.
+-- Immutable SQL without SET, calling only immutable functions, so it is
 -- inlined into its callers' expressions: a call of a SQL function that is
 -- not cost an append 5-15 us.
 create or replace function private.json_has_huge_number(p_value jsonb) returns boolean
@@ -259,7 +266,8 @@ parallel safe
 as $$
   select pg_catalog.jsonb_path_exists(p_value,
            'strict $.** ? (@.type() == "number"
-                           && (@ >= 1e309 || @ <= -1e309 || (@ != 0 && @ > -1e-325 && @ < 1e-325)))')
+                           && (@ >= 1e309 || @ <= -1e309 || (@ != 0 && @ > -1e-325 && @ < 1e-325)
+                               || (@ * 0 + 1) / 3 > 0.3333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333333))')
 $$;
 
 create or replace function private.json_text_too_large(p_value jsonb) returns boolean

@@ -270,7 +270,7 @@ begin
   if private.json_too_large(p_payload) or private.json_too_large(p_metadata) then
     perform private.raise_error(413, 'payload_too_large',
       'payload and metadata are at most 1048576 bytes each as JSON text, '
-      || 'their numbers within a double''s range');
+      || 'their numbers within a double''s range and 400 decimal places');
   end if;
   perform private.raise_error(400, 'invalid_expected_version',
     'expected_version must be an integer of at least -1');
@@ -1527,7 +1527,7 @@ begin
   if private.json_has_huge_number(p_messages) then
     perform private.raise_error(413, 'payload_too_large',
       'payload and headers are at most 1048576 bytes each as JSON text, '
-      || 'their numbers within a double''s range');
+      || 'their numbers within a double''s range and 400 decimal places');
   end if;
   select bool_or(jsonb_typeof(m) <> 'object' or jsonb_typeof(m -> 'payload') is distinct from 'object')
            as bad_payload,
@@ -1569,7 +1569,7 @@ begin
   elsif v_shape.too_large then
     perform private.raise_error(413, 'payload_too_large',
       'payload and headers are at most 1048576 bytes each as JSON text, '
-      || 'their numbers within a double''s range');
+      || 'their numbers within a double''s range and 400 decimal places');
   end if;
   if v_shape.unknown_key then
     perform private.check_json_keys(p_messages, v_keys, 'invalid_messages');
@@ -2640,7 +2640,8 @@ begin
   end if;
   if private.json_too_large(p_payload) then
     perform private.raise_error(413, 'payload_too_large',
-      'payload is at most 1048576 bytes as JSON text, its numbers within a double''s range');
+      'payload is at most 1048576 bytes as JSON text, '
+      || 'its numbers within a double''s range and 400 decimal places');
   end if;
   if p_priority is null or p_priority not between 0 and 1000 then
     perform private.raise_error(400, 'invalid_priority', 'priority must be between 0 and 1000');
