@@ -158,22 +158,23 @@ function claimsStatement(who: Principal, correlationId: string, timeoutMs?: numb
     `set_config('statement_timeout', '${statementMs}', true)`;
 }
 
+const outOfTime = () =>
+  tryAgain("deadline_exceeded", "the call did not finish in the time its caller had left");
+
 /**
  * A call's own time limit, shorter than DB_OPERATION_TIMEOUT_MS: a caller
  * that must answer by a deadline of its own (the jobs worker, inside the
  * edge runtime's 150 s) gives up on the call then, a 503, and the database
  * gives up on it at about the same time (its statement timeout is the same
  * limit), so it does not commit unseen long after. The wait for a
- * connection counts. The pool is not replaced: nothing says it is stuck.
+ * connection counts: a call whose time ran out while it waited is never sent
+ * (see rpc). The pool is not replaced: nothing says it is stuck.
  */
 async function within<T>(
   correlationId: string,
   limitMs: number,
   call: () => Promise<T>,
 ): Promise<T> {
-  const outOfTime = () =>
-    tryAgain("deadline_exceeded", "the call did not finish in the time its caller had left");
-  if (!(limitMs >= 1)) throw outOfTime();
   let timer: ReturnType<typeof setTimeout> | undefined;
   const running = call();
   const expired = new Promise<never>((_, reject) => {
@@ -296,7 +297,10 @@ export function withClaims<T>(
  * a close clears and a new reservation replaces) is read as the first query
  * executes, and each later query, COMMIT, ROLLBACK and the release first
  * check that it is still there. (postgres.js internals, pinned by the lock
- * file: where the mark cannot be read, queries go as before.)
+ * file: where the mark cannot be read, queries go as before.) Not covered:
+ * a callback cursor (`.cursor(n, fn)`), whose next fetch postgres.js sends
+ * itself after fn returns; withClaims callbacks use the iterator form
+ * (`for await (const rows of q.cursor(n))`), which this guard covers.
  */
 class Hold {
   #connection?: { reserved?: unknown };
@@ -412,7 +416,8 @@ const QUALIFIED = /^([a-z_][a-z0-9_]*)\.([a-z_][a-z0-9_]*)$/;
  * parameter; objects and arrays become JSON text for jsonb parameters.
  *
  * `limitMs`: the time the caller has left for the call, if it has a deadline
- * of its own (see within); none, or less than 1 ms, is a 503 at once.
+ * of its own (see within); less than 1 ms is a 503 at once, and one as long
+ * as DB_OPERATION_TIMEOUT_MS or more is no limit (bounded() cuts there).
  */
 export async function rpc<T extends Row = Row>(
   who: Principal,
@@ -423,18 +428,24 @@ export async function rpc<T extends Row = Row>(
   limitMs?: number,
 ): Promise<T[]> {
   const statement = callStatement(fn, args, select);
-  const deadline = limitMs === undefined ? undefined : performance.now() + limitMs;
+  if (limitMs !== undefined && !(limitMs >= 1)) throw outOfTime();
+  const limit = limitMs !== undefined && limitMs < env().DB_OPERATION_TIMEOUT_MS
+    ? limitMs
+    : undefined;
+  const deadline = limit === undefined ? undefined : performance.now() + limit;
   const call = () =>
     admitted(correlationId, () =>
       retrying(correlationId, async () => {
-        // the time left when it is sent, after any wait for a connection
+        // the time left when it is sent, after any wait for a connection (or
+        // a retry's pause): none left, and its caller has been answered
         const left = deadline === undefined ? undefined : deadline - performance.now();
+        if (left !== undefined && left < 1) throw outOfTime();
         const text = `${claimsStatement(who, correlationId, left)}; ${statement}`;
         // One result per statement: the settings, then the call.
         const results = await db().unsafe(text) as unknown as Row[][];
         return results[1] as T[];
       }));
-  return await (limitMs === undefined ? call() : within(correlationId, limitMs, call));
+  return await (limit === undefined ? call() : within(correlationId, limit, call));
 }
 
 /**

@@ -877,7 +877,7 @@ declare
   --            the table, %3$s the lanes' CTE, %4$s the id type
   --   v_claim  the claim's statements: %1$s the shared update
   v_scan text;
-  v_scan_window text;   -- v_scan reading v_window rows, not p_limit (v_pick's candidates)
+  v_scan_window text;   -- v_scan reading its lane's window (w.n rows), not p_limit (v_pick's)
   v_scan_unmarked text; -- v_scan_window over the rows due now but not marked due (see "Due")
   v_lock text := 'for update skip locked';
   v_pick text;
@@ -924,8 +924,8 @@ begin
           %%3$s
         ) c
         limit %3$s$sql$;
-  v_scan_unmarked := format(v_scan, p_table, 't.status = ''pending'' and not t.due', 'v_window');
-  v_scan_window := format(v_scan, p_table, v_pending, 'v_window');
+  v_scan_unmarked := format(v_scan, p_table, 't.status = ''pending'' and not t.due', 'w.n');
+  v_scan_window := format(v_scan, p_table, v_pending, 'w.n');
   v_scan := format(v_scan, p_table, v_pending, 'p_limit');
   -- The lanes with rows matching %3$s, one index probe each (a loose index
   -- scan): %1$s the lane column, %2$s the table.
@@ -949,7 +949,7 @@ begin
                    then format(' and (p_filter is null or t.%I @> p_filter)', p_filter_column)
                    else '' end;
   -- Candidates of the lane l (of a CTE lanes(lane)), read unlocked, in claim
-  -- order, v_window of each scan, tagged with it (src): the lane's first due
+  -- order, the lane's window (w.n) of each scan, tagged with it (src): its first due
   -- rows (0) and, with a due column, its first rows whose time came while
   -- they waited in the delayed indexes (1, see "Due"), read only when the
   -- first of those says any did.
@@ -976,58 +976,72 @@ begin
   end if;
   -- The candidates are read unlocked, in claim order, and locked one by one
   -- by primary key, passing over those another claim holds (skip locked),
-  -- until the claim has p_limit. A scan read to its end (v_window rows) may
-  -- have more rows that rank before candidates of other scans: only the
-  -- candidates up to the first such end (the horizon) are known to be the
-  -- first in claim order, and only they are tried. Short of p_limit with a
-  -- horizon, the claim reads again, four times as far (the rows it locked are
-  -- its own and lock again at once). So it takes the first rows no other
-  -- claim holds, in claim order, and locks no row it does not take. Reading
-  -- the candidates again after each held one spun 21 s of CPU behind 3,000
-  -- held rows; locking them all in one statement was at the mercy of the
-  -- join order the planner chose (a scan of the table per candidate, 2 s).
+  -- until the claim has p_limit. Each lane's scans read its window of rows,
+  -- p_limit at first. A scan read to its end may have more rows that rank
+  -- before candidates of other scans: only the candidates up to the first
+  -- such end (the horizon) are known to be the first in claim order, and
+  -- only they are tried. Short of p_limit with a horizon, the claim reads
+  -- again, with four times the window for each lane where a candidate was
+  -- held (only those can need more: a lane none of whose candidates up to
+  -- the horizon was held gave the claim all of them, at least p_limit). The
+  -- rows it locked stay taken. So it takes the first rows no other claim
+  -- holds, in claim order (rows released while it reads aside), and locks no
+  -- row it does not take. Reading the candidates again after each held one
+  -- spun 21 s of CPU behind 3,000 held rows; widening every lane's window
+  -- read 3,000 rows of each of 100 other lanes (1.6 s); locking them all in
+  -- one statement was at the mercy of the join order the planner chose.
   v_pick := $sql$
         declare
-          v_window integer := p_limit;
+          v_windows jsonb := '{}';  -- lane -> its window, where wider than p_limit
+          v_held jsonb;             -- lane -> this pass's candidates another claim held
           v_cand record;
-          v_cut boolean;          -- whether the candidates stopped at a horizon
+          v_cut boolean;            -- whether the candidates stopped at a horizon
           v_id %4$s;
-          v_ids %4$s[];           -- locked here, in claim order
+          v_ids %4$s[] := '{}';     -- locked here, in claim order
         begin
           loop
-            v_ids := '{}';
             v_cut := false;
+            v_held := '{}';
             for v_cand in
               with recursive lanes(lane) as (%3$s),
               candidates as materialized (
-                select l.lane, c.src, c.id,
+                select l.lane, c.src, c.id, w.n,
                        pg_catalog.row_number() over (order by c.priority desc, c.visible_at, c.id)
                          as ord
                 from lanes l
+                cross join lateral (
+                  select coalesce((v_windows ->> l.lane)::integer, p_limit) as n) w
                 cross join lateral (%1$s) c
               ),
               horizon as materialized (
                 select min(s.last) as ord from (
                   select max(c.ord) as last from candidates c
-                  group by c.lane, c.src
-                  having pg_catalog.count(*) >= v_window) s
+                  group by c.lane, c.src, c.n
+                  having pg_catalog.count(*) >= c.n) s
               )
-              select c.id, h.ord is not null as cut
+              select c.id, c.lane, h.ord is not null as cut
               from candidates c, horizon h
               where c.ord <= coalesce(h.ord, c.ord)
               order by c.ord
             loop
               v_cut := v_cand.cut;
+              continue when v_cand.id = any (v_ids);
               select t.id into v_id from %2$s t
               where t.id = v_cand.id and t.status = 'pending' and t.visible_at <= now()
               for update skip locked;
-              if v_id is not null then
+              if v_id is null then
+                v_held := v_held || jsonb_build_object(v_cand.lane,
+                  coalesce((v_held ->> v_cand.lane)::integer, 0) + 1);
+              else
                 v_ids := v_ids || v_id;
                 exit when cardinality(v_ids) = p_limit;
               end if;
             end loop;
-            exit when cardinality(v_ids) = p_limit or not v_cut;
-            v_window := v_window * 4;
+            exit when cardinality(v_ids) = p_limit or not v_cut or v_held = '{}';
+            select v_windows || jsonb_object_agg(h.lane,
+                     4 * coalesce((v_windows ->> h.lane)::integer, p_limit))
+            into v_windows
+            from jsonb_object_keys(v_held) h(lane);
           end loop;
           -- the leases start once the rows are picked, however long that took
           v_taken := pg_catalog.clock_timestamp();

@@ -4,6 +4,7 @@ import assert from "node:assert/strict";
 import { db as dbPool, rpc, TextArray, toHttpError, withClaims } from "../../shared/db.ts";
 import type { Principal } from "../../shared/auth.ts";
 import { HttpError } from "../../shared/errors.ts";
+import { resetEnv } from "../../shared/env.ts";
 import { createUser, dbTest, freshDatabase } from "../support/harness.ts";
 
 const db = await freshDatabase();
@@ -180,6 +181,51 @@ dbTest("an rpc given a time limit is a 503 then, and the database ends the call 
     [...await rpc(service, "roomy", "public.test_sleep", { seconds: 0.01 }, "*", 5_000)],
     [{ test_sleep: "" }],
   );
+});
+
+// A call cut off while it waited for a connection was sent once it got one,
+// with a 1 ms statement timeout, and a quick write committed after its
+// caller had been told 503. A limit past what a timer can hold (2^31 ms)
+// cut the call off at once.
+dbTest("an rpc cut off while it waits for a connection is never sent", async () => {
+  await db.sql`create or replace function public.test_sleep(p_seconds double precision)
+               returns void language sql as $$ select pg_sleep(p_seconds) $$`;
+  await db.sql`grant execute on function public.test_sleep(double precision) to service_role`;
+  Deno.env.set("DB_POOL_SIZE", "1");
+  resetEnv();
+  try {
+    const busy = rpc(service, "busy", "public.test_sleep", { seconds: 0.6 });
+    const late = (n: number) =>
+      rpc(
+        service,
+        "late",
+        "public.record_metric",
+        {
+          service_name: "api",
+          metric_type: "gauge",
+          metric_name: `late-${n}`,
+          value: n,
+        },
+        "*",
+        100,
+      );
+    const outcomes = await Promise.allSettled([late(1), late(2), late(3)]);
+    for (const o of outcomes) {
+      assert.ok(o.status === "rejected" && httpError(503, "deadline_exceeded")(o.reason));
+    }
+    await busy;
+    await new Promise((r) => setTimeout(r, 300));
+    const [{ n }] = await db.sql`select count(*)::int as n from public.system_metrics
+                                 where metric_name like 'late-%'`;
+    assert.equal(n, 0, "nothing cut off was written");
+    // no timer overflow: a limit of 2^31 ms or more is no limit
+    for (const limit of [2 ** 31, 3e9, Infinity]) {
+      await rpc(service, "long", "public.test_sleep", { seconds: 0.05 }, "*", limit);
+    }
+  } finally {
+    Deno.env.delete("DB_POOL_SIZE");
+    resetEnv();
+  }
 });
 
 dbTest("a failing rpc writes nothing and the pool stays usable", async () => {
