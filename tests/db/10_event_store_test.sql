@@ -1,7 +1,7 @@
 -- Event store: the spec's calls, versions, expected versions, batches,
 -- validation, the commit-safe global position, and the RLS matrix.
 begin;
-select plan(92);
+select plan(95);
 
 -- the spec's calls, verbatim
 select is((public.append_event(
@@ -93,6 +93,13 @@ select throws_ok($$select public.append_event('big-1', 'trip', 'x',
 reset statement_timeout;
 select throws_ok($$select public.append_event('big-1', 'trip', 'x', '{"z": -0e-401}')$$,
   'PT413', 'payload_too_large', 'a number with 401 decimal places is refused');
+select throws_ok(format($$select public.append_event('deep-1', 'trip', 'x', %L)$$,
+    '{"a": ' || repeat('[', 12000) || repeat(']', 12000) || '}'),
+  'PT413', 'payload_too_large', 'a payload nested 12,000 levels deep is refused');
+select ok(not private.json_too_large(('{"a": ' || repeat('[', 999) || '1' || repeat(']', 999) || '}')::jsonb),
+  'one nested 1,000 levels passes');
+select ok(private.json_too_large(('{"a": ' || repeat('[', 1000) || '1' || repeat(']', 1000) || '}')::jsonb),
+  'one nested 1,001 levels does not');
 select ok(not private.json_too_large(
     '{"z": 0e-400, "zero": 0, "minus": -0.0, "least": 5e-324, "most": 1.7976931348623157e308}'),
   'numbers up to 400 decimal places, and every double, pass');

@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(188);
+select plan(193);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -83,6 +83,20 @@ select throws_ok($$select public.send_messages('emails', '[{"payload": {}, "mess
   'PT400', 'invalid_messages', 'a message type that is not a string is refused');
 select throws_ok($$select public.send_messages('emails', '[{"payload": {}, "correlation_id": {}}]')$$,
   'PT400', 'invalid_messages', 'a correlation id that is not a string is refused');
+select throws_ok($$select public.send_messages('emails', '[{"payload": {}, "message_type": "has space"}]')$$,
+  'PT400', 'invalid_messages', 'a message type that is not a type name is refused');
+select throws_ok($$select public.send_messages('emails', '[{"payload": {}, "idempotency_key": ""}]')$$,
+  'PT400', 'invalid_messages', 'an empty idempotency key is refused');
+select throws_ok(format($$select public.send_messages('emails', %L)$$,
+    jsonb_build_array(jsonb_build_object('payload', '{}'::jsonb, 'correlation_id', repeat('c', 129)))),
+  'PT400', 'invalid_messages', 'a correlation id over 128 characters is refused');
+select throws_ok(format($$select public.send_messages('emails', '[{"payload": {}}]', %L)$$, repeat('c', 129)),
+  'PT400', 'invalid_correlation_id', 'and so is the batch''s');
+-- nesting past 1,000 levels is refused before the number check walks it (at
+-- 12,000 the walk ran out of stack: 54001)
+select throws_ok(format($$select public.send_messages('emails', %L)$$,
+    '[{"payload": {"a": ' || repeat('[', 12000) || repeat(']', 12000) || '}}]'),
+  'PT413', 'payload_too_large', 'a payload nested 12,000 levels deep is refused');
 select is((select count(*)::int from public.message_queue), 1, 'nothing of refused sends was kept');
 select is((select row(priority, max_attempts)::text from public.send_messages('whole',
     '[{"payload": {}, "priority": 2.0, "max_attempts": 3e0}]')), '(2,3)',
