@@ -297,10 +297,10 @@ export function withClaims<T>(
  * a close clears and a new reservation replaces) is read as the first query
  * executes, and each later query, COMMIT, ROLLBACK and the release first
  * check that it is still there. (postgres.js internals, pinned by the lock
- * file: where the mark cannot be read, queries go as before.) Not covered:
- * a callback cursor (`.cursor(n, fn)`), whose next fetch postgres.js sends
- * itself after fn returns; withClaims callbacks use the iterator form
- * (`for await (const rows of q.cursor(n))`), which this guard covers.
+ * file: where the mark cannot be read, queries go as before.) A callback
+ * cursor (`.cursor(n, fn)`) sends its next fetch itself once fn returns, so
+ * fn is wrapped: with the session gone, the query fails instead and nothing
+ * more is sent.
  */
 class Hold {
   #connection?: { reserved?: unknown };
@@ -320,32 +320,58 @@ class Hold {
     return this.#connection !== undefined && this.#connection.reserved !== this.#mark;
   }
 
+  static #closed = () =>
+    Object.assign(new Error("the database connection closed during the transaction"), {
+      code: "CONNECTION_CLOSED",
+    });
+
   /** Throws a connection error (a 503, no rollback needed) if the session is gone. */
   check(): void {
-    if (this.lost) {
-      throw Object.assign(new Error("the database connection closed during the transaction"), {
-        code: "CONNECTION_CLOSED",
-      });
-    }
+    if (this.lost) throw Hold.#closed();
   }
 
   /** `conn`, refusing every query once the session is gone. */
   guard(conn: Sql): Tx {
     const check = () => this.check();
+    const cursors = (query: unknown) => this.#guardCursor(query);
     return new Proxy(conn, {
       apply(target, self, args) {
         check();
-        return Reflect.apply(target, self, args);
+        return cursors(Reflect.apply(target, self, args));
       },
       get(target, key, receiver) {
         const value = Reflect.get(target, key, receiver);
         if (key !== "unsafe" || typeof value !== "function") return value;
         return (...args: unknown[]) => {
           check();
-          return Reflect.apply(value, target, args);
+          return cursors(Reflect.apply(value, target, args));
         };
       },
     }) as unknown as Tx;
+  }
+
+  /**
+   * A query's callback cursor, its callback wrapped: once it returns with the
+   * session gone, the query is failed and postgres.js is left waiting, so it
+   * writes no next fetch to the dropped socket. Helpers that are not queries
+   * (tx(values), ...) pass through.
+   */
+  #guardCursor(query: unknown): unknown {
+    type Cursor = (rows?: unknown, fn?: unknown) => unknown;
+    const q = query as { cursor?: Cursor; reject?: (err: unknown) => void } | null;
+    const cursor = q?.cursor;
+    if (typeof cursor !== "function") return query;
+    q!.cursor = (rows?: unknown, fn?: unknown) => {
+      if (typeof rows === "function") [rows, fn] = [1, rows];
+      if (typeof fn !== "function") return cursor.call(q, rows);
+      return cursor.call(q, rows, async (batch: unknown) => {
+        const answer = await fn(batch);
+        if (!this.lost) return answer;
+        q!.reject?.(Hold.#closed());
+        return await new Promise(() => {});
+      });
+    };
+    return query;
   }
 }
 

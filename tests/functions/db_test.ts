@@ -639,6 +639,44 @@ dbTest("a backend ended between a transaction's queries is a 503 and writes noth
   await db.sql`delete from public.system_metrics where metric_name like 'hold-%'`;
 });
 
+// A callback cursor's next fetch is sent by postgres.js itself once the
+// callback returns, past the check before each query: a backend ended while
+// the callback ran crashed the process the same way.
+dbTest("a backend ended while a cursor's callback runs is a 503, not a crash", async () => {
+  const dbModule = new URL("../../shared/db.ts", import.meta.url).href;
+  const script = `
+    import postgres from "postgres";
+    import { rpc, withClaims } from ${JSON.stringify(dbModule)};
+    const admin = postgres(${JSON.stringify(db.url)}, { max: 1, onnotice: () => {} });
+    const endBackends = () => admin\`select pg_terminate_backend(pid) from pg_stat_activity
+      where application_name = 'easymo-functions' and datname = current_database()\`;
+    const who = { role: "service_role", claims: { role: "service_role" } };
+    const outcome = (p) => p.then((v) => "ok " + v, (e) => e.status + " " + e.code);
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    await rpc(who, "warm", "public.queue_metrics", { queue_name: "q" });
+    const fetches = (pause) => outcome(withClaims(who, "cur", async (tx) => {
+      let n = 0;
+      await tx\`select g from generate_series(1, 100) g\`.cursor(10, async (rows) => {
+        n += rows.length;
+        await sleep(pause);
+      });
+      return n;
+    }));
+    const ended = fetches(400);
+    await sleep(150);
+    await endBackends();
+    const first = await ended;
+    await sleep(300);
+    const after = await fetches(0);
+    console.log(JSON.stringify({ first, after }));
+    await admin.end();
+    Deno.exit(0);`;
+  assert.deepEqual(await childResult(script, { SUPABASE_DB_URL: db.url }, 60_000), {
+    first: "503 database_unavailable",
+    after: "ok 100",
+  });
+});
+
 // postgres.js can lose a request when connections die around it: a
 // reserve() handed to a reconnect was forgotten, and a connection handed to a
 // reserve() that had already failed was stranded. Requests then waited
