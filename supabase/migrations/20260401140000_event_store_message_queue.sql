@@ -950,10 +950,10 @@ begin
                    then format(' and (p_filter is null or t.%I @> p_filter)', p_filter_column)
                    else '' end;
   -- Candidates of the lane l (of a CTE lanes(lane)), read unlocked, in claim
-  -- order, the lane's window (w.n) of each scan, tagged with it (src): its first due
-  -- rows (0) and, with a due column, its first rows whose time came while
-  -- they waited in the delayed indexes (1, see "Due"), read only when the
-  -- first of those says any did.
+  -- order, the lane's window (w.n) of each scan, tagged with the scan (src):
+  -- its first due rows (0) and, with a due column, its first rows whose time
+  -- came while they waited in the delayed indexes (1, see "Due"), read only
+  -- when the first of those says any did.
   if p_lane_column is not null then
     v_candidates := format('select 0 as src, s.* from (%s) s',
                            format(v_scan_window, format('t.%I = l.lane', p_lane_column), v_filter,
