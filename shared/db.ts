@@ -364,11 +364,18 @@ class Hold {
     q!.cursor = (rows?: unknown, fn?: unknown) => {
       if (typeof rows === "function") [rows, fn] = [1, rows];
       if (typeof fn !== "function") return cursor.call(q, rows);
-      return cursor.call(q, rows, async (batch: unknown) => {
-        const answer = await fn(batch);
+      const settle = (answer: unknown) => {
         if (!this.lost) return answer;
         q!.reject?.(Hold.#closed());
-        return await new Promise(() => {});
+        return new Promise(() => {});
+      };
+      // fn is called as postgres.js would call it: a throw stays a throw (it
+      // rejects the query), and only a promise it returns is chained
+      return cursor.call(q, rows, (batch: unknown) => {
+        const answer = (fn as (batch: unknown) => unknown)(batch);
+        return typeof (answer as { then?: unknown } | null)?.then === "function"
+          ? Promise.resolve(answer).then(settle)
+          : settle(answer);
       });
     };
     return query;

@@ -668,12 +668,23 @@ dbTest("a backend ended while a cursor's callback runs is a 503, not a crash", a
     const first = await ended;
     await sleep(300);
     const after = await fetches(0);
-    console.log(JSON.stringify({ first, after }));
+    // a callback that throws on the last batch (which postgres.js does not
+    // await) still fails the query, not the process
+    const thrown = await outcome(withClaims(who, "cur", async (tx) => {
+      let n = 0;
+      await tx\`select g from generate_series(1, 25) g\`.cursor(10, (rows) => {
+        n += rows.length;
+        if (n > 20) throw new Error("boom");
+      });
+      return n;
+    }));
+    console.log(JSON.stringify({ first, after, thrown }));
     await admin.end();
     Deno.exit(0);`;
   assert.deepEqual(await childResult(script, { SUPABASE_DB_URL: db.url }, 60_000), {
     first: "503 database_unavailable",
     after: "ok 100",
+    thrown: "500 internal_error",
   });
 });
 
