@@ -592,24 +592,38 @@ dbTest("a backend ended under a request is a 503, and the process and pool live 
   });
 });
 
-// A backend ended while a withClaims callback waited between its queries, or
-// before its COMMIT, ended the process: postgres.js wrote the next query to
-// the socket it had dropped. The transaction is now a 503, writes nothing,
-// and the process and pool live on.
-dbTest("a backend ended between a transaction's queries is a 503 and writes nothing", async () => {
+/**
+ * A child script around `body`: rpc and withClaims of shared/db.ts on the
+ * test database (warmed up), `endBackends()` to end their backends, `who`
+ * (the service role), `outcome(p)` ("ok", "ok <n>" for a number, or
+ * "<status> <code>") and `sleep(ms)`.
+ */
+function endingBackends(body: string): string {
   const dbModule = new URL("../../shared/db.ts", import.meta.url).href;
-  const script = `
+  return `
     import postgres from "postgres";
     import { rpc, withClaims } from ${JSON.stringify(dbModule)};
     const admin = postgres(${JSON.stringify(db.url)}, { max: 1, onnotice: () => {} });
     const endBackends = () => admin\`select pg_terminate_backend(pid) from pg_stat_activity
       where application_name = 'easymo-functions' and datname = current_database()\`;
     const who = { role: "service_role", claims: { role: "service_role" } };
-    const outcome = (p) => p.then(() => "ok", (e) => e.status + " " + e.code);
+    const outcome = (p) => p.then((v) => typeof v === "number" ? "ok " + v : "ok",
+      (e) => e.status + " " + e.code);
     const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    await rpc(who, "warm", "public.queue_metrics", { queue_name: "q" });
+    ${body}
+    await admin.end();
+    Deno.exit(0);`;
+}
+
+// A backend ended while a withClaims callback waited between its queries, or
+// before its COMMIT, ended the process: postgres.js wrote the next query to
+// the socket it had dropped. The transaction is now a 503, writes nothing,
+// and the process and pool live on.
+dbTest("a backend ended between a transaction's queries is a 503 and writes nothing", async () => {
+  const script = endingBackends(`
     const metric = (tx, name) => tx\`select public.record_metric(p_service_name := 'api',
       p_metric_type := 'gauge', p_metric_name := \${name}, p_value := 1)\`;
-    await rpc(who, "warm", "public.queue_metrics", { queue_name: "q" });
     const ended = [];
     for (const [name, between] of [["hold-between", true], ["hold-before-commit", false]]) {
       const tx = outcome(withClaims(who, name, async (tx) => {
@@ -628,9 +642,7 @@ dbTest("a backend ended between a transaction's queries is a 503 and writes noth
     ]);
     const kept = (await admin\`select metric_name from public.system_metrics
                                 where metric_name like 'hold-%'\`).map((r) => r.metric_name);
-    console.log(JSON.stringify({ ended, after, kept }));
-    await admin.end();
-    Deno.exit(0);`;
+    console.log(JSON.stringify({ ended, after, kept }));`);
   assert.deepEqual(await childResult(script, { SUPABASE_DB_URL: db.url }, 60_000), {
     ended: ["503 database_unavailable", "503 database_unavailable"],
     after: ["ok", "ok"],
@@ -643,17 +655,7 @@ dbTest("a backend ended between a transaction's queries is a 503 and writes noth
 // callback returns, past the check before each query: a backend ended while
 // the callback ran crashed the process the same way.
 dbTest("a backend ended while a cursor's callback runs is a 503, not a crash", async () => {
-  const dbModule = new URL("../../shared/db.ts", import.meta.url).href;
-  const script = `
-    import postgres from "postgres";
-    import { rpc, withClaims } from ${JSON.stringify(dbModule)};
-    const admin = postgres(${JSON.stringify(db.url)}, { max: 1, onnotice: () => {} });
-    const endBackends = () => admin\`select pg_terminate_backend(pid) from pg_stat_activity
-      where application_name = 'easymo-functions' and datname = current_database()\`;
-    const who = { role: "service_role", claims: { role: "service_role" } };
-    const outcome = (p) => p.then((v) => "ok " + v, (e) => e.status + " " + e.code);
-    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-    await rpc(who, "warm", "public.queue_metrics", { queue_name: "q" });
+  const script = endingBackends(`
     const fetches = (pause) => outcome(withClaims(who, "cur", async (tx) => {
       let n = 0;
       await tx\`select g from generate_series(1, 100) g\`.cursor(10, async (rows) => {
@@ -678,9 +680,7 @@ dbTest("a backend ended while a cursor's callback runs is a 503, not a crash", a
       });
       return n;
     }));
-    console.log(JSON.stringify({ first, after, thrown }));
-    await admin.end();
-    Deno.exit(0);`;
+    console.log(JSON.stringify({ first, after, thrown }));`);
   assert.deepEqual(await childResult(script, { SUPABASE_DB_URL: db.url }, 60_000), {
     first: "503 database_unavailable",
     after: "ok 100",
