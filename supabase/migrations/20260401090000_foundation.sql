@@ -259,10 +259,12 @@ $$;
 --     About half a microsecond a number.
 -- A value nested past 1,000 levels is refused too, as the walk goes no
 -- deeper: walking every level, the check ran out of stack (54001) at 12,000.
--- Immutable SQL without SET, calling only immutable functions, so it is
--- inlined into its callers' expressions: a call of a SQL function that is
--- not cost an append 5-15 us.
-create or replace function private.json_has_huge_number(p_value jsonb) returns boolean
+-- json_too_large_unprinted makes those two checks, json_text_too_large
+-- measures the text, and json_too_large does both. Immutable SQL without
+-- SET, calling only immutable functions, so they are inlined into their
+-- callers' expressions: a call of a SQL function that is not cost an append
+-- 5-15 us.
+create or replace function private.json_too_large_unprinted(p_value jsonb) returns boolean
 language sql
 immutable
 parallel safe
@@ -282,6 +284,30 @@ as $$
   select pg_catalog.octet_length(p_value::text) > 1048576
 $$;
 
+-- (A batch makes the first check once, for all its values, then measures
+-- each value's text: a call per value cost a send of 100 messages a fifth of
+-- its time.)
+create or replace function private.json_too_large(p_value jsonb) returns boolean
+language sql
+immutable
+parallel safe
+as $$
+  select private.json_too_large_unprinted(p_value) or private.json_text_too_large(p_value)
+$$;
+
+-- The one refusal of the checks above: 413 payload_too_large, naming the
+-- values refused (p_values: 'payload and metadata', say).
+create or replace function private.refuse_too_large(p_values text) returns void
+language plpgsql
+set search_path = ''
+as $$
+begin
+  perform private.raise_error(413, 'payload_too_large',
+    p_values || ': at most 1048576 bytes each as JSON text, nested at most 1000 levels, '
+    || 'numbers within a double''s range and 400 decimal places');
+end;
+$$;
+
 -- Whether a JSON field of a batch item is absent, null, or a whole number
 -- between p_low and p_high: what a typed parameter would accept, checked
 -- before any cast so that SQL callers get the 400 the HTTP route gives
@@ -299,15 +325,6 @@ as $$
          end
 $$;
 
--- A batch checks its numbers once, for all its values (a call per value cost
--- a send of 100 messages a fifth of its time), then each value's text.
-create or replace function private.json_too_large(p_value jsonb) returns boolean
-language sql
-immutable
-parallel safe
-as $$
-  select private.json_has_huge_number(p_value) or private.json_text_too_large(p_value)
-$$;
 
 -- The user an operation acts for: a signed-in user acts for themselves
 -- (naming anyone else is 403); the service role must name one (400).

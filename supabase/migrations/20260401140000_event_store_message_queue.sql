@@ -268,10 +268,7 @@ begin
     perform private.raise_error(400, 'invalid_metadata', 'metadata must be a JSON object');
   end if;
   if private.json_too_large(p_payload) or private.json_too_large(p_metadata) then
-    perform private.raise_error(413, 'payload_too_large',
-      'payload and metadata are at most 1048576 bytes each as JSON text, '
-      || 'nested at most 1000 levels, '
-      || 'their numbers within a double''s range and 400 decimal places');
+    perform private.refuse_too_large('payload and metadata');
   end if;
   perform private.raise_error(400, 'invalid_expected_version',
     'expected_version must be an integer of at least -1');
@@ -1237,7 +1234,6 @@ begin
   $tpl$, p_table, p_prefix || '_lease_settle', p_in_flight, v_result,
   format(v_set_due, $sql$p_outcome = 'retry'
                and coalesce(p_delay <= interval '0', not coalesce(p_retry_base_seconds > 0, false))$sql$));
-
 end;
 $gen$;
 
@@ -1532,10 +1528,6 @@ declare
   v_returned bigint;
 begin
   perform private.check_queue_name(p_queue_name);
-  if char_length(p_correlation_id) > 128 then
-    perform private.raise_error(400, 'invalid_correlation_id',
-      'correlation_id is at most 128 characters');
-  end if;
   if jsonb_typeof(p_messages) is distinct from 'array' or jsonb_array_length(p_messages) = 0 then
     perform private.raise_error(400, 'invalid_messages', 'messages must be a non-empty JSON array');
   end if;
@@ -1543,25 +1535,19 @@ begin
     perform private.raise_error(413, 'too_many_messages', 'at most 1000 messages per send');
   end if;
   -- numbers first, once for the batch: each value's text is measured below
-  if private.json_has_huge_number(p_messages) then
-    perform private.raise_error(413, 'payload_too_large',
-      'payload and headers are at most 1048576 bytes each as JSON text, '
-      || 'nested at most 1000 levels, '
-      || 'their numbers within a double''s range and 400 decimal places');
+  if private.json_too_large_unprinted(p_messages) then
+    perform private.refuse_too_large('payload and headers');
   end if;
   select bool_or(jsonb_typeof(m) <> 'object' or jsonb_typeof(m -> 'payload') is distinct from 'object')
            as bad_payload,
          bool_or(not private.json_integer_within(m -> 'priority', 0, 1000)) as bad_priority,
          bool_or(not private.json_integer_within(m -> 'delay_seconds', 0, 31536000)) as bad_delay,
          bool_or(not private.json_integer_within(m -> 'max_attempts', 1, 100)) as bad_attempts,
-         -- as their columns' domains check them (type_name, idempotency_key, trace_id)
+         -- text, not an object or a number read as its JSON; their formats are
+         -- their columns' domains' (type_name, idempotency_key, trace_id)
          bool_or(jsonb_typeof(m -> 'message_type') not in ('string', 'null')
                  or jsonb_typeof(m -> 'idempotency_key') not in ('string', 'null')
-                 or jsonb_typeof(m -> 'correlation_id') not in ('string', 'null')
-                 or char_length(m ->> 'message_type') > 128
-                 or m ->> 'message_type' !~ '^[A-Za-z][A-Za-z0-9_.:-]*$'
-                 or char_length(m ->> 'idempotency_key') not between 1 and 256
-                 or char_length(m ->> 'correlation_id') > 128) as bad_text,
+                 or jsonb_typeof(m -> 'correlation_id') not in ('string', 'null')) as bad_text,
          bool_or(jsonb_typeof(m -> 'headers') not in ('object', 'null')) as bad_headers,
          bool_or(jsonb_typeof(m -> 'group_key') not in ('string', 'null')
                  or char_length(m ->> 'group_key') not between 1 and 128) as bad_group,
@@ -1585,18 +1571,14 @@ begin
     perform private.raise_error(400, 'invalid_max_attempts', 'max_attempts must be between 1 and 100');
   elsif v_shape.bad_text then
     perform private.raise_error(400, 'invalid_messages',
-      'message_type must be a type name (a letter, then letters, digits, _ . : -; at most 128), '
-      || 'idempotency_key a string of 1 to 256 characters, correlation_id one of at most 128');
+      'message_type, idempotency_key and correlation_id must be strings');
   elsif v_shape.bad_headers then
     perform private.raise_error(400, 'invalid_headers', 'headers must be a JSON object');
   elsif v_shape.bad_group then
     perform private.raise_error(400, 'invalid_group_key',
       'group_key must be a string of 1 to 128 characters');
   elsif v_shape.too_large then
-    perform private.raise_error(413, 'payload_too_large',
-      'payload and headers are at most 1048576 bytes each as JSON text, '
-      || 'nested at most 1000 levels, '
-      || 'their numbers within a double''s range and 400 decimal places');
+    perform private.refuse_too_large('payload and headers');
   end if;
   if v_shape.unknown_key then
     perform private.check_json_keys(p_messages, v_keys, 'invalid_messages');
@@ -2666,10 +2648,7 @@ begin
     perform private.raise_error(400, 'invalid_payload', 'payload must be a JSON object');
   end if;
   if private.json_too_large(p_payload) then
-    perform private.raise_error(413, 'payload_too_large',
-      'payload is at most 1048576 bytes as JSON text, '
-      || 'nested at most 1000 levels, '
-      || 'its numbers within a double''s range and 400 decimal places');
+    perform private.refuse_too_large('payload');
   end if;
   if p_priority is null or p_priority not between 0 and 1000 then
     perform private.raise_error(400, 'invalid_priority', 'priority must be between 0 and 1000');
