@@ -170,26 +170,31 @@ const outOfTime = () =>
  * connection counts: a call whose time ran out while it waited is never sent
  * (see rpc). The pool is not replaced: nothing says it is stuck.
  */
-async function within<T>(
-  correlationId: string,
+function within<T>(correlationId: string, limitMs: number, call: () => Promise<T>): Promise<T> {
+  return beforeTimeout(call(), limitMs, () => {
+    log("warn", "database call cut off at its caller's deadline", {
+      correlation_id: correlationId,
+      limit_ms: Math.round(limitMs),
+    });
+    return outOfTime();
+  });
+}
+
+/**
+ * `op`'s outcome, or the error `expired` makes once `limitMs` has passed
+ * (op's own outcome then comes to nothing: the race has handled it).
+ */
+async function beforeTimeout<T>(
+  op: Promise<T>,
   limitMs: number,
-  call: () => Promise<T>,
+  expired: () => Error,
 ): Promise<T> {
   let timer: ReturnType<typeof setTimeout> | undefined;
-  const running = call();
-  const expired = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => {
-      log("warn", "database call cut off at its caller's deadline", {
-        correlation_id: correlationId,
-        limit_ms: Math.round(limitMs),
-      });
-      // its own outcome comes later and is no one's
-      running.catch(() => {});
-      reject(outOfTime());
-    }, limitMs);
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(expired()), limitMs);
   });
   try {
-    return await Promise.race([running, expired]);
+    return await Promise.race([op, timeout]);
   } finally {
     clearTimeout(timer);
   }
@@ -229,27 +234,19 @@ function admitted<T>(correlationId: string, op: () => Promise<T>): Promise<T> {
 // DB_OPERATION_TIMEOUT_MS in all is answered 503 (a client retries it like
 // any 503; a keyed write replays) and the pool is replaced, so the stranded
 // connections end with the old one.
-async function bounded<T>(correlationId: string, op: () => Promise<T>): Promise<T> {
+function bounded<T>(correlationId: string, op: () => Promise<T>): Promise<T> {
   const limitMs = env().DB_OPERATION_TIMEOUT_MS;
   // the pool this operation runs on: only it is replaced, not a newer one
   // that the requests after an earlier replacement run on
   const mine = db();
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const expired = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => {
-      log("error", "database operation never finished: replacing the pool", {
-        correlation_id: correlationId,
-        limit_ms: limitMs,
-      });
-      if (pool === mine) retirePool();
-      reject(tryAgain("database_unavailable", "the database is not answering; try again"));
-    }, limitMs);
+  return beforeTimeout(op(), limitMs, () => {
+    log("error", "database operation never finished: replacing the pool", {
+      correlation_id: correlationId,
+      limit_ms: limitMs,
+    });
+    if (pool === mine) retirePool();
+    return tryAgain("database_unavailable", "the database is not answering; try again");
   });
-  try {
-    return await Promise.race([op(), expired]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 /**
