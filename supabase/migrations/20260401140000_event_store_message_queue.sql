@@ -2792,6 +2792,10 @@ declare
   v_row public.background_jobs;
   v_lease_ends timestamptz;
 begin
+  -- a result is kept and read back as a payload is, so it is measured as one
+  if not p_failed and private.json_too_large(p_result) then
+    perform private.refuse_too_large('result');
+  end if;
   if p_timed_out then
     select j.visible_at into v_lease_ends from public.background_jobs j
     where j.id = p_job_id and j.lease_token = p_lease_token and j.status = 'running';

@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(93);
+select plan(98);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -55,6 +55,25 @@ select is((public.complete_job((select id from c1), (select lease_token from c1)
   '{"paid": true}'::jsonb, 'complete_job stores the result');
 select throws_ok(format($$select public.complete_job(%s, %L)$$, (select id from c1), (select lease_token from c1)),
   'PT409', 'lease_lost', 'a finished job cannot be completed again');
+-- a result is measured as a payload is (413), over SQL too, and a refused
+-- one settles nothing
+select public.schedule_job('big_result', 'Big result', '{}');
+create temp table c2 as select * from public.claim_jobs(array['big_result'], 1, 'w1');
+select throws_ok(format($$select public.complete_job(%s, %L, jsonb_build_object('blob', repeat('x', 1048576)))$$,
+    (select id from c2), (select lease_token from c2)),
+  'PT413', 'payload_too_large', 'complete_job refuses a result over a megabyte');
+select throws_ok(format($$select public.complete_job(%s, %L, '{"n": 1e400}')$$,
+    (select id from c2), (select lease_token from c2)),
+  'PT413', 'payload_too_large', 'and one of numbers beyond a double''s range');
+select throws_ok(format($$select public.settle_and_claim_jobs(%s, %L,
+      jsonb_build_object('blob', repeat(chr(1), 200000)), p_job_types := array['big_result'])$$,
+    (select id from c2), (select lease_token from c2)),
+  'PT413', 'payload_too_large', 'and so does settle_and_claim_jobs, measuring the text');
+select is((select status || ':' || (result is null)::text from public.background_jobs
+           where id = (select id from c2)),
+  'running:true', 'a refused result leaves the job running and its result unset');
+select is((public.complete_job((select id from c2), (select lease_token from c2), '{"n": 1e300}')).status,
+  'completed', 'the same lease then completes it with a result of fitting size');
 
 -- settle and claim in one call (the worker's round trip per job)
 select public.schedule_job('sac', 'Sac ' || i, jsonb_build_object('i', i)) from generate_series(1, 3) i;

@@ -72,6 +72,14 @@ registerJobHandler("test_deep", () => {
   return Promise.resolve(deep);
 });
 registerJobHandler("test_huge", () => Promise.resolve({ text: "x".repeat(MAX_RESULT_BYTES) }));
+// 990,000 bytes as JSON.stringify writes it, 1,170,000 as the database prints it
+registerJobHandler(
+  "test_spaced",
+  () =>
+    Promise.resolve(
+      Object.fromEntries(Array.from({ length: 90000 }, (_, i) => [`b${10000 + i}`, 0])),
+    ),
+);
 // odd things a handler may throw or return
 registerJobHandler("test_odd_message", () => {
   const err = new Error("x");
@@ -645,6 +653,16 @@ dbTest("a result too deep or too large to store fails the attempt, not the run",
   assert.deepEqual([d.status, h.status], ["failed", "failed"]);
   assert.match(d.last_error, /nests deeper than 100 levels/);
   assert.match(h.last_error, /larger than 1048576 bytes/);
+});
+
+dbTest("a result the database measures as too large fails the attempt, not the run", async () => {
+  const res = await schedule({ job_type: "test_spaced", job_name: "Spaced", max_attempts: 1 });
+  const summary = await run({ job_types: ["test_spaced"] });
+  assert.equal(summary.status, 200, JSON.stringify(summary.body));
+  assert.equal(summary.body.failed, 1);
+  const row = await job(res.body.job.id);
+  assert.deepEqual([row.status, row.result], ["failed", null]);
+  assert.equal(row.last_error, "result not stored: payload_too_large");
 });
 
 dbTest("a result that is not JSON, or an error with a NUL, fails the attempt only", async () => {
