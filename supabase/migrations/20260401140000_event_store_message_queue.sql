@@ -2812,6 +2812,13 @@ begin
     perform private.raise_error(409, 'lease_lost',
       'this lease token does not hold the job (finished, cancelled or timed out)');
   end if;
+  -- A completion whose result could not be kept says why in last_error
+  -- (the shared settlement keeps a completion's last_error as it was).
+  if not p_failed and p_error is not null then
+    update public.background_jobs j set last_error = left(p_error, 4000)
+     where j.id = p_job_id
+    returning * into v_row;
+  end if;
   -- A run its worker timed out may go on until its lease ends (see
   -- abandoned_lease_until): its retry waits for that, too.
   if p_timed_out then
@@ -2827,10 +2834,14 @@ begin
 end;
 $$;
 
+-- p_result_error: why the handler's result is not kept (it ran to its end,
+-- but its result cannot be stored): the job completes without running again,
+-- and last_error says why.
 create or replace function public.complete_job(
   p_job_id bigint,
   p_lease_token uuid,
-  p_result jsonb default null
+  p_result jsonb default null,
+  p_result_error text default null
 ) returns public.background_jobs
 language plpgsql
 security definer
@@ -2839,7 +2850,8 @@ as $$
 declare
   v_row public.background_jobs;
 begin
-  select * into v_row from private.settle_job(p_job_id, p_lease_token, false, false, null, p_result);
+  select * into v_row
+  from private.settle_job(p_job_id, p_lease_token, false, false, p_result_error, p_result);
   return v_row;
 end;
 $$;
@@ -2864,8 +2876,8 @@ end;
 $$;
 
 -- A worker's one round trip per job: settles the job it ran (completed with
--- p_result when p_error is null, else a failed or timed-out attempt, exactly
--- as complete_job / fail_job) and claims its next jobs as claim_jobs does,
+-- p_result and p_result_error when p_error is null, else a failed or
+-- timed-out attempt, exactly as complete_job / fail_job) and claims its next jobs as claim_jobs does,
 -- in one transaction. A refused settlement (404, 409 lease_lost) claims
 -- nothing; the worker then claims with claim_jobs.
 create or replace function public.settle_and_claim_jobs(
@@ -2876,7 +2888,8 @@ create or replace function public.settle_and_claim_jobs(
   p_timed_out boolean default false,
   p_job_types text[] default null,
   p_limit integer default 1,
-  p_worker text default null
+  p_worker text default null,
+  p_result_error text default null
 ) returns setof public.background_jobs
 language plpgsql
 security definer
@@ -2887,8 +2900,8 @@ begin
     perform private.raise_error(400, 'invalid_settlement', 'a timed-out attempt needs an error');
   end if;
   perform private.check_limit(p_limit, 1000);
-  perform private.settle_job(p_job_id, p_lease_token, p_error is not null, p_timed_out, p_error,
-    p_result);
+  perform private.settle_job(p_job_id, p_lease_token, p_error is not null, p_timed_out,
+    coalesce(p_error, p_result_error), p_result);
   return query select * from public.claim_jobs(p_job_types, p_limit, p_worker);
 end;
 $$;
@@ -2994,9 +3007,9 @@ revoke all on function public.timeout_jobs() from public, anon, authenticated;
 revoke all on function public.due_jobs_by_type(text[]) from public, anon, authenticated;
 revoke all on function public.claim_jobs(text[], integer, text) from public, anon, authenticated;
 revoke all on function public.reclaim_held_jobs(text, integer) from public, anon, authenticated;
-revoke all on function public.complete_job(bigint, uuid, jsonb) from public, anon, authenticated;
+revoke all on function public.complete_job(bigint, uuid, jsonb, text) from public, anon, authenticated;
 revoke all on function public.fail_job(bigint, uuid, text, boolean) from public, anon, authenticated;
-revoke all on function public.settle_and_claim_jobs(bigint, uuid, jsonb, text, boolean, text[], integer, text)
+revoke all on function public.settle_and_claim_jobs(bigint, uuid, jsonb, text, boolean, text[], integer, text, text)
   from public, anon, authenticated;
 revoke all on function public.cancel_job(bigint) from public, anon;
 revoke all on function public.retry_job(bigint) from public, anon;
@@ -3007,9 +3020,9 @@ grant execute on function public.timeout_jobs() to service_role;
 grant execute on function public.due_jobs_by_type(text[]) to service_role;
 grant execute on function public.claim_jobs(text[], integer, text) to service_role;
 grant execute on function public.reclaim_held_jobs(text, integer) to service_role;
-grant execute on function public.complete_job(bigint, uuid, jsonb) to service_role;
+grant execute on function public.complete_job(bigint, uuid, jsonb, text) to service_role;
 grant execute on function public.fail_job(bigint, uuid, text, boolean) to service_role;
-grant execute on function public.settle_and_claim_jobs(bigint, uuid, jsonb, text, boolean, text[], integer, text)
+grant execute on function public.settle_and_claim_jobs(bigint, uuid, jsonb, text, boolean, text[], integer, text, text)
   to service_role;
 grant execute on function public.cancel_job(bigint) to authenticated, service_role;
 grant execute on function public.retry_job(bigint) to authenticated, service_role;

@@ -2,7 +2,7 @@
 -- growing backoff until failed, timeouts, cancel, retry-now, validation and
 -- the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(98);
+select plan(101);
 
 create temp table j1 as select * from public.schedule_job(
   p_job_type := 'payment_processing',
@@ -74,6 +74,21 @@ select is((select status || ':' || (result is null)::text from public.background
   'running:true', 'a refused result leaves the job running and its result unset');
 select is((public.complete_job((select id from c2), (select lease_token from c2), '{"n": 1e300}')).status,
   'completed', 'the same lease then completes it with a result of fitting size');
+-- a handler that ran to its end but whose result cannot be kept: the job
+-- completes without it (it is not run again), saying why
+select public.schedule_job('lost_result', 'Lost result ' || i, '{}') from generate_series(1, 2) i;
+create temp table c3 as select * from public.claim_jobs(array['lost_result'], 2, 'w1');
+select is((select j.status || ':' || (j.result is null)::text || ':' || j.last_error
+           from public.complete_job((select min(id) from c3), (select lease_token from c3 order by id limit 1),
+                                    p_result_error := 'result not stored: payload_too_large') j),
+  'completed:true:result not stored: payload_too_large',
+  'complete_job with a result_error completes the job without a result, saying why');
+select is((select count(*)::int from public.settle_and_claim_jobs((select max(id) from c3),
+             (select lease_token from c3 order by id desc limit 1), p_result_error := 'not kept',
+             p_job_types := array['lost_result'])),
+  0, 'settle_and_claim_jobs takes a result_error too (nothing is left to claim)');
+select is((select status || ':' || last_error from public.background_jobs where id = (select max(id) from c3)),
+  'completed:not kept', 'and completes the job with it');
 
 -- settle and claim in one call (the worker's round trip per job)
 select public.schedule_job('sac', 'Sac ' || i, jsonb_build_object('i', i)) from generate_series(1, 3) i;

@@ -92,6 +92,22 @@ registerJobHandler(
   () => Promise.reject({ code: "E42", message: "upstream said no" }),
 );
 registerJobHandler("test_date_result", () => Promise.resolve(new Date(0) as never));
+// a value that reads differently each time: a third read throws
+registerJobHandler("test_getter_result", () => {
+  let reads = 0;
+  return Promise.resolve({
+    get v() {
+      if (++reads >= 3) throw new Error("read too often");
+      return reads;
+    },
+  });
+});
+// shallow as an object, 500 levels deep as its JSON
+registerJobHandler("test_tojson_deep", () => {
+  let deep: Record<string, unknown> = {};
+  for (let i = 0; i < 500; i++) deep = { deep };
+  return Promise.resolve({ v: { toJSON: () => deep } });
+});
 registerJobHandler("test_no_result", () => Promise.resolve());
 // takes the isolate's only database slot for 600 ms as it returns (see the
 // settlement test below)
@@ -617,8 +633,10 @@ dbTest("two concurrent runs over two job types run every job exactly once", asyn
   assert.equal(left.n, 0);
 });
 
-dbTest("a result the database refuses fails the attempt, not the run", async () => {
-  const res = await schedule({ job_type: "test_nul", job_name: "NUL", max_attempts: 1 });
+// A handler that ran to its end is not run again for a result that cannot
+// be kept: the job completes without it, and last_error says why.
+dbTest("a result the database refuses completes the job without it, once", async () => {
+  const res = await schedule({ job_type: "test_nul", job_name: "NUL", max_attempts: 3 });
   Deno.env.set("LOG_LEVEL", "warn");
   resetEnv();
   const lines: string[] = [];
@@ -632,48 +650,77 @@ dbTest("a result the database refuses fails the attempt, not the run", async () 
     Deno.env.set("LOG_LEVEL", "silent");
     resetEnv();
   }
-  const warnings = lines.map((l) => JSON.parse(l)).filter((e) => e.msg === "job attempt failed");
+  const warnings = lines.map((l) => JSON.parse(l)).filter((e) => e.msg === "job result not kept");
   assert.deepEqual(warnings.map((w) => [w.job_id, w.error]), [
     [res.body.job.id, "result not stored: invalid_input"],
   ]);
   assert.equal(summary.status, 200, JSON.stringify(summary.body));
-  assert.equal(summary.body.failed, 1);
+  assert.deepEqual([summary.body.completed, summary.body.failed], [1, 0]);
   const row = await job(res.body.job.id);
-  assert.equal(row.status, "failed");
-  assert.match(row.last_error, /^result not stored: /);
+  assert.deepEqual([row.status, row.attempts, row.result, row.last_error], [
+    "completed",
+    1,
+    null,
+    "result not stored: invalid_input",
+  ]);
 });
 
-dbTest("a result too deep or too large to store fails the attempt, not the run", async () => {
-  const deep = await schedule({ job_type: "test_deep", job_name: "Deep", max_attempts: 1 });
-  const huge = await schedule({ job_type: "test_huge", job_name: "Huge", max_attempts: 1 });
+dbTest("a result too deep or too large to store completes the job without it, once", async () => {
+  const deep = await schedule({ job_type: "test_deep", job_name: "Deep", max_attempts: 3 });
+  const huge = await schedule({ job_type: "test_huge", job_name: "Huge", max_attempts: 3 });
   const summary = await run({ job_types: ["test_deep", "test_huge"] });
   assert.equal(summary.status, 200, JSON.stringify(summary.body));
-  assert.equal(summary.body.failed, 2);
+  assert.deepEqual([summary.body.completed, summary.body.failed], [2, 0]);
   const [d, h] = await Promise.all([deep, huge].map((r) => job(r.body.job.id)));
-  assert.deepEqual([d.status, h.status], ["failed", "failed"]);
+  assert.deepEqual([d.status, d.attempts, d.result, h.status, h.attempts, h.result], [
+    "completed",
+    1,
+    null,
+    "completed",
+    1,
+    null,
+  ]);
   assert.match(d.last_error, /nests deeper than 100 levels/);
   assert.match(h.last_error, /larger than 1048576 bytes/);
 });
 
-dbTest("a result the database measures as too large fails the attempt, not the run", async () => {
-  const res = await schedule({ job_type: "test_spaced", job_name: "Spaced", max_attempts: 1 });
+dbTest("a result the database measures as too large completes the job without it", async () => {
+  const res = await schedule({ job_type: "test_spaced", job_name: "Spaced", max_attempts: 3 });
   const summary = await run({ job_types: ["test_spaced"] });
   assert.equal(summary.status, 200, JSON.stringify(summary.body));
-  assert.equal(summary.body.failed, 1);
+  assert.equal(summary.body.completed, 1);
   const row = await job(res.body.job.id);
-  assert.deepEqual([row.status, row.result], ["failed", null]);
+  assert.deepEqual([row.status, row.attempts, row.result], ["completed", 1, null]);
   assert.equal(row.last_error, "result not stored: payload_too_large");
 });
 
-dbTest("a result that is not JSON, or an error with a NUL, fails the attempt only", async () => {
+dbTest("a result is read once, and measured as the JSON it is stored as", async () => {
+  const getter = await schedule({ job_type: "test_getter_result", job_name: "Getter" });
+  const toJson = await schedule({ job_type: "test_tojson_deep", job_name: "toJSON" });
+  const ok = await schedule({ job_type: "test_ok", job_name: "OK", payload: { n: 3 } });
+  const summary = await run({ job_types: ["test_getter_result", "test_tojson_deep", "test_ok"] });
+  assert.equal(summary.status, 200, JSON.stringify(summary.body));
+  assert.equal(summary.body.completed, 3);
+  const [g, t, o] = await Promise.all([getter, toJson, ok].map((r) => job(r.body.job.id)));
+  // the value stored is the one JSON.stringify read (the getter's second read)
+  assert.deepEqual([g.status, g.result, g.last_error], ["completed", { v: 2 }, null]);
+  assert.deepEqual([t.status, t.result, t.last_error], [
+    "completed",
+    null,
+    "the handler's result nests deeper than 100 levels",
+  ]);
+  assert.deepEqual(o.result, { doubled: 6 });
+});
+
+dbTest("a result that is not JSON completes without it; an error with a NUL fails", async () => {
   const bigint = await schedule({ job_type: "test_bigint", job_name: "BigInt", max_attempts: 1 });
   const nul = await schedule({ job_type: "test_nul_error", job_name: "NUL", max_attempts: 1 });
   const ok = await schedule({ job_type: "test_ok", job_name: "OK", payload: { n: 2 } });
   const summary = await run({ job_types: ["test_bigint", "test_nul_error", "test_ok"] });
   assert.equal(summary.status, 200, JSON.stringify(summary.body));
-  assert.deepEqual([summary.body.failed, summary.body.completed], [2, 1]);
+  assert.deepEqual([summary.body.failed, summary.body.completed], [1, 2]);
   const [b, n, o] = await Promise.all([bigint, nul, ok].map((r) => job(r.body.job.id)));
-  assert.equal(b.status, "failed");
+  assert.deepEqual([b.status, b.result], ["completed", null]);
   assert.match(b.last_error, /^the handler's result is not JSON: .*BigInt/);
   assert.deepEqual([n.status, n.last_error], ["failed", "badthing"]);
   assert.deepEqual(o.result, { doubled: 4 });
@@ -695,7 +742,7 @@ dbTest(
     }
     const summary = await run({ job_types: types });
     assert.equal(summary.status, 200, JSON.stringify(summary.body));
-    assert.deepEqual([summary.body.failed, summary.body.completed], [4, 1]);
+    assert.deepEqual([summary.body.failed, summary.body.completed], [3, 2]);
     const rows = await db.sql`select job_type, status, last_error, result is null as no_result
                             from public.background_jobs where id = any(${ids}::bigint[])`;
     const by = Object.fromEntries(rows.map((r) => [r.job_type, r]));
@@ -710,7 +757,7 @@ dbTest(
     assert.equal(by.test_plain_throw.last_error, "upstream said no");
     assert.deepEqual(
       [by.test_date_result.status, by.test_date_result.last_error],
-      ["failed", "the handler's result must be a JSON object"],
+      ["completed", "the handler's result must be a JSON object"],
     );
     assert.deepEqual([by.test_no_result.status, by.test_no_result.no_result], ["completed", true]);
   },

@@ -92,6 +92,12 @@ function toJob(r: Record<string, unknown>): Job {
 /** How a job's attempt ended, as the settling call takes it. */
 interface Settlement {
   result?: Record<string, unknown> | null;
+  /**
+   * Why the handler's result is not kept: the handler ran to its end, so the
+   * job completes without its result rather than run again (a result that
+   * cannot be stored would not be storable the next time either).
+   */
+  resultError?: string;
   error?: string;
   timedOut?: boolean;
   /** the error stands in for a result or error the database refused */
@@ -101,25 +107,32 @@ interface Settlement {
 /** The largest result a job keeps, as JSON text. */
 export const MAX_RESULT_BYTES = 1024 * 1024;
 
-/** Why a handler's result cannot be stored (a JSON object, or nothing), if it cannot. */
-function unstorable(result: unknown): string | undefined {
-  if (result === null) return undefined;
-  // Postgres refuses deeper JSON with a stack error, not an input error,
-  // and the settlement would fail: the job stuck running until its lease ends.
-  if (jsonDepth(result) > MAX_JSON_DEPTH) {
-    return `the handler's result nests deeper than ${MAX_JSON_DEPTH} levels`;
-  }
+const TOO_DEEP = `the handler's result nests deeper than ${MAX_JSON_DEPTH} levels`;
+
+/**
+ * A handler's result as it is stored: a JSON object (or nothing), read once.
+ * The value sent is parsed back from the one JSON text made here, so getters
+ * and toJSON run once and the depth measured is that of what is stored.
+ */
+function storable(result: unknown): Settlement {
+  if (result === null) return { result: null };
+  const refused = (why: string): Settlement => ({ result: null, resultError: why });
   let text: string;
   try {
+    // Postgres refuses deeper JSON with a stack error, not an input error,
+    // and JSON.stringify itself overflows far down: measured before and after.
+    if (jsonDepth(result) > MAX_JSON_DEPTH) return refused(TOO_DEEP);
     text = JSON.stringify(result);
   } catch (err) {
-    return `the handler's result is not JSON: ${errorText(err)}`;
+    return refused(`the handler's result is not JSON: ${errorText(err)}`);
   }
   // by its JSON, not its type: a Date, a URL or a decimal is an object whose JSON is not one
-  if (!text?.startsWith("{")) return "the handler's result must be a JSON object";
+  if (!text?.startsWith("{")) return refused("the handler's result must be a JSON object");
   if (new TextEncoder().encode(text).length > MAX_RESULT_BYTES) {
-    return `the handler's result is larger than ${MAX_RESULT_BYTES} bytes`;
+    return refused(`the handler's result is larger than ${MAX_RESULT_BYTES} bytes`);
   }
+  const stored = JSON.parse(text) as Record<string, unknown>;
+  return jsonDepth(stored) > MAX_JSON_DEPTH ? refused(TOO_DEEP) : { result: stored };
 }
 
 /**
@@ -165,9 +178,7 @@ async function attempt(job: Job, correlationId: string): Promise<Settlement> {
       controller.abort();
       return { error: `timed out after ${job.timeout_seconds} s`, timedOut: true };
     }
-    const result = outcome ?? null;
-    const error = unstorable(result);
-    return error === undefined ? { result } : { error };
+    return storable(outcome ?? null);
   } catch (err) {
     return { error: errorText(err) };
   } finally {
@@ -302,6 +313,7 @@ export async function runJobs(
         job_id: job.id,
         lease_token: lease,
         result: s.result === null ? undefined : asJson(s.result),
+        result_error: s.resultError,
       }
       : { job_id: job.id, lease_token: lease, error: s.error, timed_out: s.timedOut ?? false };
     try {
@@ -312,13 +324,13 @@ export async function runJobs(
         const fn = s.error === undefined ? "public.complete_job" : "public.fail_job";
         await call(fn, settlement, SETTLED_COLUMNS);
       }
-      if (s.error !== undefined) {
-        log("warn", "job attempt failed", {
+      if (s.error !== undefined || s.resultError !== undefined) {
+        log("warn", s.error === undefined ? "job result not kept" : "job attempt failed", {
           correlation_id: correlationId,
           job_id: job.id,
           job_type: job.job_type,
           attempt: job.attempts,
-          error: s.error,
+          error: s.error ?? s.resultError,
         });
       }
       return { outcome: outcomeOf(s), next, looked: claimNext };
@@ -336,12 +348,15 @@ export async function runJobs(
         return { outcome: "lease_lost", next, looked: claimNext };
       }
       // A result or error the database refuses (a NUL inside a result's
-      // string, say) is settled once more with a plain error in its place:
-      // else the job would stay running until its lease ran out.
+      // string, say) is settled once more with a plain reason in its place:
+      // else the job would stay running until its lease ran out. A refused
+      // result still completes the job (its handler ran to its end); a
+      // refused error still fails the attempt.
       if (isInputError(err) && !s.replaced) {
-        const what = s.error === undefined ? "result" : "error";
-        const error = `${what} not stored: ${(err as HttpError).code}`;
-        const replaced = { error, timedOut: s.timedOut, replaced: true };
+        const code = (err as HttpError).code;
+        const replaced: Settlement = s.error === undefined
+          ? { result: null, resultError: `result not stored: ${code}`, replaced: true }
+          : { error: `error not stored: ${code}`, timedOut: s.timedOut, replaced: true };
         return await settle(held, replaced, claimNext);
       }
       // No connection free, or none answering: sent again while the lease
