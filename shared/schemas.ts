@@ -27,6 +27,13 @@ export const jsonValue = z.unknown().refine(
   `JSON may nest at most ${MAX_JSON_DEPTH} levels`,
 );
 
+/**
+ * The body of a route that takes none: nothing or `{}`. Anything else is a
+ * 400, as unknown keys are on the other routes, so that a caller who thinks a
+ * key does something (a batch of ids, say) is told it does not.
+ */
+export const noBody = z.object({}).strict().optional();
+
 /** A JSON object: payloads, metadata, tags. */
 export const jsonObject = z.record(z.string(), z.unknown()).refine(
   (v) => jsonDepth(v) <= MAX_JSON_DEPTH,

@@ -1459,21 +1459,26 @@ begin
 end;
 $$;
 
--- Promotes the groups of the heads a lease expiry just dead-lettered (p_ids:
--- what the shared expiry took, in every queue; those that went back to
--- pending still hold their groups), queue by queue in name order.
-create or replace function private.promote_expired_message_groups(p_ids bigint[])
+-- Leases past their end, in every queue: retried, or dead-lettered after
+-- their last attempt, and then the groups of the heads dead-lettered promoted
+-- (those that went back to pending still hold their groups), queue by queue
+-- in name order.
+create or replace function private.expire_message_leases()
 returns void
 language plpgsql
 set search_path = ''
 as $$
 declare
+  v_expired bigint[] := private.message_queue_lease_expire('dead', 0, 'lease expired before ack');
   v_queue record;
 begin
+  if cardinality(v_expired) = 0 then
+    return;
+  end if;
   for v_queue in
     select q.queue_name::text as queue_name, array_agg(q.group_key::text) as groups
     from public.message_queue q
-    where q.id = any(p_ids) and q.status = 'dead' and q.group_key is not null
+    where q.id = any(v_expired) and q.status = 'dead' and q.group_key is not null
     group by q.queue_name
     order by q.queue_name
   loop
@@ -1731,19 +1736,27 @@ $$;
 -- payload (it would cost every send): a filtered claim reads the queue's due
 -- messages in claim order, passing over those that do not match, until it has
 -- p_limit of them, as pgmq's read does.
+-- p_max_bytes: a claim answers at most this much payload and headers as JSON
+-- text (always at least one message, as a page of events does); the messages
+-- past it are handed back at once, attempt not counted. Without it a claim of
+-- 1,000 messages of 2 MB each would lease 2 GB that no answer can carry, and
+-- claimed again and again, dead-letter them undelivered.
 create or replace function public.claim_messages(
   p_queue_name text,
   p_limit integer default 10,
   p_visibility_timeout_seconds double precision default 30,
   p_consumer text default null,
-  p_filter jsonb default null
+  p_filter jsonb default null,
+  p_max_bytes integer default null
 ) returns setof public.message_queue
 language plpgsql
 security definer
 set search_path = ''
 as $$
 declare
-  v_expired bigint[];
+  v_claimed public.message_queue[];
+  v_over bigint[];
+  v_over_tokens uuid[];
 begin
   perform private.check_queue_name(p_queue_name);
   perform private.check_limit(p_limit, 1000);
@@ -1751,15 +1764,57 @@ begin
   if jsonb_typeof(p_filter) <> 'object' then
     perform private.raise_error(400, 'invalid_filter', 'filter must be a JSON object');
   end if;
-  v_expired := private.message_queue_lease_expire('dead', 0, 'lease expired before ack');
-  if cardinality(v_expired) > 0 then
-    perform private.promote_expired_message_groups(v_expired);
+  if p_max_bytes < 1 then
+    perform private.raise_error(400, 'invalid_max_bytes', 'max_bytes must be at least 1');
+  end if;
+  -- A group's promotion needs READ COMMITTED (see promote_message_groups).
+  -- In another isolation level, an expiry that would need one is undone and
+  -- left to the next claim in READ COMMITTED, so that a claim of a queue
+  -- without groups is not refused for another queue's groups.
+  if current_setting('transaction_isolation') = 'read committed' then
+    perform private.expire_message_leases();
+  else
+    begin
+      perform private.expire_message_leases();
+    exception when sqlstate 'PT400' then
+      if sqlerrm <> 'read_committed_required' then
+        raise;
+      end if;
+    end;
+  end if;
+  if p_max_bytes is null then
+    return query
+    select c.* from private.message_queue_lease_claim(p_queue_name, p_limit,
+      make_interval(secs => p_visibility_timeout_seconds), p_consumer,
+      nullif(p_filter, '{}'::jsonb)) c
+    order by c.priority desc, c.id;
+    return;
+  end if;
+
+  select array_agg(c order by c.priority desc, c.id) into v_claimed
+  from private.message_queue_lease_claim(p_queue_name, p_limit,
+    make_interval(secs => p_visibility_timeout_seconds), p_consumer,
+    nullif(p_filter, '{}'::jsonb)) c;
+  -- the messages after the one that reached the budget go back
+  select array_agg(m.id), array_agg(m.lease_token) into v_over, v_over_tokens
+  from (
+    select c.id, c.lease_token,
+           sum(c.bytes) over (order by c.i) - c.bytes as bytes_before
+    from (
+      select i, (v_claimed[i]).id, (v_claimed[i]).lease_token,
+             coalesce(octet_length((v_claimed[i]).payload::text), 0)
+               + coalesce(octet_length((v_claimed[i]).headers::text), 0) as bytes
+      from generate_subscripts(v_claimed, 1) i
+    ) c
+  ) m
+  where m.bytes_before >= p_max_bytes;
+  if v_over is not null then
+    perform public.release_messages(p_queue_name, v_over, v_over_tokens);
   end if;
   return query
-  select c.* from private.message_queue_lease_claim(p_queue_name, p_limit,
-    make_interval(secs => p_visibility_timeout_seconds), p_consumer,
-    nullif(p_filter, '{}'::jsonb)) c
-  order by c.priority desc, c.id;
+  select (v_claimed[i]).* from generate_subscripts(v_claimed, 1) i
+  where (v_claimed[i]).id <> all(coalesce(v_over, '{}'))
+  order by i;
 end;
 $$;
 
@@ -2086,7 +2141,8 @@ $$;
 -- messages a consumer may lose. Each pop is an attempt, as a claim is.
 create or replace function public.pop_messages(
   p_queue_name text,
-  p_limit integer default 1
+  p_limit integer default 1,
+  p_max_bytes integer default null
 ) returns setof public.message_queue
 language plpgsql
 security definer
@@ -2097,7 +2153,7 @@ declare
   v_tokens uuid[];
 begin
   select array_agg(c.id), array_agg(c.lease_token) into v_ids, v_tokens
-  from public.claim_messages(p_queue_name, p_limit, 30, 'pop') c;
+  from public.claim_messages(p_queue_name, p_limit, 30, 'pop', p_max_bytes := p_max_bytes) c;
   return query
   select s.* from private.settle_messages(p_queue_name, coalesce(v_ids, '{}'),
     coalesce(v_tokens, '{}'), 'done') s
@@ -2438,7 +2494,7 @@ revoke all on function public.send_messages(text, jsonb, text) from public, anon
 revoke all on function
   public.send_message(text, jsonb, text, integer, integer, integer, text, text, text, jsonb)
   from public, anon;
-revoke all on function public.claim_messages(text, integer, double precision, text, jsonb)
+revoke all on function public.claim_messages(text, integer, double precision, text, jsonb, integer)
   from public, anon, authenticated;
 revoke all on function public.ack_message(text, bigint, uuid) from public, anon, authenticated;
 revoke all on function public.ack_messages(text, bigint[], uuid[]) from public, anon, authenticated;
@@ -2452,7 +2508,7 @@ grant execute on function public.send_messages(text, jsonb, text) to authenticat
 grant execute on function
   public.send_message(text, jsonb, text, integer, integer, integer, text, text, text, jsonb)
   to authenticated, service_role;
-grant execute on function public.claim_messages(text, integer, double precision, text, jsonb)
+grant execute on function public.claim_messages(text, integer, double precision, text, jsonb, integer)
   to service_role;
 grant execute on function public.ack_message(text, bigint, uuid) to service_role;
 grant execute on function public.ack_messages(text, bigint[], uuid[]) to service_role;
@@ -2462,7 +2518,7 @@ grant execute on function public.extend_message_lease(text, bigint, uuid, double
   to service_role;
 grant execute on function public.purge_queue(text, text) to service_role;
 grant execute on function public.queue_metrics(text) to service_role;
-revoke all on function public.pop_messages(text, integer) from public, anon, authenticated;
+revoke all on function public.pop_messages(text, integer, integer) from public, anon, authenticated;
 revoke all on function public.release_messages(text, bigint[], uuid[])
   from public, anon, authenticated;
 revoke all on function public.archive_messages(text, bigint[]) from public, anon, authenticated;
@@ -2470,7 +2526,7 @@ revoke all on function public.archive_message(text, bigint) from public, anon, a
 revoke all on function public.delete_messages(text, bigint[]) from public, anon, authenticated;
 revoke all on function public.delete_message(text, bigint) from public, anon, authenticated;
 revoke all on function public.list_queues() from public, anon, authenticated;
-grant execute on function public.pop_messages(text, integer) to service_role;
+grant execute on function public.pop_messages(text, integer, integer) to service_role;
 grant execute on function public.release_messages(text, bigint[], uuid[]) to service_role;
 grant execute on function public.archive_messages(text, bigint[]) to service_role;
 grant execute on function public.archive_message(text, bigint) to service_role;

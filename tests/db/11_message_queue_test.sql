@@ -2,7 +2,7 @@
 -- nack with backoff, dead letters, lease expiry, purge, metrics, validation
 -- and the RLS matrix. Time is moved by editing visible_at, never by sleeping.
 begin;
-select plan(193);
+select plan(200);
 
 select is((public.send_message('emails', '{"n": 1}', p_idempotency_key := 'k1')).status, 'pending',
   'send_message queues a pending message');
@@ -705,5 +705,28 @@ select throws_ok($$update public.message_queue set status = 'completed', lease_t
   'service_role cannot settle messages past the lease functions');
 select throws_ok($$insert into public.message_queue (queue_name, message_type, payload) values ('uploads', 'x', '{}')$$,
   '42501', null, 'service_role cannot insert messages past send_message');
+
+-- A claim answers at most max_bytes of payload and headers (at least one
+-- message); the rest go back at once, attempt not counted.
+select public.send_message('paged', jsonb_build_object('blob', repeat('x', 600), 'n', i))
+from generate_series(1, 3) i;
+create temp table pg1 as select * from public.claim_messages('paged', 10, 30, p_max_bytes := 1000);
+select is((select array_agg((payload ->> 'n')::int order by id) from pg1), array[1, 2],
+  'a claim stops after the message that reaches max_bytes');
+select is((select status || ':' || attempts || ':' || (lease_token is null)::text
+           from public.message_queue where queue_name = 'paged' and payload ->> 'n' = '3'),
+  'pending:0:true', 'and hands back the messages past it, attempt not counted');
+select is((select count(*)::int from public.claim_messages('paged', 10, 30, p_max_bytes := 1)), 1,
+  'the next claim takes it, one message however small max_bytes is');
+select is((select count(*)::int from public.claim_messages('paged', 10, 30)), 0,
+  'and none was left behind');
+select throws_ok($$select public.claim_messages('paged', 10, 30, p_max_bytes := 0)$$, 'PT400',
+  'invalid_max_bytes', 'max_bytes must be at least 1');
+select public.send_message('paged', jsonb_build_object('blob', repeat('x', 600), 'n', i))
+from generate_series(4, 5) i;
+select is((select array_agg((payload ->> 'n')::int) from public.pop_messages('paged', 10, p_max_bytes := 10)),
+  array[4], 'pop takes max_bytes too, and completes only what it answers');
+select is((select status from public.message_queue where queue_name = 'paged' and payload ->> 'n' = '5'),
+  'pending', 'leaving the rest pending');
 select * from finish();
 rollback;

@@ -53,6 +53,91 @@ dbTest("send one message; the same Idempotency-Key returns it", async () => {
   expectError(other, 409, "idempotency_key_conflict");
 });
 
+// Senders set a message's size, a claim may ask for 1,000: a claim whose
+// answer could not be carried leased them all, answered 500, and claimed again
+// and again, dead-lettered them undelivered.
+dbTest("a claim answers at most 4 MiB of messages and hands the rest back", async () => {
+  await db.sql`select public.send_message('big', jsonb_build_object('blob', repeat('x', 900000),
+                                                                    'n', i))
+               from generate_series(1, 6) i`;
+  const token = await serviceToken();
+  const claimed = await call(app, "POST", "/queues/big/claim", { token, body: { limit: 10 } });
+  assert.equal(claimed.status, 200);
+  // 4.5 MB as of the fifth; the sixth starts past 4 MiB
+  assert.deepEqual(claimed.body.messages.map((m: { payload: { n: number } }) => m.payload.n), [
+    1,
+    2,
+    3,
+    4,
+    5,
+  ]);
+  const [sixth] = await db.sql`select status, attempts, lease_token from public.message_queue
+                               where queue_name = 'big' and payload ->> 'n' = '6'`;
+  assert.deepEqual([sixth.status, sixth.attempts, sixth.lease_token], ["pending", 0, null]);
+  const popped = await call(app, "POST", "/queues/big/pop", { token, body: { limit: 10 } });
+  assert.deepEqual(popped.body.messages.map((m: { payload: { n: number } }) => m.payload.n), [6]);
+});
+
+// The lease expiry of a claim sweeps every queue, and a dead-lettered group
+// head's promotion needs READ COMMITTED: a REPEATABLE READ claim of any queue
+// was refused while some other queue's grouped head had run out its lease.
+dbTest("a REPEATABLE READ claim works beside another queue's expired group head", async () => {
+  const sql = await consumer();
+  try {
+    await sql`select public.send_message('rr-grp', '{}', p_group_key := 'g', p_max_attempts := 1)`;
+    await sql`select public.send_message('rr-grp', '{}', p_group_key := 'g')`;
+    await sql`select id from public.claim_messages('rr-grp', 1, 0.1)`;
+    await sleep(200);
+    await sql`select public.send_message('rr-plain', '{"n": 1}')`;
+    const claimed = await sql.begin(
+      "isolation level repeatable read",
+      (tx) => tx`select payload from public.claim_messages('rr-plain', 1, 30)`,
+    );
+    assert.deepEqual(claimed.map((r) => r.payload), [{ n: 1 }]);
+    // the group's expiry was left to a READ COMMITTED claim, which promotes
+    const next = await sql`select status from public.claim_messages('rr-grp', 1, 30)`;
+    assert.deepEqual(next.map((r) => r.status), ["processing"]);
+    const states = await db.sql`select status from public.message_queue
+                                where queue_name = 'rr-grp' order by id`;
+    assert.deepEqual(states.map((r) => r.status), ["dead", "processing"]);
+  } finally {
+    await sql.end();
+  }
+});
+
+dbTest("the routes that take no body refuse one, and change nothing", async () => {
+  const token = await serviceToken();
+  const ids =
+    (await db.sql`select (public.send_message('nobody', '{}')).id from generate_series(1, 3)`)
+      .map((r) => String(r.id));
+  const archive = await call(app, "POST", `/queues/nobody/messages/${ids[0]}/archive`, {
+    token,
+    body: { message_ids: [ids[1], ids[2]] },
+  });
+  expectError(archive, 400, "invalid_request");
+  const remove = await call(app, "DELETE", `/queues/nobody/messages/${ids[1]}`, {
+    token,
+    body: { confirm: false },
+  });
+  expectError(remove, 400, "invalid_request");
+  const redrive = await call(app, "POST", `/queues/nobody/messages/${ids[2]}/redrive`, {
+    token,
+    body: "not json at all",
+  });
+  expectError(redrive, 400, "invalid_json");
+  const states = await db.sql`select status from public.message_queue
+                              where queue_name = 'nobody' order by id`;
+  assert.deepEqual(states.map((r) => r.status), ["pending", "pending", "pending"]);
+  // nothing, or an empty object, is no body
+  const archived = await call(app, "POST", `/queues/nobody/messages/${ids[0]}/archive`, {
+    token,
+    body: {},
+  });
+  assert.equal(archived.status, 200);
+  const deleted = await call(app, "DELETE", `/queues/nobody/messages/${ids[1]}`, { token });
+  assert.equal(deleted.status, 200);
+});
+
 dbTest("a message keyed in the header and the body takes one key: a second is 400", async () => {
   const token = await serviceToken();
   const send = (header: string, key: string) =>

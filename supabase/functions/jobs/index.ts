@@ -7,7 +7,7 @@
 //   POST /jobs/run           the worker: drains due jobs within a time budget
 //                            (service role; cron calls it every minute)
 import { z } from "zod";
-import { bigintId, jsonObject, text, timestamp } from "../../../shared/schemas.ts";
+import { bigintId, jsonObject, noBody, text, timestamp } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { env } from "../../../shared/env.ts";
 import { type Row, rpc } from "../../../shared/db.ts";
@@ -98,6 +98,7 @@ function jobAction(fn: string) {
   return async (c: Ctx) => {
     const who = requireUserOrService(c);
     const { id } = pathParams(c, jobId);
+    await jsonBody(c, noBody);
     const [row] = await rpc(who, c.get("correlationId"), fn, { job_id: id });
     return c.json({ job: toJob(row) });
   };

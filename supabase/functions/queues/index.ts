@@ -25,7 +25,7 @@
 // metrics are for the service role only. Users may only send, and never see
 // other senders' messages.
 import { z } from "zod";
-import { bigintId, jsonObject, oneOrBatch, text } from "../../../shared/schemas.ts";
+import { bigintId, jsonObject, noBody, oneOrBatch, text } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { type Row, rpc, TextArray } from "../../../shared/db.ts";
 import { badRequest } from "../../../shared/errors.ts";
@@ -72,6 +72,12 @@ const claimBody = z.object({
   poll_interval_ms: z.number().int().min(50).max(5000).default(250),
   filter: jsonObject.optional(),
 }).strict();
+
+// What one claim or pop answers at most, as payload and headers JSON text
+// (always at least one message): messages of up to 1 MiB each, a thousand to
+// a claim, would lease more than any answer can carry. The database hands the
+// rest back at once, attempt not counted.
+const CLAIM_BYTES = 4 * 1024 * 1024;
 
 const popBody = z.object({ limit: z.number().int().min(1).max(1000).default(1) }).strict();
 
@@ -142,6 +148,7 @@ app.post("/:queue/claim", async (c) => {
       visibility_timeout_seconds: body.visibility_timeout_seconds,
       consumer: body.consumer,
       filter: body.filter,
+      max_bytes: CLAIM_BYTES,
     });
     if (rows.length > 0 && gone.aborted) {
       await rpc(who, c.get("correlationId"), "public.release_messages", {
@@ -164,6 +171,7 @@ app.post("/:queue/pop", async (c) => {
   const rows = await rpc(who, c.get("correlationId"), "public.pop_messages", {
     queue_name: queue,
     limit: body.limit,
+    max_bytes: CLAIM_BYTES,
   });
   return c.json({ messages: rows.map(toMessage) });
 });
@@ -192,6 +200,7 @@ app.post("/:queue/messages/:id/nack", settle("nack"));
 const operate = (action: "archive" | "redrive") => async (c: Ctx) => {
   const who = requireService(c);
   const { queue, id } = pathParams(c, messageRoute);
+  await jsonBody(c, noBody);
   const [row] = await rpc(who, c.get("correlationId"), `public.${action}_message`, {
     queue_name: queue,
     message_id: id,
@@ -216,6 +225,7 @@ app.post("/:queue/messages/:id/visibility", async (c) => {
 app.delete("/:queue/messages/:id", async (c) => {
   const who = requireService(c);
   const { queue, id } = pathParams(c, messageRoute);
+  await jsonBody(c, noBody);
   const [row] = await rpc(who, c.get("correlationId"), "public.delete_message", {
     queue_name: queue,
     message_id: id,

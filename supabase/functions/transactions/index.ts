@@ -17,6 +17,7 @@ import { z } from "zod";
 import {
   cursorTimestamp,
   jsonObject,
+  noBody,
   pageQuery,
   text,
   timestamp,
@@ -251,6 +252,7 @@ app.post("/payment-methods", async (c) => {
 app.post("/payment-methods/:id/default", async (c) => {
   const who = requireUserOrService(c);
   const { id } = pathParams(c, idParam);
+  await jsonBody(c, noBody);
   const row = one(
     await rpc(who, c.get("correlationId"), "public.set_default_payment_method", {
       payment_method_id: id,
@@ -262,6 +264,7 @@ app.post("/payment-methods/:id/default", async (c) => {
 app.delete("/payment-methods/:id", async (c) => {
   const who = requireUserOrService(c);
   const { id } = pathParams(c, idParam);
+  await jsonBody(c, noBody);
   await rpc(who, c.get("correlationId"), "public.remove_payment_method", { payment_method_id: id });
   return c.body(null, 204);
 });

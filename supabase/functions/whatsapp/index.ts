@@ -6,7 +6,7 @@
 //   GET  /whatsapp/sessions              own session for users, all for the service role
 //   GET  /whatsapp/metrics               queue depth, in flight, failed, send rate (service role)
 import { z } from "zod";
-import { bigintId, jsonObject, pageQuery, timestamp } from "../../../shared/schemas.ts";
+import { bigintId, jsonObject, noBody, pageQuery, timestamp } from "../../../shared/schemas.ts";
 import { authenticate, requireService, requireUserOrService } from "../../../shared/auth.ts";
 import { jsonb, type Row, rpc, withClaims } from "../../../shared/db.ts";
 import { notFound } from "../../../shared/errors.ts";
@@ -102,6 +102,7 @@ app.get("/messages/:id", async (c) => {
 app.post("/messages/:id/cancel", async (c) => {
   const who = requireService(c);
   const { id } = pathParams(c, idParam);
+  await jsonBody(c, noBody);
   const [row] = await rpc(who, c.get("correlationId"), "public.cancel_whatsapp_message", {
     message_id: id,
   });
