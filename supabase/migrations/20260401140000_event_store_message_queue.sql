@@ -1754,9 +1754,10 @@ security definer
 set search_path = ''
 as $$
 declare
-  v_claimed public.message_queue[];
-  v_over bigint[];
-  v_over_tokens uuid[];
+  v_message public.message_queue;
+  v_bytes bigint := 0;
+  v_over bigint[] := '{}';
+  v_over_tokens uuid[] := '{}';
 begin
   perform private.check_queue_name(p_queue_name);
   perform private.check_limit(p_limit, 1000);
@@ -1782,39 +1783,27 @@ begin
       end if;
     end;
   end if;
-  if p_max_bytes is null then
-    return query
+  for v_message in
     select c.* from private.message_queue_lease_claim(p_queue_name, p_limit,
       make_interval(secs => p_visibility_timeout_seconds), p_consumer,
       nullif(p_filter, '{}'::jsonb)) c
-    order by c.priority desc, c.id;
-    return;
-  end if;
-
-  select array_agg(c order by c.priority desc, c.id) into v_claimed
-  from private.message_queue_lease_claim(p_queue_name, p_limit,
-    make_interval(secs => p_visibility_timeout_seconds), p_consumer,
-    nullif(p_filter, '{}'::jsonb)) c;
-  -- the messages after the one that reached the budget go back
-  select array_agg(m.id), array_agg(m.lease_token) into v_over, v_over_tokens
-  from (
-    select c.id, c.lease_token,
-           sum(c.bytes) over (order by c.i) - c.bytes as bytes_before
-    from (
-      select i, (v_claimed[i]).id, (v_claimed[i]).lease_token,
-             coalesce(octet_length((v_claimed[i]).payload::text), 0)
-               + coalesce(octet_length((v_claimed[i]).headers::text), 0) as bytes
-      from generate_subscripts(v_claimed, 1) i
-    ) c
-  ) m
-  where m.bytes_before >= p_max_bytes;
-  if v_over is not null then
+    order by c.priority desc, c.id
+  loop
+    -- the messages after the one that reached the budget go back
+    if v_bytes >= p_max_bytes then
+      v_over := v_over || v_message.id;
+      v_over_tokens := v_over_tokens || v_message.lease_token;
+      continue;
+    end if;
+    return next v_message;
+    if p_max_bytes is not null then
+      v_bytes := v_bytes + coalesce(octet_length(v_message.payload::text), 0)
+        + coalesce(octet_length(v_message.headers::text), 0);
+    end if;
+  end loop;
+  if cardinality(v_over) > 0 then
     perform public.release_messages(p_queue_name, v_over, v_over_tokens);
   end if;
-  return query
-  select (v_claimed[i]).* from generate_subscripts(v_claimed, 1) i
-  where (v_claimed[i]).id <> all(coalesce(v_over, '{}'))
-  order by i;
 end;
 $$;
 
