@@ -1475,7 +1475,6 @@ begin
       update public.whatsapp_message_queue q set
         error_code = coalesce(v_group.error_code, case when v_group.outcome = 'retry' then 'send_error'
                                                        else 'send_failed' end),
-        last_error = coalesce(v_group.error_message, q.last_error),
         failed_at = case when q.status = 'failed' then v_now end,
         dead_lettered_at = case when q.status = 'failed' and v_group.outcome = 'retry' then v_now end
       where q.id = any(v_settled)

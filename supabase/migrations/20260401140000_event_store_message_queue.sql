@@ -1222,7 +1222,10 @@ begin
                  private.backoff_delay(t.attempts, p_retry_base_seconds, 3600)) end,
              finished_at = case when p_outcome = 'done' or t.attempts >= t.max_attempts
                                 then now() end,
-             last_error = case when p_outcome = 'done' then t.last_error else p_error end,
+             -- a completion keeps the last failed attempt's error unless it
+             -- gives one (a job's result not kept, a WhatsApp send refused)
+             last_error = case when p_outcome = 'done' then coalesce(p_error, t.last_error)
+                               else p_error end,
              lease_token = null,
              locked_by = null,
              updated_at = now()%4$s%5$s
@@ -2857,13 +2860,6 @@ begin
     perform private.raise_error(409, 'lease_lost',
       'this lease token does not hold the job (finished, cancelled or timed out)');
   end if;
-  -- A completion whose result could not be kept says why in last_error
-  -- (the shared settlement keeps a completion's last_error as it was).
-  if not p_failed and p_error is not null then
-    update public.background_jobs j set last_error = left(p_error, 4000)
-     where j.id = p_job_id
-    returning * into v_row;
-  end if;
   -- A run its worker timed out may go on until its lease ends (see
   -- abandoned_lease_until): its retry waits for that, too.
   if p_timed_out then
@@ -2922,8 +2918,8 @@ $$;
 
 -- A worker's one round trip per job: settles the job it ran (completed with
 -- p_result and p_result_error when p_error is null, else a failed or
--- timed-out attempt, exactly as complete_job / fail_job) and claims its next jobs as claim_jobs does,
--- in one transaction. A refused settlement (404, 409 lease_lost) claims
+-- timed-out attempt, exactly as complete_job / fail_job) and claims its next
+-- jobs as claim_jobs does, in one transaction. A refused settlement (404, 409 lease_lost) claims
 -- nothing; the worker then claims with claim_jobs.
 create or replace function public.settle_and_claim_jobs(
   p_job_id bigint,
