@@ -21,6 +21,23 @@ export function jsonDepth(value: unknown): number {
   return deepest;
 }
 
+/** jsonDepth of the value a JSON text holds, read from the text without parsing it. */
+export function jsonTextDepth(text: string): number {
+  let depth = 0;
+  let deepest = 0;
+  let inString = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (inString) {
+      if (c === "\\") i++;
+      else if (c === '"') inString = false;
+    } else if (c === '"') inString = true;
+    else if (c === "{" || c === "[") deepest = Math.max(deepest, ++depth);
+    else if (c === "}" || c === "]") depth--;
+  }
+  return deepest;
+}
+
 /** Any JSON value, nested at most MAX_JSON_DEPTH levels. */
 export const jsonValue = z.unknown().refine(
   (v) => jsonDepth(v) <= MAX_JSON_DEPTH,

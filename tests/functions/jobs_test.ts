@@ -8,6 +8,7 @@ import { HttpError } from "../../shared/errors.ts";
 import { resetEnv } from "../../shared/env.ts";
 import type { Principal } from "../../shared/auth.ts";
 import { withClaims } from "../../shared/db.ts";
+import { jsonDepth, jsonTextDepth } from "../../shared/schemas.ts";
 import {
   anonToken,
   call,
@@ -694,7 +695,18 @@ dbTest("a result the database measures as too large completes the job without it
   assert.equal(row.last_error, "result not stored: payload_too_large");
 });
 
-dbTest("a result is read once, and measured as the JSON it is stored as", async () => {
+Deno.test("jsonTextDepth reads from the text the depth of the value it holds", () => {
+  const texts = [
+    "{}",
+    '{"a": [1, {"b": []}]}',
+    '{"s": "}]{[\\"{[", "t": [[["\\\\"]]]}',
+    '{"k{[": "\\u005b", "deep": [[[[{}]]]]}',
+    '[1, "]", {"x": "\\\\\\"[["}]',
+  ];
+  for (const text of texts) assert.equal(jsonTextDepth(text), jsonDepth(JSON.parse(text)), text);
+});
+
+dbTest("a result is measured as the JSON text it is stored as", async () => {
   const getter = await schedule({ job_type: "test_getter_result", job_name: "Getter" });
   const toJson = await schedule({ job_type: "test_tojson_deep", job_name: "toJSON" });
   const ok = await schedule({ job_type: "test_ok", job_name: "OK", payload: { n: 3 } });
@@ -702,7 +714,8 @@ dbTest("a result is read once, and measured as the JSON it is stored as", async 
   assert.equal(summary.status, 200, JSON.stringify(summary.body));
   assert.equal(summary.body.completed, 3);
   const [g, t, o] = await Promise.all([getter, toJson, ok].map((r) => job(r.body.job.id)));
-  // the value stored is the one JSON.stringify read (the getter's second read)
+  // what is stored is the text JSON.stringify made (the getter's second read,
+  // after the depth check's), not a third read
   assert.deepEqual([g.status, g.result, g.last_error], ["completed", { v: 2 }, null]);
   assert.deepEqual([t.status, t.result, t.last_error], [
     "completed",

@@ -9,10 +9,10 @@
 // inside the runtime's 2 s of CPU a request.
 import process from "node:process";
 import type { Principal } from "../../../shared/auth.ts";
-import { asJson, dbText, type Row, rpc, TextArray } from "../../../shared/db.ts";
+import { dbText, type Row, rpc, TextArray } from "../../../shared/db.ts";
 import { HttpError, isInputError } from "../../../shared/errors.ts";
 import { log } from "../../../shared/log.ts";
-import { jsonDepth, MAX_JSON_DEPTH } from "../../../shared/schemas.ts";
+import { jsonDepth, jsonTextDepth, MAX_JSON_DEPTH } from "../../../shared/schemas.ts";
 import { type Job, jobHandler, registeredJobTypes } from "./handlers.ts";
 
 export interface RunOptions {
@@ -91,7 +91,8 @@ function toJob(r: Record<string, unknown>): Job {
 
 /** How a job's attempt ended, as the settling call takes it. */
 interface Settlement {
-  result?: Record<string, unknown> | null;
+  /** the handler's result as the JSON text stored (null: no result) */
+  result?: string | null;
   /**
    * Why the handler's result is not kept: the handler ran to its end, so the
    * job completes without its result rather than run again (a result that
@@ -110,9 +111,9 @@ export const MAX_RESULT_BYTES = 1024 * 1024;
 const TOO_DEEP = `the handler's result nests deeper than ${MAX_JSON_DEPTH} levels`;
 
 /**
- * A handler's result as it is stored: a JSON object (or nothing), read once.
- * The value sent is parsed back from the one JSON text made here, so getters
- * and toJSON run once and the depth measured is that of what is stored.
+ * A handler's result as it is stored: the JSON text of an object (or
+ * nothing), made once here and sent as made, so that what is measured is what
+ * is stored (a toJSON may make it deeper than the object looked).
  */
 function storable(result: unknown): Settlement {
   if (result === null) return { result: null };
@@ -131,8 +132,7 @@ function storable(result: unknown): Settlement {
   if (new TextEncoder().encode(text).length > MAX_RESULT_BYTES) {
     return refused(`the handler's result is larger than ${MAX_RESULT_BYTES} bytes`);
   }
-  const stored = JSON.parse(text) as Record<string, unknown>;
-  return jsonDepth(stored) > MAX_JSON_DEPTH ? refused(TOO_DEEP) : { result: stored };
+  return jsonTextDepth(text) > MAX_JSON_DEPTH ? refused(TOO_DEEP) : { result: text };
 }
 
 /**
@@ -312,7 +312,8 @@ export async function runJobs(
       ? {
         job_id: job.id,
         lease_token: lease,
-        result: s.result === null ? undefined : asJson(s.result),
+        // the text as storable made it: a literal becomes the jsonb parameter
+        result: s.result ?? undefined,
         result_error: s.resultError,
       }
       : { job_id: job.id, lease_token: lease, error: s.error, timed_out: s.timedOut ?? false };
